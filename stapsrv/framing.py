@@ -1,0 +1,100 @@
+"""Sans-IO reader for the client-to-server byte stream.
+
+A 4.8 client sends a signed 32-bit big-endian length followed by that many
+bytes of zip archive, then waits for the server to answer and close.  A
+length of zero is a certificate probe (``stap --trust-servers``).  This
+module turns bytes into one terminal event; it never touches a socket.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Union
+
+from attrs import frozen
+
+_LENGTH = struct.Struct(">i")
+
+
+@frozen
+class CertificateProbe:
+    """The client only wanted to see (and maybe trust) our certificate."""
+
+
+@frozen
+class RequestTooLarge:
+    """The announced compressed size is over the limit (or negative)."""
+
+    size: int
+    limit: int
+
+
+@frozen
+class RequestReceived:
+    """A complete request archive."""
+
+    body: bytes
+
+
+@frozen
+class RequestTruncated:
+    """The client went away before sending everything it announced."""
+
+    expected: int
+    received: int
+
+
+RequestEvent = Union[CertificateProbe, RequestTooLarge, RequestReceived, RequestTruncated]
+
+
+class RequestReader:
+    """Accumulates the request stream and reports what it turned out to be.
+
+    ``feed`` returns ``None`` while more bytes are needed and a terminal event
+    exactly once; after that, further bytes are ignored, as the real server
+    never reads past the announced length.
+    """
+
+    def __init__(self, max_compressed_size: int) -> None:
+        self._limit = max_compressed_size
+        self._buffer = bytearray()
+        self._expected: int | None = None
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def bytes_buffered(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> RequestEvent | None:
+        if self._done:
+            return None
+        self._buffer += data
+        if self._expected is None:
+            if len(self._buffer) < _LENGTH.size:
+                return None
+            (size,) = _LENGTH.unpack_from(self._buffer)
+            del self._buffer[: _LENGTH.size]
+            if size == 0:
+                return self._finish(CertificateProbe())
+            if size < 0 or size > self._limit:
+                return self._finish(RequestTooLarge(size, self._limit))
+            self._expected = size
+        if len(self._buffer) < self._expected:
+            return None
+        body = bytes(self._buffer[: self._expected])
+        return self._finish(RequestReceived(body))
+
+    def connection_lost(self) -> RequestEvent | None:
+        """The peer closed; report a partial request if one was under way."""
+        if self._done or self._expected is None:
+            return None
+        return self._finish(RequestTruncated(self._expected, len(self._buffer)))
+
+    def _finish(self, event: RequestEvent) -> RequestEvent:
+        self._done = True
+        self._buffer = bytearray()
+        return event
