@@ -21,7 +21,13 @@ _CHUNK = 64 * 1024
 
 
 class RequestRejected(Exception):
-    """The request archive cannot be used.  ``str(exc)`` is the log line."""
+    """The request archive cannot be used.  ``str(exc)`` is the log line;
+    ``client_message``, when set, is worth an answer to the client (the
+    other cases are not what a real client sends, and get a plain close)."""
+
+    def __init__(self, log_message: str, client_message: str | None = None) -> None:
+        super().__init__(log_message)
+        self.client_message = client_message
 
 
 def _member_mode(info: zipfile.ZipInfo) -> int:
@@ -51,7 +57,9 @@ def check_request(archive: zipfile.ZipFile, max_size: int) -> list[zipfile.ZipIn
     if not 1 <= total <= max_size:
         raise RequestRejected(
             f"Uncompressed request size of {total} bytes is not within the "
-            f"expected range of 1 to {max_size} bytes."
+            f"expected range of 1 to {max_size} bytes.",
+            f"Server: The request is {total} bytes uncompressed; this server accepts "
+            f"1 to {max_size} bytes (its --max-request-size)."
         )
     seen: set[tuple[str, ...]] = set()
     for info in members:
@@ -151,4 +159,15 @@ def build_response(response_dir: Path) -> bytes:
                 if not path.is_file():
                     continue
                 archive.write(path, (relative / name).as_posix())
+    return buffer.getvalue()
+
+
+def refusal_archive(message: str, version: str) -> bytes:
+    """A response that makes the client print ``message`` and fail (rc 1)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, text in (("rc", "1"), ("stderr", message + "\n"), ("stdout", ""),
+                           ("version", version)):
+            archive.writestr(name, text)
+        archive.writestr("stap000000/", b"")
     return buffer.getvalue()

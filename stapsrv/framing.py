@@ -23,10 +23,16 @@ class CertificateProbe:
 
 @frozen
 class RequestTooLarge:
-    """The announced compressed size is over the limit (or negative)."""
+    """The announced compressed size is over the limit (or negative).
+
+    ``drained`` says whether the whole announced body was read (and thrown
+    away), so that an answer can be sent: a real client only reads the
+    answer once it has sent everything.
+    """
 
     size: int
     limit: int
+    drained: bool = False
 
 
 @frozen
@@ -47,6 +53,11 @@ class RequestTruncated:
 RequestEvent = Union[CertificateProbe, RequestTooLarge, RequestReceived, RequestTruncated]
 
 
+#: Over-size requests up to this many bytes are read and thrown away so the
+#: client can be told why it was refused; bigger ones are cut off at once.
+DRAIN_LIMIT = 64 * 1024 * 1024
+
+
 class RequestReader:
     """Accumulates the request stream and reports what it turned out to be.
 
@@ -55,10 +66,13 @@ class RequestReader:
     never reads past the announced length.
     """
 
-    def __init__(self, max_compressed_size: int) -> None:
+    def __init__(self, max_compressed_size: int, drain_limit: int = DRAIN_LIMIT) -> None:
         self._limit = max_compressed_size
+        self._drain_limit = drain_limit
         self._buffer = bytearray()
         self._expected: int | None = None
+        self._received = 0
+        self._keep = True
         self._done = False
 
     @property
@@ -72,27 +86,35 @@ class RequestReader:
     def feed(self, data: bytes) -> RequestEvent | None:
         if self._done:
             return None
-        self._buffer += data
         if self._expected is None:
+            self._buffer += data
             if len(self._buffer) < _LENGTH.size:
                 return None
             (size,) = _LENGTH.unpack_from(self._buffer)
-            del self._buffer[: _LENGTH.size]
+            data = bytes(self._buffer[_LENGTH.size:])
+            self._buffer = bytearray()
             if size == 0:
                 return self._finish(CertificateProbe())
-            if size < 0 or size > self._limit:
+            if size < 0 or size > self._drain_limit:
                 return self._finish(RequestTooLarge(size, self._limit))
             self._expected = size
-        if len(self._buffer) < self._expected:
+            self._keep = size <= self._limit
+        wanted = self._expected - self._received
+        chunk = data[:wanted]
+        self._received += len(chunk)
+        if self._keep:
+            self._buffer += chunk
+        if self._received < self._expected:
             return None
-        body = bytes(self._buffer[: self._expected])
-        return self._finish(RequestReceived(body))
+        if not self._keep:
+            return self._finish(RequestTooLarge(self._expected, self._limit, drained=True))
+        return self._finish(RequestReceived(bytes(self._buffer)))
 
     def connection_lost(self) -> RequestEvent | None:
         """The peer closed; report a partial request if one was under way."""
         if self._done or self._expected is None:
             return None
-        return self._finish(RequestTruncated(self._expected, len(self._buffer)))
+        return self._finish(RequestTruncated(self._expected, self._received))
 
     def _finish(self, event: RequestEvent) -> RequestEvent:
         self._done = True

@@ -38,8 +38,15 @@ class RequestReaderTests(TestCase):
     def test_zero_length_is_a_probe(self) -> None:
         self.assertEqual(RequestReader(5000).feed(b"\0\0\0\0"), CertificateProbe())
 
-    def test_over_the_limit(self) -> None:
-        self.assertEqual(RequestReader(10).feed(frame(b"x" * 11)), RequestTooLarge(11, 10))
+    def test_over_the_limit_is_drained_then_reported(self) -> None:
+        reader = RequestReader(10)
+        self.assertIsNone(reader.feed(frame(b"x" * 11)[:-1]))
+        self.assertEqual(reader.bytes_buffered, 0, "refused bytes are not kept")
+        self.assertEqual(reader.feed(b"x"), RequestTooLarge(11, 10, drained=True))
+
+    def test_far_over_the_limit_is_cut_off_at_once(self) -> None:
+        reader = RequestReader(10, drain_limit=100)
+        self.assertEqual(reader.feed(struct.pack(">i", 101)), RequestTooLarge(101, 10))
 
     def test_at_the_limit(self) -> None:
         self.assertEqual(RequestReader(10).feed(frame(b"x" * 10)), RequestReceived(b"x" * 10))

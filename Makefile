@@ -1,0 +1,33 @@
+# stapsrv: developer and CI entry points.  Run as root on Debian bookworm;
+# `make setup` installs whatever is missing, so every target works on a
+# fresh machine.
+
+SHELL := /bin/bash
+PYTHON := /usr/bin/python3
+VENV := .venv
+SERVER_USER ?= stapsrv
+PORT ?= 0
+APT_PACKAGES := systemtap systemtap-client systemtap-server libnss3-tools \
+	dbus-daemon avahi-daemon avahi-utils python3-venv zip unzip util-linux passwd
+
+.PHONY: setup system-packages server-user venv serve test clean
+
+setup: system-packages server-user venv
+
+system-packages:
+	@bash tools/install-system-packages.sh $(APT_PACKAGES)
+
+server-user:
+	@id -u $(SERVER_USER) >/dev/null 2>&1 || useradd --create-home --shell /usr/sbin/nologin $(SERVER_USER)
+
+venv:
+	@bash tools/make-venv.sh $(PYTHON) $(VENV) $(SERVER_USER)
+
+serve: setup
+	@bash tools/serve.sh $(VENV) $(SERVER_USER) $(PORT)
+
+test: setup
+	@STAPSRV_TEST_USER=$(SERVER_USER) $(VENV)/bin/python tests/run.py $(TESTS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info _trial_temp

@@ -1,0 +1,217 @@
+"""Twisted Protocol and Factory around the sans-IO request reader.
+
+The factory owns the concurrency gate: at most ``concurrency`` connections
+are served at once; later ones are paused (their TLS handshake waits, as
+it waits in the kernel's backlog for 4.8) until a slot frees up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from stapsrv import PROTOCOL_VERSION
+from stapsrv.archive import refusal_archive
+from stapsrv.framing import (
+    CertificateProbe,
+    RequestEvent,
+    RequestReader,
+    RequestReceived,
+    RequestTooLarge,
+    RequestTruncated,
+)
+from stapsrv.handler import RequestContext, RequestHandler
+
+
+def describe_peer(address: IAddress) -> str:
+    host = getattr(address, "host", "?")
+    port = getattr(address, "port", "?")
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:"):]
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+class CompileServerProtocol(Protocol):
+    """One client connection: read the request, answer, close."""
+
+    log = Logger(namespace="stapsrv")
+    factory: CompileServerFactory
+
+    def __init__(self) -> None:
+        self._reader: RequestReader | None = None
+        self._context: RequestContext | None = None
+        self._slot: Deferred[Any] | None = None
+        self._holding = False
+        self._pending = b""
+        self._closed = False
+        self._work: Deferred[Any] | None = None
+        self._close_waiters: list[Deferred[None]] = []
+
+    def when_closed(self) -> Deferred[None]:
+        """A new Deferred that fires once the connection is gone."""
+        d: Deferred[None] = Deferred()
+        if self._closed:
+            d.callback(None)
+        else:
+            self._close_waiters.append(d)
+        return d
+
+    @property
+    def busy(self) -> bool:
+        """A request is being processed (or its answer is being sent)."""
+        return self._work is not None or (self._context is not None and not self._closed)
+
+    def abandon(self) -> None:
+        """Shutdown ran out of patience: stop this request and disconnect."""
+        if self._context is not None:
+            self._context.abandon()
+        self.transport.loseConnection()
+
+    def connectionMade(self) -> None:
+        self.factory.connections.add(self)
+        self.peer = describe_peer(self.transport.getPeer())
+        self._reader = RequestReader(self.factory.handler.config.max_compressed_request)
+        self.log.info("Accepted connection from {peer}", peer=self.peer)
+        self.factory.log_load()
+        self.transport.pauseProducing()
+        self._slot = self.factory.gate.acquire()
+        self._slot.addCallbacks(self._slot_acquired, lambda failure: failure.trap(CancelledError))
+
+    def _slot_acquired(self, _: object) -> None:
+        self._slot = None
+        self._holding = True
+        self.factory.active += 1
+        if self._closed:
+            self._release()
+            return
+        self.transport.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self._reader is not None
+        event = self._reader.feed(data)
+        if event is not None:
+            self._dispatch(event)
+
+    def _dispatch(self, event: RequestEvent) -> None:
+        if isinstance(event, CertificateProbe):
+            self.transport.loseConnection()
+        elif isinstance(event, RequestTooLarge):
+            self.log.info("Error size of (compressed) request file is too large "
+                          "({size} bytes; the limit is {limit})",
+                          size=event.size, limit=event.limit)
+            if event.drained:
+                self.transport.write(refusal_archive(
+                    f"Server: The request is {event.size} bytes compressed; this server "
+                    f"accepts at most {event.limit} bytes (its --max-compressed-request).",
+                    PROTOCOL_VERSION))
+            self.transport.loseConnection()
+        elif isinstance(event, RequestTruncated):
+            self.log.info("Expected {expected} bytes, got {received} while reading "
+                          "client request from socket",
+                          expected=event.expected, received=event.received)
+        elif isinstance(event, RequestReceived):
+            self._context = RequestContext(self.peer)
+            self._work = Deferred.fromCoroutine(
+                self.factory.handler.handle(event.body, self._context))
+            self._work.addCallbacks(self._respond, self._failed)
+
+    def _respond(self, response: bytes | None) -> None:
+        self._work = None
+        if self._closed:
+            return
+        if response is not None:
+            self.transport.write(response)
+            self.log.info("Request from {peer} complete", peer=self.peer)
+        self.transport.loseConnection()
+
+    def _failed(self, failure: Failure) -> None:
+        self._work = None
+        self.log.failure("Error processing client request from {peer}", failure,
+                         peer=self.peer)
+        if not self._closed:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._closed = True
+        if self._reader is not None:
+            event = self._reader.connection_lost()
+            if event is not None:
+                self._dispatch(event)
+        if self._context is not None and self._work is not None:
+            self._context.abandon()
+        if self._slot is not None:
+            self._slot.cancel()
+            self._slot = None
+        if self._work is None:
+            self._release()
+        else:
+            self._work.addBoth(lambda _: self._release())
+        self.factory.connections.discard(self)
+        waiters, self._close_waiters = self._close_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _release(self) -> None:
+        if self._holding:
+            self._holding = False
+            self.factory.active -= 1
+            self.factory.gate.release()
+
+
+class CompileServerFactory(Factory):
+    """Builds connection protocols sharing one handler and one gate."""
+
+    protocol = CompileServerProtocol
+    log = Logger(namespace="stapsrv")
+
+    def __init__(self, handler: RequestHandler) -> None:
+        self.handler = handler
+        self.limit = handler.config.max_threads
+        self.gate = DeferredSemaphore(handler.config.concurrency)
+        self.active = 0
+        self.connections: set[CompileServerProtocol] = set()
+
+    def log_load(self) -> None:
+        """4.8's accept-time load line (none when concurrency is disabled)."""
+        if self.limit <= 0:
+            return
+        idle = self.gate.tokens
+        if idle <= 0:
+            self.log.info("Server is overloaded. Processing times may be longer than normal.")
+        elif idle == self.limit:
+            self.log.info("Processing 1 request...")
+        else:
+            self.log.info("Processing {count} concurrent requests...",
+                          count=self.limit - idle + 1)
+
+    async def drain(self, clock: IReactorTime, grace: float) -> None:
+        """Let requests in progress finish (their clients get their modules),
+        drop idle and queued connections, and force the rest after ``grace``."""
+        busy = [connection for connection in self.connections if connection.busy]
+        for connection in list(self.connections):
+            if not connection.busy:
+                connection.transport.loseConnection()
+        if not busy:
+            return
+        self.log.info("Waiting for {count} outstanding requests to complete...",
+                      count=len(busy))
+        everything = gatherResults([connection.when_closed() for connection in busy])
+
+        def force() -> None:
+            self.log.info("Timeout reached, exiting (forced)")
+            for connection in busy:
+                connection.abandon()
+
+        timer = clock.callLater(grace, force)
+        try:
+            await everything
+        finally:
+            if timer.active():
+                timer.cancel()

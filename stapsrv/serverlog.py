@@ -1,0 +1,70 @@
+"""The server log in 4.8's format: ``<ctime>: <message>`` per line.
+
+The upstream testsuite and admins grep this file (``Using network
+address``, ``Processing 6 concurrent requests...``), so its lines keep the
+exact 4.8 wording; the events behind them keep their fields for any other
+observer (twistd's own log, JSON).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import IO
+
+from twisted.application.service import Service
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from zope.interface import implementer
+
+NAMESPACE = "stapsrv"
+
+
+def format_line(event: LogEvent) -> str | None:
+    namespace = event.get("log_namespace", "")
+    if namespace != NAMESPACE and not namespace.startswith(NAMESPACE + "."):
+        return None
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text += "\n" + failure.getTraceback()
+    stamp = time.ctime(event.get("log_time", time.time()))
+    return f"{stamp}: {text.rstrip()}\n"
+
+
+@implementer(ILogObserver)
+class CtimeLogObserver:
+    """Writes stapsrv events to a text stream in 4.8's format."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def __call__(self, event: LogEvent) -> None:
+        line = format_line(event)
+        if line is not None:
+            self._stream.write(line)
+            self._stream.flush()
+
+
+class LogFileService(Service):
+    """Appends the server's events to ``--log FILE`` while running."""
+
+    def __init__(self, path: Path, publisher=globalLogPublisher) -> None:  # type: ignore[no-untyped-def]
+        self.path = path
+        self._publisher = publisher
+        self._stream: IO[str] | None = None
+        self._observer: CtimeLogObserver | None = None
+
+    def startService(self) -> None:
+        self._stream = open(self.path, "a", encoding="utf-8", errors="replace")
+        self._observer = CtimeLogObserver(self._stream)
+        self._publisher.addObserver(self._observer)
+        super().startService()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._observer is not None:
+            self._publisher.removeObserver(self._observer)
+            self._observer = None
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None

@@ -1,0 +1,144 @@
+"""The compile server as a Twisted service: certificate, listener, workers.
+
+All I/O happens in ``startService`` (after twistd has dropped privileges)
+and is undone in ``stopService``; constructing the service does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
+
+from stapsrv.certs import ServerIdentity, load_or_create_identity
+from stapsrv.config import ServerConfig
+from stapsrv.handler import RequestHandler
+from stapsrv.runtime import select_runtime
+from stapsrv.server import CompileServerFactory
+from stapsrv.tls import server_context_factory
+from stapsrv.trust import local_client_db_dir, trust_certificate
+
+#: Set to any value to let a server run as root (the upstream testsuite's
+#: escape hatch, kept under its upstream name).
+ROOT_OVERRIDE = "STAP_PR11197_OVERRIDE"
+ROOT_REFUSAL = "For security reasons, invocation of stap-serverd as root is not supported."
+
+#: How long ``stop`` lets requests being compiled finish before ending them.
+SHUTDOWN_GRACE = 10.0
+
+
+class RootRefused(Exception):
+    pass
+
+
+def refuse_root(environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
+    if os.geteuid() == 0 and ROOT_OVERRIDE not in environ:
+        raise RootRefused(ROOT_REFUSAL)
+
+
+def build_tree(release: str) -> Path:
+    return Path("/lib/modules") / release / "build"
+
+
+class CompileServerService(Service):
+    """One listening compile server."""
+
+    log = Logger(namespace="stapsrv")
+
+    def __init__(self, config: ServerConfig, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        self.config = config
+        self.reactor = reactor
+        self.identity: ServerIdentity | None = None
+        self.port: IListeningPort | None = None
+        self.factory: CompileServerFactory | None = None
+        self._pool: ThreadPool | None = None
+
+    @property
+    def port_number(self) -> int:
+        assert self.port is not None
+        return self.port.getHost().port
+
+    def startService(self) -> None:
+        refuse_root()
+        config = self.config
+        user = pwd.getpwuid(os.getuid()).pw_name
+        self.log.info("===== compile server pid {pid} starting as {user} =====",
+                      pid=os.getpid(), user=user)
+        self.identity = load_or_create_identity(config.ssl_dir)
+        runtimes = self._select_runtimes()
+        self._pool = ThreadPool(minthreads=0, maxthreads=config.concurrency,
+                                name="stapsrv-requests")
+        self._pool.start()
+        handler = RequestHandler(config, self.reactor, self._pool, self._current_identity,
+                                 runtimes)
+        self.factory = CompileServerFactory(handler)
+        tls_factory = TLSMemoryBIOFactory(
+            server_context_factory(self.identity), False, self.factory)
+        self.port = self.reactor.listenTCP(config.port, tls_factory, backlog=50,
+                                           interface=config.listen)
+        self.log.info("Using network address [{address}]:{port}",
+                      address=config.listen, port=self.port_number)
+        if config.max_threads > 0:
+            self.log.info("Using a maximum of {count} threads", count=config.max_threads)
+        else:
+            self.log.info("Concurrency disabled")
+        super().startService()
+        self._trust_self()
+
+    def _current_identity(self) -> ServerIdentity:
+        assert self.identity is not None
+        return self.identity
+
+    def _select_runtimes(self) -> dict[str, str]:
+        if self.config.runtime is not None:
+            return {}
+        runtimes = {}
+        for release in self.config.releases:
+            try:
+                fixed = select_runtime(build_tree(release), cache_root=self.config.runtime_cache)
+            except (OSError, RuntimeError) as exc:
+                self.log.warn("Cannot prepare a fixed runtime for {release}: {error}",
+                              release=release, error=exc)
+                continue
+            if fixed is not None:
+                self.log.info("Using the fixed runtime {runtime} for kernel {release}",
+                              runtime=fixed, release=release)
+                runtimes[release] = str(fixed)
+        return runtimes
+
+    def _trust_self(self) -> None:
+        """Let this server's own user trust it, as 4.8 does on every start."""
+        from twisted.internet.threads import deferToThreadPool
+
+        assert self._pool is not None
+        cert = self.config.ssl_dir / "stap.cert"
+        database = local_client_db_dir()
+        d = deferToThreadPool(self.reactor, self._pool, trust_certificate, cert, database)
+        d.addErrback(lambda failure: self.log.warn(
+            "Unable to authorize certificate for the local client: {error}",
+            error=failure.getErrorMessage()))
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.port is not None:
+            await self.port.stopListening()
+            self.port = None
+        if self.factory is not None:
+            await self.factory.drain(self.reactor, SHUTDOWN_GRACE)
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool = None

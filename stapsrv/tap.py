@@ -1,0 +1,162 @@
+"""``twistd stap-server``: command-line options and the service tree.
+
+The options mirror stap-serverd 4.8's, so an admin can carry flags over;
+``--listen`` is new (4.8 always bound every interface).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from stapsrv.cmdline import ServerOption
+from stapsrv.config import (
+    DEFAULT_MAX_COMPRESSED_REQUEST,
+    DEFAULT_MAX_REQUEST_SIZE,
+    ServerConfig,
+)
+from stapsrv.serverlog import LogFileService
+from stapsrv.service import ROOT_OVERRIDE, ROOT_REFUSAL, CompileServerService
+from stapsrv.trust import default_server_ssl_dir
+
+
+def _count(name: str, minimum: int, maximum: int | None = None):  # type: ignore[no-untyped-def]
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise usage.UsageError(f"--{name} needs a whole number, not {text!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = "" if maximum is None else f" to {maximum}"
+            raise usage.UsageError(f"--{name} must be {minimum}{upper or ' or more'}, not {value}")
+        return value
+    return convert
+
+
+def release_of_build_tree(path: str) -> str:
+    """The release a kernel build tree was configured for."""
+    try:
+        return (Path(path) / "include" / "config" / "kernel.release").read_text().strip()
+    except OSError as exc:
+        raise usage.UsageError(f"Cannot read the kernel release of build tree {path}: "
+                               f"{exc.strerror}")
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Serve SystemTap clients (stap --use-server) over TLS: run the stap "
+        "translator for each request and send back the kernel module, signed "
+        "for unprivileged users.  Without -r the server builds for the running "
+        "kernel; each -r adds a release (or a kernel build tree) served by the "
+        "same listener."
+    )
+
+    optParameters = [
+        ["port", None, 0, "TCP port to listen on (0 picks a free one).",
+         _count("port", 0, 65535)],
+        ["listen", None, "::", "Address to listen on (default :: = every address, "
+         "IPv4 included)."],
+        ["ssl", None, None, "Directory with the server certificate and key "
+         "(default $SYSTEMTAP_DIR/ssl/server or ~/.systemtap/ssl/server)."],
+        ["log", None, None, "Append the server log to this file (default: standard error)."],
+        ["max-threads", None, None, "Requests processed at once (default: number of "
+         "CPUs; 0 = one at a time).", _count("max-threads", 0)],
+        ["max-request-size", None, DEFAULT_MAX_REQUEST_SIZE,
+         "Largest request, uncompressed, in bytes.", _count("max-request-size", 1)],
+        ["max-compressed-request", None, DEFAULT_MAX_COMPRESSED_REQUEST,
+         "Largest request archive, in bytes.", _count("max-compressed-request", 1)],
+    ]
+    optFlags = [
+        ["keep", "k", "Keep each request's temporary directory."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["releases"] = []
+        self["server_options"] = []
+        self["arch"] = None
+        self["runtime"] = None
+
+    def opt_r(self, release: str) -> None:
+        """Kernel release (or build tree) to build for; repeatable."""
+        if release.startswith("/"):
+            release = release_of_build_tree(release)
+        if release not in self["releases"]:
+            self["releases"].append(release)
+
+    opt_release = opt_r
+
+    def opt_a(self, arch: str) -> None:
+        """Target architecture, passed to stap as -a."""
+        self["arch"] = arch
+        self["server_options"] = [o for o in self["server_options"] if o.flag != "-a"]
+        self["server_options"].insert(0, ServerOption("-a", arch))
+
+    opt_arch = opt_a
+
+    def opt_I(self, directory: str) -> None:
+        """Tapset directory for every request (stap -I); repeatable."""
+        self["server_options"].append(ServerOption("-I", directory))
+
+    opt_include = opt_I
+
+    def opt_D(self, definition: str) -> None:
+        """Preprocessor definition for every request (stap -D); repeatable."""
+        self["server_options"].append(ServerOption("-D", definition))
+
+    opt_define = opt_D
+
+    def opt_B(self, option: str) -> None:
+        """Option for the kernel build (stap -B); repeatable."""
+        self["server_options"].append(ServerOption("-B", option))
+
+    opt_build = opt_B
+
+    def opt_R(self, directory: str) -> None:
+        """Runtime directory (stap -R); overrides the built-in runtime fix."""
+        self["runtime"] = directory
+        self["server_options"].append(ServerOption("-R", directory))
+
+    opt_runtime = opt_R
+
+    def postOptions(self) -> None:
+        parent = getattr(self, "parent", None)
+        dropping = parent is not None and parent.get("uid") not in (None, 0)
+        if os.geteuid() == 0 and ROOT_OVERRIDE not in os.environ and not dropping:
+            raise usage.UsageError(ROOT_REFUSAL)
+
+    def to_config(self) -> ServerConfig:
+        running = os.uname().release
+        releases = [running] + [r for r in self["releases"] if r != running]
+        ssl_dir = Path(self["ssl"]) if self["ssl"] else default_server_ssl_dir()
+        extra: dict[str, Any] = {}
+        if self["max-threads"] is not None:
+            extra["max_threads"] = self["max-threads"]
+        return ServerConfig(
+            releases=tuple(releases),
+            ssl_dir=ssl_dir.absolute(),
+            server_options=tuple(self["server_options"]),
+            arch=self["arch"],
+            runtime=self["runtime"],
+            port=self["port"],
+            listen=self["listen"],
+            log_file=Path(self["log"]).absolute() if self["log"] else None,
+            max_request_size=self["max-request-size"],
+            max_compressed_request=self["max-compressed-request"],
+            keep_temporary=bool(self["keep"]),
+            **extra,
+        )
+
+
+def makeService(options: Options) -> IService:
+    config = options.to_config()
+    top = MultiService()
+    if config.log_file is not None:
+        LogFileService(config.log_file).setServiceParent(top)
+    CompileServerService(config).setServiceParent(top)
+    return top

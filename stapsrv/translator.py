@@ -1,0 +1,118 @@
+"""Running the ``stap`` translator as a child process group.
+
+``spawnProcess`` is called from the reactor thread.  The child's standard
+output and error go straight to the response files (no copying through the
+server), its input is ``/dev/null``, and it runs in a session of its own
+(see ``_exec.py``) so that ``stop`` ends make and the compilers too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+_SHIM = str(Path(__file__).with_name("_exec.py"))
+
+#: Seconds between SIGTERM and SIGKILL when a translator group must go.
+KILL_GRACE = 2.0
+
+
+class _TranslatorProtocol(ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: Deferred[int] = Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        value = reason.value
+        if isinstance(value, ProcessDone):
+            status = 0
+        elif isinstance(value, ProcessTerminated) and value.signal is not None:
+            status = 128 + value.signal
+        elif isinstance(value, ProcessTerminated) and value.exitCode is not None:
+            status = value.exitCode
+        else:
+            status = 1
+        self.ended.callback(status)
+
+
+class TranslatorRun:
+    """One running translator; ``result`` fires with its exit status
+    (``128 + signal`` when killed, as 4.8 reports it)."""
+
+    log = Logger()
+
+    def __init__(self, reactor: IReactorTime, pid: int, protocol: _TranslatorProtocol) -> None:
+        self._reactor = reactor
+        self.pid = pid
+        self._protocol = protocol
+        self._finished = False
+        self._hard_kill: IDelayedCall | None = None
+        self.result: Deferred[int] = protocol.ended
+        self.result.addBoth(self._mark_finished)
+
+    def _mark_finished(self, value: object) -> object:
+        self._finished = True
+        if self._hard_kill is not None and self._hard_kill.active():
+            # Killed and the leader is gone: finish off any make/gcc left in
+            # its group now rather than leaving a timer behind.
+            self._hard_kill.cancel()
+            self._kill_hard()
+        return value
+
+    def kill(self) -> None:
+        """SIGTERM the whole process group, SIGKILL it if still there later."""
+        if self._finished or self._hard_kill is not None:
+            return
+        self._signal_group(signal.SIGTERM)
+        self._hard_kill = self._reactor.callLater(KILL_GRACE, self._kill_hard)
+
+    def _kill_hard(self) -> None:
+        self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            pass
+        except OSError as exc:
+            self.log.warn("Cannot signal translator group {pid}: {error}",
+                          pid=self.pid, error=exc)
+
+
+def start_translator(
+    reactor: IReactorProcess,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: Path,
+    stdout_path: Path,
+    stderr_path: Path,
+    python: str = sys.executable,
+) -> TranslatorRun:
+    """Start ``argv`` with output to the given files (stderr appended to)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    stdin_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    stdout_fd = os.open(stdout_path, flags | os.O_TRUNC, 0o600)
+    stderr_fd = os.open(stderr_path, flags | os.O_APPEND, 0o600)
+    protocol = _TranslatorProtocol()
+    try:
+        process = reactor.spawnProcess(
+            protocol,
+            python,
+            [python, "-I", "-S", _SHIM, "--", *argv],
+            env=dict(env),
+            path=str(cwd),
+            childFDs={0: stdin_fd, 1: stdout_fd, 2: stderr_fd},
+        )
+    finally:
+        for fd in (stdin_fd, stdout_fd, stderr_fd):
+            os.close(fd)
+    return TranslatorRun(reactor, process.pid, protocol)  # type: ignore[arg-type]

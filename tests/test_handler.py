@@ -1,0 +1,214 @@
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+from cryptography.hazmat.primitives.hashes import SHA1
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import TestCase
+
+from stapsrv.cmdline import ServerOption
+from stapsrv.config import ServerConfig
+from stapsrv.handler import RequestContext, RequestHandler
+from tests.helpers import install_fake_stap, test_identity
+from tests.test_archive import make_zip
+from tests.vectors import captured_requests, members
+
+RELEASE = "6.1.0-56-amd64"
+
+
+def request(*arguments: str, release: str = RELEASE, locale: bytes = b"LANG=C.UTF-8\n",
+            version: bytes = b"4.8") -> bytes:
+    entries = [(f"argv{i}", a.encode(), 0o100644) for i, a in enumerate(arguments, 1)]
+    entries += [("sysinfo", f"sysinfo: {release} x86_64".encode(), 0o100644),
+                ("locale", locale, 0o100644), ("version", version, 0o100644)]
+    return make_zip(entries)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is as good as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class HandlerTests(TestCase):
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+        self.tmpdir = self.base / "tmp"
+        self.tmpdir.mkdir(parents=True)
+        self.home = self.base / "home"
+        self.home.mkdir()
+        self.record = self.base / "record.json"
+        self.pool = ThreadPool(0, 2)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.options: tuple[ServerOption, ...] = ()
+        self.keep = False
+
+    def handler(self, **config: object) -> RequestHandler:
+        settings = dict(releases=(RELEASE, "6.18.44-fc-v657"), ssl_dir=self.base / "ssl",
+                        stap=str(install_fake_stap(self.base)), tmpdir=self.tmpdir,
+                        server_options=self.options, keep_temporary=self.keep)
+        settings.update(config)
+        environ = {"PATH": os.environ["PATH"], "HOME": str(self.home),
+                   "FAKESTAP_RECORD": str(self.record), "LD_PRELOAD": ""}
+        return RequestHandler(ServerConfig(**settings), reactor, self.pool, test_identity,
+                              {RELEASE: "/fixed/runtime"}, environ)
+
+    async def answer(self, body: bytes, handler: RequestHandler | None = None) -> dict[str, bytes]:
+        response = await (handler or self.handler()).handle(body, RequestContext("peer"))
+        assert response is not None
+        return members(response)
+
+    def recorded(self) -> dict:
+        return json.loads(self.record.read_text())
+
+    async def test_module_returned(self) -> None:
+        found = await self.answer(request("-p4", "-eok"))
+        self.assertEqual(found["version"], b"4.8")
+        self.assertEqual(found["rc"], b"0")
+        self.assertTrue(found["stap000000/stap_fake_1.ko"].startswith(b"\x7fELF"))
+        self.assertNotIn("stap000000/stap_fake_1.ko.sgn", found)
+        self.assertEqual(found["stdout"], b"<server>/.systemtap/cache/fa/stap_fake_1.ko\n")
+        self.assertEqual(os.listdir(self.tmpdir), [], "scratch directory removed")
+
+    async def test_translator_command_line_and_environment(self) -> None:
+        self.options = (ServerOption("-D", "A=1"),)
+        await self.answer(request("-p4", "-eok", locale=b"LANG=C\nLC_ALL=fr_FR.UTF-8\n"))
+        record = self.recorded()
+        argv = record["argv"]
+        self.assertEqual(argv[0], f"-r{RELEASE}")
+        self.assertEqual(argv[1:3], ["-DA=1", "-R/fixed/runtime"])
+        self.assertTrue(argv[3].startswith("--tmpdir=" + str(self.tmpdir / "stap-server.")))
+        self.assertTrue(argv[3].endswith("/response/stap000000"))
+        self.assertEqual(argv[4:], ["--client-options", "-p4", "-eok"])
+        self.assertTrue(record["cwd"].endswith("/request"))
+        self.assertEqual(record["env"]["LANG"], "C")
+        self.assertEqual(record["env"]["LC_ALL"], "fr_FR.UTF-8")
+        self.assertTrue(record["env"]["TMPDIR"].startswith(str(self.tmpdir)))
+        self.assertEqual(record["pgid"], record["pid"], "stap leads its own process group")
+
+    async def test_explicit_runtime_replaces_the_fixed_one(self) -> None:
+        await self.answer(request("-p4"), self.handler(runtime="/mine",
+                          server_options=(ServerOption("-R", "/mine"),)))
+        argv = self.recorded()["argv"]
+        self.assertIn("-R/mine", argv)
+        self.assertNotIn("-R/fixed/runtime", argv)
+
+    async def test_old_client_gets_no_locale(self) -> None:
+        await self.answer(request("-p4", locale=b"LANG=fr_FR\n", version=b"1.5"))
+        self.assertNotEqual(self.recorded()["env"]["LANG"], "fr_FR")
+
+    async def test_failure_passes_rc_and_stderr(self) -> None:
+        found = await self.answer(request("-p4", "-efail"))
+        self.assertEqual(found["rc"], b"1")
+        self.assertEqual(found["stderr"], b"semantic error: fake failure\n")
+        self.assertNotIn("stap000000/stap_fake_1.ko", found)
+
+    async def test_killed_translator_reports_128_plus_signal(self) -> None:
+        found = await self.answer(request("-p4", "-esignal"))
+        self.assertEqual(found["rc"], b"137")
+
+    async def test_unprivileged_module_is_signed(self) -> None:
+        for privilege in ("--privilege=stapusr", "--privilege=stapsys", "--unprivileged"):
+            found = await self.answer(request(privilege, "-p4"))
+            module = found["stap000000/stap_fake_1.ko"]
+            signature = found["stap000000/stap_fake_1.ko.sgn"]
+            test_identity().certificate.public_key().verify(signature, module, PKCS1v15(), SHA1())
+
+    async def test_stapdev_module_is_not_signed(self) -> None:
+        found = await self.answer(request("--privilege=stapdev", "-p4"))
+        self.assertNotIn("stap000000/stap_fake_1.ko.sgn", found)
+
+    async def test_failed_unprivileged_request_is_not_signed(self) -> None:
+        found = await self.answer(request("--privilege=stapusr", "-efail"))
+        self.assertNotIn("stap000000/stap_fake_1.ko.sgn", found)
+
+    async def test_unsupported_release(self) -> None:
+        found = await self.answer(request("-p4", release="5.0.0-other"))
+        self.assertEqual(found["rc"], b"1")
+        self.assertIn(b"'5.0.0-other'", found["stderr"])
+        self.assertIn(RELEASE.encode(), found["stderr"])
+        self.assertFalse(self.record.exists(), "the translator never ran")
+
+    async def test_missing_sysinfo(self) -> None:
+        body = make_zip([("argv1", b"-p4", 0o100644), ("version", b"4.8", 0o100644)])
+        found = await self.answer(body)
+        self.assertEqual(found["rc"], b"1")
+        self.assertIn(b"sysinfo", found["stderr"])
+
+    async def test_locale_complaints_precede_translator_output(self) -> None:
+        found = await self.answer(request("-efail", locale=b"LANG=en_US;.utf8\n"))
+        self.assertEqual(found["stderr"], (
+            b"Server: Localization value 'en_US;.utf8' contains illegal characters\n"
+            b"semantic error: fake failure\n"))
+
+    async def test_paths_are_rewritten(self) -> None:
+        found = await self.answer(request("-ehome"))
+        self.assertIn(b"home is <server>/x and tmp is <server>/stap000000/y", found["stderr"])
+
+    async def test_oversize_archive_is_explained(self) -> None:
+        body = request("-p4", "-e" + "x" * 100)
+        found = await self.answer(body, self.handler(max_request_size=100))
+        self.assertEqual(found["rc"], b"1")
+        self.assertRegex(found["stderr"].decode(),
+                         r"^Server: The request is \d+ bytes uncompressed; this server "
+                         r"accepts 1 to 100 bytes \(its --max-request-size\).\n$")
+        self.assertFalse(self.record.exists())
+        self.assertEqual(os.listdir(self.tmpdir), [])
+
+    async def test_corrupt_archive_gets_no_answer(self) -> None:
+        response = await self.handler().handle(b"PK\x03\x04garbage", RequestContext("peer"))
+        self.assertIsNone(response)
+        self.assertEqual(os.listdir(self.tmpdir), [])
+
+    async def test_keep_temporary(self) -> None:
+        self.keep = True
+        await self.answer(request("-p4"))
+        [kept] = os.listdir(self.tmpdir)
+        self.assertTrue((self.tmpdir / kept / "request.zip").is_file())
+        self.assertTrue((self.tmpdir / kept / "response" / "rc").is_file())
+
+    async def test_captured_request_runs(self) -> None:
+        found = await self.answer(captured_requests()["04-scriptfile-tapsetdir-args"])
+        self.assertEqual(found["rc"], b"0")
+        record = self.recorded()
+        self.assertEqual(record["argv"][-8:], [
+            "script/home/user/cli3/hello.stp", "-I", "tapset/home/user/cli3/tapsets",
+            f"-r{RELEASE}", "-p4", "--", "str arg", "42"])
+        self.assertEqual(record["exists"], {"script/home/user/cli3/hello.stp": True,
+                                            "tapset/home/user/cli3/tapsets": True})
+
+    async def test_abandoned_request_kills_the_process_group(self) -> None:
+        context = RequestContext("peer")
+        work = Deferred.fromCoroutine(self.handler().handle(request("-esleep"), context))
+        pids_file = Path(str(self.record) + ".pids")
+        for _ in range(100):
+            if pids_file.exists() and pids_file.read_text():
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        pids = json.loads(pids_file.read_text())
+        self.assertTrue(all(alive(pid) for pid in pids))
+        started = time.monotonic()
+        context.abandon()
+        self.assertIsNone(await work)
+        for _ in range(40):
+            if not any(alive(pid) for pid in pids):
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(any(alive(pid) for pid in pids), "stap and its children are gone")
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertEqual(os.listdir(self.tmpdir), [])
