@@ -249,7 +249,7 @@ async def run_p2_sample(client: Client, server: ServerProcess, release: str):  #
     (tapsets / "my.stp").write_text(
         'function mytap_hello:string (who:string) { return "hello " . who }\n')
     (project / "hello.stp").write_text(
-        'probe begin { printf("%s %s\\n", mytap_hello(@1), @DEFINED(FOO) ? "y" : "n"); exit() }\n')
+        'probe begin { printf("%s\\n", mytap_hello(@1)); exit() }\n')
     return await client.stap(
         f"--use-server={server.spec}", "-r", release, "-p2", "-I", str(tapsets),
         "-D", "FOO=1", str(project / "hello.stp"), "world")
