@@ -202,12 +202,14 @@ def without_sign_module(arguments: Sequence[str]) -> list[str]:
 class ServerOption:
     """One of the server's own translator options, in command-line order."""
 
-    flag: str   # "-a", "-B", "-D", "-I" or "-R"
-    value: str
+    flag: str   # "-a", "-B", "-D", "-I", "-R", or "-k" (no value)
+    value: str = ""
 
     def words(self) -> list[str]:
         if self.flag == "-a":
             return ["-a", self.value]
+        if self.flag == "-k":
+            return ["-k"]
         return [self.flag + self.value]
 
 

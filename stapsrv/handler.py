@@ -170,6 +170,9 @@ class RequestHandler:
         options = list(self.config.server_options)
         if self.config.runtime is None and release in self.runtimes:
             options.append(ServerOption("-R", self.runtimes[release]))
+        if self.config.keep_temporary:
+            # As 4.8: the translator keeps its whole build tree too.
+            options.append(ServerOption("-k"))
         return options
 
     def _refuse(self, response_dir: Path, message: str) -> None:

@@ -169,6 +169,7 @@ class CompileServerFactory(Factory):
     """Builds connection protocols sharing one handler and one gate."""
 
     protocol = CompileServerProtocol
+    noisy = False
     log = Logger(namespace="stapsrv")
 
     def __init__(self, handler: RequestHandler) -> None:

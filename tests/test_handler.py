@@ -178,6 +178,7 @@ class HandlerTests(TestCase):
     async def test_keep_temporary(self) -> None:
         self.keep = True
         await self.answer(request("-p4"))
+        self.assertIn("-k", self.recorded()["argv"][:4])
         [kept] = os.listdir(self.tmpdir)
         self.assertTrue((self.tmpdir / kept / "request.zip").is_file())
         self.assertTrue((self.tmpdir / kept / "response" / "rc").is_file())
