@@ -118,7 +118,7 @@ def _make_dirs(root: Path, parts: list[str]) -> None:
             os.mkdir(current, 0o755)
         except FileExistsError:
             if current.is_symlink() or not current.is_dir():
-                raise RequestRejected(f"Request path {current.name!r} is not a directory")
+                raise RequestRejected(f"Request path {current.name!r} is not a directory") from None
 
 
 def _write_member(

@@ -29,7 +29,7 @@ def _count(name: str, minimum: int, maximum: int | None = None):  # type: ignore
         try:
             value = int(text)
         except ValueError:
-            raise usage.UsageError(f"--{name} needs a whole number, not {text!r}")
+            raise usage.UsageError(f"--{name} needs a whole number, not {text!r}") from None
         if value < minimum or (maximum is not None and value > maximum):
             upper = "" if maximum is None else f" to {maximum}"
             raise usage.UsageError(f"--{name} must be {minimum}{upper or ' or more'}, not {value}")
@@ -43,7 +43,7 @@ def release_of_build_tree(path: str) -> str:
         return (Path(path) / "include" / "config" / "kernel.release").read_text().strip()
     except OSError as exc:
         raise usage.UsageError(f"Cannot read the kernel release of build tree {path}: "
-                               f"{exc.strerror}")
+                               f"{exc.strerror}") from None
 
 
 class Options(usage.Options):

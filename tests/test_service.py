@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
