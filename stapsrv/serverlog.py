@@ -8,6 +8,7 @@ observer (twistd's own log, JSON).
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import IO
@@ -36,13 +37,13 @@ class CtimeLogObserver:
     """Writes stapsrv events to a text stream in 4.8's format."""
 
     def __init__(self, stream: IO[str]) -> None:
-        self._stream = stream
+        self.stream = stream
 
     def __call__(self, event: LogEvent) -> None:
         line = format_line(event)
         if line is not None:
-            self._stream.write(line)
-            self._stream.flush()
+            self.stream.write(line)
+            self.stream.flush()
 
 
 class LogFileService(Service):
@@ -59,6 +60,23 @@ class LogFileService(Service):
         self._observer = CtimeLogObserver(self._stream)
         self._publisher.addObserver(self._observer)
         super().startService()
+
+    def reopen(self) -> None:
+        """Start a new file at the same path (after logrotate moved the old one)."""
+        if self._observer is None:
+            return
+        stream = open(self.path, "a", encoding="utf-8", errors="replace")
+        old, self._stream = self._stream, stream
+        self._observer.stream = stream
+        if old is not None:
+            old.close()
+
+
+def reopen_on_sighup(service: LogFileService, reactor: object) -> None:
+    """SIGHUP reopens the log (4.8 exits on SIGHUP; logrotate wants a reopen)."""
+    def handler(signum: int, frame: object) -> None:
+        reactor.callFromThread(service.reopen)  # type: ignore[attr-defined]
+    signal.signal(signal.SIGHUP, handler)
 
     def stopService(self) -> None:
         super().stopService()

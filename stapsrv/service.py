@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -70,6 +71,19 @@ class CompileServerService(Service):
         return self.port.getHost().port
 
     def startService(self) -> None:
+        try:
+            self._start()
+        except RootRefused as exc:
+            self.log.error("{message}", message=str(exc))
+            raise
+        except CannotListenError as exc:
+            self.log.error("Error setting socket address: {error}", error=exc.socketError)
+            raise
+        except Exception as exc:
+            self.log.failure("Server start failed: {error}", error=exc)
+            raise
+
+    def _start(self) -> None:
         refuse_root()
         config = self.config
         user = pwd.getpwuid(os.getuid()).pw_name
@@ -79,7 +93,6 @@ class CompileServerService(Service):
         runtimes = self._select_runtimes()
         self._pool = ThreadPool(minthreads=0, maxthreads=config.concurrency,
                                 name="stapsrv-requests")
-        self._pool.start()
         handler = RequestHandler(config, self.reactor, self._pool, self._current_identity,
                                  runtimes)
         self.factory = CompileServerFactory(handler)
@@ -87,6 +100,7 @@ class CompileServerService(Service):
             server_context_factory(self.identity), False, self.factory)
         self.port = self.reactor.listenTCP(config.port, tls_factory, backlog=50,
                                            interface=config.listen)
+        self._pool.start()
         self.log.info("Using network address [{address}]:{port}",
                       address=config.listen, port=self.port_number)
         if config.max_threads > 0:

@@ -19,7 +19,7 @@ from stapsrv.config import (
     DEFAULT_MAX_REQUEST_SIZE,
     ServerConfig,
 )
-from stapsrv.serverlog import LogFileService
+from stapsrv.serverlog import LogFileService, reopen_on_sighup
 from stapsrv.service import ROOT_OVERRIDE, ROOT_REFUSAL, CompileServerService
 from stapsrv.trust import default_server_ssl_dir
 
@@ -157,6 +157,9 @@ def makeService(options: Options) -> IService:
     config = options.to_config()
     top = MultiService()
     if config.log_file is not None:
-        LogFileService(config.log_file).setServiceParent(top)
+        log_service = LogFileService(config.log_file)
+        log_service.setServiceParent(top)
+        from twisted.internet import reactor
+        reactor.callWhenRunning(reopen_on_sighup, log_service, reactor)
     CompileServerService(config).setServiceParent(top)
     return top

@@ -1,0 +1,7 @@
+"""``python -m stapsrv`` is the ``stap-server`` manager."""
+
+import sys
+
+from stapsrv.manager import main
+
+sys.exit(main())
