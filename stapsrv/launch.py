@@ -22,7 +22,7 @@ from pathlib import Path
 #: RSA-4096 key and a runtime copy) and to stop (requests being compiled
 #: are let finish first).
 START_TIMEOUT = 60.0
-STOP_TIMEOUT = 30.0
+STOP_TIMEOUT = 45.0
 
 _MARKER = b"stap-server"
 

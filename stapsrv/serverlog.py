@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import IO
 
 from twisted.application.service import Service
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, Logger, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 NAMESPACE = "stapsrv"
+_log = Logger(namespace=NAMESPACE)
 
 
 def format_line(event: LogEvent) -> str | None:
@@ -65,7 +66,12 @@ class LogFileService(Service):
         """Start a new file at the same path (after logrotate moved the old one)."""
         if self._observer is None:
             return
-        stream = open(self.path, "a", encoding="utf-8", errors="replace")
+        try:
+            stream = open(self.path, "a", encoding="utf-8", errors="replace")
+        except OSError as exc:
+            _log.error("Cannot reopen the log file {path}: {error}; still writing the old one",
+                       path=self.path, error=exc.strerror)
+            return
         old, self._stream = self._stream, stream
         self._observer.stream = stream
         if old is not None:

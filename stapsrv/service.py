@@ -33,7 +33,7 @@ ROOT_OVERRIDE = "STAP_PR11197_OVERRIDE"
 ROOT_REFUSAL = "For security reasons, invocation of stap-serverd as root is not supported."
 
 #: How long ``stop`` lets requests being compiled finish before ending them.
-SHUTDOWN_GRACE = 10.0
+SHUTDOWN_GRACE = 30.0
 
 
 class RootRefused(Exception):
