@@ -18,6 +18,11 @@ def default_stap() -> str:
     return os.environ.get("SYSTEMTAP_STAP", "/usr/bin/stap")
 
 
+def default_listen() -> str:
+    """``STAPSRV_LISTEN`` (an address) or every address, as 4.8 always did."""
+    return os.environ.get("STAPSRV_LISTEN") or "::"
+
+
 def default_tmpdir() -> Path:
     return Path(os.environ.get("TMPDIR") or "/tmp")
 
@@ -40,7 +45,7 @@ class ServerConfig:
     arch: str | None = None
     runtime: str | None = None
     port: int = 0
-    listen: str = "::"
+    listen: str = field(factory=default_listen)
     log_file: Path | None = None
     max_threads: int = field(factory=lambda: os.cpu_count() or 1)
     max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
@@ -49,6 +54,9 @@ class ServerConfig:
     stap: str = field(factory=default_stap)
     tmpdir: Path = field(factory=default_tmpdir)
     runtime_cache: Path | None = None
+    #: Events of this server carry this namespace, so that a process running
+    #: several servers can route each one's lines to its own log file.
+    log_namespace: str = "stapsrv"
 
     @property
     def concurrency(self) -> int:

@@ -76,7 +76,10 @@ class RequestHandler:
     identity: Callable[[], ServerIdentity]
     runtimes: Mapping[str, str] = field(factory=dict)
     environ: Mapping[str, str] = field(factory=lambda: dict(os.environ))
-    log = Logger(namespace="stapsrv")
+    log: Logger = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.log = Logger(namespace=self.config.log_namespace, source=self)
 
     def _in_thread(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, function, *args)

@@ -55,6 +55,8 @@ def user_environment(user: pwd.struct_passwd) -> dict[str, str]:
                  "DBUS_SYSTEM_BUS_ADDRESS", "XDG_CACHE_HOME"):
         if name in os.environ and os.geteuid() == user.pw_uid:
             env[name] = os.environ[name]
+    if os.environ.get("STAPSRV_LISTEN"):
+        env["STAPSRV_LISTEN"] = os.environ["STAPSRV_LISTEN"]
     return env
 
 

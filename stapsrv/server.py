@@ -41,8 +41,11 @@ def describe_peer(address: IAddress) -> str:
 class CompileServerProtocol(Protocol):
     """One client connection: read the request, answer, close."""
 
-    log = Logger(namespace="stapsrv")
     factory: CompileServerFactory
+
+    @property
+    def log(self) -> Logger:
+        return self.factory.log
 
     def __init__(self) -> None:
         self._reader: RequestReader | None = None
@@ -170,10 +173,10 @@ class CompileServerFactory(Factory):
 
     protocol = CompileServerProtocol
     noisy = False
-    log = Logger(namespace="stapsrv")
 
     def __init__(self, handler: RequestHandler) -> None:
         self.handler = handler
+        self.log = Logger(namespace=handler.config.log_namespace, source=self)
         self.limit = handler.config.max_threads
         self.gate = DeferredSemaphore(handler.config.concurrency)
         self.active = 0

@@ -21,9 +21,16 @@ NAMESPACE = "stapsrv"
 _log = Logger(namespace=NAMESPACE)
 
 
-def format_line(event: LogEvent) -> str | None:
+def format_line(event: LogEvent, namespaces: frozenset[str] | None = None) -> str | None:
+    """The log line for a stapsrv event, or None for other events.
+
+    With ``namespaces``, only events of those servers (and unattributed
+    stapsrv events) are taken: one process may run several servers.
+    """
     namespace = event.get("log_namespace", "")
     if namespace != NAMESPACE and not namespace.startswith(NAMESPACE + "."):
+        return None
+    if namespaces is not None and namespace != NAMESPACE and namespace not in namespaces:
         return None
     text = formatEvent(event)
     failure = event.get("log_failure")
@@ -37,11 +44,12 @@ def format_line(event: LogEvent) -> str | None:
 class CtimeLogObserver:
     """Writes stapsrv events to a text stream in 4.8's format."""
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str], namespaces: frozenset[str] | None = None) -> None:
         self.stream = stream
+        self.namespaces = namespaces
 
     def __call__(self, event: LogEvent) -> None:
-        line = format_line(event)
+        line = format_line(event, self.namespaces)
         if line is not None:
             self.stream.write(line)
             self.stream.flush()
@@ -50,15 +58,17 @@ class CtimeLogObserver:
 class LogFileService(Service):
     """Appends the server's events to ``--log FILE`` while running."""
 
-    def __init__(self, path: Path, publisher=globalLogPublisher) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, path: Path, publisher=globalLogPublisher,  # type: ignore[no-untyped-def]
+                 namespaces: frozenset[str] | None = None) -> None:
         self.path = path
+        self.namespaces = namespaces
         self._publisher = publisher
         self._stream: IO[str] | None = None
         self._observer: CtimeLogObserver | None = None
 
     def startService(self) -> None:
         self._stream = open(self.path, "a", encoding="utf-8", errors="replace")
-        self._observer = CtimeLogObserver(self._stream)
+        self._observer = CtimeLogObserver(self._stream, self.namespaces)
         self._publisher.addObserver(self._observer)
         super().startService()
 
@@ -78,10 +88,14 @@ class LogFileService(Service):
             old.close()
 
 
-def reopen_on_sighup(service: LogFileService, reactor: object) -> None:
-    """SIGHUP reopens the log (4.8 exits on SIGHUP; logrotate wants a reopen)."""
+def reopen_on_sighup(services: list[LogFileService], reactor: object) -> None:
+    """SIGHUP reopens the logs (4.8 exits on SIGHUP; logrotate wants a reopen)."""
+    def reopen_all() -> None:
+        for service in services:
+            service.reopen()
+
     def handler(signum: int, frame: object) -> None:
-        reactor.callFromThread(service.reopen)  # type: ignore[attr-defined]
+        reactor.callFromThread(reopen_all)  # type: ignore[attr-defined]
     signal.signal(signal.SIGHUP, handler)
 
     def stopService(self) -> None:

@@ -52,9 +52,8 @@ def build_tree(release: str) -> Path:
 class CompileServerService(Service):
     """One listening compile server."""
 
-    log = Logger(namespace="stapsrv")
-
     def __init__(self, config: ServerConfig, reactor: Any = None) -> None:
+        self.log = Logger(namespace=config.log_namespace, source=self)
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor

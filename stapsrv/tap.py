@@ -13,8 +13,11 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
+from stapsrv import settings
 from stapsrv.cmdline import ServerOption
+from stapsrv.conffile import ConfigError, read_global
 from stapsrv.config import (
+    default_listen,
     DEFAULT_MAX_COMPRESSED_REQUEST,
     DEFAULT_MAX_REQUEST_SIZE,
     ServerConfig,
@@ -38,12 +41,10 @@ def _count(name: str, minimum: int, maximum: int | None = None):  # type: ignore
 
 
 def release_of_build_tree(path: str) -> str:
-    """The release a kernel build tree was configured for."""
     try:
-        return (Path(path) / "include" / "config" / "kernel.release").read_text().strip()
-    except OSError as exc:
-        raise usage.UsageError(f"Cannot read the kernel release of build tree {path}: "
-                               f"{exc.strerror}") from None
+        return settings.release_of_build_tree(path)
+    except settings.SettingsError as exc:
+        raise usage.UsageError(str(exc)) from None
 
 
 class Options(usage.Options):
@@ -59,11 +60,14 @@ class Options(usage.Options):
     optParameters = [
         ["port", None, 0, "TCP port to listen on (0 picks a free one).",
          _count("port", 0, 65535)],
-        ["listen", None, "::", "Address to listen on (default :: = every address, "
-         "IPv4 included)."],
+        ["listen", None, default_listen(), "Address to listen on (default: $STAPSRV_LISTEN, "
+         "else :: = every address, IPv4 included)."],
         ["ssl", None, None, "Directory with the server certificate and key "
          "(default $SYSTEMTAP_DIR/ssl/server or ~/.systemtap/ssl/server)."],
         ["log", None, None, "Append the server log to this file (default: standard error)."],
+        ["config", None, None, "Run every server of this stap-server global configuration "
+         "file (its CONFIG_PATH/*.conf) in this process; the other server options are "
+         "then not used."],
         ["max-threads", None, None, "Requests processed at once (default: number of "
          "CPUs; 0 = one at a time).", _count("max-threads", 0)],
         ["max-request-size", None, DEFAULT_MAX_REQUEST_SIZE,
@@ -153,13 +157,43 @@ class Options(usage.Options):
         )
 
 
+def _reopen_on_sighup(logs: list[LogFileService]) -> None:
+    from twisted.internet import reactor
+    reactor.callWhenRunning(reopen_on_sighup, logs, reactor)
+
+
+def _configured_service(options: Options) -> IService:
+    try:
+        global_config = read_global([Path(options["config"])], dict(os.environ))
+        servers = [settings.server_config(server, global_config, f"stapsrv.{name}",
+                                          bool(options["keep"]))
+                   for name, server in settings.configured_servers(global_config)]
+    except (ConfigError, settings.SettingsError) as exc:
+        raise usage.UsageError(str(exc)) from None
+    top = MultiService()
+    by_log: dict[Path, set[str]] = {}
+    for config in servers:
+        assert config.log_file is not None
+        by_log.setdefault(config.log_file, set()).add(config.log_namespace)
+    logs = []
+    for path, namespaces in by_log.items():
+        log_service = LogFileService(path, namespaces=frozenset(namespaces))
+        log_service.setServiceParent(top)
+        logs.append(log_service)
+    _reopen_on_sighup(logs)
+    for config in servers:
+        CompileServerService(config).setServiceParent(top)
+    return top
+
+
 def makeService(options: Options) -> IService:
+    if options["config"]:
+        return _configured_service(options)
     config = options.to_config()
     top = MultiService()
     if config.log_file is not None:
         log_service = LogFileService(config.log_file)
         log_service.setServiceParent(top)
-        from twisted.internet import reactor
-        reactor.callWhenRunning(reopen_on_sighup, log_service, reactor)
+        _reopen_on_sighup([log_service])
     CompileServerService(config).setServiceParent(top)
     return top

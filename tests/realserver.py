@@ -213,7 +213,8 @@ def server_environment(base: Path, name: str) -> dict[str, str]:
            "USER": user.pw_name, "LANG": "C.UTF-8",
            "TMPDIR": str(owned_directory(base / "tmp")),
            "SYSTEMTAP_DIR": str(owned_directory(STATE / f"{name}-systemtap")),
-           "XDG_CACHE_HOME": str(owned_directory(STATE / "cache"))}
+           "XDG_CACHE_HOME": str(owned_directory(STATE / "cache")),
+           "STAPSRV_LISTEN": "127.0.0.1"}
     return env
 
 

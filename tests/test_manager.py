@@ -88,7 +88,7 @@ class Sandbox:
     def run(self, action: str, *arguments: str, env: dict[str, str] | None = None
             ) -> tuple[str, str, int]:
         environment = {"PATH": os.environ["PATH"], "STAP_USER": test_user().pw_name,
-                       "LANG": "C.UTF-8"}
+                       "LANG": "C.UTF-8", "STAPSRV_LISTEN": "127.0.0.1"}
         environment.update(env or {})
         result = subprocess.run([MANAGER, action, "-c", str(self.global_file), *arguments],
                                 capture_output=True, text=True, env=environment, timeout=180,

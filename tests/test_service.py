@@ -252,3 +252,37 @@ async def run_p2_sample(client: Client, server: ServerProcess, release: str):  #
     return await client.stap(
         f"--use-server={server.spec}", "-r", release, "-p2", "-I", str(tapsets),
         "-D", "FOO=1", str(project / "hello.stp"), "world")
+
+
+class ConfigModeTests(RealClientMixin, TestCase):
+    async def test_two_configured_servers_in_one_process(self) -> None:
+        from tests.realserver import owned_directory, server_environment, _PORT_LINE
+
+        base = scratch_directory("config-mode-")
+        self.addCleanup(remove_tree, base)
+        conf = owned_directory(base / "conf.d")
+        for name in ("one", "two"):
+            (conf / f"{name}.conf").write_text(
+                f"NICKNAME={name}\nRELEASE={self.release}\nSSL={base / name}-ssl\n"
+                f"LOG={base / name}.log\n")
+        global_file = base / "global"
+        global_file.write_text(f"CONFIG_PATH={conf}\nLOG_FILE={base / 'main.log'}\n")
+        argv = [venv_bin("twistd"), "--nodaemon", "--pidfile=", f"--logfile={base / 'twistd.log'}",
+                "stap-server", "--config", str(global_file)]
+        server = ServerProcess("stapsrv --config", argv, server_environment(base, "stapsrv"),
+                               base, base / "one.log")
+        self.addCleanup(server.stop)
+        server.wait_for_port()
+        second = ServerProcess.__new__(ServerProcess)
+        second.log_path, second.name, second.process = base / "two.log", "two", server.process
+        second.base = base
+        second.output_path = server.output_path
+        second.wait_for_port()
+        self.assertNotEqual(server.port, second.port)
+        self.assertEqual(len(_PORT_LINE.findall(server.log())), 1, "each log has its own lines")
+        client = await self.trusted_client(second)
+        out, err, code = await client.stap(f"--use-server={second.spec}", "-r", self.release,
+                                           "-p4", "-e", HELLO)
+        self.assertEqual(code, 0, err.decode())
+        self.assertIn("Accepted connection", second.log())
+        self.assertNotIn("Accepted connection", server.log())

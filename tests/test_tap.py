@@ -16,6 +16,9 @@ from stapsrv.service import CompileServerService
 class OptionsTests(TestCase):
     def setUp(self) -> None:
         self.patch(os, "geteuid", lambda: 1000)
+        self.patch(tap.Options, "optParameters", [
+            [name, short, "::" if name == "listen" else default, *rest]
+            for name, short, default, *rest in tap.Options.optParameters])
 
     def parse(self, *argv: str) -> ServerConfig:
         options = tap.Options()
@@ -72,3 +75,54 @@ class OptionsTests(TestCase):
         self.assertIsInstance(children[0], LogFileService)
         self.assertIsInstance(children[1], CompileServerService)
         self.assertFalse(top.running)
+
+
+class ConfigFileTests(TestCase):
+    def setUp(self) -> None:
+        self.patch(os, "geteuid", lambda: 1000)
+        self.base = Path(self.mktemp()).absolute()
+        (self.base / "conf.d").mkdir(parents=True)
+        self.global_file = self.base / "global"
+        self.global_file.write_text(f"CONFIG_PATH={self.base / 'conf.d'}\n"
+                                    f"LOG_FILE={self.base / 'log'}\n")
+
+    def services(self) -> list[object]:
+        options = tap.Options()
+        options.parseOptions(["--config", str(self.global_file)])
+        return list(tap.makeService(options))
+
+    def test_every_configured_server_with_its_own_log(self) -> None:
+        (self.base / "conf.d" / "a.conf").write_text(
+            "NICKNAME=alpha\nPORT=4000\nINCLUDE=/t\nDEFINE+=X=1\nMAXTHREADS=0\n")
+        (self.base / "conf.d" / "b.conf").write_text(f"LOG={self.base / 'b.log'}\nRELEASE=r9\n")
+        logs = [s for s in self.services() if isinstance(s, LogFileService)]
+        servers = [s for s in self.services() if isinstance(s, CompileServerService)]
+        self.assertEqual({(l.path, l.namespaces) for l in logs}, {
+            (self.base / "log", frozenset({"stapsrv.alpha"})),
+            (self.base / "b.log", frozenset({"stapsrv.b"}))})
+        alpha, b = (s.config for s in servers)
+        self.assertEqual((alpha.port, alpha.max_threads, alpha.server_options),
+                         (4000, 0, (ServerOption("-I", "/t"), ServerOption("-D", "X=1"))))
+        self.assertEqual(b.releases, (os.uname().release, "r9"))
+
+    def test_no_configured_server_means_the_default_one(self) -> None:
+        [log, server] = self.services()
+        self.assertEqual(server.config.releases, (os.uname().release,))
+        self.assertEqual(log.path, self.base / "log")
+
+    def test_bad_values_are_usage_errors(self) -> None:
+        (self.base / "conf.d" / "a.conf").write_text("PORT=http\n")
+        self.assertRaises(usage.UsageError, self.services)
+        (self.base / "conf.d" / "a.conf").write_text("BOGUS=1\n")
+        self.assertRaises(usage.UsageError, self.services)
+
+
+class RoutingTests(TestCase):
+    def test_each_log_gets_its_servers_lines(self) -> None:
+        from stapsrv.serverlog import format_line
+        event = {"log_namespace": "stapsrv.alpha", "log_format": "hello", "log_time": 0}
+        self.assertIsNotNone(format_line(event, frozenset({"stapsrv.alpha"})))
+        self.assertIsNone(format_line(event, frozenset({"stapsrv.b"})))
+        shared = dict(event, log_namespace="stapsrv")
+        self.assertIsNotNone(format_line(shared, frozenset({"stapsrv.b"})))
+        self.assertIsNone(format_line(dict(event, log_namespace="twisted"), None))

@@ -1,0 +1,93 @@
+"""From ``stap-server`` configuration files to running servers' settings.
+
+``twistd stap-server --config FILE`` runs, in one process, every server
+that the global file's ``CONFIG_PATH/*.conf`` describes (or the one default
+server when there are none), the way ``stap-server start`` would start
+them as separate processes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from stapsrv.cmdline import ServerOption
+from stapsrv.conffile import GlobalConfig, ServerSettings, read_server_file
+from stapsrv.config import DEFAULT_MAX_COMPRESSED_REQUEST, DEFAULT_MAX_REQUEST_SIZE, ServerConfig
+from stapsrv.trust import default_server_ssl_dir
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def release_of_build_tree(path: str) -> str:
+    """The release a kernel build tree was configured for."""
+    try:
+        return (Path(path) / "include" / "config" / "kernel.release").read_text().strip()
+    except OSError as exc:
+        raise SettingsError(f"Cannot read the kernel release of build tree {path}: "
+                            f"{exc.strerror}") from None
+
+
+def _number(text: str, name: str, default: int | None, minimum: int) -> int | None:
+    if not text:
+        return default
+    if not re.fullmatch(r"\d+", text) or int(text) < minimum:
+        raise SettingsError(f"{name}={text} is not a whole number of at least {minimum}")
+    return int(text)
+
+
+def server_config(settings: ServerSettings, global_config: GlobalConfig,
+                  log_namespace: str = "stapsrv", keep: bool = False) -> ServerConfig:
+    running = os.uname().release
+    releases = [running]
+    for release in settings.releases:
+        name = release_of_build_tree(release) if release.startswith("/") else release
+        if name not in releases:
+            releases.append(name)
+    options = [ServerOption("-a", settings.arch)] if settings.arch else []
+    options += [ServerOption("-I", value) for value in settings.includes]
+    options += [ServerOption("-D", value) for value in settings.defines]
+    options += [ServerOption("-B", value) for value in settings.builds]
+    if settings.runtime:
+        options.append(ServerOption("-R", settings.runtime))
+    port = _number(settings.port, "PORT", 0, 0)
+    if port is not None and port > 65535:
+        raise SettingsError(f"PORT={settings.port} is not a port number")
+    extra = {}
+    threads = _number(settings.max_threads, "MAXTHREADS", None, 0)
+    if threads is not None:
+        extra["max_threads"] = threads
+    return ServerConfig(
+        releases=tuple(releases),
+        ssl_dir=Path(settings.ssl) if settings.ssl else default_server_ssl_dir(),
+        server_options=tuple(options),
+        arch=settings.arch or None,
+        runtime=settings.runtime or None,
+        port=port or 0,
+        log_file=Path(settings.log or global_config.log_file),
+        max_request_size=_number(settings.max_request_size, "MAXREQSIZE",
+                                 DEFAULT_MAX_REQUEST_SIZE, 1) or DEFAULT_MAX_REQUEST_SIZE,
+        max_compressed_request=_number(settings.max_compressed_request, "MAXCOMPRESSEDREQ",
+                                       DEFAULT_MAX_COMPRESSED_REQUEST, 1)
+        or DEFAULT_MAX_COMPRESSED_REQUEST,
+        keep_temporary=keep,
+        log_namespace=log_namespace,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def configured_servers(global_config: GlobalConfig) -> list[tuple[str, ServerSettings]]:
+    """(name, settings) of every ``*.conf`` in name order, or the default server."""
+    try:
+        paths = sorted(p for p in global_config.config_path.glob("*.conf") if p.is_file())
+    except OSError:
+        paths = []
+    servers = []
+    for index, path in enumerate(paths):
+        settings = read_server_file(path)
+        name = settings.nickname or path.stem or str(index)
+        servers.append((name, settings))
+    return servers or [("default", ServerSettings())]
