@@ -105,3 +105,12 @@ class StatusTests(TestCase):
 
     def test_line_breaks_are_refused(self) -> None:
         self.assertRaises(ValueError, render_status, ServerSettings(nickname="a\nPORT=1"))
+
+
+class ShippedExamplesTests(TestCase):
+    def test_config_directory_examples_parse(self) -> None:
+        root = Path(__file__).resolve().parent.parent / "config"
+        config = read_global([root / "stap-server.global"], {})
+        self.assertEqual(config, GlobalConfig(stap_user="stap-server"))
+        settings = read_server_file(root / "conf.d" / "native.conf.example")
+        self.assertEqual(settings, ServerSettings(nickname="native"))
