@@ -193,6 +193,28 @@ class ManagerTests(TestCase):
         self.assertEqual(self.sandbox.run("condrestart")[2], 0)
         self.assertEqual(self.sandbox.pids(), [])
 
+    def test_stop_and_restart_of_a_dead_server(self) -> None:
+        ssl = str(self.sandbox.ssl)
+        self.sandbox.run("start", "-n", "gone", "--ssl", ssl)
+        [pid] = self.sandbox.pids()
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.3)
+        out, err, code = self.sandbox.run("restart")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith('Stopping stap-server') and '-n "gone"' in out, out)
+        [new_pid] = self.sandbox.pids()
+        self.assertNotEqual(new_pid, pid)
+        self.assertIn('-n "gone"', self.sandbox.run("status")[0])
+        os.kill(new_pid, signal.SIGKILL)
+        time.sleep(0.3)
+        out, err, code = self.sandbox.run("stop")
+        self.assertEqual((code, out.splitlines()[-1]), (0, "OK"))
+        self.assertEqual(self.sandbox.pids(), [])
+        # stopping a server that does not run succeeds
+        out, err, code = self.sandbox.run("stop", "-r", "1.2.3-none")
+        self.assertEqual((out.splitlines()[-1], code), ("OK", 0))
+        self.assertIn('-r "1.2.3-none"', out)
+
     def test_several_servers_with_positional_port_and_log(self) -> None:
         other_log = self.sandbox.base / "log" / "b.log"
         ssl = str(self.sandbox.ssl)
