@@ -314,6 +314,11 @@ class Manager:
             self.log(f"Error: Failed to make stat directory ({self.config.stat_path})")
             self.err.write(f"Cannot create {self.config.stat_path}: {exc.strerror}\n")
             return 1
+        if not os.access(self.config.stat_path, os.W_OK | os.X_OK):
+            self.say("FAILED")
+            self.err.write(f"stap-server: cannot write status files in {self.config.stat_path} "
+                           f"(STAT_PATH): permission denied\n")
+            return 1
         rc = 0
         for index, settings in enumerate(servers):
             if index:

@@ -271,6 +271,20 @@ class ManagerTests(TestCase):
         self.assertIn("servers never run as root", err)
         self.assertEqual(self.sandbox.pids(), [])
 
+    def test_unwritable_status_directory(self) -> None:
+        run = self.sandbox.base / "run"
+        run.mkdir(exist_ok=True)
+        os.chown(run, 0, 0)
+        run.chmod(0o755)
+        result = subprocess.run(
+            ["setpriv", f"--reuid={test_user().pw_uid}", f"--regid={test_user().pw_gid}",
+             "--init-groups", MANAGER, "start", "-c", str(self.sandbox.global_file)],
+            capture_output=True, text=True, cwd="/", timeout=60,
+            env={"PATH": os.environ["PATH"], "STAPSRV_LISTEN": "127.0.0.1"})
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(f"cannot write status files in {run} (STAT_PATH)", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
     def test_busy_port_is_a_failed_start(self) -> None:
         self.sandbox.run("start", "--ssl", str(self.sandbox.ssl))
         port = re.search(r"Using network address \[[^\]]*\]:(\d+)",
