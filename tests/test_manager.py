@@ -258,6 +258,44 @@ class ManagerTests(TestCase):
         self.assertEqual(self.sandbox.run("stop", "-n", "native")[2], 0)
         self.assertEqual(self.sandbox.pids(), [])
 
+    def test_every_option_reaches_the_server(self) -> None:
+        runtime = owned_directory(self.sandbox.base / "runtime")
+        out, err, code = self.sandbox.run(
+            "start", "-a", "x86_64", "-r", "6.1.0-56-amd64", "-I", "/opt/taps", "-D", "A=1",
+            "-B", "V=1", "-R", str(runtime), "-k", "--ssl", str(self.sandbox.ssl),
+            "--max-threads", "3", "--max-request-size", "60000",
+            "--max-compressed-request", "6000", "--port", "0")
+        self.assertEqual(code, 0, err)
+        self.assertIn(f'-a "x86_64" -r "6.1.0-56-amd64" -R "{runtime}" -D "A=1" -I "/opt/taps" '
+                      f'-B "V=1" -u "{self.user}" --log "{self.sandbox.log}" --port "0" '
+                      f'--ssl "{self.sandbox.ssl}" --max-threads "3" --max-request-size "60000" '
+                      '--max-compressed-request "6000"', out)
+        [pid] = self.sandbox.pids()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        for word in (b"-I", b"/opt/taps", b"-D", b"A=1", b"-B", b"V=1", b"-R", b"-k",
+                     b"--max-threads", b"3", b"--max-request-size", b"60000",
+                     b"--max-compressed-request", b"6000"):
+            self.assertIn(word, argv)
+        self.assertIn("Using a maximum of 3 threads", self.sandbox.log.read_text())
+        # try-restart restarts a running server and keeps its options.
+        out, err, code = self.sandbox.run("try-restart")
+        self.assertEqual(code, 0, err)
+        [new_pid] = self.sandbox.pids()
+        self.assertNotEqual(new_pid, pid)
+        self.assertIn(b"60000", Path(f"/proc/{new_pid}/cmdline").read_bytes())
+
+    def test_start_replaces_a_dead_server(self) -> None:
+        ssl = str(self.sandbox.ssl)
+        self.sandbox.run("start", "--ssl", ssl)
+        [pid] = self.sandbox.pids()
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.3)
+        out, err, code = self.sandbox.run("start", "--ssl", ssl)
+        self.assertEqual(code, 0, err)
+        [new_pid] = self.sandbox.pids()
+        self.assertNotEqual(new_pid, pid)
+        self.assertIn(f"running as PID {new_pid}", self.sandbox.run("status")[0])
+
     def test_i_serves_every_installed_kernel(self) -> None:
         out, err, code = self.sandbox.run("start", "-i", "--ssl", str(self.sandbox.ssl))
         self.assertEqual(code, 0, err)
