@@ -378,3 +378,31 @@ class ManagerTests(TestCase):
         self.assertIn("Waiting for 1 outstanding requests to complete...",
                       self.sandbox.log.read_text())
         self.assertEqual(self.sandbox.pids(), [])
+
+
+class UserRuleTests(TestCase):
+    def launch_as(self, user: str) -> str:
+        from stapsrv.conffile import GlobalConfig
+        from stapsrv.launch import LaunchFailed
+        from stapsrv.manager import Manager
+        from stapsrv.managerargs import Invocation
+
+        manager = Manager(Invocation("start"), GlobalConfig())
+        with self.assertRaises(LaunchFailed) as caught:
+            manager._launch(ServerSettings(user=user, log="/nonexistent/dir/log"))
+        return str(caught.exception)
+
+    def test_group_membership_is_required_when_the_group_exists(self) -> None:
+        import grp
+
+        me = test_user()
+        self.patch(os, "geteuid", lambda: me.pw_uid)
+        group = grp.struct_group(("stap-server", "x", 4242, []))
+        self.patch(grp, "getgrnam", lambda name: group)
+        self.assertEqual(self.launch_as(me.pw_name),
+                         f"user {me.pw_name} is not in group stap-server")
+
+    def test_unknown_user_and_root(self) -> None:
+        self.assertEqual(self.launch_as("no-such-user-here"), "there is no user 'no-such-user-here'")
+        self.patch(os, "environ", {})
+        self.assertIn("servers never run as root", self.launch_as("root"))
