@@ -18,7 +18,7 @@ class ManualPageTests(TestCase):
         pages = sorted(DOC.rglob("*.8"))
         self.assertTrue(pages)
         for page in pages:
-            result = subprocess.run(["groff", "-ww", "-man", "-Tutf8", str(page)],
+            result = subprocess.run(["groff", "-k", "-ww", "-man", "-Tutf8", str(page)],
                                     capture_output=True, text=True)
             self.assertEqual((result.returncode, result.stderr), (0, ""), page)
             self.assertIn("stap-server", result.stdout)
