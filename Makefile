@@ -10,15 +10,19 @@ PORT ?= 0
 APT_PACKAGES := systemtap systemtap-client systemtap-server libnss3-tools \
 	dbus-daemon avahi-daemon avahi-utils python3-venv zip unzip util-linux passwd groff-base man-db
 
-.PHONY: setup system-packages server-user venv serve test clean
+.PHONY: setup system-packages server-user venv serve test clean install-system uninstall-system
 
 setup: system-packages server-user venv
 
 system-packages:
 	@bash tools/install-system-packages.sh $(APT_PACKAGES)
 
+# The test/serve user belongs to group stap-server, as every server user must
+# once that group exists (make install-system creates it for the system).
 server-user:
+	@getent group stap-server >/dev/null || groupadd --system stap-server
 	@id -u $(SERVER_USER) >/dev/null 2>&1 || useradd --create-home --shell /usr/sbin/nologin $(SERVER_USER)
+	@id -nG $(SERVER_USER) | grep -qw stap-server || usermod -aG stap-server $(SERVER_USER)
 
 venv:
 	@bash tools/make-venv.sh $(PYTHON) $(VENV) $(SERVER_USER)
@@ -28,6 +32,12 @@ serve: setup
 
 test: setup
 	@STAPSRV_TEST_USER=$(SERVER_USER) $(VENV)/bin/python tests/run.py $(TESTS)
+
+install-system: system-packages
+	@bash tools/install-system.sh install
+
+uninstall-system:
+	@bash tools/install-system.sh uninstall $(if $(PURGE),--purge)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp
