@@ -18,7 +18,8 @@ INSTALLED = ["/usr/lib/stapsrv", "/usr/local/bin/stap-server", "/etc/default/sta
              "/etc/stap-server", "/run/stap-server", "/var/log/stap-server",
              "/usr/lib/tmpfiles.d/stap-server.conf", "/etc/systemd/system/stap-server.service",
              "/etc/logrotate.d/stap-server", "/usr/local/share/man/man8/stap-server.8",
-             "/usr/local/share/man/cs/man8/stap-server.8", "/var/lib/stap-server"]
+             "/usr/local/share/man/cs/man8/stap-server.8", "/var/lib/stap-server",
+             "/etc/systemtap/ssl/client", "/etc/systemtap/staprun"]
 
 
 def listing() -> list[str]:
@@ -71,9 +72,14 @@ class InstallSystemTests(TestCase):
         self.assertEqual(pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name, "stap-server")
         port = re.findall(r"Using network address \[127\.0\.0\.1\]:(\d+)",
                           Path("/var/log/stap-server/log").read_text())[-1]
+        # Root's clients trust an installed server system-wide: no --trust-servers,
+        # no per-user database.
+        for database in ("/etc/systemtap/ssl/client", "/etc/systemtap/staprun"):
+            listed = subprocess.run(["certutil", "-L", "-d", f"sql:{database}"],
+                                    capture_output=True, text=True)
+            self.assertRegex(listed.stdout, r"stap-server\s+P,P,P", database)
         client = Client(scratch_directory("install-client-"))
         self.addCleanup(remove_tree, client.dir)
-        await client.trust(f"127.0.0.1:{port}")
         out, err, code = await client.stap(f"--use-server=127.0.0.1:{port}", "-r", release,
                                            "-p4", "-e", 'probe begin { println("sys"); exit() }')
         self.assertEqual(code, 0, err.decode())

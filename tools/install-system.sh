@@ -82,6 +82,15 @@ install_all() {
     file /tmp/stapsrv-unit.$$ /etc/systemd/system/stap-server.service 644
     rm -f /tmp/stapsrv-unit.$$
     file config/stap-server.logrotate /etc/logrotate.d/stap-server 644
+    # System-wide trust: local clients trust the server, staprun its signatures.
+    local ssl="$HOME_DIR/.systemtap/ssl/server"
+    setpriv --reuid="$USER_NAME" --regid="$USER_NAME" --init-groups env -i HOME="$HOME_DIR" \
+        PATH=/usr/bin:/bin LANG=C.UTF-8 "$PREFIX/bin/python" -m stapsrv.systemtrust identity "$ssl" >/dev/null
+    for database in /etc/systemtap/ssl/client /etc/systemtap/staprun; do
+        [ -e "$database/cert9.db" ] || remember "trust-database $database"
+    done
+    "$PREFIX/bin/python" -m stapsrv.systemtrust trust "$ssl/stap.cert" \
+        /etc/systemtap/ssl/client /etc/systemtap/staprun >/dev/null
     file doc/stap-server.8 /usr/local/share/man/man8/stap-server.8 644
     file doc/cs/stap-server.8 /usr/local/share/man/cs/man8/stap-server.8 644
 }
@@ -91,6 +100,12 @@ uninstall_all() {
     if [ -x /usr/local/bin/stap-server ]; then
         /usr/local/bin/stap-server stop >/dev/null 2>&1 || true
     fi
+    # Trust databases the install created go; existing ones are left alone.
+    sed -n 's/^trust-database //p' "$MANIFEST" 2>/dev/null | while read -r database; do
+        rm -f "$database/cert9.db" "$database/key4.db" "$database/pkcs11.txt"
+        rmdir "$database" 2>/dev/null || true
+        sed -i "\|^trust-database $database\$|d" "$MANIFEST"
+    done
     rm -f /usr/local/bin/stap-server /etc/systemd/system/stap-server.service \
         /etc/logrotate.d/stap-server /usr/lib/tmpfiles.d/stap-server.conf \
         /usr/local/share/man/man8/stap-server.8 /usr/local/share/man/cs/man8/stap-server.8 \
