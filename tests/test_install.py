@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -52,6 +53,11 @@ class InstallSystemTests(TestCase):
         self.assertIn("/var/log/stap-server d 755 stap-server stap-server", before)
         self.assertIn("/run/stap-server d 755 stap-server stap-server", before)
         self.assertIn("/var/lib/stap-server d 750 stap-server stap-server", before)
+        if shutil.which("systemd-analyze"):
+            verified = subprocess.run(
+                ["systemd-analyze", "verify", "/etc/systemd/system/stap-server.service"],
+                capture_output=True, text=True)
+            self.assertEqual((verified.returncode, verified.stderr), (0, ""))
         second = make("install-system")
         self.assertEqual(second.returncode, 0, second.stderr)
         self.assertEqual(listing(), before, "a second install changes nothing")
