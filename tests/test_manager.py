@@ -83,7 +83,8 @@ class Sandbox:
         self.log = self.base / "log" / "log"
         self.global_file = self.base / "global"
         self.global_file.write_text(f"CONFIG_PATH={self.base / 'conf.d'}\n"
-                                    f"STAT_PATH={self.base / 'run'}\nLOG_FILE={self.log}\n")
+                                    f"STAT_PATH={self.base / 'run'}\nLOG_FILE={self.log}\n"
+                                    f"STAP_USER={test_user().pw_name}\n")
 
     def run(self, action: str, *arguments: str, env: dict[str, str] | None = None
             ) -> tuple[str, str, int]:
