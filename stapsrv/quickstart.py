@@ -17,6 +17,7 @@ from twisted.application.service import MultiService
 from twisted.logger import globalLogBeginner
 
 from stapsrv.config import ServerConfig
+from stapsrv.publish import publisher_service
 from stapsrv.serverlog import CtimeLogObserver
 from stapsrv.service import RootRefused, CompileServerService, refuse_root
 from stapsrv.trust import default_server_ssl_dir
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     top = MultiService()
     server = CompileServerService(config, reactor)
     server.setServiceParent(top)
+    publisher_service(server, enabled=True).setServiceParent(top)
 
     def start() -> None:
         try:

@@ -22,6 +22,7 @@ from stapsrv.config import (
     DEFAULT_MAX_REQUEST_SIZE,
     ServerConfig,
 )
+from stapsrv.publish import publisher_service
 from stapsrv.serverlog import LogFileService, reopen_on_sighup
 from stapsrv.service import ROOT_OVERRIDE, ROOT_REFUSAL, CompileServerService
 from stapsrv.trust import default_server_ssl_dir
@@ -77,6 +78,7 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["keep", "k", "Keep each request's temporary directory."],
+        ["no-avahi", None, "Do not advertise the server over Avahi (mDNS)."],
     ]
 
     def __init__(self) -> None:
@@ -182,8 +184,16 @@ def _configured_service(options: Options) -> IService:
         logs.append(log_service)
     _reopen_on_sighup(logs)
     for config in servers:
-        CompileServerService(config).setServiceParent(top)
+        _add_server(top, config, publish=not options["no-avahi"])
     return top
+
+
+def _add_server(top: MultiService, config: ServerConfig, publish: bool) -> None:
+    """The server, then its publisher: started after the listener (so the
+    port is known) and stopped before it."""
+    server = CompileServerService(config)
+    server.setServiceParent(top)
+    publisher_service(server, enabled=publish).setServiceParent(top)
 
 
 def makeService(options: Options) -> IService:
@@ -195,5 +205,5 @@ def makeService(options: Options) -> IService:
         log_service = LogFileService(config.log_file)
         log_service.setServiceParent(top)
         _reopen_on_sighup([log_service])
-    CompileServerService(config).setServiceParent(top)
+    _add_server(top, config, publish=not options["no-avahi"])
     return top

@@ -9,6 +9,7 @@ from twisted.trial.unittest import TestCase
 from stapsrv import tap
 from stapsrv.cmdline import ServerOption
 from stapsrv.config import ServerConfig
+from stapsrv.publish import PublisherService
 from stapsrv.serverlog import LogFileService
 from stapsrv.service import CompileServerService
 
@@ -106,7 +107,8 @@ class ConfigFileTests(TestCase):
         self.assertEqual(b.releases, (os.uname().release, "r9"))
 
     def test_no_configured_server_means_the_default_one(self) -> None:
-        [log, server] = self.services()
+        [log, server, publisher] = self.services()
+        self.assertIsInstance(publisher, PublisherService)
         self.assertEqual(server.config.releases, (os.uname().release,))
         self.assertEqual(log.path, self.base / "log")
 
