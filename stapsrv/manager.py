@@ -134,6 +134,12 @@ def daemon_arguments(settings: ServerSettings, keep: bool) -> list[str]:
     return args
 
 
+#: Distributed options and the server settings they set.
+_DISTRIBUTED_FIELDS = {"log": "log", "port": "port", "ssl": "ssl", "max-threads": "max_threads",
+                       "max-request-size": "max_request_size",
+                       "max-compressed-request": "max_compressed_request"}
+
+
 class Fatal(Exception):
     """Ends the whole command: message on stderr, then this exit code."""
 
@@ -198,11 +204,8 @@ class Manager:
     def targets(self) -> list[Target]:
         targets = [self._target(words) for words in self.invocation.specs]
         distributed = self.invocation.distributed
-        fields = {"log": "log", "port": "port", "ssl": "ssl", "max-threads": "max_threads",
-                  "max-request-size": "max_request_size",
-                  "max-compressed-request": "max_compressed_request"}
         for index, target in enumerate(targets):
-            changes = {fields[name]: values[index] for name, values in distributed.items()
+            changes = {_DISTRIBUTED_FIELDS[name]: values[index] for name, values in distributed.items()
                        if index < len(values)}
             if changes:
                 target.settings = evolve(target.settings, **changes)
@@ -211,10 +214,7 @@ class Manager:
     def default_server(self) -> ServerSettings:
         settings = self.base()
         distributed = self.invocation.distributed
-        fields = {"log": "log", "port": "port", "ssl": "ssl", "max-threads": "max_threads",
-                  "max-request-size": "max_request_size",
-                  "max-compressed-request": "max_compressed_request"}
-        changes = {fields[name]: values[0] for name, values in distributed.items() if values}
+        changes = {_DISTRIBUTED_FIELDS[name]: values[0] for name, values in distributed.items() if values}
         return evolve(settings, **changes)
 
     def _target(self, words: SpecWords) -> Target:
