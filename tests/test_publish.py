@@ -479,6 +479,14 @@ class AvahiIntegrationTests(TestCase):
         serial = server_serial(server)
         self.assertIn(f' address=127.0.0.1 port={server.port} sysinfo="{self.release} x86_64"'
                       f' version=4.8 certinfo="{serial}"', err.decode())
+        # The default selection: online, trusted and compatible with -r REL.
+        out, err, code = await client.stap("--list-servers=online,trusted,compatible",
+                                           "-r", self.release, env=env)
+        ours = [line for line in err.decode().splitlines()
+                if line.startswith(" host=") and f"port={server.port} " in line]
+        self.assertEqual(len(ours), 1, err.decode())
+        self.assertIn(f'sysinfo="{self.release} x86_64" version=4.8 certinfo="{serial}"',
+                      ours[0])
         out, err, code = await client.stap("--use-server", "-r", self.release, "-p4",
                                            "-e", HELLO, env=env)
         self.assertEqual(code, 0, err.decode())
