@@ -57,6 +57,8 @@ class ServerConfig:
     #: Events of this server carry this namespace, so that a process running
     #: several servers can route each one's lines to its own log file.
     log_namespace: str = "stapsrv"
+    #: The MOK store (None: ``moks/`` beside the default certificate directory).
+    mok_store: Path | None = None
 
     @property
     def concurrency(self) -> int:

@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from stapsrv import PROTOCOL_VERSION
+from stapsrv import PROTOCOL_VERSION, mok
 from stapsrv.archive import RequestRejected, build_response, extract_request, refusal_archive
 from stapsrv.certs import ServerIdentity
 from stapsrv.cmdline import Privilege, ServerOption, requested_privilege, translator_argv
@@ -133,12 +133,19 @@ class RequestHandler:
 
         env = dict(self.environ)
         env["TMPDIR"] = str(scratch)
+        client_moks: tuple[str, ...] = ()
         if version_key(client_version) >= version_key(LOCALE_PROTOCOL):
             locale = read_locale(request_dir)
             env.update(locale.variables)
-            if locale.complaints:
+            complaints = list(locale.complaints)
+            mok_file = request_dir / "mok_fingerprints"
+            if mok_file.is_file():
+                parsed = mok.parse_client_fingerprints(mok_file.read_bytes())
+                client_moks = parsed.fingerprints
+                complaints += parsed.complaints
+            if complaints:
                 with open(response_dir / "stderr", "a", encoding="utf-8") as stderr:
-                    stderr.write("".join(line + "\n" for line in locale.complaints))
+                    stderr.write("".join(line + "\n" for line in complaints))
 
         module_dir = response_dir / MODULE_DIR
         module_dir.mkdir(mode=0o700)
@@ -167,7 +174,7 @@ class RequestHandler:
                           value=privilege.invalid_value)
         await self._in_thread(
             self._finish, response_dir, module_dir, status, privilege.privilege,
-            client_version)
+            client_version, release, client_moks)
 
     def _server_options(self, release: str) -> list[ServerOption]:
         options = list(self.config.server_options)
@@ -186,10 +193,16 @@ class RequestHandler:
             stderr.write(message + "\n")
 
     def _finish(self, response_dir: Path, module_dir: Path, status: int,
-                privilege: Privilege, client_version: str) -> None:
+                privilege: Privilege, client_version: str, release: str = "",
+                client_moks: tuple[str, ...] = ()) -> None:
         """Blocking tail of a request: signatures, ``rc``, path filtering."""
-        if status == 0 and privilege in (Privilege.STAPUSR, Privilege.STAPSYS):
-            self._sign_module(module_dir)
+        unprivileged = privilege in (Privilege.STAPUSR, Privilege.STAPSYS)
+        if status == 0 and (unprivileged or client_moks):
+            module = self._single_module(module_dir)
+            if module is not None and unprivileged:
+                self._sign(module)
+            if module is not None and client_moks:
+                status = self._mok_sign(module, release, client_moks, response_dir)
         uprobes = module_dir / "uprobes" / "uprobes.ko"
         if uprobes.is_file() and uprobes.stat().st_size > 0:
             if privilege != Privilege.STAPDEV:
@@ -201,7 +214,7 @@ class RequestHandler:
         for name in ("stdout", "stderr"):
             _replace_in_file(response_dir / name, replacements, "<server>")
 
-    def _sign_module(self, module_dir: Path) -> None:
+    def _single_module(self, module_dir: Path) -> Path | None:
         modules = sorted(module_dir.glob("*.ko"))
         if not modules:
             self.log.info("Unable to find a module in {directory}", directory=module_dir)
@@ -209,7 +222,35 @@ class RequestHandler:
             self.log.info("Too many modules ({count}) in {directory}",
                           count=len(modules), directory=module_dir)
         else:
-            self._sign(modules[0])
+            return modules[0]
+        return None
+
+    def _mok_sign(self, module: Path, release: str, client_moks: tuple[str, ...],
+                  response_dir: Path) -> int:
+        """Sign with a MOK the client has enrolled, or (as 4.8) send it one
+        of ours to enroll and fail the request.  Returns the new ``rc``."""
+        store = self.config.mok_store or mok.default_store(dict(self.environ))
+        ours = mok.server_moks(store)
+        common = next((name for name in client_moks if name in ours), None)
+        messages = []
+        status = 0
+        if common is not None:
+            problem = mok.sign_module(Path("/lib/modules") / release / "build",
+                                      store / common, module)
+            if problem is not None:
+                messages.append(problem)
+                status = 1
+        else:
+            messages.append(mok.NO_MATCH)
+            offered = ours[0] if ours else mok.generate(store)
+            shutil.copyfile(store / offered / mok.CERTIFICATE,
+                            response_dir / mok.CERTIFICATE)
+            messages.append(mok.SENT_CERTIFICATE)
+            status = 1
+        if messages:
+            with open(response_dir / "stderr", "a", encoding="utf-8") as stderr:
+                stderr.write("".join(message + "\n" for message in messages))
+        return status
 
     def _sign(self, module: Path) -> None:
         try:

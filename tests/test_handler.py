@@ -44,7 +44,9 @@ def alive(pid: int) -> bool:
         return False
 
 
-class HandlerTests(TestCase):
+class HandlerCase(TestCase):
+    """A handler with the fake translator; requests answered for real."""
+
     def setUp(self) -> None:
         self.base = Path(self.mktemp()).absolute()
         self.tmpdir = self.base / "tmp"
@@ -76,6 +78,8 @@ class HandlerTests(TestCase):
     def recorded(self) -> dict:
         return json.loads(self.record.read_text())
 
+
+class HandlerTests(HandlerCase):
     async def test_module_returned(self) -> None:
         found = await self.answer(request("-p4", "-eok"))
         self.assertEqual(found["version"], b"4.8")
