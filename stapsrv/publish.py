@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from stapsrv import PROTOCOL_VERSION, mok
 from stapsrv.cmdline import ServerOption
 from stapsrv.interfaces import IServicePublisher
 
@@ -33,7 +34,6 @@ SERVICE_TYPE = "_stap._tcp"
 NAME_PREFIX = "Systemtap Compile Server on "
 #: ``AVAHI_LABEL_MAX - 1``: the longest valid service name, in bytes.
 MAX_NAME_BYTES = 63
-PROTOCOL_VERSION = "4.8"
 #: 4.8 gives up renaming after this many collisions.
 MAX_COLLISIONS = 65535
 #: Seconds between attempts to reach a system bus that is not there.
@@ -105,8 +105,10 @@ def optinfo(server_options: Iterable[ServerOption]) -> str:
 
 def service_records(hostname: str, releases: Sequence[str], arch: str | None,
                     server_options: Iterable[ServerOption], port: int,
-                    serial: str) -> list[ServiceRecord]:
-    """What a server publishes: one record per release, TXT in 4.8's order."""
+                    serial: str, moks: Sequence[str] = ()) -> list[ServiceRecord]:
+    """What a server publishes: one record per release, TXT in 4.8's order,
+    ``mok_info`` entries last (the 4.8 client reads everything after the
+    first ``mok_info`` as MOK fingerprints)."""
     arch = arch or normalize_machine(os.uname().machine)
     options = optinfo(server_options)
     name = service_name(hostname)
@@ -115,6 +117,7 @@ def service_records(hostname: str, releases: Sequence[str], arch: str | None,
         f"optinfo={options}".encode(),
         f"version={PROTOCOL_VERSION}".encode(),
         f"certinfo={serial}".encode(),
+        *(f"mok_info={name}".encode() for name in moks),
     )) for release in releases]
 
 
@@ -463,7 +466,8 @@ def records_for(server: Any) -> Callable[[], list[ServiceRecord]]:
         config = server.config
         return service_records(socket.gethostname(), config.releases, config.arch,
                                config.server_options, server.port_number,
-                               server.identity.serial_text)
+                               server.identity.serial_text,
+                               mok.server_moks(config.mok_store or mok.default_store()))
     return records
 
 

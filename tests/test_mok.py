@@ -15,7 +15,6 @@ from stapsrv import mok
 from tests.helpers import require
 from tests.test_archive import make_zip
 from tests.test_handler import RELEASE, HandlerCase
-from tests.vectors import members
 
 MAGIC = b"~Module signature appended~\n"
 

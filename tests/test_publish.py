@@ -544,3 +544,12 @@ class AvahiIntegrationTests(TestCase):
         log = server.log()
         self.assertEqual(log.count("The Avahi daemon is not running"), 1, log)
         self.assertNotIn("Avahi client failure", log)
+
+
+class MokInfoTests(TestCase):
+    def test_mok_info_entries_come_last(self) -> None:
+        [record] = publish.service_records("vm", ["6.1.0-56-amd64"], "x86_64", [], 4711,
+                                           "00:cc:24:a6:36", ["aa:bb", "cc:dd"])
+        self.assertEqual(record.txt, (
+            b"sysinfo=6.1.0-56-amd64 x86_64", b"optinfo=", b"version=4.8",
+            b"certinfo=00:cc:24:a6:36", b"mok_info=aa:bb", b"mok_info=cc:dd"))
