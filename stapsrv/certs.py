@@ -12,7 +12,9 @@ client whose clock is slightly behind ours still accepts the certificate.
 
 On disk the identity lives in the server's ssl directory as ``stap.cert``
 (DER, 0644, the file 4.8 also writes) and ``stap-key.pem`` (unencrypted
-PKCS#8 PEM, 0600) instead of 4.8's NSS database.
+PKCS#8 PEM, 0600) instead of 4.8's NSS database.  An existing 4.8 NSS
+database in the ssl directory is imported once (:mod:`stapsrv.nssimport`)
+so that a replaced stap-serverd keeps its key, certificate and serial.
 """
 
 from __future__ import annotations
@@ -323,6 +325,34 @@ def _create_identity(ssl_dir: Path, nodename: str, now: datetime, key_size: int,
     return identity
 
 
+def _import_nss_identity(ssl_dir: Path, now: datetime) -> ServerIdentity | None:
+    """The identity of a stap-serverd NSS database in ``ssl_dir``, stored as our files.
+
+    ``None`` when there is no NSS database or its certificate is not valid
+    at ``now`` (then a new one is generated as usual).  If the database
+    exists but cannot be exported, the error propagates: a certificate that
+    clients may already trust is never silently replaced.
+    """
+    from stapsrv.nssimport import has_nss_database, export_nss_identity
+
+    if not has_nss_database(ssl_dir):
+        return None
+    log.info("Importing the stap-serverd certificate from the NSS database {directory}",
+             directory=ssl_dir)
+    identity = export_nss_identity(ssl_dir)
+    problem = identity_problem(identity, now)
+    if problem is not None:
+        log.warn("Not using the NSS certificate {serial} from {directory}: {reason}",
+                 serial=identity.serial_text, directory=ssl_dir, reason=problem)
+        return None
+    store_identity(ssl_dir, identity)
+    log.info("Certificate is valid; kept certificate {serial} from the NSS database"
+             " {directory} in {key_file} and {cert_file}",
+             serial=identity.serial_text, directory=ssl_dir, key_file=KEY_FILE,
+             cert_file=CERT_FILE)
+    return identity
+
+
 def load_or_create_identity(ssl_dir: Path, nodename: str | None = None,
                             now: datetime | None = None,
                             key_size: int = DEFAULT_KEY_SIZE) -> ServerIdentity:
@@ -342,6 +372,9 @@ def load_or_create_identity(ssl_dir: Path, nodename: str | None = None,
     if identity is not None:
         log.info("Certificate is valid")
         return identity
+    imported = _import_nss_identity(ssl_dir, now)
+    if imported is not None:
+        return imported
     if previous is not None:
         log.info("Certificate is not valid")
     log.info("Generating a new certificate in {directory}: {reason}",
