@@ -86,17 +86,29 @@ class LogFileService(Service):
         self._observer.stream = stream
         if old is not None:
             old.close()
+        _log.info("Reopened the log file {path}", path=self.path)
 
 
-def reopen_on_sighup(services: list[LogFileService], reactor: object) -> None:
-    """SIGHUP reopens the logs (4.8 exits on SIGHUP; logrotate wants a reopen)."""
-    def reopen_all() -> None:
-        for service in services:
+class ReopenOnSighup(Service):
+    """SIGHUP reopens the logs (4.8 exits on SIGHUP; logrotate wants a reopen).
+
+    Started before the servers, so the handler is in place by the time a
+    server says it listens."""
+
+    def __init__(self, services: list[LogFileService], reactor: object) -> None:
+        self._services = services
+        self._reactor = reactor
+
+    def _reopen_all(self) -> None:
+        for service in self._services:
             service.reopen()
 
-    def handler(signum: int, frame: object) -> None:
-        reactor.callFromThread(reopen_all)  # type: ignore[attr-defined]
-    signal.signal(signal.SIGHUP, handler)
+    def _handler(self, signum: int, frame: object) -> None:
+        self._reactor.callFromThread(self._reopen_all)  # type: ignore[attr-defined]
+
+    def startService(self) -> None:
+        signal.signal(signal.SIGHUP, self._handler)
+        super().startService()
 
     def stopService(self) -> None:
         super().stopService()

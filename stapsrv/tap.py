@@ -23,7 +23,7 @@ from stapsrv.config import (
     ServerConfig,
 )
 from stapsrv.publish import publisher_service
-from stapsrv.serverlog import LogFileService, reopen_on_sighup
+from stapsrv.serverlog import LogFileService, ReopenOnSighup
 from stapsrv.service import ROOT_OVERRIDE, ROOT_REFUSAL, CompileServerService
 from stapsrv.trust import default_server_ssl_dir
 
@@ -159,9 +159,9 @@ class Options(usage.Options):
         )
 
 
-def _reopen_on_sighup(logs: list[LogFileService]) -> None:
+def _reopen_on_sighup(top: MultiService, logs: list[LogFileService]) -> None:
     from twisted.internet import reactor
-    reactor.callWhenRunning(reopen_on_sighup, logs, reactor)
+    ReopenOnSighup(logs, reactor).setServiceParent(top)
 
 
 def _configured_service(options: Options) -> IService:
@@ -182,7 +182,7 @@ def _configured_service(options: Options) -> IService:
         log_service = LogFileService(path, namespaces=frozenset(namespaces))
         log_service.setServiceParent(top)
         logs.append(log_service)
-    _reopen_on_sighup(logs)
+    _reopen_on_sighup(top, logs)
     for config in servers:
         _add_server(top, config, publish=not options["no-avahi"])
     return top
@@ -204,6 +204,6 @@ def makeService(options: Options) -> IService:
     if config.log_file is not None:
         log_service = LogFileService(config.log_file)
         log_service.setServiceParent(top)
-        _reopen_on_sighup([log_service])
+        _reopen_on_sighup(top, [log_service])
     _add_server(top, config, publish=not options["no-avahi"])
     return top

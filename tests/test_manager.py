@@ -352,7 +352,11 @@ class ManagerTests(TestCase):
         self.sandbox.log.touch()
         os.chown(self.sandbox.log, test_user().pw_uid, test_user().pw_gid)
         os.kill(pid, signal.SIGHUP)
-        time.sleep(0.5)
+        for _ in range(100):
+            if "Reopened the log file" in self.sandbox.log.read_text():
+                break
+            time.sleep(0.05)
+        self.assertIn("Reopened the log file", self.sandbox.log.read_text())
         await client.trust(f"127.0.0.1:{port}")
         self.assertIn("Accepted connection from", self.sandbox.log.read_text())
         self.assertNotIn("Accepted connection from", rotated.read_text())

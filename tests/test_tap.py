@@ -10,7 +10,7 @@ from stapsrv import tap
 from stapsrv.cmdline import ServerOption
 from stapsrv.config import ServerConfig
 from stapsrv.publish import PublisherService
-from stapsrv.serverlog import LogFileService
+from stapsrv.serverlog import LogFileService, ReopenOnSighup
 from stapsrv.service import CompileServerService
 
 
@@ -73,8 +73,10 @@ class OptionsTests(TestCase):
         options.parseOptions(["--log", "/tmp/x.log"])
         top = tap.makeService(options)
         children = list(top)
-        self.assertIsInstance(children[0], LogFileService)
-        self.assertIsInstance(children[1], CompileServerService)
+        # The log first, the SIGHUP handler before any server listens, then
+        # the server and its publisher.
+        self.assertEqual([type(child) for child in children][:3],
+                         [LogFileService, ReopenOnSighup, CompileServerService])
         self.assertFalse(top.running)
 
 
@@ -107,7 +109,8 @@ class ConfigFileTests(TestCase):
         self.assertEqual(b.releases, (os.uname().release, "r9"))
 
     def test_no_configured_server_means_the_default_one(self) -> None:
-        [log, server, publisher] = self.services()
+        [log, reopen, server, publisher] = self.services()
+        self.assertIsInstance(reopen, ReopenOnSighup)
         self.assertIsInstance(publisher, PublisherService)
         self.assertEqual(server.config.releases, (os.uname().release,))
         self.assertEqual(log.path, self.base / "log")
