@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 from stapsrv import mok
 from tests.helpers import require
 from tests.test_archive import make_zip
+from tests.test_certs import _der_header
 from tests.test_handler import RELEASE, HandlerCase
 
 MAGIC = b"~Module signature appended~\n"
@@ -23,18 +24,12 @@ def der_items(data: bytes):  # type: ignore[no-untyped-def]
     """Walk DER: yield (tag, value) of every element, depth first."""
     index = 0
     while index < len(data):
-        tag = data[index]
-        length = data[index + 1]
-        index += 2
-        if length & 0x80:
-            count = length & 0x7F
-            length = int.from_bytes(data[index:index + count], "big")
-            index += count
-        value = data[index:index + length]
+        tag, start, length = _der_header(data, index)
+        value = data[start:start + length]
         yield tag, value
         if tag & 0x20:  # constructed
             yield from der_items(value)
-        index += length
+        index = start + length
 
 
 def verify_appended_signature(module: bytes, certificate: x509.Certificate) -> bytes:
