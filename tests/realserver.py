@@ -26,6 +26,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
+from stapsrv.quickstart import installed_releases
+
 ROOT = Path(__file__).resolve().parent.parent
 STAP = "/usr/bin/stap"
 STAP_SERVERD = "/usr/lib/systemtap/stap-serverd"
@@ -73,13 +75,10 @@ def scratch_directory(prefix: str) -> Path:
 
 
 def newest_header_release() -> str | None:
-    """The newest kernel release with an installed build tree."""
-    releases = [p.name for p in Path("/lib/modules").glob("*")
-                if (p / "build" / "Makefile").exists()]
-    if not releases:
-        return None
-    return sorted(releases, key=lambda r: [int(x) if x.isdigit() else x
-                                            for x in re.split(r"(\d+)", r)])[-1]
+    """The newest kernel release with an installed build tree (what
+    ``make serve`` serves)."""
+    releases = installed_releases()
+    return releases[-1] if releases else None
 
 
 class _Collect(ProcessProtocol):

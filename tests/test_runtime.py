@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from twisted.trial.unittest import SkipTest, TestCase
 
 from stapsrv import runtime
+from stapsrv.quickstart import installed_releases
 
 REAL_RUNTIME = Path(runtime.DEFAULT_STOCK_RUNTIME)
 
@@ -522,21 +523,12 @@ class CompileFixTests(TestCase):
 # --- the real thing ----------------------------------------------------------
 
 
-def _release_key(release: str) -> list[tuple[int, int | str]]:
-    """Sort key comparing numeric parts of a kernel release numerically."""
-    return [(0, int(part)) if part.isdigit() else (1, part)
-            for part in re.split(r"(\d+)", release) if part]
-
-
 def newest_kernel_build() -> tuple[str, Path] | None:
     """Return (release, build tree) for the newest /lib/modules/*/build."""
-    modules = Path("/lib/modules")
-    releases = [entry.name for entry in modules.iterdir()
-                if (entry / "build").is_dir()] if modules.is_dir() else []
+    releases = installed_releases()
     if not releases:
         return None
-    release = max(releases, key=_release_key)
-    return release, modules / release / "build"
+    return releases[-1], Path("/lib/modules") / releases[-1] / "build"
 
 
 class RealStapIntegrationTest(TestCase):
