@@ -172,22 +172,25 @@ class ServerProcess:
     def exit_code(self) -> int | None:
         return self.process.poll()
 
-    def log(self) -> str:
+    def log(self, path: Path | None = None) -> str:
         try:
-            return self.log_path.read_text(errors="replace")
+            return (path or self.log_path).read_text(errors="replace")
         except FileNotFoundError:
             return ""
 
     def output(self) -> str:
         return self.output_path.read_text(errors="replace")
 
-    def wait_for_port(self, timeout: float = 120.0) -> int:
+    def wait_for_port(self, timeout: float = 120.0, log: Path | None = None) -> int:
+        """The port logged in this server's log (or in ``log``, for a process
+        running several servers with a log each)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = _PORT_LINE.search(self.log())
+            match = _PORT_LINE.search(self.log(log))
             if match:
-                self.port = int(match.group(1))
-                return self.port
+                if log is None:
+                    self.port = int(match.group(1))
+                return int(match.group(1))
             if self.exit_code is not None:
                 break
             time.sleep(0.05)

@@ -273,16 +273,14 @@ class ConfigModeTests(RealClientMixin, TestCase):
                                base, base / "one.log")
         self.addCleanup(server.stop)
         server.wait_for_port()
-        second = ServerProcess.__new__(ServerProcess)
-        second.log_path, second.name, second.process = base / "two.log", "two", server.process
-        second.base = base
-        second.output_path = server.output_path
-        second.wait_for_port()
-        self.assertNotEqual(server.port, second.port)
+        second_log = base / "two.log"
+        second_port = server.wait_for_port(log=second_log)
+        self.assertNotEqual(server.port, second_port)
         self.assertEqual(len(_PORT_LINE.findall(server.log())), 1, "each log has its own lines")
-        client = await self.trusted_client(second)
-        out, err, code = await client.stap(f"--use-server={second.spec}", "-r", self.release,
+        client = self.new_client()
+        await client.trust(f"127.0.0.1:{second_port}")
+        out, err, code = await client.stap(f"--use-server=127.0.0.1:{second_port}", "-r", self.release,
                                            "-p4", "-e", HELLO)
         self.assertEqual(code, 0, err.decode())
-        self.assertIn("Accepted connection", second.log())
+        self.assertIn("Accepted connection", server.log(second_log))
         self.assertNotIn("Accepted connection", server.log())
