@@ -8,7 +8,7 @@ VENV := .venv
 SERVER_USER ?= stapsrv
 PORT ?= 0
 APT_PACKAGES := systemtap systemtap-client systemtap-server libnss3-tools \
-	dbus-daemon avahi-daemon avahi-utils python3-venv zip unzip util-linux passwd groff-base man-db
+	dbus-daemon avahi-daemon avahi-utils redis-server python3-venv zip unzip util-linux passwd groff-base man-db
 
 .PHONY: setup system-packages server-user venv serve test clean install-system uninstall-system
 

@@ -17,8 +17,22 @@ from attrs import evolve, frozen
 
 GLOBAL_VARIABLES = ("CONFIG_PATH", "STAT_PATH", "LOG_FILE", "STAP_USER")
 LIST_VARIABLES = ("BUILD", "INCLUDE", "DEFINE", "RELEASE")
+#: Variables of ours (not in 4.8): (variable, settings field, daemon option).
+EXTENSIONS = (
+    ("REQUEST_TIMEOUT", "request_timeout", "request-timeout"),
+    ("COMPILE_TIMEOUT", "compile_timeout", "compile-timeout"),
+    ("CPU_LIMIT", "cpu_limit", "cpu-limit"),
+    ("MEMORY_LIMIT", "memory_limit", "memory-limit"),
+    ("FILE_SIZE_LIMIT", "file_size_limit", "file-size-limit"),
+    ("PROCESS_LIMIT", "process_limit", "process-limit"),
+    ("CACHE", "cache", "cache"),
+    ("CACHE_DIR", "cache_dir", "cache-dir"),
+    ("CACHE_SIZE", "cache_size", "cache-size"),
+    ("FLEET_CACHE", "fleet_cache", "fleet-cache"),
+)
 SCALAR_VARIABLES = ("ARCH", "USER", "NICKNAME", "RUNTIME", "LOG", "PORT", "SSL",
-                    "MAXTHREADS", "MAXREQSIZE", "MAXCOMPRESSEDREQ")
+                    "MAXTHREADS", "MAXREQSIZE", "MAXCOMPRESSEDREQ",
+                    *(name for name, _, _ in EXTENSIONS))
 
 DEFAULT_GLOBAL_FILE = Path("/etc/sysconfig/stap-server")
 DEBIAN_GLOBAL_FILE = Path("/etc/default/stap-server")
@@ -118,9 +132,20 @@ class ServerSettings:
     max_threads: str = ""
     max_request_size: str = ""
     max_compressed_request: str = ""
+    request_timeout: str = ""
+    compile_timeout: str = ""
+    cpu_limit: str = ""
+    memory_limit: str = ""
+    file_size_limit: str = ""
+    process_limit: str = ""
+    cache: str = ""
+    cache_dir: str = ""
+    cache_size: str = ""
+    fleet_cache: str = ""
 
 
-_FIELDS = {"ARCH": "arch", "USER": "user", "BUILD": "builds", "INCLUDE": "includes",
+_FIELDS = {name: field for name, field, _ in EXTENSIONS}
+_FIELDS |= {"ARCH": "arch", "USER": "user", "BUILD": "builds", "INCLUDE": "includes",
            "DEFINE": "defines", "NICKNAME": "nickname", "RUNTIME": "runtime",
            "RELEASE": "releases", "LOG": "log", "PORT": "port", "SSL": "ssl",
            "MAXTHREADS": "max_threads", "MAXREQSIZE": "max_request_size",
@@ -162,6 +187,8 @@ def render_status(settings: ServerSettings) -> str:
               f"MAXTHREADS={settings.max_threads}",
               f"MAXREQSIZE={settings.max_request_size}",
               f"MAXCOMPRESSEDREQ={settings.max_compressed_request}"]
+    lines += [f"{name}={getattr(settings, field)}" for name, field, _ in EXTENSIONS
+              if getattr(settings, field)]
     for line in lines:
         if "\n" in line or "\r" in line:
             raise ValueError(f"a status value cannot hold a line break: {line!r}")

@@ -13,6 +13,15 @@ from stapsrv.cmdline import ServerOption
 DEFAULT_MAX_REQUEST_SIZE = 50000
 DEFAULT_MAX_COMPRESSED_REQUEST = 5000
 
+#: Seconds a client has for its TLS handshake and upload (and again for
+#: taking its answer).  4.8 had no limit: a silent client held a thread.
+DEFAULT_REQUEST_TIMEOUT = 30.0
+#: Seconds the translator may run for one request.  Generous: a cold build
+#: of a large script on a slow machine takes minutes.
+DEFAULT_COMPILE_TIMEOUT = 900.0
+#: Bytes of compiled answers kept on disk for repeated requests.
+DEFAULT_CACHE_SIZE = 512 * 1024 * 1024
+
 
 def default_stap() -> str:
     return os.environ.get("SYSTEMTAP_STAP", "/usr/bin/stap")
@@ -25,6 +34,34 @@ def default_listen() -> str:
 
 def default_tmpdir() -> Path:
     return Path(os.environ.get("TMPDIR") or "/tmp")
+
+
+@frozen
+class TranslatorLimits:
+    """Resource limits set on the translator before it starts (``None``: not
+    set, so the server's own limits and ``~/.systemtap/rc`` apply).  They are
+    inherited by everything the translator runs (make, gcc, ld)."""
+
+    cpu_seconds: int | None = None
+    address_space: int | None = None
+    file_size: int | None = None
+    processes: int | None = None
+
+    def prlimit_flags(self) -> list[str]:
+        """``prlimit(1)`` options setting each limit, soft and hard."""
+        words = []
+        for name, value in (("cpu", self.cpu_seconds), ("as", self.address_space),
+                            ("fsize", self.file_size), ("nproc", self.processes)):
+            if value is not None:
+                words.append(f"--{name}={value}:{value}")
+        return words
+
+
+def default_systemtap_dir() -> Path:
+    directory = os.environ.get("SYSTEMTAP_DIR")
+    if directory:
+        return Path(directory)
+    return Path(os.path.expanduser("~")) / ".systemtap"
 
 
 @frozen
@@ -59,6 +96,24 @@ class ServerConfig:
     log_namespace: str = "stapsrv"
     #: The MOK store (None: ``moks/`` beside the default certificate directory).
     mok_store: Path | None = None
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    compile_timeout: float = DEFAULT_COMPILE_TIMEOUT
+    limits: TranslatorLimits = TranslatorLimits()
+    #: Answers to repeated requests are kept in ``cache_dir`` (None: the
+    #: default under the server's state directory) up to ``cache_size`` bytes.
+    cache_enabled: bool = True
+    cache_dir: Path | None = None
+    cache_size: int = DEFAULT_CACHE_SIZE
+    #: ``redis://`` URL of a cache shared by a fleet of servers, or None.
+    fleet_cache: str | None = None
+    #: Where the server keeps its request counters for ``stap-server status``.
+    counters_file: Path | None = None
+
+    @property
+    def response_cache_dir(self) -> Path:
+        if self.cache_dir is not None:
+            return self.cache_dir
+        return default_systemtap_dir() / "stapsrv-cache"
 
     @property
     def concurrency(self) -> int:

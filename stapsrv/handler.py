@@ -1,14 +1,18 @@
 """What the server does with one request archive, start to finish.
 
-``RequestHandler.handle`` unpacks the request into a scratch directory
-under ``$TMPDIR``, runs the translator the way 4.8 does, signs the module
-for unprivileged users, and returns the response archive (or ``None`` when
-4.8 would close the connection without an answer).  File work runs in the
-thread pool; the translator is spawned from the reactor thread.
+``RequestHandler.handle`` answers a repeated request from the response
+cache; otherwise it unpacks the request into a scratch directory under
+``$TMPDIR``, runs the translator the way 4.8 does, signs the module for
+unprivileged users, and returns the response archive (or ``None`` when 4.8
+would close the connection without an answer).  Identical requests that
+arrive while one is compiling wait for its answer instead of compiling
+again.  File work runs in the thread pool; the translator is spawned from
+the reactor thread.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import shutil
@@ -25,9 +29,12 @@ from twisted.python.threadpool import ThreadPool
 
 from stapsrv import PROTOCOL_VERSION, mok
 from stapsrv.archive import RequestRejected, build_response, extract_request, refusal_archive
+from stapsrv.cache import ResponseCache
+from stapsrv.cachekey import KeyMaker, needs_signature, summarize_request
 from stapsrv.certs import ServerIdentity
 from stapsrv.cmdline import Privilege, ServerOption, requested_privilege, translator_argv
 from stapsrv.config import ServerConfig
+from stapsrv.counters import Counters
 from stapsrv.request import (
     LOCALE_PROTOCOL,
     read_arguments,
@@ -43,6 +50,25 @@ T = TypeVar("T")
 
 #: The translator's --tmpdir, a name the client and the testsuite rely on.
 MODULE_DIR = "stap000000"
+
+#: Below this many free bytes after a failed compile, the disk is full.
+_DISK_FULL_BYTES = 64 * 1024
+
+
+class DiskFull(Exception):
+    """The scratch filesystem has no room for this request."""
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_room(directory: Path) -> bool:
+    try:
+        info = os.statvfs(directory)
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize < _DISK_FULL_BYTES or info.f_favail == 0
 
 
 def server_home(environ: Mapping[str, str]) -> str:
@@ -60,6 +86,7 @@ class RequestContext:
     peer: str
     abandoned: bool = False
     _translator: TranslatorRun | None = None
+    timed_out: bool = False
 
     def abandon(self) -> None:
         """The client went away: stop any compile now."""
@@ -76,7 +103,11 @@ class RequestHandler:
     identity: Callable[[], ServerIdentity]
     runtimes: Mapping[str, str] = field(factory=dict)
     environ: Mapping[str, str] = field(factory=lambda: dict(os.environ))
+    cache: ResponseCache | None = None
+    keys: KeyMaker | None = None
+    counters: Counters = field(factory=Counters)
     log: Logger = field(init=False)
+    _flights: dict[str, list[Deferred[bytes | None]]] = field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self.log = Logger(namespace=self.config.log_namespace, source=self)
@@ -85,27 +116,118 @@ class RequestHandler:
         return deferToThreadPool(self.reactor, self.pool, function, *args)
 
     async def handle(self, body: bytes, context: RequestContext) -> bytes | None:
+        self.counters.requests += 1
+        response, succeeded = await self._answer(body, context)
+        if not succeeded:
+            self.counters.failures += 1
+        return response
+
+    async def _answer(self, body: bytes, context: RequestContext) -> tuple[bytes | None, bool]:
+        key = await self._cache_key(body)
+        if key is None or self.cache is None:
+            return await self._compile(body, context)
+        cached = await self.cache.get(key)
+        if cached is not None:
+            self.counters.cache_hits += 1
+            self.log.info("Answering {peer} from the cache ({key})", peer=context.peer,
+                          key=key[:16])
+            return cached, True
+        flight = self._flights.get(key)
+        if flight is not None:
+            waiter: Deferred[bytes | None] = Deferred()
+            flight.append(waiter)
+            shared = await waiter
+            if shared is not None:
+                self.counters.cache_hits += 1
+                self.log.info("Answering {peer} with the compile it waited for ({key})",
+                              peer=context.peer, key=key[:16])
+                return shared, True
+            return await self._compile(body, context)
+        self._flights[key] = []
+        response: bytes | None = None
+        succeeded = False
+        try:
+            response, succeeded = await self._compile(body, context)
+        finally:
+            share = response if succeeded else None
+            for waiter in self._flights.pop(key):
+                waiter.callback(share)
+        if succeeded and response is not None:
+            await self.cache.put(key, response)
+        return response, succeeded
+
+    async def _cache_key(self, body: bytes) -> str | None:
+        if self.cache is None or self.keys is None:
+            return None
+        try:
+            return await self._in_thread(self._make_key, body)
+        except RequestRejected:
+            return None  # the compile path gives the answer
+        except Exception:
+            self.log.failure("Cannot compute a cache key; compiling")
+            return None
+
+    def _make_key(self, body: bytes) -> str | None:
+        assert self.keys is not None
+        summary = summarize_request(body, self.config.max_request_size)
+        release = summary.release
+        if release is None or release not in self.config.releases:
+            return None
+        runtime = self.config.runtime or self.runtimes.get(release)
+        options = [self.config.stap] + [
+            option.flag + (option.value or "") for option in self._server_options(release)]
+        signers: list[bytes] = []
+        if needs_signature(summary):
+            signers.append(self.identity().certificate_der)
+        if summary.wants_mok:
+            store = self.config.mok_store or mok.default_store(dict(self.environ))
+            for name in mok.server_moks(store):
+                signers.append((store / name / mok.CERTIFICATE).read_bytes())
+        return self.keys.key(summary, release, options, runtime, signers)
+
+    async def _compile(self, body: bytes, context: RequestContext) -> tuple[bytes | None, bool]:
+        """Run the request through the translator: (answer, rc was 0)."""
+        try:
+            return await self._compile_in_scratch(body, context)
+        except DiskFull:
+            pass
+        except OSError as exc:
+            if not _is_disk_full(exc):
+                raise
+        self.log.error("No space left in {tmpdir} for the request from {peer}",
+                       tmpdir=self.config.tmpdir, peer=context.peer)
+        return refusal_archive(
+            "Server: The server ran out of disk space in its temporary directory while "
+            "handling this request.  Try again later, or tell the server's administrator.",
+            PROTOCOL_VERSION), False
+
+    async def _compile_in_scratch(self, body: bytes,
+                                  context: RequestContext) -> tuple[bytes | None, bool]:
         scratch = await self._in_thread(_make_scratch, self.config.tmpdir)
         try:
             try:
                 await self._in_thread(_unpack, scratch, body, self.config.max_request_size)
             except RequestRejected as exc:
+                if _is_disk_full(exc.__cause__ or exc):
+                    raise DiskFull() from exc
                 self.log.info("{message}", message=str(exc))
                 self.log.info("Error processing client request")
                 if exc.client_message is None:
-                    return None
-                return refusal_archive(exc.client_message, PROTOCOL_VERSION)
-            await self._process(scratch, context)
-            if context.abandoned:
-                return None
-            return await self._in_thread(build_response, scratch / "response")
+                    return None, False
+                return refusal_archive(exc.client_message, PROTOCOL_VERSION), False
+            status = await self._process(scratch, context)
+            if context.abandoned or status is None:
+                return None, False
+            return await self._in_thread(build_response, scratch / "response"), status == 0
         finally:
             if self.config.keep_temporary:
                 self.log.info("Keeping temporary directory {directory}", directory=scratch)
             else:
                 await self._in_thread(shutil.rmtree, scratch, True)
 
-    async def _process(self, scratch: Path, context: RequestContext) -> None:
+    async def _process(self, scratch: Path, context: RequestContext) -> int | None:
+        """Run the translator in ``scratch``; the answer's ``rc``, or None
+        when there is no answer to send."""
         request_dir = scratch / "request"
         response_dir = scratch / "response"
         (response_dir / "version").write_text(PROTOCOL_VERSION)
@@ -118,14 +240,14 @@ class RequestHandler:
             self.log.info("Unable to read sysinfo")
             self._refuse(response_dir, "Server: The request does not name a kernel "
                          "release (its sysinfo is missing or unreadable).")
-            return
+            return 1
         if release not in self.config.releases:
             self.log.info("Target kernel version {release} is not supported by this server",
                           release=release)
             self._refuse(response_dir, (
                 f"Server: This server does not build modules for kernel release '{release}'.\n"
                 f"Server: It serves: {', '.join(self.config.releases)}."))
-            return
+            return 1
 
         arguments = [os.fsdecode(argument) for argument in read_arguments(request_dir)]
         self.log.info("Options passed from the client: {arguments}",
@@ -154,27 +276,54 @@ class RequestHandler:
             arguments)
         self.log.debug("Running {argv}", argv=argv)
         if context.abandoned:
-            return
+            return None
         try:
             run = start_translator(
                 self.reactor, argv, env, request_dir,
-                response_dir / "stdout", response_dir / "stderr")
+                response_dir / "stdout", response_dir / "stderr", self.config.limits)
         except OSError as exc:
+            if _is_disk_full(exc):
+                raise
             self.log.error("Failed spawning translator: {error}", error=exc)
-            return
+            return None
         context._translator = run
-        status = await run.result
-        context._translator = None
+        self.counters.compiling += 1
+        timeout = self.config.compile_timeout
+        timer = self.reactor.callLater(timeout, self._expire, context) if timeout > 0 else None
+        try:
+            status = await run.result
+        finally:
+            self.counters.compiling -= 1
+            context._translator = None
+            if timer is not None and timer.active():
+                timer.cancel()
         if context.abandoned:
-            return
+            return None
+        if context.timed_out:
+            with open(response_dir / "stderr", "a", encoding="utf-8") as stderr:
+                stderr.write(
+                    "Server: The translator ran longer than the server's compile timeout "
+                    f"({self.config.compile_timeout:g} s) and was stopped.\n")
+            (response_dir / "rc").write_text("1")
+            return 1
+        if status != 0 and await self._in_thread(_no_room, scratch):
+            raise DiskFull()
 
         privilege = requested_privilege(argv[1:])
         if privilege.invalid_value is not None:
             self.log.info("Invalid argument '{value}' for --privilege",
                           value=privilege.invalid_value)
-        await self._in_thread(
+        return await self._in_thread(
             self._finish, response_dir, module_dir, status, privilege.privilege,
             client_version, release, client_moks)
+
+    def _expire(self, context: RequestContext) -> None:
+        self.log.info("The translator for {peer} ran past the compile timeout "
+                      "({timeout:g} s); stopping it", peer=context.peer,
+                      timeout=self.config.compile_timeout)
+        context.timed_out = True
+        if context._translator is not None:
+            context._translator.kill()
 
     def _server_options(self, release: str) -> list[ServerOption]:
         options = list(self.config.server_options)
@@ -194,7 +343,7 @@ class RequestHandler:
 
     def _finish(self, response_dir: Path, module_dir: Path, status: int,
                 privilege: Privilege, client_version: str, release: str = "",
-                client_moks: tuple[str, ...] = ()) -> None:
+                client_moks: tuple[str, ...] = ()) -> int:
         """Blocking tail of a request: signatures, ``rc``, path filtering."""
         unprivileged = privilege in (Privilege.STAPUSR, Privilege.STAPSYS)
         if status == 0 and (unprivileged or client_moks):
@@ -213,6 +362,7 @@ class RequestHandler:
         replacements = sorted({server_home(self.environ), str(response_dir)} - {"/"}, key=len, reverse=True)
         for name in ("stdout", "stderr"):
             _replace_in_file(response_dir / name, replacements, "<server>")
+        return status
 
     def _single_module(self, module_dir: Path) -> Path | None:
         modules = sorted(module_dir.glob("*.ko"))

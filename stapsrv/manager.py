@@ -24,6 +24,7 @@ from attrs import define, evolve
 from stapsrv.conffile import (
     DEBIAN_GLOBAL_FILE,
     DEFAULT_GLOBAL_FILE,
+    EXTENSIONS,
     ConfigError,
     GlobalConfig,
     ServerSettings,
@@ -58,8 +59,8 @@ Options:
 
 All options may be repeated.  -a, -r, -I, -R, -B, -D, -u and -i describe the
 server named by the -n or -p before them (or the one server of the command
-line); --log, --port, --ssl and the --max-* options are handed to the named
-servers in order; servers beyond their count get the default log
+line); --log, --port, --ssl, the --max-* options and the timeout, limit and
+cache options are handed to the named servers in order; servers beyond their count get the default log
 (LOG_FILE), a free port, ~/.systemtap/ssl/server and the built-in limits.
 
 With no server named, 'start' starts every server configured in
@@ -105,6 +106,9 @@ def render(settings: ServerSettings, nickname: bool = True) -> str:
                         ("--max-compressed-request", s.max_compressed_request)):
         if value:
             words.append(f"{flag} {_quote(value)}")
+    for _, field, option in EXTENSIONS:
+        if getattr(s, field):
+            words.append(f"--{option} {_quote(getattr(s, field))}")
     return " ".join(words)
 
 
@@ -129,6 +133,13 @@ def daemon_arguments(settings: ServerSettings, keep: bool) -> list[str]:
                         ("--max-compressed-request", s.max_compressed_request)):
         if value:
             args += [flag, value]
+    for _, field, option in EXTENSIONS:
+        value = getattr(s, field)
+        if option == "cache":
+            if value.lower() in ("no", "off", "0", "false"):
+                args.append("--no-cache")
+        elif value:
+            args += [f"--{option}", value]
     if keep:
         args.append("-k")
     return args
@@ -137,7 +148,8 @@ def daemon_arguments(settings: ServerSettings, keep: bool) -> list[str]:
 #: Distributed options and the server settings they set.
 _DISTRIBUTED_FIELDS = {"log": "log", "port": "port", "ssl": "ssl", "max-threads": "max_threads",
                        "max-request-size": "max_request_size",
-                       "max-compressed-request": "max_compressed_request"}
+                       "max-compressed-request": "max_compressed_request",
+                       **{option: field for _, field, option in EXTENSIONS}}
 
 
 class Fatal(Exception):

@@ -20,7 +20,9 @@ ACTIONS = ("start", "stop", "restart", "condrestart", "try-restart", "force-relo
 _SHORT_WITH_VALUE = set("aBcDIn pru".replace(" ", "") + "R")
 _SHORT_FLAGS = set("ikP")
 DISTRIBUTED = ("log", "port", "ssl", "max-threads", "max-request-size",
-               "max-compressed-request")
+               "max-compressed-request", "request-timeout", "compile-timeout", "cpu-limit",
+               "memory-limit", "file-size-limit", "process-limit", "cache", "cache-dir",
+               "cache-size", "fleet-cache")
 
 
 class ArgumentError(Exception):

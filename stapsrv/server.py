@@ -1,16 +1,19 @@
 """Twisted Protocol and Factory around the sans-IO request reader.
 
-The factory owns the concurrency gate: at most ``concurrency`` connections
-are served at once; later ones are paused (their TLS handshake waits, as
-it waits in the kernel's backlog for 4.8) until a slot frees up.
+The factory owns the concurrency gate: at most ``concurrency`` requests
+are processed at once; complete requests beyond that wait for a slot.
+Reading a request does not take a slot, so idle or slow connections cannot
+starve real clients; instead each connection must finish its TLS handshake
+and upload within ``request_timeout`` seconds, and must take its answer
+within as long again, or it is cut off.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, gatherResults
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,11 +53,10 @@ class CompileServerProtocol(Protocol):
     def __init__(self) -> None:
         self._reader: RequestReader | None = None
         self._context: RequestContext | None = None
-        self._slot: Deferred[Any] | None = None
         self._holding = False
-        self._pending = b""
         self._closed = False
         self._work: Deferred[Any] | None = None
+        self._deadline: IDelayedCall | None = None
         self._close_waiters: list[Deferred[None]] = []
 
     def when_closed(self) -> Deferred[None]:
@@ -75,26 +77,31 @@ class CompileServerProtocol(Protocol):
         """Shutdown ran out of patience: stop this request and disconnect."""
         if self._context is not None:
             self._context.abandon()
-        self.transport.loseConnection()
+        self.transport.abortConnection()
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
         self.peer = describe_peer(self.transport.getPeer())
         self._reader = RequestReader(self.factory.handler.config.max_compressed_request)
         self.log.info("Accepted connection from {peer}", peer=self.peer)
-        self.factory.log_load()
-        self.transport.pauseProducing()
-        self._slot = self.factory.gate.acquire()
-        self._slot.addCallbacks(self._slot_acquired, lambda failure: failure.trap(CancelledError))
+        self._arm_deadline("Timed out waiting for the request from {peer}")
 
-    def _slot_acquired(self, _: object) -> None:
-        self._slot = None
-        self._holding = True
-        self.factory.active += 1
-        if self._closed:
-            self._release()
-            return
-        self.transport.resumeProducing()
+    def _arm_deadline(self, message: str) -> None:
+        """Cut the connection off unless it is gone within the request timeout."""
+        self._disarm_deadline()
+        timeout = self.factory.handler.config.request_timeout
+        if timeout > 0:
+            self._deadline = self.factory.clock.callLater(timeout, self._expired, message)
+
+    def _disarm_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _expired(self, message: str) -> None:
+        self._deadline = None
+        self.log.info(message, peer=self.peer)
+        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         assert self._reader is not None
@@ -120,22 +127,36 @@ class CompileServerProtocol(Protocol):
                           "client request from socket",
                           expected=event.expected, received=event.received)
         elif isinstance(event, RequestReceived):
+            self._disarm_deadline()
+            self.factory.log_load()
             self._context = RequestContext(self.peer)
-            self._work = Deferred.fromCoroutine(
-                self.factory.handler.handle(event.body, self._context))
+            self._work = Deferred.fromCoroutine(self._serve(event.body, self._context))
             self._work.addCallbacks(self._respond, self._failed)
+
+    async def _serve(self, body: bytes, context: RequestContext) -> bytes | None:
+        """Wait for a processing slot, then handle the request."""
+        await self.factory.gate.acquire()
+        self._holding = True
+        self.factory.active += 1
+        if context.abandoned:
+            return None
+        return await self.factory.handler.handle(body, context)
 
     def _respond(self, response: bytes | None) -> None:
         self._work = None
+        self._release()
         if self._closed:
             return
         if response is not None:
             self.transport.write(response)
             self.log.info("Request from {peer} complete", peer=self.peer)
+            # A client that will not read its answer must not pin it here.
+            self._arm_deadline("Timed out sending the answer to {peer}")
         self.transport.loseConnection()
 
     def _failed(self, failure: Failure) -> None:
         self._work = None
+        self._release()
         self.log.failure("Error processing client request from {peer}", failure,
                          peer=self.peer)
         if not self._closed:
@@ -147,15 +168,9 @@ class CompileServerProtocol(Protocol):
             event = self._reader.connection_lost()
             if event is not None:
                 self._dispatch(event)
+        self._disarm_deadline()
         if self._context is not None and self._work is not None:
             self._context.abandon()
-        if self._slot is not None:
-            self._slot.cancel()
-            self._slot = None
-        if self._work is None:
-            self._release()
-        else:
-            self._work.addBoth(lambda _: self._release())
         self.factory.connections.discard(self)
         waiters, self._close_waiters = self._close_waiters, []
         for waiter in waiters:
@@ -174,26 +189,33 @@ class CompileServerFactory(Factory):
     protocol = CompileServerProtocol
     noisy = False
 
-    def __init__(self, handler: RequestHandler) -> None:
+    def __init__(self, handler: RequestHandler, clock: IReactorTime | None = None) -> None:
         self.handler = handler
+        self.clock: IReactorTime = clock or handler.reactor
         self.log = Logger(namespace=handler.config.log_namespace, source=self)
         self.limit = handler.config.max_threads
         self.gate = DeferredSemaphore(handler.config.concurrency)
         self.active = 0
         self.connections: set[CompileServerProtocol] = set()
 
+    @property
+    def waiting(self) -> int:
+        """Complete requests waiting for a processing slot."""
+        return len(self.gate.waiting)
+
     def log_load(self) -> None:
-        """4.8's accept-time load line (none when concurrency is disabled)."""
+        """4.8's load line for a new request (none when concurrency is
+        disabled).  4.8 logged it on accept, when each connection took a
+        thread; here a connection takes a slot once its request is in."""
         if self.limit <= 0:
             return
-        idle = self.gate.tokens
-        if idle <= 0:
+        ahead = (self.limit - self.gate.tokens) + self.waiting
+        if ahead >= self.limit:
             self.log.info("Server is overloaded. Processing times may be longer than normal.")
-        elif idle == self.limit:
+        elif ahead == 0:
             self.log.info("Processing 1 request...")
         else:
-            self.log.info("Processing {count} concurrent requests...",
-                          count=self.limit - idle + 1)
+            self.log.info("Processing {count} concurrent requests...", count=ahead + 1)
 
     async def drain(self, clock: IReactorTime, grace: float) -> None:
         """Let requests in progress finish (their clients get their modules),

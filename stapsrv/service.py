@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,11 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from stapsrv.cache import DiskCache, ResponseCache, TieredCache
+from stapsrv.cachekey import KeyMaker
 from stapsrv.certs import ServerIdentity, load_or_create_identity
-from stapsrv.config import ServerConfig
+from stapsrv.config import ServerConfig, default_systemtap_dir
+from stapsrv.counters import Counters
 from stapsrv.handler import RequestHandler
 from stapsrv.runtime import select_runtime
 from stapsrv.server import CompileServerFactory
@@ -49,6 +53,22 @@ def build_tree(release: str) -> Path:
     return Path("/lib/modules") / release / "build"
 
 
+#: Open descriptors the server allows itself (idle connections cost one each).
+OPEN_FILES = 65536
+
+
+def raise_open_file_limit() -> None:
+    """Raise the soft descriptor limit towards ``OPEN_FILES`` (never past
+    the hard limit, which an unprivileged server cannot raise)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass
+
+
 class CompileServerService(Service):
     """One listening compile server."""
 
@@ -63,6 +83,14 @@ class CompileServerService(Service):
         self.port: IListeningPort | None = None
         self.factory: CompileServerFactory | None = None
         self._pool: ThreadPool | None = None
+        self.counters = Counters()
+        self._fleet: object | None = None
+
+    def snapshot(self) -> Counters:
+        """The counters, with the requests waiting for a slot right now."""
+        waiting = self.factory.waiting if self.factory is not None else 0
+        return Counters(self.counters.requests, self.counters.failures,
+                        self.counters.cache_hits, self.counters.compiling, waiting)
 
     @property
     def port_number(self) -> int:
@@ -92,9 +120,11 @@ class CompileServerService(Service):
         runtimes = self._select_runtimes()
         self._pool = ThreadPool(minthreads=0, maxthreads=config.concurrency,
                                 name="stapsrv-requests")
+        raise_open_file_limit()
+        cache, keys = self._make_cache()
         handler = RequestHandler(config, self.reactor, self._pool, self._current_identity,
-                                 runtimes)
-        self.factory = CompileServerFactory(handler)
+                                 runtimes, cache=cache, keys=keys, counters=self.counters)
+        self.factory = CompileServerFactory(handler, self.reactor)
         tls_factory = TLSMemoryBIOFactory(
             server_context_factory(self.identity), False, self.factory)
         self.port = self.reactor.listenTCP(config.port, tls_factory, backlog=50,
@@ -108,6 +138,26 @@ class CompileServerService(Service):
             self.log.info("Concurrency disabled")
         super().startService()
         self._trust_self()
+
+    def _make_cache(self) -> tuple[ResponseCache | None, KeyMaker | None]:
+        config = self.config
+        if not config.cache_enabled:
+            self.log.info("Response cache disabled")
+            return None, None
+        assert self._pool is not None
+        cache: ResponseCache = DiskCache(config.response_cache_dir, config.cache_size,
+                                         self.reactor, self._pool, self.log)
+        self.log.info("Response cache {directory} (at most {size} MiB)",
+                      directory=config.response_cache_dir, size=config.cache_size >> 20)
+        if config.fleet_cache:
+            from stapsrv.fleet import RedisCache
+            fleet = RedisCache(config.fleet_cache, self.reactor, log=self.log)
+            self._fleet = fleet
+            cache = TieredCache(cache, fleet)
+            self.log.info("Fleet cache {url}", url=fleet.display_url)
+        keys = KeyMaker(stap=config.stap, modules_root=Path("/lib/modules"),
+                        environ=dict(os.environ), rc_file=default_systemtap_dir() / "rc")
+        return cache, keys
 
     def _current_identity(self) -> ServerIdentity:
         assert self.identity is not None
@@ -155,3 +205,6 @@ class CompileServerService(Service):
         if self._pool is not None:
             self._pool.stop()
             self._pool = None
+        close = getattr(self._fleet, "close", None)
+        if close is not None:
+            close()

@@ -11,10 +11,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from stapsrv.cmdline import ServerOption
 from stapsrv.conffile import GlobalConfig, ServerSettings, read_server_file
-from stapsrv.config import DEFAULT_MAX_COMPRESSED_REQUEST, DEFAULT_MAX_REQUEST_SIZE, ServerConfig
+from stapsrv.config import (
+    DEFAULT_CACHE_SIZE,
+    DEFAULT_COMPILE_TIMEOUT,
+    DEFAULT_MAX_COMPRESSED_REQUEST,
+    DEFAULT_MAX_REQUEST_SIZE,
+    DEFAULT_REQUEST_TIMEOUT,
+    ServerConfig,
+    TranslatorLimits,
+)
 from stapsrv.trust import default_server_ssl_dir
 
 
@@ -37,6 +46,34 @@ def _number(text: str, name: str, default: int | None, minimum: int) -> int | No
     if not re.fullmatch(r"\d+", text) or int(text) < minimum:
         raise SettingsError(f"{name}={text} is not a whole number of at least {minimum}")
     return int(text)
+
+
+def _mebibytes(value: int | None) -> int | None:
+    return None if value is None else value << 20
+
+
+def robustness(settings: ServerSettings) -> dict[str, Any]:
+    """Timeouts, translator limits and cache settings from our variables."""
+    s = settings
+    cache = s.cache.lower()
+    if cache not in ("", "yes", "no", "on", "off", "1", "0", "true", "false"):
+        raise SettingsError(f"CACHE={s.cache} is not yes or no")
+    return {
+        "request_timeout": float(_number(s.request_timeout, "REQUEST_TIMEOUT",
+                                         int(DEFAULT_REQUEST_TIMEOUT), 0) or 0),
+        "compile_timeout": float(_number(s.compile_timeout, "COMPILE_TIMEOUT",
+                                         int(DEFAULT_COMPILE_TIMEOUT), 0) or 0),
+        "limits": TranslatorLimits(
+            cpu_seconds=_number(s.cpu_limit, "CPU_LIMIT", None, 1),
+            address_space=_mebibytes(_number(s.memory_limit, "MEMORY_LIMIT", None, 1)),
+            file_size=_mebibytes(_number(s.file_size_limit, "FILE_SIZE_LIMIT", None, 1)),
+            processes=_number(s.process_limit, "PROCESS_LIMIT", None, 1)),
+        "cache_enabled": cache not in ("no", "off", "0", "false"),
+        "cache_dir": Path(s.cache_dir).absolute() if s.cache_dir else None,
+        "cache_size": (_number(s.cache_size, "CACHE_SIZE", DEFAULT_CACHE_SIZE >> 20, 1)
+                       or DEFAULT_CACHE_SIZE >> 20) << 20,
+        "fleet_cache": s.fleet_cache or None,
+    }
 
 
 def server_config(settings: ServerSettings, global_config: GlobalConfig,
@@ -76,6 +113,7 @@ def server_config(settings: ServerSettings, global_config: GlobalConfig,
         keep_temporary=keep,
         log_namespace=log_namespace,
         **extra,  # type: ignore[arg-type]
+        **robustness(settings),
     )
 
 

@@ -17,11 +17,16 @@ from stapsrv import settings
 from stapsrv.cmdline import ServerOption
 from stapsrv.conffile import ConfigError, read_global
 from stapsrv.config import (
-    default_listen,
+    DEFAULT_CACHE_SIZE,
+    DEFAULT_COMPILE_TIMEOUT,
     DEFAULT_MAX_COMPRESSED_REQUEST,
     DEFAULT_MAX_REQUEST_SIZE,
+    DEFAULT_REQUEST_TIMEOUT,
     ServerConfig,
+    TranslatorLimits,
+    default_listen,
 )
+from stapsrv.counters import CountersFileService
 from stapsrv.publish import publisher_service
 from stapsrv.serverlog import LogFileService, ReopenOnSighup
 from stapsrv.service import ROOT_OVERRIDE, ROOT_REFUSAL, CompileServerService
@@ -75,10 +80,33 @@ class Options(usage.Options):
          "Largest request, uncompressed, in bytes.", _count("max-request-size", 1)],
         ["max-compressed-request", None, DEFAULT_MAX_COMPRESSED_REQUEST,
          "Largest request archive, in bytes.", _count("max-compressed-request", 1)],
+        ["request-timeout", None, int(DEFAULT_REQUEST_TIMEOUT),
+         "Seconds a client has to finish its TLS handshake and upload, and again to "
+         "take its answer (0: no limit).", _count("request-timeout", 0)],
+        ["compile-timeout", None, int(DEFAULT_COMPILE_TIMEOUT),
+         "Seconds the translator may run for one request before it is stopped "
+         "(0: no limit).", _count("compile-timeout", 0)],
+        ["cpu-limit", None, None, "CPU seconds for the translator and what it runs "
+         "(each process).", _count("cpu-limit", 1)],
+        ["memory-limit", None, None, "Address space, in MiB, for the translator and each "
+         "process it runs.", _count("memory-limit", 1)],
+        ["file-size-limit", None, None, "Largest file, in MiB, the translator and what it "
+         "runs may write.", _count("file-size-limit", 1)],
+        ["process-limit", None, None, "Processes the server's user may have while the "
+         "translator runs (RLIMIT_NPROC counts them all).", _count("process-limit", 1)],
+        ["cache-dir", None, None, "Directory of the response cache (default: "
+         "$SYSTEMTAP_DIR/stapsrv-cache or ~/.systemtap/stapsrv-cache)."],
+        ["cache-size", None, DEFAULT_CACHE_SIZE >> 20, "Size cap of the response cache, "
+         "in MiB (least recently used answers go first).", _count("cache-size", 1)],
+        ["fleet-cache", None, None, "redis://HOST:PORT/DB of a cache shared by several "
+         "servers (in front of it stays the local cache)."],
+        ["counters-file", None, None, "Keep the request counters (for stap-server status) "
+         "in this file."],
     ]
     optFlags = [
         ["keep", "k", "Keep each request's temporary directory."],
         ["no-avahi", None, "Do not advertise the server over Avahi (mDNS)."],
+        ["no-cache", None, "Compile every request, even one answered before."],
     ]
 
     def __init__(self) -> None:
@@ -156,7 +184,31 @@ class Options(usage.Options):
             max_compressed_request=self["max-compressed-request"],
             keep_temporary=bool(self["keep"]),
             **extra,
+            **robustness_settings(self),
         )
+
+
+def _mebibytes(value: int | None) -> int | None:
+    return None if value is None else value << 20
+
+
+def robustness_settings(options: usage.Options | dict[str, Any]) -> dict[str, Any]:
+    """The timeout, limit, cache and counters fields of a ServerConfig."""
+    return {
+        "request_timeout": float(options["request-timeout"]),
+        "compile_timeout": float(options["compile-timeout"]),
+        "limits": TranslatorLimits(
+            cpu_seconds=options["cpu-limit"],
+            address_space=_mebibytes(options["memory-limit"]),
+            file_size=_mebibytes(options["file-size-limit"]),
+            processes=options["process-limit"]),
+        "cache_enabled": not options["no-cache"],
+        "cache_dir": Path(options["cache-dir"]).absolute() if options["cache-dir"] else None,
+        "cache_size": options["cache-size"] << 20,
+        "fleet_cache": options["fleet-cache"] or None,
+        "counters_file": (Path(options["counters-file"]).absolute()
+                          if options["counters-file"] else None),
+    }
 
 
 def _reopen_on_sighup(top: MultiService, logs: list[LogFileService]) -> None:
@@ -193,6 +245,8 @@ def _add_server(top: MultiService, config: ServerConfig, publish: bool) -> None:
     port is known) and stopped before it."""
     server = CompileServerService(config)
     server.setServiceParent(top)
+    if config.counters_file is not None:
+        CountersFileService(config.counters_file, server.snapshot).setServiceParent(top)
     publisher_service(server, enabled=publish).setServiceParent(top)
 
 

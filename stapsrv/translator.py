@@ -2,15 +2,18 @@
 
 ``spawnProcess`` is called from the reactor thread.  The child's standard
 output and error go straight to the response files (no copying through the
-server), its input is ``/dev/null``, and it runs in a session of its own
-(see ``_exec.py``) so that ``stop`` ends make and the compilers too.
+server) and its input is ``/dev/null``.  It starts through three small
+util-linux programs, each of which execs the next in the same process:
+``setpriv --pdeathsig TERM`` (the translator gets SIGTERM if the server
+dies), ``prlimit`` (the configured resource limits, soft and hard, inherited
+by make, gcc and ld) and ``setsid`` (a process group of its own, so that a
+kill reaches make and the compilers too).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,7 +24,11 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-_SHIM = str(Path(__file__).with_name("_exec.py"))
+from stapsrv.config import TranslatorLimits
+
+SETPRIV = "/usr/bin/setpriv"
+PRLIMIT = "/usr/bin/prlimit"
+SETSID = "/usr/bin/setsid"
 
 #: Seconds between SIGTERM and SIGKILL when a translator group must go.
 KILL_GRACE = 2.0
@@ -88,6 +95,15 @@ class TranslatorRun:
                           pid=self.pid, error=exc)
 
 
+def launcher(limits: TranslatorLimits) -> list[str]:
+    """The words put before the translator's own command line."""
+    words = [SETPRIV, "--pdeathsig", "TERM", "--"]
+    flags = limits.prlimit_flags()
+    if flags:
+        words += [PRLIMIT, *flags, "--"]
+    return words + [SETSID, "--wait", "--"]
+
+
 def start_translator(
     reactor: IReactorProcess,
     argv: Sequence[str],
@@ -95,7 +111,7 @@ def start_translator(
     cwd: Path,
     stdout_path: Path,
     stderr_path: Path,
-    python: str = sys.executable,
+    limits: TranslatorLimits = TranslatorLimits(),
 ) -> TranslatorRun:
     """Start ``argv`` with output to the given files (stderr appended to)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -104,10 +120,11 @@ def start_translator(
     stderr_fd = os.open(stderr_path, flags | os.O_APPEND, 0o600)
     protocol = _TranslatorProtocol()
     try:
+        command = launcher(limits) + list(argv)
         process = reactor.spawnProcess(
             protocol,
-            python,
-            [python, "-I", "-S", _SHIM, "--", *argv],
+            command[0],
+            command,
             env=dict(env),
             path=str(cwd),
             childFDs={0: stdin_fd, 1: stdout_fd, 2: stderr_fd},

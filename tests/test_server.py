@@ -22,7 +22,9 @@ class FakeHandler:
 
     def __init__(self, max_threads: int = 2, limit: int = 5000) -> None:
         self.config = ServerConfig(releases=("r",), ssl_dir=Path("/nonexistent"),
-                                   max_threads=max_threads, max_compressed_request=limit)
+                                   max_threads=max_threads, max_compressed_request=limit,
+                                   request_timeout=30.0)
+        self.reactor = Clock()
         self.requests: list[tuple[bytes, RequestContext]] = []
         self.answers: list[Deferred[bytes | None]] = []
 
@@ -113,34 +115,77 @@ class ProtocolTests(TestCase):
 
     def test_gate_and_48_load_lines(self) -> None:
         handler = FakeHandler(max_threads=2)
-        factory = CompileServerFactory(handler)
+        factory = CompileServerFactory(handler, Clock())
         connections = [self.connect(factory, 40000 + i) for i in range(3)]
+        for protocol, _ in connections:
+            protocol.dataReceived(struct.pack(">i", 3) + b"abc")
         self.assertEqual(
             [m for m in self.messages() if m.startswith(("Processing", "Server is"))],
             ["Processing 1 request...", "Processing 2 concurrent requests...",
              "Server is overloaded. Processing times may be longer than normal."])
-        self.assertEqual([t.producerState for _, t in connections],
-                         ["producing", "producing", "paused"])
-        first_protocol, first_transport = connections[0]
-        first_transport.loseConnection()
-        self.assertEqual(connections[2][1].producerState, "producing")
+        self.assertEqual(len(handler.requests), 2, "the third request waits for a slot")
+        self.assertEqual(factory.waiting, 1)
+        handler.answers[0].callback(b"one")
+        self.assertEqual(len(handler.requests), 3)
+        self.assertEqual(factory.waiting, 0)
+
+    def test_idle_connections_take_no_slot(self) -> None:
+        handler = FakeHandler(max_threads=1)
+        factory = CompileServerFactory(handler, Clock())
+        idle = [self.connect(factory, 41000 + i) for i in range(20)]
+        protocol, transport = self.connect(factory, 40000)
+        protocol.dataReceived(struct.pack(">i", 3) + b"abc")
+        self.assertEqual(len(handler.requests), 1)
+        handler.answers[0].callback(b"module")
+        self.assertEqual(transport.value(), b"module")
+        self.assertTrue(all(t.connected for _, t in idle))
 
     def test_concurrency_disabled_serialises_without_load_lines(self) -> None:
         handler = FakeHandler(max_threads=0)
-        factory = CompileServerFactory(handler)
+        factory = CompileServerFactory(handler, Clock())
         connections = [self.connect(factory, 40000 + i) for i in range(2)]
-        self.assertEqual([t.producerState for _, t in connections], ["producing", "paused"])
+        for protocol, _ in connections:
+            protocol.dataReceived(struct.pack(">i", 3) + b"abc")
+        self.assertEqual(len(handler.requests), 1)
         self.assertFalse([m for m in self.messages() if m.startswith("Processing")])
 
     def test_queued_client_leaving_frees_nothing_it_did_not_hold(self) -> None:
         handler = FakeHandler(max_threads=1)
-        factory = CompileServerFactory(handler)
-        _, first = self.connect(factory, 1)
-        _, second = self.connect(factory, 2)
-        second.loseConnection()
+        factory = CompileServerFactory(handler, Clock())
+        first, first_transport = self.connect(factory, 1)
+        second, second_transport = self.connect(factory, 2)
+        first.dataReceived(struct.pack(">i", 3) + b"abc")
+        second.dataReceived(struct.pack(">i", 3) + b"abc")
+        second_transport.loseConnection()
         self.assertEqual(factory.gate.tokens, 0)
-        first.loseConnection()
+        handler.answers[0].callback(b"one")
+        self.assertEqual(len(handler.requests), 1, "the departed client's request is not run")
         self.assertEqual(factory.gate.tokens, 1)
+
+    def test_silent_client_is_cut_off(self) -> None:
+        handler = FakeHandler()
+        clock = Clock()
+        factory = CompileServerFactory(handler, clock)
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(struct.pack(">i", 100) + b"partial")
+        clock.advance(29)
+        self.assertTrue(transport.connected)
+        clock.advance(1)
+        self.assertFalse(transport.connected)
+        self.assertIn("Timed out waiting for the request from 127.0.0.1:40000", self.messages())
+        self.assertEqual(handler.requests, [])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_deadline_stops_once_the_request_is_in(self) -> None:
+        handler = FakeHandler()
+        clock = Clock()
+        factory = CompileServerFactory(handler, clock)
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(struct.pack(">i", 3) + b"abc")
+        clock.advance(3600)
+        self.assertTrue(transport.connected, "compiling takes as long as it takes")
+        handler.answers[0].callback(b"module")
+        self.assertEqual(transport.value(), b"module")
 
     async def test_drain_waits_for_busy_and_drops_idle(self) -> None:
         handler = FakeHandler()

@@ -1,0 +1,242 @@
+"""Cache keys: one digest over everything that can change an answer.
+
+A key covers the request (every member's path and bytes: script, tapsets,
+arguments, locale, sysinfo, version, MOK fingerprints), the server's own
+side (translator options, the translator program and its tapsets, the
+runtime directory, the kernel build tree's identity files, the C compiler,
+the server user's ``rc`` file and the ``SYSTEMTAP_*`` environment) and, for
+answers the server signs, the signing certificates.  Two requests share a
+key only if they would get the same answer.
+
+Blocking: run in the thread pool.  Server-side digests are content hashes
+(so servers on different hosts with the same installation agree), kept
+until a cheap stat walk shows a change; that walk runs at most once per
+``recheck`` seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+from attrs import define, field, frozen
+
+from stapsrv.archive import RequestRejected, check_request
+from stapsrv.cmdline import Privilege, requested_privilege
+
+#: Bump when the meaning of a key or the cached answer's format changes.
+KEY_VERSION = b"stapsrv-response-cache-1\n"
+
+#: Files that identify a kernel build tree (relative to ``build``).
+BUILD_TREE_FILES = (
+    ".config", "Module.symvers", "Makefile", "include/config/kernel.release",
+    "include/generated/autoconf.h", "include/generated/utsrelease.h",
+    "include/generated/compile.h",
+)
+
+#: Environment variables of the server that the translator or make read.
+_ENVIRONMENT_PREFIXES = ("SYSTEMTAP_", "KBUILD_")
+_ENVIRONMENT_NAMES = frozenset({"PATH", "ARCH", "CROSS_COMPILE", "CC", "LANG", "LC_ALL"})
+
+
+@frozen
+class RequestSummary:
+    """What the key needs to know from a request archive."""
+
+    digest: bytes
+    release: str | None
+    privilege: Privilege
+    wants_mok: bool
+
+
+def _member_bytes(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int) -> bytes:
+    with archive.open(info) as source:
+        data = source.read(budget + 1)
+    if len(data) > budget:
+        raise RequestRejected("Uncompressed request data exceeds the declared sizes")
+    return data
+
+
+def summarize_request(body: bytes, max_size: int) -> RequestSummary:
+    """Digest a request archive in memory.  Raises ``RequestRejected`` for
+    exactly the archives that ``extract_request`` refuses (so those go down
+    the normal path and get its answer)."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(body))
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise RequestRejected(f"Unable to extract client request ({exc})") from exc
+    files: dict[tuple[str, ...], bytes] = {}
+    directories: set[tuple[str, ...]] = set()
+    with archive:
+        members = check_request(archive, max_size)
+        budget = max_size
+        for info in members:
+            parts = tuple(p for p in info.filename.split("/") if p not in ("", "."))
+            if info.is_dir():
+                directories.add(parts)
+                continue
+            try:
+                data = _member_bytes(archive, info, budget)
+            except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError,
+                    OSError) as exc:
+                raise RequestRejected(f"Unable to extract client request ({exc})") from exc
+            budget -= len(data)
+            files[parts] = data
+    digest = hashlib.sha256()
+    for parts in sorted(directories | set(files)):
+        name = "/".join(parts).encode()
+        if parts in files:
+            data = files[parts]
+            digest.update(b"f%d:%s%d:" % (len(name), name, len(data)) + data)
+        else:
+            digest.update(b"d%d:%s" % (len(name), name))
+    sysinfo = files.get(("sysinfo",), b"").decode("utf-8", "replace").split()
+    arguments = []
+    index = 1
+    while ("argv%d" % index,) in files:
+        raw = files[("argv%d" % index,)].split(b"\0", 1)[0]
+        arguments.append(os.fsdecode(raw))
+        index += 1
+    moks = files.get(("mok_fingerprints",), b"").strip()
+    return RequestSummary(
+        digest=digest.digest(),
+        release=sysinfo[1] if len(sysinfo) >= 2 else None,
+        privilege=requested_privilege(arguments).privilege,
+        wants_mok=bool(moks),
+    )
+
+
+def _stat_walk(path: Path) -> tuple[object, ...]:
+    """A cheap signature of a file or tree: names, sizes, mtimes."""
+    try:
+        top = path.stat()
+    except OSError:
+        return ("missing", str(path))
+    if not path.is_dir():
+        return (str(path), top.st_size, top.st_mtime_ns)
+    entries: list[object] = [str(path)]
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            try:
+                info = os.stat(full)
+            except OSError:
+                continue
+            entries.append((full, info.st_size, info.st_mtime_ns))
+    return tuple(entries)
+
+
+def _content_digest(path: Path) -> bytes:
+    """sha256 over a file, or over a tree's relative names and contents."""
+    digest = hashlib.sha256()
+    if not path.exists():
+        digest.update(b"missing")
+        return digest.digest()
+    if not path.is_dir():
+        _hash_file(digest, path)
+        return digest.digest()
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            relative = str(full.relative_to(path)).encode()
+            digest.update(b"%d:%s" % (len(relative), relative))
+            _hash_file(digest, full)
+    return digest.digest()
+
+
+def _hash_file(digest: "hashlib._Hash", path: Path) -> None:
+    try:
+        with open(path, "rb") as source:
+            while chunk := source.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        digest.update(b"unreadable:%d" % exc.errno if exc.errno else b"unreadable")
+
+
+@define
+class _Remembered:
+    signature: tuple[object, ...]
+    digest: bytes
+
+
+@define
+class ContentDigests:
+    """Content digests of server-side files and trees, recomputed only when
+    their stat signature changes, checked at most once per ``recheck`` s."""
+
+    recheck: float = 1.0
+    clock: Callable[[], float] = time.monotonic
+    _remembered: dict[Path, _Remembered] = field(factory=dict)
+    _checked: dict[Path, float] = field(factory=dict)
+
+    def digest(self, path: Path) -> bytes:
+        now = self.clock()
+        known = self._remembered.get(path)
+        if known is not None and now - self._checked.get(path, -1e18) < self.recheck:
+            return known.digest
+        signature = _stat_walk(path)
+        if known is None or known.signature != signature:
+            known = _Remembered(signature, _content_digest(path))
+            self._remembered[path] = known
+        self._checked[path] = now
+        return known.digest
+
+
+def relevant_environment(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    return sorted((name, value) for name, value in environ.items()
+                  if name in _ENVIRONMENT_NAMES or name.startswith(_ENVIRONMENT_PREFIXES))
+
+
+@define
+class KeyMaker:
+    """Builds cache keys for one server."""
+
+    stap: str
+    modules_root: Path
+    environ: Mapping[str, str]
+    rc_file: Path
+    digests: ContentDigests = field(factory=ContentDigests)
+
+    def server_paths(self, runtime: str | None, release: str) -> list[tuple[str, Path]]:
+        stap = Path(self.stap)
+        share = stap.resolve().parent.parent / "share" / "systemtap"
+        compiler = shutil.which("gcc", path=self.environ.get("PATH")) or "/usr/bin/gcc"
+        build = self.modules_root / release / "build"
+        paths = [("stap", stap), ("tapsets", share / "tapset"),
+                 ("runtime", Path(runtime) if runtime else share / "runtime"),
+                 ("compiler", Path(compiler).resolve()), ("rc", self.rc_file)]
+        paths += [("build:" + name, build / name) for name in BUILD_TREE_FILES]
+        return paths
+
+    def key(self, request: RequestSummary, release: str, options: Sequence[str],
+            runtime: str | None, signers: Iterable[bytes] = ()) -> str:
+        """The hex key of a request about to be run with ``options``.
+
+        ``signers`` are the certificates (DER or PEM bytes) whose keys sign
+        this answer: the server's own for unprivileged requests, the MOK
+        store's for Secure Boot clients.
+        """
+        digest = hashlib.sha256(KEY_VERSION)
+        digest.update(b"request:" + request.digest)
+        digest.update(b"release:%s\n" % release.encode())
+        for option in options:
+            digest.update(b"option:%d:%s" % (len(option.encode()), option.encode()))
+        for name, value in relevant_environment(self.environ):
+            digest.update(b"env:%s=%s\n" % (name.encode(), value.encode("utf-8", "replace")))
+        for label, path in self.server_paths(runtime, release):
+            digest.update(b"%s:" % label.encode() + self.digests.digest(path))
+        for signer in signers:
+            digest.update(b"signer:" + hashlib.sha256(signer).digest())
+        return digest.hexdigest()
+
+
+def needs_signature(request: RequestSummary) -> bool:
+    return request.privilege in (Privilege.STAPUSR, Privilege.STAPSYS)
