@@ -32,6 +32,7 @@ from stapsrv.conffile import (
     read_server_file,
     render_status,
 )
+from stapsrv import counters as request_counters
 from stapsrv.launch import LaunchFailed, is_server, start_daemon, stop_daemon
 from stapsrv.managerargs import ACTIONS, ArgumentError, Invocation, SpecWords, parse
 
@@ -311,10 +312,20 @@ class Manager:
             pass
 
     def _forget(self, pid: int) -> None:
+        for suffix in (".stat", ".counters"):
+            try:
+                (self.config.stat_path / f"{pid}{suffix}").unlink()
+            except FileNotFoundError:
+                pass
+
+    def _counters_line(self, pid: int) -> str:
+        """The running server's request counters, as a status line."""
         try:
-            (self.config.stat_path / f"{pid}.stat").unlink()
-        except FileNotFoundError:
-            pass
+            text = (self.config.stat_path / f"{pid}.counters").read_text()
+        except OSError:
+            return ""
+        values = request_counters.parse(text)
+        return request_counters.describe(values) if values is not None else ""
 
     # ----- actions ----------------------------------------------------------
 
@@ -342,22 +353,29 @@ class Manager:
                 self.say("OK")
                 self.log(f"Pass: stap-server start {render(settings)}")
                 continue
+            counters = self.config.stat_path / f".counters-{os.getpid()}-{index}"
             try:
-                pid = self._launch(settings)
+                pid = self._launch(settings, counters)
             except LaunchFailed as exc:
                 self.err.write(f"stap-server: the server did not start: {exc}\n")
                 self.say("FAILED")
                 self.log(f"Error: stap-server start {render(settings)}")
+                _remove(counters)
                 rc = 1
                 continue
             settings = evolve(settings, nickname=settings.nickname or str(pid))
             status = self.config.stat_path / f"{pid}.stat"
             status.write_text(render_status(settings))
+            try:
+                # The server keeps the file open, so the new name is seen.
+                counters.rename(self.config.stat_path / f"{pid}.counters")
+            except OSError:
+                pass
             self.say("OK")
             self.log(f"Pass: stap-server start {render(settings)}")
         return rc
 
-    def _launch(self, settings: ServerSettings) -> int:
+    def _launch(self, settings: ServerSettings, counters: Path) -> int:
         try:
             user = pwd.getpwnam(settings.user)
         except KeyError:
@@ -378,7 +396,14 @@ class Manager:
             _prepare_log(log, user)
         except OSError as exc:
             raise LaunchFailed(f"cannot use the log file {log}: {exc.strerror}") from None
-        return start_daemon(daemon_arguments(settings, self.invocation.keep), user, log)
+        arguments = daemon_arguments(settings, self.invocation.keep)
+        try:
+            counters.touch(mode=0o644)
+            os.chown(counters, user.pw_uid, user.pw_gid)
+            arguments += ["--counters-file", str(counters)]
+        except OSError:
+            _remove(counters)  # status then shows no counters; nothing else changes
+        return start_daemon(arguments, user, log)
 
     def stop_one(self, pid: int, settings: ServerSettings) -> int:
         line = f"stap-server {render(settings)}"
@@ -457,6 +482,7 @@ class Manager:
     def _status_line(self, pid: int, settings: ServerSettings) -> int:
         if is_server(pid):
             self.say(f"stap-server {render(settings)} running as PID {pid}\n")
+            self.say(self._counters_line(pid))
             return 0
         self.say(f"stap-server {render(settings)} started as PID {pid} is no longer running\n")
         self._forget(pid)
@@ -555,6 +581,13 @@ def _writable_by(path: Path, user: pwd.struct_passwd) -> bool:
     if info.st_gid in groups:
         return bool(info.st_mode & 0o020)
     return bool(info.st_mode & 0o002)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 @contextmanager

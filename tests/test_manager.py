@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from stapsrv.conffile import ServerSettings
@@ -148,7 +150,8 @@ class ManagerTests(TestCase):
             f"ARCH={host_arch()}\nUSER={self.user}\nNICKNAME={pid}\nRUNTIME=\n"
             f"LOG={self.sandbox.log}\nPORT=\nSSL={self.sandbox.ssl}\nMAXTHREADS=\n"
             "MAXREQSIZE=\nMAXCOMPRESSEDREQ=\n"))
-        running = f"{self.line(str(pid), ssl)} running as PID {pid}\n"
+        running = (f"{self.line(str(pid), ssl)} running as PID {pid}\n"
+                   "  requests 0, failures 0, cache hits 0, compiling 0, waiting 0\n")
         self.assertEqual(self.sandbox.run("status"), (running, "", 0))
         # Starting the same server again is a no-op that succeeds.
         self.assertEqual(self.sandbox.run("start", "--ssl", str(self.sandbox.ssl))[::2],
@@ -265,18 +268,22 @@ class ManagerTests(TestCase):
             "start", "-a", "x86_64", "-r", "6.1.0-56-amd64", "-I", "/opt/taps", "-D", "A=1",
             "-B", "V=1", "-R", str(runtime), "-k", "--ssl", str(self.sandbox.ssl),
             "--max-threads", "3", "--max-request-size", "60000",
-            "--max-compressed-request", "6000", "--port", "0")
+            "--max-compressed-request", "6000", "--port", "0", "--compile-timeout", "600",
+            "--cpu-limit", "120", "--cache", "no")
         self.assertEqual(code, 0, err)
         self.assertIn(f'-a "x86_64" -r "6.1.0-56-amd64" -R "{runtime}" -D "A=1" -I "/opt/taps" '
                       f'-B "V=1" -u "{self.user}" --log "{self.sandbox.log}" --port "0" '
                       f'--ssl "{self.sandbox.ssl}" --max-threads "3" --max-request-size "60000" '
-                      '--max-compressed-request "6000"', out)
+                      '--max-compressed-request "6000" --compile-timeout "600" '
+                      '--cpu-limit "120" --cache "no"', out)
         [pid] = self.sandbox.pids()
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         for word in (b"-I", b"/opt/taps", b"-D", b"A=1", b"-B", b"V=1", b"-R", b"-k",
                      b"--max-threads", b"3", b"--max-request-size", b"60000",
-                     b"--max-compressed-request", b"6000"):
+                     b"--max-compressed-request", b"6000", b"--compile-timeout", b"600",
+                     b"--cpu-limit", b"120", b"--no-cache"):
             self.assertIn(word, argv)
+        self.assertIn("Response cache disabled", self.sandbox.log.read_text())
         self.assertIn("Using a maximum of 3 threads", self.sandbox.log.read_text())
         # try-restart restarts a running server and keeps its options.
         out, err, code = self.sandbox.run("try-restart")
@@ -362,9 +369,18 @@ class ManagerTests(TestCase):
         self.assertNotIn("Accepted connection from", rotated.read_text())
         # Warm the server's translator cache (a first build may take 20 s), so
         # that the compile below is well inside the server's 30 s drain.
+        warm = f'probe begin {{ println("warm {time.time()}"); exit() }}'
         out, err, code = await client.stap(f"--use-server=127.0.0.1:{port}", "-r", release,
-                                           "-p4", "-e", 'probe begin { println("warm"); exit() }')
+                                           "-p4", "-e", warm)
         self.assertEqual(code, 0, err.decode())
+        # The same request again is answered from the response cache, and
+        # status counts both.
+        out, err, code = await client.stap(f"--use-server=127.0.0.1:{port}", "-r", release,
+                                           "-p4", "-e", warm)
+        self.assertEqual(code, 0, err.decode())
+        await deferLater(reactor, 0.7, lambda: None)  # the counters file is rewritten twice a second
+        status = self.sandbox.run("status")[0]
+        self.assertIn("\n  requests 2, failures 0, cache hits 1, compiling 0, waiting 0\n", status)
         for module in client.cwd.glob("*.ko"):
             module.unlink()
         log_so_far = len(self.sandbox.log.read_text())
