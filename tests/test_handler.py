@@ -217,3 +217,40 @@ class HandlerTests(HandlerCase):
         self.assertFalse(any(alive(pid) for pid in pids), "stap and its children are gone")
         self.assertLess(time.monotonic() - started, 2.0)
         self.assertEqual(os.listdir(self.tmpdir), [])
+
+
+class RobustnessTests(HandlerCase):
+    async def test_compile_timeout_stops_the_group_and_explains(self) -> None:
+        handler = self.handler(compile_timeout=0.5)
+        started = time.monotonic()
+        found = await self.answer(request("-esleep"), handler)
+        self.assertLess(time.monotonic() - started, 5.0)
+        self.assertEqual(found["rc"], b"1")
+        self.assertIn(b"Server: The translator ran longer than the server's compile timeout "
+                      b"(0.5 s) and was stopped.\n", found["stderr"])
+        pids = json.loads(Path(str(self.record) + ".pids").read_text())
+        for _ in range(60):
+            if not any(alive(pid) for pid in pids):
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(any(alive(pid) for pid in pids), "stap and its children are gone")
+        self.assertEqual(os.listdir(self.tmpdir), [])
+        self.assertEqual((handler.counters.requests, handler.counters.failures,
+                          handler.counters.compiling), (1, 1, 0))
+
+    async def test_full_disk_gets_a_clear_answer(self) -> None:
+        import errno
+
+        from stapsrv import handler as handler_module
+
+        def full(*args: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(handler_module, "_unpack", full)
+        handler = self.handler()
+        found = await self.answer(request("-p4"), handler)
+        self.assertEqual(found["rc"], b"1")
+        self.assertIn(b"Server: The server ran out of disk space", found["stderr"])
+        self.assertEqual(os.listdir(self.tmpdir), [], "scratch directory removed")
+        self.assertFalse(self.record.exists())
+        self.assertEqual(handler.counters.failures, 1)

@@ -50,6 +50,28 @@ class OptionsTests(TestCase):
                           config.keep_temporary),
                          ("/rt", 4711, "::1", Path("/ssl"), Path("/l"), 0, 1, 10, 20, True))
 
+    def test_robustness_and_cache_options(self) -> None:
+        from stapsrv.config import TranslatorLimits
+        config = self.parse()
+        self.assertEqual((config.request_timeout, config.compile_timeout, config.limits,
+                          config.cache_enabled, config.cache_dir, config.cache_size,
+                          config.fleet_cache),
+                         (30.0, 900.0, TranslatorLimits(), True, None, 512 << 20, None))
+        config = self.parse("--request-timeout", "3", "--compile-timeout", "0",
+                            "--cpu-limit", "60", "--memory-limit", "2048",
+                            "--file-size-limit", "100", "--process-limit", "500",
+                            "--no-cache", "--cache-dir", "/c", "--cache-size", "64",
+                            "--fleet-cache", "redis://127.0.0.1:6379/0",
+                            "--counters-file", "/run/x")
+        self.assertEqual((config.request_timeout, config.compile_timeout, config.limits,
+                          config.cache_enabled, config.cache_dir, config.cache_size,
+                          config.fleet_cache, config.counters_file),
+                         (3.0, 0.0, TranslatorLimits(60, 2048 << 20, 100 << 20, 500), False,
+                          Path("/c"), 64 << 20, "redis://127.0.0.1:6379/0", Path("/run/x")))
+        self.assertEqual(config.limits.prlimit_flags(),
+                         ["--cpu=60:60", f"--as={2048 << 20}:{2048 << 20}",
+                          f"--fsize={100 << 20}:{100 << 20}", "--nproc=500:500"])
+
     def test_build_tree_release(self) -> None:
         tree = Path(self.mktemp())
         (tree / "include" / "config").mkdir(parents=True)
@@ -107,6 +129,24 @@ class ConfigFileTests(TestCase):
         self.assertEqual((alpha.port, alpha.max_threads, alpha.server_options),
                          (4000, 0, (ServerOption("-I", "/t"), ServerOption("-D", "X=1"))))
         self.assertEqual(b.releases, (os.uname().release, "r9"))
+
+    def test_our_variables(self) -> None:
+        from stapsrv.config import TranslatorLimits
+        (self.base / "conf.d" / "a.conf").write_text(
+            "REQUEST_TIMEOUT=5\nCOMPILE_TIMEOUT=60\nCPU_LIMIT=30\nMEMORY_LIMIT=1024\n"
+            "FILE_SIZE_LIMIT=50\nPROCESS_LIMIT=200\nCACHE=no\nCACHE_DIR=/c\n"
+            "CACHE_SIZE=10\nFLEET_CACHE=redis://10.0.0.5:6379/1\n")
+        [server] = [s for s in self.services() if isinstance(s, CompileServerService)]
+        config = server.config
+        self.assertEqual((config.request_timeout, config.compile_timeout, config.limits,
+                          config.cache_enabled, config.cache_dir, config.cache_size,
+                          config.fleet_cache),
+                         (5.0, 60.0, TranslatorLimits(30, 1024 << 20, 50 << 20, 200), False,
+                          Path("/c"), 10 << 20, "redis://10.0.0.5:6379/1"))
+        (self.base / "conf.d" / "a.conf").write_text("CACHE=maybe\n")
+        self.assertRaises(usage.UsageError, self.services)
+        (self.base / "conf.d" / "a.conf").write_text("CPU_LIMIT=0\n")
+        self.assertRaises(usage.UsageError, self.services)
 
     def test_no_configured_server_means_the_default_one(self) -> None:
         [log, reopen, server, publisher] = self.services()

@@ -1,0 +1,53 @@
+"""Request counters and the file ``stap-server status`` reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from stapsrv.counters import Counters, CountersFileService, describe, parse, render
+
+
+class FormatTests(TestCase):
+    def test_round_trip_and_status_line(self) -> None:
+        counters = Counters(requests=12, failures=1, cache_hits=8, compiling=2, waiting=3)
+        text = render(counters)
+        self.assertEqual(text, "requests=12 failures=1 cache_hits=8 compiling=2 waiting=3\n")
+        self.assertEqual(parse(text), counters)
+        self.assertEqual(describe(counters), "  requests 12, failures 1, cache hits 8, "
+                                             "compiling 2, waiting 3\n")
+
+    def test_incomplete_text_is_not_counters(self) -> None:
+        for text in ("", "requests=1 failures=0", "requests=1 failures=0 cache_hits=0 "
+                     "compiling=0 waiting=0"):
+            self.assertIsNone(parse(text))
+
+
+class ServiceTests(TestCase):
+    def test_rewrites_through_the_open_file_after_a_rename(self) -> None:
+        base = Path(self.mktemp())
+        base.mkdir()
+        path = base / "new"
+        counters = Counters()
+        clock = Clock()
+        service = CountersFileService(path, lambda: counters, clock, interval=0.5)
+        service.startService()
+        self.assertEqual(parse(path.read_text()), Counters())
+        renamed = base / "1234.counters"
+        path.rename(renamed)
+        counters.requests = 5
+        counters.cache_hits = 4
+        clock.advance(0.5)
+        self.assertEqual(parse(renamed.read_text()), Counters(requests=5, cache_hits=4))
+        counters.failures = 1
+        service.stopService()
+        self.assertEqual(parse(renamed.read_text()),
+                         Counters(requests=5, failures=1, cache_hits=4))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_unwritable_file_is_a_warning_not_a_crash(self) -> None:
+        service = CountersFileService(Path("/nonexistent/dir/file"), Counters)
+        service.startService()
+        service.stopService()
