@@ -108,6 +108,7 @@ class RequestHandler:
     counters: Counters = field(factory=Counters)
     log: Logger = field(init=False)
     _flights: dict[str, list[Deferred[bytes | None]]] = field(init=False, factory=dict)
+    _running: set[TranslatorRun] = field(init=False, factory=set)
 
     def __attrs_post_init__(self) -> None:
         self.log = Logger(namespace=self.config.log_namespace, source=self)
@@ -287,12 +288,14 @@ class RequestHandler:
             self.log.error("Failed spawning translator: {error}", error=exc)
             return None
         context._translator = run
+        self._running.add(run)
         self.counters.compiling += 1
         timeout = self.config.compile_timeout
         timer = self.reactor.callLater(timeout, self._expire, context) if timeout > 0 else None
         try:
             status = await run.result
         finally:
+            self._running.discard(run)
             self.counters.compiling -= 1
             context._translator = None
             if timer is not None and timer.active():
@@ -316,6 +319,15 @@ class RequestHandler:
         return await self._in_thread(
             self._finish, response_dir, module_dir, status, privilege.privilege,
             client_version, release, client_moks)
+
+    async def stop_translators(self) -> None:
+        """End every translator still running (their clients are gone) and
+        wait until each process group has been signalled to the end."""
+        running = list(self._running)
+        for run in running:
+            run.kill()
+        for run in running:
+            await run.result
 
     def _expire(self, context: RequestContext) -> None:
         self.log.info("The translator for {peer} ran past the compile timeout "

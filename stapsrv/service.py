@@ -202,6 +202,8 @@ class CompileServerService(Service):
             self.port = None
         if self.factory is not None:
             await self.factory.drain(self.reactor, SHUTDOWN_GRACE)
+            # Requests forced out by the drain may leave translators ending.
+            await self.factory.handler.stop_translators()
         if self._pool is not None:
             self._pool.stop()
             self._pool = None
