@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -109,9 +109,13 @@ class RequestHandler:
     log: Logger = field(init=False)
     _flights: dict[str, list[Deferred[bytes | None]]] = field(init=False, factory=dict)
     _running: set[TranslatorRun] = field(init=False, factory=set)
+    #: Bounds the requests that go to the translator (``--max-threads``);
+    #: answers from the cache need no slot.
+    gate: DeferredSemaphore = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.log = Logger(namespace=self.config.log_namespace, source=self)
+        self.gate = DeferredSemaphore(self.config.concurrency)
 
     def _in_thread(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, function, *args)
@@ -187,14 +191,20 @@ class RequestHandler:
         return self.keys.key(summary, release, options, runtime, signers)
 
     async def _compile(self, body: bytes, context: RequestContext) -> tuple[bytes | None, bool]:
-        """Run the request through the translator: (answer, rc was 0)."""
+        """Run the request through the translator, once a slot is free:
+        (answer, rc was 0)."""
+        await self.gate.acquire()
         try:
+            if context.abandoned:
+                return None, False
             return await self._compile_in_scratch(body, context)
         except DiskFull:
             pass
         except OSError as exc:
             if not _is_disk_full(exc):
                 raise
+        finally:
+            self.gate.release()
         self.log.error("No space left in {tmpdir} for the request from {peer}",
                        tmpdir=self.config.tmpdir, peer=context.peer)
         return refusal_archive(

@@ -1,11 +1,11 @@
 """Twisted Protocol and Factory around the sans-IO request reader.
 
-The factory owns the concurrency gate: at most ``concurrency`` requests
-are processed at once; complete requests beyond that wait for a slot.
-Reading a request does not take a slot, so idle or slow connections cannot
-starve real clients; instead each connection must finish its TLS handshake
-and upload within ``request_timeout`` seconds, and must take its answer
-within as long again, or it is cut off.
+The handler's gate bounds the translator runs (``--max-threads``); a
+connection holds no slot while it sends its request or when its answer
+comes from the cache, so idle or slow connections cannot starve real
+clients.  Instead each connection must finish its TLS handshake and upload
+within ``request_timeout`` seconds, and must take its answer within as long
+again, or it is cut off.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ class CompileServerProtocol(Protocol):
     def __init__(self) -> None:
         self._reader: RequestReader | None = None
         self._context: RequestContext | None = None
-        self._holding = False
         self._closed = False
         self._work: Deferred[Any] | None = None
         self._deadline: IDelayedCall | None = None
@@ -130,21 +129,12 @@ class CompileServerProtocol(Protocol):
             self._disarm_deadline()
             self.factory.log_load()
             self._context = RequestContext(self.peer)
-            self._work = Deferred.fromCoroutine(self._serve(event.body, self._context))
+            self._work = Deferred.fromCoroutine(
+                self.factory.handler.handle(event.body, self._context))
             self._work.addCallbacks(self._respond, self._failed)
-
-    async def _serve(self, body: bytes, context: RequestContext) -> bytes | None:
-        """Wait for a processing slot, then handle the request."""
-        await self.factory.gate.acquire()
-        self._holding = True
-        self.factory.active += 1
-        if context.abandoned:
-            return None
-        return await self.factory.handler.handle(body, context)
 
     def _respond(self, response: bytes | None) -> None:
         self._work = None
-        self._release()
         if self._closed:
             return
         if response is not None:
@@ -156,7 +146,6 @@ class CompileServerProtocol(Protocol):
 
     def _failed(self, failure: Failure) -> None:
         self._work = None
-        self._release()
         self.log.failure("Error processing client request from {peer}", failure,
                          peer=self.peer)
         if not self._closed:
@@ -176,15 +165,9 @@ class CompileServerProtocol(Protocol):
         for waiter in waiters:
             waiter.callback(None)
 
-    def _release(self) -> None:
-        if self._holding:
-            self._holding = False
-            self.factory.active -= 1
-            self.factory.gate.release()
-
 
 class CompileServerFactory(Factory):
-    """Builds connection protocols sharing one handler and one gate."""
+    """Builds connection protocols sharing one handler."""
 
     protocol = CompileServerProtocol
     noisy = False
@@ -194,19 +177,19 @@ class CompileServerFactory(Factory):
         self.clock: IReactorTime = clock or handler.reactor
         self.log = Logger(namespace=handler.config.log_namespace, source=self)
         self.limit = handler.config.max_threads
-        self.gate = DeferredSemaphore(handler.config.concurrency)
-        self.active = 0
+        self.gate: DeferredSemaphore = handler.gate
         self.connections: set[CompileServerProtocol] = set()
 
     @property
     def waiting(self) -> int:
-        """Complete requests waiting for a processing slot."""
+        """Requests waiting for a translator slot."""
         return len(self.gate.waiting)
 
     def log_load(self) -> None:
         """4.8's load line for a new request (none when concurrency is
         disabled).  4.8 logged it on accept, when each connection took a
-        thread; here a connection takes a slot once its request is in."""
+        thread; here it is logged when a request is in, from the number of
+        translator slots taken and awaited."""
         if self.limit <= 0:
             return
         ahead = (self.limit - self.gate.tokens) + self.waiting

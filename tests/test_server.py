@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransportWithDisconnection
 from twisted.logger import formatEvent, globalLogPublisher
@@ -25,14 +25,23 @@ class FakeHandler:
                                    max_threads=max_threads, max_compressed_request=limit,
                                    request_timeout=30.0)
         self.reactor = Clock()
+        self.gate = DeferredSemaphore(self.config.concurrency)
         self.requests: list[tuple[bytes, RequestContext]] = []
         self.answers: list[Deferred[bytes | None]] = []
 
     async def handle(self, body: bytes, context: RequestContext) -> bytes | None:
-        self.requests.append((body, context))
-        answer: Deferred[bytes | None] = Deferred()
-        self.answers.append(answer)
-        return await answer
+        """As the real handler: a translator slot first (the fake answers
+        stand for compiles)."""
+        await self.gate.acquire()
+        try:
+            if context.abandoned:
+                return None
+            self.requests.append((body, context))
+            answer: Deferred[bytes | None] = Deferred()
+            self.answers.append(answer)
+            return await answer
+        finally:
+            self.gate.release()
 
 
 class ProtocolTests(TestCase):
