@@ -77,7 +77,6 @@ class DiskCache:
         self._reactor = reactor
         self._pool = pool
         self.log = log or Logger()
-        self._estimate: int | None = None
 
     def _in_thread(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self._reactor, self._pool, function, *args)
@@ -133,12 +132,10 @@ class DiskCache:
         except OSError as exc:
             self.log.warn("Cannot store cache entry {path}: {error}", path=path, error=exc)
             return
-        if self._estimate is None:
-            self._estimate = self.size()
-        else:
-            self._estimate += len(entry)
-        if self._estimate > self.max_bytes:
-            self._estimate = self.evict()
+        # Other servers of the same user may share the directory, so the
+        # cap is checked against what is on disk.  Stores follow compiles
+        # that took seconds; a directory scan is cheap beside them.
+        self.evict()
 
     def entries(self) -> list[tuple[float, int, Path]]:
         """(mtime, size, path) of every entry."""

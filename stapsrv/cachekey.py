@@ -113,13 +113,14 @@ def summarize_request(body: bytes, max_size: int) -> RequestSummary:
 
 
 def _stat_walk(path: Path) -> tuple[object, ...]:
-    """A cheap signature of a file or tree: names, sizes, mtimes."""
+    """A cheap signature of a file or tree: names, sizes, inodes, mtimes and
+    ctimes (a copy that restores an old mtime still gets a new ctime)."""
     try:
         top = path.stat()
     except OSError:
         return ("missing", str(path))
     if not path.is_dir():
-        return (str(path), top.st_size, top.st_mtime_ns)
+        return (str(path), top.st_size, top.st_ino, top.st_mtime_ns, top.st_ctime_ns)
     entries: list[object] = [str(path)]
     for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
         dirnames.sort()
@@ -129,7 +130,8 @@ def _stat_walk(path: Path) -> tuple[object, ...]:
                 info = os.stat(full)
             except OSError:
                 continue
-            entries.append((full, info.st_size, info.st_mtime_ns))
+            entries.append((full, info.st_size, info.st_ino, info.st_mtime_ns,
+                            info.st_ctime_ns))
     return tuple(entries)
 
 

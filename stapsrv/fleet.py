@@ -30,6 +30,17 @@ PREFIX = "stapsrv:answer:"
 DEFAULT_TTL = 30 * 24 * 3600
 
 
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot name a Redis server, or None when it can."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return (f"the fleet cache {url!r} is not a redis://HOST:PORT/DB, rediss:// or "
+                f"unix:// URL")
+    if parts.scheme != "unix" and not parts.hostname:
+        return f"the fleet cache URL {url!r} names no host"
+    return None
+
+
 def display_url(url: str) -> str:
     """The URL with any password left out, for logs."""
     parts = urlsplit(url)

@@ -24,6 +24,7 @@ from stapsrv.config import (
     ServerConfig,
     TranslatorLimits,
 )
+from stapsrv.fleet import url_problem
 from stapsrv.trust import default_server_ssl_dir
 
 
@@ -55,6 +56,10 @@ def _mebibytes(value: int | None) -> int | None:
 def robustness(settings: ServerSettings) -> dict[str, Any]:
     """Timeouts, translator limits and cache settings from our variables."""
     s = settings
+    if s.fleet_cache:
+        problem = url_problem(s.fleet_cache)
+        if problem is not None:
+            raise SettingsError(f"FLEET_CACHE: {problem}")
     cache = s.cache.lower()
     if cache not in ("", "yes", "no", "on", "off", "1", "0", "true", "false"):
         raise SettingsError(f"CACHE={s.cache} is not yes or no")

@@ -27,6 +27,7 @@ from stapsrv.config import (
     default_listen,
 )
 from stapsrv.counters import CountersFileService
+from stapsrv.fleet import url_problem
 from stapsrv.publish import publisher_service
 from stapsrv.serverlog import LogFileService, ReopenOnSighup
 from stapsrv.service import ROOT_OVERRIDE, ROOT_REFUSAL, CompileServerService
@@ -194,6 +195,10 @@ def _mebibytes(value: int | None) -> int | None:
 
 def robustness_settings(options: usage.Options | dict[str, Any]) -> dict[str, Any]:
     """The timeout, limit, cache and counters fields of a ServerConfig."""
+    if options["fleet-cache"]:
+        problem = url_problem(options["fleet-cache"])
+        if problem is not None:
+            raise usage.UsageError(f"--fleet-cache: {problem}")
     return {
         "request_timeout": float(options["request-timeout"]),
         "compile_timeout": float(options["compile-timeout"]),

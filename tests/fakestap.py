@@ -8,6 +8,11 @@ It records how it was run (argv, cwd, selected environment) in
 * ``sleep``: start a grandchild, record both pids, and sleep for a long time;
 * ``signal``: kill itself with SIGKILL;
 * ``home``: mention $HOME and the --tmpdir in its output (path filtering).
+
+Two optional variables help the cache tests: ``$FAKESTAP_COUNT`` names a
+file that gets one line per run (so a test can count compiles), and
+``$FAKESTAP_SLEEP`` is a number of seconds to wait before doing anything
+else (so two requests can overlap).
 """
 
 import json
@@ -22,6 +27,13 @@ def main() -> None:
     argv = sys.argv[1:]
     tmpdir = next(a[len("--tmpdir="):] for a in argv if a.startswith("--tmpdir="))
     script = next((a[2:] for a in argv if a.startswith("-e")), "ok")
+    counter = os.environ.get("FAKESTAP_COUNT")
+    if counter:
+        with open(counter, "a") as out:
+            out.write("%d %s\n" % (os.getpid(), json.dumps(script)))
+    delay = os.environ.get("FAKESTAP_SLEEP")
+    if delay:
+        time.sleep(float(delay))
     record = os.environ.get("FAKESTAP_RECORD")
     if record:
         with open(record, "w") as out:

@@ -68,6 +68,8 @@ class OptionsTests(TestCase):
                           config.fleet_cache, config.counters_file),
                          (3.0, 0.0, TranslatorLimits(60, 2048 << 20, 100 << 20, 500), False,
                           Path("/c"), 64 << 20, "redis://127.0.0.1:6379/0", Path("/run/x")))
+        for url in ("localhost:6379", "http://x/", "redis://"):
+            self.assertRaises(usage.UsageError, self.parse, "--fleet-cache", url)
         self.assertEqual(config.limits.prlimit_flags(),
                          ["--cpu=60:60", f"--as={2048 << 20}:{2048 << 20}",
                           f"--fsize={100 << 20}:{100 << 20}", "--nproc=500:500"])
