@@ -7,9 +7,11 @@ pool.  Nothing here ever writes outside the directory it is given.
 from __future__ import annotations
 
 import io
+import lzma
 import os
 import stat
 import zipfile
+import zlib
 from pathlib import Path
 
 #: The most members a request may hold.  A real client sends its argv files,
@@ -18,6 +20,10 @@ from pathlib import Path
 MAX_MEMBERS = 4096
 
 _CHUNK = 64 * 1024
+
+#: What reading a damaged or hostile member may raise.
+MEMBER_ERRORS = (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError,
+                 zlib.error, lzma.LZMAError)
 
 
 class RequestRejected(Exception):
@@ -106,7 +112,7 @@ def extract_request(body: bytes, destination: Path, max_size: int) -> None:
                 budget = _write_member(archive, info, target, budget)
             except RequestRejected:
                 raise
-            except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as exc:
+            except MEMBER_ERRORS as exc:
                 raise RequestRejected(f"Unable to extract client request ({exc})") from exc
 
 

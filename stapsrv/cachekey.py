@@ -4,9 +4,12 @@ A key covers the request (every member's path and bytes: script, tapsets,
 arguments, locale, sysinfo, version, MOK fingerprints), the server's own
 side (translator options, the translator program and its tapsets, the
 runtime directory, the kernel build tree's identity files, the C compiler,
-the server user's ``rc`` file and the ``SYSTEMTAP_*`` environment) and, for
-answers the server signs, the signing certificates.  Two requests share a
-key only if they would get the same answer.
+the server user's ``rc`` file and the ``SYSTEMTAP_*`` environment), the
+contents of every server file or directory the request names (a script or
+``-I`` path outside the request, a ``process("/usr/bin/x")`` binary in the
+script text) and, for answers the server signs, the signing certificates.
+Two requests share a key only if they would get the same answer; a request
+naming a server tree too big to fingerprint is not cached at all.
 
 Blocking: run in the thread pool.  Server-side digests are content hashes
 (so servers on different hosts with the same installation agree), kept
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import time
 import zipfile
@@ -27,8 +31,8 @@ from pathlib import Path
 
 from attrs import define, field, frozen
 
-from stapsrv.archive import RequestRejected, check_request
-from stapsrv.cmdline import Privilege, requested_privilege
+from stapsrv.archive import MEMBER_ERRORS, RequestRejected, check_request
+from stapsrv.cmdline import Privilege, requested_privilege, scan_options
 
 #: Bump when the meaning of a key or the cached answer's format changes.
 KEY_VERSION = b"stapsrv-response-cache-1\n"
@@ -45,6 +49,19 @@ _ENVIRONMENT_PREFIXES = ("SYSTEMTAP_", "KBUILD_")
 _ENVIRONMENT_NAMES = frozenset({"PATH", "ARCH", "CROSS_COMPILE", "CC", "LANG", "LC_ALL"})
 
 
+#: A named server directory with more files than this makes a request
+#: uncacheable (fingerprinting it would cost more than compiling).
+MAX_NAMED_FILES = 2000
+#: Where the translator's working directory is, as far as relative paths in
+#: arguments go: ``<TMPDIR>/<scratch>/request``.
+_NOTIONAL_REQUEST = "/<tmpdir>/<scratch>/request"
+_PATH_LITERAL = re.compile(rb'"(/[^"\n]{0,4096})"')
+
+
+class Uncacheable(Exception):
+    """The request names server files that cannot be fingerprinted."""
+
+
 @frozen
 class RequestSummary:
     """What the key needs to know from a request archive."""
@@ -53,6 +70,43 @@ class RequestSummary:
     release: str | None
     privilege: Privilege
     wants_mok: bool
+    #: Server paths the request names (absolute, normalised); relative ones
+    #: are given relative to the notional request directory.
+    named_paths: tuple[str, ...] = ()
+
+
+def _server_path(word: str) -> str | None:
+    """The server path ``word`` names when used by the translator, or None
+    when it is not a path or stays inside the request."""
+    if "/" not in word or "\0" in word:
+        return None
+    path = os.path.normpath(os.path.join(_NOTIONAL_REQUEST, word))
+    if path == "/<tmpdir>/<scratch>" or path.startswith("/<tmpdir>/<scratch>/"):
+        return None
+    return path
+
+
+def named_paths(arguments: Sequence[str], scripts: Iterable[bytes]) -> tuple[str, ...]:
+    """Server paths that the arguments or script texts may make the
+    translator read.  Generous on purpose: a word that merely looks like a
+    path only adds a fingerprint to the key."""
+    words: list[str] = []
+    used: set[int] = set()
+    texts = list(scripts)
+    for option in scan_options(arguments):
+        used.update(range(option.start, option.stop))
+        if option.value is None:
+            continue
+        if option.name == "e":
+            texts.append(os.fsencode(option.value))
+        else:
+            words.append(option.value)
+            words.append(option.value.partition("=")[2])
+    words += [word for index, word in enumerate(arguments) if index not in used]
+    for text in texts:
+        words += [os.fsdecode(match) for match in _PATH_LITERAL.findall(text)]
+    found = {path for word in words if (path := _server_path(word)) is not None}
+    return tuple(sorted(found))
 
 
 def _member_bytes(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int) -> bytes:
@@ -83,8 +137,7 @@ def summarize_request(body: bytes, max_size: int) -> RequestSummary:
                 continue
             try:
                 data = _member_bytes(archive, info, budget)
-            except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError,
-                    OSError) as exc:
+            except MEMBER_ERRORS as exc:
                 raise RequestRejected(f"Unable to extract client request ({exc})") from exc
             budget -= len(data)
             files[parts] = data
@@ -104,11 +157,13 @@ def summarize_request(body: bytes, max_size: int) -> RequestSummary:
         arguments.append(os.fsdecode(raw))
         index += 1
     moks = files.get(("mok_fingerprints",), b"").strip()
+    scripts = [data for parts, data in files.items() if parts[0] in ("script", "tapset")]
     return RequestSummary(
         digest=digest.digest(),
         release=sysinfo[1] if len(sysinfo) >= 2 else None,
         privilege=requested_privilege(arguments).privilege,
         wants_mok=bool(moks),
+        named_paths=named_paths(arguments, scripts),
     )
 
 
@@ -133,6 +188,15 @@ def _stat_walk(path: Path) -> tuple[object, ...]:
             entries.append((full, info.st_size, info.st_ino, info.st_mtime_ns,
                             info.st_ctime_ns))
     return tuple(entries)
+
+
+def _count_files(path: Path, limit: int) -> int:
+    count = 0
+    for _, _, filenames in os.walk(path, followlinks=False):
+        count += len(filenames)
+        if count > limit:
+            break
+    return count
 
 
 def _content_digest(path: Path) -> bytes:
@@ -178,6 +242,14 @@ class ContentDigests:
     clock: Callable[[], float] = time.monotonic
     _remembered: dict[Path, _Remembered] = field(factory=dict)
     _checked: dict[Path, float] = field(factory=dict)
+
+    def named_digest(self, path: Path) -> bytes:
+        """A path a request names: like ``digest``, but a directory with
+        more than ``MAX_NAMED_FILES`` files raises ``Uncacheable``."""
+        if path not in self._remembered and path.is_dir() \
+                and _count_files(path, MAX_NAMED_FILES) > MAX_NAMED_FILES:
+            raise Uncacheable(str(path))
+        return self.digest(path)
 
     def digest(self, path: Path) -> bytes:
         now = self.clock()
@@ -235,6 +307,10 @@ class KeyMaker:
             digest.update(b"env:%s=%s\n" % (name.encode(), value.encode("utf-8", "replace")))
         for label, path in self.server_paths(runtime, release):
             digest.update(b"%s:" % label.encode() + self.digests.digest(path))
+        for name in request.named_paths:
+            encoded = os.fsencode(name)
+            digest.update(b"named:%d:%s" % (len(encoded), encoded))
+            digest.update(self.digests.named_digest(Path(name)))
         for signer in signers:
             digest.update(b"signer:" + hashlib.sha256(signer).digest())
         return digest.hexdigest()

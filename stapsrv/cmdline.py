@@ -108,7 +108,11 @@ def scan_options(argv: Sequence[str]) -> list[Option]:
                 index += 1
                 continue
             kind = LONG_OPTIONS[resolved]
-            if kind is Arg.NONE:
+            if kind is Arg.NONE and eq:
+                # getopt_long refuses a value for an option that takes none.
+                options.append(Option(None, None, index, index + 1))
+                index += 1
+            elif kind is Arg.NONE:
                 options.append(Option(resolved, None, index, index + 1))
                 index += 1
             elif eq:
@@ -210,6 +214,9 @@ class ServerOption:
             return ["-a", self.value]
         if self.flag == "-k":
             return ["-k"]
+        if not self.value:
+            # "-B" alone would take the next word (--tmpdir=...) as its value.
+            return [self.flag, ""]
         return [self.flag + self.value]
 
 

@@ -30,7 +30,7 @@ from twisted.python.threadpool import ThreadPool
 from stapsrv import PROTOCOL_VERSION, mok
 from stapsrv.archive import RequestRejected, build_response, extract_request, refusal_archive
 from stapsrv.cache import ResponseCache
-from stapsrv.cachekey import KeyMaker, needs_signature, summarize_request
+from stapsrv.cachekey import KeyMaker, Uncacheable, needs_signature, summarize_request
 from stapsrv.certs import ServerIdentity
 from stapsrv.cmdline import Privilege, ServerOption, requested_privilege, translator_argv
 from stapsrv.config import ServerConfig
@@ -168,6 +168,10 @@ class RequestHandler:
             return await self._in_thread(self._make_key, body)
         except RequestRejected:
             return None  # the compile path gives the answer
+        except Uncacheable as exc:
+            self.log.info("Not caching a request that names the large server tree {path}",
+                          path=str(exc))
+            return None
         except Exception:
             self.log.failure("Cannot compute a cache key; compiling")
             return None
@@ -244,7 +248,7 @@ class RequestHandler:
         (response_dir / "version").write_text(PROTOCOL_VERSION)
 
         client_version = read_client_version(request_dir)
-        self.log.info("Client version is {version}", version=client_version)
+        self.log.info("Client version is {version}", version=client_version[:64])
 
         release = read_target_release(request_dir)
         if release is None:

@@ -32,6 +32,9 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
+_ULONG_MAX = 2**64 - 1
+
+
 def version_key(version: str) -> tuple[int, ...]:
     """Order protocol versions as 4.8 does: dotted numbers, prefix is smaller.
 
@@ -41,7 +44,10 @@ def version_key(version: str) -> tuple[int, ...]:
     key = []
     for component in version.split("."):
         digits = re.match(r"\d*", component)
-        key.append(int(digits.group()) if digits and digits.group() else 0)
+        raw = digits.group() if digits else ""
+        # strtoul saturates; so does this (and no huge int is ever built).
+        significant = raw.lstrip("0")[:21] or "0"
+        key.append(min(int(significant), _ULONG_MAX))
     return tuple(key)
 
 

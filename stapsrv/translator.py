@@ -12,6 +12,7 @@ kill reaches make and the compilers too).
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from collections.abc import Mapping, Sequence
@@ -104,6 +105,24 @@ def launcher(limits: TranslatorLimits) -> list[str]:
     return words + [SETSID, "--wait", "--"]
 
 
+#: Linux refuses exec when one string is longer than this (MAX_ARG_STRLEN).
+_MAX_ARGUMENT = 32 * 4096
+
+
+def check_exec_size(command: Sequence[str], env: Mapping[str, str]) -> None:
+    """Raise E2BIG here, where it can be answered, for a command line that
+    exec would refuse (Twisted would report that from the forked child)."""
+    strings = [os.fsencode(word) for word in command]
+    strings += [os.fsencode(f"{name}={value}") for name, value in env.items()]
+    total = sum(len(string) + 1 + 8 for string in strings)  # bytes plus pointer
+    try:
+        limit = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        limit = 2 * 1024 * 1024
+    if total > limit - 4096 or any(len(string) >= _MAX_ARGUMENT for string in strings):
+        raise OSError(errno.E2BIG, "Argument list too long")
+
+
 def start_translator(
     reactor: IReactorProcess,
     argv: Sequence[str],
@@ -113,14 +132,16 @@ def start_translator(
     stderr_path: Path,
     limits: TranslatorLimits = TranslatorLimits(),
 ) -> TranslatorRun:
-    """Start ``argv`` with output to the given files (stderr appended to)."""
+    """Start ``argv`` with output to the given files (stderr appended to).
+    Raises ``OSError`` when it cannot be started."""
+    command = launcher(limits) + list(argv)
+    check_exec_size(command, env)
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     stdin_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     stdout_fd = os.open(stdout_path, flags | os.O_TRUNC, 0o600)
     stderr_fd = os.open(stderr_path, flags | os.O_APPEND, 0o600)
     protocol = _TranslatorProtocol()
     try:
-        command = launcher(limits) + list(argv)
         process = reactor.spawnProcess(
             protocol,
             command[0],

@@ -94,3 +94,16 @@ reactor.run()
         self.assertNotEqual((base / "stdout").read_text().strip(), "0")
         self.assertEqual((base / "big").stat().st_size, 1 << 20)
         self.assertEqual(os.listdir(base).count("big"), 1)
+
+
+class ExecSizeTests(TestCase):
+    def test_too_long_a_command_is_refused_before_forking(self) -> None:
+        import errno
+
+        base = Path(self.mktemp()).absolute()
+        base.mkdir()
+        for argv in (["/bin/true", "x" * (200 * 1024)], ["/bin/true"] + ["y" * 100_000] * 40):
+            with self.assertRaises(OSError) as caught:
+                start_translator(reactor, argv, {}, base, base / "out", base / "err")
+            self.assertEqual(caught.exception.errno, errno.E2BIG)
+        self.assertEqual(sorted(os.listdir(base)), [], "nothing opened or written")
