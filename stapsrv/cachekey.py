@@ -307,6 +307,10 @@ class KeyMaker:
             digest.update(b"env:%s=%s\n" % (name.encode(), value.encode("utf-8", "replace")))
         for label, path in self.server_paths(runtime, release):
             digest.update(b"%s:" % label.encode() + self.digests.digest(path))
+        for option in options:
+            if option.startswith("-I") and len(option) > 2:
+                # The server's own tapset directories: their contents count.
+                digest.update(b"server-tapsets:" + self.digests.named_digest(Path(option[2:])))
         for name in request.named_paths:
             encoded = os.fsencode(name)
             digest.update(b"named:%d:%s" % (len(encoded), encoded))

@@ -16,6 +16,7 @@ import errno
 import os
 import pwd
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -63,12 +64,36 @@ def _is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def _no_room(directory: Path) -> bool:
+def _ran_out_of_room(scratch: Path) -> bool:
+    """After a failed compile: is the scratch filesystem (nearly) full, or
+    did the translator or the compiler say it was?"""
     try:
-        info = os.statvfs(directory)
+        info = os.statvfs(scratch)
+        if info.f_bavail * info.f_frsize < _DISK_FULL_BYTES or info.f_favail == 0:
+            return True
     except OSError:
         return False
-    return info.f_bavail * info.f_frsize < _DISK_FULL_BYTES or info.f_favail == 0
+    try:
+        with open(scratch / "response" / "stderr", "rb") as stderr:
+            return b"No space left on device" in stderr.read(1 << 20)
+    except OSError:
+        return False
+
+
+def _signal_message(number: int, config: ServerConfig) -> str:
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    message = f"Server: The translator was ended by {name}."
+    limits = config.limits
+    reasons = {signal.SIGXCPU: ("cpu_seconds", "its CPU time limit (--cpu-limit)"),
+               signal.SIGXFSZ: ("file_size", "its file size limit (--file-size-limit)")}
+    if number in reasons and getattr(limits, reasons[number][0]) is not None:
+        message += f" It went past {reasons[number][1]}."
+    elif number == signal.SIGKILL and limits.cpu_seconds is not None:
+        message += " It may have gone past its CPU time limit (--cpu-limit)."
+    return message + "\n"
 
 
 def server_home(environ: Mapping[str, str]) -> str:
@@ -323,8 +348,13 @@ class RequestHandler:
                     f"({self.config.compile_timeout:g} s) and was stopped.\n")
             (response_dir / "rc").write_text("1")
             return 1
-        if status != 0 and await self._in_thread(_no_room, scratch):
+        if status != 0 and await self._in_thread(_ran_out_of_room, scratch):
             raise DiskFull()
+        if status > 128 and not context.timed_out:
+            self.log.info("The translator for {peer} was ended by signal {signal}",
+                          peer=context.peer, signal=status - 128)
+            with open(response_dir / "stderr", "a", encoding="utf-8") as stderr:
+                stderr.write(_signal_message(status - 128, self.config))
 
         privilege = requested_privilege(argv[1:])
         if privilege.invalid_value is not None:

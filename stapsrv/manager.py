@@ -33,6 +33,7 @@ from stapsrv.conffile import (
     render_status,
 )
 from stapsrv import counters as request_counters
+from stapsrv.fleet import display_url
 from stapsrv.launch import LaunchFailed, is_server, start_daemon, stop_daemon
 from stapsrv.managerargs import ACTIONS, ArgumentError, Invocation, SpecWords, parse
 
@@ -108,8 +109,11 @@ def render(settings: ServerSettings, nickname: bool = True) -> str:
         if value:
             words.append(f"{flag} {_quote(value)}")
     for _, field, option in EXTENSIONS:
-        if getattr(s, field):
-            words.append(f"--{option} {_quote(getattr(s, field))}")
+        value = getattr(s, field)
+        if value:
+            if field == "fleet_cache":
+                value = display_url(value)  # no password on terminals and in logs
+            words.append(f"--{option} {_quote(value)}")
     return " ".join(words)
 
 

@@ -249,9 +249,11 @@ def _add_server(top: MultiService, config: ServerConfig, publish: bool) -> None:
     """The server, then its publisher: started after the listener (so the
     port is known) and stopped before it."""
     server = CompileServerService(config)
-    server.setServiceParent(top)
     if config.counters_file is not None:
+        # Opened before the server listens: the manager renames the file as
+        # soon as the server says where it listens.
         CountersFileService(config.counters_file, server.snapshot).setServiceParent(top)
+    server.setServiceParent(top)
     publisher_service(server, enabled=publish).setServiceParent(top)
 
 

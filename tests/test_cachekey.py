@@ -251,6 +251,38 @@ class KeyMakerTests(TestCase):
                                            runtime if runtime is not None else str(self.runtime),
                                            signers)
 
+    def test_server_tapset_directory_contents_count(self) -> None:
+        """A server -I directory edited in place gives new keys."""
+        tapsets = self.root / "site-tapsets"
+        tapsets.mkdir()
+        (tapsets / "site.stp").write_text("function f() { return 1 }\n")
+        maker = self.maker()
+        options = ("stap", f"-I{tapsets}")
+        before = self.key(maker, options=options)
+        self.assertEqual(self.key(maker, options=options), before)
+        (tapsets / "site.stp").write_text("function f() { return 2 }\n")
+        self.assertNotEqual(self.key(maker, options=options), before)
+
+    def test_request_naming_server_files(self) -> None:
+        """A script path or a process("...") binary outside the request is
+        fingerprinted; a request naming a huge tree is not cached."""
+        from stapsrv.cachekey import Uncacheable
+        target = self.root / "probed"
+        target.write_bytes(b"v1")
+        summary = summarize_request(request("-p4", "-e", f'probe process("{target}").begin {{}}',
+                                            release="r1"), MAX)
+        self.assertEqual(summary.named_paths, (str(target),))
+        maker = self.maker()
+        before = self.key(maker, summary)
+        target.write_bytes(b"v2")
+        self.assertNotEqual(self.key(maker, summary), before)
+        huge = self.root / "huge"
+        huge.mkdir()
+        for number in range(2001):
+            (huge / str(number)).touch()
+        summary = summarize_request(request("-p4", "-I", str(huge), "-e", "x", release="r1"), MAX)
+        self.assertRaises(Uncacheable, self.key, maker, summary)
+
     def test_key_is_stable_and_hex(self) -> None:
         key = self.key()
         self.assertRegex(key, r"^[0-9a-f]{64}$")

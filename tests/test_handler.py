@@ -14,7 +14,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
 from stapsrv.cmdline import ServerOption
-from stapsrv.config import ServerConfig
+from stapsrv.config import ServerConfig, TranslatorLimits
 from stapsrv.handler import RequestContext, RequestHandler
 from tests.helpers import install_fake_stap, test_identity
 from tests.test_archive import make_zip
@@ -125,6 +125,12 @@ class HandlerTests(HandlerCase):
     async def test_killed_translator_reports_128_plus_signal(self) -> None:
         found = await self.answer(request("-p4", "-esignal"))
         self.assertEqual(found["rc"], b"137")
+        self.assertTrue(found["stderr"].endswith(
+            b"Server: The translator was ended by SIGKILL.\n"), found["stderr"])
+        found = await self.answer(request("-p4", "-esignal"), self.handler(
+            limits=TranslatorLimits(cpu_seconds=60)))
+        self.assertIn(b"It may have gone past its CPU time limit (--cpu-limit).",
+                      found["stderr"])
 
     async def test_unprivileged_module_is_signed(self) -> None:
         for privilege in ("--privilege=stapusr", "--privilege=stapsys", "--unprivileged"):
