@@ -244,17 +244,20 @@ class ContentDigests:
     _checked: dict[Path, float] = field(factory=dict)
 
     def named_digest(self, path: Path) -> bytes:
-        """A path a request names: like ``digest``, but a directory with
-        more than ``MAX_NAMED_FILES`` files raises ``Uncacheable``."""
+        """A path a request or a server option names: checked on every
+        request (such files are edited by hand, between two requests), and a
+        directory with more than ``MAX_NAMED_FILES`` files raises
+        ``Uncacheable``."""
         if path not in self._remembered and path.is_dir() \
                 and _count_files(path, MAX_NAMED_FILES) > MAX_NAMED_FILES:
             raise Uncacheable(str(path))
-        return self.digest(path)
+        return self.digest(path, recheck=0.0)
 
-    def digest(self, path: Path) -> bytes:
+    def digest(self, path: Path, recheck: float | None = None) -> bytes:
         now = self.clock()
         known = self._remembered.get(path)
-        if known is not None and now - self._checked.get(path, -1e18) < self.recheck:
+        interval = self.recheck if recheck is None else recheck
+        if known is not None and now - self._checked.get(path, -1e18) < interval:
             return known.digest
         signature = _stat_walk(path)
         if known is None or known.signature != signature:
