@@ -30,6 +30,7 @@ from stapsrv.counters import CountersFileService
 from stapsrv.fleet import url_problem
 from stapsrv.publish import publisher_service
 from stapsrv.serverlog import LogFileService, ReopenOnSighup
+from stapsrv.shutdown import CleanExitOnSignal
 from stapsrv.service import ROOT_OVERRIDE, ROOT_REFUSAL, CompileServerService
 from stapsrv.trust import default_server_ssl_dir
 
@@ -242,6 +243,7 @@ def _configured_service(options: Options) -> IService:
     _reopen_on_sighup(top, logs)
     for config in servers:
         _add_server(top, config, publish=not options["no-avahi"])
+    CleanExitOnSignal().setServiceParent(top)  # stopped first
     return top
 
 
@@ -267,4 +269,5 @@ def makeService(options: Options) -> IService:
         log_service.setServiceParent(top)
         _reopen_on_sighup(top, [log_service])
     _add_server(top, config, publish=not options["no-avahi"])
+    CleanExitOnSignal().setServiceParent(top)  # stopped first
     return top

@@ -54,7 +54,8 @@ class _TranslatorProtocol(ProcessProtocol):
 
 class TranslatorRun:
     """One running translator; ``result`` fires with its exit status
-    (``128 + signal`` when killed, as 4.8 reports it)."""
+    (``128 + signal`` when killed, as 4.8 reports it) once the translator
+    has exited and nothing of its process group is left running."""
 
     log = Logger()
 
@@ -64,17 +65,31 @@ class TranslatorRun:
         self._protocol = protocol
         self._finished = False
         self._hard_kill: IDelayedCall | None = None
-        self.result: Deferred[int] = protocol.ended
-        self.result.addBoth(self._mark_finished)
+        self.result: Deferred[int] = Deferred()
+        protocol.ended.addCallback(self._leader_exited)
 
-    def _mark_finished(self, value: object) -> object:
+    def _leader_exited(self, status: int) -> None:
         self._finished = True
         if self._hard_kill is not None and self._hard_kill.active():
-            # Killed and the leader is gone: finish off any make/gcc left in
-            # its group now rather than leaving a timer behind.
             self._hard_kill.cancel()
-            self._kill_hard()
-        return value
+        # Whatever the translator left behind (make and gcc, when it crashed
+        # or was killed) must not go on writing into the scratch directory.
+        if self._signal_group(signal.SIGKILL):
+            self._wait_for_group(status, tries=25)
+        else:
+            self.result.callback(status)
+
+    def _wait_for_group(self, status: int, tries: int) -> None:
+        try:
+            os.killpg(self.pid, 0)
+        except OSError:
+            self.result.callback(status)
+            return
+        if tries <= 0:
+            # Only zombies waiting for init to reap them are left, usually.
+            self.result.callback(status)
+            return
+        self._reactor.callLater(0.02, self._wait_for_group, status, tries - 1)
 
     def kill(self) -> None:
         """SIGTERM the whole process group, SIGKILL it if still there later."""
@@ -86,14 +101,17 @@ class TranslatorRun:
     def _kill_hard(self) -> None:
         self._signal_group(signal.SIGKILL)
 
-    def _signal_group(self, signum: int) -> None:
+    def _signal_group(self, signum: int) -> bool:
+        """Signal the group; whether any process of it was there."""
         try:
             os.killpg(self.pid, signum)
         except ProcessLookupError:
-            pass
+            return False
         except OSError as exc:
             self.log.warn("Cannot signal translator group {pid}: {error}",
                           pid=self.pid, error=exc)
+            return False
+        return True
 
 
 def launcher(limits: TranslatorLimits) -> list[str]:

@@ -12,6 +12,7 @@ from stapsrv.config import ServerConfig
 from stapsrv.publish import PublisherService
 from stapsrv.serverlog import LogFileService, ReopenOnSighup
 from stapsrv.service import CompileServerService
+from stapsrv.shutdown import CleanExitOnSignal
 
 
 class OptionsTests(TestCase):
@@ -151,8 +152,9 @@ class ConfigFileTests(TestCase):
         self.assertRaises(usage.UsageError, self.services)
 
     def test_no_configured_server_means_the_default_one(self) -> None:
-        [log, reopen, server, publisher] = self.services()
+        [log, reopen, server, publisher, clean_exit] = self.services()
         self.assertIsInstance(reopen, ReopenOnSighup)
+        self.assertIsInstance(clean_exit, CleanExitOnSignal)
         self.assertIsInstance(publisher, PublisherService)
         self.assertEqual(server.config.releases, (os.uname().release,))
         self.assertEqual(log.path, self.base / "log")
