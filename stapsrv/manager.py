@@ -143,6 +143,8 @@ def daemon_arguments(settings: ServerSettings, keep: bool) -> list[str]:
         if option == "cache":
             if value.lower() in ("no", "off", "0", "false"):
                 args.append("--no-cache")
+            elif value.lower() not in ("", "yes", "on", "1", "true"):
+                raise LaunchFailed(f"CACHE={value} (--cache) is not yes or no")
         elif value:
             args += [f"--{option}", value]
     if keep:
