@@ -68,6 +68,11 @@ class CompileServerProtocol(Protocol):
         return d
 
     @property
+    def handling(self) -> bool:
+        """The request is in and its answer is not ready yet."""
+        return self._work is not None
+
+    @property
     def busy(self) -> bool:
         """A request is being processed (or its answer is being sent)."""
         return self._work is not None or (self._context is not None and not self._closed)
@@ -187,12 +192,12 @@ class CompileServerFactory(Factory):
 
     def log_load(self) -> None:
         """4.8's load line for a new request (none when concurrency is
-        disabled).  4.8 logged it on accept, when each connection took a
-        thread; here it is logged when a request is in, from the number of
-        translator slots taken and awaited."""
+        disabled), from the requests already being handled.  4.8 logged it
+        on accept, when each connection took a thread; here it is logged
+        when a request is in, since idle connections take nothing."""
         if self.limit <= 0:
             return
-        ahead = (self.limit - self.gate.tokens) + self.waiting
+        ahead = sum(1 for connection in self.connections if connection.handling)
         if ahead >= self.limit:
             self.log.info("Server is overloaded. Processing times may be longer than normal.")
         elif ahead == 0:

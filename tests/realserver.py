@@ -236,6 +236,10 @@ def start_stapsrv(arguments: Sequence[str] = (), release: str | None = None,
             "--ssl", str(ssl_dir), "--log", str(log)]
     if release:
         argv += ["-r", release]
+    if "--cache-dir" not in arguments and "--no-cache" not in arguments:
+        # A response cache of its own: what a test sees must not depend on
+        # what earlier runs left in a shared one.
+        argv += ["--cache-dir", str(owned_directory(base / "response-cache"))]
     argv += list(arguments)
     full_env = server_environment(base, "stapsrv")
     full_env.update(env or {})

@@ -69,6 +69,7 @@ from tests.realserver import (
     Client,
     ServerProcess,
     newest_header_release,
+    owned_directory,
     remove_tree,
     scratch_directory,
     start_stapsrv,
@@ -115,8 +116,14 @@ class _Suite:
             # translator (the shared default one remembers earlier runs).
             cache = scratch_directory("hostile-cache-")
             atexit.register(remove_tree, cache)
+            # And a SYSTEMTAP_DIR of its own: the MOK cases make the server
+            # create a MOK in its default store, which other tests' servers
+            # would then advertise.
+            systemtap_dir = owned_directory(scratch_directory("hostile-systemtap-"))
+            atexit.register(remove_tree, systemtap_dir)
             self.server = start_stapsrv([*self.arguments, "--cache-dir", str(cache)],
-                                        release=RELEASE)
+                                        release=RELEASE,
+                                        env={"SYSTEMTAP_DIR": str(systemtap_dir)})
             atexit.register(_stop_and_remove, self.server)
             base = scratch_directory("hostile-client-")
             atexit.register(remove_tree, base)

@@ -230,8 +230,9 @@ class ManagerTests(TestCase):
         self.assertEqual(out.count("\nOK"), 3, out)
         status, _, code = self.sandbox.run("status")
         self.assertEqual(code, 0)
-        lines = status.splitlines()
+        lines = [line for line in status.splitlines() if " running as PID " in line]
         self.assertEqual(len(lines), 3)
+        self.assertEqual(status.count("\n  requests 0, failures 0, cache hits 0"), 3, status)
         by_name = {re.search(r'-n "(\w)"', line).group(1): line for line in lines}
         self.assertIn(f'--log "{other_log}" --port "0"', by_name["b"])
         self.assertIn(f'--log "{self.sandbox.log}"', by_name["c"])
@@ -253,7 +254,9 @@ class ManagerTests(TestCase):
         self.assertIn('-n "native"', out)
         status, _, code = self.sandbox.run("status", "-n", "native")
         self.assertEqual(code, 0)
-        self.assertRegex(status, r'-n "native" .*--max-threads "1" running as PID \d+\n$')
+        self.assertRegex(status, r'-n "native" .*--max-threads "1" running as PID \d+\n'
+                                 r'  requests 0, failures 0, cache hits 0, compiling 0, '
+                                 r'waiting 0\n$')
         (conf / "two.conf").write_text("PORT=1\nBOGUS=2\n")
         out, err, code = self.sandbox.run("start")
         self.assertEqual(code, 1)
@@ -410,7 +413,8 @@ class UserRuleTests(TestCase):
 
         manager = Manager(Invocation("start"), GlobalConfig())
         with self.assertRaises(LaunchFailed) as caught:
-            manager._launch(ServerSettings(user=user, log="/nonexistent/dir/log"))
+            manager._launch(ServerSettings(user=user, log="/nonexistent/dir/log"),
+                            Path("/nonexistent/dir/counters"))
         return str(caught.exception)
 
     def test_group_membership_is_required_when_the_group_exists(self) -> None:
