@@ -12,6 +12,7 @@ import os
 import stat
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 #: The most members a request may hold.  A real client sends its argv files,
@@ -146,11 +147,13 @@ def _write_member(
     return budget
 
 
-def build_response(response_dir: Path) -> bytes:
+def build_response(response_dir: Path,
+                   include: Callable[[str], bool] | None = None) -> bytes:
     """Zip a response directory the way ``zip -r`` from inside it would.
 
     Names are relative (no ``./``), directories get their own entries and
-    symbolic links are followed, so the client sees plain files.
+    symbolic links are followed, so the client sees plain files.  With
+    ``include``, only members whose archive name it accepts are stored.
     """
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
@@ -159,12 +162,15 @@ def build_response(response_dir: Path) -> bytes:
             base = Path(dirpath)
             relative = base.relative_to(response_dir)
             if relative != Path("."):
-                archive.write(base, relative.as_posix() + "/")
+                directory = relative.as_posix() + "/"
+                if include is None or include(directory):
+                    archive.write(base, directory)
             for name in sorted(filenames):
                 path = base / name
-                if not path.is_file():
+                member = (relative / name).as_posix()
+                if not path.is_file() or (include is not None and not include(member)):
                     continue
-                archive.write(path, (relative / name).as_posix())
+                archive.write(path, member)
     return buffer.getvalue()
 
 

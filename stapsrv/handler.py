@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -104,6 +104,29 @@ def server_home(environ: Mapping[str, str]) -> str:
     return pwd.getpwuid(os.getuid()).pw_dir
 
 
+@frozen
+class Outcome:
+    """What became of a request: the answer (None: close without one),
+    whether it reports success, and the form of it to keep in the cache."""
+
+    response: bytes | None
+    succeeded: bool
+    to_keep: bytes | None = None
+
+
+def repeated_answer_member(name: str) -> bool:
+    """Whether a response member is part of the answer a warm translator
+    gives: everything but kbuild's leftovers in the module directory."""
+    if not name.startswith(MODULE_DIR + "/"):
+        return True
+    inner = name[len(MODULE_DIR) + 1:]
+    if inner in ("", "uprobes/") or inner.startswith("uprobes/"):
+        return True
+    if "/" in inner or inner.startswith("."):
+        return False
+    return inner.endswith((".ko", ".ko.sgn", "_src.c"))
+
+
 @define(eq=False)
 class RequestContext:
     """One request's link back to its connection."""
@@ -147,12 +170,12 @@ class RequestHandler:
 
     async def handle(self, body: bytes, context: RequestContext) -> bytes | None:
         self.counters.requests += 1
-        response, succeeded = await self._answer(body, context)
-        if not succeeded:
+        outcome = await self._answer(body, context)
+        if not outcome.succeeded:
             self.counters.failures += 1
-        return response
+        return outcome.response
 
-    async def _answer(self, body: bytes, context: RequestContext) -> tuple[bytes | None, bool]:
+    async def _answer(self, body: bytes, context: RequestContext) -> Outcome:
         key = await self._cache_key(body)
         if key is None or self.cache is None:
             return await self._compile(body, context)
@@ -161,7 +184,7 @@ class RequestHandler:
             self.counters.cache_hits += 1
             self.log.info("Answering {peer} from the cache ({key})", peer=context.peer,
                           key=key[:16])
-            return cached, True
+            return Outcome(cached, True)
         flight = self._flights.get(key)
         if flight is not None:
             waiter: Deferred[bytes | None] = Deferred()
@@ -171,20 +194,19 @@ class RequestHandler:
                 self.counters.cache_hits += 1
                 self.log.info("Answering {peer} with the compile it waited for ({key})",
                               peer=context.peer, key=key[:16])
-                return shared, True
+                return Outcome(shared, True)
             return await self._compile(body, context)
         self._flights[key] = []
-        response: bytes | None = None
-        succeeded = False
+        outcome = Outcome(None, False)
         try:
-            response, succeeded = await self._compile(body, context)
+            outcome = await self._compile(body, context)
         finally:
-            share = response if succeeded else None
+            share = outcome.response if outcome.succeeded else None
             for waiter in self._flights.pop(key):
                 waiter.callback(share)
-        if succeeded and response is not None:
-            await self.cache.put(key, response)
-        return response, succeeded
+        if outcome.succeeded and outcome.to_keep is not None:
+            await self.cache.put(key, outcome.to_keep)
+        return outcome
 
     async def _cache_key(self, body: bytes) -> str | None:
         if self.cache is None or self.keys is None:
@@ -219,13 +241,12 @@ class RequestHandler:
                 signers.append((store / name / mok.CERTIFICATE).read_bytes())
         return self.keys.key(summary, release, options, runtime, signers)
 
-    async def _compile(self, body: bytes, context: RequestContext) -> tuple[bytes | None, bool]:
-        """Run the request through the translator, once a slot is free:
-        (answer, rc was 0)."""
+    async def _compile(self, body: bytes, context: RequestContext) -> Outcome:
+        """Run the request through the translator, once a slot is free."""
         await self.gate.acquire()
         try:
             if context.abandoned:
-                return None, False
+                return Outcome(None, False)
             return await self._compile_in_scratch(body, context)
         except DiskFull:
             pass
@@ -236,13 +257,12 @@ class RequestHandler:
             self.gate.release()
         self.log.error("No space left in {tmpdir} for the request from {peer}",
                        tmpdir=self.config.tmpdir, peer=context.peer)
-        return refusal_archive(
+        return Outcome(refusal_archive(
             "Server: The server ran out of disk space in its temporary directory while "
             "handling this request.  Try again later, or tell the server's administrator.",
-            PROTOCOL_VERSION), False
+            PROTOCOL_VERSION), False)
 
-    async def _compile_in_scratch(self, body: bytes,
-                                  context: RequestContext) -> tuple[bytes | None, bool]:
+    async def _compile_in_scratch(self, body: bytes, context: RequestContext) -> Outcome:
         scratch = await self._in_thread(_make_scratch, self.config.tmpdir)
         try:
             try:
@@ -253,12 +273,21 @@ class RequestHandler:
                 self.log.info("{message}", message=str(exc))
                 self.log.info("Error processing client request")
                 if exc.client_message is None:
-                    return None, False
-                return refusal_archive(exc.client_message, PROTOCOL_VERSION), False
+                    return Outcome(None, False)
+                return Outcome(refusal_archive(exc.client_message, PROTOCOL_VERSION), False)
             status = await self._process(scratch, context)
             if context.abandoned or status is None:
-                return None, False
-            return await self._in_thread(build_response, scratch / "response"), status == 0
+                return Outcome(None, False)
+            response = await self._in_thread(build_response, scratch / "response")
+            to_keep = None
+            if status == 0 and self.cache is not None:
+                # What the translator sends once its own cache is warm: a cold
+                # build also leaves kbuild's intermediate files in the module
+                # directory, which repeated answers should not carry (4.8's
+                # do not).
+                to_keep = await self._in_thread(
+                    build_response, scratch / "response", repeated_answer_member)
+            return Outcome(response, status == 0, to_keep)
         finally:
             if self.config.keep_temporary:
                 self.log.info("Keeping temporary directory {directory}", directory=scratch)

@@ -7,7 +7,9 @@ It records how it was run (argv, cwd, selected environment) in
 * ``fail``: print an error on stderr and exit 1;
 * ``sleep``: start a grandchild, record both pids, and sleep for a long time;
 * ``signal``: kill itself with SIGKILL;
-* ``home``: mention $HOME and the --tmpdir in its output (path filtering).
+* ``home``: mention $HOME and the --tmpdir in its output (path filtering);
+* ``cold``: like ``ok``, plus the C source and kbuild leftovers of a build
+  done without the translator's own cache.
 
 Two optional variables help the cache tests: ``$FAKESTAP_COUNT`` names a
 file that gets one line per run (so a test can count compiles), and
@@ -58,6 +60,12 @@ def main() -> None:
     module = os.path.join(tmpdir, "stap_fake_1.ko")
     with open(module, "wb") as out:
         out.write(b"\x7fELF fake module " + os.urandom(16))
+    if script == "cold":
+        # What a build without the translator's cache leaves behind.
+        for name in ("stap_fake_1_src.c", ".stap_fake_1.o.cmd", "Module.symvers",
+                     "stap_fake_1.mod.c"):
+            with open(os.path.join(tmpdir, name), "w") as out:
+                out.write("kbuild " + name + "\n")
     sys.stdout.write(os.environ.get("HOME", "/nonexistent") + "/.systemtap/cache/fa/stap_fake_1.ko\n")
     sys.stderr.write("Pass 4: compiled C into \"stap_fake_1.ko\"\n")
 

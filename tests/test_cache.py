@@ -365,6 +365,21 @@ class HandlerCacheTests(CachedHandlerCase):
         self.assertEqual((handler.counters.requests, handler.counters.failures,
                           handler.counters.cache_hits), (2, 0, 1))
 
+    async def test_repeated_answer_leaves_out_kbuild_leftovers(self) -> None:
+        """A cold build's answer carries kbuild's files (as 4.8's does); the
+        answer to the same request again is the one a warm translator gives."""
+        handler = self.cached_handler()
+        first = members(await self.raw(handler, request("-p4", "-ecold")))
+        second = members(await self.raw(handler, request("-p4", "-ecold")))
+        self.assertEqual(self.runs(), 1)
+        self.assertIn("stap000000/.stap_fake_1.o.cmd", first)
+        self.assertIn("stap000000/Module.symvers", first)
+        self.assertEqual(sorted(second), ["rc", "stap000000/", "stap000000/stap_fake_1.ko",
+                                          "stap000000/stap_fake_1_src.c", "stderr", "stdout",
+                                          "version"])
+        for name in second:
+            self.assertEqual(second[name], first[name], name)
+
     async def test_cache_survives_a_restart(self) -> None:
         first = await self.raw(self.cached_handler(), request("-p4"))
         second = await self.raw(self.cached_handler(), request("-p4"))

@@ -55,6 +55,7 @@ from tests.realserver import (
     Client,
     ServerProcess,
     newest_header_release,
+    owned_directory,
     remove_tree,
     scratch_directory,
     start_stapsrv,
@@ -497,7 +498,14 @@ class CompileTimeoutTests(FaultMixin, TestCase):
         """A real -p4 of a new script whose gcc runs for several seconds,
         with --compile-timeout 2 (pass 4 starts within a second): rc 1 and
         the message, no make/gcc left."""
-        server = self.start_server("--compile-timeout", "2")
+        # The check afterwards must not need a compile itself (a cold one
+        # takes longer than 2 s): a server without the timeout puts its
+        # answer into a response cache the timed server shares.
+        cache = owned_directory(scratch_directory("timeout-cache-"))
+        self.addCleanup(remove_tree, cache)
+        warm = self.start_server("--cache-dir", str(cache))
+        await self.assert_still_serves(warm)
+        server = self.start_server("--compile-timeout", "2", "--cache-dir", str(cache))
         client = await self.trusted_client(server)
         result = self.compile(client, server, "-p4", "-m", "too_slow",
                               "-e", heavy_script("slow"))
