@@ -12,6 +12,7 @@ import resource
 from pathlib import Path
 from typing import Any
 
+from attrs import evolve
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
@@ -89,8 +90,7 @@ class CompileServerService(Service):
     def snapshot(self) -> Counters:
         """The counters, with the requests waiting for a slot right now."""
         waiting = self.factory.waiting if self.factory is not None else 0
-        return Counters(self.counters.requests, self.counters.failures,
-                        self.counters.cache_hits, self.counters.compiling, waiting)
+        return evolve(self.counters, waiting=waiting)
 
     @property
     def port_number(self) -> int:

@@ -49,36 +49,58 @@ def _number(text: str, name: str, default: int | None, minimum: int) -> int | No
     return int(text)
 
 
-def _mebibytes(value: int | None) -> int | None:
-    return None if value is None else value << 20
+def robustness_fields(*, request_timeout: int, compile_timeout: int, cpu_limit: int | None,
+                      memory_limit: int | None, file_size_limit: int | None,
+                      process_limit: int | None, cache: bool, cache_dir: str | None,
+                      cache_size: int, fleet_cache: str | None) -> dict[str, Any]:
+    """The timeout, limit and cache fields of a ServerConfig, from checked
+    numbers (sizes in MiB), as the command line and the variables give them."""
+    if fleet_cache:
+        problem = url_problem(fleet_cache)
+        if problem is not None:
+            raise SettingsError(problem)
+
+    def mebibytes(value: int | None) -> int | None:
+        return None if value is None else value << 20
+
+    return {
+        "request_timeout": float(request_timeout),
+        "compile_timeout": float(compile_timeout),
+        "limits": TranslatorLimits(cpu_seconds=cpu_limit,
+                                   address_space=mebibytes(memory_limit),
+                                   file_size=mebibytes(file_size_limit),
+                                   processes=process_limit),
+        "cache_enabled": cache,
+        "cache_dir": Path(cache_dir).absolute() if cache_dir else None,
+        "cache_size": cache_size << 20,
+        "fleet_cache": fleet_cache or None,
+    }
 
 
 def robustness(settings: ServerSettings) -> dict[str, Any]:
     """Timeouts, translator limits and cache settings from our variables."""
     s = settings
-    if s.fleet_cache:
-        problem = url_problem(s.fleet_cache)
-        if problem is not None:
-            raise SettingsError(f"FLEET_CACHE: {problem}")
     cache = s.cache.lower()
     if cache not in ("", "yes", "no", "on", "off", "1", "0", "true", "false"):
         raise SettingsError(f"CACHE={s.cache} is not yes or no")
-    return {
-        "request_timeout": float(_number(s.request_timeout, "REQUEST_TIMEOUT",
-                                         int(DEFAULT_REQUEST_TIMEOUT), 0) or 0),
-        "compile_timeout": float(_number(s.compile_timeout, "COMPILE_TIMEOUT",
-                                         int(DEFAULT_COMPILE_TIMEOUT), 0) or 0),
-        "limits": TranslatorLimits(
-            cpu_seconds=_number(s.cpu_limit, "CPU_LIMIT", None, 1),
-            address_space=_mebibytes(_number(s.memory_limit, "MEMORY_LIMIT", None, 1)),
-            file_size=_mebibytes(_number(s.file_size_limit, "FILE_SIZE_LIMIT", None, 1)),
-            processes=_number(s.process_limit, "PROCESS_LIMIT", None, 1)),
-        "cache_enabled": cache not in ("no", "off", "0", "false"),
-        "cache_dir": Path(s.cache_dir).absolute() if s.cache_dir else None,
-        "cache_size": (_number(s.cache_size, "CACHE_SIZE", DEFAULT_CACHE_SIZE >> 20, 1)
-                       or DEFAULT_CACHE_SIZE >> 20) << 20,
-        "fleet_cache": s.fleet_cache or None,
+    numbers = {
+        "request_timeout": _number(s.request_timeout, "REQUEST_TIMEOUT",
+                                   int(DEFAULT_REQUEST_TIMEOUT), 0) or 0,
+        "compile_timeout": _number(s.compile_timeout, "COMPILE_TIMEOUT",
+                                   int(DEFAULT_COMPILE_TIMEOUT), 0) or 0,
+        "cpu_limit": _number(s.cpu_limit, "CPU_LIMIT", None, 1),
+        "memory_limit": _number(s.memory_limit, "MEMORY_LIMIT", None, 1),
+        "file_size_limit": _number(s.file_size_limit, "FILE_SIZE_LIMIT", None, 1),
+        "process_limit": _number(s.process_limit, "PROCESS_LIMIT", None, 1),
+        "cache_size": _number(s.cache_size, "CACHE_SIZE", DEFAULT_CACHE_SIZE >> 20, 1)
+        or DEFAULT_CACHE_SIZE >> 20,
     }
+    try:
+        return robustness_fields(cache=cache not in ("no", "off", "0", "false"),
+                                 cache_dir=s.cache_dir or None,
+                                 fleet_cache=s.fleet_cache or None, **numbers)
+    except SettingsError as exc:
+        raise SettingsError(f"FLEET_CACHE: {exc}") from None
 
 
 def server_config(settings: ServerSettings, global_config: GlobalConfig,

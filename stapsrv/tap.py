@@ -23,11 +23,9 @@ from stapsrv.config import (
     DEFAULT_MAX_REQUEST_SIZE,
     DEFAULT_REQUEST_TIMEOUT,
     ServerConfig,
-    TranslatorLimits,
     default_listen,
 )
 from stapsrv.counters import CountersFileService
-from stapsrv.fleet import url_problem
 from stapsrv.publish import publisher_service
 from stapsrv.serverlog import LogFileService, ReopenOnSighup
 from stapsrv.shutdown import CleanExitOnSignal
@@ -190,31 +188,22 @@ class Options(usage.Options):
         )
 
 
-def _mebibytes(value: int | None) -> int | None:
-    return None if value is None else value << 20
-
-
 def robustness_settings(options: usage.Options | dict[str, Any]) -> dict[str, Any]:
     """The timeout, limit, cache and counters fields of a ServerConfig."""
-    if options["fleet-cache"]:
-        problem = url_problem(options["fleet-cache"])
-        if problem is not None:
-            raise usage.UsageError(f"--fleet-cache: {problem}")
-    return {
-        "request_timeout": float(options["request-timeout"]),
-        "compile_timeout": float(options["compile-timeout"]),
-        "limits": TranslatorLimits(
-            cpu_seconds=options["cpu-limit"],
-            address_space=_mebibytes(options["memory-limit"]),
-            file_size=_mebibytes(options["file-size-limit"]),
-            processes=options["process-limit"]),
-        "cache_enabled": not options["no-cache"],
-        "cache_dir": Path(options["cache-dir"]).absolute() if options["cache-dir"] else None,
-        "cache_size": options["cache-size"] << 20,
-        "fleet_cache": options["fleet-cache"] or None,
-        "counters_file": (Path(options["counters-file"]).absolute()
-                          if options["counters-file"] else None),
-    }
+    try:
+        fields = settings.robustness_fields(
+            request_timeout=options["request-timeout"],
+            compile_timeout=options["compile-timeout"],
+            cpu_limit=options["cpu-limit"], memory_limit=options["memory-limit"],
+            file_size_limit=options["file-size-limit"],
+            process_limit=options["process-limit"], cache=not options["no-cache"],
+            cache_dir=options["cache-dir"], cache_size=options["cache-size"],
+            fleet_cache=options["fleet-cache"])
+    except settings.SettingsError as exc:
+        raise usage.UsageError(f"--fleet-cache: {exc}") from None
+    counters = options["counters-file"]
+    fields["counters_file"] = Path(counters).absolute() if counters else None
+    return fields
 
 
 def _reopen_on_sighup(top: MultiService, logs: list[LogFileService]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from stapsrv.counters import Counters, CountersFileService, describe, parse, render
@@ -48,6 +50,11 @@ class ServiceTests(TestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_unwritable_file_is_a_warning_not_a_crash(self) -> None:
-        service = CountersFileService(Path("/nonexistent/dir/file"), Counters)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service = CountersFileService(Path("/nonexistent/dir/file"), Counters, Clock())
         service.startService()
         service.stopService()
+        warnings = [formatEvent(event) for event in events
+                    if event["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("Cannot write request counters to /nonexistent/dir/file", warnings[0])

@@ -54,12 +54,12 @@ from tests.rawclient import (
 from tests.realserver import (
     Client,
     ServerProcess,
-    newest_header_release,
     owned_directory,
     remove_tree,
     scratch_directory,
     start_stapsrv,
 )
+from tests.test_service import RealClientMixin
 
 T = TypeVar("T")
 
@@ -251,28 +251,14 @@ class ProcessWatch:
 # ---------------------------------------------------------------------------
 
 
-class FaultMixin:
+class FaultMixin(RealClientMixin):
     """Servers with a process watch, trusted real clients, post-fault checks."""
 
     timeout = 300
 
     def setUp(self) -> None:
-        require_program("stap")
-        require_program("certutil")
-        release = newest_header_release()
-        require(release is not None, "no kernel headers installed (make setup)")
-        self.release: str = release  # type: ignore[assignment]
+        super().setUp()
         self.watches: dict[int, ProcessWatch] = {}
-
-    def new_client(self) -> Client:
-        base = scratch_directory("client-")
-        self.addCleanup(remove_tree, base)  # type: ignore[attr-defined]
-        return Client(base)
-
-    async def trusted_client(self, server: ServerProcess) -> Client:
-        client = self.new_client()
-        await client.trust(server.spec)
-        return client
 
     def start_server(self, *arguments: str, env: dict[str, str] | None = None) -> ServerProcess:
         server = start_stapsrv(arguments, release=self.release, env=env, wait=False)

@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.rawclient import OpenConnection
-from tests.realserver import Client, ServerProcess, scratch_directory, start_stapsrv
+from tests.realserver import Client, ServerProcess, scratch_directory
 from tests.test_faults import FaultMixin, cafile, poll
 
 #: Clients, requests in all, and how the requests mix.
