@@ -1,4 +1,5 @@
-"""Shared pieces for tests: a quick identity, the fake translator, skips."""
+"""Shared pieces for tests: a quick identity, the fake translator, skips,
+and the kernel release whose headers are installed."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.trial.unittest import SkipTest
 
 from stapsrv.certs import ServerIdentity, make_certificate
+from stapsrv.quickstart import installed_releases
 
 FAKESTAP = Path(__file__).with_name("fakestap.py")
 
@@ -47,3 +49,20 @@ def require_program(name: str) -> str:
     require(found is not None, f"{name} is not installed (run 'make setup')")
     assert found is not None
     return found
+
+
+def header_release() -> str | None:
+    """The kernel release that tests needing headers build for: the newest
+    one with an installed build tree, as the server and ``make serve``
+    choose.  Never a literal: Debian's archive moves the ABI at every point
+    release, and ``make setup`` installs whatever is newest then."""
+    releases = installed_releases()
+    return releases[-1] if releases else None
+
+
+def require_header_release() -> str:
+    """:func:`header_release`, skipping (failing in CI) when there is none."""
+    release = header_release()
+    require(release is not None, "no kernel headers installed (run 'make setup')")
+    assert release is not None
+    return release

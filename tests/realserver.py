@@ -26,7 +26,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from stapsrv.quickstart import installed_releases
+from tests.helpers import header_release
+
 
 ROOT = Path(__file__).resolve().parent.parent
 STAP = "/usr/bin/stap"
@@ -72,13 +73,6 @@ def scratch_directory(prefix: str) -> Path:
     owned_directory(STATE)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=STATE))
     return owned_directory(path)
-
-
-def newest_header_release() -> str | None:
-    """The newest kernel release with an installed build tree (what
-    ``make serve`` serves)."""
-    releases = installed_releases()
-    return releases[-1] if releases else None
 
 
 class _Collect(ProcessProtocol):
@@ -229,7 +223,7 @@ def start_stapsrv(arguments: Sequence[str] = (), release: str | None = None,
     """
     base = scratch_directory("stapsrv-")
     ssl_dir = base / "ssl" if ssl_dir is None else ssl_dir
-    release = release or newest_header_release()
+    release = release or header_release()
     log = base / "server.log"
     argv = [venv_bin("twistd"), "--nodaemon", "--pidfile=", f"--logfile={base / 'twistd.log'}",
             "stap-server", "--listen", listen, "--port", "0",
@@ -252,7 +246,7 @@ def start_stapsrv(arguments: Sequence[str] = (), release: str | None = None,
 def start_stap_serverd(arguments: Sequence[str] = (), release: str | None = None) -> ServerProcess:
     """The original stap-serverd 4.8, as the test user (it binds [::])."""
     base = scratch_directory("serverd-")
-    release = release or newest_header_release()
+    release = release or header_release()
     log = base / "server.log"
     argv = [STAP_SERVERD, "--port", "0", "--ssl", str(base / "ssl"), f"--log={log}"]
     if release:

@@ -20,6 +20,8 @@ from tests.helpers import install_fake_stap, test_identity
 from tests.test_archive import make_zip
 from tests.vectors import captured_requests, members
 
+#: Plain data for the fake translator, which needs no headers.  Tests that
+#: build for real take tests.helpers.header_release() instead.
 RELEASE = "6.1.0-56-amd64"
 
 

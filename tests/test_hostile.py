@@ -46,7 +46,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import require, require_program
+from tests.helpers import header_release, require, require_program
 from tests.rawclient import (
     ANSWERED,
     CLOSED,
@@ -68,7 +68,6 @@ from tests.realserver import (
     STAP,
     Client,
     ServerProcess,
-    newest_header_release,
     owned_directory,
     remove_tree,
     scratch_directory,
@@ -76,7 +75,7 @@ from tests.realserver import (
     test_user,
 )
 
-RELEASE = newest_header_release()
+RELEASE = header_release()
 #: The suite's server's --request-timeout.
 REQUEST_TIMEOUT = 3.0
 #: Every answer or close must come within this many seconds.

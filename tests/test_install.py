@@ -11,8 +11,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import require, require_program
-from tests.realserver import Client, newest_header_release, remove_tree, scratch_directory
+from tests.helpers import require, require_header_release, require_program
+from tests.realserver import Client, remove_tree, scratch_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALLED = ["/usr/lib/stapsrv", "/usr/local/bin/stap-server", "/etc/default/stap-server",
@@ -62,8 +62,7 @@ class InstallSystemTests(TestCase):
         self.assertEqual(second.returncode, 0, second.stderr)
         self.assertEqual(listing(), before, "a second install changes nothing")
 
-        release = newest_header_release()
-        require(release is not None, "no kernel headers installed")
+        release = require_header_release()
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8",
                "STAPSRV_LISTEN": "127.0.0.1"}
         started = subprocess.run(["stap-server", "start", "-u", "stap-server", "-r", release],

@@ -18,10 +18,9 @@ from twisted.trial.unittest import TestCase
 
 from stapsrv.conffile import ServerSettings
 from stapsrv.manager import USAGE, host_arch, main, render
-from tests.helpers import require, require_program
+from tests.helpers import require, require_header_release, require_program
 from tests.realserver import (
     Client,
-    newest_header_release,
     owned_directory,
     remove_tree,
     scratch_directory,
@@ -346,8 +345,7 @@ class ManagerTests(TestCase):
         self.assertEqual(len(self.sandbox.pids()), 1)
 
     async def test_real_client_sighup_and_stop_during_compile(self) -> None:
-        release = newest_header_release()
-        require(release is not None, "no kernel headers installed (make setup)")
+        release = require_header_release()
         out, err, code = self.sandbox.run("start", "-r", release, "--ssl", str(self.sandbox.ssl))
         self.assertEqual(code, 0, err)
         [pid] = self.sandbox.pids()

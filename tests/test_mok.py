@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.hashes import SHA512
 from twisted.trial.unittest import TestCase
 
 from stapsrv import mok
-from tests.helpers import require
+from tests.helpers import require, require_header_release
 from tests.test_archive import make_zip
 from tests.test_certs import _der_header
 from tests.test_handler import RELEASE, HandlerCase
@@ -88,9 +88,10 @@ class StoreTests(TestCase):
             "Server: MOK fingerprint value '; rm -rf /' isn't in the correct format"))
 
 
-def mok_request(fingerprints: bytes, version: bytes = b"4.8") -> bytes:
+def mok_request(fingerprints: bytes, version: bytes = b"4.8",
+                release: str = RELEASE) -> bytes:
     return make_zip([("argv1", b"-p4", 0o100644), ("argv2", b"-eok", 0o100644),
-                     ("sysinfo", f"sysinfo: {RELEASE} x86_64".encode(), 0o100644),
+                     ("sysinfo", f"sysinfo: {release} x86_64".encode(), 0o100644),
                      ("locale", b"LANG=C\n", 0o100644), ("version", version, 0o100644),
                      ("mok_fingerprints", fingerprints, 0o100644)])
 
@@ -101,18 +102,20 @@ class MokRequestTests(HandlerCase):
     def setUp(self) -> None:
         super().setUp()
         self.store = self.base / "moks"
-        self.build = Path("/lib/modules") / RELEASE / "build"
 
-    def mok_handler(self):  # type: ignore[no-untyped-def]
-        return self.handler(mok_store=self.store)
+    def mok_handler(self, release: str = RELEASE):  # type: ignore[no-untyped-def]
+        return self.handler(mok_store=self.store, releases=(release,))
 
     async def test_common_mok_signs_the_module(self) -> None:
-        require((self.build / "scripts" / "sign-file").exists(),
-                f"kernel headers for {RELEASE} (scripts/sign-file) are not installed")
+        # Signing runs the kernel's own scripts/sign-file: a real build tree.
+        release = require_header_release()
+        sign_file = Path("/lib/modules") / release / "build" / "scripts" / "sign-file"
+        require(sign_file.exists(), f"{sign_file} is missing (linux-headers-{release})")
         mok.generate(self.store, key_size=2048)
         name = mok.generate(self.store, key_size=2048)
-        found = await self.answer(mok_request(f"11:22:33\n{name}\n".encode()),
-                                  self.mok_handler())
+        found = await self.answer(
+            mok_request(f"11:22:33\n{name}\n".encode(), release=release),
+            self.mok_handler(release))
         self.assertEqual(found["rc"], b"0", found.get("stderr"))
         certificate = x509.load_der_x509_certificate(
             (self.store / name / mok.CERTIFICATE).read_bytes())

@@ -22,11 +22,10 @@ from stapsrv.certs import (
     make_certificate,
 )
 from stapsrv.nssimport import NSSImportError, export_nss_identity, has_nss_database
-from tests.helpers import require, require_program
+from tests.helpers import require, require_header_release, require_program
 from tests.realserver import (
     Client,
     fixed_runtime_for,
-    newest_header_release,
     remove_tree,
     scratch_directory,
     start_stap_serverd,
@@ -124,9 +123,7 @@ class RealServerTests(TestCase):
         require_program("pk12util")
         require(Path("/usr/lib/systemtap/stap-serverd").exists(),
                 "stap-serverd is not installed")
-        release = newest_header_release()
-        require(release is not None, "no kernel headers installed (make setup)")
-        self.release: str = release  # type: ignore[assignment]
+        self.release = require_header_release()
 
     async def test_stapsrv_keeps_stap_serverd_certificate(self) -> None:
         client_base = scratch_directory("client-")

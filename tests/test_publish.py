@@ -396,14 +396,11 @@ class AvahiIntegrationTests(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        from tests.helpers import require, require_program
-        from tests.realserver import newest_header_release
+        from tests.helpers import require_header_release, require_program
         require_program("avahi-browse")
         require_program("stap")
         require_program("certutil")
-        release = newest_header_release()
-        require(release is not None, "no kernel headers installed (make setup)")
-        self.release: str = release  # type: ignore[assignment]
+        self.release = require_header_release()
         self.bus = private_bus()
         if self.bus.avahi is None or self.bus.avahi.poll() is not None:
             self.bus.start_avahi()

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 from twisted.trial.unittest import SkipTest, TestCase
 
 from stapsrv import runtime
-from stapsrv.quickstart import installed_releases
+from tests.helpers import header_release
 
 REAL_RUNTIME = Path(runtime.DEFAULT_STOCK_RUNTIME)
 
@@ -523,14 +523,6 @@ class CompileFixTests(TestCase):
 # --- the real thing ----------------------------------------------------------
 
 
-def newest_kernel_build() -> tuple[str, Path] | None:
-    """Return (release, build tree) for the newest /lib/modules/*/build."""
-    releases = installed_releases()
-    if not releases:
-        return None
-    return releases[-1], Path("/lib/modules") / releases[-1] / "build"
-
-
 class RealStapIntegrationTest(TestCase):
     """Build a module with stap -p4 and the selected runtime."""
 
@@ -548,10 +540,10 @@ class RealStapIntegrationTest(TestCase):
             self.missing("stap is not installed")
         if not (REAL_RUNTIME / "stp_task_work.c").is_file():
             self.missing(f"no systemtap runtime at {REAL_RUNTIME}")
-        found = newest_kernel_build()
-        if found is None:
+        release = header_release()
+        if release is None:
             self.missing("no kernel headers under /lib/modules/*/build")
-        release, build = found
+        build = Path("/lib/modules") / release / "build"
         if not runtime.build_tree_needs_task_work_fix(build):
             self.missing(f"headers for {release} lack task_work_cancel_func")
         if not runtime.runtime_needs_task_work_fix(REAL_RUNTIME):

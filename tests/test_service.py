@@ -13,11 +13,10 @@ from cryptography.hazmat.primitives.hashes import SHA1
 from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import require, require_program
+from tests.helpers import require_header_release, require_program
 from tests.realserver import (
     Client,
     ServerProcess,
-    newest_header_release,
     remove_tree,
     scratch_directory,
     shared_server,
@@ -35,9 +34,7 @@ class RealClientMixin:
     def setUp(self) -> None:
         require_program("stap")
         require_program("certutil")
-        release = newest_header_release()
-        require(release is not None, "no kernel headers installed (make setup)")
-        self.release: str = release  # type: ignore[assignment]
+        self.release = require_header_release()
 
     def new_client(self) -> Client:
         base = scratch_directory("client-")
