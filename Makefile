@@ -7,15 +7,21 @@ PYTHON := /usr/bin/python3
 VENV := .venv
 SERVER_USER ?= stapsrv
 PORT ?= 0
+# The shared folder beside the checkout (SystemTap 5.5 for the tests).
+SHARED ?= ../shared
+STAP55_TARBALL ?= $(SHARED)/clients/systemtap-5.5-bookworm-amd64.tar.xz
 APT_PACKAGES := systemtap systemtap-client systemtap-server libnss3-tools \
 	dbus-daemon avahi-daemon avahi-utils redis-server python3-venv zip unzip util-linux passwd groff-base man-db
 
-.PHONY: setup system-packages server-user venv serve test clean install-system uninstall-system
+.PHONY: setup system-packages stap55 server-user venv serve test clean install-system uninstall-system
 
-setup: system-packages server-user venv
+setup: system-packages stap55 server-user venv
 
 system-packages:
 	@bash tools/install-system-packages.sh $(APT_PACKAGES)
+
+stap55: system-packages
+	@bash tools/install-stap55.sh $(STAP55_TARBALL)
 
 # The test/serve user belongs to group stap-server, as every server user must
 # once that group exists (make install-system creates it for the system).

@@ -44,7 +44,7 @@ from stapsrv.request import (
     read_target_release,
     version_key,
 )
-from stapsrv.signing import sign_module_file
+from stapsrv.signing import sign_module_file, signature_digest
 from stapsrv.translator import TranslatorRun, start_translator
 
 T = TypeVar("T")
@@ -434,13 +434,13 @@ class RequestHandler:
         if status == 0 and (unprivileged or client_moks):
             module = self._single_module(module_dir)
             if module is not None and unprivileged:
-                self._sign(module)
+                self._sign(module, client_version)
             if module is not None and client_moks:
                 status = self._mok_sign(module, release, client_moks, response_dir)
         uprobes = module_dir / "uprobes" / "uprobes.ko"
         if uprobes.is_file() and uprobes.stat().st_size > 0:
             if privilege != Privilege.STAPDEV:
-                self._sign(uprobes)
+                self._sign(uprobes, client_version)
             if version_key(client_version) < version_key(LOCALE_PROTOCOL):
                 shutil.copyfile(uprobes, response_dir / "uprobes.ko")
         (response_dir / "rc").write_text(str(status))
@@ -465,8 +465,7 @@ class RequestHandler:
         """Sign with a MOK the client has enrolled, or (as 4.8) send it one
         of ours to enroll and fail the request.  Returns the new ``rc``."""
         store = self.config.mok_store or mok.default_store(dict(self.environ))
-        ours = mok.server_moks(store)
-        common = next((name for name in client_moks if name in ours), None)
+        common = mok.matching_mok(store, client_moks)
         messages = []
         status = 0
         if common is not None:
@@ -477,6 +476,7 @@ class RequestHandler:
                 status = 1
         else:
             messages.append(mok.NO_MATCH)
+            ours = mok.server_moks(store)
             offered = ours[0] if ours else mok.generate(store)
             shutil.copyfile(store / offered / mok.CERTIFICATE,
                             response_dir / mok.CERTIFICATE)
@@ -487,9 +487,9 @@ class RequestHandler:
                 stderr.write("".join(message + "\n" for message in messages))
         return status
 
-    def _sign(self, module: Path) -> None:
+    def _sign(self, module: Path, client_version: str) -> None:
         try:
-            sign_module_file(self.identity().key, module)
+            sign_module_file(self.identity().key, module, signature_digest(client_version))
         except OSError as exc:
             self.log.error("Unable to sign {module}: {error}", module=module, error=exc)
 

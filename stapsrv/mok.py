@@ -3,9 +3,13 @@
 The store is ``<server certificate directory>/moks/<fingerprint>/`` with
 ``signing_key.priv`` (PEM key) and ``signing_key.x509`` (DER certificate),
 as 4.8 lays it out; the fingerprint is the certificate's SHA-1, lowercase
-hex pairs joined by ``:``.  A client that needs signed modules sends the
-fingerprints of its enrolled keys; when one is in the store, the module is
-signed with the kernel's ``scripts/sign-file``.  Administrators use
+hex pairs joined by ``:`` (what ``mokutil`` prints and 4.8 uses).  5.5
+names and matches MOKs by SHA-256 instead, and its client passes on
+whichever form ``mokutil`` shows, so each MOK is known by both: a
+directory named by either form is valid, a client fingerprint in either
+form finds it, and both are advertised.  A client that needs signed
+modules sends the fingerprints of its enrolled keys; when one is in the
+store, the module is signed with the kernel's ``scripts/sign-file``.  Administrators use
 ``python -m stapsrv.mok list|generate|remove``.
 """
 
@@ -46,10 +50,16 @@ def default_store(environ: dict[str, str] | None = None) -> Path:
     return default_server_ssl_dir(os.environ if environ is None else environ) / "moks"
 
 
-def fingerprint(certificate_der: bytes) -> str:
-    digest = hashes.Hash(hashes.SHA1())
+def fingerprint(certificate_der: bytes,
+                algorithm: hashes.HashAlgorithm = hashes.SHA1()) -> str:
+    digest = hashes.Hash(algorithm)
     digest.update(certificate_der)
     return ":".join(f"{byte:02x}" for byte in digest.finalize())
+
+
+def fingerprints(certificate_der: bytes) -> tuple[str, str]:
+    """The SHA-1 (4.8, mokutil) and SHA-256 (5.5) fingerprints."""
+    return fingerprint(certificate_der), fingerprint(certificate_der, hashes.SHA256())
 
 
 @frozen
@@ -74,14 +84,15 @@ def parse_client_fingerprints(data: bytes) -> ClientFingerprints:
     return ClientFingerprints(tuple(found), tuple(complaints))
 
 
-def server_moks(store: Path) -> list[str]:
-    """Valid MOKs of the store, sorted: a well-formed directory name equal to
-    its certificate's fingerprint, and a private key beside it."""
-    valid = []
+def known_moks(store: Path) -> dict[str, tuple[str, str]]:
+    """Valid MOKs of the store, sorted by directory name, each with its
+    fingerprints: a well-formed directory name equal to one of its
+    certificate's fingerprints, and a private key beside it."""
+    valid = {}
     try:
         entries = sorted(store.iterdir())
     except OSError:
-        return []
+        return {}
     for entry in entries:
         if not _FINGERPRINT.fullmatch(entry.name) or not (entry / PRIVATE_KEY).is_file():
             continue
@@ -89,9 +100,29 @@ def server_moks(store: Path) -> list[str]:
             certificate = (entry / CERTIFICATE).read_bytes()
         except OSError:
             continue
-        if fingerprint(certificate) == entry.name:
-            valid.append(entry.name)
+        both = fingerprints(certificate)
+        if entry.name in both:
+            valid[entry.name] = both
     return valid
+
+
+def server_moks(store: Path) -> list[str]:
+    """The directory names of the store's valid MOKs, sorted."""
+    return list(known_moks(store))
+
+
+def advertised_fingerprints(store: Path) -> list[str]:
+    """Every fingerprint of every valid MOK, SHA-1 then SHA-256 for each, as
+    ``mok_info`` entries: a 4.8 client matches the first, a 5.5 client either."""
+    return [value for both in known_moks(store).values() for value in both]
+
+
+def matching_mok(store: Path, client_fingerprints: tuple[str, ...]) -> str | None:
+    """The directory of the first MOK, in the client's order, that the client
+    has enrolled (by either fingerprint), or None."""
+    by_fingerprint = {value: name for name, both in known_moks(store).items() for value in both}
+    return next((by_fingerprint[value] for value in client_fingerprints
+                 if value in by_fingerprint), None)
 
 
 def generate(store: Path, key_size: int = 4096, now: datetime | None = None) -> str:

@@ -117,7 +117,7 @@ def service_records(hostname: str, releases: Sequence[str], arch: str | None,
         f"optinfo={options}".encode(),
         f"version={PROTOCOL_VERSION}".encode(),
         f"certinfo={serial}".encode(),
-        *(f"mok_info={name}".encode() for name in moks),
+        *(f"mok_info={value}".encode() for value in moks),
     )) for release in releases]
 
 
@@ -467,7 +467,8 @@ def records_for(server: Any) -> Callable[[], list[ServiceRecord]]:
         return service_records(socket.gethostname(), config.releases, config.arch,
                                config.server_options, server.port_number,
                                server.identity.serial_text,
-                               mok.server_moks(config.mok_store or mok.default_store()))
+                               mok.advertised_fingerprints(
+                                   config.mok_store or mok.default_store()))
     return records
 
 

@@ -11,6 +11,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.trial.unittest import SkipTest
 
@@ -66,3 +67,29 @@ def require_header_release() -> str:
     require(release is not None, "no kernel headers installed (run 'make setup')")
     assert release is not None
     return release
+
+
+#: DER DigestInfo prefixes (RFC 8017 §9.2, note 1) by hash name.
+DIGEST_INFO = {
+    "sha1": bytes.fromhex("3021300906052b0e03021a05000414"),
+    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
+}
+
+
+def signature_hash(public_key: rsa.RSAPublicKey, signature: bytes, data: bytes) -> str:
+    """The hash a bare PKCS#1 v1.5 signature of ``data`` was made with, read
+    from its DigestInfo as ``staprun``'s NSS does; raises AssertionError
+    unless the signature is exactly that encoding of ``data``'s digest."""
+    numbers = public_key.public_numbers()
+    size = (numbers.n.bit_length() + 7) // 8
+    assert len(signature) == size, f"signature is {len(signature)} bytes, key {size}"
+    message = pow(int.from_bytes(signature, "big"), numbers.e, numbers.n).to_bytes(size, "big")
+    for name, prefix in DIGEST_INFO.items():
+        digest = hashes.Hash(hashes.SHA1() if name == "sha1" else hashes.SHA256())
+        digest.update(data)
+        tail = b"\x00" + prefix + digest.finalize()
+        if message.endswith(tail):
+            padding = message[: -len(tail)]
+            assert padding == b"\x00\x01" + b"\xff" * (len(padding) - 2), "bad PKCS#1 padding"
+            return name
+    raise AssertionError("the signature is not a SHA-1 or SHA-256 signature of the data")

@@ -21,17 +21,23 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from attrs import frozen
+from cryptography import x509
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from tests.helpers import header_release
+from stapsrv.certs import cert_serial_text
+from tests.helpers import header_release, require
 
 
 ROOT = Path(__file__).resolve().parent.parent
 STAP = "/usr/bin/stap"
 STAP_SERVERD = "/usr/lib/systemtap/stap-serverd"
+#: stap-serverd 5.5 (make setup installs it with the 5.5 client); it runs the
+#: 5.5 translator, /opt/stap55/bin/stap.
+STAP_SERVERD_55 = "/opt/stap55/libexec/systemtap/stap-serverd"
 #: Shared, persistent state so only the first compile of a run is cold.
 STATE = Path(os.environ.get("STAPSRV_TEST_STATE", "/var/tmp/stapsrv-tests"))
 _PORT_LINE = re.compile(r"Using network address \[[^\]]*\]:(\d+)")
@@ -110,10 +116,34 @@ def run(argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: Path | N
     return protocol.done
 
 
-class Client:
-    """The real stap client with its own SYSTEMTAP_DIR and working directory."""
+@frozen
+class ClientKind:
+    """One installed SystemTap client: its ``stap`` and ``staprun``, and the
+    ``sysconfdir`` its ``staprun`` reads trusted signers from."""
 
-    def __init__(self, base: Path) -> None:
+    version: str
+    stap: str
+    staprun: str
+    sysconfdir: str
+
+    def require(self) -> None:
+        require(Path(self.stap).exists(),
+                f"the SystemTap {self.version} client {self.stap} is not installed "
+                "(run 'make setup')")
+
+
+#: Debian bookworm's client.
+CLIENT_48 = ClientKind("4.8", STAP, "/usr/bin/staprun", "/etc")
+#: Upstream's current release, from ../shared/clients (make setup installs it).
+CLIENT_55 = ClientKind("5.5", "/opt/stap55/bin/stap", "/opt/stap55/bin/staprun",
+                       "/opt/stap55/etc")
+
+
+class Client:
+    """A real stap client with its own SYSTEMTAP_DIR and working directory."""
+
+    def __init__(self, base: Path, kind: ClientKind = CLIENT_48) -> None:
+        self.kind = kind
         self.dir = base
         self.systemtap_dir = base / "systemtap"
         self.cwd = base / "cwd"
@@ -128,7 +158,7 @@ class Client:
 
     def stap(self, *args: str, stdin: bytes | None = None,
              env: Mapping[str, str] | None = None) -> Deferred[tuple[bytes, bytes, int]]:
-        return run([STAP, *args], self.env(env), self.cwd, stdin)
+        return run([self.kind.stap, *args], self.env(env), self.cwd, stdin)
 
     async def trust(self, spec: str) -> None:
         out, err, code = await self.stap(f"--use-server={spec}", "--trust-servers=ssl,no-prompt")
@@ -165,6 +195,14 @@ class ServerProcess:
     @property
     def exit_code(self) -> int | None:
         return self.process.poll()
+
+    def certificate(self) -> x509.Certificate:
+        """The server's certificate (``<base>/ssl/stap.cert``)."""
+        return x509.load_der_x509_certificate((self.base / "ssl" / "stap.cert").read_bytes())
+
+    def serial(self) -> str:
+        """Its serial as clients show it (``certinfo``)."""
+        return cert_serial_text(self.certificate())
 
     def log(self, path: Path | None = None) -> str:
         try:
@@ -243,16 +281,20 @@ def start_stapsrv(arguments: Sequence[str] = (), release: str | None = None,
     return server
 
 
-def start_stap_serverd(arguments: Sequence[str] = (), release: str | None = None) -> ServerProcess:
-    """The original stap-serverd 4.8, as the test user (it binds [::])."""
-    base = scratch_directory("serverd-")
+def start_stap_serverd(arguments: Sequence[str] = (), release: str | None = None,
+                       program: str = STAP_SERVERD, name: str = "serverd") -> ServerProcess:
+    """The original stap-serverd (4.8, or ``program``: 5.5's is
+    :data:`STAP_SERVERD_55`), as the test user (it binds [::]).  ``name``
+    picks its SYSTEMTAP_DIR (see :func:`server_environment`)."""
+    base = scratch_directory(f"{name}-")
     release = release or header_release()
     log = base / "server.log"
-    argv = [STAP_SERVERD, "--port", "0", "--ssl", str(base / "ssl"), f"--log={log}"]
+    argv = [program, "--port", "0", "--ssl", str(base / "ssl"), f"--log={log}"]
     if release:
         argv += ["-r", release]
     argv += list(arguments)
-    server = ServerProcess("stap-serverd", argv, server_environment(base, "serverd"), base, log)
+    server = ServerProcess(os.path.basename(program), argv, server_environment(base, name),
+                           base, log)
     server.wait_for_port()
     return server
 
@@ -277,6 +319,32 @@ def shared_server(kind: str = "stapsrv", arguments: Sequence[str] = ()) -> Serve
 def _stop_shared() -> None:
     for server in _shared.values():
         server.stop()
+
+
+def fake_mokutil(directory: Path, label: str, fingerprint: str) -> None:
+    """A ``mokutil`` in ``directory`` whose ``--list-enrolled`` shows one
+    Systemtap MOK with a ``SHA1`` or ``SHA256 Fingerprint:`` line, as real
+    mokutil versions do (a client with ``SYSTEMTAP_SIGN`` set runs it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "mokutil"
+    script.write_text(
+        "#!/bin/sh\ncat <<'EOF'\n[key 1]\n"
+        f"{label} Fingerprint: {fingerprint}\n"
+        "Certificate:\n    Data:\n        Version: 3 (0x2)\n"
+        "        Issuer: O=Systemtap, CN=Systemtap module signing key\nEOF\n")
+    script.chmod(0o755)
+
+
+def generate_server_mok(systemtap_dir: Path) -> Path:
+    """A new MOK in the store of a server whose SYSTEMTAP_DIR is
+    ``systemtap_dir``, made by the admin command as the server user."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+           "HOME": test_user().pw_dir, "SYSTEMTAP_DIR": str(systemtap_dir)}
+    result = subprocess.run(as_server_user([venv_bin("python"), "-m", "stapsrv.mok", "generate"]),
+                            env=env, capture_output=True, text=True, timeout=120, cwd="/")
+    if result.returncode != 0:
+        raise AssertionError(f"python -m stapsrv.mok generate failed: {result.stderr}")
+    return systemtap_dir / "ssl" / "server" / "moks" / result.stdout.strip()
 
 
 def fixed_runtime_for(release: str) -> str | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
-from cryptography.hazmat.primitives.hashes import SHA1
+from cryptography.hazmat.primitives.hashes import SHA256
 from twisted.trial.unittest import TestCase
 
 from stapsrv.archive import RequestRejected
@@ -474,7 +474,7 @@ class HandlerKeyTests(CachedHandlerCase):
         self.assertEqual(self.runs(), 2, "another server key is a miss")
         module = second["stap000000/stap_fake_1.ko"]
         self.server_identity.certificate.public_key().verify(
-            second["stap000000/stap_fake_1.ko.sgn"], module, PKCS1v15(), SHA1())
+            second["stap000000/stap_fake_1.ko.sgn"], module, PKCS1v15(), SHA256())
         self.assertEqual(members(await self.raw(handler, body)), second)
         self.assertEqual(self.runs(), 2)
         self.server_identity = original
@@ -482,7 +482,7 @@ class HandlerKeyTests(CachedHandlerCase):
         self.assertEqual(self.runs(), 2)
         original.certificate.public_key().verify(
             first["stap000000/stap_fake_1.ko.sgn"], first["stap000000/stap_fake_1.ko"],
-            PKCS1v15(), SHA1())
+            PKCS1v15(), SHA256())
 
     async def test_signing_key_does_not_matter_for_stapdev(self) -> None:
         handler = self.cached_handler()

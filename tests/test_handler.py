@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
-from cryptography.hazmat.primitives.hashes import SHA1
+from cryptography.hazmat.primitives.hashes import SHA256
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from stapsrv.cmdline import ServerOption
 from stapsrv.config import ServerConfig, TranslatorLimits
 from stapsrv.handler import RequestContext, RequestHandler
-from tests.helpers import install_fake_stap, test_identity
+from tests.helpers import install_fake_stap, signature_hash, test_identity
 from tests.test_archive import make_zip
 from tests.vectors import captured_requests, members
 
@@ -139,7 +139,14 @@ class HandlerTests(HandlerCase):
             found = await self.answer(request(privilege, "-p4"))
             module = found["stap000000/stap_fake_1.ko"]
             signature = found["stap000000/stap_fake_1.ko.sgn"]
-            test_identity().certificate.public_key().verify(signature, module, PKCS1v15(), SHA1())
+            test_identity().certificate.public_key().verify(signature, module, PKCS1v15(), SHA256())
+
+    async def test_signature_digest_follows_the_client_version(self) -> None:
+        public_key = test_identity().key.public_key()
+        for version, digest in ((b"4.7", "sha1"), (b"4.8", "sha256"), (b"5.5", "sha256")):
+            found = await self.answer(request("--privilege=stapusr", "-p4", version=version))
+            self.assertEqual(signature_hash(public_key, found["stap000000/stap_fake_1.ko.sgn"],
+                                            found["stap000000/stap_fake_1.ko"]), digest, version)
 
     async def test_stapdev_module_is_not_signed(self) -> None:
         found = await self.answer(request("--privilege=stapdev", "-p4"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
-from cryptography.hazmat.primitives.hashes import SHA512
+from cryptography.hazmat.primitives.hashes import SHA256, SHA512
 from twisted.trial.unittest import TestCase
 
 from stapsrv import mok
@@ -80,6 +80,26 @@ class StoreTests(TestCase):
         self.assertEqual(mok.server_moks(self.store), [])
         self.assertFalse(mok.remove(self.store, "../x"))
 
+    def test_each_mok_is_known_by_both_fingerprints(self) -> None:
+        name = mok.generate(self.store, key_size=2048)
+        der = (self.store / name / mok.CERTIFICATE).read_bytes()
+        sha256 = mok.fingerprint(der, SHA256())
+        self.assertEqual(len(sha256.split(":")), 32)
+        self.assertEqual(mok.fingerprints(der), (name, sha256))
+        self.assertEqual(mok.advertised_fingerprints(self.store), [name, sha256])
+        self.assertEqual(mok.matching_mok(self.store, ("11:22", sha256)), name)
+        self.assertEqual(mok.matching_mok(self.store, (name,)), name)
+        self.assertIsNone(mok.matching_mok(self.store, ("11:22", "missing")))
+
+    def test_store_entry_named_by_sha256_as_5_5_lays_it_out(self) -> None:
+        name = mok.generate(self.store, key_size=2048)
+        der = (self.store / name / mok.CERTIFICATE).read_bytes()
+        sha256 = mok.fingerprint(der, SHA256())
+        (self.store / name).rename(self.store / sha256)
+        self.assertEqual(mok.server_moks(self.store), [sha256])
+        self.assertEqual(mok.matching_mok(self.store, (name,)), sha256)
+        self.assertEqual(mok.advertised_fingerprints(self.store), [name, sha256])
+
     def test_client_fingerprints(self) -> None:
         parsed = mok.parse_client_fingerprints(b"ab:cd:ef\nmissing\nAB:CD\n; rm -rf /\n")
         self.assertEqual(parsed.fingerprints, ("ab:cd:ef", "missing"))
@@ -122,6 +142,18 @@ class MokRequestTests(HandlerCase):
         content = verify_appended_signature(found["stap000000/stap_fake_1.ko"], certificate)
         self.assertTrue(content.startswith(b"\x7fELF fake module"))
         self.assertNotIn("signing_key.x509", found)
+
+    async def test_sha256_fingerprint_of_a_5_5_client_signs_the_module(self) -> None:
+        release = require_header_release()
+        name = mok.generate(self.store, key_size=2048)
+        der = (self.store / name / mok.CERTIFICATE).read_bytes()
+        found = await self.answer(
+            mok_request(f"{mok.fingerprint(der, SHA256())}\n".encode(), version=b"5.5",
+                        release=release),
+            self.mok_handler(release))
+        self.assertEqual(found["rc"], b"0", found.get("stderr"))
+        verify_appended_signature(found["stap000000/stap_fake_1.ko"],
+                                  x509.load_der_x509_certificate(der))
 
     async def test_no_common_mok_sends_ours_and_fails(self) -> None:
         found = await self.answer(mok_request(b"11:22:33:44\n"), self.mok_handler())

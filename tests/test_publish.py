@@ -369,13 +369,6 @@ def _unescape(name: str) -> str:
     return re.sub(r"\\(\d{3})", lambda m: chr(int(m.group(1))), name)
 
 
-def server_serial(server: Any) -> str:
-    from cryptography import x509
-    from stapsrv.certs import cert_serial_text
-    cert = x509.load_der_x509_certificate((server.base / "ssl" / "stap.cert").read_bytes())
-    return cert_serial_text(cert)
-
-
 _bus: Any = None
 
 
@@ -413,11 +406,13 @@ class AvahiIntegrationTests(TestCase):
         self.addCleanup(server.stop)
         return server
 
-    def client(self) -> Any:
-        from tests.realserver import Client, remove_tree, scratch_directory
+    def client(self, kind: Any = None) -> Any:
+        from tests.realserver import CLIENT_48, Client, remove_tree, scratch_directory
+        kind = kind or CLIENT_48
+        kind.require()
         base = scratch_directory("client-")
         self.addCleanup(remove_tree, base)
-        return Client(base)
+        return Client(base, kind)
 
     async def browse(self) -> list[tuple[str, str, int, list[str]]]:
         """``avahi-browse -rtp _stap._tcp``: (name, address, port, TXT) per service."""
@@ -452,7 +447,7 @@ class AvahiIntegrationTests(TestCase):
         server = self.server("-D", "X=1")
         releases = self.releases()
         services = await self.wait_for(server.port, len(releases))
-        serial = server_serial(server)
+        serial = server.serial()
         self.assertEqual(sorted((txt[3], txt) for _, _, _, txt in services), sorted(
             (f"sysinfo={release} x86_64",
              [f"certinfo={serial}", "version=4.8", "optinfo=-DX=1",
@@ -467,13 +462,20 @@ class AvahiIntegrationTests(TestCase):
         self.assertIn("Removing Avahi service '", server.log())
 
     async def test_real_client_finds_and_uses_the_server(self) -> None:
+        await self.check_discovery(None)
+
+    async def test_real_5_5_client_finds_and_uses_the_server(self) -> None:
+        from tests.realserver import CLIENT_55
+        await self.check_discovery(CLIENT_55)
+
+    async def check_discovery(self, kind: Any) -> None:
         server = self.server()
         await self.wait_for(server.port, len(self.releases()))
-        client = self.client()
+        client = self.client(kind)
         await client.trust(server.spec)
         env = self.bus.environment
         out, err, code = await client.stap("--list-servers=all", env=env)
-        serial = server_serial(server)
+        serial = server.serial()
         self.assertIn(f' address=127.0.0.1 port={server.port} sysinfo="{self.release} x86_64"'
                       f' version=4.8 certinfo="{serial}"', err.decode())
         # The default selection: online, trusted and compatible with -r REL.
@@ -490,6 +492,42 @@ class AvahiIntegrationTests(TestCase):
         [module] = client.modules()
         self.assertEqual(out.decode().strip(), module)
         self.assertIn("Accepted connection", server.log())
+
+    async def test_mok_info_leads_each_client_to_its_mok(self) -> None:
+        """A server with a MOK advertises both of its fingerprints; the 4.8
+        client (mokutil showing SHA-1) and the 5.5 client (SHA-256) both read
+        them, pick this server by them and get a module signed with it."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives.hashes import SHA256
+        from stapsrv import mok
+        from tests.realserver import (
+            CLIENT_48, CLIENT_55, fake_mokutil, generate_server_mok, owned_directory,
+            remove_tree, scratch_directory)
+        from tests.test_mok import verify_appended_signature
+        systemtap_dir = owned_directory(scratch_directory("mok-avahi-") / "systemtap")
+        self.addCleanup(remove_tree, systemtap_dir.parent)
+        mok_dir = generate_server_mok(systemtap_dir)
+        der = (mok_dir / mok.CERTIFICATE).read_bytes()
+        sha1, sha256 = mok.fingerprint(der), mok.fingerprint(der, SHA256())
+        server = self.server(env=dict(self.bus.environment, SYSTEMTAP_DIR=str(systemtap_dir)))
+        await self.wait_for(server.port, len(self.releases()))
+        for kind, label, value in ((CLIENT_48, "SHA1", sha1), (CLIENT_55, "SHA256", sha256)):
+            client = self.client(kind)
+            await client.trust(server.spec)
+            env = dict(self.bus.environment)
+            out, err, code = await client.stap("--list-servers=all", env=env)
+            ours = [line for line in err.decode().splitlines()
+                    if line.startswith(" host=") and f"port={server.port} " in line]
+            self.assertTrue(ours, err.decode())
+            self.assertIn(f'mok_fingerprints="{sha1}, {sha256}"', ours[0], kind.version)
+            fake_mokutil(client.dir / "bin", label, value)
+            env.update(SYSTEMTAP_SIGN="1", PATH=f"{client.dir / 'bin'}:{client.env()['PATH']}")
+            out, err, code = await client.stap("--use-server", "-r", self.release, "-p4",
+                                               "-e", HELLO, env=env)
+            self.assertEqual(code, 0, f"{kind.version}: {err.decode()}")
+            [module] = client.modules()
+            verify_appended_signature((client.cwd / module).read_bytes(),
+                                      x509.load_der_x509_certificate(der))
 
     async def test_avahi_restart_brings_the_records_back(self) -> None:
         server = self.server()

@@ -7,16 +7,25 @@ import os
 import re
 import subprocess
 
+from pathlib import Path
+
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
-from cryptography.hazmat.primitives.hashes import SHA1
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.hashes import SHA1, SHA256
 from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import require_header_release, require_program
+from stapsrv import mok
+from tests.helpers import require_header_release, require_program, signature_hash
 from tests.realserver import (
+    CLIENT_48,
+    CLIENT_55,
     Client,
+    ClientKind,
     ServerProcess,
+    fake_mokutil,
+    generate_server_mok,
+    owned_directory,
     remove_tree,
     scratch_directory,
     shared_server,
@@ -24,25 +33,30 @@ from tests.realserver import (
     test_user,
     venv_bin,
 )
+from tests.staprun import MODULE_ALTERED, MODULE_OK, staprun_verdict
+from tests.test_mok import verify_appended_signature
 
 HELLO = 'probe begin { println("hi"); exit() }'
 
 
 class RealClientMixin:
     timeout = 900
+    #: The client the tests run.
+    kind: ClientKind = CLIENT_48
 
     def setUp(self) -> None:
         require_program("stap")
         require_program("certutil")
+        self.kind.require()
         self.release = require_header_release()
 
     def new_client(self) -> Client:
         base = scratch_directory("client-")
         self.addCleanup(remove_tree, base)  # type: ignore[attr-defined]
-        return Client(base)
+        return Client(base, self.kind)
 
-    def own_server(self, *arguments: str) -> ServerProcess:
-        server = start_stapsrv(arguments, release=self.release)
+    def own_server(self, *arguments: str, env: dict[str, str] | None = None) -> ServerProcess:
+        server = start_stapsrv(arguments, release=self.release, env=env)
         self.addCleanup(remove_tree, server.base)  # type: ignore[attr-defined]
         self.addCleanup(server.stop)  # type: ignore[attr-defined]
         return server
@@ -53,10 +67,19 @@ class RealClientMixin:
         return client
 
 
-class CompileTests(RealClientMixin, TestCase):
+class ClientChecks(RealClientMixin):
+    """What every supported client gets from the shared server: run once per
+    client (``kind``)."""
+
     def setUp(self) -> None:
         super().setUp()
         self.server = shared_server()
+
+    async def test_trusted_server_is_listed(self) -> None:
+        client = await self.trusted_client(self.server)
+        out, err, code = await client.stap("--list-servers=trusted")
+        self.assertEqual(code, 0, err.decode())
+        self.assertIn(f'certinfo="{self.server.serial()}"', err.decode())
 
     async def test_p4_module_comes_back(self) -> None:
         client = await self.trusted_client(self.server)
@@ -75,14 +98,6 @@ class CompileTests(RealClientMixin, TestCase):
         self.assertIn("mytap_hello:", out.decode())
         self.assertIn("# probes", out.decode())
 
-    async def test_script_from_stdin(self) -> None:
-        client = await self.trusted_client(self.server)
-        out, err, code = await client.stap(
-            f"--use-server={self.server.spec}", "-r", self.release, "-p4", "-",
-            stdin=HELLO.encode())
-        self.assertEqual(code, 0, err.decode())
-        self.assertEqual(len(client.modules()), 1)
-
     async def test_semantic_error_is_shown(self) -> None:
         client = await self.trusted_client(self.server)
         out, err, code = await client.stap(
@@ -94,7 +109,7 @@ class CompileTests(RealClientMixin, TestCase):
         self.assertIn("Passes: via server failed.", err.decode())
         self.assertEqual(client.modules(), [])
 
-    async def test_stapusr_module_is_signed_by_the_server_key(self) -> None:
+    async def stapusr_module(self) -> tuple[Client, Path]:
         client = await self.trusted_client(self.server)
         out, err, code = await client.stap(
             f"--use-server={self.server.spec}", "-r", self.release, "--privilege=stapusr",
@@ -102,12 +117,57 @@ class CompileTests(RealClientMixin, TestCase):
         self.assertEqual(code, 0, err.decode())
         module, signature = client.modules()
         self.assertEqual(signature, module + ".sgn")
-        certificate = x509.load_der_x509_certificate(
-            (self.server.base / "ssl" / "stap.cert").read_bytes())
-        data = (client.cwd / signature).read_bytes()
-        self.assertEqual(len(data), 512)
-        certificate.public_key().verify(data, (client.cwd / module).read_bytes(),
-                                        PKCS1v15(), SHA1())
+        return client, client.cwd / module
+
+    async def test_stapusr_module_is_signed_by_the_server_key(self) -> None:
+        client, module = await self.stapusr_module()
+        public_key = self.server.certificate().public_key()
+        assert isinstance(public_key, rsa.RSAPublicKey)
+        signature = module.with_name(module.name + ".sgn").read_bytes()
+        self.assertEqual(len(signature), 512)
+        self.assertEqual(signature_hash(public_key, signature, module.read_bytes()), "sha256")
+        self.assertIn(f"Client version is {self.kind.version}", self.server.log())
+
+    async def test_clients_staprun_accepts_the_signature(self) -> None:
+        client, module = await self.stapusr_module()
+        self.assertEqual(await staprun_verdict(client, self.server.spec, module), MODULE_OK)
+        # The same check refuses a module changed after signing.
+        with open(module, "ab") as out:
+            out.write(b"\0")
+        self.assertEqual(await staprun_verdict(client, self.server.spec, module),
+                         MODULE_ALTERED)
+
+    async def test_mok_signed_module_for_the_clients_fingerprint_form(self) -> None:
+        """A Secure Boot client (SYSTEMTAP_SIGN, mokutil listing a server MOK
+        in the form this client's mokutil shows) gets a module signed with it."""
+        systemtap_dir = owned_directory(scratch_directory("mok-server-") / "systemtap")
+        self.addCleanup(remove_tree, systemtap_dir.parent)
+        server = self.own_server(env={"SYSTEMTAP_DIR": str(systemtap_dir)})
+        mok_dir = generate_server_mok(systemtap_dir)
+        der = (mok_dir / mok.CERTIFICATE).read_bytes()
+        label = "SHA1" if self.kind is CLIENT_48 else "SHA256"
+        value = mok.fingerprint(der, SHA1() if label == "SHA1" else SHA256())
+        client = await self.trusted_client(server)
+        fake_mokutil(client.dir / "bin", label, value)
+        out, err, code = await client.stap(
+            f"--use-server={server.spec}", "-r", self.release, "-p4", "-e", HELLO,
+            env={"SYSTEMTAP_SIGN": "1", "PATH": f"{client.dir / 'bin'}:{client.env()['PATH']}"})
+        self.assertEqual(code, 0, err.decode())
+        [module] = client.modules()
+        verify_appended_signature((client.cwd / module).read_bytes(),
+                                  x509.load_der_x509_certificate(der))
+
+
+class CompileTests(ClientChecks, TestCase):
+    """The 4.8 client (Debian bookworm's), and what only it is checked for."""
+
+    async def test_script_from_stdin(self) -> None:
+        client = await self.trusted_client(self.server)
+        out, err, code = await client.stap(
+            f"--use-server={self.server.spec}", "-r", self.release, "-p4", "-",
+            stdin=HELLO.encode())
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual(len(client.modules()), 1)
 
     async def test_module_name(self) -> None:
         client = await self.trusted_client(self.server)
@@ -172,6 +232,12 @@ class CompileTests(RealClientMixin, TestCase):
             capture_output=True, text=True)
         self.assertEqual(listing.returncode, 0, listing.stderr)
         self.assertRegex(listing.stdout, r"stap-server\s+P,P,P")
+
+
+class Client55Tests(ClientChecks, TestCase):
+    """SystemTap 5.5, upstream's current client, against the same server."""
+
+    kind = CLIENT_55
 
 
 class LimitTests(RealClientMixin, TestCase):
