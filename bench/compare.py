@@ -59,13 +59,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.helpers import header_release  # noqa: E402
 from tests.realserver import (  # noqa: E402
     STAP,
     Client,
     ServerProcess,
     as_server_user,
     fixed_runtime_for,
-    newest_header_release,
     scratch_directory,
     server_environment,
     start_stap_serverd,
@@ -648,7 +648,7 @@ def main() -> int:
     signal.signal(signal.SIGHUP, _terminate)
     began = time.perf_counter()
     can_plot = not options.no_plot and ensure_matplotlib()
-    release = newest_header_release()
+    release = header_release()
     if release is None:
         raise SystemExit("no kernel headers installed: run 'make setup'")
     runtime = fixed_runtime_for(release)
