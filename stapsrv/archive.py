@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import lzma
 import os
+import re
 import stat
 import zipfile
 import zlib
@@ -21,6 +22,12 @@ from pathlib import Path
 MAX_MEMBERS = 4096
 
 _CHUNK = 64 * 1024
+
+#: The members the protocol defines (spec §4.2): these files at the top...
+_FILES = frozenset({"version", "sysinfo", "locale", "mok_fingerprints"})
+_ARGUMENT = re.compile(r"argv[1-9][0-9]*")
+#: ...and these trees.
+_TREES = frozenset({"script", "tapset"})
 
 #: What reading a damaged or hostile member may raise.
 MEMBER_ERRORS = (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError,
@@ -51,6 +58,22 @@ def _checked_parts(name: str) -> list[str]:
     if not parts or any(part == ".." for part in parts):
         raise RequestRejected(f"Unsafe member name {name!r} in client request")
     return parts
+
+
+def _check_defined(name: str, parts: tuple[str, ...], is_dir: bool) -> None:
+    """Refuse a member the protocol does not define: nothing but the client's
+    own files may reach the translator's working directory."""
+    top = parts[0]
+    if top in _TREES and (len(parts) > 1 or is_dir):
+        return
+    if len(parts) == 1 and not is_dir and (top in _FILES or _ARGUMENT.fullmatch(top)):
+        return
+    shown = name if name.isprintable() and len(name) <= 200 else repr(name[:200])
+    raise RequestRejected(
+        f"Member {name[:200]!r} is not a request member",
+        f"Server: The request holds '{shown}', which is not one of the request members "
+        "this server accepts (argvN, sysinfo, version, locale, mok_fingerprints, "
+        "script/..., tapset/...).")
 
 
 def check_request(archive: zipfile.ZipFile, max_size: int) -> list[zipfile.ZipInfo]:
@@ -85,6 +108,8 @@ def check_request(archive: zipfile.ZipFile, max_size: int) -> list[zipfile.ZipIn
         if parts in seen and not info.is_dir():
             raise RequestRejected(f"Member {info.filename!r} appears twice")
         seen.add(parts)
+    for info in members:
+        _check_defined(info.filename, tuple(_checked_parts(info.filename)), info.is_dir())
     return members
 
 

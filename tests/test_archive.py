@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -15,7 +16,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from stapsrv.archive import RequestRejected, build_response, extract_request
+from stapsrv.archive import RequestRejected, build_response, check_request, extract_request
 from stapsrv.request import read_arguments
 from tests.strategies import fixed
 from tests.vectors import captured_requests, members
@@ -126,7 +127,26 @@ class ExtractTests(TestCase):
 
     def test_file_where_a_directory_is_needed(self) -> None:
         self.assertRejected(make_zip([("script", b"x", 0o100644),
-                                      ("script/a.stp", b"y", 0o100644)]), "not a directory")
+                                      ("script/a.stp", b"y", 0o100644)]),
+                            "'script' is not a request member")
+        self.assertRejected(make_zip([("tapset/a", b"x", 0o100644),
+                                      ("tapset/a/b.stp", b"y", 0o100644)]), "not a directory")
+
+    def test_only_protocol_members_are_accepted(self) -> None:
+        accepted = make_zip([(name, b"x", 0o100644) for name in (
+            "argv1", "argv12", "sysinfo", "version", "locale", "mok_fingerprints",
+            "script/home/u/a.stp", "tapset/home/u/t/x.stp")] + [("script/", b"", 0o40755)])
+        extract_request(accepted, self.target, 1000)
+        for name in ("rc", "argv0", "argv01", "argv", "argvX", ".hidden", "stap000000/x.ko",
+                     "sysinfo/x", "locale/", "a", "include/netinet/in.h"):
+            with self.assertRaises(RequestRejected) as caught:
+                check_request(zipfile.ZipFile(io.BytesIO(make_zip([
+                    ("argv1", b"-p4", 0o100644),
+                    (name, b"" if name.endswith("/") else b"x",
+                     0o40755 if name.endswith("/") else 0o100644)]))), 1000)
+            message = caught.exception.client_message or ""
+            self.assertIn("which is not one of the request members this server accepts",
+                          message, name)
 
     def test_dot_components_are_harmless(self) -> None:
         extract_request(make_zip([("./script/./a.stp", b"y", 0o100644)]), self.target, 100)
@@ -211,7 +231,8 @@ def build_archive(members: list[Member]) -> bytes:
     return bytes(body)
 
 
-_SAFE_PARTS = ("a", "b", "argv1", "script", "x y", "é", "...", "link", "flink")
+_SAFE_PARTS = ("a", "b", "argv1", "argv2", "script", "tapset", "version", "x y", "é", "...",
+               "link", "flink")
 _HOSTILE_PARTS = ("..", ".", "", "\0", "a\0b", "a\nb", "a\rb", "a\\..", "n" * 300)
 _MODES = (0, stat.S_IFREG | 0o644, stat.S_IFREG | 0o6777, stat.S_IFDIR | 0o755,
           stat.S_IFLNK | 0o777, stat.S_IFIFO | 0o644, stat.S_IFCHR | 0o600,
@@ -267,9 +288,23 @@ def _unsafe(member: Member) -> bool:
             or member.encrypted)
 
 
+def _undefined(member: Member) -> bool:
+    """Not a member the protocol defines (spec §4.2)."""
+    parts = _parts(member.name)
+    is_dir = member.name.endswith("/")
+    if not parts:
+        return False
+    if parts[0] in ("script", "tapset"):
+        return len(parts) == 1 and not is_dir
+    return (len(parts) > 1 or is_dir or not (
+        parts[0] in ("version", "sysinfo", "locale", "mok_fingerprints")
+        or re.fullmatch(r"argv[1-9][0-9]*", parts[0])))
+
+
 def must_reject(members: list[Member], max_size: int, planted: bool) -> bool:
     declared = sum(len(m.data) if m.declared is None else m.declared for m in members)
-    if not 1 <= declared <= max_size or any(_unsafe(m) for m in members):
+    if (not 1 <= declared <= max_size or any(_unsafe(m) for m in members)
+            or any(_undefined(m) for m in members)):
         return True
     files = [_parts(m.name) for m in members if not m.name.endswith("/")]
     directories = {_parts(m.name) for m in members if m.name.endswith("/")}
@@ -440,6 +475,9 @@ class ExtractPropertyTests(TestCase):
             entries.append((f"argv{stop}/", b"", 0o40755))
         order.shuffle(entries)
         destination, refusal = self.attempt(make_zip(entries), 50000)
+        if stop and gap_is_directory:
+            self.assertIsNotNone(refusal, "an argv directory is not a request member")
+            return
         self.assertIsNone(refusal)
         expected = arguments[:stop - 1] if stop else arguments
         self.assertEqual(read_arguments(destination), [a.split(b"\0", 1)[0] for a in expected])

@@ -825,8 +825,9 @@ class ArchiveTests(HostileMixin, TestCase):
         content = dict(basic_request(HELLO, release=RELEASE))
         content["script"] = "x"
         content["script/y.stp"] = "x"
-        await self.assert_unsafe_archive(build_request(content),
-                                         "Request path 'script' is not a directory")
+        self.assert_refused(await self.send(build_request(content)),
+                            "Server: The request holds 'script', which is not one of the "
+                            "request members this server accepts")
 
     async def test_encrypted_member(self) -> None:
         entries = valid_members()
