@@ -1,10 +1,16 @@
-"""Benchmark stapsrv against the real stap-serverd 4.8 with the real stap client.
+"""Benchmark stapsrv against the real stap-serverd 4.8 and 5.5 with the real stap client.
 
-Both servers run as the unprivileged test user on loopback with the same
-kernel release, the same runtime (-R) and the same machine; both are warmed,
-and every measure interleaves the servers (A, B, A, B, ... with the order
-rotated each round) so that machine noise hits both alike.  Run after
-`make setup`, as root:
+The peers are Debian bookworm's stap-serverd 4.8 and upstream's stap-serverd
+5.5 (/opt/stap55, installed by `make setup`).  The client for every server is
+the 4.8 `stap` (what bookworm users run).  All servers run as the unprivileged
+test user on loopback with the same kernel release on the same machine; all
+are warmed, and every measure interleaves the servers (A, B, C, A, B, C, ...
+with the order rotated each round) so that machine noise hits all alike.
+stapsrv and stap-serverd 4.8 run the 4.8 translator with the same fixed
+runtime (-R); stap-serverd 5.5 runs its own 5.5 translator with its own
+tapsets and runtime (which builds against bookworm's headers unfixed), so it
+gets no -R.  Rows that include the translator's work ((b), (e)) therefore
+compare server plus translator against 5.5.  Run after `make setup`, as root:
 
     .venv/bin/python bench/compare.py [--runs N] [--quick]
 
@@ -18,7 +24,8 @@ Measures (each client has its own SYSTEMTAP_DIR that trusted its server):
       after warm-up, and peak while (c) runs (sampled every 50 ms);
   (e) server overhead per request: (a) minus the translator's own warm run
       time (the same `stap -r REL -R RUNTIME -p4 -e SCRIPT` run directly as
-      the server user with the server's environment).  When stapsrv has a
+      the server user with the server's environment; for stap-serverd 5.5
+      its own `/opt/stap55/bin/stap -r REL -p4 -e SCRIPT`).  When stapsrv has a
       response cache, a second stapsrv started with --no-cache stands in for
       it here (a cached answer runs no translator at all);
   (f) the floor: the same client against bench/replay.py, a TLS server that
@@ -53,6 +60,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +69,10 @@ sys.path.insert(0, str(ROOT))
 
 from tests.helpers import header_release  # noqa: E402
 from tests.realserver import (  # noqa: E402
+    CLIENT_55,
     STAP,
+    STAP_SERVERD,
+    STAP_SERVERD_55,
     Client,
     ServerProcess,
     as_server_user,
@@ -76,13 +87,37 @@ from tests.realserver import (  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SCRIPT = 'probe begin { println("bench"); exit() }'
-SERVERD, STAPSRV, FLOOR = "stap-serverd 4.8", "stapsrv", "floor (replay)"
+SERVERD, SERVERD55 = "stap-serverd 4.8", "stap-serverd 5.5"
+STAPSRV, FLOOR = "stapsrv", "floor (replay)"
 #: A second stapsrv without its response cache, for (e): with the cache a
 #: repeated request never runs the translator, so "latency minus translator"
 #: says nothing about the server's own overhead.
 STAPSRV_NC = "stapsrv --no-cache"
 #: Names server_environment() was given for each server (its SYSTEMTAP_DIR).
-ENV_NAME = {SERVERD: "serverd", STAPSRV: "stapsrv", STAPSRV_NC: "stapsrv"}
+ENV_NAME = {SERVERD: "serverd", SERVERD55: "serverd55", STAPSRV: "stapsrv",
+            STAPSRV_NC: "stapsrv"}
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An original stap-serverd that stapsrv is compared with."""
+
+    name: str
+    #: In the ratio column's header: "stapsrv / {short}".
+    short: str
+    program: str
+    #: The translator it runs, for (e).
+    translator: str
+    #: Whether it gets stapsrv's fixed runtime (-R): only the 4.8 translator
+    #: needs it; 5.5 brings its own runtime.
+    fixed_runtime: bool
+
+
+PEERS = (Peer(SERVERD, "serverd 4.8", STAP_SERVERD, STAP, True),
+         Peer(SERVERD55, "serverd 5.5", STAP_SERVERD_55, CLIENT_55.stap, False))
+PEER_NAMES = tuple(p.name for p in PEERS)
+#: The servers every measure interleaves (the floor joins some).
+MEASURED = (*PEER_NAMES, STAPSRV)
 SAMPLE_INTERVAL = 0.05
 _KEEPING = re.compile(r'Keeping temporary directory "([^"]+)"')
 
@@ -182,8 +217,13 @@ def is_stapsrv(exe: str, argv: list[str]) -> bool:
     return "python" in os.path.basename(exe) and any(a.endswith("/twistd") for a in argv[:3])
 
 
-def is_serverd(exe: str, argv: list[str]) -> bool:
-    return os.path.basename(exe) == "stap-serverd"
+def is_serverd(program: str) -> Callable[[str, list[str]], bool]:
+    """Matches the stap-serverd at ``program`` (4.8's and 5.5's share a basename)."""
+    wanted = os.path.realpath(program)
+
+    def match(exe: str, argv: list[str]) -> bool:
+        return os.path.realpath(exe) == wanted
+    return match
 
 
 def status_kb(pid: int, field: str) -> int:
@@ -231,25 +271,28 @@ class RssSampler:
 class Target:
     """One server under test with its clients."""
 
-    def __init__(self, name: str, server: ServerProcess, client: Client) -> None:
+    def __init__(self, name: str, server: ServerProcess, client: Client,
+                 translator: list[str]) -> None:
         self.name = name
         self.server = server
         self.client = client
+        #: The translator this server runs, with its -r and -R: ``stap -r REL ...``.
+        self.translator = translator
         self.pool: list[Client] = []
         self.pid = 0
 
 
-def translator_run(name: str, server: ServerProcess, release: str,
-                   runtime_args: tuple[str, ...], script: str) -> float:
-    """The translator alone, as the server user with the server's environment."""
-    env = server_environment(server.base, ENV_NAME[name])
-    argv = as_server_user([STAP, "-r", release, *runtime_args, "-p4", "-e", script])
+def translator_run(target: Target, script: str) -> float:
+    """The target's translator alone, as the server user with the server's environment."""
+    env = server_environment(target.server.base, ENV_NAME[target.name])
+    argv = as_server_user([*target.translator, "-p4", "-e", script])
     started = time.perf_counter()
     result = subprocess.run(argv, env=env, cwd=env["TMPDIR"], stdin=subprocess.DEVNULL,
                             capture_output=True, text=True)
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
-        raise BenchError(f"direct translator run ({name} environment) failed:\n{result.stderr}")
+        raise BenchError(f"direct translator run {target.translator[0]} ({target.name} "
+                         f"environment) failed:\n{result.stderr}")
     return elapsed
 
 
@@ -370,6 +413,20 @@ def start_replay(ssl_dir: Path, response: bytes) -> ServerProcess:
     return server
 
 
+def peer_runtime_args(peer: Peer, runtime_args: tuple[str, ...]) -> tuple[str, ...]:
+    return runtime_args if peer.fixed_runtime else ()
+
+
+def start_peer(peer: Peer, release: str, runtime_args: tuple[str, ...]) -> ServerProcess:
+    for path in (peer.program, peer.translator):
+        if not Path(path).exists():
+            raise SystemExit(f"{peer.name}: {path} is not installed: run 'make setup'")
+    server = start_stap_serverd(peer_runtime_args(peer, runtime_args), release,
+                                program=peer.program, name=ENV_NAME[peer.name])
+    server.name = peer.name  # both daemons' basename is stap-serverd
+    return server
+
+
 def load_average() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
@@ -406,56 +463,97 @@ def build_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     m = data["measures"]
     rows: list[dict[str, Any]] = []
 
-    def row(measure: str, serverd: float | None, stapsrv: float | None,
+    def row(measure: str, values: dict[str, float], stapsrv: float | None,
             floor: float | None = None, target: str = "", met: bool | None = None,
             digits: int = 3) -> None:
-        ratio = stapsrv / serverd if serverd and stapsrv is not None else None
+        """``values`` holds (at least) each peer's value, by name."""
+        peers = {name: values.get(name) for name in PEER_NAMES}
+        ratios = {name: stapsrv / value if value and stapsrv is not None else None
+                  for name, value in peers.items()}
         to_floor = stapsrv / floor if floor and stapsrv is not None else None
-        rows.append({"measure": measure, "serverd": serverd, "stapsrv": stapsrv,
-                     "ratio": ratio, "floor": floor, "to_floor": to_floor,
+        rows.append({"measure": measure, "peers": peers, "stapsrv": stapsrv,
+                     "ratios": ratios, "floor": floor, "to_floor": to_floor,
                      "target": target, "met": met, "digits": digits})
 
+    # targets are defined against stap-serverd 4.8 (SERVERD)
     a = {name: s["median"] for name, s in m["repeated_p4"].items()}
     met = a[STAPSRV] <= 0.3 * a[SERVERD] and a[STAPSRV] <= 1.25 * a[FLOOR]
-    row("(a) repeated `-p4`, median latency (s)", a[SERVERD], a[STAPSRV], a[FLOOR],
-        "≤ 0.3× serverd and ≤ 1.25× floor", met)
-    b = {name: m["new_script"][name]["median"] for name in (SERVERD, STAPSRV)}
-    row("(b) new script, first request, median latency (s)", b[SERVERD], b[STAPSRV],
-        target="≤ 1.0× serverd", met=b[STAPSRV] <= b[SERVERD])
+    row("(a) repeated `-p4`, median latency (s)", a, a[STAPSRV], a[FLOOR],
+        "≤ 0.3× serverd 4.8 and ≤ 1.25× floor", met)
+    b = {name: s["median"] for name, s in m["new_script"].items()}
+    row("(b) new script, first request, median latency (s)", b, b[STAPSRV],
+        target="≤ 1.0× serverd 4.8", met=b[STAPSRV] <= b[SERVERD])
     for key, batch in m["concurrent"].items():
         clients, mix = key.split("/")
         label = ("3/4 repeated + 1/4 new" if mix == "mixed" else "repeated only")
         values = {name: batch[name]["rps"] for name in batch}
         target, met = "", None
         if mix == "repeated" and clients == "16":
-            target, met = "≥ 3× serverd", values[STAPSRV] >= 3 * values[SERVERD]
+            target, met = "≥ 3× serverd 4.8", values[STAPSRV] >= 3 * values[SERVERD]
         requests = batch[STAPSRV]["requests"]
         row(f"(c) {clients} concurrent clients, {label}, {requests} requests: req/s",
-            values[SERVERD], values[STAPSRV], values.get(FLOOR), target, met, digits=2)
+            values, values[STAPSRV], values.get(FLOOR), target, met, digits=2)
     rss = m["rss"]
-    row("(d) server RSS idle after warm-up (MB)", rss[SERVERD]["idle_mb"],
-        rss[STAPSRV]["idle_mb"], target="stapsrv ≤ 60 MB",
-        met=rss[STAPSRV]["idle_mb"] <= 60, digits=1)
-    row("(d) server RSS peak during (c) (MB)", rss[SERVERD]["peak_mb"],
-        rss[STAPSRV]["peak_mb"], digits=1)
+    idle = {name: r["idle_mb"] for name, r in rss.items()}
+    row("(d) server RSS idle after warm-up (MB)", idle, idle[STAPSRV],
+        target="stapsrv ≤ 60 MB", met=idle[STAPSRV] <= 60, digits=1)
+    peak = {name: r["peak_mb"] for name, r in rss.items()}
+    row("(d) server RSS peak during (c) (MB)", peak, peak[STAPSRV], digits=1)
     e = m["overhead"]
-    row("(e) translator alone, warm, median (s)", e[SERVERD]["translator_median"],
-        e[STAPSRV]["translator_median"])
+    translator = {name: o["translator_median"] for name, o in e.items()}
+    row("(e) translator alone, warm, median (s); each server's own translator (5.5 for "
+        "serverd 5.5)", translator, translator[STAPSRV])
+    overhead = {name: o["overhead"] for name, o in e.items()}
     if STAPSRV_NC in e:
         row("(e) server overhead per request = (a) − translator (s); stapsrv column: a "
-            "second stapsrv run with `--no-cache`", e[SERVERD]["overhead"],
-            e[STAPSRV_NC]["overhead"], a[FLOOR])
+            "second stapsrv run with `--no-cache`", overhead, overhead[STAPSRV_NC], a[FLOOR])
     else:
-        row("(e) server overhead per request = (a) − translator (s)", e[SERVERD]["overhead"],
-            e[STAPSRV]["overhead"], a[FLOOR])
+        row("(e) server overhead per request = (a) − translator (s)", overhead,
+            overhead[STAPSRV], a[FLOOR])
     return rows
+
+
+def comparability(data: dict[str, Any]) -> str:
+    """Which rows compare like with like against stap-serverd 5.5, with this run's facts."""
+    m = data["measures"]
+    e = m["overhead"]
+    t48, t55 = e[SERVERD]["translator_median"], e[SERVERD55]["translator_median"]
+    a48, a55 = e[SERVERD]["latency_median"], e[SERVERD55]["latency_median"]
+    b48, b55 = m["new_script"][SERVERD]["median"], m["new_script"][SERVERD55]["median"]
+    o48, o55 = e[SERVERD]["overhead"], e[SERVERD55]["overhead"]
+
+    def than(x: float, y: float) -> str:
+        """5.5's time against 4.8's."""
+        if not y:
+            return "—"
+        return f"{x / y:.2f}× 4.8's time: " + ("slower" if x > y else "faster")
+
+    return (
+        f"Against {SERVERD55}: it runs another translator, 5.5 (`{CLIENT_55.stap}`, with its "
+        "own tapsets and runtime and no `-R`), while stapsrv and stap-serverd 4.8 run the 4.8 "
+        f"translator with the same fixed runtime; the client for every server is the 4.8 "
+        f"`{STAP}`. Like with like: (a) repeated requests, (c) throughput and (d) memory, "
+        "where the same client sends the same requests and what differs is the servers' own "
+        "work (caching, TLS, unpacking and packing, processes). Not like with like: (b) "
+        "new-script latency and the (e) translator and overhead rows, which compare a server "
+        "*plus* a different translator. Two caveats: stap-serverd runs its translator for "
+        "every request, a repeated one too (a translator cache hit), so its (a) and (c) "
+        "figures include that warm run of its own translator; and the mixed (c) batches "
+        "include new-script compiles, by each daemon's own translator. Observed in this run: "
+        f"the 5.5 translator alone (warm, a cache hit) took {t55:.3f} s against 4.8's "
+        f"{t48:.3f} s ({than(t55, t48)}); (a) through {SERVERD55} took {a55:.3f} s against "
+        f"{a48:.3f} s through {SERVERD}, a difference of {a48 - a55:+.3f} s of which the "
+        f"translators account for {t48 - t55:+.3f} s; a new script took {b55:.3f} s through "
+        f"{SERVERD55} against {b48:.3f} s through {SERVERD} ({than(b55, b48)}); the daemon's "
+        f"own overhead per repeated request ((a) − translator) was {o55:.3f} s for 5.5 "
+        f"against {o48:.3f} s for 4.8.")
 
 
 def render_markdown(data: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     info = data["info"]
     m = data["measures"]
     lines = [
-        "# stapsrv vs stap-serverd 4.8",
+        "# stapsrv vs stap-serverd 4.8 and 5.5",
         "",
         f"{info['date']}, kernel {info['release']}, runtime `{info['runtime']}`, "
         f"{info['cpus']} CPUs, {info['runs']} interleaved runs per latency measure "
@@ -464,26 +562,29 @@ def render_markdown(data: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"`{' '.join(info['stapsrv_arguments']) or '(none)'}`"
         f"{'' if info['cache_dir_option'] else ' (no --cache-dir option in this stapsrv)'}; "
         f"load average before/after: {info['load_before']} / {info['load_after']}; "
-        f"took {info['duration_s']:.0f} s.",
+        f"took {info['duration_s']:.0f} s. Client: the 4.8 `{STAP}` against every server.",
         "",
-        "| measure | stap-serverd 4.8 | stapsrv | stapsrv / serverd | floor | stapsrv / floor "
-        "| target | met |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    columns = ["measure", *PEER_NAMES, STAPSRV, *(f"stapsrv / {p.short}" for p in PEERS),
+               "floor", "stapsrv / floor", "target", "met"]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         d = r["digits"]
         met = "" if r["met"] is None else ("**met**" if r["met"] else "not met")
-        lines.append(
-            f"| {r['measure']} | {fmt(r['serverd'], d)} | {fmt(r['stapsrv'], d)} | "
-            f"{ratio_text(r['ratio'])} | {fmt(r['floor'], d)} | {ratio_text(r['to_floor'])} | "
-            f"{r['target']} | {met} |")
+        cells = [r["measure"], *(fmt(r["peers"][n], d) for n in PEER_NAMES),
+                 fmt(r["stapsrv"], d), *(ratio_text(r["ratios"][n]) for n in PEER_NAMES),
+                 fmt(r["floor"], d), ratio_text(r["to_floor"]), r["target"], met]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
+        "",
+        comparability(data),
         "",
         "Floor: the same client against bench/replay.py, which answers every request with "
         "a response archive captured from stapsrv (no unpacking, no translator). For (c) it "
         "is measured on repeated-only batches. In the (e) overhead row the floor column is "
         "the client's own cost (floor latency), which every overhead includes. The "
-        "translator alone is `stap -r REL -R RUNTIME -p4 -e SCRIPT` run directly as the "
+        "translator alone is `stap -r REL -R RUNTIME -p4 -e SCRIPT` (for stap-serverd 5.5: "
+        f"`{CLIENT_55.stap} -r REL -p4 -e SCRIPT`) run directly as the "
         "server user with the server's SYSTEMTAP_DIR/HOME/TMPDIR (a translator cache hit). "
         "stapsrv with its response cache never runs the translator for a repeated request, "
         "so its own latency-minus-translator is negative (see details). "
@@ -498,10 +599,12 @@ def render_markdown(data: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         for name, s in m[key].items():
             lines.append(f"| {title} | {name} | {s['n']} | {fmt(s['median'])} | "
                          f"{fmt(s['min'])} | {fmt(s['max'])} |")
-    for name in (SERVERD, STAPSRV):
-        t = m["overhead"][name]["translator"]
-        lines.append(f"| (e) translator alone | {ENV_NAME[name]} environment | {t['n']} | "
-                     f"{fmt(t['median'])} | {fmt(t['min'])} | {fmt(t['max'])} |")
+    for name in MEASURED:
+        o = m["overhead"][name]
+        t = o["translator"]
+        lines.append(f"| (e) translator alone | `{o['translator_program']}`, {ENV_NAME[name]} "
+                     f"environment | {t['n']} | {fmt(t['median'])} | {fmt(t['min'])} | "
+                     f"{fmt(t['max'])} |")
     lines += ["", "| (e) overhead | server | median latency (a) | translator median | "
               "overhead | overhead beyond the floor |", "|---|---|---|---|---|---|"]
     for name, s in m["overhead"].items():
@@ -537,12 +640,12 @@ def plot(data: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     m = data["measures"]
-    colors = {SERVERD: "tab:orange", STAPSRV: "tab:blue", FLOOR: "tab:gray"}
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    fig.suptitle(f"stapsrv vs stap-serverd 4.8 — {data['info']['date']}, "
+    colors = {SERVERD: "tab:orange", SERVERD55: "tab:purple", STAPSRV: "tab:blue",
+              STAPSRV_NC: "tab:cyan", FLOOR: "tab:gray"}
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    fig.suptitle(f"stapsrv vs stap-serverd 4.8 and 5.5 (4.8 client) — {data['info']['date']}, "
                  f"kernel {data['info']['release']}")
 
-    colors[STAPSRV_NC] = "tab:cyan"
     ax = axes[0][0]
     groups = [("(a) repeated", m["raw"]["repeated_p4"]), ("(b) new script", m["raw"]["new_script"])]
     positions, values, labels, cols = [], [], [], []
@@ -551,7 +654,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         for name, times in raw.items():
             positions.append(x)
             values.append(times)
-            labels.append(f"{title}\n{name}")
+            labels.append(title + "\n" + name.replace(" ", "\n", 1))
             cols.append(colors[name])
             x += 1
         x += 0.5
@@ -565,9 +668,10 @@ def plot(data: dict[str, Any], path: Path) -> None:
 
     ax = axes[0][1]
     keys = list(m["concurrent"])
-    width = 0.27
-    for i, name in enumerate((SERVERD, STAPSRV, FLOOR)):
-        xs = [k + (i - 1) * width for k in range(len(keys))]
+    bars = (*MEASURED, FLOOR)
+    width = 0.8 / len(bars)
+    for i, name in enumerate(bars):
+        xs = [k + (i - (len(bars) - 1) / 2) * width for k in range(len(keys))]
         ys = [m["concurrent"][key].get(name, {}).get("rps", 0) for key in keys]
         ax.bar(xs, ys, width, label=name, color=colors[name])
     ax.set_xticks(range(len(keys)), [k.replace("/", " clients\n") for k in keys], fontsize=8)
@@ -577,14 +681,15 @@ def plot(data: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
 
     ax = axes[1][0]
-    for name in (SERVERD, STAPSRV):
+    for name in MEASURED:
         offset, xs, ys = 0.0, [], []
         for key in keys:
             samples = m["concurrent"][key][name]["rss_samples_kb"]
             xs += [offset + t for t, _ in samples]
             ys += [mb(kb) for _, kb in samples]
             offset += m["concurrent"][key][name]["elapsed_s"]
-        ax.plot(xs, ys, label=name, color=colors[name], linewidth=1)
+        ax.plot(xs, ys, label=name, color=colors[name], linewidth=1,
+                linestyle="-." if name == SERVERD55 else "-")  # it runs close to 4.8
         ax.axhline(m["rss"][name]["idle_mb"], color=colors[name], linestyle=":", linewidth=1)
     ax.axhline(60, color="red", linestyle="--", linewidth=1, label="60 MB target (stapsrv idle)")
     ax.set_xlabel("time in (c) batches, concatenated (s)")
@@ -594,11 +699,12 @@ def plot(data: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
 
     ax = axes[1][1]
-    names = [n for n in (SERVERD, STAPSRV_NC) if n in m["overhead"]]
+    names = [n for n in (*PEER_NAMES, STAPSRV_NC) if n in m["overhead"]]
     translator = [m["overhead"][n]["translator_median"] for n in names]
     overhead = [m["overhead"][n]["overhead"] for n in names]
-    ax.bar(names, translator, color="tab:green", label="translator alone (warm)")
-    ax.bar(names, overhead, bottom=translator, color=[colors[SERVERD], "tab:cyan"][:len(names)],
+    ticks = [f"{n}\n({'5.5' if n == SERVERD55 else '4.8'} translator)" for n in names]
+    ax.bar(ticks, translator, color="tab:green", label="translator alone (warm)")
+    ax.bar(ticks, overhead, bottom=translator, color=[colors[n] for n in names],
            label="server overhead = (a) − translator")
     ax.bar([f"{STAPSRV}\n(cache)", FLOOR],
            [m["repeated_p4"][STAPSRV]["median"], m["repeated_p4"][FLOOR]["median"]],
@@ -669,22 +775,31 @@ def main() -> int:
             scratch.append(cache_dir)
             stapsrv_args += ["--cache-dir", str(cache_dir)]
         stapsrv_args += options.stapsrv_arg
-        say(f"kernel {release}, runtime {runtime}; starting stap-serverd 4.8 and stapsrv "
-            f"({' '.join(stapsrv_args)})")
-        serverd = start_stap_serverd(runtime_args, release)
-        servers.append(serverd)
+        peers = ", ".join(f"{p.name} ({'-R' if p.fixed_runtime else 'own runtime'})"
+                          for p in PEERS)
+        say(f"kernel {release}, runtime {runtime}; starting {peers} and stapsrv "
+            f"({' '.join(stapsrv_args)}); client {STAP} for all")
         stapsrv = start_stapsrv(stapsrv_args, release, wait=False)
         servers.append(stapsrv)
-        stapsrv.wait_for_port()
-        started = [(SERVERD, serverd), (STAPSRV, stapsrv)]
+        translator_48 = [STAP, "-r", release, *runtime_args]
+        started = [(STAPSRV, stapsrv, translator_48)]
         if no_cache_option:
             nocache = start_stapsrv([*runtime_args, "--no-cache", *options.stapsrv_arg],
                                     release, wait=False)
+            nocache.name = STAPSRV_NC
             servers.append(nocache)
-            nocache.wait_for_port()
-            started.append((STAPSRV_NC, nocache))
-        for name, server in started:
-            targets[name] = Target(name, server, make_client(homes))
+            started.append((STAPSRV_NC, nocache, translator_48))
+        for peer in PEERS:
+            server = start_peer(peer, release, runtime_args)
+            servers.append(server)
+            started.append((peer.name, server, [peer.translator, "-r", release,
+                                                *peer_runtime_args(peer, runtime_args)]))
+        for name, server, _ in started:
+            if name in (STAPSRV, STAPSRV_NC):
+                server.wait_for_port()
+        started.sort(key=lambda s: (*MEASURED, STAPSRV_NC).index(s[0]))
+        for name, server, translator_argv in started:
+            targets[name] = Target(name, server, make_client(homes), translator_argv)
 
         # ---- warm-up: trust, repeated script (fills caches), one new script,
         #      the concurrent clients' trust, the translator run directly
@@ -702,13 +817,13 @@ def main() -> int:
                 client = make_client(homes)
                 trust(client, spec)
                 target.pool.append(client)
-            translator_run(target.name, target.server, release, runtime_args, SCRIPT)
+            translator_run(target, SCRIPT)
         say("capturing stapsrv's response for the replay floor")
         response = capture_response(targets[STAPSRV].client, stapsrv.spec, release)
         replay = start_replay(stapsrv.base / "ssl", response)
         servers.append(replay)
         scratch.append(replay.base)
-        floor = Target(FLOOR, replay, make_client(homes))
+        floor = Target(FLOOR, replay, make_client(homes), [])
         trust(floor.client, replay.spec)
         for _ in range(2):
             timed_request(floor.client, replay.spec, release, SCRIPT)
@@ -718,14 +833,19 @@ def main() -> int:
             trust(client, replay.spec)
             floor.pool.append(client)
 
-        targets[SERVERD].pid = real_server_pid(serverd, is_serverd)
+        for peer in PEERS:
+            targets[peer.name].pid = real_server_pid(targets[peer.name].server,
+                                                     is_serverd(peer.program))
         targets[STAPSRV].pid = real_server_pid(stapsrv, is_stapsrv)
+        pids = [targets[name].pid for name in MEASURED]
+        if len(set(pids)) != len(pids):
+            raise BenchError(f"server pids are not distinct: {pids}")
         time.sleep(1.0)
-        idle_kb = {name: status_kb(targets[name].pid, "VmRSS") for name in (SERVERD, STAPSRV)}
+        idle_kb = {name: status_kb(targets[name].pid, "VmRSS") for name in MEASURED}
         say("idle RSS: " + ", ".join(f"{n} {mb(kb):.1f} MB" for n, kb in idle_kb.items()))
 
         everyone = [*targets.values(), floor]
-        both = [targets[SERVERD], targets[STAPSRV]]
+        measured = [targets[name] for name in MEASURED]
 
         # ---- (a) repeated -p4, with the floor
         say(f"(a) repeated -p4, {runs} interleaved runs")
@@ -736,47 +856,46 @@ def main() -> int:
 
         # ---- (e) the translator alone, warm
         say(f"(e) translator alone, {runs} interleaved runs")
-        translator: dict[str, list[float]] = {t.name: [] for t in both}
+        translator: dict[str, list[float]] = {t.name: [] for t in measured}
         for i in range(runs):
-            for t in rotate(both, i):
-                translator[t.name].append(
-                    translator_run(t.name, t.server, release, runtime_args, SCRIPT))
+            for t in rotate(measured, i):
+                translator[t.name].append(translator_run(t, SCRIPT))
 
         # ---- (b) first request of a new script
         say(f"(b) new script, {new_runs} interleaved runs")
-        new: dict[str, list[float]] = {t.name: [] for t in both}
+        new: dict[str, list[float]] = {t.name: [] for t in measured}
         for i in range(new_runs):
-            for t in rotate(both, i):
+            for t in rotate(measured, i):
                 new[t.name].append(timed_request(t.client, t.server.spec, release, new_script()))
 
         # ---- (c) concurrent clients, with RSS sampling for (d)
         concurrent: dict[str, dict[str, Any]] = {}
-        for level in levels:
-            for mix in ("mixed", "repeated"):
-                key = f"{level}/{mix}"
-                kinds = ["new" if mix == "mixed" and i % 4 == 3 else "repeated"
-                         for i in range(requests)]
-                random.Random(f"{key}").shuffle(kinds)
-                order = rotate(both, level // 8 + (mix == "repeated"))
-                if mix == "repeated":
-                    order.append(floor)
-                concurrent[key] = {}
-                for t in order:
-                    say(f"(c) {level} clients, {mix}, {requests} requests: {t.name}")
-                    result = concurrent_batch(t, t.server.spec, release, level, kinds)
-                    concurrent[key][t.name] = result
-                    if result["failures"]:
-                        say(f"    {len(result['failures'])} failed; first: "
-                            f"{result['failures'][0]}")
-                    if result["ok"] < len(kinds) / 2:
-                        raise BenchError(f"{t.name}: most requests failed in batch {key}")
-                    say(f"    {result['rps']:.2f} req/s in {result['elapsed_s']:.1f} s")
-                concurrent[key] = {n: concurrent[key][n] for n in (SERVERD, STAPSRV, FLOOR)
-                                   if n in concurrent[key]}
+        batches = [(level, mix) for level in levels for mix in ("mixed", "repeated")]
+        for index, (level, mix) in enumerate(batches):
+            key = f"{level}/{mix}"
+            kinds = ["new" if mix == "mixed" and i % 4 == 3 else "repeated"
+                     for i in range(requests)]
+            random.Random(f"{key}").shuffle(kinds)
+            order = rotate(measured, index)
+            if mix == "repeated":
+                order.append(floor)
+            concurrent[key] = {}
+            for t in order:
+                say(f"(c) {level} clients, {mix}, {requests} requests: {t.name}")
+                result = concurrent_batch(t, t.server.spec, release, level, kinds)
+                concurrent[key][t.name] = result
+                if result["failures"]:
+                    say(f"    {len(result['failures'])} failed; first: "
+                        f"{result['failures'][0]}")
+                if result["ok"] < len(kinds) / 2:
+                    raise BenchError(f"{t.name}: most requests failed in batch {key}")
+                say(f"    {result['rps']:.2f} req/s in {result['elapsed_s']:.1f} s")
+            concurrent[key] = {n: concurrent[key][n] for n in (*MEASURED, FLOOR)
+                               if n in concurrent[key]}
 
         time.sleep(1.0)
         rss: dict[str, Any] = {}
-        for name in (SERVERD, STAPSRV):
+        for name in MEASURED:
             t = targets[name]
             samples = [kb for key in concurrent
                        for _, kb in concurrent[key][name]["rss_samples_kb"]]
@@ -807,10 +926,12 @@ def main() -> int:
     overhead = {}
     floor_median = statistics.median(repeated[FLOOR])
     for name in targets:
-        times = translator[SERVERD if name == SERVERD else STAPSRV]
+        source = STAPSRV if name == STAPSRV_NC else name  # the same translator and environment
+        times = translator[source]
         tmed = statistics.median(times)
         latency = statistics.median(repeated[name])
         overhead[name] = {"translator": summary_stats(times), "translator_median": tmed,
+                          "translator_program": targets[source].translator[0],
                           "latency_median": latency, "overhead": latency - tmed,
                           "overhead_beyond_floor": latency - tmed - floor_median}
     data: dict[str, Any] = {
