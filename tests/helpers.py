@@ -14,8 +14,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.trial.unittest import SkipTest
 
-from stapsrv.certs import ServerIdentity, make_certificate
-from stapsrv.quickstart import installed_releases
+from stapsrv.identity.certs import ServerIdentity, make_certificate
+from stapsrv.cli.quickstart import installed_releases
 
 FAKESTAP = Path(__file__).with_name("fakestap.py")
 

@@ -281,7 +281,7 @@ def _stop_shared() -> None:
 
 def fixed_runtime_for(release: str) -> str | None:
     """The runtime copy stapsrv would use for ``release`` (shared cache)."""
-    from stapsrv.runtime import select_runtime
+    from stapsrv.compile.runtime import select_runtime
     path = select_runtime(Path("/lib/modules") / release / "build",
                           cache_root=owned_directory(STATE / "cache" / "stapsrv"))
     if path is None:

@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from stapsrv.cmdline import LONG_OPTIONS, SHORT_OPTIONS
+from stapsrv.core.cmdline import LONG_OPTIONS, SHORT_OPTIONS
 
 
 class FalsifiedProperty(Exception):

@@ -15,8 +15,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from stapsrv.archive import RequestRejected, build_response, extract_request
-from stapsrv.request import read_arguments
+from stapsrv.compile.archive import RequestRejected, build_response, extract_request
+from stapsrv.core.members import read_arguments
 from tests.strategies import fixed
 from tests.vectors import captured_requests, members
 

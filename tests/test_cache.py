@@ -1,4 +1,4 @@
-"""The response cache (stapsrv.cache): self-checking entries, the disk
+"""The response cache (stapsrv.cache.store): self-checking entries, the disk
 cache's size cap, the tiered cache, and the handler's use of them (hits,
 damaged entries, single flight, failures, counters) with a counting fake
 translator."""
@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger, LogEvent, formatEvent
 from twisted.trial.unittest import TestCase
 
-from stapsrv.cache import (
+from stapsrv.cache.store import (
     MAGIC,
     CorruptEntry,
     DiskCache,
@@ -23,10 +23,10 @@ from stapsrv.cache import (
     decode_entry,
     encode_entry,
 )
-from stapsrv.cachekey import ContentDigests, KeyMaker
-from stapsrv.certs import ServerIdentity
-from stapsrv.config import ServerConfig
-from stapsrv.handler import RequestContext, RequestHandler
+from stapsrv.cache.key import ContentDigests, KeyMaker
+from stapsrv.identity.certs import ServerIdentity
+from stapsrv.config.values import ServerConfig
+from stapsrv.compile.handler import RequestContext, RequestHandler
 from tests.helpers import install_fake_stap, test_identity
 from tests.test_archive import make_zip
 from tests.test_handler import RELEASE, HandlerCase, request

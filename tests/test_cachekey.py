@@ -1,4 +1,4 @@
-"""Cache keys (stapsrv.cachekey): every part that can change an answer
+"""Cache keys (stapsrv.cache.key): every part that can change an answer
 changes the key, and nothing else does.  Unit tests of the request
 summary, the content digests and the key maker, then the same parts end
 to end through the handler with a counting fake translator."""
@@ -18,16 +18,16 @@ from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.hazmat.primitives.hashes import SHA1
 from twisted.trial.unittest import TestCase
 
-from stapsrv.archive import RequestRejected
-from stapsrv.cachekey import (
+from stapsrv.compile.archive import RequestRejected
+from stapsrv.cache.key import (
     ContentDigests,
     KeyMaker,
     RequestSummary,
     needs_signature,
     summarize_request,
 )
-from stapsrv.certs import ServerIdentity, make_certificate
-from stapsrv.cmdline import Privilege, ServerOption
+from stapsrv.identity.certs import ServerIdentity, make_certificate
+from stapsrv.core.cmdline import Privilege, ServerOption
 from tests.test_archive import make_zip
 from tests.test_cache import CachedHandlerCase
 from tests.test_handler import RELEASE, request
@@ -187,7 +187,7 @@ class ContentDigestTests(TestCase):
         self.assertNotEqual(digests.digest(self.tree), before)
 
     def test_unchanged_tree_is_not_read_again(self) -> None:
-        import stapsrv.cachekey as cachekey
+        import stapsrv.cache.key as cachekey
         calls: list[Path] = []
         real = cachekey._content_digest
 
@@ -266,7 +266,7 @@ class KeyMakerTests(TestCase):
     def test_request_naming_server_files(self) -> None:
         """A script path or a process("...") binary outside the request is
         fingerprinted; a request naming a huge tree is not cached."""
-        from stapsrv.cachekey import Uncacheable
+        from stapsrv.cache.key import Uncacheable
         target = self.root / "probed"
         target.write_bytes(b"v1")
         summary = summarize_request(request("-p4", "-e", f'probe process("{target}").begin {{}}',

@@ -16,8 +16,8 @@ from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import TestCase
 
-from stapsrv import certs
-from stapsrv.certs import (
+from stapsrv.identity import certs
+from stapsrv.identity.certs import (
     CERT_FILE,
     KEY_FILE,
     SUBJECT,

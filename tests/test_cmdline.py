@@ -9,7 +9,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, TestCase
 
-from stapsrv.cmdline import (
+from stapsrv.core.cmdline import (
     LONG_OPTIONS,
     SHORT_OPTIONS,
     Privilege,

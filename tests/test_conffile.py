@@ -4,7 +4,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from stapsrv.conffile import (
+from stapsrv.config.files import (
     ConfigError,
     GlobalConfig,
     ServerSettings,

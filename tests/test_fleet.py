@@ -1,4 +1,4 @@
-"""The fleet cache (stapsrv.fleet) against a real redis-server on loopback:
+"""The fleet cache (stapsrv.cache.fleet) against a real redis-server on loopback:
 round trips, damaged values, Redis going away and coming back, two
 handlers sharing answers, and two real stapsrv servers with the real
 client."""
@@ -16,9 +16,9 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
-from stapsrv.cache import DiskCache, TieredCache, encode_entry
-from stapsrv.fleet import PREFIX, RedisCache, display_url
-from stapsrv.handler import RequestHandler
+from stapsrv.cache.store import DiskCache, TieredCache, encode_entry
+from stapsrv.cache.fleet import PREFIX, RedisCache, display_url
+from stapsrv.compile.handler import RequestHandler
 from tests.realredis import free_port, start_redis
 from tests.realserver import Client, ServerProcess, remove_tree, scratch_directory
 from tests.test_cache import KEY_A, KEY_B, CachedHandlerCase, Events

@@ -4,7 +4,7 @@ import struct
 
 from twisted.trial.unittest import TestCase
 
-from stapsrv.framing import (
+from stapsrv.core.framing import (
     CertificateProbe,
     RequestReader,
     RequestReceived,

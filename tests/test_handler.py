@@ -13,9 +13,9 @@ from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
-from stapsrv.cmdline import ServerOption
-from stapsrv.config import ServerConfig, TranslatorLimits
-from stapsrv.handler import RequestContext, RequestHandler
+from stapsrv.core.cmdline import ServerOption
+from stapsrv.config.values import ServerConfig, TranslatorLimits
+from stapsrv.compile.handler import RequestContext, RequestHandler
 from tests.helpers import install_fake_stap, test_identity
 from tests.test_archive import make_zip
 from tests.vectors import captured_requests, members
@@ -249,7 +249,7 @@ class RobustnessTests(HandlerCase):
     async def test_full_disk_gets_a_clear_answer(self) -> None:
         import errno
 
-        from stapsrv import handler as handler_module
+        from stapsrv.compile import handler as handler_module
 
         def full(*args: object) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")

@@ -16,8 +16,8 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from stapsrv.conffile import ServerSettings
-from stapsrv.manager import USAGE, host_arch, main, render
+from stapsrv.config.files import ServerSettings
+from stapsrv.cli.manager import USAGE, host_arch, main, render
 from tests.helpers import require, require_header_release, require_program
 from tests.realserver import (
     Client,
@@ -404,10 +404,10 @@ class ManagerTests(TestCase):
 
 class UserRuleTests(TestCase):
     def launch_as(self, user: str) -> str:
-        from stapsrv.conffile import GlobalConfig
-        from stapsrv.launch import LaunchFailed
-        from stapsrv.manager import Manager
-        from stapsrv.managerargs import Invocation
+        from stapsrv.config.files import GlobalConfig
+        from stapsrv.cli.launch import LaunchFailed
+        from stapsrv.cli.manager import Manager
+        from stapsrv.cli.arguments import Invocation
 
         manager = Manager(Invocation("start"), GlobalConfig())
         with self.assertRaises(LaunchFailed) as caught:

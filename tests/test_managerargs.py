@@ -4,7 +4,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from stapsrv.managerargs import ArgumentError, SpecWords, parse
+from stapsrv.cli.arguments import ArgumentError, SpecWords, parse
 
 
 class ParseTests(TestCase):

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.hazmat.primitives.hashes import SHA512
 from twisted.trial.unittest import TestCase
 
-from stapsrv import mok
+from stapsrv.identity import mok
 from tests.helpers import require, require_header_release
 from tests.test_archive import make_zip
 from tests.test_certs import _der_header

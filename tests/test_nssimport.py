@@ -14,14 +14,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from twisted.trial.unittest import TestCase
 
-from stapsrv.certs import (
+from stapsrv.identity.certs import (
     CERT_FILE,
     KEY_FILE,
     cert_serial_text,
     load_or_create_identity,
     make_certificate,
 )
-from stapsrv.nssimport import NSSImportError, export_nss_identity, has_nss_database
+from stapsrv.identity.nssimport import NSSImportError, export_nss_identity, has_nss_database
 from tests.helpers import require, require_header_release, require_program
 from tests.realserver import (
     Client,

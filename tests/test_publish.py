@@ -18,10 +18,10 @@ from twisted.trial.unittest import TestCase
 from txdbus.error import RemoteError
 from zope.interface.verify import verifyObject
 
-from stapsrv import publish
-from stapsrv.cmdline import ServerOption
-from stapsrv.interfaces import IServicePublisher
-from stapsrv.publish import (
+from stapsrv.app import publish
+from stapsrv.core.cmdline import ServerOption
+from stapsrv.app.interfaces import IServicePublisher
+from stapsrv.app.publish import (
     AVAHI,
     COLLISION_ERROR,
     AvahiPublisher,
@@ -340,14 +340,14 @@ class PublisherTests(TestCase):
 
 class TapTests(TestCase):
     def services(self, *argv: str) -> list[Any]:
-        from stapsrv import tap
+        from stapsrv.app import tap
         self.patch(os, "geteuid", lambda: 1000)
         options = tap.Options()
         options.parseOptions(["--ssl", self.mktemp(), *argv])
         return list(tap.makeService(options))
 
     def test_publisher_follows_the_server(self) -> None:
-        from stapsrv.service import CompileServerService
+        from stapsrv.app.service import CompileServerService
         server, publisher, _ = self.services()
         self.assertIsInstance(server, CompileServerService)
         self.assertIsInstance(publisher, PublisherService)
@@ -371,7 +371,7 @@ def _unescape(name: str) -> str:
 
 def server_serial(server: Any) -> str:
     from cryptography import x509
-    from stapsrv.certs import cert_serial_text
+    from stapsrv.identity.certs import cert_serial_text
     cert = x509.load_der_x509_certificate((server.base / "ssl" / "stap.cert").read_bytes())
     return cert_serial_text(cert)
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from stapsrv.archive import extract_request
-from stapsrv.request import (
+from stapsrv.compile.archive import extract_request
+from stapsrv.core.members import (
     filter_locale,
     read_arguments,
     read_client_version,

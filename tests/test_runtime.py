@@ -1,4 +1,4 @@
-"""Tests for stapsrv.runtime (the patched systemtap runtime)."""
+"""Tests for stapsrv.compile.runtime (the patched systemtap runtime)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from stapsrv import runtime
+from stapsrv.compile import runtime
 from tests.helpers import header_release
 
 REAL_RUNTIME = Path(runtime.DEFAULT_STOCK_RUNTIME)

@@ -11,9 +11,9 @@ from twisted.internet.testing import EventLoggingObserver, StringTransportWithDi
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from stapsrv.config import ServerConfig
-from stapsrv.handler import RequestContext
-from stapsrv.server import CompileServerFactory, describe_peer
+from stapsrv.config.values import ServerConfig
+from stapsrv.compile.handler import RequestContext
+from stapsrv.app.server import CompileServerFactory, describe_peer
 from tests.vectors import CAPTURE, members
 
 

@@ -8,7 +8,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from stapsrv.shutdown import CleanExitOnSignal
+from stapsrv.app.shutdown import CleanExitOnSignal
 
 
 class FakeReactor:

@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.hazmat.primitives.hashes import SHA1
 from twisted.trial.unittest import TestCase
 
-from stapsrv.certs import load_or_create_identity
-from stapsrv.signing import sign_module, sign_module_file
+from stapsrv.identity.certs import load_or_create_identity
+from stapsrv.compile.signing import sign_module, sign_module_file
 from tests.helpers import test_identity
 
 MODULE = b"\x7fELF" + bytes(range(256)) * 40

@@ -6,13 +6,13 @@ from pathlib import Path
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
-from stapsrv import tap
-from stapsrv.cmdline import ServerOption
-from stapsrv.config import ServerConfig
-from stapsrv.publish import PublisherService
-from stapsrv.serverlog import LogFileService, ReopenOnSighup
-from stapsrv.service import CompileServerService
-from stapsrv.shutdown import CleanExitOnSignal
+from stapsrv.app import tap
+from stapsrv.core.cmdline import ServerOption
+from stapsrv.config.values import ServerConfig
+from stapsrv.app.publish import PublisherService
+from stapsrv.app.logs import LogFileService, ReopenOnSighup
+from stapsrv.app.service import CompileServerService
+from stapsrv.app.shutdown import CleanExitOnSignal
 
 
 class OptionsTests(TestCase):
@@ -52,7 +52,7 @@ class OptionsTests(TestCase):
                          ("/rt", 4711, "::1", Path("/ssl"), Path("/l"), 0, 1, 10, 20, True))
 
     def test_robustness_and_cache_options(self) -> None:
-        from stapsrv.config import TranslatorLimits
+        from stapsrv.config.values import TranslatorLimits
         config = self.parse()
         self.assertEqual((config.request_timeout, config.compile_timeout, config.limits,
                           config.cache_enabled, config.cache_dir, config.cache_size,
@@ -134,7 +134,7 @@ class ConfigFileTests(TestCase):
         self.assertEqual(b.releases, (os.uname().release, "r9"))
 
     def test_our_variables(self) -> None:
-        from stapsrv.config import TranslatorLimits
+        from stapsrv.config.values import TranslatorLimits
         (self.base / "conf.d" / "a.conf").write_text(
             "REQUEST_TIMEOUT=5\nCOMPILE_TIMEOUT=60\nCPU_LIMIT=30\nMEMORY_LIMIT=1024\n"
             "FILE_SIZE_LIMIT=50\nPROCESS_LIMIT=200\nCACHE=no\nCACHE_DIR=/c\n"
@@ -168,7 +168,7 @@ class ConfigFileTests(TestCase):
 
 class RoutingTests(TestCase):
     def test_each_log_gets_its_servers_lines(self) -> None:
-        from stapsrv.serverlog import format_line
+        from stapsrv.app.logs import format_line
         event = {"log_namespace": "stapsrv.alpha", "log_format": "hello", "log_time": 0}
         self.assertIsNotNone(format_line(event, frozenset({"stapsrv.alpha"})))
         self.assertIsNone(format_line(event, frozenset({"stapsrv.b"})))

@@ -22,9 +22,9 @@ from twisted.test import iosim
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from stapsrv.certs import ServerIdentity
-from stapsrv.tls import server_context_factory
-from stapsrv.trust import trust_certificate
+from stapsrv.identity.certs import ServerIdentity
+from stapsrv.identity.certs import server_context_factory
+from stapsrv.identity.trust import trust_certificate
 from tests.helpers import require_program, test_identity
 from tests.test_trust import list_database
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from stapsrv.config import TranslatorLimits
-from stapsrv.translator import launcher, start_translator
+from stapsrv.config.values import TranslatorLimits
+from stapsrv.compile.translator import launcher, start_translator
 
 
 class LauncherTests(TestCase):
@@ -57,7 +57,7 @@ class LauncherTests(TestCase):
 import sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
 from pathlib import Path
 from twisted.internet import reactor
-from stapsrv.translator import start_translator
+from stapsrv.compile.translator import start_translator
 base = Path({str(base)!r})
 def go():
     run = start_translator(reactor, ["/bin/sh", "-c", "echo $$ > pid; exec sleep 300"],

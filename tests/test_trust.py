@@ -14,8 +14,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.trial.unittest import TestCase
 
-from stapsrv.certs import ServerIdentity, make_certificate
-from stapsrv.trust import (
+from stapsrv.identity.certs import ServerIdentity, make_certificate
+from stapsrv.identity.trust import (
     CertutilError,
     default_server_ssl_dir,
     local_client_db_dir,

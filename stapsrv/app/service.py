@@ -21,16 +21,16 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from stapsrv.cache import DiskCache, ResponseCache, TieredCache
-from stapsrv.cachekey import KeyMaker
-from stapsrv.certs import ServerIdentity, load_or_create_identity
-from stapsrv.config import ServerConfig, default_systemtap_dir
-from stapsrv.counters import Counters
-from stapsrv.handler import RequestHandler
-from stapsrv.runtime import select_runtime
-from stapsrv.server import CompileServerFactory
-from stapsrv.tls import server_context_factory
-from stapsrv.trust import local_client_db_dir, trust_certificate
+from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
+from stapsrv.cache.key import KeyMaker
+from stapsrv.identity.certs import ServerIdentity, load_or_create_identity
+from stapsrv.config.values import ServerConfig, default_systemtap_dir
+from stapsrv.app.counters import Counters
+from stapsrv.compile.handler import RequestHandler
+from stapsrv.compile.runtime import select_runtime
+from stapsrv.app.server import CompileServerFactory
+from stapsrv.identity.certs import server_context_factory
+from stapsrv.identity.trust import local_client_db_dir, trust_certificate
 
 #: Set to any value to let a server run as root (the upstream testsuite's
 #: escape hatch, kept under its upstream name).
@@ -150,7 +150,7 @@ class CompileServerService(Service):
         self.log.info("Response cache {directory} (at most {size} MiB)",
                       directory=config.response_cache_dir, size=config.cache_size >> 20)
         if config.fleet_cache:
-            from stapsrv.fleet import RedisCache
+            from stapsrv.cache.fleet import RedisCache
             fleet = RedisCache(config.fleet_cache, self.reactor, log=self.log)
             self._fleet = fleet
             cache = TieredCache(cache, fleet)

@@ -19,8 +19,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from stapsrv import PROTOCOL_VERSION
-from stapsrv.archive import refusal_archive
-from stapsrv.framing import (
+from stapsrv.compile.archive import refusal_archive
+from stapsrv.core.framing import (
     CertificateProbe,
     RequestEvent,
     RequestReader,
@@ -28,7 +28,7 @@ from stapsrv.framing import (
     RequestTooLarge,
     RequestTruncated,
 )
-from stapsrv.handler import RequestContext, RequestHandler
+from stapsrv.compile.handler import RequestContext, RequestHandler
 
 
 def describe_peer(address: IAddress) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from attrs import field, frozen
 
-from stapsrv.cmdline import ServerOption
+from stapsrv.core.cmdline import ServerOption
 
 #: 4.8's request limits, in bytes.
 DEFAULT_MAX_REQUEST_SIZE = 50000

@@ -5,7 +5,7 @@ The original ``stap-serverd`` keeps its identity in an NSS database
 ``stap-server`` (spec §2.5).  To keep clients' trust and the ``certinfo``
 serial, stapsrv exports that key and certificate once with ``pk12util``
 into a private temporary directory, loads the PKCS#12 with ``cryptography``
-and lets :mod:`stapsrv.certs` store them as ``stap-key.pem``/``stap.cert``,
+and lets :mod:`stapsrv.identity.certs` store them as ``stap-key.pem``/``stap.cert``,
 so later starts no longer need the NSS tools.
 """
 
@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from twisted.logger import Logger
 
-from stapsrv.certs import ServerIdentity
+from stapsrv.identity.certs import ServerIdentity
 
 log = Logger(namespace="stapsrv")
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from twisted.application.service import MultiService
 from twisted.logger import globalLogBeginner
 
-from stapsrv.config import ServerConfig
-from stapsrv.publish import publisher_service
-from stapsrv.serverlog import CtimeLogObserver
-from stapsrv.service import RootRefused, CompileServerService, refuse_root
-from stapsrv.trust import default_server_ssl_dir
+from stapsrv.config.values import ServerConfig
+from stapsrv.app.publish import publisher_service
+from stapsrv.app.logs import CtimeLogObserver
+from stapsrv.app.service import RootRefused, CompileServerService, refuse_root
+from stapsrv.identity.trust import default_server_ssl_dir
 
 
 def installed_releases(modules: Path = Path("/lib/modules")) -> list[str]:

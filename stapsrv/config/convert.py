@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from stapsrv.cmdline import ServerOption
-from stapsrv.conffile import GlobalConfig, ServerSettings, read_server_file
-from stapsrv.config import (
+from stapsrv.core.cmdline import ServerOption
+from stapsrv.config.files import GlobalConfig, ServerSettings, read_server_file
+from stapsrv.config.values import (
     DEFAULT_CACHE_SIZE,
     DEFAULT_COMPILE_TIMEOUT,
     DEFAULT_MAX_COMPRESSED_REQUEST,
@@ -24,8 +24,8 @@ from stapsrv.config import (
     ServerConfig,
     TranslatorLimits,
 )
-from stapsrv.fleet import url_problem
-from stapsrv.trust import default_server_ssl_dir
+from stapsrv.cache.fleet import url_problem
+from stapsrv.identity.trust import default_server_ssl_dir
 
 
 class SettingsError(ValueError):

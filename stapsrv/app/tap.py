@@ -13,10 +13,10 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from stapsrv import settings
-from stapsrv.cmdline import ServerOption
-from stapsrv.conffile import ConfigError, read_global
-from stapsrv.config import (
+from stapsrv.config import convert as settings
+from stapsrv.core.cmdline import ServerOption
+from stapsrv.config.files import ConfigError, read_global
+from stapsrv.config.values import (
     DEFAULT_CACHE_SIZE,
     DEFAULT_COMPILE_TIMEOUT,
     DEFAULT_MAX_COMPRESSED_REQUEST,
@@ -25,12 +25,12 @@ from stapsrv.config import (
     ServerConfig,
     default_listen,
 )
-from stapsrv.counters import CountersFileService
-from stapsrv.publish import publisher_service
-from stapsrv.serverlog import LogFileService, ReopenOnSighup
-from stapsrv.shutdown import CleanExitOnSignal
-from stapsrv.service import ROOT_OVERRIDE, ROOT_REFUSAL, CompileServerService
-from stapsrv.trust import default_server_ssl_dir
+from stapsrv.app.counters import CountersFileService
+from stapsrv.app.publish import publisher_service
+from stapsrv.app.logs import LogFileService, ReopenOnSighup
+from stapsrv.app.shutdown import CleanExitOnSignal
+from stapsrv.app.service import ROOT_OVERRIDE, ROOT_REFUSAL, CompileServerService
+from stapsrv.identity.trust import default_server_ssl_dir
 
 
 def _count(name: str, minimum: int, maximum: int | None = None):  # type: ignore[no-untyped-def]

@@ -28,15 +28,16 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from stapsrv import PROTOCOL_VERSION, mok
-from stapsrv.archive import RequestRejected, build_response, extract_request, refusal_archive
-from stapsrv.cache import ResponseCache
-from stapsrv.cachekey import KeyMaker, Uncacheable, needs_signature, summarize_request
-from stapsrv.certs import ServerIdentity
-from stapsrv.cmdline import Privilege, ServerOption, requested_privilege, translator_argv
-from stapsrv.config import ServerConfig
-from stapsrv.counters import Counters
-from stapsrv.request import (
+from stapsrv import PROTOCOL_VERSION
+from stapsrv.identity import mok
+from stapsrv.compile.archive import RequestRejected, build_response, extract_request, refusal_archive
+from stapsrv.cache.store import ResponseCache
+from stapsrv.cache.key import KeyMaker, Uncacheable, needs_signature, summarize_request
+from stapsrv.identity.certs import ServerIdentity
+from stapsrv.core.cmdline import Privilege, ServerOption, requested_privilege, translator_argv
+from stapsrv.config.values import ServerConfig
+from stapsrv.app.counters import Counters
+from stapsrv.core.members import (
     LOCALE_PROTOCOL,
     read_arguments,
     read_client_version,
@@ -44,8 +45,8 @@ from stapsrv.request import (
     read_target_release,
     version_key,
 )
-from stapsrv.signing import sign_module_file
-from stapsrv.translator import TranslatorRun, start_translator
+from stapsrv.compile.signing import sign_module_file
+from stapsrv.compile.translator import TranslatorRun, start_translator
 
 T = TypeVar("T")
 

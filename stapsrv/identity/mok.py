@@ -6,7 +6,7 @@ as 4.8 lays it out; the fingerprint is the certificate's SHA-1, lowercase
 hex pairs joined by ``:``.  A client that needs signed modules sends the
 fingerprints of its enrolled keys; when one is in the store, the module is
 signed with the kernel's ``scripts/sign-file``.  Administrators use
-``python -m stapsrv.mok list|generate|remove``.
+``python -m stapsrv.identity.mok list|generate|remove``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from stapsrv.trust import default_server_ssl_dir
+from stapsrv.identity.trust import default_server_ssl_dir
 
 PRIVATE_KEY = "signing_key.priv"
 CERTIFICATE = "signing_key.x509"
@@ -158,7 +158,7 @@ def main(argv: list[str]) -> int:
             return 0
         print(f"No MOK {argv[1]} in {store}", file=sys.stderr)
         return 1
-    print("usage: python -m stapsrv.mok list | generate | remove FINGERPRINT", file=sys.stderr)
+    print("usage: python -m stapsrv.identity.mok list | generate | remove FINGERPRINT", file=sys.stderr)
     return 2
 
 

@@ -13,7 +13,7 @@ client whose clock is slightly behind ours still accepts the certificate.
 On disk the identity lives in the server's ssl directory as ``stap.cert``
 (DER, 0644, the file 4.8 also writes) and ``stap-key.pem`` (unencrypted
 PKCS#8 PEM, 0600) instead of 4.8's NSS database.  An existing 4.8 NSS
-database in the ssl directory is imported once (:mod:`stapsrv.nssimport`)
+database in the ssl directory is imported once (:mod:`stapsrv.identity.nssimport`)
 so that a replaced stap-serverd keeps its key, certificate and serial.
 """
 
@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID, ObjectIdentifier
+from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 
 log = Logger(namespace="stapsrv")
@@ -170,6 +171,21 @@ class ServerIdentity:
     @property
     def certificate_der(self) -> bytes:
         return self.certificate.public_bytes(serialization.Encoding.DER)
+
+
+def server_context_factory(identity: ServerIdentity) -> CertificateOptions:
+    """TLS 1.2 or 1.3 with the identity's key and certificate.
+
+    No client certificate is requested (``verify`` stays off) and SNI is
+    ignored: there is a single certificate.  Twisted's default cipher
+    selection includes the ECDHE-RSA AES-GCM and TLS 1.3 suites the 4.8
+    client offers.
+    """
+    return CertificateOptions(
+        privateKey=identity.key,  # type: ignore[arg-type]  # cryptography keys are accepted
+        certificate=identity.certificate,  # type: ignore[arg-type]
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+    )
 
 
 def generate_key(key_size: int = DEFAULT_KEY_SIZE) -> rsa.RSAPrivateKey:
@@ -333,7 +349,7 @@ def _import_nss_identity(ssl_dir: Path, now: datetime) -> ServerIdentity | None:
     exists but cannot be exported, the error propagates: a certificate that
     clients may already trust is never silently replaced.
     """
-    from stapsrv.nssimport import has_nss_database, export_nss_identity
+    from stapsrv.identity.nssimport import has_nss_database, export_nss_identity
 
     if not has_nss_database(ssl_dir):
         return None

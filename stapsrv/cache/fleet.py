@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from stapsrv.cache import CorruptEntry, decode_entry, encode_entry
+from stapsrv.cache.store import CorruptEntry, decode_entry, encode_entry
 
 T = TypeVar("T")
 

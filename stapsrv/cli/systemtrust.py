@@ -1,8 +1,8 @@
 """System-wide trust for an installed server (used by ``make install-system``).
 
-``python -m stapsrv.systemtrust identity SSL_DIR`` makes sure the server's
+``python -m stapsrv.cli.systemtrust identity SSL_DIR`` makes sure the server's
 certificate exists (run it as the server user); ``python -m
-stapsrv.systemtrust trust CERT DB_DIR...`` (as root) adds it to NSS
+stapsrv.cli.systemtrust trust CERT DB_DIR...`` (as root) adds it to NSS
 databases such as ``/etc/systemtap/ssl/client`` (every local user's
 clients trust the server) and ``/etc/systemtap/staprun`` (``staprun``
 accepts modules it signed), as 4.8's packaging does.
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stapsrv.certs import load_or_create_identity
-from stapsrv.trust import CertutilError, trust_certificate
+from stapsrv.identity.certs import load_or_create_identity
+from stapsrv.identity.trust import CertutilError, trust_certificate
 
 
 def main(argv: list[str]) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
             print(f"systemtrust: {exc}", file=sys.stderr)
             return 1
         return 0
-    print("usage: python -m stapsrv.systemtrust identity SSL_DIR | trust CERT DB_DIR...",
+    print("usage: python -m stapsrv.cli.systemtrust identity SSL_DIR | trust CERT DB_DIR...",
           file=sys.stderr)
     return 2
 

@@ -26,9 +26,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from stapsrv import PROTOCOL_VERSION, mok
-from stapsrv.cmdline import ServerOption
-from stapsrv.interfaces import IServicePublisher
+from stapsrv import PROTOCOL_VERSION
+from stapsrv.identity import mok
+from stapsrv.core.cmdline import ServerOption
+from stapsrv.app.interfaces import IServicePublisher
 
 SERVICE_TYPE = "_stap._tcp"
 NAME_PREFIX = "Systemtap Compile Server on "

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from attrs import define, field, frozen
 
-from stapsrv.archive import MEMBER_ERRORS, RequestRejected, check_request
-from stapsrv.cmdline import Privilege, requested_privilege, scan_options
+from stapsrv.compile.archive import MEMBER_ERRORS, RequestRejected, check_request
+from stapsrv.core.cmdline import Privilege, requested_privilege, scan_options
 
 #: Bump when the meaning of a key or the cached answer's format changes.
 KEY_VERSION = b"stapsrv-response-cache-1\n"
