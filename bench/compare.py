@@ -59,7 +59,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.realserver import (  # noqa: E402
+from tests.helpers.realserver import (  # noqa: E402
     STAP,
     Client,
     ServerProcess,

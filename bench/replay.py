@@ -30,12 +30,12 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from twisted.internet.protocol import Factory, Protocol  # noqa: E402
 from twisted.protocols.tls import TLSMemoryBIOFactory  # noqa: E402
 
-from stapsrv.identity.certs import CERT_FILE, KEY_FILE, ServerIdentity  # noqa: E402
 from stapsrv.core.framing import (  # noqa: E402
     CertificateProbe,
     RequestReader,
     RequestReceived,
 )
+from stapsrv.identity.certs import CERT_FILE, KEY_FILE, ServerIdentity  # noqa: E402
 from stapsrv.identity.certs import server_context_factory  # noqa: E402
 
 #: Same ceiling as stapsrv's default --max-compressed-request is irrelevant

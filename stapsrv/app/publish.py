@@ -27,9 +27,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from stapsrv import PROTOCOL_VERSION
-from stapsrv.identity import mok
-from stapsrv.core.cmdline import ServerOption
 from stapsrv.app.interfaces import IServicePublisher
+from stapsrv.core.cmdline import ServerOption
+from stapsrv.identity import mok
 
 SERVICE_TYPE = "_stap._tcp"
 NAME_PREFIX = "Systemtap Compile Server on "

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from stapsrv import PROTOCOL_VERSION
 from stapsrv.compile.archive import refusal_archive
+from stapsrv.compile.handler import RequestContext, RequestHandler
 from stapsrv.core.framing import (
     CertificateProbe,
     RequestEvent,
@@ -28,7 +29,6 @@ from stapsrv.core.framing import (
     RequestTooLarge,
     RequestTruncated,
 )
-from stapsrv.compile.handler import RequestContext, RequestHandler
 
 
 def describe_peer(address: IAddress) -> str:

@@ -21,14 +21,14 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
-from stapsrv.cache.key import KeyMaker
-from stapsrv.identity.certs import ServerIdentity, load_or_create_identity
-from stapsrv.config.values import ServerConfig, default_systemtap_dir
 from stapsrv.app.counters import Counters
+from stapsrv.app.server import CompileServerFactory
+from stapsrv.cache.key import KeyMaker
+from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
 from stapsrv.compile.handler import RequestHandler
 from stapsrv.compile.runtime import select_runtime
-from stapsrv.app.server import CompileServerFactory
+from stapsrv.config.values import ServerConfig, default_systemtap_dir
+from stapsrv.identity.certs import ServerIdentity, load_or_create_identity
 from stapsrv.identity.certs import server_context_factory
 from stapsrv.identity.trust import local_client_db_dir, trust_certificate
 

@@ -13,8 +13,12 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
+from stapsrv.app.counters import CountersFileService
+from stapsrv.app.logs import LogFileService, ReopenOnSighup
+from stapsrv.app.publish import publisher_service
+from stapsrv.app.service import ROOT_OVERRIDE, ROOT_REFUSAL, CompileServerService
+from stapsrv.app.shutdown import CleanExitOnSignal
 from stapsrv.config import convert as settings
-from stapsrv.core.cmdline import ServerOption
 from stapsrv.config.files import ConfigError, read_global
 from stapsrv.config.values import (
     DEFAULT_CACHE_SIZE,
@@ -25,11 +29,7 @@ from stapsrv.config.values import (
     ServerConfig,
     default_listen,
 )
-from stapsrv.app.counters import CountersFileService
-from stapsrv.app.publish import publisher_service
-from stapsrv.app.logs import LogFileService, ReopenOnSighup
-from stapsrv.app.shutdown import CleanExitOnSignal
-from stapsrv.app.service import ROOT_OVERRIDE, ROOT_REFUSAL, CompileServerService
+from stapsrv.core.cmdline import ServerOption
 from stapsrv.identity.trust import default_server_ssl_dir
 
 

@@ -21,6 +21,10 @@ from typing import TextIO
 
 from attrs import define, evolve
 
+from stapsrv.app import counters as request_counters
+from stapsrv.cache.fleet import display_url
+from stapsrv.cli.arguments import ACTIONS, ArgumentError, Invocation, SpecWords, parse
+from stapsrv.cli.launch import LaunchFailed, is_server, start_daemon, stop_daemon
 from stapsrv.config.files import (
     DEBIAN_GLOBAL_FILE,
     DEFAULT_GLOBAL_FILE,
@@ -32,10 +36,6 @@ from stapsrv.config.files import (
     read_server_file,
     render_status,
 )
-from stapsrv.app import counters as request_counters
-from stapsrv.cache.fleet import display_url
-from stapsrv.cli.launch import LaunchFailed, is_server, start_daemon, stop_daemon
-from stapsrv.cli.arguments import ACTIONS, ArgumentError, Invocation, SpecWords, parse
 
 USAGE = """\
 Usage: stap-server {start|stop|restart|condrestart|try-restart|force-reload|status} [options]

@@ -16,10 +16,10 @@ from pathlib import Path
 from twisted.application.service import MultiService
 from twisted.logger import globalLogBeginner
 
-from stapsrv.config.values import ServerConfig
-from stapsrv.app.publish import publisher_service
 from stapsrv.app.logs import CtimeLogObserver
+from stapsrv.app.publish import publisher_service
 from stapsrv.app.service import RootRefused, CompileServerService, refuse_root
+from stapsrv.config.values import ServerConfig
 from stapsrv.identity.trust import default_server_ssl_dir
 
 

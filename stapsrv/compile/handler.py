@@ -29,14 +29,14 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from stapsrv import PROTOCOL_VERSION
-from stapsrv.identity import mok
-from stapsrv.compile.archive import RequestRejected, build_response, extract_request, refusal_archive
-from stapsrv.cache.store import ResponseCache
-from stapsrv.cache.key import KeyMaker, Uncacheable, needs_signature, summarize_request
-from stapsrv.identity.certs import ServerIdentity
-from stapsrv.core.cmdline import Privilege, ServerOption, requested_privilege, translator_argv
-from stapsrv.config.values import ServerConfig
 from stapsrv.app.counters import Counters
+from stapsrv.cache.key import KeyMaker, Uncacheable, needs_signature, summarize_request
+from stapsrv.cache.store import ResponseCache
+from stapsrv.compile.archive import RequestRejected, build_response, extract_request, refusal_archive
+from stapsrv.compile.signing import sign_module_file
+from stapsrv.compile.translator import TranslatorRun, start_translator
+from stapsrv.config.values import ServerConfig
+from stapsrv.core.cmdline import Privilege, ServerOption, requested_privilege, translator_argv
 from stapsrv.core.members import (
     LOCALE_PROTOCOL,
     read_arguments,
@@ -45,8 +45,8 @@ from stapsrv.core.members import (
     read_target_release,
     version_key,
 )
-from stapsrv.compile.signing import sign_module_file
-from stapsrv.compile.translator import TranslatorRun, start_translator
+from stapsrv.identity import mok
+from stapsrv.identity.certs import ServerIdentity
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from stapsrv.core.cmdline import ServerOption
+from stapsrv.cache.fleet import url_problem
 from stapsrv.config.files import GlobalConfig, ServerSettings, read_server_file
 from stapsrv.config.values import (
     DEFAULT_CACHE_SIZE,
@@ -24,7 +24,7 @@ from stapsrv.config.values import (
     ServerConfig,
     TranslatorLimits,
 )
-from stapsrv.cache.fleet import url_problem
+from stapsrv.core.cmdline import ServerOption
 from stapsrv.identity.trust import default_server_ssl_dir
 
 
