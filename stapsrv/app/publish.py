@@ -30,6 +30,7 @@ from stapsrv import PROTOCOL_VERSION
 from stapsrv.app.interfaces import IServicePublisher
 from stapsrv.core.cmdline import ServerOption
 from stapsrv.identity import mok
+from stapsrv.paths import translator_architecture
 
 SERVICE_TYPE = "_stap._tcp"
 NAME_PREFIX = "Systemtap Compile Server on "
@@ -68,27 +69,6 @@ class ServiceRecord:
     txt: tuple[bytes, ...]
 
 
-def normalize_machine(machine: str) -> str:
-    """``uname -m`` as stap names architectures (``util.cxx``)."""
-    if machine in ("i386", "i486", "i586", "i686"):
-        return "i386"
-    if machine == "sun4u":
-        return "sparc64"
-    if machine.startswith("arm") or machine == "sa110":
-        return "arm"
-    if machine == "s390x":
-        return "s390"
-    if machine == "aarch64":
-        return "arm64"
-    if machine.startswith("ppc"):
-        return "powerpc"
-    if machine.startswith("mips"):
-        return "mips"
-    if machine in ("sh2", "sh3", "sh4"):
-        return "sh"
-    return machine
-
-
 def service_name(hostname: str) -> str:
     """The base service name, cut to 63 bytes as 4.8 does."""
     name = (NAME_PREFIX + hostname).encode()[:MAX_NAME_BYTES]
@@ -110,7 +90,7 @@ def service_records(hostname: str, releases: Sequence[str], arch: str | None,
     """What a server publishes: one record per release, TXT in 4.8's order,
     ``mok_info`` entries last (the 4.8 client reads everything after the
     first ``mok_info`` as MOK fingerprints)."""
-    arch = arch or normalize_machine(os.uname().machine)
+    arch = arch or translator_architecture(os.uname().machine)
     options = optinfo(server_options)
     name = service_name(hostname)
     return [ServiceRecord(name, port, (
@@ -468,7 +448,7 @@ def records_for(server: Any) -> Callable[[], list[ServiceRecord]]:
         return service_records(socket.gethostname(), config.releases, config.arch,
                                config.server_options, server.port_number,
                                server.identity.serial_text,
-                               mok.server_moks(config.mok_store or mok.default_store()))
+                               mok.server_moks(config.moks()))
     return records
 
 

@@ -27,31 +27,14 @@ from stapsrv.cache.key import KeyMaker
 from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
 from stapsrv.compile.handler import RequestHandler
 from stapsrv.compile.runtime import select_runtime
-from stapsrv.config.values import ServerConfig, default_systemtap_dir
+from stapsrv.config.values import ServerConfig
 from stapsrv.identity.certs import ServerIdentity, load_or_create_identity
 from stapsrv.identity.certs import server_context_factory
-from stapsrv.identity.trust import local_client_db_dir, trust_certificate
-
-#: Set to any value to let a server run as root (the upstream testsuite's
-#: escape hatch, kept under its upstream name).
-ROOT_OVERRIDE = "STAP_PR11197_OVERRIDE"
-ROOT_REFUSAL = "For security reasons, invocation of stap-serverd as root is not supported."
+from stapsrv.identity.trust import trust_certificate
+from stapsrv.paths import MODULES, RootRefused, build_tree, local_client_db_dir, refuse_root, systemtap_dir
 
 #: How long ``stop`` lets requests being compiled finish before ending them.
 SHUTDOWN_GRACE = 30.0
-
-
-class RootRefused(Exception):
-    pass
-
-
-def refuse_root(environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
-    if os.geteuid() == 0 and ROOT_OVERRIDE not in environ:
-        raise RootRefused(ROOT_REFUSAL)
-
-
-def build_tree(release: str) -> Path:
-    return Path("/lib/modules") / release / "build"
 
 
 #: Open descriptors the server allows itself (idle connections cost one each).
@@ -155,8 +138,8 @@ class CompileServerService(Service):
             self._fleet = fleet
             cache = TieredCache(cache, fleet)
             self.log.info("Fleet cache {url}", url=fleet.display_url)
-        keys = KeyMaker(stap=config.stap, modules_root=Path("/lib/modules"),
-                        environ=dict(os.environ), rc_file=default_systemtap_dir() / "rc")
+        keys = KeyMaker(stap=config.stap, modules_root=MODULES,
+                        environ=dict(os.environ), rc_file=systemtap_dir() / "rc")
         return cache, keys
 
     def _current_identity(self) -> ServerIdentity:

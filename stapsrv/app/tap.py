@@ -16,7 +16,7 @@ from twisted.python import usage
 from stapsrv.app.counters import CountersFileService
 from stapsrv.app.logs import LogFileService, ReopenOnSighup
 from stapsrv.app.publish import publisher_service
-from stapsrv.app.service import ROOT_OVERRIDE, ROOT_REFUSAL, CompileServerService
+from stapsrv.app.service import CompileServerService
 from stapsrv.app.shutdown import CleanExitOnSignal
 from stapsrv.config import convert as settings
 from stapsrv.config.files import ConfigError, read_global
@@ -30,7 +30,7 @@ from stapsrv.config.values import (
     default_listen,
 )
 from stapsrv.core.cmdline import ServerOption
-from stapsrv.identity.trust import default_server_ssl_dir
+from stapsrv.paths import ROOT_REFUSAL, default_server_ssl_dir, root_refused
 
 
 def _count(name: str, minimum: int, maximum: int | None = None):  # type: ignore[no-untyped-def]
@@ -161,7 +161,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         parent = getattr(self, "parent", None)
         dropping = parent is not None and parent.get("uid") not in (None, 0)
-        if os.geteuid() == 0 and ROOT_OVERRIDE not in os.environ and not dropping:
+        if root_refused(os.geteuid()) and not dropping:
             raise usage.UsageError(ROOT_REFUSAL)
 
     def to_config(self) -> ServerConfig:

@@ -18,6 +18,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from stapsrv.paths import ROOT_OVERRIDE
+
 #: How long a daemon may take to start listening (a first start makes an
 #: RSA-4096 key and a runtime copy) and to stop (requests being compiled
 #: are let finish first).
@@ -51,7 +53,7 @@ def is_server(pid: int) -> bool:
 def user_environment(user: pwd.struct_passwd) -> dict[str, str]:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": user.pw_dir,
            "USER": user.pw_name, "LOGNAME": user.pw_name, "LANG": "C.UTF-8"}
-    for name in ("TMPDIR", "SYSTEMTAP_DIR", "SYSTEMTAP_STAP", "STAP_PR11197_OVERRIDE",
+    for name in ("TMPDIR", "SYSTEMTAP_DIR", "SYSTEMTAP_STAP", ROOT_OVERRIDE,
                  "DBUS_SYSTEM_BUS_ADDRESS", "XDG_CACHE_HOME"):
         if name in os.environ and os.geteuid() == user.pw_uid:
             env[name] = os.environ[name]

@@ -10,9 +10,7 @@ from __future__ import annotations
 import fcntl
 import grp
 import os
-import platform
 import pwd
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +34,7 @@ from stapsrv.config.files import (
     read_server_file,
     render_status,
 )
+from stapsrv.paths import MODULES, manager_architecture, root_refused
 
 USAGE = """\
 Usage: stap-server {start|stop|restart|condrestart|try-restart|force-reload|status} [options]
@@ -70,19 +69,6 @@ CONFIG_PATH/*.conf, or one server for the running kernel when none is
 configured; 'stop', 'restart' and 'status' act on every running server.
 Servers never run as root: name their user with -u, STAP_USER or USER=.
 """
-
-
-def host_arch(machine: str | None = None) -> str:
-    machine = machine or platform.machine()
-    rules = [(r"i.86", "i386"), (r"sun4u", "sparc64"), (r"(arm|sa1).*", "arm"),
-             (r"s390.*", "s390"), (r"aarch64", "arm64"), (r"ppc.*", "powerpc"),
-             (r"mips.*", "mips"), (r"sh.", "sh")]
-    if machine.startswith("aarch64"):
-        return "arm64"
-    for pattern, name in rules:
-        if re.fullmatch(pattern, machine):
-            return name
-    return machine
 
 
 def _quote(value: str) -> str:
@@ -183,7 +169,7 @@ class Manager:
     config: GlobalConfig
     out: TextIO = sys.stdout
     err: TextIO = sys.stderr
-    modules: Path = Path("/lib/modules")
+    modules: Path = MODULES
 
     # ----- what the command line names -----------------------------------
 
@@ -191,12 +177,12 @@ class Manager:
         return self.config.stap_user or pwd.getpwuid(os.getuid()).pw_name
 
     def base(self) -> ServerSettings:
-        return ServerSettings(arch=host_arch(), user=self.default_user(),
+        return ServerSettings(arch=manager_architecture(), user=self.default_user(),
                               log=str(self.config.log_file))
 
     def with_defaults(self, settings: ServerSettings) -> ServerSettings:
         """The defaults a configured server gets (manager.md 8.3)."""
-        return evolve(settings, arch=settings.arch or host_arch(),
+        return evolve(settings, arch=settings.arch or manager_architecture(),
                       releases=settings.releases or (os.uname().release,),
                       user=settings.user or self.default_user(),
                       log=settings.log or str(self.config.log_file))
@@ -386,7 +372,7 @@ class Manager:
             user = pwd.getpwnam(settings.user)
         except KeyError:
             raise LaunchFailed(f"there is no user '{settings.user}'") from None
-        if user.pw_uid == 0 and "STAP_PR11197_OVERRIDE" not in os.environ:
+        if root_refused(user.pw_uid):
             raise LaunchFailed("servers never run as root; name their user with -u USER, "
                                "STAP_USER or USER=")
         if os.geteuid() not in (0, user.pw_uid):

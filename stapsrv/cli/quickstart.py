@@ -9,26 +9,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-from pathlib import Path
 
 from twisted.application.service import MultiService
 from twisted.logger import globalLogBeginner
 
 from stapsrv.app.logs import CtimeLogObserver
 from stapsrv.app.publish import publisher_service
-from stapsrv.app.service import RootRefused, CompileServerService, refuse_root
+from stapsrv.app.service import CompileServerService
 from stapsrv.config.values import ServerConfig
-from stapsrv.identity.trust import default_server_ssl_dir
-
-
-def installed_releases(modules: Path = Path("/lib/modules")) -> list[str]:
-    """Releases with a kernel build tree, oldest first."""
-    def key(release: str) -> list[object]:
-        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", release)]
-    found = [p.name for p in modules.glob("*") if (p / "build" / "Makefile").exists()]
-    return sorted(found, key=key)
+from stapsrv.paths import MODULES, RootRefused, default_server_ssl_dir, installed_releases, refuse_root
 
 
 def client_instructions(port: int, release: str) -> str:
@@ -58,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     releases = installed_releases()
     if not releases:
-        print("No kernel build tree under /lib/modules: run 'make setup' first.", file=sys.stderr)
+        print(f"No kernel build tree under {MODULES}: run 'make setup' first.", file=sys.stderr)
         return 1
     release = releases[-1]
     running = os.uname().release

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pwd
 import shutil
 import signal
 import tempfile
@@ -47,6 +46,7 @@ from stapsrv.core.members import (
 )
 from stapsrv.identity import mok
 from stapsrv.identity.certs import ServerIdentity
+from stapsrv.paths import build_tree, home_directory
 
 T = TypeVar("T")
 
@@ -95,14 +95,6 @@ def _signal_message(number: int, config: ServerConfig) -> str:
     elif number == signal.SIGKILL and limits.cpu_seconds is not None:
         message += " It may have gone past its CPU time limit (--cpu-limit)."
     return message + "\n"
-
-
-def server_home(environ: Mapping[str, str]) -> str:
-    """The home directory the translator sees (its cache lives there)."""
-    home = environ.get("HOME")
-    if home:
-        return home
-    return pwd.getpwuid(os.getuid()).pw_dir
 
 
 @frozen
@@ -237,7 +229,7 @@ class RequestHandler:
         if needs_signature(summary):
             signers.append(self.identity().certificate_der)
         if summary.wants_mok:
-            store = self.config.mok_store or mok.default_store(dict(self.environ))
+            store = self.config.moks(self.environ)
             for name in mok.server_moks(store):
                 signers.append((store / name / mok.CERTIFICATE).read_bytes())
         return self.keys.key(summary, release, options, runtime, signers)
@@ -445,7 +437,7 @@ class RequestHandler:
             if version_key(client_version) < version_key(LOCALE_PROTOCOL):
                 shutil.copyfile(uprobes, response_dir / "uprobes.ko")
         (response_dir / "rc").write_text(str(status))
-        replacements = sorted({server_home(self.environ), str(response_dir)} - {"/"}, key=len, reverse=True)
+        replacements = sorted({str(home_directory(self.environ)), str(response_dir)} - {"/"}, key=len, reverse=True)
         for name in ("stdout", "stderr"):
             _replace_in_file(response_dir / name, replacements, "<server>")
         return status
@@ -465,13 +457,13 @@ class RequestHandler:
                   response_dir: Path) -> int:
         """Sign with a MOK the client has enrolled, or (as 4.8) send it one
         of ours to enroll and fail the request.  Returns the new ``rc``."""
-        store = self.config.mok_store or mok.default_store(dict(self.environ))
+        store = self.config.moks(self.environ)
         ours = mok.server_moks(store)
         common = next((name for name in client_moks if name in ours), None)
         messages = []
         status = 0
         if common is not None:
-            problem = mok.sign_module(Path("/lib/modules") / release / "build",
+            problem = mok.sign_module(build_tree(release),
                                       store / common, module)
             if problem is not None:
                 messages.append(problem)

@@ -25,7 +25,7 @@ from stapsrv.config.values import (
     TranslatorLimits,
 )
 from stapsrv.core.cmdline import ServerOption
-from stapsrv.identity.trust import default_server_ssl_dir
+from stapsrv.paths import default_server_ssl_dir
 
 
 class SettingsError(ValueError):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from attrs import field, frozen
 
 from stapsrv.core.cmdline import ServerOption
+from stapsrv.paths import default_mok_store, systemtap_dir
 
 #: 4.8's request limits, in bytes.
 DEFAULT_MAX_REQUEST_SIZE = 50000
@@ -55,13 +57,6 @@ class TranslatorLimits:
             if value is not None:
                 words.append(f"--{name}={value}:{value}")
         return words
-
-
-def default_systemtap_dir() -> Path:
-    directory = os.environ.get("SYSTEMTAP_DIR")
-    if directory:
-        return Path(directory)
-    return Path(os.path.expanduser("~")) / ".systemtap"
 
 
 @frozen
@@ -113,7 +108,12 @@ class ServerConfig:
     def response_cache_dir(self) -> Path:
         if self.cache_dir is not None:
             return self.cache_dir
-        return default_systemtap_dir() / "stapsrv-cache"
+        return systemtap_dir() / "stapsrv-cache"
+
+    def moks(self, environ: Mapping[str, str] = os.environ) -> Path:
+        """The MOK store: ``mok_store``, else the default beside the
+        default certificate directory of ``environ``'s user."""
+        return self.mok_store or default_mok_store(environ)
 
     @property
     def concurrency(self) -> int:

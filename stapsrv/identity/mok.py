@@ -6,7 +6,7 @@ as 4.8 lays it out; the fingerprint is the certificate's SHA-1, lowercase
 hex pairs joined by ``:``.  A client that needs signed modules sends the
 fingerprints of its enrolled keys; when one is in the store, the module is
 signed with the kernel's ``scripts/sign-file``.  Administrators use
-``python -m stapsrv.identity.mok list|generate|remove``.
+``python -m stapsrv.cli.mok list|generate|remove``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -26,7 +25,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from stapsrv.identity.trust import default_server_ssl_dir
 
 PRIVATE_KEY = "signing_key.priv"
 CERTIFICATE = "signing_key.x509"
@@ -38,12 +36,6 @@ SENT_CERTIFICATE = (
     "Server: The server has no machine owner key (MOK) in common with this\n"
     "system. Use the following command to import a server MOK into this\n"
     "system, then reboot:\n\n\tmokutil --import signing_key.x509")
-
-
-def default_store(environ: dict[str, str] | None = None) -> Path:
-    """4.8 keeps MOKs beside the default certificate database (``--ssl``
-    does not move them)."""
-    return default_server_ssl_dir(os.environ if environ is None else environ) / "moks"
 
 
 def fingerprint(certificate_der: bytes) -> str:
@@ -142,25 +134,3 @@ def sign_module(build_tree: Path, mok_dir: Path, module: Path) -> str | None:
     if result.returncode != 0:
         return f"Server: Running sign-file failed, rc = {result.returncode}"
     return None
-
-
-def main(argv: list[str]) -> int:
-    store = default_store()
-    if argv[:1] == ["list"]:
-        for name in server_moks(store):
-            print(name)
-        return 0
-    if argv[:1] == ["generate"]:
-        print(generate(store))
-        return 0
-    if len(argv) == 2 and argv[0] == "remove":
-        if remove(store, argv[1]):
-            return 0
-        print(f"No MOK {argv[1]} in {store}", file=sys.stderr)
-        return 1
-    print("usage: python -m stapsrv.identity.mok list | generate | remove FINGERPRINT", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,5 @@
-"""NSS trust databases of the stap client, and where they live (spec §2.4).
+"""NSS trust databases of the stap client (spec §2.4; where they live:
+:mod:`stapsrv.paths`).
 
 The real client trusts a server when its exact certificate sits in an NSS
 sql database under the nickname ``stap-server`` with trust ``P,P,P``.  A
@@ -10,9 +11,8 @@ runs as on every start; :func:`trust_certificate` does the same with
 from __future__ import annotations
 
 import os
-import pwd
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -32,32 +32,6 @@ CERTUTIL_TIMEOUT = 60.0
 
 class CertutilError(RuntimeError):
     """certutil failed, could not be run, or timed out."""
-
-
-def _home_directory(env: Mapping[str, str]) -> Path:
-    """``$HOME``, else the passwd entry's home directory (as 4.8 does)."""
-    home = env.get("HOME")
-    if home:
-        return Path(home)
-    return Path(pwd.getpwuid(os.getuid()).pw_dir)
-
-
-def systemtap_dir(env: Mapping[str, str] = os.environ) -> Path:
-    """``$SYSTEMTAP_DIR`` if set (and not empty), else ``~/.systemtap``."""
-    configured = env.get("SYSTEMTAP_DIR")
-    if configured:
-        return Path(configured)
-    return _home_directory(env) / ".systemtap"
-
-
-def local_client_db_dir(env: Mapping[str, str] = os.environ) -> Path:
-    """The current user's SSL client trust database (``.../ssl/client``)."""
-    return systemtap_dir(env) / "ssl" / "client"
-
-
-def default_server_ssl_dir(env: Mapping[str, str] = os.environ) -> Path:
-    """The server's own key and certificate directory (``.../ssl/server``)."""
-    return systemtap_dir(env) / "ssl" / "server"
 
 
 def _database(db_dir: Path) -> str:

@@ -30,6 +30,7 @@ from stapsrv.app.publish import (
     service_records,
 )
 from stapsrv.core.cmdline import ServerOption
+from stapsrv.paths import translator_architecture
 
 BASE = "Systemtap Compile Server on vm"
 
@@ -53,14 +54,8 @@ class RecordTests(TestCase):
 
     def test_empty_optinfo_and_uname_arch(self) -> None:
         [record] = service_records("vm", ["r"], None, [], 1, "01")
-        arch = publish.normalize_machine(os.uname().machine)
+        arch = translator_architecture(os.uname().machine)
         self.assertEqual(record.txt[:2], (f"sysinfo=r {arch}".encode(), b"optinfo="))
-
-    def test_normalize_machine(self) -> None:
-        for machine, arch in [("x86_64", "x86_64"), ("i686", "i386"), ("aarch64", "arm64"),
-                              ("armv7l", "arm"), ("ppc64le", "powerpc"), ("s390x", "s390"),
-                              ("mips64", "mips"), ("riscv64", "riscv64")]:
-            self.assertEqual(publish.normalize_machine(machine), arch)
 
     def test_long_host_name_is_cut_to_63_bytes(self) -> None:
         name = publish.service_name("h" * 100)

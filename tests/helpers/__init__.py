@@ -14,8 +14,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.trial.unittest import SkipTest
 
-from stapsrv.cli.quickstart import installed_releases
 from stapsrv.identity.certs import ServerIdentity, make_certificate
+from stapsrv.paths import installed_releases
 
 #: The tests directory and the checkout.
 TESTS = Path(__file__).resolve().parent.parent

@@ -16,8 +16,6 @@ from twisted.trial.unittest import TestCase
 from stapsrv.identity.certs import ServerIdentity, make_certificate
 from stapsrv.identity.trust import (
     CertutilError,
-    default_server_ssl_dir,
-    local_client_db_dir,
     trust_certificate,
     trusted_server_certificates,
 )
@@ -121,28 +119,3 @@ class CertutilFailureTests(TestCase):
                                   self.base / "db", str(fake))
         self.assertIn("SEC_ERROR_BAD_DATABASE", str(error))
         self.assertIn("255", str(error))
-
-
-class PathTests(TestCase):
-    def test_systemtap_dir(self) -> None:
-        env = {"SYSTEMTAP_DIR": "/srv/stap", "HOME": "/home/someone"}
-        self.assertEqual(local_client_db_dir(env), Path("/srv/stap/ssl/client"))
-        self.assertEqual(default_server_ssl_dir(env), Path("/srv/stap/ssl/server"))
-
-    def test_home(self) -> None:
-        env = {"HOME": "/home/someone"}
-        self.assertEqual(local_client_db_dir(env), Path("/home/someone/.systemtap/ssl/client"))
-        self.assertEqual(default_server_ssl_dir(env),
-                         Path("/home/someone/.systemtap/ssl/server"))
-
-    def test_empty_systemtap_dir_ignored(self) -> None:
-        env = {"SYSTEMTAP_DIR": "", "HOME": "/home/someone"}
-        self.assertEqual(local_client_db_dir(env), Path("/home/someone/.systemtap/ssl/client"))
-
-    def test_passwd_fallback(self) -> None:
-        home = Path(pwd.getpwuid(os.getuid()).pw_dir)
-        self.assertEqual(local_client_db_dir({}), home / ".systemtap" / "ssl" / "client")
-        self.assertEqual(default_server_ssl_dir({}), home / ".systemtap" / "ssl" / "server")
-
-    def test_process_environment_default(self) -> None:
-        self.assertEqual(local_client_db_dir(), local_client_db_dir(os.environ))
