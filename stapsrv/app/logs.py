@@ -10,15 +10,28 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from types import FrameType
+from typing import IO, Union
 
 from twisted.application.service import Service
-from twisted.logger import ILogObserver, LogEvent, Logger, formatEvent, globalLogPublisher
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    LogPublisher,
+    formatEvent,
+    globalLogPublisher,
+)
 from zope.interface import implementer
 
 NAMESPACE = "stapsrv"
 _log = Logger(namespace=NAMESPACE)
+
+#: What ``signal.signal`` returns and accepts.
+_SignalHandler = Union[Callable[[int, FrameType | None], object], int, signal.Handlers, None]
 
 
 def format_line(event: LogEvent, namespaces: frozenset[str] | None = None) -> str | None:
@@ -58,7 +71,7 @@ class CtimeLogObserver:
 class LogFileService(Service):
     """Appends the server's events to ``--log FILE`` while running."""
 
-    def __init__(self, path: Path, publisher=globalLogPublisher,  # type: ignore[no-untyped-def]
+    def __init__(self, path: Path, publisher: LogPublisher = globalLogPublisher,
                  namespaces: frozenset[str] | None = None) -> None:
         self.path = path
         self.namespaces = namespaces
@@ -88,28 +101,6 @@ class LogFileService(Service):
             old.close()
         _log.info("Reopened the log file {path}", path=self.path)
 
-
-class ReopenOnSighup(Service):
-    """SIGHUP reopens the logs (4.8 exits on SIGHUP; logrotate wants a reopen).
-
-    Started before the servers, so the handler is in place by the time a
-    server says it listens."""
-
-    def __init__(self, services: list[LogFileService], reactor: object) -> None:
-        self._services = services
-        self._reactor = reactor
-
-    def _reopen_all(self) -> None:
-        for service in self._services:
-            service.reopen()
-
-    def _handler(self, signum: int, frame: object) -> None:
-        self._reactor.callFromThread(self._reopen_all)  # type: ignore[attr-defined]
-
-    def startService(self) -> None:
-        signal.signal(signal.SIGHUP, self._handler)
-        super().startService()
-
     def stopService(self) -> None:
         super().stopService()
         if self._observer is not None:
@@ -118,3 +109,33 @@ class ReopenOnSighup(Service):
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+
+
+class ReopenOnSighup(Service):
+    """SIGHUP reopens the logs (4.8 exits on SIGHUP; logrotate wants a reopen).
+
+    Started before the servers, so the handler is in place by the time a
+    server says it listens; stopping puts the previous handler back."""
+
+    def __init__(self, services: Sequence[LogFileService], reactor: IReactorFromThreads) -> None:
+        self._services = services
+        self._reactor = reactor
+        self._previous: _SignalHandler = None
+
+    def _reopen_all(self) -> None:
+        for service in self._services:
+            service.reopen()
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self._reactor.callFromThread(self._reopen_all)
+
+    def startService(self) -> None:
+        self._previous = signal.signal(signal.SIGHUP, self._handler)
+        super().startService()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if signal.getsignal(signal.SIGHUP) == self._handler:
+            # None: the handler was not set from Python; the default it is.
+            previous = signal.SIG_DFL if self._previous is None else self._previous
+            signal.signal(signal.SIGHUP, previous)
