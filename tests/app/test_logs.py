@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -18,7 +19,8 @@ from stapsrv.app.logs import LogFileService, ReopenOnSighup
 class ImmediateReactor(Clock):
     """``callFromThread`` runs at once (the signal arrives on this thread)."""
 
-    def callFromThread(self, function, *args: object, **kwargs: object) -> None:  # type: ignore[no-untyped-def]
+    def callFromThread(self, function: Callable[..., object], *args: object,
+                       **kwargs: object) -> None:
         function(*args, **kwargs)
 
 
