@@ -35,8 +35,8 @@ from stapsrv.core.framing import (  # noqa: E402
     RequestReader,
     RequestReceived,
 )
-from stapsrv.identity.certs import CERT_FILE, KEY_FILE, ServerIdentity  # noqa: E402
-from stapsrv.identity.certs import server_context_factory  # noqa: E402
+from stapsrv.identity.certs import ServerIdentity, server_context_factory  # noqa: E402
+from stapsrv.identity.store import CERT_FILE, KEY_FILE  # noqa: E402
 
 #: Same ceiling as stapsrv's default --max-compressed-request is irrelevant
 #: here: the bench only sends small requests.

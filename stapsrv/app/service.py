@@ -28,8 +28,8 @@ from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
 from stapsrv.compile.handler import RequestHandler
 from stapsrv.compile.runtime import select_runtime
 from stapsrv.config.values import ServerConfig
-from stapsrv.identity.certs import ServerIdentity, load_or_create_identity
-from stapsrv.identity.certs import server_context_factory
+from stapsrv.identity.certs import ServerIdentity, server_context_factory
+from stapsrv.identity.store import load_or_create_identity
 from stapsrv.identity.trust import trust_certificate
 from stapsrv.paths import MODULES, RootRefused, build_tree, local_client_db_dir, refuse_root, systemtap_dir
 

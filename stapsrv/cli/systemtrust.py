@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stapsrv.identity.certs import load_or_create_identity
+from stapsrv.identity.store import load_or_create_identity
 from stapsrv.identity.trust import CertutilError, trust_certificate
 
 

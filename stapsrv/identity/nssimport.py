@@ -19,12 +19,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from twisted.logger import Logger
 
-from stapsrv.identity.certs import ServerIdentity
+from stapsrv.identity.certs import ServerIdentity, public_key_der
 
 log = Logger(namespace="stapsrv")
 
@@ -41,11 +40,6 @@ class NSSImportError(Exception):
 def has_nss_database(ssl_dir: Path) -> bool:
     """Whether ``ssl_dir`` holds an NSS sql database (``cert9.db`` and ``key4.db``)."""
     return all((ssl_dir / name).is_file() for name in NSS_FILES)
-
-
-def _public_der(key: object) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -100,7 +94,7 @@ def export_nss_identity(ssl_dir: Path, nickname: str = NICKNAME,
         raise NSSImportError(f"the export of {nickname!r} lacks the key or the certificate")
     if not isinstance(key, rsa.RSAPrivateKey):
         raise NSSImportError(f"the key of {nickname!r} is not an RSA key")
-    if _public_der(key.public_key()) != _public_der(certificate.public_key()):
+    if public_key_der(key.public_key()) != public_key_der(certificate.public_key()):
         raise NSSImportError(f"the key of {nickname!r} does not match its certificate")
     identity = ServerIdentity(key, certificate)
     log.info("Exported certificate {serial} ({nickname}) from the NSS database {directory}",

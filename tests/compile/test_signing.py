@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.hashes import SHA1
 from twisted.trial.unittest import TestCase
 
 from stapsrv.compile.signing import sign_module, sign_module_file
-from stapsrv.identity.certs import load_or_create_identity
+from stapsrv.identity.store import load_or_create_identity
 from tests.helpers import test_identity
 
 MODULE = b"\x7fELF" + bytes(range(256)) * 40

@@ -18,16 +18,14 @@ from twisted.trial.unittest import TestCase
 
 from stapsrv.identity import certs
 from stapsrv.identity.certs import (
-    CERT_FILE,
-    KEY_FILE,
     SUBJECT,
     ServerIdentity,
     cert_serial_text,
     identity_needs_renewal,
-    load_or_create_identity,
     make_certificate,
     serial_for_time,
 )
+from stapsrv.identity.store import CERT_FILE, KEY_FILE, load_or_create_identity
 from tests.helpers import DATA
 from tests.helpers.der import der_header
 

@@ -14,14 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from twisted.trial.unittest import TestCase
 
-from stapsrv.identity.certs import (
-    CERT_FILE,
-    KEY_FILE,
-    cert_serial_text,
-    load_or_create_identity,
-    make_certificate,
-)
+from stapsrv.identity.certs import cert_serial_text, make_certificate
 from stapsrv.identity.nssimport import NSSImportError, export_nss_identity, has_nss_database
+from stapsrv.identity.store import CERT_FILE, KEY_FILE, load_or_create_identity
 from tests.helpers import require, require_header_release, require_program
 from tests.helpers.realserver import (
     Client,
