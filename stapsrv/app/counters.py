@@ -1,56 +1,22 @@
-"""Request counters, and the service that writes them for ``stap-server status``.
+"""The service that writes the request counters for ``stap-server status``.
 
-The counters file holds one line, ``requests=N failures=N cache_hits=N
-compiling=N waiting=N``.  The server opens it once and rewrites it in place
-through that descriptor, so the manager may rename the file after the
+The counters file holds one line (:mod:`stapsrv.core.counters`).  The
+server opens it once and rewrites it in place through that descriptor, so the manager may rename the file after the
 start (to ``STAT_PATH/<pid>.counters``) and still read fresh values.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from attrs import define
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-FIELDS = ("requests", "failures", "cache_hits", "compiling", "waiting")
-_LINE = re.compile(r"(\w+)=(\d+)")
-
-
-@define
-class Counters:
-    """What one server has done since it started."""
-
-    requests: int = 0
-    failures: int = 0
-    cache_hits: int = 0
-    compiling: int = 0
-    waiting: int = 0
-
-
-def render(counters: Counters) -> str:
-    return " ".join(f"{name}={getattr(counters, name)}" for name in FIELDS) + "\n"
-
-
-def parse(text: str) -> Counters | None:
-    """Counters from a file's text; None when it is not (yet) complete."""
-    values = {name: int(value) for name, value in _LINE.findall(text)}
-    if not text.endswith("\n") or set(values) != set(FIELDS):
-        return None
-    return Counters(**values)
-
-
-def describe(counters: Counters) -> str:
-    """The line ``stap-server status`` prints under a running server."""
-    return (f"  requests {counters.requests}, failures {counters.failures}, "
-            f"cache hits {counters.cache_hits}, compiling {counters.compiling}, "
-            f"waiting {counters.waiting}\n")
+from stapsrv.core.counters import Counters, render
 
 
 class CountersFileService(Service):
@@ -59,7 +25,7 @@ class CountersFileService(Service):
 
     log = Logger()
 
-    def __init__(self, path: Path, snapshot: Callable[[], Counters], clock: Any = None,
+    def __init__(self, path: Path, snapshot: Callable[[], Counters], clock: IReactorTime,
                  interval: float = 0.5) -> None:
         self.path = path
         self.snapshot = snapshot
@@ -78,8 +44,7 @@ class CountersFileService(Service):
                           path=self.path, error=exc)
             return
         self._loop = LoopingCall(self.write)
-        if self._clock is not None:
-            self._loop.clock = self._clock
+        self._loop.clock = self._clock
         self._loop.start(self.interval, now=True)
 
     def write(self) -> None:

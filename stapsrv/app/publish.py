@@ -21,16 +21,19 @@ from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from txdbus import client
 from zope.interface import implementer
 
 from stapsrv import PROTOCOL_VERSION
 from stapsrv.app.interfaces import IServicePublisher
+from stapsrv.app.service import CompileServerService
 from stapsrv.core.cmdline import ServerOption
 from stapsrv.identity import mok
 from stapsrv.paths import translator_architecture
+from stapsrv.reactor import IServerReactor
 
 SERVICE_TYPE = "_stap._tcp"
 NAME_PREFIX = "Systemtap Compile Server on "
@@ -115,10 +118,10 @@ class NullPublisher:
         return succeed(None)
 
 
-def _system_bus(reactor: Any) -> Callable[[], Deferred[Any]]:
+def _system_bus(reactor: IServerReactor) -> Callable[[], Deferred[Any]]:
     def connect() -> Deferred[Any]:
-        from txdbus import client
-        return client.connect(reactor, "system")
+        # txdbus is untyped: its connection is Any here.
+        return client.connect(reactor, "system")  # type: ignore[no-any-return]
     return connect
 
 
@@ -146,8 +149,9 @@ class AvahiPublisher:
     ``clock`` schedules the retries while there is no bus at all.
     """
 
-    def __init__(self, reactor: Any, connect: Callable[[], Deferred[Any]] | None = None,
-                 clock: Any = None, namespace: str = "stapsrv",
+    def __init__(self, reactor: IServerReactor,
+                 connect: Callable[[], Deferred[Any]] | None = None,
+                 clock: IReactorTime | None = None, namespace: str = "stapsrv",
                  retry_interval: float = RETRY_INTERVAL) -> None:
         self.log = Logger(namespace=namespace, source=self)
         self._connect = connect or _system_bus(reactor)
@@ -441,10 +445,11 @@ class PublisherService(Service):
         return self.publisher.withdraw()
 
 
-def records_for(server: Any) -> Callable[[], list[ServiceRecord]]:
+def records_for(server: CompileServerService) -> Callable[[], list[ServiceRecord]]:
     """The records of a started ``CompileServerService``."""
     def records() -> list[ServiceRecord]:
         config = server.config
+        assert server.identity is not None
         return service_records(socket.gethostname(), config.releases, config.arch,
                                config.server_options, server.port_number,
                                server.identity.serial_text,
@@ -452,11 +457,9 @@ def records_for(server: Any) -> Callable[[], list[ServiceRecord]]:
     return records
 
 
-def publisher_service(server: Any, enabled: bool = True, reactor: Any = None) -> PublisherService:
+def publisher_service(server: CompileServerService, reactor: IServerReactor,
+                      enabled: bool = True) -> PublisherService:
     """A ``PublisherService`` for ``server`` (Avahi, or nothing)."""
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-        reactor = default_reactor
     publisher: IServicePublisher
     if enabled:
         publisher = AvahiPublisher(reactor, namespace=server.config.log_namespace)

@@ -9,29 +9,37 @@ from __future__ import annotations
 import os
 import pwd
 import resource
-from pathlib import Path
-from typing import Any
 
 from attrs import evolve
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from stapsrv.app.counters import Counters
 from stapsrv.app.server import CompileServerFactory
+from stapsrv.cache.fleet import RedisCache
 from stapsrv.cache.key import KeyMaker
 from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
 from stapsrv.compile.handler import RequestHandler
 from stapsrv.compile.runtime import select_runtime
 from stapsrv.config.values import ServerConfig
+from stapsrv.core.counters import Counters
 from stapsrv.identity.certs import ServerIdentity, server_context_factory
 from stapsrv.identity.store import load_or_create_identity
 from stapsrv.identity.trust import trust_certificate
-from stapsrv.paths import MODULES, RootRefused, build_tree, local_client_db_dir, refuse_root, systemtap_dir
+from stapsrv.paths import (
+    MODULES,
+    RootRefused,
+    build_tree,
+    local_client_db_dir,
+    refuse_root,
+    systemtap_dir,
+)
+from stapsrv.reactor import IServerReactor
 
 #: How long ``stop`` lets requests being compiled finish before ending them.
 SHUTDOWN_GRACE = 30.0
@@ -56,11 +64,8 @@ def raise_open_file_limit() -> None:
 class CompileServerService(Service):
     """One listening compile server."""
 
-    def __init__(self, config: ServerConfig, reactor: Any = None) -> None:
+    def __init__(self, config: ServerConfig, reactor: IServerReactor) -> None:
         self.log = Logger(namespace=config.log_namespace, source=self)
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-            reactor = default_reactor
         self.config = config
         self.reactor = reactor
         self.identity: ServerIdentity | None = None
@@ -68,7 +73,7 @@ class CompileServerService(Service):
         self.factory: CompileServerFactory | None = None
         self._pool: ThreadPool | None = None
         self.counters = Counters()
-        self._fleet: object | None = None
+        self._fleet: RedisCache | None = None
 
     def snapshot(self) -> Counters:
         """The counters, with the requests waiting for a slot right now."""
@@ -133,7 +138,6 @@ class CompileServerService(Service):
         self.log.info("Response cache {directory} (at most {size} MiB)",
                       directory=config.response_cache_dir, size=config.cache_size >> 20)
         if config.fleet_cache:
-            from stapsrv.cache.fleet import RedisCache
             fleet = RedisCache(config.fleet_cache, self.reactor, log=self.log)
             self._fleet = fleet
             cache = TieredCache(cache, fleet)
@@ -165,8 +169,6 @@ class CompileServerService(Service):
 
     def _trust_self(self) -> None:
         """Let this server's own user trust it, as 4.8 does on every start."""
-        from twisted.internet.threads import deferToThreadPool
-
         assert self._pool is not None
         cert = self.config.ssl_dir / "stap.cert"
         database = local_client_db_dir()
@@ -190,6 +192,6 @@ class CompileServerService(Service):
         if self._pool is not None:
             self._pool.stop()
             self._pool = None
-        close = getattr(self._fleet, "close", None)
-        if close is not None:
-            close()
+        if self._fleet is not None:
+            self._fleet.close()
+            self._fleet = None

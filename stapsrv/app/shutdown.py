@@ -10,7 +10,6 @@ last, makes it so.
 from __future__ import annotations
 
 import signal
-from typing import Any
 
 from twisted.application.service import Service
 from twisted.logger import Logger
@@ -21,10 +20,10 @@ _CLEAN = (signal.SIGTERM, signal.SIGINT)
 class CleanExitOnSignal(Service):
     log = Logger(namespace="stapsrv")
 
-    def __init__(self, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-            reactor = default_reactor
+    def __init__(self, reactor: object) -> None:
+        # ``_exitSignal`` is twistd's record, on the reactor, of the signal
+        # that stopped it (``twisted.internet.base.ReactorBase``); no
+        # interface has it.
         self._reactor = reactor
 
     def stopService(self) -> None:
@@ -32,4 +31,4 @@ class CleanExitOnSignal(Service):
         number = getattr(self._reactor, "_exitSignal", None)
         if number in _CLEAN:
             self.log.info("Received signal {number}, exiting", number=int(number))
-            self._reactor._exitSignal = None
+            setattr(self._reactor, "_exitSignal", None)

@@ -7,8 +7,8 @@ The options mirror stap-serverd 4.8's, so an admin can carry flags over;
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
@@ -18,22 +18,29 @@ from stapsrv.app.logs import LogFileService, ReopenOnSighup
 from stapsrv.app.publish import publisher_service
 from stapsrv.app.service import CompileServerService
 from stapsrv.app.shutdown import CleanExitOnSignal
-from stapsrv.config import convert as settings
+from stapsrv.config.convert import (
+    DEFAULT_CACHE_MIB,
+    DEFAULT_COMPILE_SECONDS,
+    DEFAULT_REQUEST_SECONDS,
+    FleetCacheError,
+    SettingsError,
+    configured_servers,
+    release_name,
+    server_config,
+    settings_config,
+)
 from stapsrv.config.files import ConfigError, read_global
 from stapsrv.config.values import (
-    DEFAULT_CACHE_SIZE,
-    DEFAULT_COMPILE_TIMEOUT,
     DEFAULT_MAX_COMPRESSED_REQUEST,
     DEFAULT_MAX_REQUEST_SIZE,
-    DEFAULT_REQUEST_TIMEOUT,
     ServerConfig,
-    default_listen,
 )
 from stapsrv.core.cmdline import ServerOption
-from stapsrv.paths import ROOT_REFUSAL, default_server_ssl_dir, root_refused
+from stapsrv.paths import ROOT_REFUSAL, root_refused
+from stapsrv.reactor import IServerReactor, installed_reactor
 
 
-def _count(name: str, minimum: int, maximum: int | None = None):  # type: ignore[no-untyped-def]
+def _count(name: str, minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def convert(text: str) -> int:
         try:
             value = int(text)
@@ -44,13 +51,6 @@ def _count(name: str, minimum: int, maximum: int | None = None):  # type: ignore
             raise usage.UsageError(f"--{name} must be {minimum}{upper or ' or more'}, not {value}")
         return value
     return convert
-
-
-def release_of_build_tree(path: str) -> str:
-    try:
-        return settings.release_of_build_tree(path)
-    except settings.SettingsError as exc:
-        raise usage.UsageError(str(exc)) from None
 
 
 class Options(usage.Options):
@@ -66,7 +66,7 @@ class Options(usage.Options):
     optParameters = [
         ["port", None, 0, "TCP port to listen on (0 picks a free one).",
          _count("port", 0, 65535)],
-        ["listen", None, default_listen(), "Address to listen on (default: $STAPSRV_LISTEN, "
+        ["listen", None, None, "Address to listen on (default: $STAPSRV_LISTEN, "
          "else :: = every address, IPv4 included)."],
         ["ssl", None, None, "Directory with the server certificate and key "
          "(default $SYSTEMTAP_DIR/ssl/server or ~/.systemtap/ssl/server)."],
@@ -80,10 +80,10 @@ class Options(usage.Options):
          "Largest request, uncompressed, in bytes.", _count("max-request-size", 1)],
         ["max-compressed-request", None, DEFAULT_MAX_COMPRESSED_REQUEST,
          "Largest request archive, in bytes.", _count("max-compressed-request", 1)],
-        ["request-timeout", None, int(DEFAULT_REQUEST_TIMEOUT),
+        ["request-timeout", None, DEFAULT_REQUEST_SECONDS,
          "Seconds a client has to finish its TLS handshake and upload, and again to "
          "take its answer (0: no limit).", _count("request-timeout", 0)],
-        ["compile-timeout", None, int(DEFAULT_COMPILE_TIMEOUT),
+        ["compile-timeout", None, DEFAULT_COMPILE_SECONDS,
          "Seconds the translator may run for one request before it is stopped "
          "(0: no limit).", _count("compile-timeout", 0)],
         ["cpu-limit", None, None, "CPU seconds for the translator and what it runs "
@@ -96,7 +96,7 @@ class Options(usage.Options):
          "translator runs (RLIMIT_NPROC counts them all).", _count("process-limit", 1)],
         ["cache-dir", None, None, "Directory of the response cache (default: "
          "$SYSTEMTAP_DIR/stapsrv-cache or ~/.systemtap/stapsrv-cache)."],
-        ["cache-size", None, DEFAULT_CACHE_SIZE >> 20, "Size cap of the response cache, "
+        ["cache-size", None, DEFAULT_CACHE_MIB, "Size cap of the response cache, "
          "in MiB (least recently used answers go first).", _count("cache-size", 1)],
         ["fleet-cache", None, None, "redis://HOST:PORT/DB of a cache shared by several "
          "servers (in front of it stays the local cache)."],
@@ -118,8 +118,10 @@ class Options(usage.Options):
 
     def opt_r(self, release: str) -> None:
         """Kernel release (or build tree) to build for; repeatable."""
-        if release.startswith("/"):
-            release = release_of_build_tree(release)
+        try:
+            release = release_name(release)
+        except SettingsError as exc:
+            raise usage.UsageError(str(exc)) from None
         if release not in self["releases"]:
             self["releases"].append(release)
 
@@ -165,59 +167,32 @@ class Options(usage.Options):
             raise usage.UsageError(ROOT_REFUSAL)
 
     def to_config(self) -> ServerConfig:
-        running = os.uname().release
-        releases = [running] + [r for r in self["releases"] if r != running]
-        ssl_dir = Path(self["ssl"]) if self["ssl"] else default_server_ssl_dir()
-        extra: dict[str, Any] = {}
-        if self["max-threads"] is not None:
-            extra["max_threads"] = self["max-threads"]
-        return ServerConfig(
-            releases=tuple(releases),
-            ssl_dir=ssl_dir.absolute(),
-            server_options=tuple(self["server_options"]),
-            arch=self["arch"],
-            runtime=self["runtime"],
-            port=self["port"],
-            listen=self["listen"],
-            log_file=Path(self["log"]).absolute() if self["log"] else None,
-            max_request_size=self["max-request-size"],
-            max_compressed_request=self["max-compressed-request"],
-            keep_temporary=bool(self["keep"]),
-            **extra,
-            **robustness_settings(self),
-        )
+        try:
+            return server_config(
+                releases=self["releases"], server_options=self["server_options"],
+                arch=self["arch"], runtime=self["runtime"], port=self["port"],
+                listen=self["listen"], ssl=self["ssl"], log=self["log"],
+                max_threads=self["max-threads"], max_request_size=self["max-request-size"],
+                max_compressed_request=self["max-compressed-request"],
+                keep=bool(self["keep"]), request_timeout=self["request-timeout"],
+                compile_timeout=self["compile-timeout"], cpu_limit=self["cpu-limit"],
+                memory_limit=self["memory-limit"], file_size_limit=self["file-size-limit"],
+                process_limit=self["process-limit"], cache=not self["no-cache"],
+                cache_dir=self["cache-dir"], cache_size=self["cache-size"],
+                fleet_cache=self["fleet-cache"], counters_file=self["counters-file"])
+        except FleetCacheError as exc:
+            raise usage.UsageError(f"--fleet-cache: {exc}") from None
+        except SettingsError as exc:
+            raise usage.UsageError(str(exc)) from None
 
 
-def robustness_settings(options: usage.Options | dict[str, Any]) -> dict[str, Any]:
-    """The timeout, limit, cache and counters fields of a ServerConfig."""
-    try:
-        fields = settings.robustness_fields(
-            request_timeout=options["request-timeout"],
-            compile_timeout=options["compile-timeout"],
-            cpu_limit=options["cpu-limit"], memory_limit=options["memory-limit"],
-            file_size_limit=options["file-size-limit"],
-            process_limit=options["process-limit"], cache=not options["no-cache"],
-            cache_dir=options["cache-dir"], cache_size=options["cache-size"],
-            fleet_cache=options["fleet-cache"])
-    except settings.SettingsError as exc:
-        raise usage.UsageError(f"--fleet-cache: {exc}") from None
-    counters = options["counters-file"]
-    fields["counters_file"] = Path(counters).absolute() if counters else None
-    return fields
-
-
-def _reopen_on_sighup(top: MultiService, logs: list[LogFileService]) -> None:
-    from twisted.internet import reactor
-    ReopenOnSighup(logs, reactor).setServiceParent(top)
-
-
-def _configured_service(options: Options) -> IService:
+def _configured_service(options: Options, reactor: IServerReactor) -> IService:
     try:
         global_config = read_global([Path(options["config"])], dict(os.environ))
-        servers = [settings.server_config(server, global_config, f"stapsrv.{name}",
-                                          bool(options["keep"]))
-                   for name, server in settings.configured_servers(global_config)]
-    except (ConfigError, settings.SettingsError) as exc:
+        servers = [settings_config(server, global_config, f"stapsrv.{name}",
+                                   bool(options["keep"]))
+                   for name, server in configured_servers(global_config)]
+    except (ConfigError, SettingsError) as exc:
         raise usage.UsageError(str(exc)) from None
     top = MultiService()
     by_log: dict[Path, set[str]] = {}
@@ -229,34 +204,38 @@ def _configured_service(options: Options) -> IService:
         log_service = LogFileService(path, namespaces=frozenset(namespaces))
         log_service.setServiceParent(top)
         logs.append(log_service)
-    _reopen_on_sighup(top, logs)
+    ReopenOnSighup(logs, reactor).setServiceParent(top)
     for config in servers:
-        _add_server(top, config, publish=not options["no-avahi"])
-    CleanExitOnSignal().setServiceParent(top)  # stopped first
+        _add_server(top, config, reactor, publish=not options["no-avahi"])
+    CleanExitOnSignal(reactor).setServiceParent(top)  # stopped first
     return top
 
 
-def _add_server(top: MultiService, config: ServerConfig, publish: bool) -> None:
+def _add_server(top: MultiService, config: ServerConfig, reactor: IServerReactor,
+                publish: bool) -> None:
     """The server, then its publisher: started after the listener (so the
     port is known) and stopped before it."""
-    server = CompileServerService(config)
+    server = CompileServerService(config, reactor)
     if config.counters_file is not None:
         # Opened before the server listens: the manager renames the file as
         # soon as the server says where it listens.
-        CountersFileService(config.counters_file, server.snapshot).setServiceParent(top)
+        CountersFileService(config.counters_file, server.snapshot,
+                            reactor).setServiceParent(top)
     server.setServiceParent(top)
-    publisher_service(server, enabled=publish).setServiceParent(top)
+    publisher_service(server, reactor, enabled=publish).setServiceParent(top)
 
 
-def makeService(options: Options) -> IService:
+def makeService(options: Options, reactor: IServerReactor | None = None) -> IService:
+    """The service tree; every part runs on ``reactor`` (twistd's)."""
+    reactor = reactor or installed_reactor()
     if options["config"]:
-        return _configured_service(options)
+        return _configured_service(options, reactor)
     config = options.to_config()
     top = MultiService()
     if config.log_file is not None:
         log_service = LogFileService(config.log_file)
         log_service.setServiceParent(top)
-        _reopen_on_sighup(top, [log_service])
-    _add_server(top, config, publish=not options["no-avahi"])
-    CleanExitOnSignal().setServiceParent(top)  # stopped first
+        ReopenOnSighup([log_service], reactor).setServiceParent(top)
+    _add_server(top, config, reactor, publish=not options["no-avahi"])
+    CleanExitOnSignal(reactor).setServiceParent(top)  # stopped first
     return top

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -56,7 +58,7 @@ def display_url(url: str) -> str:
 class RedisCache:
     """A ``ResponseCache`` in Redis."""
 
-    def __init__(self, url: str, reactor: Any, log: Logger | None = None,
+    def __init__(self, url: str, reactor: IReactorThreads, log: Logger | None = None,
                  timeout: float = 1.0, retry: float = 5.0, ttl: int = DEFAULT_TTL,
                  clock: Callable[[], float] = time.monotonic) -> None:
         import redis
@@ -74,7 +76,7 @@ class RedisCache:
         self._down_until: float | None = None
         self._warned = False
 
-    def _in_thread(self, function: Callable[..., T], *args: Any) -> Any:
+    def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), function, *args)
 
     @property

@@ -11,6 +11,7 @@ script text) and, for answers the server signs, the signing certificates.
 Two requests share a key only if they would get the same answer; a request
 naming a server tree too big to fingerprint is not cached at all.
 
+The request's side comes parsed (:class:`stapsrv.compile.job.Job`).
 Blocking: run in the thread pool.  Server-side digests are content hashes
 (so servers on different hosts with the same installation agree), kept
 until a cheap stat walk shows a change; that walk runs at most once per
@@ -20,19 +21,15 @@ until a cheap stat walk shows a change; that walk runs at most once per
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import re
 import shutil
 import time
-import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from attrs import define, field, frozen
+from attrs import define, field
 
-from stapsrv.compile.archive import MEMBER_ERRORS, RequestRejected, check_request
-from stapsrv.core.cmdline import Privilege, requested_privilege, scan_options
+from stapsrv.compile.job import Job
 
 #: Bump when the meaning of a key or the cached answer's format changes.
 KEY_VERSION = b"stapsrv-response-cache-1\n"
@@ -52,119 +49,10 @@ _ENVIRONMENT_NAMES = frozenset({"PATH", "ARCH", "CROSS_COMPILE", "CC", "LANG", "
 #: A named server directory with more files than this makes a request
 #: uncacheable (fingerprinting it would cost more than compiling).
 MAX_NAMED_FILES = 2000
-#: Where the translator's working directory is, as far as relative paths in
-#: arguments go: ``<TMPDIR>/<scratch>/request``.
-_NOTIONAL_REQUEST = "/<tmpdir>/<scratch>/request"
-_PATH_LITERAL = re.compile(rb'"(/[^"\n]{0,4096})"')
 
 
 class Uncacheable(Exception):
     """The request names server files that cannot be fingerprinted."""
-
-
-@frozen
-class RequestSummary:
-    """What the key needs to know from a request archive."""
-
-    digest: bytes
-    release: str | None
-    privilege: Privilege
-    wants_mok: bool
-    #: Server paths the request names (absolute, normalised); relative ones
-    #: are given relative to the notional request directory.
-    named_paths: tuple[str, ...] = ()
-
-
-def _server_path(word: str) -> str | None:
-    """The server path ``word`` names when used by the translator, or None
-    when it is not a path or stays inside the request."""
-    if "/" not in word or "\0" in word:
-        return None
-    path = os.path.normpath(os.path.join(_NOTIONAL_REQUEST, word))
-    if path == "/<tmpdir>/<scratch>" or path.startswith("/<tmpdir>/<scratch>/"):
-        return None
-    return path
-
-
-def named_paths(arguments: Sequence[str], scripts: Iterable[bytes]) -> tuple[str, ...]:
-    """Server paths that the arguments or script texts may make the
-    translator read.  Generous on purpose: a word that merely looks like a
-    path only adds a fingerprint to the key."""
-    words: list[str] = []
-    used: set[int] = set()
-    texts = list(scripts)
-    for option in scan_options(arguments):
-        used.update(range(option.start, option.stop))
-        if option.value is None:
-            continue
-        if option.name == "e":
-            texts.append(os.fsencode(option.value))
-        else:
-            words.append(option.value)
-            words.append(option.value.partition("=")[2])
-    words += [word for index, word in enumerate(arguments) if index not in used]
-    for text in texts:
-        words += [os.fsdecode(match) for match in _PATH_LITERAL.findall(text)]
-    found = {path for word in words if (path := _server_path(word)) is not None}
-    return tuple(sorted(found))
-
-
-def _member_bytes(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int) -> bytes:
-    with archive.open(info) as source:
-        data = source.read(budget + 1)
-    if len(data) > budget:
-        raise RequestRejected("Uncompressed request data exceeds the declared sizes")
-    return data
-
-
-def summarize_request(body: bytes, max_size: int) -> RequestSummary:
-    """Digest a request archive in memory.  Raises ``RequestRejected`` for
-    exactly the archives that ``extract_request`` refuses (so those go down
-    the normal path and get its answer)."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(body))
-    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
-        raise RequestRejected(f"Unable to extract client request ({exc})") from exc
-    files: dict[tuple[str, ...], bytes] = {}
-    directories: set[tuple[str, ...]] = set()
-    with archive:
-        members = check_request(archive, max_size)
-        budget = max_size
-        for info in members:
-            parts = tuple(p for p in info.filename.split("/") if p not in ("", "."))
-            if info.is_dir():
-                directories.add(parts)
-                continue
-            try:
-                data = _member_bytes(archive, info, budget)
-            except MEMBER_ERRORS as exc:
-                raise RequestRejected(f"Unable to extract client request ({exc})") from exc
-            budget -= len(data)
-            files[parts] = data
-    digest = hashlib.sha256()
-    for parts in sorted(directories | set(files)):
-        name = "/".join(parts).encode()
-        if parts in files:
-            data = files[parts]
-            digest.update(b"f%d:%s%d:" % (len(name), name, len(data)) + data)
-        else:
-            digest.update(b"d%d:%s" % (len(name), name))
-    sysinfo = files.get(("sysinfo",), b"").decode("utf-8", "replace").split()
-    arguments = []
-    index = 1
-    while ("argv%d" % index,) in files:
-        raw = files[("argv%d" % index,)].split(b"\0", 1)[0]
-        arguments.append(os.fsdecode(raw))
-        index += 1
-    moks = files.get(("mok_fingerprints",), b"").strip()
-    scripts = [data for parts, data in files.items() if parts[0] in ("script", "tapset")]
-    return RequestSummary(
-        digest=digest.digest(),
-        release=sysinfo[1] if len(sysinfo) >= 2 else None,
-        privilege=requested_privilege(arguments).privilege,
-        wants_mok=bool(moks),
-        named_paths=named_paths(arguments, scripts),
-    )
 
 
 def _stat_walk(path: Path) -> tuple[object, ...]:
@@ -293,7 +181,7 @@ class KeyMaker:
         paths += [("build:" + name, build / name) for name in BUILD_TREE_FILES]
         return paths
 
-    def key(self, request: RequestSummary, release: str, options: Sequence[str],
+    def key(self, request: Job, release: str, options: Sequence[str],
             runtime: str | None, signers: Iterable[bytes] = ()) -> str:
         """The hex key of a request about to be run with ``options``.
 
@@ -321,7 +209,3 @@ class KeyMaker:
         for signer in signers:
             digest.update(b"signer:" + hashlib.sha256(signer).digest())
         return digest.hexdigest()
-
-
-def needs_signature(request: RequestSummary) -> bool:
-    return request.privilege in (Privilege.STAPUSR, Privilege.STAPSYS)

@@ -18,9 +18,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -70,7 +71,8 @@ class DiskCache:
     ``max_bytes`` in all; a hit refreshes the file's mtime, and the oldest
     mtimes go first when the cap is passed."""
 
-    def __init__(self, directory: Path, max_bytes: int, reactor: Any, pool: ThreadPool,
+    def __init__(self, directory: Path, max_bytes: int, reactor: IReactorFromThreads,
+                 pool: ThreadPool,
                  log: Logger | None = None) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
@@ -78,7 +80,7 @@ class DiskCache:
         self._pool = pool
         self.log = log or Logger()
 
-    def _in_thread(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+    def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
         return deferToThreadPool(self._reactor, self._pool, function, *args)
 
     def _path(self, key: str) -> Path:

@@ -19,7 +19,6 @@ from typing import TextIO
 
 from attrs import define, evolve
 
-from stapsrv.app import counters as request_counters
 from stapsrv.cache.fleet import display_url
 from stapsrv.cli.arguments import ACTIONS, ArgumentError, Invocation, SpecWords, parse
 from stapsrv.cli.launch import LaunchFailed, is_server, start_daemon, stop_daemon
@@ -30,10 +29,12 @@ from stapsrv.config.files import (
     ConfigError,
     GlobalConfig,
     ServerSettings,
+    configured_settings,
     read_global,
     read_server_file,
     render_status,
 )
+from stapsrv.core import counters as request_counters
 from stapsrv.paths import MODULES, manager_architecture, root_refused
 
 USAGE = """\
@@ -200,11 +201,7 @@ class Manager:
         return found
 
     def configured(self) -> list[ServerSettings]:
-        try:
-            paths = sorted(p for p in self.config.config_path.glob("*.conf") if p.is_file())
-        except OSError:
-            return []
-        return [self.with_defaults(read_server_file(p)) for p in paths]
+        return [self.with_defaults(settings) for _, settings in configured_settings(self.config)]
 
     def targets(self) -> list[Target]:
         targets = [self._target(words) for words in self.invocation.specs]

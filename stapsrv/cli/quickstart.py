@@ -8,7 +8,6 @@ running one has none on a typical build host), logs to standard output in
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from twisted.application.service import MultiService
@@ -17,8 +16,9 @@ from twisted.logger import globalLogBeginner
 from stapsrv.app.logs import CtimeLogObserver
 from stapsrv.app.publish import publisher_service
 from stapsrv.app.service import CompileServerService
-from stapsrv.config.values import ServerConfig
-from stapsrv.paths import MODULES, RootRefused, default_server_ssl_dir, installed_releases, refuse_root
+from stapsrv.config.convert import server_config
+from stapsrv.paths import MODULES, RootRefused, installed_releases, refuse_root
+from stapsrv.reactor import installed_reactor
 
 
 def client_instructions(port: int, release: str) -> str:
@@ -51,19 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"No kernel build tree under {MODULES}: run 'make setup' first.", file=sys.stderr)
         return 1
     release = releases[-1]
-    running = os.uname().release
-    config = ServerConfig(
-        releases=(running, release) if running != release else (release,),
-        ssl_dir=default_server_ssl_dir(), port=options.port, listen=options.listen)
-
-    from twisted.internet import reactor
-
+    config = server_config(releases=[release], port=options.port, listen=options.listen)
+    reactor = installed_reactor()
     globalLogBeginner.beginLoggingTo([CtimeLogObserver(sys.stdout)],
                                      redirectStandardIO=False)
     top = MultiService()
     server = CompileServerService(config, reactor)
     server.setServiceParent(top)
-    publisher_service(server, enabled=True).setServiceParent(top)
+    publisher_service(server, reactor, enabled=True).setServiceParent(top)
 
     def start() -> None:
         try:

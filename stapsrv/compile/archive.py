@@ -1,7 +1,9 @@
-"""Request archive checks and extraction; response archive building.
+"""Request archive checks, the request directory on disk, and response
+archives.
 
 Blocking file work: callers run these functions in the server's thread
-pool.  Nothing here ever writes outside the directory it is given.
+pool.  Nothing here ever writes outside the directory it is given.  The
+request is read once, by :mod:`stapsrv.compile.job`, with these checks.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ import os
 import stat
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from stapsrv.core import members
+from stapsrv.core.members import LocaleResult
 
 #: The most members a request may hold.  A real client sends its argv files,
 #: four fixed files and the script and tapset trees; the uncompressed size
 #: limit keeps those small, but empty members cost nothing to declare.
 MAX_MEMBERS = 4096
-
-_CHUNK = 64 * 1024
 
 #: What reading a damaged or hostile member may raise.
 MEMBER_ERRORS = (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError,
@@ -41,7 +44,7 @@ def _member_mode(info: zipfile.ZipInfo) -> int:
     return info.external_attr >> 16
 
 
-def _checked_parts(name: str) -> list[str]:
+def checked_parts(name: str) -> list[str]:
     """Split an archive member name, refusing anything that could escape."""
     if not name or "\0" in name or "\n" in name or "\r" in name or "\\" in name:
         raise RequestRejected(f"Unsafe member name {name!r} in client request")
@@ -71,8 +74,8 @@ def check_request(archive: zipfile.ZipFile, max_size: int) -> list[zipfile.ZipIn
     seen: set[tuple[str, ...]] = set()
     for info in members:
         # zipfile cuts names at a NUL byte; the original name tells.
-        _checked_parts(info.orig_filename)
-        parts = tuple(_checked_parts(info.filename))
+        checked_parts(info.orig_filename)
+        parts = tuple(checked_parts(info.filename))
         mode = _member_mode(info)
         kind = stat.S_IFMT(mode)
         if info.is_dir():
@@ -88,36 +91,8 @@ def check_request(archive: zipfile.ZipFile, max_size: int) -> list[zipfile.ZipIn
     return members
 
 
-def extract_request(body: bytes, destination: Path, max_size: int) -> None:
-    """Check and unpack a request archive into ``destination`` (which exists).
-
-    Raises ``RequestRejected`` with the line to log when the archive is not
-    a zip, is too big once uncompressed, or holds anything but plain files
-    and directories at safe relative paths.
-    """
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(body))
-    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
-        raise RequestRejected(f"Unable to extract client request ({exc})") from exc
-    with archive:
-        members = check_request(archive, max_size)
-        budget = max_size
-        for info in members:
-            parts = _checked_parts(info.filename)
-            target = destination.joinpath(*parts)
-            try:
-                if info.is_dir():
-                    _make_dirs(destination, parts)
-                    continue
-                _make_dirs(destination, parts[:-1])
-                budget = _write_member(archive, info, target, budget)
-            except RequestRejected:
-                raise
-            except MEMBER_ERRORS as exc:
-                raise RequestRejected(f"Unable to extract client request ({exc})") from exc
-
-
-def _make_dirs(root: Path, parts: list[str]) -> None:
+def make_dirs(root: Path, parts: Sequence[str]) -> None:
+    """``root/parts...`` as real directories (0755), each made or found."""
     current = root
     for part in parts:
         current = current / part
@@ -128,23 +103,38 @@ def _make_dirs(root: Path, parts: list[str]) -> None:
                 raise RequestRejected(f"Request path {current.name!r} is not a directory") from None
 
 
-def _write_member(
-    archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: int
-) -> int:
+def write_file(target: Path, data: bytes) -> None:
+    """A new file (0644) that no link can redirect."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(target, flags, 0o644)
-    with os.fdopen(fd, "wb") as out, archive.open(info) as source:
-        while True:
-            chunk = source.read(min(_CHUNK, budget + 1))
-            if not chunk:
-                break
-            budget -= len(chunk)
-            if budget < 0:
-                raise RequestRejected(
-                    "Uncompressed request data exceeds the declared sizes"
-                )
-            out.write(chunk)
-    return budget
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
+# --- an unpacked request directory, as the translator sees it -----------------
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def read_client_version(request_dir: Path) -> str:
+    return members.client_version(_read(request_dir / "version"))
+
+
+def read_target_release(request_dir: Path) -> str | None:
+    return members.target_release(_read(request_dir / "sysinfo"))
+
+
+def read_arguments(request_dir: Path) -> list[bytes]:
+    return members.arguments(lambda name: _read(request_dir / name))
+
+
+def read_locale(request_dir: Path) -> LocaleResult:
+    return members.filter_locale(_read(request_dir / "locale") or b"")
 
 
 def build_response(response_dir: Path,

@@ -1,13 +1,14 @@
 """What the server does with one request archive, start to finish.
 
-``RequestHandler.handle`` answers a repeated request from the response
-cache; otherwise it unpacks the request into a scratch directory under
-``$TMPDIR``, runs the translator the way 4.8 does, signs the module for
-unprivileged users, and returns the response archive (or ``None`` when 4.8
-would close the connection without an answer).  Identical requests that
-arrive while one is compiling wait for its answer instead of compiling
-again.  File work runs in the thread pool; the translator is spawned from
-the reactor thread.
+``RequestHandler.handle`` parses the request once (:mod:`stapsrv.compile.job`)
+and answers a repeated one from the response cache; otherwise it unpacks
+it into a scratch directory under ``$TMPDIR`` and runs it the way 4.8
+does, in three steps: *prepare* (thread pool: the response directory, the
+environment, the command line), *run* (reactor thread: the translator, its
+timeout, abandonment) and *finish* (thread pool: signatures, ``rc``, path
+filtering).  It returns the response archive, or ``None`` when 4.8 would
+close the connection without an answer.  Identical requests that arrive
+while one is compiling wait for its answer instead of compiling again.
 """
 
 from __future__ import annotations
@@ -19,31 +20,25 @@ import signal
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.interfaces import IReactorFromThreads, IReactorProcess, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from stapsrv import PROTOCOL_VERSION
-from stapsrv.app.counters import Counters
-from stapsrv.cache.key import KeyMaker, Uncacheable, needs_signature, summarize_request
+from stapsrv.cache.key import KeyMaker, Uncacheable
 from stapsrv.cache.store import ResponseCache
-from stapsrv.compile.archive import RequestRejected, build_response, extract_request, refusal_archive
+from stapsrv.compile.archive import RequestRejected, build_response, refusal_archive
+from stapsrv.compile.job import Job, needs_signature, parse_job, write_request
 from stapsrv.compile.signing import sign_module_file
 from stapsrv.compile.translator import TranslatorRun, start_translator
 from stapsrv.config.values import ServerConfig
-from stapsrv.core.cmdline import Privilege, ServerOption, requested_privilege, translator_argv
-from stapsrv.core.members import (
-    LOCALE_PROTOCOL,
-    read_arguments,
-    read_client_version,
-    read_locale,
-    read_target_release,
-    version_key,
-)
+from stapsrv.core.cmdline import Privilege, ServerOption, translator_argv
+from stapsrv.core.counters import Counters
 from stapsrv.identity import mok
 from stapsrv.identity.certs import ServerIdentity
 from stapsrv.paths import build_tree, home_directory
@@ -94,7 +89,7 @@ def _signal_message(number: int, config: ServerConfig) -> str:
         message += f" It went past {reasons[number][1]}."
     elif number == signal.SIGKILL and limits.cpu_seconds is not None:
         message += " It may have gone past its CPU time limit (--cpu-limit)."
-    return message + "\n"
+    return message
 
 
 @frozen
@@ -120,26 +115,70 @@ def repeated_answer_member(name: str) -> bool:
     return inner.endswith((".ko", ".ko.sgn", "_src.c"))
 
 
+class HandlerReactor(IReactorTime, IReactorProcess, IReactorFromThreads):
+    """What a handler asks of its reactor: timers, the translator process,
+    and answers from its thread pool."""
+
+
 @define(eq=False)
 class RequestContext:
-    """One request's link back to its connection."""
+    """One request's link back to its connection, and the translator that
+    runs for it (while one does)."""
 
     peer: str
     abandoned: bool = False
-    _translator: TranslatorRun | None = None
     timed_out: bool = False
+    translator: TranslatorRun | None = None
 
     def abandon(self) -> None:
         """The client went away: stop any compile now."""
         self.abandoned = True
-        if self._translator is not None:
-            self._translator.kill()
+        self.stop_translator()
+
+    def stop_translator(self) -> None:
+        if self.translator is not None:
+            self.translator.kill()
+
+
+@frozen
+class Prepared:
+    """A request ready for the translator: where it runs, and how."""
+
+    scratch: Path
+    release: str
+    argv: list[str]
+    env: dict[str, str]
+    client_moks: tuple[str, ...]
+
+    @property
+    def request_dir(self) -> Path:
+        return self.scratch / "request"
+
+    @property
+    def response_dir(self) -> Path:
+        return self.scratch / "response"
+
+    @property
+    def module_dir(self) -> Path:
+        return self.response_dir / MODULE_DIR
+
+
+@frozen
+class Refused:
+    """A request the translator never sees (the client is told why)."""
+
+    log_format: str
+    release: str | None
+
+
+#: What preparing a request comes to.
+Preparation = Prepared | Refused
 
 
 @define(eq=False)
 class RequestHandler:
     config: ServerConfig
-    reactor: Any
+    reactor: HandlerReactor
     pool: ThreadPool
     identity: Callable[[], ServerIdentity]
     runtimes: Mapping[str, str] = field(factory=dict)
@@ -158,7 +197,7 @@ class RequestHandler:
         self.log = Logger(namespace=self.config.log_namespace, source=self)
         self.gate = DeferredSemaphore(self.config.concurrency)
 
-    def _in_thread(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+    def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, function, *args)
 
     async def handle(self, body: bytes, context: RequestContext) -> bytes | None:
@@ -168,10 +207,22 @@ class RequestHandler:
             self.counters.failures += 1
         return outcome.response
 
+    def _rejected(self, exc: RequestRejected) -> Outcome:
+        """The answer to an archive that cannot be used."""
+        self.log.info("{message}", message=str(exc))
+        self.log.info("Error processing client request")
+        if exc.client_message is None:
+            return Outcome(None, False)
+        return Outcome(refusal_archive(exc.client_message, PROTOCOL_VERSION), False)
+
     async def _answer(self, body: bytes, context: RequestContext) -> Outcome:
-        key = await self._cache_key(body)
+        try:
+            job = await self._in_thread(parse_job, body, self.config.max_request_size)
+        except RequestRejected as exc:
+            return self._rejected(exc)
+        key = await self._cache_key(job)
         if key is None or self.cache is None:
-            return await self._compile(body, context)
+            return await self._compile(body, job, context)
         cached = await self.cache.get(key)
         if cached is not None:
             self.counters.cache_hits += 1
@@ -188,11 +239,11 @@ class RequestHandler:
                 self.log.info("Answering {peer} with the compile it waited for ({key})",
                               peer=context.peer, key=key[:16])
                 return Outcome(shared, True)
-            return await self._compile(body, context)
+            return await self._compile(body, job, context)
         self._flights[key] = []
         outcome = Outcome(None, False)
         try:
-            outcome = await self._compile(body, context)
+            outcome = await self._compile(body, job, context)
         finally:
             share = outcome.response if outcome.succeeded else None
             for waiter in self._flights.pop(key):
@@ -201,13 +252,11 @@ class RequestHandler:
             await self.cache.put(key, outcome.to_keep)
         return outcome
 
-    async def _cache_key(self, body: bytes) -> str | None:
+    async def _cache_key(self, job: Job) -> str | None:
         if self.cache is None or self.keys is None:
             return None
         try:
-            return await self._in_thread(self._make_key, body)
-        except RequestRejected:
-            return None  # the compile path gives the answer
+            return await self._in_thread(self._make_key, job)
         except Uncacheable as exc:
             self.log.info("Not caching a request that names the large server tree {path}",
                           path=str(exc))
@@ -216,31 +265,30 @@ class RequestHandler:
             self.log.failure("Cannot compute a cache key; compiling")
             return None
 
-    def _make_key(self, body: bytes) -> str | None:
+    def _make_key(self, job: Job) -> str | None:
         assert self.keys is not None
-        summary = summarize_request(body, self.config.max_request_size)
-        release = summary.release
+        release = job.release
         if release is None or release not in self.config.releases:
             return None
         runtime = self.config.runtime or self.runtimes.get(release)
         options = [self.config.stap] + [
             option.flag + (option.value or "") for option in self._server_options(release)]
         signers: list[bytes] = []
-        if needs_signature(summary):
+        if needs_signature(job):
             signers.append(self.identity().certificate_der)
-        if summary.wants_mok:
+        if job.wants_mok:
             store = self.config.moks(self.environ)
             for name in mok.server_moks(store):
                 signers.append((store / name / mok.CERTIFICATE).read_bytes())
-        return self.keys.key(summary, release, options, runtime, signers)
+        return self.keys.key(job, release, options, runtime, signers)
 
-    async def _compile(self, body: bytes, context: RequestContext) -> Outcome:
+    async def _compile(self, body: bytes, job: Job, context: RequestContext) -> Outcome:
         """Run the request through the translator, once a slot is free."""
         await self.gate.acquire()
         try:
             if context.abandoned:
                 return Outcome(None, False)
-            return await self._compile_in_scratch(body, context)
+            return await self._compile_in_scratch(body, job, context)
         except DiskFull:
             pass
         except OSError as exc:
@@ -255,20 +303,17 @@ class RequestHandler:
             "handling this request.  Try again later, or tell the server's administrator.",
             PROTOCOL_VERSION), False)
 
-    async def _compile_in_scratch(self, body: bytes, context: RequestContext) -> Outcome:
+    async def _compile_in_scratch(self, body: bytes, job: Job,
+                                  context: RequestContext) -> Outcome:
         scratch = await self._in_thread(_make_scratch, self.config.tmpdir)
         try:
             try:
-                await self._in_thread(_unpack, scratch, body, self.config.max_request_size)
+                await self._in_thread(_unpack, scratch, body, job)
             except RequestRejected as exc:
                 if _is_disk_full(exc.__cause__ or exc):
                     raise DiskFull() from exc
-                self.log.info("{message}", message=str(exc))
-                self.log.info("Error processing client request")
-                if exc.client_message is None:
-                    return Outcome(None, False)
-                return Outcome(refusal_archive(exc.client_message, PROTOCOL_VERSION), False)
-            status = await self._process(scratch, context)
+                return self._rejected(exc)
+            status = await self._process(scratch, job, context)
             if context.abandoned or status is None:
                 return Outcome(None, False)
             response = await self._in_thread(build_response, scratch / "response")
@@ -287,121 +332,63 @@ class RequestHandler:
             else:
                 await self._in_thread(shutil.rmtree, scratch, True)
 
-    async def _process(self, scratch: Path, context: RequestContext) -> int | None:
-        """Run the translator in ``scratch``; the answer's ``rc``, or None
-        when there is no answer to send."""
-        request_dir = scratch / "request"
-        response_dir = scratch / "response"
-        (response_dir / "version").write_text(PROTOCOL_VERSION)
-
-        client_version = read_client_version(request_dir)
-        self.log.info("Client version is {version}", version=client_version[:64])
-
-        release = read_target_release(request_dir)
-        if release is None:
-            self.log.info("Unable to read sysinfo")
-            self._refuse(response_dir, "Server: The request does not name a kernel "
-                         "release (its sysinfo is missing or unreadable).")
+    async def _process(self, scratch: Path, job: Job, context: RequestContext) -> int | None:
+        """Prepare, run and finish the request in ``scratch``; the answer's
+        ``rc``, or None when there is no answer to send."""
+        self.log.info("Client version is {version}", version=job.client_version[:64])
+        prepared = await self._in_thread(self._prepare, scratch, job)
+        if isinstance(prepared, Refused):
+            self.log.info(prepared.log_format, release=prepared.release)
             return 1
-        if release not in self.config.releases:
-            self.log.info("Target kernel version {release} is not supported by this server",
-                          release=release)
-            self._refuse(response_dir, (
-                f"Server: This server does not build modules for kernel release '{release}'.\n"
-                f"Server: It serves: {', '.join(self.config.releases)}."))
-            return 1
-
-        arguments = [os.fsdecode(argument) for argument in read_arguments(request_dir)]
         self.log.info("Options passed from the client: {arguments}",
-                      arguments="".join(argument + " " for argument in arguments))
-
-        env = dict(self.environ)
-        env["TMPDIR"] = str(scratch)
-        client_moks: tuple[str, ...] = ()
-        if version_key(client_version) >= version_key(LOCALE_PROTOCOL):
-            locale = read_locale(request_dir)
-            env.update(locale.variables)
-            complaints = list(locale.complaints)
-            mok_file = request_dir / "mok_fingerprints"
-            if mok_file.is_file():
-                parsed = mok.parse_client_fingerprints(mok_file.read_bytes())
-                client_moks = parsed.fingerprints
-                complaints += parsed.complaints
-            if complaints:
-                with open(response_dir / "stderr", "a", encoding="utf-8") as stderr:
-                    stderr.write("".join(line + "\n" for line in complaints))
-
-        module_dir = response_dir / MODULE_DIR
-        module_dir.mkdir(mode=0o700)
-        argv = translator_argv(
-            self.config.stap, release, self._server_options(release), str(module_dir),
-            arguments)
-        self.log.debug("Running {argv}", argv=argv)
-        if context.abandoned:
+                      arguments="".join(argument + " " for argument in job.arguments))
+        self.log.debug("Running {argv}", argv=prepared.argv)
+        status = await self._run(prepared, context)
+        if status is None:
             return None
-        try:
-            run = start_translator(
-                self.reactor, argv, env, request_dir,
-                response_dir / "stdout", response_dir / "stderr", self.config.limits)
-        except OSError as exc:
-            if _is_disk_full(exc):
-                raise
-            self.log.error("Failed spawning translator: {error}", error=exc)
-            return None
-        context._translator = run
-        self._running.add(run)
-        self.counters.compiling += 1
-        timeout = self.config.compile_timeout
-        timer = self.reactor.callLater(timeout, self._expire, context) if timeout > 0 else None
-        try:
-            status = await run.result
-        finally:
-            self._running.discard(run)
-            self.counters.compiling -= 1
-            context._translator = None
-            if timer is not None and timer.active():
-                timer.cancel()
-        if context.abandoned:
-            return None
-        if context.timed_out:
-            with open(response_dir / "stderr", "a", encoding="utf-8") as stderr:
-                stderr.write(
-                    "Server: The translator ran longer than the server's compile timeout "
-                    f"({self.config.compile_timeout:g} s) and was stopped.\n")
-            (response_dir / "rc").write_text("1")
-            return 1
-        if status != 0 and await self._in_thread(_ran_out_of_room, scratch):
-            raise DiskFull()
+        rc = await self._in_thread(self._finish, prepared, job, status, context.timed_out)
         if status > 128 and not context.timed_out:
             self.log.info("The translator for {peer} was ended by signal {signal}",
                           peer=context.peer, signal=status - 128)
-            with open(response_dir / "stderr", "a", encoding="utf-8") as stderr:
-                stderr.write(_signal_message(status - 128, self.config))
-
-        privilege = requested_privilege(argv[1:])
-        if privilege.invalid_value is not None:
+        if job.invalid_privilege is not None:
             self.log.info("Invalid argument '{value}' for --privilege",
-                          value=privilege.invalid_value)
-        return await self._in_thread(
-            self._finish, response_dir, module_dir, status, privilege.privilege,
-            client_version, release, client_moks)
+                          value=job.invalid_privilege)
+        return rc
 
-    async def stop_translators(self) -> None:
-        """End every translator still running (their clients are gone) and
-        wait until each process group has been signalled to the end."""
-        running = list(self._running)
-        for run in running:
-            run.kill()
-        for run in running:
-            await run.result
+    # --- prepare (thread pool) ------------------------------------------------
 
-    def _expire(self, context: RequestContext) -> None:
-        self.log.info("The translator for {peer} ran past the compile timeout "
-                      "({timeout:g} s); stopping it", peer=context.peer,
-                      timeout=self.config.compile_timeout)
-        context.timed_out = True
-        if context._translator is not None:
-            context._translator.kill()
+    def _prepare(self, scratch: Path, job: Job) -> Preparation:
+        """The response directory, the translator's environment and command
+        line; or the refusal of a release this server does not serve."""
+        response_dir = scratch / "response"
+        (response_dir / "version").write_text(PROTOCOL_VERSION)
+        release = job.release
+        if release is None:
+            _refuse(response_dir, "Server: The request does not name a kernel "
+                    "release (its sysinfo is missing or unreadable).")
+            return Refused("Unable to read sysinfo", None)
+        if release not in self.config.releases:
+            _refuse(response_dir, (
+                f"Server: This server does not build modules for kernel release '{release}'.\n"
+                f"Server: It serves: {', '.join(self.config.releases)}."))
+            return Refused("Target kernel version {release} is not supported by this server",
+                           release)
+        env = dict(self.environ)
+        env["TMPDIR"] = str(scratch)
+        client_moks: tuple[str, ...] = ()
+        if job.speaks_locale:
+            env.update(job.locale.variables)
+            complaints = list(job.locale.complaints)
+            if job.mok_fingerprints is not None:
+                parsed = mok.parse_client_fingerprints(job.mok_fingerprints)
+                client_moks = parsed.fingerprints
+                complaints += parsed.complaints
+            _append(response_dir / "stderr", complaints)
+        module_dir = response_dir / MODULE_DIR
+        module_dir.mkdir(mode=0o700)
+        argv = translator_argv(self.config.stap, release, self._server_options(release),
+                               str(module_dir), job.arguments)
+        return Prepared(scratch, release, argv, env, client_moks)
 
     def _server_options(self, release: str) -> list[ServerOption]:
         options = list(self.config.server_options)
@@ -412,32 +399,90 @@ class RequestHandler:
             options.append(ServerOption("-k"))
         return options
 
-    def _refuse(self, response_dir: Path, message: str) -> None:
-        """Answer with rc 1 and a message, where 4.8 sent only ``version``."""
-        (response_dir / "rc").write_text("1")
-        (response_dir / "stdout").write_text("")
-        with open(response_dir / "stderr", "a", encoding="utf-8") as stderr:
-            stderr.write(message + "\n")
+    # --- run (reactor thread) ---------------------------------------------------
 
-    def _finish(self, response_dir: Path, module_dir: Path, status: int,
-                privilege: Privilege, client_version: str, release: str = "",
-                client_moks: tuple[str, ...] = ()) -> int:
-        """Blocking tail of a request: signatures, ``rc``, path filtering."""
+    async def _run(self, prepared: Prepared, context: RequestContext) -> int | None:
+        """The translator's exit status, or None when there is no answer."""
+        if context.abandoned:
+            return None
+        response_dir = prepared.response_dir
+        try:
+            run = start_translator(
+                self.reactor, prepared.argv, prepared.env, prepared.request_dir,
+                response_dir / "stdout", response_dir / "stderr", self.config.limits)
+        except OSError as exc:
+            if _is_disk_full(exc):
+                raise
+            self.log.error("Failed spawning translator: {error}", error=exc)
+            return None
+        context.translator = run
+        self._running.add(run)
+        self.counters.compiling += 1
+        timeout = self.config.compile_timeout
+        timer = self.reactor.callLater(timeout, self._expire, context) if timeout > 0 else None
+        try:
+            status = await run.result
+        finally:
+            self._running.discard(run)
+            self.counters.compiling -= 1
+            context.translator = None
+            if timer is not None and timer.active():
+                timer.cancel()
+        if context.abandoned:
+            return None
+        return status
+
+    def _expire(self, context: RequestContext) -> None:
+        self.log.info("The translator for {peer} ran past the compile timeout "
+                      "({timeout:g} s); stopping it", peer=context.peer,
+                      timeout=self.config.compile_timeout)
+        context.timed_out = True
+        context.stop_translator()
+
+    async def stop_translators(self) -> None:
+        """End every translator still running (their clients are gone) and
+        wait until each process group has been signalled to the end."""
+        running = list(self._running)
+        for run in running:
+            run.kill()
+        for run in running:
+            await run.result
+
+    # --- finish (thread pool) ---------------------------------------------------
+
+    def _finish(self, prepared: Prepared, job: Job, status: int, timed_out: bool) -> int:
+        """Blocking tail of a request: what stopped the translator,
+        signatures, ``rc``, path filtering.  Returns the ``rc``."""
+        response_dir = prepared.response_dir
+        if timed_out:
+            _append(response_dir / "stderr", [
+                "Server: The translator ran longer than the server's compile timeout "
+                f"({self.config.compile_timeout:g} s) and was stopped."])
+            (response_dir / "rc").write_text("1")
+            return 1
+        if status != 0 and _ran_out_of_room(prepared.scratch):
+            raise DiskFull()
+        if status > 128:
+            _append(response_dir / "stderr", [_signal_message(status - 128, self.config)])
+        module_dir = prepared.module_dir
+        privilege = job.privilege
         unprivileged = privilege in (Privilege.STAPUSR, Privilege.STAPSYS)
+        client_moks = prepared.client_moks
         if status == 0 and (unprivileged or client_moks):
             module = self._single_module(module_dir)
             if module is not None and unprivileged:
                 self._sign(module)
             if module is not None and client_moks:
-                status = self._mok_sign(module, release, client_moks, response_dir)
+                status = self._mok_sign(module, prepared.release, client_moks, response_dir)
         uprobes = module_dir / "uprobes" / "uprobes.ko"
         if uprobes.is_file() and uprobes.stat().st_size > 0:
             if privilege != Privilege.STAPDEV:
                 self._sign(uprobes)
-            if version_key(client_version) < version_key(LOCALE_PROTOCOL):
+            if not job.speaks_locale:
                 shutil.copyfile(uprobes, response_dir / "uprobes.ko")
         (response_dir / "rc").write_text(str(status))
-        replacements = sorted({str(home_directory(self.environ)), str(response_dir)} - {"/"}, key=len, reverse=True)
+        replacements = sorted({str(home_directory(self.environ)), str(response_dir)} - {"/"},
+                              key=len, reverse=True)
         for name in ("stdout", "stderr"):
             _replace_in_file(response_dir / name, replacements, "<server>")
         return status
@@ -463,8 +508,7 @@ class RequestHandler:
         messages = []
         status = 0
         if common is not None:
-            problem = mok.sign_module(build_tree(release),
-                                      store / common, module)
+            problem = mok.sign_module(build_tree(release), store / common, module)
             if problem is not None:
                 messages.append(problem)
                 status = 1
@@ -475,9 +519,7 @@ class RequestHandler:
                             response_dir / mok.CERTIFICATE)
             messages.append(mok.SENT_CERTIFICATE)
             status = 1
-        if messages:
-            with open(response_dir / "stderr", "a", encoding="utf-8") as stderr:
-                stderr.write("".join(message + "\n" for message in messages))
+        _append(response_dir / "stderr", messages)
         return status
 
     def _sign(self, module: Path) -> None:
@@ -494,11 +536,26 @@ def _make_scratch(tmpdir: Path) -> Path:
     return scratch
 
 
-def _unpack(scratch: Path, body: bytes, max_size: int) -> None:
+def _unpack(scratch: Path, body: bytes, job: Job) -> None:
+    """The archive as received (kept with ``-k``) and its members."""
     fd = os.open(scratch / "request.zip", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(body)
-    extract_request(body, scratch / "request", max_size)
+    write_request(job, scratch / "request")
+
+
+def _append(path: Path, lines: list[str]) -> None:
+    """Lines for the client's stderr (or stdout), each ended by a newline."""
+    if lines:
+        with open(path, "a", encoding="utf-8") as stream:
+            stream.write("".join(line + "\n" for line in lines))
+
+
+def _refuse(response_dir: Path, message: str) -> None:
+    """Answer with rc 1 and a message, where 4.8 sent only ``version``."""
+    (response_dir / "rc").write_text("1")
+    (response_dir / "stdout").write_text("")
+    _append(response_dir / "stderr", [message])
 
 
 def _replace_in_file(path: Path, needles: list[str], replacement: str) -> None:

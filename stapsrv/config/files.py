@@ -175,6 +175,15 @@ def read_server_file(path: Path) -> ServerSettings:
     return settings_from(read(path, SCALAR_VARIABLES, LIST_VARIABLES))
 
 
+def configured_settings(global_config: GlobalConfig) -> list[tuple[Path, ServerSettings]]:
+    """Every ``CONFIG_PATH/*.conf`` file (in name order) and what it says."""
+    try:
+        paths = sorted(p for p in global_config.config_path.glob("*.conf") if p.is_file())
+    except OSError:
+        return []
+    return [(path, read_server_file(path)) for path in paths]
+
+
 def render_status(settings: ServerSettings) -> str:
     """A status file in 4.8's order (read back with ``read_server_file``)."""
     lines = [f"ARCH={settings.arch}", f"USER={settings.user}"]

@@ -1,14 +1,15 @@
-"""Reading the small files of an unpacked request directory (pure, no I/O policy).
+"""What the small members of a request say (pure: bytes in, values out).
 
 The member names and formats are those a 4.8 client writes: ``version``,
 ``sysinfo``, ``argv1``..``argvN``, ``locale`` and, for Secure Boot clients,
-``mok_fingerprints``.
+``mok_fingerprints``.  A member that is missing (or is not a file) reads
+as ``None``.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from collections.abc import Callable
 
 from attrs import frozen
 
@@ -23,13 +24,6 @@ LOCALE_NAMES = frozenset(
      "LC_NUMERIC", "LC_TIME"}
 )
 _LOCALE_VALUE = re.compile(rb"[a-zA-Z0-9@_.=-]*")
-
-
-def _read(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
 
 
 _ULONG_MAX = 2**64 - 1
@@ -51,17 +45,22 @@ def version_key(version: str) -> tuple[int, ...]:
     return tuple(key)
 
 
-def read_client_version(request_dir: Path) -> str:
-    data = _read(request_dir / "version")
+def client_version(data: bytes | None) -> str:
+    """The protocol version a client speaks, from its ``version`` member."""
     if data is None:
         return OLDEST_PROTOCOL
     tokens = data.decode("utf-8", "replace").split()
     return tokens[0] if tokens else OLDEST_PROTOCOL
 
 
-def read_target_release(request_dir: Path) -> str | None:
+def speaks_locale(version: str) -> bool:
+    """Whether a client of ``version`` sends locale and MOK information (and
+    expects ``uprobes.ko`` in the module directory only)."""
+    return version_key(version) >= version_key(LOCALE_PROTOCOL)
+
+
+def target_release(data: bytes | None) -> str | None:
     """The kernel release from ``sysinfo: <release> <arch>``; None if unreadable."""
-    data = _read(request_dir / "sysinfo")
     if data is None:
         return None
     tokens = data.decode("utf-8", "replace").split()
@@ -70,16 +69,17 @@ def read_target_release(request_dir: Path) -> str | None:
     return tokens[1]
 
 
-def read_arguments(request_dir: Path) -> list[bytes]:
-    """``argv1``, ``argv2``, ... up to the first missing file.
+def arguments(member: Callable[[str], bytes | None]) -> list[bytes]:
+    """``argv1``, ``argv2``, ... (``member(name)`` reads one) up to the first
+    missing one.
 
     Each argument is cut at an embedded NUL, as the C server reads them as
     C strings.
     """
-    arguments = []
+    arguments: list[bytes] = []
     index = 1
     while True:
-        data = _read(request_dir / f"argv{index}")
+        data = member(f"argv{index}")
         if data is None:
             return arguments
         arguments.append(data.split(b"\0", 1)[0])
@@ -121,8 +121,3 @@ def filter_locale(data: bytes) -> LocaleResult:
             continue
         variables[name_text] = value.decode("ascii")
     return LocaleResult(variables, tuple(complaints))
-
-
-def read_locale(request_dir: Path) -> LocaleResult:
-    data = _read(request_dir / "locale")
-    return filter_locale(data or b"")

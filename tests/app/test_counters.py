@@ -9,7 +9,8 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from stapsrv.app.counters import Counters, CountersFileService, describe, parse, render
+from stapsrv.app.counters import CountersFileService
+from stapsrv.core.counters import Counters, describe, parse, render
 
 
 class FormatTests(TestCase):

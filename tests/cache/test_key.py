@@ -18,18 +18,12 @@ from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.hazmat.primitives.hashes import SHA1
 from twisted.trial.unittest import TestCase
 
-from stapsrv.cache.key import (
-    ContentDigests,
-    KeyMaker,
-    RequestSummary,
-    needs_signature,
-    summarize_request,
-)
+from stapsrv.cache.key import ContentDigests, KeyMaker
 from stapsrv.compile.archive import RequestRejected
+from stapsrv.compile.job import Job, needs_signature, parse_job
 from stapsrv.core.cmdline import Privilege, ServerOption
 from stapsrv.identity.certs import ServerIdentity, make_certificate
-from tests.helpers.archives import make_zip
-from tests.helpers.archives import RELEASE, request
+from tests.helpers.archives import RELEASE, make_zip, request
 from tests.helpers.handlers import CachedHandlerCase
 from tests.helpers.vectors import captured_requests, members
 
@@ -70,60 +64,60 @@ class SummaryTests(TestCase):
     def test_same_members_in_another_order_same_digest(self) -> None:
         entries = [("argv1", b"-p4", 0o100644), ("sysinfo", b"sysinfo: r x86_64", 0o100644),
                    ("version", b"4.8", 0o100644)]
-        first = summarize_request(make_zip(entries), MAX)
-        second = summarize_request(make_zip(list(reversed(entries))), MAX)
+        first = parse_job(make_zip(entries), MAX)
+        second = parse_job(make_zip(list(reversed(entries))), MAX)
         self.assertEqual(first.digest, second.digest)
 
     def test_every_member_byte_counts(self) -> None:
         body = captured_requests()[SCRIPT_REQUEST]
-        base = summarize_request(body, MAX).digest
+        base = parse_job(body, MAX).digest
         for name, data in members(body).items():
             if name.endswith("/"):
                 continue
             changed = replaced(body, name, flip_last_byte(data + b"\n"))
-            self.assertNotEqual(summarize_request(changed, MAX).digest, base, name)
+            self.assertNotEqual(parse_job(changed, MAX).digest, base, name)
 
     def test_an_extra_empty_directory_counts(self) -> None:
         entries = [("argv1", b"-p4", 0o100644), ("sysinfo", b"sysinfo: r x86_64", 0o100644)]
         with_dir = entries + [("tapset/", b"", 0o40755)]
-        self.assertNotEqual(summarize_request(make_zip(entries), MAX).digest,
-                            summarize_request(make_zip(with_dir), MAX).digest)
+        self.assertNotEqual(parse_job(make_zip(entries), MAX).digest,
+                            parse_job(make_zip(with_dir), MAX).digest)
 
     def test_names_and_contents_cannot_be_traded(self) -> None:
         one = make_zip([("argv1", b"-p4", 0o100644), ("argv2", b"x", 0o100644)])
         two = make_zip([("argv1", b"-p4", 0o100644), ("argv2x", b"", 0o100644)])
-        self.assertNotEqual(summarize_request(one, MAX).digest,
-                            summarize_request(two, MAX).digest)
+        self.assertNotEqual(parse_job(one, MAX).digest,
+                            parse_job(two, MAX).digest)
 
     def test_release_privilege_and_mok(self) -> None:
-        summary = summarize_request(captured_requests()["02-privilege-stapusr"], MAX)
+        summary = parse_job(captured_requests()["02-privilege-stapusr"], MAX)
         self.assertEqual(summary.release, RELEASE)
         self.assertEqual(summary.privilege, Privilege.STAPUSR)
         self.assertFalse(summary.wants_mok)
         self.assertTrue(needs_signature(summary))
-        plain = summarize_request(request("-p4"), MAX)
+        plain = parse_job(request("-p4"), MAX)
         self.assertEqual(plain.privilege, Privilege.STAPDEV)
         self.assertFalse(needs_signature(plain))
         for argument, privilege in (("--privilege=stapsys", Privilege.STAPSYS),
                                     ("--unprivileged", Privilege.STAPUSR),
                                     ("--privilege=stapdev", Privilege.STAPDEV)):
-            self.assertEqual(summarize_request(request(argument), MAX).privilege, privilege)
+            self.assertEqual(parse_job(request(argument), MAX).privilege, privilege)
         moks = make_zip([("argv1", b"-p4", 0o100644),
                          ("sysinfo", b"sysinfo: r x86_64", 0o100644),
                          ("mok_fingerprints", b"ab:cd\n", 0o100644)])
-        self.assertTrue(summarize_request(moks, MAX).wants_mok)
+        self.assertTrue(parse_job(moks, MAX).wants_mok)
 
     def test_missing_sysinfo_has_no_release(self) -> None:
         body = make_zip([("argv1", b"-p4", 0o100644)])
-        self.assertIsNone(summarize_request(body, MAX).release)
+        self.assertIsNone(parse_job(body, MAX).release)
 
     def test_refused_archives_are_refused_here_too(self) -> None:
         with self.assertRaises(RequestRejected):
-            summarize_request(b"PK\x03\x04garbage", MAX)
+            parse_job(b"PK\x03\x04garbage", MAX)
         with self.assertRaises(RequestRejected):
-            summarize_request(request("-p4", "-e" + "x" * 200), 100)
+            parse_job(request("-p4", "-e" + "x" * 200), 100)
         with self.assertRaises(RequestRejected):
-            summarize_request(make_zip([("../evil", b"x", 0o100644)]), MAX)
+            parse_job(make_zip([("../evil", b"x", 0o100644)]), MAX)
 
 
 class FakeClock:
@@ -235,7 +229,7 @@ class KeyMakerTests(TestCase):
         (self.build / "include" / "generated" / "utsrelease.h").write_text('"r1"\n')
         self.rc = self.root / "rc"
         self.environ = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", "HOME": "/home/x"}
-        self.summary = summarize_request(request("-p4", release="r1"), MAX)
+        self.summary = parse_job(request("-p4", release="r1"), MAX)
 
     def maker(self, **changes: object) -> KeyMaker:
         settings: dict[str, object] = dict(
@@ -244,7 +238,7 @@ class KeyMakerTests(TestCase):
         settings.update(changes)
         return KeyMaker(**settings)  # type: ignore[arg-type]
 
-    def key(self, maker: KeyMaker | None = None, summary: RequestSummary | None = None,
+    def key(self, maker: KeyMaker | None = None, summary: Job | None = None,
             release: str = "r1", options: tuple[str, ...] = ("stap", "-R/x"),
             runtime: str | None = None, signers: tuple[bytes, ...] = ()) -> str:
         return (maker or self.maker()).key(summary or self.summary, release, options,
@@ -269,7 +263,7 @@ class KeyMakerTests(TestCase):
         from stapsrv.cache.key import Uncacheable
         target = self.root / "probed"
         target.write_bytes(b"v1")
-        summary = summarize_request(request("-p4", "-e", f'probe process("{target}").begin {{}}',
+        summary = parse_job(request("-p4", "-e", f'probe process("{target}").begin {{}}',
                                             release="r1"), MAX)
         self.assertEqual(summary.named_paths, (str(target),))
         maker = self.maker()
@@ -280,7 +274,7 @@ class KeyMakerTests(TestCase):
         huge.mkdir()
         for number in range(2001):
             (huge / str(number)).touch()
-        summary = summarize_request(request("-p4", "-I", str(huge), "-e", "x", release="r1"), MAX)
+        summary = parse_job(request("-p4", "-I", str(huge), "-e", "x", release="r1"), MAX)
         self.assertRaises(Uncacheable, self.key, maker, summary)
 
     def test_key_is_stable_and_hex(self) -> None:
@@ -290,7 +284,7 @@ class KeyMakerTests(TestCase):
         self.assertEqual(self.key(self.maker()), key, "a new server agrees")
 
     def test_request_changes_the_key(self) -> None:
-        other = summarize_request(request("-p3", release="r1"), MAX)
+        other = parse_job(request("-p3", release="r1"), MAX)
         self.assertNotEqual(self.key(summary=other), self.key())
 
     def test_release_changes_the_key(self) -> None:

@@ -23,8 +23,7 @@ from stapsrv.cache.store import (
     encode_entry,
 )
 from stapsrv.compile.handler import RequestContext
-from tests.helpers.archives import make_zip
-from tests.helpers.archives import RELEASE, request
+from tests.helpers.archives import RELEASE, make_zip, request
 from tests.helpers.handlers import KEY_A, KEY_B, CachedHandlerCase, Events, HandlerCase
 from tests.helpers.vectors import members
 

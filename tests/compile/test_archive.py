@@ -15,8 +15,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from stapsrv.compile.archive import RequestRejected, build_response, extract_request
-from stapsrv.core.members import read_arguments
+from stapsrv.compile.archive import RequestRejected, build_response, read_arguments
+from stapsrv.compile.job import extract_request
 from tests.helpers.archives import make_zip
 from tests.helpers.strategies import fixed
 from tests.helpers.vectors import captured_requests, members

@@ -15,8 +15,7 @@ from stapsrv.compile.handler import RequestContext
 from stapsrv.config.values import TranslatorLimits
 from stapsrv.core.cmdline import ServerOption
 from tests.helpers import test_identity
-from tests.helpers.archives import make_zip
-from tests.helpers.archives import RELEASE, request
+from tests.helpers.archives import RELEASE, make_zip, request
 from tests.helpers.handlers import HandlerCase, alive
 from tests.helpers.vectors import captured_requests
 

@@ -4,15 +4,14 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from stapsrv.compile.archive import extract_request
-from stapsrv.core.members import (
-    filter_locale,
+from stapsrv.compile.archive import (
     read_arguments,
     read_client_version,
     read_locale,
     read_target_release,
-    version_key,
 )
+from stapsrv.compile.job import extract_request
+from stapsrv.core.members import filter_locale, version_key
 from tests.helpers.vectors import captured_requests
 
 
