@@ -12,6 +12,7 @@ from typing import cast
 
 from twisted.internet.interfaces import (
     IReactorCore,
+    IReactorFromThreads,
     IReactorProcess,
     IReactorTCP,
     IReactorThreads,
@@ -20,8 +21,12 @@ from twisted.internet.interfaces import (
 )
 
 
-class IServerReactor(IReactorCore, IReactorTCP, IReactorUNIX, IReactorTime, IReactorProcess,
-                     IReactorThreads):
+class IHandlerReactor(IReactorTime, IReactorProcess, IReactorFromThreads):
+    """What a request handler asks of its reactor: timers, the translator
+    process, and answers from its thread pool."""
+
+
+class IServerReactor(IHandlerReactor, IReactorCore, IReactorTCP, IReactorUNIX, IReactorThreads):
     """What a compile server asks of its reactor: listening, the system bus,
     timers, child processes and threads.  Every reactor twistd offers on Linux has it all."""
 

@@ -36,7 +36,7 @@ class CountersFileService(Service):
         self._loop: LoopingCall | None = None
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -64,7 +64,7 @@ class CountersFileService(Service):
         self._written = text
 
     def stopService(self) -> None:
-        super().stopService()
+        Service.stopService(self)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self.write()

@@ -83,7 +83,7 @@ class LogFileService(Service):
         self._stream = open(self.path, "a", encoding="utf-8", errors="replace")
         self._observer = CtimeLogObserver(self._stream, self.namespaces)
         self._publisher.addObserver(self._observer)
-        super().startService()
+        Service.startService(self)
 
     def reopen(self) -> None:
         """Start a new file at the same path (after logrotate moved the old one)."""
@@ -102,7 +102,7 @@ class LogFileService(Service):
         _log.info("Reopened the log file {path}", path=self.path)
 
     def stopService(self) -> None:
-        super().stopService()
+        Service.stopService(self)
         if self._observer is not None:
             self._publisher.removeObserver(self._observer)
             self._observer = None
@@ -131,10 +131,10 @@ class ReopenOnSighup(Service):
 
     def startService(self) -> None:
         self._previous = signal.signal(signal.SIGHUP, self._handler)
-        super().startService()
+        Service.startService(self)
 
     def stopService(self) -> None:
-        super().stopService()
+        Service.stopService(self)
         if signal.getsignal(signal.SIGHUP) == self._handler:
             # None: the handler was not set from Python; the default it is.
             previous = signal.SIG_DFL if self._previous is None else self._previous

@@ -121,7 +121,8 @@ class NullPublisher:
 def _system_bus(reactor: IServerReactor) -> Callable[[], Deferred[Any]]:
     def connect() -> Deferred[Any]:
         # txdbus is untyped: its connection is Any here.
-        return client.connect(reactor, "system")  # type: ignore[no-any-return]
+        connection: Deferred[Any] = client.connect(reactor, "system")
+        return connection
     return connect
 
 
@@ -309,17 +310,19 @@ class AvahiPublisher:
                 body: list[Any] | None = None) -> Deferred[Any]:
         if self._connection is None:
             raise _Abandoned(method)
-        return self._connection.callRemote(
+        answer: Deferred[Any] = self._connection.callRemote(
             "/", method, interface=SERVER_INTERFACE, destination=AVAHI,
             signature=signature, body=body)
+        return answer
 
     def _entry_group(self, path: str, method: str, signature: str | None = None,
                      body: list[Any] | None = None) -> Deferred[Any]:
         if self._connection is None:
             raise _Abandoned(method)
-        return self._connection.callRemote(
+        answer: Deferred[Any] = self._connection.callRemote(
             path, method, interface=GROUP_INTERFACE, destination=AVAHI,
             signature=signature, body=body)
+        return answer
 
     async def _register_when_running(self) -> None:
         if self._connection is None:
@@ -437,11 +440,11 @@ class PublisherService(Service):
         self.records = records
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self.publisher.publish(self.records())
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        Service.stopService(self)
         return self.publisher.withdraw()
 
 

@@ -10,11 +10,11 @@ again, or it is cut off.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -50,6 +50,13 @@ class CompileServerProtocol(Protocol):
     def log(self) -> Logger:
         return self.factory.log
 
+    @property
+    def connection(self) -> ITCPTransport:
+        """The connected transport: TLS over TCP (``ITransport`` is all
+        ``Protocol`` promises; ours can also be aborted)."""
+        assert self.transport is not None
+        return cast(ITCPTransport, self.transport)
+
     def __init__(self) -> None:
         self._reader: RequestReader | None = None
         self._context: RequestContext | None = None
@@ -81,11 +88,11 @@ class CompileServerProtocol(Protocol):
         """Shutdown ran out of patience: stop this request and disconnect."""
         if self._context is not None:
             self._context.abandon()
-        self.transport.abortConnection()
+        self.connection.abortConnection()
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
-        self.peer = describe_peer(self.transport.getPeer())
+        self.peer = describe_peer(self.connection.getPeer())
         self._reader = RequestReader(self.factory.handler.config.max_compressed_request)
         self.log.info("Accepted connection from {peer}", peer=self.peer)
         self._arm_deadline("Timed out waiting for the request from {peer}")
@@ -105,7 +112,7 @@ class CompileServerProtocol(Protocol):
     def _expired(self, message: str) -> None:
         self._deadline = None
         self.log.info(message, peer=self.peer)
-        self.transport.abortConnection()
+        self.connection.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         assert self._reader is not None
@@ -115,17 +122,17 @@ class CompileServerProtocol(Protocol):
 
     def _dispatch(self, event: RequestEvent) -> None:
         if isinstance(event, CertificateProbe):
-            self.transport.loseConnection()
+            self.connection.loseConnection()
         elif isinstance(event, RequestTooLarge):
             self.log.info("Error size of (compressed) request file is too large "
                           "({size} bytes; the limit is {limit})",
                           size=event.size, limit=event.limit)
             if event.drained:
-                self.transport.write(refusal_archive(
+                self.connection.write(refusal_archive(
                     f"Server: The request is {event.size} bytes compressed; this server "
                     f"accepts at most {event.limit} bytes (its --max-compressed-request).",
                     PROTOCOL_VERSION))
-            self.transport.loseConnection()
+            self.connection.loseConnection()
         elif isinstance(event, RequestTruncated):
             self.log.info("Expected {expected} bytes, got {received} while reading "
                           "client request from socket",
@@ -143,20 +150,20 @@ class CompileServerProtocol(Protocol):
         if self._closed:
             return
         if response is not None:
-            self.transport.write(response)
+            self.connection.write(response)
             self.log.info("Request from {peer} complete", peer=self.peer)
             # A client that will not read its answer must not pin it here.
             self._arm_deadline("Timed out sending the answer to {peer}")
-        self.transport.loseConnection()
+        self.connection.loseConnection()
 
     def _failed(self, failure: Failure) -> None:
         self._work = None
         self.log.failure("Error processing client request from {peer}", failure,
                          peer=self.peer)
         if not self._closed:
-            self.transport.loseConnection()
+            self.connection.loseConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         if self._reader is not None:
             event = self._reader.connection_lost()
@@ -171,7 +178,7 @@ class CompileServerProtocol(Protocol):
             waiter.callback(None)
 
 
-class CompileServerFactory(Factory):
+class CompileServerFactory(Factory[CompileServerProtocol]):
     """Builds connection protocols sharing one handler."""
 
     protocol = CompileServerProtocol
@@ -211,7 +218,7 @@ class CompileServerFactory(Factory):
         busy = [connection for connection in self.connections if connection.busy]
         for connection in list(self.connections):
             if not connection.busy:
-                connection.transport.loseConnection()
+                connection.connection.loseConnection()
         if not busy:
             return
         self.log.info("Waiting for {count} outstanding requests to complete...",

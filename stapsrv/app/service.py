@@ -12,6 +12,7 @@ import resource
 
 from attrs import evolve
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
@@ -83,7 +84,9 @@ class CompileServerService(Service):
     @property
     def port_number(self) -> int:
         assert self.port is not None
-        return self.port.getHost().port
+        address = self.port.getHost()
+        assert isinstance(address, (IPv4Address, IPv6Address))
+        return address.port
 
     def startService(self) -> None:
         try:
@@ -115,8 +118,10 @@ class CompileServerService(Service):
         self.factory = CompileServerFactory(handler, self.reactor)
         tls_factory = TLSMemoryBIOFactory(
             server_context_factory(self.identity), False, self.factory)
-        self.port = self.reactor.listenTCP(config.port, tls_factory, backlog=50,
-                                           interface=config.listen)
+        self.port = self.reactor.listenTCP(
+            config.port,
+            tls_factory,  # type: ignore[arg-type]  # Twisted types TLS factories as client ones
+            backlog=50, interface=config.listen)
         self._pool.start()
         self.log.info("Using network address [{address}]:{port}",
                       address=config.listen, port=self.port_number)
@@ -124,7 +129,7 @@ class CompileServerService(Service):
             self.log.info("Using a maximum of {count} threads", count=config.max_threads)
         else:
             self.log.info("Concurrency disabled")
-        super().startService()
+        Service.startService(self)
         self._trust_self()
 
     def _make_cache(self) -> tuple[ResponseCache | None, KeyMaker | None]:
@@ -178,12 +183,14 @@ class CompileServerService(Service):
             error=failure.getErrorMessage()))
 
     def stopService(self) -> Deferred[None] | None:
-        super().stopService()
+        Service.stopService(self)
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
         if self.port is not None:
-            await self.port.stopListening()
+            stopped = self.port.stopListening()
+            if stopped is not None:
+                await stopped
             self.port = None
         if self.factory is not None:
             await self.factory.drain(self.reactor, SHUTDOWN_GRACE)

@@ -27,7 +27,7 @@ class CleanExitOnSignal(Service):
         self._reactor = reactor
 
     def stopService(self) -> None:
-        super().stopService()
+        Service.stopService(self)
         number = getattr(self._reactor, "_exitSignal", None)
         if number in _CLEAN:
             self.log.info("Received signal {number}, exiting", number=int(number))

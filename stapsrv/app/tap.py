@@ -110,7 +110,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        usage.Options.__init__(self)
         self["releases"] = []
         self["server_options"] = []
         self["arch"] = None

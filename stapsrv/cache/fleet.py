@@ -102,6 +102,7 @@ class RedisCache:
         self._worked()
         if entry is None:
             return None
+        assert isinstance(entry, bytes)  # the client does not decode responses
         try:
             return decode_entry(key, entry)
         except CorruptEntry as exc:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from attrs import define, evolve
 
@@ -207,8 +207,9 @@ class Manager:
         targets = [self._target(words) for words in self.invocation.specs]
         distributed = self.invocation.distributed
         for index, target in enumerate(targets):
-            changes = {_DISTRIBUTED_FIELDS[name]: values[index] for name, values in distributed.items()
-                       if index < len(values)}
+            changes: dict[str, Any] = {  # string fields, named at run time
+                _DISTRIBUTED_FIELDS[name]: values[index]
+                for name, values in distributed.items() if index < len(values)}
             if changes:
                 target.settings = evolve(target.settings, **changes)
         return targets
@@ -216,7 +217,8 @@ class Manager:
     def default_server(self) -> ServerSettings:
         settings = self.base()
         distributed = self.invocation.distributed
-        changes = {_DISTRIBUTED_FIELDS[name]: values[0] for name, values in distributed.items() if values}
+        changes: dict[str, Any] = {  # string fields, named at run time
+            _DISTRIBUTED_FIELDS[name]: values[0] for name, values in distributed.items() if values}
         return evolve(settings, **changes)
 
     def _target(self, words: SpecWords) -> Target:
@@ -429,12 +431,12 @@ class Manager:
                 self.say("FAILED")
                 rc = 1
                 continue
-            pid = target.pid if target.pid is not None else self.running_match(target.settings)
-            if pid is None:
+            running = target.pid if target.pid is not None else self.running_match(target.settings)
+            if running is None:
                 self.say(f"Stopping stap-server {render(target.settings)}\n")
                 self.say("OK")
                 continue
-            rc |= self.stop_one(pid, self._recorded(pid, target.settings))
+            rc |= self.stop_one(running, self._recorded(running, target.settings))
         return rc
 
     def _recorded(self, pid: int, fallback: ServerSettings) -> ServerSettings:
@@ -460,12 +462,12 @@ class Manager:
                 self.say(f"No configuration found for the nickname '{target.unknown_nickname}'\n")
                 rc = 3
                 continue
-            pid = target.pid if target.pid is not None else self.running_match(target.settings)
-            if pid is None:
+            running = target.pid if target.pid is not None else self.running_match(target.settings)
+            if running is None:
                 self.say(f"stap-server {render(target.settings)} is not running\n")
                 rc = 3
                 continue
-            rc = self._status_line(pid, self._recorded(pid, target.settings)) or rc
+            rc = self._status_line(running, self._recorded(running, target.settings)) or rc
         return rc
 
     def _status_line(self, pid: int, settings: ServerSettings) -> int:

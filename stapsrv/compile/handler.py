@@ -24,7 +24,6 @@ from typing import TypeVar
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, DeferredSemaphore
-from twisted.internet.interfaces import IReactorFromThreads, IReactorProcess, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -42,6 +41,7 @@ from stapsrv.core.counters import Counters
 from stapsrv.identity import mok
 from stapsrv.identity.certs import ServerIdentity
 from stapsrv.paths import build_tree, home_directory
+from stapsrv.reactor import IHandlerReactor
 
 T = TypeVar("T")
 
@@ -83,7 +83,7 @@ def _signal_message(number: int, config: ServerConfig) -> str:
         name = f"signal {number}"
     message = f"Server: The translator was ended by {name}."
     limits = config.limits
-    reasons = {signal.SIGXCPU: ("cpu_seconds", "its CPU time limit (--cpu-limit)"),
+    reasons: dict[int, tuple[str, str]] = {signal.SIGXCPU: ("cpu_seconds", "its CPU time limit (--cpu-limit)"),
                signal.SIGXFSZ: ("file_size", "its file size limit (--file-size-limit)")}
     if number in reasons and getattr(limits, reasons[number][0]) is not None:
         message += f" It went past {reasons[number][1]}."
@@ -113,11 +113,6 @@ def repeated_answer_member(name: str) -> bool:
     if "/" in inner or inner.startswith("."):
         return False
     return inner.endswith((".ko", ".ko.sgn", "_src.c"))
-
-
-class HandlerReactor(IReactorTime, IReactorProcess, IReactorFromThreads):
-    """What a handler asks of its reactor: timers, the translator process,
-    and answers from its thread pool."""
 
 
 @define(eq=False)
@@ -178,7 +173,7 @@ Preparation = Prepared | Refused
 @define(eq=False)
 class RequestHandler:
     config: ServerConfig
-    reactor: HandlerReactor
+    reactor: IHandlerReactor
     pool: ThreadPool
     identity: Callable[[], ServerIdentity]
     runtimes: Mapping[str, str] = field(factory=dict)

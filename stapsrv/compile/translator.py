@@ -20,12 +20,13 @@ from pathlib import Path
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from stapsrv.config.values import TranslatorLimits
+from stapsrv.reactor import IHandlerReactor
 
 SETPRIV = "/usr/bin/setpriv"
 PRLIMIT = "/usr/bin/prlimit"
@@ -142,7 +143,7 @@ def check_exec_size(command: Sequence[str], env: Mapping[str, str]) -> None:
 
 
 def start_translator(
-    reactor: IReactorProcess,
+    reactor: IHandlerReactor,
     argv: Sequence[str],
     env: Mapping[str, str],
     cwd: Path,
@@ -171,4 +172,5 @@ def start_translator(
     finally:
         for fd in (stdin_fd, stdout_fd, stderr_fd):
             os.close(fd)
-    return TranslatorRun(reactor, process.pid, protocol)  # type: ignore[arg-type]
+    assert process.pid is not None  # just started
+    return TranslatorRun(reactor, process.pid, protocol)

@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from attrs import evolve
+
 from stapsrv.cache.fleet import url_problem
 from stapsrv.config.files import GlobalConfig, ServerSettings, configured_settings
 from stapsrv.config.values import (
@@ -107,8 +109,7 @@ def server_config(
         problem = url_problem(fleet_cache)
         if problem is not None:
             raise FleetCacheError(problem)
-    threads = {} if max_threads is None else {"max_threads": max_threads}
-    return ServerConfig(
+    config = ServerConfig(
         releases=tuple(served),
         ssl_dir=(Path(ssl) if ssl else default_server_ssl_dir()).absolute(),
         server_options=tuple(server_options),
@@ -130,8 +131,9 @@ def server_config(
         cache_size=cache_size << 20,
         fleet_cache=fleet_cache or None,
         counters_file=_absolute(counters_file),
-        **threads,
     )
+    # Without a value, the default (the number of CPUs) stands.
+    return config if max_threads is None else evolve(config, max_threads=max_threads)
 
 
 # --- from the variables of a configuration file ---------------------------------

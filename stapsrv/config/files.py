@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from attrs import evolve, frozen
 
@@ -98,18 +99,21 @@ def read_global(files: Iterable[Path], environ: dict[str, str]) -> GlobalConfig:
     """Built-in defaults, ``STAP_USER`` from the environment, then each
     existing file in turn; an empty value leaves a variable unchanged."""
     config = GlobalConfig(stap_user=environ.get("STAP_USER") or None)
-    fields = {"CONFIG_PATH": "config_path", "STAT_PATH": "stat_path",
-              "LOG_FILE": "log_file", "STAP_USER": "stap_user"}
     for path in files:
         if not path.is_file():
             continue
         for assignment in read(path, GLOBAL_VARIABLES):
-            if not assignment.value:
+            name, value = assignment.name, assignment.value
+            if not value:
                 continue
-            value: object = assignment.value
-            if assignment.name != "STAP_USER":
-                value = Path(assignment.value)
-            config = evolve(config, **{fields[assignment.name]: value})
+            if name == "CONFIG_PATH":
+                config = evolve(config, config_path=Path(value))
+            elif name == "STAT_PATH":
+                config = evolve(config, stat_path=Path(value))
+            elif name == "LOG_FILE":
+                config = evolve(config, log_file=Path(value))
+            else:
+                config = evolve(config, stap_user=value)
     return config
 
 
@@ -155,7 +159,8 @@ _FIELDS |= {"ARCH": "arch", "USER": "user", "BUILD": "builds", "INCLUDE": "inclu
 def settings_from(assignments: Iterable[Assignment]) -> ServerSettings:
     """Apply assignments: ``X=`` or ``X=()`` empties a list, ``X=V`` makes it
     ``[V]``, ``X+=V`` appends (nothing for an empty value or ``()``)."""
-    values: dict[str, object] = {}
+    # Field names chosen at run time: the values are str or tuple[str, ...].
+    values: dict[str, Any] = {}
     for assignment in assignments:
         field = _FIELDS[assignment.name]
         value = assignment.value
@@ -168,7 +173,7 @@ def settings_from(assignments: Iterable[Assignment]) -> ServerSettings:
                 values[field] = (current + (value,)) if assignment.append else (value,)
         else:
             values[field] = value
-    return ServerSettings(**values)  # type: ignore[arg-type]
+    return ServerSettings(**values)
 
 
 def read_server_file(path: Path) -> ServerSettings:
