@@ -128,10 +128,7 @@ class CompileServerProtocol(Protocol):
                           "({size} bytes; the limit is {limit})",
                           size=event.size, limit=event.limit)
             if event.drained:
-                self.connection.write(refusal_archive(
-                    f"Server: The request is {event.size} bytes compressed; this server "
-                    f"accepts at most {event.limit} bytes (its --max-compressed-request).",
-                    PROTOCOL_VERSION))
+                self.connection.write(refusal_archive(event.client_message, PROTOCOL_VERSION))
             self.connection.loseConnection()
         elif isinstance(event, RequestTruncated):
             self.log.info("Expected {expected} bytes, got {received} while reading "

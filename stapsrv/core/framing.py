@@ -34,6 +34,12 @@ class RequestTooLarge:
     limit: int
     drained: bool = False
 
+    @property
+    def client_message(self) -> str:
+        """Why the client is refused, for its stderr."""
+        return (f"Server: The request is {self.size} bytes compressed; this server "
+                f"accepts at most {self.limit} bytes (its --max-compressed-request).")
+
 
 @frozen
 class RequestReceived:
