@@ -65,7 +65,8 @@ def installed_releases(modules: Path = MODULES) -> list[str]:
     """Releases with a kernel build tree, oldest first."""
     def key(release: str) -> list[object]:
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", release)]
-    found = [p.name for p in modules.glob("*") if (build_tree(p.name, modules) / "Makefile").exists()]
+    found = [path.name for path in modules.glob("*")
+             if (build_tree(path.name, modules) / "Makefile").exists()]
     return sorted(found, key=key)
 
 

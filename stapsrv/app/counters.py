@@ -1,8 +1,9 @@
 """The service that writes the request counters for ``stap-server status``.
 
 The counters file holds one line (:mod:`stapsrv.core.counters`).  The
-server opens it once and rewrites it in place through that descriptor, so the manager may rename the file after the
-start (to ``STAT_PATH/<pid>.counters``) and still read fresh values.
+server opens it once and rewrites it in place through that descriptor, so
+the manager may rename the file after the start (to
+``STAT_PATH/<pid>.counters``) and still read fresh values.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The fleet cache: answers shared by many servers through Redis.
 
-Entries use the same self-checking format as the disk cache (``cache``),
+Entries use the same self-checking format as the disk cache (``store``),
 under ``stapsrv:answer:<key>`` with an expiry; size is Redis's business
 (run it with ``maxmemory`` and ``maxmemory-policy allkeys-lru``).  Redis
 calls are blocking (redis-py) and run in the reactor's thread pool, never

@@ -83,8 +83,9 @@ def _signal_message(number: int, config: ServerConfig) -> str:
         name = f"signal {number}"
     message = f"Server: The translator was ended by {name}."
     limits = config.limits
-    reasons: dict[int, tuple[str, str]] = {signal.SIGXCPU: ("cpu_seconds", "its CPU time limit (--cpu-limit)"),
-               signal.SIGXFSZ: ("file_size", "its file size limit (--file-size-limit)")}
+    reasons: dict[int, tuple[str, str]] = {
+        signal.SIGXCPU: ("cpu_seconds", "its CPU time limit (--cpu-limit)"),
+        signal.SIGXFSZ: ("file_size", "its file size limit (--file-size-limit)")}
     if number in reasons and getattr(limits, reasons[number][0]) is not None:
         message += f" It went past {reasons[number][1]}."
     elif number == signal.SIGKILL and limits.cpu_seconds is not None:

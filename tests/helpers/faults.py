@@ -1,4 +1,5 @@
-"""Servers under watch for the fault tests: their processes, their leftovers, and whether they still serve."""
+"""Servers under watch for the fault tests: their processes, their
+leftovers, and whether they still serve."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Test cases with the real stap client against stapsrv servers run as the test user."""
+"""Test cases with the real stap client against stapsrv servers run as
+the test user."""
 
 from __future__ import annotations
 
