@@ -36,7 +36,10 @@ venv:
 serve: setup
 	@bash tools/serve.sh $(VENV) $(SERVER_USER) $(PORT)
 
+# The type check (mypy --strict, configured in setup.cfg) comes first: a
+# failing one fails the run.
 test: setup
+	@$(VENV)/bin/mypy
 	@STAPSRV_TEST_USER=$(SERVER_USER) $(VENV)/bin/python tests/run.py $(TESTS)
 
 install-system: system-packages
@@ -46,4 +49,4 @@ uninstall-system:
 	@bash tools/install-system.sh uninstall $(if $(PURGE),--purge)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info _trial_temp
+	rm -rf $(VENV) build dist *.egg-info _trial_temp .mypy_cache

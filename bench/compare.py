@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.helpers import header_release  # noqa: E402
-from tests.realserver import (  # noqa: E402
+from tests.helpers.realserver import (  # noqa: E402
     STAP,
     Client,
     ServerProcess,
