@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pwd
 import resource
+from collections.abc import Mapping
 
 from attrs import evolve
 from twisted.application.service import Service
@@ -26,7 +27,13 @@ from stapsrv.cache.fleet import RedisCache
 from stapsrv.cache.key import KeyMaker
 from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
 from stapsrv.compile.handler import RequestHandler
-from stapsrv.compile.runtime import select_runtime
+from stapsrv.compile.runtime import default_cache_root, select_runtime
+from stapsrv.compile.sandbox import (
+    Sandbox,
+    SandboxUnavailable,
+    StapconfStore,
+    server_sandbox,
+)
 from stapsrv.config.values import ServerConfig
 from stapsrv.core.counters import Counters
 from stapsrv.identity.certs import ServerIdentity, server_context_factory
@@ -91,7 +98,7 @@ class CompileServerService(Service):
     def startService(self) -> None:
         try:
             self._start()
-        except RootRefused as exc:
+        except (RootRefused, SandboxUnavailable) as exc:
             self.log.error("{message}", message=str(exc))
             raise
         except CannotListenError as exc:
@@ -113,8 +120,10 @@ class CompileServerService(Service):
                                 name="stapsrv-requests")
         raise_open_file_limit()
         cache, keys = self._make_cache()
+        sandbox, stapconf = self._make_sandbox(runtimes)
         handler = RequestHandler(config, self.reactor, self._pool, self._current_identity,
-                                 runtimes, cache=cache, keys=keys, counters=self.counters)
+                                 runtimes, cache=cache, keys=keys, counters=self.counters,
+                                 sandbox=sandbox, stapconf=stapconf)
         self.factory = CompileServerFactory(handler, self.reactor)
         tls_factory = TLSMemoryBIOFactory(
             server_context_factory(self.identity), False, self.factory)
@@ -131,6 +140,29 @@ class CompileServerService(Service):
             self.log.info("Concurrency disabled")
         Service.startService(self)
         self._trust_self()
+
+    def _make_sandbox(self, runtimes: Mapping[str, str]
+                      ) -> tuple[Sandbox | None, StapconfStore | None]:
+        """The translators' sandbox, checked to work here; refuses to start
+        when it cannot run, unless the admin accepted that (--no-sandbox)."""
+        if not self.config.sandbox:
+            self.log.warn("Translator sandbox disabled (--no-sandbox): compiles can read "
+                          "everything this server's user can, as with stap-serverd 4.8")
+            return None, None
+        sandbox = server_sandbox(self.config, os.environ, runtimes)
+        try:
+            sandbox.check()
+        except SandboxUnavailable as exc:
+            raise SandboxUnavailable(
+                f"The translator sandbox cannot run here: {exc}.  It needs bubblewrap "
+                "(Debian package bubblewrap) and unprivileged user namespaces.  To run "
+                "without it, as stap-serverd 4.8 does (every client's compile can then read "
+                "all that this server's user can, its private key included), start with "
+                "--no-sandbox.") from exc
+        stapconf = StapconfStore(
+            (self.config.runtime_cache or default_cache_root()) / "stapconf")
+        self.log.info("Translators run in a bubblewrap sandbox ({bwrap})", bwrap=sandbox.bwrap)
+        return sandbox, stapconf
 
     def _make_cache(self) -> tuple[ResponseCache | None, KeyMaker | None]:
         config = self.config

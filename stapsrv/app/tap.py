@@ -107,6 +107,8 @@ class Options(usage.Options):
         ["keep", "k", "Keep each request's temporary directory."],
         ["no-avahi", None, "Do not advertise the server over Avahi (mDNS)."],
         ["no-cache", None, "Compile every request, even one answered before."],
+        ["no-sandbox", None, "Run translators without the bubblewrap sandbox, as 4.8 does: "
+         "every client's compile can then read what the server's user can."],
     ]
 
     def __init__(self) -> None:
@@ -178,6 +180,7 @@ class Options(usage.Options):
                 compile_timeout=self["compile-timeout"], cpu_limit=self["cpu-limit"],
                 memory_limit=self["memory-limit"], file_size_limit=self["file-size-limit"],
                 process_limit=self["process-limit"], cache=not self["no-cache"],
+                sandbox=not self["no-sandbox"],
                 cache_dir=self["cache-dir"], cache_size=self["cache-size"],
                 fleet_cache=self["fleet-cache"], counters_file=self["counters-file"])
         except FleetCacheError as exc:

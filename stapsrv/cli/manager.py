@@ -26,6 +26,9 @@ from stapsrv.config.files import (
     DEBIAN_GLOBAL_FILE,
     DEFAULT_GLOBAL_FILE,
     EXTENSIONS,
+    SWITCH_NO,
+    SWITCH_YES,
+    SWITCHES,
     ConfigError,
     GlobalConfig,
     ServerSettings,
@@ -58,11 +61,12 @@ Options:
 \t--max-threads n\t: requests a server processes at once.
 \t--max-request-size n\t: largest uncompressed request, in bytes.
 \t--max-compressed-request n\t: largest request archive, in bytes.
+\t--sandbox yes|no\t: run translators in the bubblewrap sandbox (default yes).
 
 All options may be repeated.  -a, -r, -I, -R, -B, -D, -u and -i describe the
 server named by the -n or -p before them (or the one server of the command
-line); --log, --port, --ssl, the --max-* options and the timeout, limit and
-cache options are handed to the named servers in order; servers beyond their count get the default log
+line); --log, --port, --ssl, the --max-* options, --sandbox and the timeout,
+limit and cache options are handed to the named servers in order; servers beyond their count get the default log
 (LOG_FILE), a free port, ~/.systemtap/ssl/server and the built-in limits.
 
 With no server named, 'start' starts every server configured in
@@ -127,11 +131,11 @@ def daemon_arguments(settings: ServerSettings, keep: bool) -> list[str]:
             args += [flag, value]
     for _, field, option in EXTENSIONS:
         value = getattr(s, field)
-        if option == "cache":
-            if value.lower() in ("no", "off", "0", "false"):
-                args.append("--no-cache")
-            elif value.lower() not in ("", "yes", "on", "1", "true"):
-                raise LaunchFailed(f"CACHE={value} (--cache) is not yes or no")
+        if option in SWITCHES:
+            if value.lower() in SWITCH_NO:
+                args.append(f"--no-{option}")
+            elif value.lower() not in SWITCH_YES:
+                raise LaunchFailed(f"{option.upper()}={value} (--{option}) is not yes or no")
         elif value:
             args += [f"--{option}", value]
     if keep:

@@ -33,14 +33,20 @@ from stapsrv.cache.key import KeyMaker, Uncacheable
 from stapsrv.cache.store import ResponseCache
 from stapsrv.compile.archive import RequestRejected, build_response, refusal_archive
 from stapsrv.compile.job import Job, needs_signature, parse_job, write_request
+from stapsrv.compile.sandbox import (
+    WARM_UP_SCRIPT,
+    Sandbox,
+    StapconfStore,
+    translator_environment,
+)
 from stapsrv.compile.signing import sign_module_file, signature_digest
 from stapsrv.compile.translator import TranslatorRun, start_translator
 from stapsrv.config.values import ServerConfig
-from stapsrv.core.cmdline import Privilege, ServerOption, translator_argv
+from stapsrv.core.cmdline import Privilege, ServerOption, guru_mode, translator_argv
 from stapsrv.core.counters import Counters
 from stapsrv.identity import mok
 from stapsrv.identity.certs import ServerIdentity
-from stapsrv.paths import build_tree, home_directory
+from stapsrv.paths import build_tree, home_directory, systemtap_dir
 from stapsrv.reactor import IHandlerReactor
 
 T = TypeVar("T")
@@ -145,6 +151,8 @@ class Prepared:
     argv: list[str]
     env: dict[str, str]
     client_moks: tuple[str, ...]
+    #: bwrap's words before the translator's (empty without a sandbox).
+    sandbox: tuple[str, ...] = ()
 
     @property
     def request_dir(self) -> Path:
@@ -182,7 +190,15 @@ class RequestHandler:
     cache: ResponseCache | None = None
     keys: KeyMaker | None = None
     counters: Counters = field(factory=Counters)
+    #: The translator's sandbox and the stapconf headers it shares; None
+    #: with ``--no-sandbox``.
+    sandbox: Sandbox | None = None
+    stapconf: StapconfStore | None = None
     log: Logger = field(init=False)
+    #: Warm-up compiles per (release, guru mode): the clients waiting for
+    #: one, or True once it is done.
+    _warmups: dict[tuple[str, bool], list[Deferred[None]] | bool] = field(
+        init=False, factory=dict)
     _flights: dict[str, list[Deferred[bytes | None]]] = field(init=False, factory=dict)
     _running: set[TranslatorRun] = field(init=False, factory=set)
     #: Bounds the requests that go to the translator (``--max-threads``);
@@ -269,6 +285,8 @@ class RequestHandler:
         runtime = self.config.runtime or self.runtimes.get(release)
         options = [self.config.stap] + [
             option.flag + (option.value or "") for option in self._server_options(release)]
+        # What a translator can read differs with and without the sandbox.
+        options.append("sandbox" if self.sandbox is not None else "no sandbox")
         signers: list[bytes] = []
         if needs_signature(job):
             signers.append(self.identity().certificate_der)
@@ -369,8 +387,7 @@ class RequestHandler:
                 f"Server: It serves: {', '.join(self.config.releases)}."))
             return Refused("Target kernel version {release} is not supported by this server",
                            release)
-        env = dict(self.environ)
-        env["TMPDIR"] = str(scratch)
+        env = self._translator_environment(scratch)
         client_moks: tuple[str, ...] = ()
         if job.speaks_locale:
             env.update(job.locale.variables)
@@ -384,7 +401,22 @@ class RequestHandler:
         module_dir.mkdir(mode=0o700)
         argv = translator_argv(self.config.stap, release, self._server_options(release),
                                str(module_dir), job.arguments)
-        return Prepared(scratch, release, argv, env, client_moks)
+        return Prepared(scratch, release, argv, env, client_moks, self._sandbox_words(scratch))
+
+    def _translator_environment(self, scratch: Path) -> dict[str, str]:
+        env = (dict(self.environ) if self.sandbox is None
+               else translator_environment(self.environ))
+        env["TMPDIR"] = str(scratch)
+        return env
+
+    def _sandbox_words(self, scratch: Path) -> tuple[str, ...]:
+        """Make the sandbox's private directories in ``scratch`` (blocking)
+        and return bwrap's words; nothing without a sandbox."""
+        if self.sandbox is None:
+            return ()
+        assert self.stapconf is not None
+        self.sandbox.prepare(scratch, systemtap_dir(self.environ) / "rc", self.stapconf)
+        return tuple(self.sandbox.words(scratch))
 
     def _server_options(self, release: str) -> list[ServerOption]:
         options = list(self.config.server_options)
@@ -401,11 +433,16 @@ class RequestHandler:
         """The translator's exit status, or None when there is no answer."""
         if context.abandoned:
             return None
+        if self.sandbox is not None:
+            await self._stapconf_ready(prepared.release, guru_mode(prepared.argv[1:]))
+            if context.abandoned:
+                return None
         response_dir = prepared.response_dir
         try:
             run = start_translator(
                 self.reactor, prepared.argv, prepared.env, prepared.request_dir,
-                response_dir / "stdout", response_dir / "stderr", self.config.limits)
+                response_dir / "stdout", response_dir / "stderr", self.config.limits,
+                prepared.sandbox)
         except OSError as exc:
             if _is_disk_full(exc):
                 raise
@@ -427,6 +464,65 @@ class RequestHandler:
         if context.abandoned:
             return None
         return status
+
+    async def _stapconf_ready(self, release: str, guru: bool) -> None:
+        """Once per release and guru mode, before the first request's
+        translator: the server's own compile of a fixed script makes the
+        kernel configuration header that every sandbox then starts with."""
+        key = (release, guru)
+        state = self._warmups.get(key)
+        if state is True:
+            return
+        if isinstance(state, list):
+            waiter: Deferred[None] = Deferred()
+            state.append(waiter)
+            await waiter
+            return
+        waiting: list[Deferred[None]] = []
+        self._warmups[key] = waiting
+        try:
+            await self._warm_up(release, guru)
+        finally:
+            self._warmups[key] = True
+            for waiter in waiting:
+                waiter.callback(None)
+
+    async def _warm_up(self, release: str, guru: bool) -> None:
+        assert self.sandbox is not None and self.stapconf is not None
+        started = self.reactor.seconds()
+        scratch = await self._in_thread(_make_scratch, self.config.tmpdir)
+        try:
+            module_dir = scratch / "response" / MODULE_DIR
+            module_dir.mkdir(mode=0o700)
+            words = await self._in_thread(self._sandbox_words, scratch)
+            argv = translator_argv(
+                self.config.stap, release, self._server_options(release), str(module_dir),
+                ["-p4", "-e", WARM_UP_SCRIPT, *(["-g"] if guru else [])])
+            run = start_translator(
+                self.reactor, argv, self._translator_environment(scratch), scratch / "request",
+                scratch / "response" / "stdout", scratch / "response" / "stderr",
+                self.config.limits, words)
+            self._running.add(run)
+            try:
+                status = await run.result
+            finally:
+                self._running.discard(run)
+            if status != 0:
+                self.log.warn("The warm-up compile for kernel {release} failed (rc {rc}); "
+                              "each request makes its own kernel configuration header",
+                              release=release, rc=status)
+                return
+            _, private = self.sandbox.private_dirs(scratch)
+            added = await self._in_thread(self.stapconf.collect, private)
+            self.log.info("Kernel configuration header for {release}{guru} ready in "
+                          "{seconds:.1f} s ({added} new)", release=release,
+                          guru=" (guru mode)" if guru else "", added=added,
+                          seconds=self.reactor.seconds() - started)
+        except Exception:
+            self.log.failure("The warm-up compile for kernel {release} could not run",
+                             release=release)
+        finally:
+            await self._in_thread(shutil.rmtree, scratch, True)
 
     def _expire(self, context: RequestContext) -> None:
         self.log.info("The translator for {peer} ran past the compile timeout "

@@ -7,7 +7,10 @@ util-linux programs, each of which execs the next in the same process:
 ``setpriv --pdeathsig TERM`` (the translator gets SIGTERM if the server
 dies), ``prlimit`` (the configured resource limits, soft and hard, inherited
 by make, gcc and ld) and ``setsid`` (a process group of its own, so that a
-kill reaches make and the compilers too).
+kill reaches make and the compilers too), then, unless the server runs
+without one, the sandbox (:mod:`stapsrv.compile.sandbox`): ``bwrap`` stays
+in that process group and dies with it, and its PID namespace ends every
+process of the compile when the translator exits.
 """
 
 from __future__ import annotations
@@ -150,10 +153,12 @@ def start_translator(
     stdout_path: Path,
     stderr_path: Path,
     limits: TranslatorLimits = TranslatorLimits(),
+    sandbox: Sequence[str] = (),
 ) -> TranslatorRun:
-    """Start ``argv`` with output to the given files (stderr appended to).
-    Raises ``OSError`` when it cannot be started."""
-    command = launcher(limits) + list(argv)
+    """Start ``argv`` with output to the given files (stderr appended to),
+    inside ``sandbox`` (bwrap's words up to ``--``, when given).  Raises
+    ``OSError`` when it cannot be started."""
+    command = launcher(limits) + list(sandbox) + list(argv)
     check_exec_size(command, env)
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     stdin_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)

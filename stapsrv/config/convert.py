@@ -16,7 +16,13 @@ from pathlib import Path
 from attrs import evolve
 
 from stapsrv.cache.fleet import url_problem
-from stapsrv.config.files import GlobalConfig, ServerSettings, configured_settings
+from stapsrv.config.files import (
+    SWITCH_NO,
+    SWITCH_YES,
+    GlobalConfig,
+    ServerSettings,
+    configured_settings,
+)
 from stapsrv.config.values import (
     DEFAULT_CACHE_SIZE,
     DEFAULT_COMPILE_TIMEOUT,
@@ -87,6 +93,7 @@ def server_config(
     file_size_limit: int | None = None,
     process_limit: int | None = None,
     cache: bool = True,
+    sandbox: bool = True,
     cache_dir: str | None = None,
     cache_size: int = DEFAULT_CACHE_MIB,
     fleet_cache: str | None = None,
@@ -127,6 +134,7 @@ def server_config(
         limits=TranslatorLimits(cpu_seconds=cpu_limit, address_space=_mebibytes(memory_limit),
                                 file_size=_mebibytes(file_size_limit), processes=process_limit),
         cache_enabled=cache,
+        sandbox=sandbox,
         cache_dir=_absolute(cache_dir),
         cache_size=cache_size << 20,
         fleet_cache=fleet_cache or None,
@@ -152,9 +160,11 @@ def _given(value: int | None, default: int) -> int:
     return default if value is None else value
 
 
-#: The values that mean "no" and "yes" for ``CACHE``.
-_NO = ("no", "off", "0", "false")
-_YES = ("", "yes", "on", "1", "true")
+def _switch(value: str, name: str) -> bool:
+    """A yes/no variable (empty: yes)."""
+    if value.lower() not in SWITCH_NO + SWITCH_YES:
+        raise SettingsError(f"{name}={value} is not yes or no")
+    return value.lower() not in SWITCH_NO
 
 
 def settings_config(settings: ServerSettings, global_config: GlobalConfig,
@@ -170,8 +180,6 @@ def settings_config(settings: ServerSettings, global_config: GlobalConfig,
     port = _given(_number(s.port, "PORT", 0), 0)
     if port > 65535:
         raise SettingsError(f"PORT={s.port} is not a port number")
-    if s.cache.lower() not in _NO + _YES:
-        raise SettingsError(f"CACHE={s.cache} is not yes or no")
     try:
         return server_config(
             releases=s.releases, server_options=options, arch=s.arch, runtime=s.runtime,
@@ -191,7 +199,8 @@ def settings_config(settings: ServerSettings, global_config: GlobalConfig,
             memory_limit=_number(s.memory_limit, "MEMORY_LIMIT", 1),
             file_size_limit=_number(s.file_size_limit, "FILE_SIZE_LIMIT", 1),
             process_limit=_number(s.process_limit, "PROCESS_LIMIT", 1),
-            cache=s.cache.lower() not in _NO, cache_dir=s.cache_dir,
+            cache=_switch(s.cache, "CACHE"), sandbox=_switch(s.sandbox, "SANDBOX"),
+            cache_dir=s.cache_dir,
             cache_size=_given(_number(s.cache_size, "CACHE_SIZE", 1), DEFAULT_CACHE_MIB),
             fleet_cache=s.fleet_cache)
     except FleetCacheError as exc:

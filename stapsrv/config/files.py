@@ -30,7 +30,13 @@ EXTENSIONS = (
     ("CACHE_DIR", "cache_dir", "cache-dir"),
     ("CACHE_SIZE", "cache_size", "cache-size"),
     ("FLEET_CACHE", "fleet_cache", "fleet-cache"),
+    ("SANDBOX", "sandbox", "sandbox"),
 )
+#: Of those, the yes/no switches (``no`` becomes the daemon's ``--no-...``).
+SWITCHES = ("cache", "sandbox")
+#: The values that mean "no" and "yes" for a switch.
+SWITCH_NO = ("no", "off", "0", "false")
+SWITCH_YES = ("", "yes", "on", "1", "true")
 SCALAR_VARIABLES = ("ARCH", "USER", "NICKNAME", "RUNTIME", "LOG", "PORT", "SSL",
                     "MAXTHREADS", "MAXREQSIZE", "MAXCOMPRESSEDREQ",
                     *(name for name, _, _ in EXTENSIONS))
@@ -146,6 +152,7 @@ class ServerSettings:
     cache_dir: str = ""
     cache_size: str = ""
     fleet_cache: str = ""
+    sandbox: str = ""
 
 
 _FIELDS = {name: field for name, field, _ in EXTENSIONS}

@@ -103,6 +103,9 @@ class ServerConfig:
     fleet_cache: str | None = None
     #: Where the server keeps its request counters for ``stap-server status``.
     counters_file: Path | None = None
+    #: Every translator runs in a bubblewrap sandbox (``--no-sandbox``: as
+    #: 4.8, with everything the server user can read).
+    sandbox: bool = True
 
     @property
     def response_cache_dir(self) -> Path:

@@ -193,6 +193,11 @@ def requested_privilege(argv: Sequence[str]) -> PrivilegeResult:
     return PrivilegeResult(Privilege.STAPDEV)
 
 
+def guru_mode(argv: Sequence[str]) -> bool:
+    """Whether a translator command line asks for guru mode (``-g``)."""
+    return any(option.name == "g" for option in scan_options(argv))
+
+
 def without_sign_module(arguments: Sequence[str]) -> list[str]:
     """Client arguments minus any ``--sign-module`` (only the server may sign)."""
     drop: set[int] = set()

@@ -26,7 +26,8 @@ class ConvertTests(TestCase):
             f"RELEASE=6.1.0-56-amd64\nARCH=x86_64\nINCLUDE=/t\nDEFINE=A=1\nPORT=4711\n"
             f"SSL={self.base / 'ssl'}\nLOG={self.base / 'log'}\nMAXTHREADS=3\n"
             f"MAXREQSIZE=10\nMAXCOMPRESSEDREQ=20\nREQUEST_TIMEOUT=5\nCOMPILE_TIMEOUT=60\n"
-            f"CPU_LIMIT=30\nMEMORY_LIMIT=1024\nCACHE=no\nCACHE_DIR=/c\nCACHE_SIZE=10\n")
+            f"CPU_LIMIT=30\nMEMORY_LIMIT=1024\nCACHE=no\nCACHE_DIR=/c\nCACHE_SIZE=10\n"
+            f"SANDBOX=off\n")
         from_file = settings_config(read_server_file(conf), GlobalConfig())
         options = tap.Options()
         options.parseOptions([
@@ -34,8 +35,22 @@ class ConvertTests(TestCase):
             "--port", "4711", "--ssl", str(self.base / "ssl"), "--log", str(self.base / "log"),
             "--max-threads", "3", "--max-request-size", "10", "--max-compressed-request", "20",
             "--request-timeout", "5", "--compile-timeout", "60", "--cpu-limit", "30",
-            "--memory-limit", "1024", "--no-cache", "--cache-dir", "/c", "--cache-size", "10"])
+            "--memory-limit", "1024", "--no-cache", "--cache-dir", "/c", "--cache-size", "10",
+            "--no-sandbox"])
         self.assertEqual(options.to_config(), from_file)
+        self.assertFalse(from_file.sandbox)
+
+    def test_sandbox_is_on_unless_switched_off(self) -> None:
+        self.assertTrue(server_config().sandbox)
+        conf = self.base / "a.conf"
+        for value, expected in (("", True), ("yes", True), ("NO", False), ("0", False)):
+            conf.write_text(f"SANDBOX={value}\n")
+            self.assertEqual(settings_config(read_server_file(conf), GlobalConfig()).sandbox,
+                             expected, value)
+        conf.write_text("SANDBOX=maybe\n")
+        with self.assertRaises(SettingsError) as caught:
+            settings_config(read_server_file(conf), GlobalConfig())
+        self.assertEqual(str(caught.exception), "SANDBOX=maybe is not yes or no")
 
     def test_defaults(self) -> None:
         config = server_config()
