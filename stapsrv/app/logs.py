@@ -15,7 +15,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Union
 
-from twisted.application.service import Service
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import (
     ILogObserver,
@@ -139,3 +140,29 @@ class ReopenOnSighup(Service):
             # None: the handler was not set from Python; the default it is.
             previous = signal.SIG_DFL if self._previous is None else self._previous
             signal.signal(signal.SIGHUP, previous)
+
+
+class LoggedTree(MultiService):
+    """A service tree whose log services stop only once everything else
+    has: ``MultiService`` stops all its children at once, and a server's
+    last lines (the requests it lets finish) must still reach its file.
+    The other children stop at once, as in ``MultiService``."""
+
+    def __init__(self) -> None:
+        MultiService.__init__(self)
+        self._last: list[IService] = []
+
+    def add_log(self, service: LogFileService | ReopenOnSighup) -> None:
+        """Add ``service`` as a child that stops after the others."""
+        Service.setServiceParent(service, self)
+        self._last.append(service)
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        others = [service for service in reversed(list(self)) if service not in self._last]
+        await DeferredList([maybeDeferred(service.stopService) for service in others])
+        for service in reversed(self._last):
+            await maybeDeferred(service.stopService)

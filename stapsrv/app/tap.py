@@ -10,11 +10,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.python import usage
 
 from stapsrv.app.counters import CountersFileService
-from stapsrv.app.logs import LogFileService, ReopenOnSighup
+from stapsrv.app.logs import LogFileService, LoggedTree, ReopenOnSighup
 from stapsrv.app.publish import publisher_service
 from stapsrv.app.service import CompileServerService
 from stapsrv.app.shutdown import CleanExitOnSignal
@@ -197,7 +197,7 @@ def _configured_service(options: Options, reactor: IServerReactor) -> IService:
                    for name, server in configured_servers(global_config)]
     except (ConfigError, SettingsError) as exc:
         raise usage.UsageError(str(exc)) from None
-    top = MultiService()
+    top = LoggedTree()
     by_log: dict[Path, set[str]] = {}
     for config in servers:
         assert config.log_file is not None
@@ -205,16 +205,16 @@ def _configured_service(options: Options, reactor: IServerReactor) -> IService:
     logs = []
     for path, namespaces in by_log.items():
         log_service = LogFileService(path, namespaces=frozenset(namespaces))
-        log_service.setServiceParent(top)
+        top.add_log(log_service)
         logs.append(log_service)
-    ReopenOnSighup(logs, reactor).setServiceParent(top)
+    top.add_log(ReopenOnSighup(logs, reactor))
     for config in servers:
         _add_server(top, config, reactor, publish=not options["no-avahi"])
     CleanExitOnSignal(reactor).setServiceParent(top)  # stopped first
     return top
 
 
-def _add_server(top: MultiService, config: ServerConfig, reactor: IServerReactor,
+def _add_server(top: LoggedTree, config: ServerConfig, reactor: IServerReactor,
                 publish: bool) -> None:
     """The server, then its publisher: started after the listener (so the
     port is known) and stopped before it."""
@@ -234,11 +234,11 @@ def makeService(options: Options, reactor: IServerReactor | None = None) -> ISer
     if options["config"]:
         return _configured_service(options, reactor)
     config = options.to_config()
-    top = MultiService()
+    top = LoggedTree()
     if config.log_file is not None:
         log_service = LogFileService(config.log_file)
-        log_service.setServiceParent(top)
-        ReopenOnSighup([log_service], reactor).setServiceParent(top)
+        top.add_log(log_service)
+        top.add_log(ReopenOnSighup([log_service], reactor))
     _add_server(top, config, reactor, publish=not options["no-avahi"])
     CleanExitOnSignal(reactor).setServiceParent(top)  # stopped first
     return top

@@ -9,11 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogPublisher, Logger
 from twisted.trial.unittest import TestCase
 
-from stapsrv.app.logs import LogFileService, ReopenOnSighup
+from stapsrv.app.logs import LogFileService, LoggedTree, ReopenOnSighup
 
 
 class ImmediateReactor(Clock):
@@ -93,3 +95,41 @@ class ReopenOnSighupTests(TestCase):
         self.assertEqual(calls, [])
         reopen.stopService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), previous)
+
+
+class DrainingServer(Service):
+    """Logs one line when it stops, once the test lets its drain end."""
+
+    def __init__(self, log: Logger) -> None:
+        self.log = log
+        self.drained: Deferred[None] = Deferred()
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+
+        def finished(_: None) -> None:
+            self.log.info("Waiting for 1 outstanding requests to complete...")
+        return self.drained.addCallback(finished)
+
+
+class LoggedTreeTests(TestCase):
+    def test_the_log_outlives_the_servers_stop(self) -> None:
+        path = Path(self.mktemp())
+        publisher = LogPublisher()
+        log = Logger(namespace="stapsrv", observer=publisher)
+        tree = LoggedTree()
+        log_service = LogFileService(path, publisher)
+        tree.add_log(log_service)
+        tree.add_log(ReopenOnSighup([log_service], ImmediateReactor()))
+        server = DrainingServer(log)
+        server.setServiceParent(tree)
+        self.assertIs(list(tree)[0], log_service, "started first")
+        tree.startService()
+        stopped = tree.stopService()
+        self.assertNoResult(stopped)
+        self.assertTrue(log_service.running, "the log waits for the server")
+        server.drained.callback(None)
+        self.successResultOf(stopped)
+        self.assertFalse(log_service.running)
+        self.assertIn("Waiting for 1 outstanding requests to complete...", path.read_text())
+

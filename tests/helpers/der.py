@@ -7,6 +7,7 @@ import struct
 from collections.abc import Iterator
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.hazmat.primitives.hashes import SHA512
@@ -55,3 +56,7 @@ def verify_appended_signature(module: bytes, certificate: x509.Certificate) -> b
     signature = [value for value in octets if len(value) == size][-1]
     public_key.verify(signature, content, PKCS1v15(), SHA512())
     return content
+def public_der(key: rsa.RSAPrivateKey) -> bytes:
+    """The DER SubjectPublicKeyInfo of ``key``'s public half."""
+    return key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
