@@ -31,11 +31,17 @@ from stapsrv.core.framing import (
 )
 
 
-def describe_peer(address: IAddress) -> str:
-    host = getattr(address, "host", "?")
-    port = getattr(address, "port", "?")
+def peer_host(address: IAddress) -> str:
+    """The client's address (an IPv4 client of an IPv6 socket as IPv4)."""
+    host = str(getattr(address, "host", "?"))
     if host.startswith("::ffff:") and "." in host:
         host = host[len("::ffff:"):]
+    return host
+
+
+def describe_peer(address: IAddress) -> str:
+    host = peer_host(address)
+    port = getattr(address, "port", "?")
     if ":" in host:
         return f"[{host}]:{port}"
     return f"{host}:{port}"
@@ -64,6 +70,8 @@ class CompileServerProtocol(Protocol):
         self._work: Deferred[Any] | None = None
         self._deadline: IDelayedCall | None = None
         self._close_waiters: list[Deferred[None]] = []
+        #: The peer is not in the --allow list: its request gets the refusal.
+        self._refusal: str | None = None
 
     def when_closed(self) -> Deferred[None]:
         """A new Deferred that fires once the connection is gone."""
@@ -95,6 +103,11 @@ class CompileServerProtocol(Protocol):
         self.peer = describe_peer(self.connection.getPeer())
         self._reader = RequestReader(self.factory.handler.config.max_compressed_request)
         self.log.info("Accepted connection from {peer}", peer=self.peer)
+        policy = self.factory.handler.policy
+        host = peer_host(self.connection.getPeer())
+        if not policy.admits(host):
+            self._refusal = policy.peer_refusal(host)
+            self.log.info("Refusing {peer}: not in the --allow list", peer=self.peer)
         self._arm_deadline("Timed out waiting for the request from {peer}")
 
     def _arm_deadline(self, message: str) -> None:
@@ -134,6 +147,10 @@ class CompileServerProtocol(Protocol):
             self.log.info("Expected {expected} bytes, got {received} while reading "
                           "client request from socket",
                           expected=event.expected, received=event.received)
+        elif isinstance(event, RequestReceived) and self._refusal is not None:
+            self._disarm_deadline()
+            self.connection.write(refusal_archive(self._refusal, PROTOCOL_VERSION))
+            self.connection.loseConnection()
         elif isinstance(event, RequestReceived):
             self._disarm_deadline()
             self.factory.log_load()

@@ -102,6 +102,8 @@ class Options(usage.Options):
          "servers (in front of it stays the local cache)."],
         ["counters-file", None, None, "Keep the request counters (for stap-server status) "
          "in this file."],
+        ["privileges", None, None, "Privilege levels to compile for, separated by commas "
+         "(default: stapusr,stapsys,stapdev)."],
     ]
     optFlags = [
         ["keep", "k", "Keep each request's temporary directory."],
@@ -109,6 +111,7 @@ class Options(usage.Options):
         ["no-cache", None, "Compile every request, even one answered before."],
         ["no-sandbox", None, "Run translators without the bubblewrap sandbox, as 4.8 does: "
          "every client's compile can then read what the server's user can."],
+        ["refuse-guru", None, "Refuse guru mode (-g) requests."],
     ]
 
     def __init__(self) -> None:
@@ -117,6 +120,12 @@ class Options(usage.Options):
         self["server_options"] = []
         self["arch"] = None
         self["runtime"] = None
+        self["allow"] = []
+
+    def opt_allow(self, networks: str) -> None:
+        """Only clients at these addresses or CIDR networks (separated by
+        commas or blanks) may use the server; repeatable (default: all)."""
+        self["allow"].append(networks)
 
     def opt_r(self, release: str) -> None:
         """Kernel release (or build tree) to build for; repeatable."""
@@ -180,7 +189,8 @@ class Options(usage.Options):
                 compile_timeout=self["compile-timeout"], cpu_limit=self["cpu-limit"],
                 memory_limit=self["memory-limit"], file_size_limit=self["file-size-limit"],
                 process_limit=self["process-limit"], cache=not self["no-cache"],
-                sandbox=not self["no-sandbox"],
+                sandbox=not self["no-sandbox"], allow=self["allow"],
+                refuse_guru=bool(self["refuse-guru"]), privileges=self["privileges"],
                 cache_dir=self["cache-dir"], cache_size=self["cache-size"],
                 fleet_cache=self["fleet-cache"], counters_file=self["counters-file"])
         except FleetCacheError as exc:

@@ -26,6 +26,7 @@ from stapsrv.config.files import (
     DEBIAN_GLOBAL_FILE,
     DEFAULT_GLOBAL_FILE,
     EXTENSIONS,
+    FLAGS,
     SWITCH_NO,
     SWITCH_YES,
     SWITCHES,
@@ -62,11 +63,15 @@ Options:
 \t--max-request-size n\t: largest uncompressed request, in bytes.
 \t--max-compressed-request n\t: largest request archive, in bytes.
 \t--sandbox yes|no\t: run translators in the bubblewrap sandbox (default yes).
+\t--allow networks\t: only these addresses or CIDR networks may use a server.
+\t--refuse-guru yes|no\t: refuse guru mode (-g) requests (default no).
+\t--privileges list\t: privilege levels compiled for (default stapusr,stapsys,stapdev).
 
 All options may be repeated.  -a, -r, -I, -R, -B, -D, -u and -i describe the
 server named by the -n or -p before them (or the one server of the command
-line); --log, --port, --ssl, the --max-* options, --sandbox and the timeout,
-limit and cache options are handed to the named servers in order; servers beyond their count get the default log
+line); --log, --port, --ssl, the --max-* options, the policy options
+(--sandbox, --allow, --refuse-guru, --privileges) and the timeout, limit and
+cache options are handed to the named servers in order; servers beyond their count get the default log
 (LOG_FILE), a free port, ~/.systemtap/ssl/server and the built-in limits.
 
 With no server named, 'start' starts every server configured in
@@ -131,11 +136,14 @@ def daemon_arguments(settings: ServerSettings, keep: bool) -> list[str]:
             args += [flag, value]
     for _, field, option in EXTENSIONS:
         value = getattr(s, field)
-        if option in SWITCHES:
-            if value.lower() in SWITCH_NO:
+        if option in SWITCHES + FLAGS:
+            name = option.upper().replace("-", "_")
+            if value.lower() not in SWITCH_NO + SWITCH_YES:
+                raise LaunchFailed(f"{name}={value} (--{option}) is not yes or no")
+            if option in SWITCHES and value.lower() in SWITCH_NO:
                 args.append(f"--no-{option}")
-            elif value.lower() not in SWITCH_YES:
-                raise LaunchFailed(f"{option.upper()}={value} (--{option}) is not yes or no")
+            elif option in FLAGS and value and value.lower() in SWITCH_YES:
+                args.append(f"--{option}")
         elif value:
             args += [f"--{option}", value]
     if keep:

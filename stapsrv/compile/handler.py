@@ -33,6 +33,7 @@ from stapsrv.cache.key import KeyMaker, Uncacheable
 from stapsrv.cache.store import ResponseCache
 from stapsrv.compile.archive import RequestRejected, build_response, refusal_archive
 from stapsrv.compile.job import Job, needs_signature, parse_job, write_request
+from stapsrv.compile.policy import Policy
 from stapsrv.compile.sandbox import (
     WARM_UP_SCRIPT,
     Sandbox,
@@ -195,6 +196,7 @@ class RequestHandler:
     sandbox: Sandbox | None = None
     stapconf: StapconfStore | None = None
     log: Logger = field(init=False)
+    policy: Policy = field(init=False)
     #: Warm-up compiles per (release, guru mode): the clients waiting for
     #: one, or True once it is done.
     _warmups: dict[tuple[str, bool], list[Deferred[None]] | bool] = field(
@@ -208,6 +210,8 @@ class RequestHandler:
     def __attrs_post_init__(self) -> None:
         self.log = Logger(namespace=self.config.log_namespace, source=self)
         self.gate = DeferredSemaphore(self.config.concurrency)
+        config = self.config
+        self.policy = Policy.from_values(config.allow, config.refuse_guru, config.privileges)
 
     def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, function, *args)
@@ -232,6 +236,12 @@ class RequestHandler:
             job = await self._in_thread(parse_job, body, self.config.max_request_size)
         except RequestRejected as exc:
             return self._rejected(exc)
+        # Before the cache: an answer made before the policy was set is refused too.
+        refusal = self.policy.request_refusal(job.arguments, job.privilege)
+        if refusal is not None:
+            self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
+                          reason=refusal)
+            return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False)
         key = await self._cache_key(job)
         if key is None or self.cache is None:
             return await self._compile(body, job, context)

@@ -33,7 +33,8 @@ from stapsrv.config.values import (
     TranslatorLimits,
     default_listen,
 )
-from stapsrv.core.cmdline import ServerOption
+from stapsrv.compile.policy import PolicyError, parse_networks, parse_privileges
+from stapsrv.core.cmdline import ALL_PRIVILEGES, ServerOption
 from stapsrv.paths import default_server_ssl_dir
 
 #: Defaults of the sizes counted in MiB, and of the timeouts, in whole units.
@@ -94,6 +95,9 @@ def server_config(
     process_limit: int | None = None,
     cache: bool = True,
     sandbox: bool = True,
+    allow: Iterable[str] = (),
+    refuse_guru: bool = False,
+    privileges: str | None = None,
     cache_dir: str | None = None,
     cache_size: int = DEFAULT_CACHE_MIB,
     fleet_cache: str | None = None,
@@ -112,6 +116,12 @@ def server_config(
         name = release_name(release)
         if name not in served:
             served.append(name)
+    try:
+        networks = tuple(str(network) for network in parse_networks(
+            word for value in allow for word in re.split(r"[\s,]+", value) if word))
+        levels = parse_privileges(privileges) if privileges else ALL_PRIVILEGES
+    except PolicyError as exc:
+        raise SettingsError(str(exc)) from None
     if fleet_cache:
         problem = url_problem(fleet_cache)
         if problem is not None:
@@ -135,6 +145,9 @@ def server_config(
                                 file_size=_mebibytes(file_size_limit), processes=process_limit),
         cache_enabled=cache,
         sandbox=sandbox,
+        allow=networks,
+        refuse_guru=refuse_guru,
+        privileges=levels,
         cache_dir=_absolute(cache_dir),
         cache_size=cache_size << 20,
         fleet_cache=fleet_cache or None,
@@ -160,11 +173,11 @@ def _given(value: int | None, default: int) -> int:
     return default if value is None else value
 
 
-def _switch(value: str, name: str) -> bool:
-    """A yes/no variable (empty: yes)."""
+def _switch(value: str, name: str, default: bool = True) -> bool:
+    """A yes/no variable (empty: ``default``)."""
     if value.lower() not in SWITCH_NO + SWITCH_YES:
         raise SettingsError(f"{name}={value} is not yes or no")
-    return value.lower() not in SWITCH_NO
+    return default if not value else value.lower() not in SWITCH_NO
 
 
 def settings_config(settings: ServerSettings, global_config: GlobalConfig,
@@ -200,6 +213,8 @@ def settings_config(settings: ServerSettings, global_config: GlobalConfig,
             file_size_limit=_number(s.file_size_limit, "FILE_SIZE_LIMIT", 1),
             process_limit=_number(s.process_limit, "PROCESS_LIMIT", 1),
             cache=_switch(s.cache, "CACHE"), sandbox=_switch(s.sandbox, "SANDBOX"),
+            allow=[s.allow], refuse_guru=_switch(s.refuse_guru, "REFUSE_GURU", default=False),
+            privileges=s.privileges or None,
             cache_dir=s.cache_dir,
             cache_size=_given(_number(s.cache_size, "CACHE_SIZE", 1), DEFAULT_CACHE_MIB),
             fleet_cache=s.fleet_cache)

@@ -31,9 +31,14 @@ EXTENSIONS = (
     ("CACHE_SIZE", "cache_size", "cache-size"),
     ("FLEET_CACHE", "fleet_cache", "fleet-cache"),
     ("SANDBOX", "sandbox", "sandbox"),
+    ("ALLOW", "allow", "allow"),
+    ("REFUSE_GURU", "refuse_guru", "refuse-guru"),
+    ("PRIVILEGES", "privileges", "privileges"),
 )
-#: Of those, the yes/no switches (``no`` becomes the daemon's ``--no-...``).
+#: Of those, the yes/no switches: ``no`` becomes the daemon's ``--no-...``
+#: for these, ``yes`` its ``--...`` flag for the others.
 SWITCHES = ("cache", "sandbox")
+FLAGS = ("refuse-guru",)
 #: The values that mean "no" and "yes" for a switch.
 SWITCH_NO = ("no", "off", "0", "false")
 SWITCH_YES = ("", "yes", "on", "1", "true")
@@ -153,6 +158,9 @@ class ServerSettings:
     cache_size: str = ""
     fleet_cache: str = ""
     sandbox: str = ""
+    allow: str = ""
+    refuse_guru: str = ""
+    privileges: str = ""
 
 
 _FIELDS = {name: field for name, field, _ in EXTENSIONS}

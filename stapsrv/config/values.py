@@ -8,7 +8,7 @@ from pathlib import Path
 
 from attrs import field, frozen
 
-from stapsrv.core.cmdline import ServerOption
+from stapsrv.core.cmdline import ALL_PRIVILEGES, ServerOption
 from stapsrv.paths import default_mok_store, systemtap_dir
 
 #: 4.8's request limits, in bytes.
@@ -106,6 +106,11 @@ class ServerConfig:
     #: Every translator runs in a bubblewrap sandbox (``--no-sandbox``: as
     #: 4.8, with everything the server user can read).
     sandbox: bool = True
+    #: Client policy: the networks that may connect (none given: all),
+    #: whether guru mode is refused, the privilege levels compiled for.
+    allow: tuple[str, ...] = ()
+    refuse_guru: bool = False
+    privileges: tuple[str, ...] = ALL_PRIVILEGES
 
     @property
     def response_cache_dir(self) -> Path:

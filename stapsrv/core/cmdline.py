@@ -165,8 +165,10 @@ class Privilege(enum.IntEnum):
     STAPDEV = 8
 
 
-_PRIVILEGE_NAMES = {"stapusr": Privilege.STAPUSR, "stapsys": Privilege.STAPSYS,
-                    "stapdev": Privilege.STAPDEV}
+PRIVILEGE_NAMES = {"stapusr": Privilege.STAPUSR, "stapsys": Privilege.STAPSYS,
+                   "stapdev": Privilege.STAPDEV}
+#: Every level, least privileged first.
+ALL_PRIVILEGES = tuple(PRIVILEGE_NAMES)
 
 
 @frozen
@@ -184,7 +186,7 @@ def requested_privilege(argv: Sequence[str]) -> PrivilegeResult:
     for option in scan_options(argv):
         if option.name == "privilege":
             value = option.value or ""
-            known = _PRIVILEGE_NAMES.get(value)
+            known = PRIVILEGE_NAMES.get(value)
             if known is None:
                 return PrivilegeResult(Privilege.STAPDEV, value)
             return PrivilegeResult(known)

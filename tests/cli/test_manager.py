@@ -266,19 +266,23 @@ class ManagerTests(TestCase):
             "-B", "V=1", "-R", str(runtime), "-k", "--ssl", str(self.sandbox.ssl),
             "--max-threads", "3", "--max-request-size", "60000",
             "--max-compressed-request", "6000", "--port", "0", "--compile-timeout", "600",
-            "--cpu-limit", "120", "--cache", "no", "--sandbox", "no")
+            "--cpu-limit", "120", "--cache", "no", "--sandbox", "no",
+            "--allow", "127.0.0.0/8", "--refuse-guru", "yes", "--privileges", "stapusr,stapdev")
         self.assertEqual(code, 0, err)
         self.assertIn(f'-a "x86_64" -r "6.1.0-56-amd64" -R "{runtime}" -D "A=1" -I "/opt/taps" '
                       f'-B "V=1" -u "{self.user}" --log "{self.sandbox.log}" --port "0" '
                       f'--ssl "{self.sandbox.ssl}" --max-threads "3" --max-request-size "60000" '
                       '--max-compressed-request "6000" --compile-timeout "600" '
-                      '--cpu-limit "120" --cache "no" --sandbox "no"', out)
+                      '--cpu-limit "120" --cache "no" --sandbox "no" --allow "127.0.0.0/8" '
+                      '--refuse-guru "yes" --privileges "stapusr,stapdev"', out)
         [pid] = self.sandbox.pids()
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         for word in (b"-I", b"/opt/taps", b"-D", b"A=1", b"-B", b"V=1", b"-R", b"-k",
                      b"--max-threads", b"3", b"--max-request-size", b"60000",
                      b"--max-compressed-request", b"6000", b"--compile-timeout", b"600",
-                     b"--cpu-limit", b"120", b"--no-cache", b"--no-sandbox"):
+                     b"--cpu-limit", b"120", b"--no-cache", b"--no-sandbox",
+                     b"--allow", b"127.0.0.0/8", b"--refuse-guru", b"--privileges",
+                     b"stapusr,stapdev"):
             self.assertIn(word, argv)
         self.assertIn("Response cache disabled", self.sandbox.log.read_text())
         self.assertIn("Translator sandbox disabled (--no-sandbox)", self.sandbox.log.read_text())
