@@ -140,6 +140,7 @@ class CompileServerService(Service):
             self.log.info("Concurrency disabled")
         Service.startService(self)
         self._trust_self()
+        handler.warm_up()
 
     def _make_sandbox(self, runtimes: Mapping[str, str]
                       ) -> tuple[Sandbox | None, StapconfStore | None]:

@@ -475,6 +475,24 @@ class RequestHandler:
             return None
         return status
 
+    def warm_up(self) -> None:
+        """In the background, make the kernel configuration header of every
+        served release that has a build tree, each in a translator slot, so
+        that the first requests need not wait for it."""
+        if self.sandbox is None:
+            return
+        for release in self.config.releases:
+            tree = Path(release) if release.startswith("/") else build_tree(release)
+            if (tree / "Makefile").exists():
+                Deferred.fromCoroutine(self._warm_up_in_a_slot(release))
+
+    async def _warm_up_in_a_slot(self, release: str) -> None:
+        await self.gate.acquire()
+        try:
+            await self._stapconf_ready(release, False)
+        finally:
+            self.gate.release()
+
     async def _stapconf_ready(self, release: str, guru: bool) -> None:
         """Once per release and guru mode, before the first request's
         translator: the server's own compile of a fixed script makes the

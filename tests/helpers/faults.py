@@ -190,9 +190,10 @@ class ProcessWatch:
                 and (proc.state != "Z" or proc.ppid == self.server_pid)]
 
     def translators(self) -> list[Proc]:
-        """The server's running ``stap`` children (each leads its own session)."""
+        """The server's running translators: its children that lead a session
+        of their own (``stap`` itself, or the ``bwrap`` of its sandbox)."""
         return [proc for proc in self.belonging()
-                if proc.ppid == self.server_pid and proc.comm == "stap"
+                if proc.ppid == self.server_pid and proc.comm in ("stap", "bwrap")
                 and proc.sid == proc.pid and proc.state != "Z"]
 
     def session(self, sid: int) -> list[Proc]:
@@ -210,6 +211,18 @@ class ProcessWatch:
                 os.kill(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def wait_for_warm_up(server: ServerProcess, release: str, timeout: float = 180.0) -> None:
+    """Block until a sandboxed server's start-up compile for ``release`` is
+    over, so that the translator a test watches is its request's own."""
+    done = re.compile(rf"(Kernel configuration header for {re.escape(release)} ready"
+                      rf"|The warm-up compile for kernel {re.escape(release)})")
+    deadline = time.monotonic() + timeout
+    while not done.search(server.log()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no warm-up compile ended within {timeout} s:\n{server.log()}")
+        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------------------
@@ -233,6 +246,8 @@ class FaultMixin(RealClientMixin):
         self.addCleanup(watch.end_leftovers)  # type: ignore[attr-defined]
         self.addCleanup(watch.stop)  # type: ignore[attr-defined]
         server.wait_for_port()
+        if "--no-sandbox" not in arguments:
+            wait_for_warm_up(server, self.release)
         return server
 
     def watch(self, server: ServerProcess) -> ProcessWatch:
