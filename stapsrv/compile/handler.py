@@ -39,6 +39,7 @@ from stapsrv.compile.sandbox import (
     Sandbox,
     StapconfStore,
     translator_environment,
+    warm_up_key,
 )
 from stapsrv.compile.signing import sign_module_file, signature_digest
 from stapsrv.compile.translator import TranslatorRun, start_translator
@@ -501,6 +502,14 @@ class RequestHandler:
         state = self._warmups.get(key)
         if state is True:
             return
+        if state is None and await self._in_thread(self._was_warmed, release, guru):
+            self._warmups[key] = True
+            self.log.info("Kernel configuration header for {release}{guru} ready "
+                          "(made before)", release=release, guru=" (guru mode)" if guru else "")
+            return
+        state = self._warmups.get(key)
+        if state is True:
+            return
         if isinstance(state, list):
             waiter: Deferred[None] = Deferred()
             state.append(waiter)
@@ -514,6 +523,16 @@ class RequestHandler:
             self._warmups[key] = True
             for waiter in waiting:
                 waiter.callback(None)
+
+    def _warm_up_key(self, release: str, guru: bool) -> str:
+        tree = Path(release) if release.startswith("/") else build_tree(release)
+        options = [option.flag + (option.value or "") for option in self._server_options(release)]
+        return warm_up_key(self.config.stap, tree, self.config.runtime or self.runtimes.get(release),
+                           guru, options)
+
+    def _was_warmed(self, release: str, guru: bool) -> bool:
+        assert self.stapconf is not None
+        return self.stapconf.warmed(self._warm_up_key(release, guru))
 
     async def _warm_up(self, release: str, guru: bool) -> None:
         assert self.sandbox is not None and self.stapconf is not None
@@ -542,6 +561,7 @@ class RequestHandler:
                 return
             _, private = self.sandbox.private_dirs(scratch)
             added = await self._in_thread(self.stapconf.collect, private)
+            await self._in_thread(self.stapconf.mark_warmed, self._warm_up_key(release, guru))
             self.log.info("Kernel configuration header for {release}{guru} ready in "
                           "{seconds:.1f} s ({added} new)", release=release,
                           guru=" (guru mode)" if guru else "", added=added,

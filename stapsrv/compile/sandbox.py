@@ -27,6 +27,8 @@ copied into each private cache.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -172,6 +174,28 @@ def _outside_usr(paths: Iterable[Path]) -> list[Path]:
     return sorted(found)
 
 
+def warm_up_key(stap: str, tree: Path, runtime: str | None, guru: bool,
+                server_options: Iterable[str]) -> str:
+    """A name for one warm-up's inputs, close to what the translator hashes
+    for its stapconf header (itself, the compiler, the kernel tree, the
+    runtime, guru mode, the build options).  Equal names mean the warm-up
+    was done; a header the translator then names otherwise is only missed
+    (each request makes its own, privately), never wrong."""
+    def identity(path: str | Path | None) -> list[object]:
+        if not path:
+            return [None]
+        try:
+            info = os.stat(path)
+        except OSError:
+            return [str(path), None]
+        return [os.path.realpath(path), info.st_size, info.st_mtime_ns]
+
+    parts = [identity(shutil.which(stap) or stap), identity(shutil.which("gcc")),
+             identity(tree), identity(tree / ".config"), identity(tree / "Makefile"),
+             identity(runtime), guru, sorted(server_options)]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
 class StapconfStore:
     """Kernel configuration headers (``stapconf_*.h``) made by the server's
     own warm-up compiles, shared read-only with every request.
@@ -182,6 +206,14 @@ class StapconfStore:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+
+    def warmed(self, key: str) -> bool:
+        return (self.directory / "warmed" / key).exists()
+
+    def mark_warmed(self, key: str) -> None:
+        marker = self.directory / "warmed" / key
+        marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        marker.touch()
 
     def seed(self, systemtap_dir: Path) -> None:
         """Copy every stored header into a private ``SYSTEMTAP_DIR``'s cache."""

@@ -200,6 +200,11 @@ class ProcessWatch:
         """The live processes of session ``sid``."""
         return [proc for proc in processes().values() if proc.sid == sid and proc.state != "Z"]
 
+    def forget(self) -> None:
+        """Start afresh: what ran before (the server's warm-up) is forgotten."""
+        with self._lock:
+            self.seen.clear()
+
     def ever_ran(self, name: str) -> bool:
         with self._lock:
             return any(proc.comm == name for proc in self.seen.values())
@@ -248,6 +253,7 @@ class FaultMixin(RealClientMixin):
         server.wait_for_port()
         if "--no-sandbox" not in arguments:
             wait_for_warm_up(server, self.release)
+            watch.forget()
         return server
 
     def watch(self, server: ServerProcess) -> ProcessWatch:

@@ -47,6 +47,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import header_release, require, require_program
+from tests.helpers.faults import wait_for_warm_up
 from tests.helpers.rawclient import (
     ANSWERED,
     CLOSED,
@@ -147,6 +148,8 @@ class _Suite:
                                         release=RELEASE,
                                         env={"SYSTEMTAP_DIR": str(systemtap_dir)})
             atexit.register(_stop_and_remove, self.server)
+            # Its start-up compile must not be seen as a case's scratch.
+            wait_for_warm_up(self.server, RELEASE)
             base = scratch_directory("hostile-client-")
             atexit.register(remove_tree, base)
             self.client = Client(base)

@@ -16,7 +16,7 @@ class PolicyTests(RealClientMixin, TestCase):
 
     async def test_guru_mode_and_privilege_levels(self) -> None:
         server = self.own_server("--refuse-guru", "--privileges", "stapusr,stapsys")
-        client, err, code = await self.compile(server, "-g", "--privilege=stapusr")
+        client, err, code = await self.compile(server, "-g")
         self.assertEqual(code, 1)
         self.assertIn("Server: This server does not compile guru mode (-g) scripts.", err)
         self.assertEqual(client.modules(), [])
