@@ -11,7 +11,8 @@ PORT ?= 0
 SHARED ?= ../shared
 STAP55_TARBALL ?= $(SHARED)/clients/systemtap-5.5-bookworm-amd64.tar.xz
 APT_PACKAGES := systemtap systemtap-client systemtap-server libnss3-tools \
-	dbus-daemon avahi-daemon avahi-utils redis-server python3-venv zip unzip util-linux passwd groff-base man-db
+	dbus-daemon avahi-daemon avahi-utils redis-server python3-venv zip unzip util-linux passwd groff-base man-db \
+	bubblewrap
 
 .PHONY: setup system-packages stap55 server-user venv serve test clean install-system uninstall-system
 
@@ -36,7 +37,10 @@ venv:
 serve: setup
 	@bash tools/serve.sh $(VENV) $(SERVER_USER) $(PORT)
 
+# The type check (mypy --strict, configured in setup.cfg) comes first: a
+# failing one fails the run.
 test: setup
+	@$(VENV)/bin/mypy
 	@STAPSRV_TEST_USER=$(SERVER_USER) $(VENV)/bin/python tests/run.py $(TESTS)
 
 install-system: system-packages
@@ -46,4 +50,4 @@ uninstall-system:
 	@bash tools/install-system.sh uninstall $(if $(PURGE),--purge)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info _trial_temp
+	rm -rf $(VENV) build dist *.egg-info _trial_temp .mypy_cache

@@ -68,7 +68,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.helpers import header_release  # noqa: E402
-from tests.realserver import (  # noqa: E402
+from tests.helpers.realserver import (  # noqa: E402
     CLIENT_55,
     STAP,
     STAP_SERVERD,

@@ -30,13 +30,13 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from twisted.internet.protocol import Factory, Protocol  # noqa: E402
 from twisted.protocols.tls import TLSMemoryBIOFactory  # noqa: E402
 
-from stapsrv.certs import CERT_FILE, KEY_FILE, ServerIdentity  # noqa: E402
-from stapsrv.framing import (  # noqa: E402
+from stapsrv.core.framing import (  # noqa: E402
     CertificateProbe,
     RequestReader,
     RequestReceived,
 )
-from stapsrv.tls import server_context_factory  # noqa: E402
+from stapsrv.identity.certs import ServerIdentity, server_context_factory  # noqa: E402
+from stapsrv.identity.store import CERT_FILE, KEY_FILE  # noqa: E402
 
 #: Same ceiling as stapsrv's default --max-compressed-request is irrelevant
 #: here: the bench only sends small requests.

@@ -2,6 +2,6 @@
 
 import sys
 
-from stapsrv.manager import main
+from stapsrv.cli.manager import main
 
 sys.exit(main())

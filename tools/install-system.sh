@@ -85,11 +85,11 @@ install_all() {
     # System-wide trust: local clients trust the server, staprun its signatures.
     local ssl="$HOME_DIR/.systemtap/ssl/server"
     setpriv --reuid="$USER_NAME" --regid="$USER_NAME" --init-groups env -i HOME="$HOME_DIR" \
-        PATH=/usr/bin:/bin LANG=C.UTF-8 "$PREFIX/bin/python" -m stapsrv.systemtrust identity "$ssl" >/dev/null
+        PATH=/usr/bin:/bin LANG=C.UTF-8 "$PREFIX/bin/python" -m stapsrv.cli.systemtrust identity "$ssl" >/dev/null
     for database in /etc/systemtap/ssl/client /etc/systemtap/staprun; do
         [ -e "$database/cert9.db" ] || remember "trust-database $database"
     done
-    "$PREFIX/bin/python" -m stapsrv.systemtrust trust "$ssl/stap.cert" \
+    "$PREFIX/bin/python" -m stapsrv.cli.systemtrust trust "$ssl/stap.cert" \
         /etc/systemtap/ssl/client /etc/systemtap/staprun >/dev/null
     file doc/stap-server.8 /usr/local/share/man/man8/stap-server.8 644
     file doc/cs/stap-server.8 /usr/local/share/man/cs/man8/stap-server.8 644

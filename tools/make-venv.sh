@@ -20,8 +20,8 @@ if [ ! -x "$venv/bin/python" ]; then
     "$venv/bin/pip" install -q --disable-pip-version-check --upgrade pip
 fi
 pip=("$venv/bin/pip" install -q --disable-pip-version-check)
-"$venv/bin/python" -c "import twisted, txdbus, hypothesis, redis" 2>/dev/null \
-    || "${pip[@]}" . hypothesis
+"$venv/bin/python" -c "import twisted, txdbus, hypothesis, redis, mypy, mypy_zope" 2>/dev/null \
+    || "${pip[@]}" . hypothesis mypy mypy-zope
 "${pip[@]}" --force-reinstall --no-deps .
 rm -rf build stapsrv.egg-info
 # Regenerate the plugin cache so twistd lists stap-server for every user.

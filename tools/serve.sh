@@ -8,6 +8,6 @@ if [ "$(id -u)" -eq 0 ]; then
     home=$(getent passwd "$user" | cut -d: -f6)
     exec setpriv --reuid="$user" --regid="$user" --init-groups \
         env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$home" USER="$user" LANG=C.UTF-8 \
-        "$python" -m stapsrv.quickstart --port "$port"
+        "$python" -m stapsrv.cli.quickstart --port "$port"
 fi
-exec "$python" -m stapsrv.quickstart --port "$port"
+exec "$python" -m stapsrv.cli.quickstart --port "$port"

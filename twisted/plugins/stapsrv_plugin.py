@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 stapServer = ServiceMaker(
     "stap-server",
-    "stapsrv.tap",
+    "stapsrv.app.tap",
     "SystemTap compile server (wire-compatible with stap-serverd 4.8)",
     "stap-server",
 )

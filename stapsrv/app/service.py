@@ -1,0 +1,237 @@
+"""The compile server as a Twisted service: certificate, listener, workers.
+
+All I/O happens in ``startService`` (after twistd has dropped privileges)
+and is undone in ``stopService``; constructing the service does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import resource
+from collections.abc import Mapping
+
+from attrs import evolve
+from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
+
+from stapsrv.app.server import CompileServerFactory
+from stapsrv.cache.fleet import RedisCache
+from stapsrv.cache.key import KeyMaker
+from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
+from stapsrv.compile.handler import RequestHandler
+from stapsrv.compile.runtime import default_cache_root, select_runtime
+from stapsrv.compile.sandbox import (
+    Sandbox,
+    SandboxUnavailable,
+    StapconfStore,
+    server_sandbox,
+)
+from stapsrv.config.values import ServerConfig
+from stapsrv.core.counters import Counters
+from stapsrv.identity.certs import ServerIdentity, server_context_factory
+from stapsrv.identity.store import load_or_create_identity
+from stapsrv.identity.trust import trust_certificate
+from stapsrv.paths import (
+    MODULES,
+    RootRefused,
+    build_tree,
+    local_client_db_dir,
+    refuse_root,
+    systemtap_dir,
+)
+from stapsrv.reactor import IServerReactor
+
+#: How long ``stop`` lets requests being compiled finish before ending them.
+SHUTDOWN_GRACE = 30.0
+
+
+#: Open descriptors the server allows itself (idle connections cost one each).
+OPEN_FILES = 65536
+
+
+def raise_open_file_limit() -> None:
+    """Raise the soft descriptor limit towards ``OPEN_FILES`` (never past
+    the hard limit, which an unprivileged server cannot raise)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass
+
+
+class CompileServerService(Service):
+    """One listening compile server."""
+
+    def __init__(self, config: ServerConfig, reactor: IServerReactor) -> None:
+        self.log = Logger(namespace=config.log_namespace, source=self)
+        self.config = config
+        self.reactor = reactor
+        self.identity: ServerIdentity | None = None
+        self.port: IListeningPort | None = None
+        self.factory: CompileServerFactory | None = None
+        self._pool: ThreadPool | None = None
+        self.counters = Counters()
+        self._fleet: RedisCache | None = None
+
+    def snapshot(self) -> Counters:
+        """The counters, with the requests waiting for a slot right now."""
+        waiting = self.factory.waiting if self.factory is not None else 0
+        return evolve(self.counters, waiting=waiting)
+
+    @property
+    def port_number(self) -> int:
+        assert self.port is not None
+        address = self.port.getHost()
+        assert isinstance(address, (IPv4Address, IPv6Address))
+        return address.port
+
+    def startService(self) -> None:
+        try:
+            self._start()
+        except (RootRefused, SandboxUnavailable) as exc:
+            self.log.error("{message}", message=str(exc))
+            raise
+        except CannotListenError as exc:
+            self.log.error("Error setting socket address: {error}", error=exc.socketError)
+            raise
+        except Exception as exc:
+            self.log.failure("Server start failed: {error}", error=exc)
+            raise
+
+    def _start(self) -> None:
+        refuse_root()
+        config = self.config
+        user = pwd.getpwuid(os.getuid()).pw_name
+        self.log.info("===== compile server pid {pid} starting as {user} =====",
+                      pid=os.getpid(), user=user)
+        self.identity = load_or_create_identity(config.ssl_dir)
+        runtimes = self._select_runtimes()
+        self._pool = ThreadPool(minthreads=0, maxthreads=config.concurrency,
+                                name="stapsrv-requests")
+        raise_open_file_limit()
+        cache, keys = self._make_cache()
+        sandbox, stapconf = self._make_sandbox(runtimes)
+        handler = RequestHandler(config, self.reactor, self._pool, self._current_identity,
+                                 runtimes, cache=cache, keys=keys, counters=self.counters,
+                                 sandbox=sandbox, stapconf=stapconf)
+        self.factory = CompileServerFactory(handler, self.reactor)
+        tls_factory = TLSMemoryBIOFactory(
+            server_context_factory(self.identity), False, self.factory)
+        self.port = self.reactor.listenTCP(
+            config.port,
+            tls_factory,  # type: ignore[arg-type]  # Twisted types TLS factories as client ones
+            backlog=50, interface=config.listen)
+        self._pool.start()
+        self.log.info("Using network address [{address}]:{port}",
+                      address=config.listen, port=self.port_number)
+        if config.max_threads > 0:
+            self.log.info("Using a maximum of {count} threads", count=config.max_threads)
+        else:
+            self.log.info("Concurrency disabled")
+        Service.startService(self)
+        self._trust_self()
+        handler.warm_up()
+
+    def _make_sandbox(self, runtimes: Mapping[str, str]
+                      ) -> tuple[Sandbox | None, StapconfStore | None]:
+        """The translators' sandbox, checked to work here; refuses to start
+        when it cannot run, unless the admin accepted that (--no-sandbox)."""
+        if not self.config.sandbox:
+            self.log.warn("Translator sandbox disabled (--no-sandbox): compiles can read "
+                          "everything this server's user can, as with stap-serverd 4.8")
+            return None, None
+        sandbox = server_sandbox(self.config, os.environ, runtimes)
+        try:
+            sandbox.check()
+        except SandboxUnavailable as exc:
+            raise SandboxUnavailable(
+                f"The translator sandbox cannot run here: {exc}.  It needs bubblewrap "
+                "(Debian package bubblewrap) and unprivileged user namespaces.  To run "
+                "without it, as stap-serverd 4.8 does (every client's compile can then read "
+                "all that this server's user can, its private key included), start with "
+                "--no-sandbox.") from exc
+        stapconf = StapconfStore(
+            (self.config.runtime_cache or default_cache_root()) / "stapconf")
+        self.log.info("Translators run in a bubblewrap sandbox ({bwrap})", bwrap=sandbox.bwrap)
+        return sandbox, stapconf
+
+    def _make_cache(self) -> tuple[ResponseCache | None, KeyMaker | None]:
+        config = self.config
+        if not config.cache_enabled:
+            self.log.info("Response cache disabled")
+            return None, None
+        assert self._pool is not None
+        cache: ResponseCache = DiskCache(config.response_cache_dir, config.cache_size,
+                                         self.reactor, self._pool, self.log)
+        self.log.info("Response cache {directory} (at most {size} MiB)",
+                      directory=config.response_cache_dir, size=config.cache_size >> 20)
+        if config.fleet_cache:
+            fleet = RedisCache(config.fleet_cache, self.reactor, log=self.log)
+            self._fleet = fleet
+            cache = TieredCache(cache, fleet)
+            self.log.info("Fleet cache {url}", url=fleet.display_url)
+        keys = KeyMaker(stap=config.stap, modules_root=MODULES,
+                        environ=dict(os.environ), rc_file=systemtap_dir() / "rc")
+        return cache, keys
+
+    def _current_identity(self) -> ServerIdentity:
+        assert self.identity is not None
+        return self.identity
+
+    def _select_runtimes(self) -> dict[str, str]:
+        if self.config.runtime is not None:
+            return {}
+        runtimes = {}
+        for release in self.config.releases:
+            try:
+                fixed = select_runtime(build_tree(release), cache_root=self.config.runtime_cache)
+            except (OSError, RuntimeError) as exc:
+                self.log.warn("Cannot prepare a fixed runtime for {release}: {error}",
+                              release=release, error=exc)
+                continue
+            if fixed is not None:
+                self.log.info("Using the fixed runtime {runtime} for kernel {release}",
+                              runtime=fixed, release=release)
+                runtimes[release] = str(fixed)
+        return runtimes
+
+    def _trust_self(self) -> None:
+        """Let this server's own user trust it, as 4.8 does on every start."""
+        assert self._pool is not None
+        cert = self.config.ssl_dir / "stap.cert"
+        database = local_client_db_dir()
+        d = deferToThreadPool(self.reactor, self._pool, trust_certificate, cert, database)
+        d.addErrback(lambda failure: self.log.warn(
+            "Unable to authorize certificate for the local client: {error}",
+            error=failure.getErrorMessage()))
+
+    def stopService(self) -> Deferred[None] | None:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.port is not None:
+            stopped = self.port.stopListening()
+            if stopped is not None:
+                await stopped
+            self.port = None
+        if self.factory is not None:
+            await self.factory.drain(self.reactor, SHUTDOWN_GRACE)
+            # Requests forced out by the drain may leave translators ending.
+            await self.factory.handler.stop_translators()
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool = None
+        if self._fleet is not None:
+            self._fleet.close()
+            self._fleet = None

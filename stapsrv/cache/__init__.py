@@ -1,0 +1,2 @@
+"""Answers to repeated requests: the key, the disk store and the fleet
+(Redis) store."""

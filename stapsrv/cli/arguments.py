@@ -1,0 +1,118 @@
+"""The ``stap-server`` command line: ``stap-server ACTION [OPTION ...]``.
+
+Options of the *spec* class (``-a -r -i -I -R -B -D -u -n -p``) describe a
+server.  Unlike 4.8, which could name at most one server, every ``-n`` or
+``-p`` after the first begins another server, so one command line can name
+several; the *distributed* options (``--log --port --ssl --max-threads
+--max-request-size --max-compressed-request``) are handed to those servers
+in order.  ``--opt=value`` and attached short values are accepted too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from attrs import define, field
+
+ACTIONS = ("start", "stop", "restart", "condrestart", "try-restart", "force-reload",
+           "status", "reload", "usage")
+
+_SHORT_WITH_VALUE = set("aBcDIn pru".replace(" ", "") + "R")
+_SHORT_FLAGS = set("ikP")
+DISTRIBUTED = ("log", "port", "ssl", "max-threads", "max-request-size",
+               "max-compressed-request", "request-timeout", "compile-timeout", "cpu-limit",
+               "memory-limit", "file-size-limit", "process-limit", "cache", "cache-dir",
+               "cache-size", "fleet-cache", "sandbox", "allow", "refuse-guru", "privileges")
+
+
+class ArgumentError(Exception):
+    """A word of the command line that is not an option we know."""
+
+
+@define
+class SpecWords:
+    """The spec options that describe one server, as given."""
+
+    nickname: str | None = None
+    pid: str | None = None
+    changes: list[tuple[str, str]] = field(factory=list)  # (flag, value) after -n/-p
+
+
+@define
+class Invocation:
+    action: str
+    specs: list[SpecWords] = field(factory=list)
+    distributed: dict[str, list[str]] = field(factory=lambda: {k: [] for k in DISTRIBUTED})
+    config_files: list[Path] = field(factory=list)
+    keep: bool = False
+    password: bool = False
+
+    @property
+    def explicit(self) -> bool:
+        return bool(self.specs)
+
+
+def parse(words: list[str]) -> Invocation:
+    """Parse the words after the action.  Raises ArgumentError."""
+    if not words:
+        raise ArgumentError("")
+    invocation = Invocation(words[0])
+    current: SpecWords | None = None
+    index = 1
+
+    def spec_option(flag: str, value: str) -> None:
+        nonlocal current
+        if flag in ("-n", "-p"):
+            if current is None or current.nickname is not None or current.pid is not None:
+                current = SpecWords()
+                invocation.specs.append(current)
+            if flag == "-n":
+                current.nickname = value
+            else:
+                current.pid = value
+            return
+        if current is None:
+            current = SpecWords()
+            invocation.specs.append(current)
+        current.changes.append((flag, value))
+
+    while index < len(words):
+        word = words[index]
+        index += 1
+        if word == "--":
+            continue
+        if word.startswith("--"):
+            name, eq, value = word[2:].partition("=")
+            if name not in DISTRIBUTED:
+                raise ArgumentError(word)
+            if not eq:
+                if index >= len(words):
+                    raise ArgumentError(word)
+                value = words[index]
+                index += 1
+            invocation.distributed[name].append(value)
+            continue
+        if len(word) < 2 or not word.startswith("-"):
+            raise ArgumentError(word)
+        letter = word[1]
+        if letter in _SHORT_FLAGS and len(word) == 2:
+            if letter == "i":
+                spec_option("-i", "")
+            elif letter == "k":
+                invocation.keep = True
+            else:
+                invocation.password = True
+            continue
+        if letter not in _SHORT_WITH_VALUE:
+            raise ArgumentError(word)
+        value = word[2:]
+        if not value:
+            if index >= len(words):
+                raise ArgumentError(word)
+            value = words[index]
+            index += 1
+        if letter == "c":
+            invocation.config_files = [Path(value).absolute()]
+        else:
+            spec_option("-" + letter, value)
+    return invocation

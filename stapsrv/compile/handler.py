@@ -1,0 +1,710 @@
+"""What the server does with one request archive, start to finish.
+
+``RequestHandler.handle`` parses the request once (:mod:`stapsrv.compile.job`)
+and answers a repeated one from the response cache; otherwise it unpacks
+it into a scratch directory under ``$TMPDIR`` and runs it the way 4.8
+does, in three steps: *prepare* (thread pool: the response directory, the
+environment, the command line), *run* (reactor thread: the translator, its
+timeout, abandonment) and *finish* (thread pool: signatures, ``rc``, path
+filtering).  It returns the response archive, or ``None`` when 4.8 would
+close the connection without an answer.  Identical requests that arrive
+while one is compiling wait for its answer instead of compiling again.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from stapsrv import PROTOCOL_VERSION
+from stapsrv.cache.key import KeyMaker, Uncacheable
+from stapsrv.cache.store import ResponseCache
+from stapsrv.compile.archive import RequestRejected, build_response, refusal_archive
+from stapsrv.compile.job import Job, needs_signature, parse_job, write_request
+from stapsrv.compile.policy import Policy
+from stapsrv.compile.sandbox import (
+    WARM_UP_SCRIPT,
+    Sandbox,
+    StapconfStore,
+    translator_environment,
+    warm_up_key,
+)
+from stapsrv.compile.signing import sign_module_file, signature_digest
+from stapsrv.compile.translator import TranslatorRun, start_translator
+from stapsrv.config.values import ServerConfig
+from stapsrv.core.cmdline import Privilege, ServerOption, guru_mode, translator_argv
+from stapsrv.core.counters import Counters
+from stapsrv.identity import mok
+from stapsrv.identity.certs import ServerIdentity
+from stapsrv.paths import build_tree, home_directory, systemtap_dir
+from stapsrv.reactor import IHandlerReactor
+
+T = TypeVar("T")
+
+#: The translator's --tmpdir, a name the client and the testsuite rely on.
+MODULE_DIR = "stap000000"
+
+#: Below this many free bytes after a failed compile, the disk is full.
+_DISK_FULL_BYTES = 64 * 1024
+
+
+class DiskFull(Exception):
+    """The scratch filesystem has no room for this request."""
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _ran_out_of_room(scratch: Path) -> bool:
+    """After a failed compile: is the scratch filesystem (nearly) full, or
+    did the translator or the compiler say it was?"""
+    try:
+        info = os.statvfs(scratch)
+        if info.f_bavail * info.f_frsize < _DISK_FULL_BYTES or info.f_favail == 0:
+            return True
+    except OSError:
+        return False
+    try:
+        with open(scratch / "response" / "stderr", "rb") as stderr:
+            return b"No space left on device" in stderr.read(1 << 20)
+    except OSError:
+        return False
+
+
+def _signal_message(number: int, config: ServerConfig) -> str:
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    message = f"Server: The translator was ended by {name}."
+    limits = config.limits
+    reasons: dict[int, tuple[str, str]] = {
+        signal.SIGXCPU: ("cpu_seconds", "its CPU time limit (--cpu-limit)"),
+        signal.SIGXFSZ: ("file_size", "its file size limit (--file-size-limit)")}
+    if number in reasons and getattr(limits, reasons[number][0]) is not None:
+        message += f" It went past {reasons[number][1]}."
+    elif number == signal.SIGKILL and limits.cpu_seconds is not None:
+        message += " It may have gone past its CPU time limit (--cpu-limit)."
+    return message
+
+
+@frozen
+class Outcome:
+    """What became of a request: the answer (None: close without one),
+    whether it reports success, and the form of it to keep in the cache."""
+
+    response: bytes | None
+    succeeded: bool
+    to_keep: bytes | None = None
+
+
+def repeated_answer_member(name: str) -> bool:
+    """Whether a response member is part of the answer a warm translator
+    gives: everything but kbuild's leftovers in the module directory."""
+    if not name.startswith(MODULE_DIR + "/"):
+        return True
+    inner = name[len(MODULE_DIR) + 1:]
+    if inner in ("", "uprobes/") or inner.startswith("uprobes/"):
+        return True
+    if "/" in inner or inner.startswith("."):
+        return False
+    return inner.endswith((".ko", ".ko.sgn", "_src.c"))
+
+
+@define(eq=False)
+class RequestContext:
+    """One request's link back to its connection, and the translator that
+    runs for it (while one does)."""
+
+    peer: str
+    abandoned: bool = False
+    timed_out: bool = False
+    translator: TranslatorRun | None = None
+
+    def abandon(self) -> None:
+        """The client went away: stop any compile now."""
+        self.abandoned = True
+        self.stop_translator()
+
+    def stop_translator(self) -> None:
+        if self.translator is not None:
+            self.translator.kill()
+
+
+@frozen
+class Prepared:
+    """A request ready for the translator: where it runs, and how."""
+
+    scratch: Path
+    release: str
+    argv: list[str]
+    env: dict[str, str]
+    client_moks: tuple[str, ...]
+    #: bwrap's words before the translator's (empty without a sandbox).
+    sandbox: tuple[str, ...] = ()
+
+    @property
+    def request_dir(self) -> Path:
+        return self.scratch / "request"
+
+    @property
+    def response_dir(self) -> Path:
+        return self.scratch / "response"
+
+    @property
+    def module_dir(self) -> Path:
+        return self.response_dir / MODULE_DIR
+
+
+@frozen
+class Refused:
+    """A request the translator never sees (the client is told why)."""
+
+    log_format: str
+    release: str | None
+
+
+#: What preparing a request comes to.
+Preparation = Prepared | Refused
+
+
+@define(eq=False)
+class RequestHandler:
+    config: ServerConfig
+    reactor: IHandlerReactor
+    pool: ThreadPool
+    identity: Callable[[], ServerIdentity]
+    runtimes: Mapping[str, str] = field(factory=dict)
+    environ: Mapping[str, str] = field(factory=lambda: dict(os.environ))
+    cache: ResponseCache | None = None
+    keys: KeyMaker | None = None
+    counters: Counters = field(factory=Counters)
+    #: The translator's sandbox and the stapconf headers it shares; None
+    #: with ``--no-sandbox``.
+    sandbox: Sandbox | None = None
+    stapconf: StapconfStore | None = None
+    log: Logger = field(init=False)
+    policy: Policy = field(init=False)
+    #: Warm-up compiles per (release, guru mode): the clients waiting for
+    #: one, or True once it is done.
+    _warmups: dict[tuple[str, bool], list[Deferred[None]] | bool] = field(
+        init=False, factory=dict)
+    _flights: dict[str, list[Deferred[bytes | None]]] = field(init=False, factory=dict)
+    _running: set[TranslatorRun] = field(init=False, factory=set)
+    #: Bounds the requests that go to the translator (``--max-threads``);
+    #: answers from the cache need no slot.
+    gate: DeferredSemaphore = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.log = Logger(namespace=self.config.log_namespace, source=self)
+        self.gate = DeferredSemaphore(self.config.concurrency)
+        config = self.config
+        self.policy = Policy.from_values(config.allow, config.refuse_guru, config.privileges)
+
+    def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
+        return deferToThreadPool(self.reactor, self.pool, function, *args)
+
+    async def handle(self, body: bytes, context: RequestContext) -> bytes | None:
+        self.counters.requests += 1
+        outcome = await self._answer(body, context)
+        if not outcome.succeeded:
+            self.counters.failures += 1
+        return outcome.response
+
+    def _rejected(self, exc: RequestRejected) -> Outcome:
+        """The answer to an archive that cannot be used."""
+        self.log.info("{message}", message=str(exc))
+        self.log.info("Error processing client request")
+        if exc.client_message is None:
+            return Outcome(None, False)
+        return Outcome(refusal_archive(exc.client_message, PROTOCOL_VERSION), False)
+
+    async def _answer(self, body: bytes, context: RequestContext) -> Outcome:
+        try:
+            job = await self._in_thread(parse_job, body, self.config.max_request_size)
+        except RequestRejected as exc:
+            return self._rejected(exc)
+        # Before the cache: an answer made before the policy was set is refused too.
+        refusal = self.policy.request_refusal(job.arguments, job.privilege)
+        if refusal is not None:
+            self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
+                          reason=refusal)
+            return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False)
+        key = await self._cache_key(job)
+        if key is None or self.cache is None:
+            return await self._compile(body, job, context)
+        cached = await self.cache.get(key)
+        if cached is not None:
+            self.counters.cache_hits += 1
+            self.log.info("Answering {peer} from the cache ({key})", peer=context.peer,
+                          key=key[:16])
+            return Outcome(cached, True)
+        flight = self._flights.get(key)
+        if flight is not None:
+            waiter: Deferred[bytes | None] = Deferred()
+            flight.append(waiter)
+            shared = await waiter
+            if shared is not None:
+                self.counters.cache_hits += 1
+                self.log.info("Answering {peer} with the compile it waited for ({key})",
+                              peer=context.peer, key=key[:16])
+                return Outcome(shared, True)
+            return await self._compile(body, job, context)
+        self._flights[key] = []
+        outcome = Outcome(None, False)
+        try:
+            outcome = await self._compile(body, job, context)
+        finally:
+            share = outcome.response if outcome.succeeded else None
+            for waiter in self._flights.pop(key):
+                waiter.callback(share)
+        if outcome.succeeded and outcome.to_keep is not None:
+            await self.cache.put(key, outcome.to_keep)
+        return outcome
+
+    async def _cache_key(self, job: Job) -> str | None:
+        if self.cache is None or self.keys is None:
+            return None
+        try:
+            return await self._in_thread(self._make_key, job)
+        except Uncacheable as exc:
+            self.log.info("Not caching a request that names the large server tree {path}",
+                          path=str(exc))
+            return None
+        except Exception:
+            self.log.failure("Cannot compute a cache key; compiling")
+            return None
+
+    def _make_key(self, job: Job) -> str | None:
+        assert self.keys is not None
+        release = job.release
+        if release is None or release not in self.config.releases:
+            return None
+        runtime = self.config.runtime or self.runtimes.get(release)
+        options = [self.config.stap] + [
+            option.flag + (option.value or "") for option in self._server_options(release)]
+        # What a translator can read differs with and without the sandbox.
+        options.append("sandbox" if self.sandbox is not None else "no sandbox")
+        signers: list[bytes] = []
+        if needs_signature(job):
+            signers.append(self.identity().certificate_der)
+        if job.wants_mok:
+            store = self.config.moks(self.environ)
+            for name in mok.server_moks(store):
+                signers.append((store / name / mok.CERTIFICATE).read_bytes())
+        return self.keys.key(job, release, options, runtime, signers)
+
+    async def _compile(self, body: bytes, job: Job, context: RequestContext) -> Outcome:
+        """Run the request through the translator, once a slot is free."""
+        await self.gate.acquire()
+        try:
+            if context.abandoned:
+                return Outcome(None, False)
+            return await self._compile_in_scratch(body, job, context)
+        except DiskFull:
+            pass
+        except OSError as exc:
+            if not _is_disk_full(exc):
+                raise
+        finally:
+            self.gate.release()
+        self.log.error("No space left in {tmpdir} for the request from {peer}",
+                       tmpdir=self.config.tmpdir, peer=context.peer)
+        return Outcome(refusal_archive(
+            "Server: The server ran out of disk space in its temporary directory while "
+            "handling this request.  Try again later, or tell the server's administrator.",
+            PROTOCOL_VERSION), False)
+
+    async def _compile_in_scratch(self, body: bytes, job: Job,
+                                  context: RequestContext) -> Outcome:
+        scratch = await self._in_thread(_make_scratch, self.config.tmpdir)
+        try:
+            try:
+                await self._in_thread(_unpack, scratch, body, job)
+            except RequestRejected as exc:
+                if _is_disk_full(exc.__cause__ or exc):
+                    raise DiskFull() from exc
+                return self._rejected(exc)
+            status = await self._process(scratch, job, context)
+            if context.abandoned or status is None:
+                return Outcome(None, False)
+            response = await self._in_thread(build_response, scratch / "response")
+            to_keep = None
+            if status == 0 and self.cache is not None:
+                # What the translator sends once its own cache is warm: a cold
+                # build also leaves kbuild's intermediate files in the module
+                # directory, which repeated answers should not carry (4.8's
+                # do not).
+                to_keep = await self._in_thread(
+                    build_response, scratch / "response", repeated_answer_member)
+            return Outcome(response, status == 0, to_keep)
+        finally:
+            if self.config.keep_temporary:
+                self.log.info("Keeping temporary directory {directory}", directory=scratch)
+            else:
+                await self._in_thread(shutil.rmtree, scratch, True)
+
+    async def _process(self, scratch: Path, job: Job, context: RequestContext) -> int | None:
+        """Prepare, run and finish the request in ``scratch``; the answer's
+        ``rc``, or None when there is no answer to send."""
+        self.log.info("Client version is {version}", version=job.client_version[:64])
+        prepared = await self._in_thread(self._prepare, scratch, job)
+        if isinstance(prepared, Refused):
+            self.log.info(prepared.log_format, release=prepared.release)
+            return 1
+        self.log.info("Options passed from the client: {arguments}",
+                      arguments="".join(argument + " " for argument in job.arguments))
+        self.log.debug("Running {argv}", argv=prepared.argv)
+        status = await self._run(prepared, context)
+        if status is None:
+            return None
+        rc = await self._in_thread(self._finish, prepared, job, status, context.timed_out)
+        if status > 128 and not context.timed_out:
+            self.log.info("The translator for {peer} was ended by signal {signal}",
+                          peer=context.peer, signal=status - 128)
+        if job.invalid_privilege is not None:
+            self.log.info("Invalid argument '{value}' for --privilege",
+                          value=job.invalid_privilege)
+        return rc
+
+    # --- prepare (thread pool) ------------------------------------------------
+
+    def _prepare(self, scratch: Path, job: Job) -> Preparation:
+        """The response directory, the translator's environment and command
+        line; or the refusal of a release this server does not serve."""
+        response_dir = scratch / "response"
+        (response_dir / "version").write_text(PROTOCOL_VERSION)
+        release = job.release
+        if release is None:
+            _refuse(response_dir, "Server: The request does not name a kernel "
+                    "release (its sysinfo is missing or unreadable).")
+            return Refused("Unable to read sysinfo", None)
+        if release not in self.config.releases:
+            _refuse(response_dir, (
+                f"Server: This server does not build modules for kernel release '{release}'.\n"
+                f"Server: It serves: {', '.join(self.config.releases)}."))
+            return Refused("Target kernel version {release} is not supported by this server",
+                           release)
+        env = self._translator_environment(scratch)
+        client_moks: tuple[str, ...] = ()
+        if job.speaks_locale:
+            env.update(job.locale.variables)
+            complaints = list(job.locale.complaints)
+            if job.mok_fingerprints is not None:
+                parsed = mok.parse_client_fingerprints(job.mok_fingerprints)
+                client_moks = parsed.fingerprints
+                complaints += parsed.complaints
+            _append(response_dir / "stderr", complaints)
+        module_dir = response_dir / MODULE_DIR
+        module_dir.mkdir(mode=0o700)
+        argv = translator_argv(self.config.stap, release, self._server_options(release),
+                               str(module_dir), job.arguments)
+        return Prepared(scratch, release, argv, env, client_moks, self._sandbox_words(scratch))
+
+    def _translator_environment(self, scratch: Path) -> dict[str, str]:
+        env = (dict(self.environ) if self.sandbox is None
+               else translator_environment(self.environ))
+        env["TMPDIR"] = str(scratch)
+        return env
+
+    def _sandbox_words(self, scratch: Path) -> tuple[str, ...]:
+        """Make the sandbox's private directories in ``scratch`` (blocking)
+        and return bwrap's words; nothing without a sandbox."""
+        if self.sandbox is None:
+            return ()
+        assert self.stapconf is not None
+        self.sandbox.prepare(scratch, systemtap_dir(self.environ) / "rc", self.stapconf)
+        return tuple(self.sandbox.words(scratch))
+
+    def _server_options(self, release: str) -> list[ServerOption]:
+        options = list(self.config.server_options)
+        if self.config.runtime is None and release in self.runtimes:
+            options.append(ServerOption("-R", self.runtimes[release]))
+        if self.config.keep_temporary:
+            # As 4.8: the translator keeps its whole build tree too.
+            options.append(ServerOption("-k"))
+        return options
+
+    # --- run (reactor thread) ---------------------------------------------------
+
+    async def _run(self, prepared: Prepared, context: RequestContext) -> int | None:
+        """The translator's exit status, or None when there is no answer."""
+        if context.abandoned:
+            return None
+        if self.sandbox is not None:
+            await self._stapconf_ready(prepared.release, guru_mode(prepared.argv[1:]))
+            if context.abandoned:
+                return None
+        response_dir = prepared.response_dir
+        try:
+            run = start_translator(
+                self.reactor, prepared.argv, prepared.env, prepared.request_dir,
+                response_dir / "stdout", response_dir / "stderr", self.config.limits,
+                prepared.sandbox)
+        except OSError as exc:
+            if _is_disk_full(exc):
+                raise
+            self.log.error("Failed spawning translator: {error}", error=exc)
+            return None
+        context.translator = run
+        self._running.add(run)
+        self.counters.compiling += 1
+        timeout = self.config.compile_timeout
+        timer = self.reactor.callLater(timeout, self._expire, context) if timeout > 0 else None
+        try:
+            status = await run.result
+        finally:
+            self._running.discard(run)
+            self.counters.compiling -= 1
+            context.translator = None
+            if timer is not None and timer.active():
+                timer.cancel()
+        if context.abandoned:
+            return None
+        return status
+
+    def warm_up(self) -> None:
+        """In the background, make the kernel configuration header of every
+        served release that has a build tree, each in a translator slot, so
+        that the first requests need not wait for it."""
+        if self.sandbox is None:
+            return
+        for release in self.config.releases:
+            tree = Path(release) if release.startswith("/") else build_tree(release)
+            if (tree / "Makefile").exists():
+                Deferred.fromCoroutine(self._warm_up_in_a_slot(release))
+
+    async def _warm_up_in_a_slot(self, release: str) -> None:
+        await self.gate.acquire()
+        try:
+            await self._stapconf_ready(release, False)
+        finally:
+            self.gate.release()
+
+    async def _stapconf_ready(self, release: str, guru: bool) -> None:
+        """Once per release and guru mode, before the first request's
+        translator: the server's own compile of a fixed script makes the
+        kernel configuration header that every sandbox then starts with."""
+        key = (release, guru)
+        state = self._warmups.get(key)
+        if state is True:
+            return
+        if state is None and await self._in_thread(self._was_warmed, release, guru):
+            self._warmups[key] = True
+            self.log.info("Kernel configuration header for {release}{guru} ready "
+                          "(made before)", release=release, guru=" (guru mode)" if guru else "")
+            return
+        state = self._warmups.get(key)
+        if state is True:
+            return
+        if isinstance(state, list):
+            waiter: Deferred[None] = Deferred()
+            state.append(waiter)
+            await waiter
+            return
+        waiting: list[Deferred[None]] = []
+        self._warmups[key] = waiting
+        try:
+            await self._warm_up(release, guru)
+        finally:
+            self._warmups[key] = True
+            for waiter in waiting:
+                waiter.callback(None)
+
+    def _warm_up_key(self, release: str, guru: bool) -> str:
+        tree = Path(release) if release.startswith("/") else build_tree(release)
+        options = [option.flag + (option.value or "") for option in self._server_options(release)]
+        return warm_up_key(self.config.stap, tree, self.config.runtime or self.runtimes.get(release),
+                           guru, options)
+
+    def _was_warmed(self, release: str, guru: bool) -> bool:
+        assert self.stapconf is not None
+        return self.stapconf.warmed(self._warm_up_key(release, guru))
+
+    async def _warm_up(self, release: str, guru: bool) -> None:
+        assert self.sandbox is not None and self.stapconf is not None
+        started = self.reactor.seconds()
+        scratch = await self._in_thread(_make_scratch, self.config.tmpdir)
+        try:
+            module_dir = scratch / "response" / MODULE_DIR
+            module_dir.mkdir(mode=0o700)
+            words = await self._in_thread(self._sandbox_words, scratch)
+            argv = translator_argv(
+                self.config.stap, release, self._server_options(release), str(module_dir),
+                ["-p4", "-e", WARM_UP_SCRIPT, *(["-g"] if guru else [])])
+            run = start_translator(
+                self.reactor, argv, self._translator_environment(scratch), scratch / "request",
+                scratch / "response" / "stdout", scratch / "response" / "stderr",
+                self.config.limits, words)
+            self._running.add(run)
+            try:
+                status = await run.result
+            finally:
+                self._running.discard(run)
+            if status != 0:
+                self.log.warn("The warm-up compile for kernel {release} failed (rc {rc}); "
+                              "each request makes its own kernel configuration header",
+                              release=release, rc=status)
+                return
+            _, private = self.sandbox.private_dirs(scratch)
+            added = await self._in_thread(self.stapconf.collect, private)
+            await self._in_thread(self.stapconf.mark_warmed, self._warm_up_key(release, guru))
+            self.log.info("Kernel configuration header for {release}{guru} ready in "
+                          "{seconds:.1f} s ({added} new)", release=release,
+                          guru=" (guru mode)" if guru else "", added=added,
+                          seconds=self.reactor.seconds() - started)
+        except Exception:
+            self.log.failure("The warm-up compile for kernel {release} could not run",
+                             release=release)
+        finally:
+            await self._in_thread(shutil.rmtree, scratch, True)
+
+    def _expire(self, context: RequestContext) -> None:
+        self.log.info("The translator for {peer} ran past the compile timeout "
+                      "({timeout:g} s); stopping it", peer=context.peer,
+                      timeout=self.config.compile_timeout)
+        context.timed_out = True
+        context.stop_translator()
+
+    async def stop_translators(self) -> None:
+        """End every translator still running (their clients are gone) and
+        wait until each process group has been signalled to the end."""
+        running = list(self._running)
+        for run in running:
+            run.kill()
+        for run in running:
+            await run.result
+
+    # --- finish (thread pool) ---------------------------------------------------
+
+    def _finish(self, prepared: Prepared, job: Job, status: int, timed_out: bool) -> int:
+        """Blocking tail of a request: what stopped the translator,
+        signatures, ``rc``, path filtering.  Returns the ``rc``."""
+        response_dir = prepared.response_dir
+        if timed_out:
+            _append(response_dir / "stderr", [
+                "Server: The translator ran longer than the server's compile timeout "
+                f"({self.config.compile_timeout:g} s) and was stopped."])
+            (response_dir / "rc").write_text("1")
+            return 1
+        if status != 0 and _ran_out_of_room(prepared.scratch):
+            raise DiskFull()
+        if status > 128:
+            _append(response_dir / "stderr", [_signal_message(status - 128, self.config)])
+        module_dir = prepared.module_dir
+        privilege = job.privilege
+        unprivileged = privilege in (Privilege.STAPUSR, Privilege.STAPSYS)
+        client_moks = prepared.client_moks
+        if status == 0 and (unprivileged or client_moks):
+            module = self._single_module(module_dir)
+            if module is not None and unprivileged:
+                self._sign(module, job.client_version)
+            if module is not None and client_moks:
+                status = self._mok_sign(module, prepared.release, client_moks, response_dir)
+        uprobes = module_dir / "uprobes" / "uprobes.ko"
+        if uprobes.is_file() and uprobes.stat().st_size > 0:
+            if privilege != Privilege.STAPDEV:
+                self._sign(uprobes, job.client_version)
+            if not job.speaks_locale:
+                shutil.copyfile(uprobes, response_dir / "uprobes.ko")
+        (response_dir / "rc").write_text(str(status))
+        replacements = sorted({str(home_directory(self.environ)), str(response_dir)} - {"/"},
+                              key=len, reverse=True)
+        for name in ("stdout", "stderr"):
+            _replace_in_file(response_dir / name, replacements, "<server>")
+        return status
+
+    def _single_module(self, module_dir: Path) -> Path | None:
+        modules = sorted(module_dir.glob("*.ko"))
+        if not modules:
+            self.log.info("Unable to find a module in {directory}", directory=module_dir)
+        elif len(modules) > 1:
+            self.log.info("Too many modules ({count}) in {directory}",
+                          count=len(modules), directory=module_dir)
+        else:
+            return modules[0]
+        return None
+
+    def _mok_sign(self, module: Path, release: str, client_moks: tuple[str, ...],
+                  response_dir: Path) -> int:
+        """Sign with a MOK the client has enrolled, or (as 4.8) send it one
+        of ours to enroll and fail the request.  Returns the new ``rc``."""
+        store = self.config.moks(self.environ)
+        common = mok.matching_mok(store, client_moks)
+        messages = []
+        status = 0
+        if common is not None:
+            problem = mok.sign_module(build_tree(release), store / common, module)
+            if problem is not None:
+                messages.append(problem)
+                status = 1
+        else:
+            messages.append(mok.NO_MATCH)
+            ours = mok.server_moks(store)
+            offered = ours[0] if ours else mok.generate(store)
+            shutil.copyfile(store / offered / mok.CERTIFICATE,
+                            response_dir / mok.CERTIFICATE)
+            messages.append(mok.SENT_CERTIFICATE)
+            status = 1
+        _append(response_dir / "stderr", messages)
+        return status
+
+    def _sign(self, module: Path, client_version: str) -> None:
+        try:
+            sign_module_file(self.identity().key, module, signature_digest(client_version))
+        except OSError as exc:
+            self.log.error("Unable to sign {module}: {error}", module=module, error=exc)
+
+
+def _make_scratch(tmpdir: Path) -> Path:
+    scratch = Path(tempfile.mkdtemp(prefix="stap-server.", dir=tmpdir))
+    (scratch / "request").mkdir(mode=0o700)
+    (scratch / "response").mkdir(mode=0o700)
+    return scratch
+
+
+def _unpack(scratch: Path, body: bytes, job: Job) -> None:
+    """The archive as received (kept with ``-k``) and its members."""
+    fd = os.open(scratch / "request.zip", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(body)
+    write_request(job, scratch / "request")
+
+
+def _append(path: Path, lines: list[str]) -> None:
+    """Lines for the client's stderr (or stdout), each ended by a newline."""
+    if lines:
+        with open(path, "a", encoding="utf-8") as stream:
+            stream.write("".join(line + "\n" for line in lines))
+
+
+def _refuse(response_dir: Path, message: str) -> None:
+    """Answer with rc 1 and a message, where 4.8 sent only ``version``."""
+    (response_dir / "rc").write_text("1")
+    (response_dir / "stdout").write_text("")
+    _append(response_dir / "stderr", [message])
+
+
+def _replace_in_file(path: Path, needles: list[str], replacement: str) -> None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    new = data
+    for needle in needles:
+        new = new.replace(os.fsencode(needle), replacement.encode())
+    if new != data:
+        path.write_bytes(new)

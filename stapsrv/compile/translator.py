@@ -1,0 +1,181 @@
+"""Running the ``stap`` translator as a child process group.
+
+``spawnProcess`` is called from the reactor thread.  The child's standard
+output and error go straight to the response files (no copying through the
+server) and its input is ``/dev/null``.  It starts through three small
+util-linux programs, each of which execs the next in the same process:
+``setpriv --pdeathsig TERM`` (the translator gets SIGTERM if the server
+dies), ``prlimit`` (the configured resource limits, soft and hard, inherited
+by make, gcc and ld) and ``setsid`` (a process group of its own, so that a
+kill reaches make and the compilers too), then, unless the server runs
+without one, the sandbox (:mod:`stapsrv.compile.sandbox`): ``bwrap`` stays
+in that process group and dies with it, and its PID namespace ends every
+process of the compile when the translator exits.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from stapsrv.config.values import TranslatorLimits
+from stapsrv.reactor import IHandlerReactor
+
+SETPRIV = "/usr/bin/setpriv"
+PRLIMIT = "/usr/bin/prlimit"
+SETSID = "/usr/bin/setsid"
+
+#: Seconds between SIGTERM and SIGKILL when a translator group must go.
+KILL_GRACE = 2.0
+
+
+class _TranslatorProtocol(ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: Deferred[int] = Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        value = reason.value
+        if isinstance(value, ProcessDone):
+            status = 0
+        elif isinstance(value, ProcessTerminated) and value.signal is not None:
+            status = 128 + value.signal
+        elif isinstance(value, ProcessTerminated) and value.exitCode is not None:
+            status = value.exitCode
+        else:
+            status = 1
+        self.ended.callback(status)
+
+
+class TranslatorRun:
+    """One running translator; ``result`` fires with its exit status
+    (``128 + signal`` when killed, as 4.8 reports it) once the translator
+    has exited and nothing of its process group is left running."""
+
+    log = Logger()
+
+    def __init__(self, reactor: IReactorTime, pid: int, protocol: _TranslatorProtocol) -> None:
+        self._reactor = reactor
+        self.pid = pid
+        self._protocol = protocol
+        self._finished = False
+        self._hard_kill: IDelayedCall | None = None
+        self.result: Deferred[int] = Deferred()
+        protocol.ended.addCallback(self._leader_exited)
+
+    def _leader_exited(self, status: int) -> None:
+        self._finished = True
+        if self._hard_kill is not None and self._hard_kill.active():
+            self._hard_kill.cancel()
+        # Whatever the translator left behind (make and gcc, when it crashed
+        # or was killed) must not go on writing into the scratch directory.
+        if self._signal_group(signal.SIGKILL):
+            self._wait_for_group(status, tries=25)
+        else:
+            self.result.callback(status)
+
+    def _wait_for_group(self, status: int, tries: int) -> None:
+        try:
+            os.killpg(self.pid, 0)
+        except OSError:
+            self.result.callback(status)
+            return
+        if tries <= 0:
+            # Only zombies waiting for init to reap them are left, usually.
+            self.result.callback(status)
+            return
+        self._reactor.callLater(0.02, self._wait_for_group, status, tries - 1)
+
+    def kill(self) -> None:
+        """SIGTERM the whole process group, SIGKILL it if still there later."""
+        if self._finished or self._hard_kill is not None:
+            return
+        self._signal_group(signal.SIGTERM)
+        self._hard_kill = self._reactor.callLater(KILL_GRACE, self._kill_hard)
+
+    def _kill_hard(self) -> None:
+        self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, signum: int) -> bool:
+        """Signal the group; whether any process of it was there."""
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            return False
+        except OSError as exc:
+            self.log.warn("Cannot signal translator group {pid}: {error}",
+                          pid=self.pid, error=exc)
+            return False
+        return True
+
+
+def launcher(limits: TranslatorLimits) -> list[str]:
+    """The words put before the translator's own command line."""
+    words = [SETPRIV, "--pdeathsig", "TERM", "--"]
+    flags = limits.prlimit_flags()
+    if flags:
+        words += [PRLIMIT, *flags, "--"]
+    return words + [SETSID, "--wait", "--"]
+
+
+#: Linux refuses exec when one string is longer than this (MAX_ARG_STRLEN).
+_MAX_ARGUMENT = 32 * 4096
+
+
+def check_exec_size(command: Sequence[str], env: Mapping[str, str]) -> None:
+    """Raise E2BIG here, where it can be answered, for a command line that
+    exec would refuse (Twisted would report that from the forked child)."""
+    strings = [os.fsencode(word) for word in command]
+    strings += [os.fsencode(f"{name}={value}") for name, value in env.items()]
+    total = sum(len(string) + 1 + 8 for string in strings)  # bytes plus pointer
+    try:
+        limit = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        limit = 2 * 1024 * 1024
+    if total > limit - 4096 or any(len(string) >= _MAX_ARGUMENT for string in strings):
+        raise OSError(errno.E2BIG, "Argument list too long")
+
+
+def start_translator(
+    reactor: IHandlerReactor,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: Path,
+    stdout_path: Path,
+    stderr_path: Path,
+    limits: TranslatorLimits = TranslatorLimits(),
+    sandbox: Sequence[str] = (),
+) -> TranslatorRun:
+    """Start ``argv`` with output to the given files (stderr appended to),
+    inside ``sandbox`` (bwrap's words up to ``--``, when given).  Raises
+    ``OSError`` when it cannot be started."""
+    command = launcher(limits) + list(sandbox) + list(argv)
+    check_exec_size(command, env)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    stdin_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    stdout_fd = os.open(stdout_path, flags | os.O_TRUNC, 0o600)
+    stderr_fd = os.open(stderr_path, flags | os.O_APPEND, 0o600)
+    protocol = _TranslatorProtocol()
+    try:
+        process = reactor.spawnProcess(
+            protocol,
+            command[0],
+            command,
+            env=dict(env),
+            path=str(cwd),
+            childFDs={0: stdin_fd, 1: stdout_fd, 2: stderr_fd},
+        )
+    finally:
+        for fd in (stdin_fd, stdout_fd, stderr_fd):
+            os.close(fd)
+    assert process.pid is not None  # just started
+    return TranslatorRun(reactor, process.pid, protocol)

@@ -1,0 +1,129 @@
+"""A compile server's settings, as one frozen value."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from attrs import field, frozen
+
+from stapsrv.core.cmdline import ALL_PRIVILEGES, ServerOption
+from stapsrv.paths import default_mok_store, systemtap_dir
+
+#: 4.8's request limits, in bytes.
+DEFAULT_MAX_REQUEST_SIZE = 50000
+DEFAULT_MAX_COMPRESSED_REQUEST = 5000
+
+#: Seconds a client has for its TLS handshake and upload (and again for
+#: taking its answer).  4.8 had no limit: a silent client held a thread.
+DEFAULT_REQUEST_TIMEOUT = 30.0
+#: Seconds the translator may run for one request.  Generous: a cold build
+#: of a large script on a slow machine takes minutes.
+DEFAULT_COMPILE_TIMEOUT = 900.0
+#: Bytes of compiled answers kept on disk for repeated requests.
+DEFAULT_CACHE_SIZE = 512 * 1024 * 1024
+
+
+def default_stap() -> str:
+    return os.environ.get("SYSTEMTAP_STAP", "/usr/bin/stap")
+
+
+def default_listen() -> str:
+    """``STAPSRV_LISTEN`` (an address) or every address, as 4.8 always did."""
+    return os.environ.get("STAPSRV_LISTEN") or "::"
+
+
+def default_tmpdir() -> Path:
+    return Path(os.environ.get("TMPDIR") or "/tmp")
+
+
+@frozen
+class TranslatorLimits:
+    """Resource limits set on the translator before it starts (``None``: not
+    set, so the server's own limits and ``~/.systemtap/rc`` apply).  They are
+    inherited by everything the translator runs (make, gcc, ld)."""
+
+    cpu_seconds: int | None = None
+    address_space: int | None = None
+    file_size: int | None = None
+    processes: int | None = None
+
+    def prlimit_flags(self) -> list[str]:
+        """``prlimit(1)`` options setting each limit, soft and hard."""
+        words = []
+        for name, value in (("cpu", self.cpu_seconds), ("as", self.address_space),
+                            ("fsize", self.file_size), ("nproc", self.processes)):
+            if value is not None:
+                words.append(f"--{name}={value}:{value}")
+        return words
+
+
+@frozen
+class ServerConfig:
+    """Everything one compile server (one listening port) needs to know.
+
+    ``releases`` are the kernel releases served, in the order given, with the
+    running kernel's release included as 4.8 does.  ``server_options`` are
+    the ``-a/-B/-D/-I/-R`` options passed to every translator, in the order
+    given.  ``runtime`` is the explicit ``-R`` (also in ``server_options``);
+    without one, a fixed copy of the stock runtime is used for releases
+    whose headers the stock runtime cannot build against.
+    """
+
+    releases: tuple[str, ...]
+    ssl_dir: Path
+    server_options: tuple[ServerOption, ...] = ()
+    arch: str | None = None
+    runtime: str | None = None
+    port: int = 0
+    listen: str = field(factory=default_listen)
+    log_file: Path | None = None
+    max_threads: int = field(factory=lambda: os.cpu_count() or 1)
+    max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
+    max_compressed_request: int = DEFAULT_MAX_COMPRESSED_REQUEST
+    keep_temporary: bool = False
+    stap: str = field(factory=default_stap)
+    tmpdir: Path = field(factory=default_tmpdir)
+    runtime_cache: Path | None = None
+    #: Events of this server carry this namespace, so that a process running
+    #: several servers can route each one's lines to its own log file.
+    log_namespace: str = "stapsrv"
+    #: The MOK store (None: ``moks/`` beside the default certificate directory).
+    mok_store: Path | None = None
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    compile_timeout: float = DEFAULT_COMPILE_TIMEOUT
+    limits: TranslatorLimits = TranslatorLimits()
+    #: Answers to repeated requests are kept in ``cache_dir`` (None: the
+    #: default under the server's state directory) up to ``cache_size`` bytes.
+    cache_enabled: bool = True
+    cache_dir: Path | None = None
+    cache_size: int = DEFAULT_CACHE_SIZE
+    #: ``redis://`` URL of a cache shared by a fleet of servers, or None.
+    fleet_cache: str | None = None
+    #: Where the server keeps its request counters for ``stap-server status``.
+    counters_file: Path | None = None
+    #: Every translator runs in a bubblewrap sandbox (``--no-sandbox``: as
+    #: 4.8, with everything the server user can read).
+    sandbox: bool = True
+    #: Client policy: the networks that may connect (none given: all),
+    #: whether guru mode is refused, the privilege levels compiled for.
+    allow: tuple[str, ...] = ()
+    refuse_guru: bool = False
+    privileges: tuple[str, ...] = ALL_PRIVILEGES
+
+    @property
+    def response_cache_dir(self) -> Path:
+        if self.cache_dir is not None:
+            return self.cache_dir
+        return systemtap_dir() / "stapsrv-cache"
+
+    def moks(self, environ: Mapping[str, str] = os.environ) -> Path:
+        """The MOK store: ``mok_store``, else the default beside the
+        default certificate directory of ``environ``'s user."""
+        return self.mok_store or default_mok_store(environ)
+
+    @property
+    def concurrency(self) -> int:
+        """Requests processed at once: ``--max-threads 0`` means one."""
+        return max(1, self.max_threads)

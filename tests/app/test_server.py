@@ -1,0 +1,232 @@
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, StringTransportWithDisconnection
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from stapsrv.app.server import CompileServerFactory, describe_peer
+from stapsrv.compile.handler import RequestContext
+from stapsrv.config.values import ServerConfig
+from tests.helpers.vectors import CAPTURE, members
+
+
+class FakeHandler:
+    """Records requests; each answer is released by the test."""
+
+    def __init__(self, max_threads: int = 2, limit: int = 5000) -> None:
+        self.config = ServerConfig(releases=("r",), ssl_dir=Path("/nonexistent"),
+                                   max_threads=max_threads, max_compressed_request=limit,
+                                   request_timeout=30.0)
+        self.reactor = Clock()
+        self.gate = DeferredSemaphore(self.config.concurrency)
+        self.requests: list[tuple[bytes, RequestContext]] = []
+        self.answers: list[Deferred[bytes | None]] = []
+
+    async def handle(self, body: bytes, context: RequestContext) -> bytes | None:
+        """As the real handler: a translator slot first (the fake answers
+        stand for compiles)."""
+        await self.gate.acquire()
+        try:
+            if context.abandoned:
+                return None
+            self.requests.append((body, context))
+            answer: Deferred[bytes | None] = Deferred()
+            self.answers.append(answer)
+            return await answer
+        finally:
+            self.gate.release()
+
+
+class ProtocolTests(TestCase):
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def connect(self, factory: CompileServerFactory, port: int = 40000) -> tuple[Any, Any]:
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+        transport = StringTransportWithDisconnection(
+            peerAddress=IPv6Address("TCP", "::ffff:127.0.0.1", port))
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def messages(self) -> list[str]:
+        return [formatEvent(event) for event in self.events]
+
+    def test_captured_request_is_answered_then_closed(self) -> None:
+        handler = FakeHandler()
+        protocol, transport = self.connect(CompileServerFactory(handler))
+        protocol.dataReceived((CAPTURE / "01-trivial-p4.c2s.bin").read_bytes())
+        self.assertEqual(handler.requests[0][0],
+                         (CAPTURE / "01-trivial-p4.request.zip").read_bytes())
+        self.assertTrue(transport.connected)
+        handler.answers[0].callback(b"PK-response")
+        self.assertEqual(transport.value(), b"PK-response")
+        self.assertFalse(transport.connected)
+        self.assertIn("Accepted connection from 127.0.0.1:40000", self.messages())
+        self.assertIn("Request from 127.0.0.1:40000 complete", self.messages())
+
+    def test_probe_closes_without_bytes(self) -> None:
+        handler = FakeHandler()
+        protocol, transport = self.connect(CompileServerFactory(handler))
+        protocol.dataReceived(b"\0\0\0\0")
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.connected)
+        self.assertEqual(handler.requests, [])
+
+    def test_too_large_closes_with_48_log_line(self) -> None:
+        handler = FakeHandler(limit=10)
+        protocol, transport = self.connect(CompileServerFactory(handler))
+        protocol.dataReceived(struct.pack(">i", 11) + b"x" * 10)
+        self.assertTrue(transport.connected, "the client is still sending")
+        protocol.dataReceived(b"x")
+        self.assertFalse(transport.connected)
+        answer = members(transport.value())
+        self.assertEqual(answer["rc"], b"1")
+        self.assertEqual(answer["stderr"], b"Server: The request is 11 bytes compressed; "
+                         b"this server accepts at most 10 bytes (its --max-compressed-request).\n")
+        self.assertTrue(any(m.startswith("Error size of (compressed) request file is too large")
+                            for m in self.messages()))
+        self.assertEqual(handler.requests, [])
+
+    def test_negative_size_closes_at_once(self) -> None:
+        handler = FakeHandler()
+        protocol, transport = self.connect(CompileServerFactory(handler))
+        protocol.dataReceived(struct.pack(">i", -5))
+        self.assertFalse(transport.connected)
+        self.assertEqual(transport.value(), b"")
+
+    def test_no_answer_means_close(self) -> None:
+        handler = FakeHandler()
+        protocol, transport = self.connect(CompileServerFactory(handler))
+        protocol.dataReceived(struct.pack(">i", 3) + b"abc")
+        handler.answers[0].callback(None)
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.connected)
+
+    def test_client_gone_abandons_request(self) -> None:
+        handler = FakeHandler()
+        factory = CompileServerFactory(handler)
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(struct.pack(">i", 3) + b"abc")
+        transport.loseConnection()
+        context = handler.requests[0][1]
+        self.assertTrue(context.abandoned)
+        self.assertEqual(factory.gate.tokens, 1, "slot held until the work ends")
+        handler.answers[0].callback(None)
+        self.assertEqual(factory.gate.tokens, 2)
+
+    def test_gate_and_48_load_lines(self) -> None:
+        handler = FakeHandler(max_threads=2)
+        factory = CompileServerFactory(handler, Clock())
+        connections = [self.connect(factory, 40000 + i) for i in range(3)]
+        for protocol, _ in connections:
+            protocol.dataReceived(struct.pack(">i", 3) + b"abc")
+        self.assertEqual(
+            [m for m in self.messages() if m.startswith(("Processing", "Server is"))],
+            ["Processing 1 request...", "Processing 2 concurrent requests...",
+             "Server is overloaded. Processing times may be longer than normal."])
+        self.assertEqual(len(handler.requests), 2, "the third request waits for a slot")
+        self.assertEqual(factory.waiting, 1)
+        handler.answers[0].callback(b"one")
+        self.assertEqual(len(handler.requests), 3)
+        self.assertEqual(factory.waiting, 0)
+
+    def test_idle_connections_take_no_slot(self) -> None:
+        handler = FakeHandler(max_threads=1)
+        factory = CompileServerFactory(handler, Clock())
+        idle = [self.connect(factory, 41000 + i) for i in range(20)]
+        protocol, transport = self.connect(factory, 40000)
+        protocol.dataReceived(struct.pack(">i", 3) + b"abc")
+        self.assertEqual(len(handler.requests), 1)
+        handler.answers[0].callback(b"module")
+        self.assertEqual(transport.value(), b"module")
+        self.assertTrue(all(t.connected for _, t in idle))
+
+    def test_concurrency_disabled_serialises_without_load_lines(self) -> None:
+        handler = FakeHandler(max_threads=0)
+        factory = CompileServerFactory(handler, Clock())
+        connections = [self.connect(factory, 40000 + i) for i in range(2)]
+        for protocol, _ in connections:
+            protocol.dataReceived(struct.pack(">i", 3) + b"abc")
+        self.assertEqual(len(handler.requests), 1)
+        self.assertFalse([m for m in self.messages() if m.startswith("Processing")])
+
+    def test_queued_client_leaving_frees_nothing_it_did_not_hold(self) -> None:
+        handler = FakeHandler(max_threads=1)
+        factory = CompileServerFactory(handler, Clock())
+        first, first_transport = self.connect(factory, 1)
+        second, second_transport = self.connect(factory, 2)
+        first.dataReceived(struct.pack(">i", 3) + b"abc")
+        second.dataReceived(struct.pack(">i", 3) + b"abc")
+        second_transport.loseConnection()
+        self.assertEqual(factory.gate.tokens, 0)
+        handler.answers[0].callback(b"one")
+        self.assertEqual(len(handler.requests), 1, "the departed client's request is not run")
+        self.assertEqual(factory.gate.tokens, 1)
+
+    def test_silent_client_is_cut_off(self) -> None:
+        handler = FakeHandler()
+        clock = Clock()
+        factory = CompileServerFactory(handler, clock)
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(struct.pack(">i", 100) + b"partial")
+        clock.advance(29)
+        self.assertTrue(transport.connected)
+        clock.advance(1)
+        self.assertFalse(transport.connected)
+        self.assertIn("Timed out waiting for the request from 127.0.0.1:40000", self.messages())
+        self.assertEqual(handler.requests, [])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_deadline_stops_once_the_request_is_in(self) -> None:
+        handler = FakeHandler()
+        clock = Clock()
+        factory = CompileServerFactory(handler, clock)
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(struct.pack(">i", 3) + b"abc")
+        clock.advance(3600)
+        self.assertTrue(transport.connected, "compiling takes as long as it takes")
+        handler.answers[0].callback(b"module")
+        self.assertEqual(transport.value(), b"module")
+
+    async def test_drain_waits_for_busy_and_drops_idle(self) -> None:
+        handler = FakeHandler()
+        factory = CompileServerFactory(handler)
+        busy, busy_transport = self.connect(factory, 1)
+        idle, idle_transport = self.connect(factory, 2)
+        busy.dataReceived(struct.pack(">i", 3) + b"abc")
+        clock = Clock()
+        drained = Deferred.fromCoroutine(factory.drain(clock, 10.0))
+        self.assertFalse(idle_transport.connected)
+        self.assertFalse(drained.called)
+        handler.answers[0].callback(b"module")
+        self.assertEqual(busy_transport.value(), b"module")
+        await drained
+        self.assertIn("Waiting for 1 outstanding requests to complete...", self.messages())
+
+    async def test_drain_forces_after_grace(self) -> None:
+        handler = FakeHandler()
+        factory = CompileServerFactory(handler)
+        busy, transport = self.connect(factory, 1)
+        busy.dataReceived(struct.pack(">i", 3) + b"abc")
+        clock = Clock()
+        drained = Deferred.fromCoroutine(factory.drain(clock, 10.0))
+        clock.advance(10)
+        self.assertTrue(handler.requests[0][1].abandoned)
+        self.assertFalse(transport.connected)
+        handler.answers[0].callback(None)
+        await drained
+        self.assertIn("Timeout reached, exiting (forced)", self.messages())
+
+
+class PeerTests(TestCase):
+    def test_forms(self) -> None:
+        self.assertEqual(describe_peer(IPv6Address("TCP", "::ffff:10.0.0.1", 5)), "10.0.0.1:5")
+        self.assertEqual(describe_peer(IPv6Address("TCP", "::1", 5)), "[::1]:5")

@@ -1,0 +1,210 @@
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+from cryptography.hazmat.primitives.hashes import SHA256
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+from stapsrv.compile.handler import RequestContext
+from stapsrv.config.values import TranslatorLimits
+from stapsrv.core.cmdline import ServerOption
+from tests.helpers import signature_hash, test_identity
+from tests.helpers.archives import RELEASE, make_zip, request
+from tests.helpers.handlers import HandlerCase, alive
+from tests.helpers.vectors import captured_requests
+
+
+class HandlerTests(HandlerCase):
+    async def test_module_returned(self) -> None:
+        found = await self.answer(request("-p4", "-eok"))
+        self.assertEqual(found["version"], b"4.8")
+        self.assertEqual(found["rc"], b"0")
+        self.assertTrue(found["stap000000/stap_fake_1.ko"].startswith(b"\x7fELF"))
+        self.assertNotIn("stap000000/stap_fake_1.ko.sgn", found)
+        self.assertEqual(found["stdout"], b"<server>/.systemtap/cache/fa/stap_fake_1.ko\n")
+        self.assertEqual(os.listdir(self.tmpdir), [], "scratch directory removed")
+
+    async def test_translator_command_line_and_environment(self) -> None:
+        self.options = (ServerOption("-D", "A=1"),)
+        await self.answer(request("-p4", "-eok", locale=b"LANG=C\nLC_ALL=fr_FR.UTF-8\n"))
+        record = self.recorded()
+        argv = record["argv"]
+        self.assertEqual(argv[0], f"-r{RELEASE}")
+        self.assertEqual(argv[1:3], ["-DA=1", "-R/fixed/runtime"])
+        self.assertTrue(argv[3].startswith("--tmpdir=" + str(self.tmpdir / "stap-server.")))
+        self.assertTrue(argv[3].endswith("/response/stap000000"))
+        self.assertEqual(argv[4:], ["--client-options", "-p4", "-eok"])
+        self.assertTrue(record["cwd"].endswith("/request"))
+        self.assertEqual(record["env"]["LANG"], "C")
+        self.assertEqual(record["env"]["LC_ALL"], "fr_FR.UTF-8")
+        self.assertTrue(record["env"]["TMPDIR"].startswith(str(self.tmpdir)))
+        self.assertEqual(record["pgid"], record["pid"], "stap leads its own process group")
+
+    async def test_explicit_runtime_replaces_the_fixed_one(self) -> None:
+        await self.answer(request("-p4"), self.handler(runtime="/mine",
+                          server_options=(ServerOption("-R", "/mine"),)))
+        argv = self.recorded()["argv"]
+        self.assertIn("-R/mine", argv)
+        self.assertNotIn("-R/fixed/runtime", argv)
+
+    async def test_old_client_gets_no_locale(self) -> None:
+        await self.answer(request("-p4", locale=b"LANG=fr_FR\n", version=b"1.5"))
+        self.assertNotEqual(self.recorded()["env"]["LANG"], "fr_FR")
+
+    async def test_failure_passes_rc_and_stderr(self) -> None:
+        found = await self.answer(request("-p4", "-efail"))
+        self.assertEqual(found["rc"], b"1")
+        self.assertEqual(found["stderr"], b"semantic error: fake failure\n")
+        self.assertNotIn("stap000000/stap_fake_1.ko", found)
+
+    async def test_killed_translator_reports_128_plus_signal(self) -> None:
+        found = await self.answer(request("-p4", "-esignal"))
+        self.assertEqual(found["rc"], b"137")
+        self.assertTrue(found["stderr"].endswith(
+            b"Server: The translator was ended by SIGKILL.\n"), found["stderr"])
+        found = await self.answer(request("-p4", "-esignal"), self.handler(
+            limits=TranslatorLimits(cpu_seconds=60)))
+        self.assertIn(b"It may have gone past its CPU time limit (--cpu-limit).",
+                      found["stderr"])
+
+    async def test_unprivileged_module_is_signed(self) -> None:
+        for privilege in ("--privilege=stapusr", "--privilege=stapsys", "--unprivileged"):
+            found = await self.answer(request(privilege, "-p4"))
+            module = found["stap000000/stap_fake_1.ko"]
+            signature = found["stap000000/stap_fake_1.ko.sgn"]
+            test_identity().certificate.public_key().verify(signature, module, PKCS1v15(), SHA256())
+
+    async def test_signature_digest_follows_the_client_version(self) -> None:
+        public_key = test_identity().key.public_key()
+        for version, digest in ((b"4.7", "sha1"), (b"4.8", "sha256"), (b"5.5", "sha256")):
+            found = await self.answer(request("--privilege=stapusr", "-p4", version=version))
+            self.assertEqual(signature_hash(public_key, found["stap000000/stap_fake_1.ko.sgn"],
+                                            found["stap000000/stap_fake_1.ko"]), digest, version)
+
+    async def test_stapdev_module_is_not_signed(self) -> None:
+        found = await self.answer(request("--privilege=stapdev", "-p4"))
+        self.assertNotIn("stap000000/stap_fake_1.ko.sgn", found)
+
+    async def test_failed_unprivileged_request_is_not_signed(self) -> None:
+        found = await self.answer(request("--privilege=stapusr", "-efail"))
+        self.assertNotIn("stap000000/stap_fake_1.ko.sgn", found)
+
+    async def test_unsupported_release(self) -> None:
+        found = await self.answer(request("-p4", release="5.0.0-other"))
+        self.assertEqual(found["rc"], b"1")
+        self.assertIn(b"'5.0.0-other'", found["stderr"])
+        self.assertIn(RELEASE.encode(), found["stderr"])
+        self.assertFalse(self.record.exists(), "the translator never ran")
+
+    async def test_missing_sysinfo(self) -> None:
+        body = make_zip([("argv1", b"-p4", 0o100644), ("version", b"4.8", 0o100644)])
+        found = await self.answer(body)
+        self.assertEqual(found["rc"], b"1")
+        self.assertIn(b"sysinfo", found["stderr"])
+
+    async def test_locale_complaints_precede_translator_output(self) -> None:
+        found = await self.answer(request("-efail", locale=b"LANG=en_US;.utf8\n"))
+        self.assertEqual(found["stderr"], (
+            b"Server: Localization value 'en_US;.utf8' contains illegal characters\n"
+            b"semantic error: fake failure\n"))
+
+    async def test_paths_are_rewritten(self) -> None:
+        found = await self.answer(request("-ehome"))
+        self.assertIn(b"home is <server>/x and tmp is <server>/stap000000/y", found["stderr"])
+
+    async def test_oversize_archive_is_explained(self) -> None:
+        body = request("-p4", "-e" + "x" * 100)
+        found = await self.answer(body, self.handler(max_request_size=100))
+        self.assertEqual(found["rc"], b"1")
+        self.assertRegex(found["stderr"].decode(),
+                         r"^Server: The request is \d+ bytes uncompressed; this server "
+                         r"accepts 1 to 100 bytes \(its --max-request-size\).\n$")
+        self.assertFalse(self.record.exists())
+        self.assertEqual(os.listdir(self.tmpdir), [])
+
+    async def test_corrupt_archive_gets_no_answer(self) -> None:
+        response = await self.handler().handle(b"PK\x03\x04garbage", RequestContext("peer"))
+        self.assertIsNone(response)
+        self.assertEqual(os.listdir(self.tmpdir), [])
+
+    async def test_keep_temporary(self) -> None:
+        self.keep = True
+        await self.answer(request("-p4"))
+        self.assertIn("-k", self.recorded()["argv"][:4])
+        [kept] = os.listdir(self.tmpdir)
+        self.assertTrue((self.tmpdir / kept / "request.zip").is_file())
+        self.assertTrue((self.tmpdir / kept / "response" / "rc").is_file())
+
+    async def test_captured_request_runs(self) -> None:
+        found = await self.answer(captured_requests()["04-scriptfile-tapsetdir-args"])
+        self.assertEqual(found["rc"], b"0")
+        record = self.recorded()
+        self.assertEqual(record["argv"][-8:], [
+            "script/home/user/cli3/hello.stp", "-I", "tapset/home/user/cli3/tapsets",
+            f"-r{RELEASE}", "-p4", "--", "str arg", "42"])
+        self.assertEqual(record["exists"], {"script/home/user/cli3/hello.stp": True,
+                                            "tapset/home/user/cli3/tapsets": True})
+
+    async def test_abandoned_request_kills_the_process_group(self) -> None:
+        context = RequestContext("peer")
+        work = Deferred.fromCoroutine(self.handler().handle(request("-esleep"), context))
+        pids_file = Path(str(self.record) + ".pids")
+        for _ in range(100):
+            if pids_file.exists() and pids_file.read_text():
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        pids = json.loads(pids_file.read_text())
+        self.assertTrue(all(alive(pid) for pid in pids))
+        started = time.monotonic()
+        context.abandon()
+        self.assertIsNone(await work)
+        for _ in range(40):
+            if not any(alive(pid) for pid in pids):
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(any(alive(pid) for pid in pids), "stap and its children are gone")
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertEqual(os.listdir(self.tmpdir), [])
+
+
+class RobustnessTests(HandlerCase):
+    async def test_compile_timeout_stops_the_group_and_explains(self) -> None:
+        handler = self.handler(compile_timeout=0.5)
+        started = time.monotonic()
+        found = await self.answer(request("-esleep"), handler)
+        self.assertLess(time.monotonic() - started, 5.0)
+        self.assertEqual(found["rc"], b"1")
+        self.assertIn(b"Server: The translator ran longer than the server's compile timeout "
+                      b"(0.5 s) and was stopped.\n", found["stderr"])
+        pids = json.loads(Path(str(self.record) + ".pids").read_text())
+        for _ in range(60):
+            if not any(alive(pid) for pid in pids):
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(any(alive(pid) for pid in pids), "stap and its children are gone")
+        self.assertEqual(os.listdir(self.tmpdir), [])
+        self.assertEqual((handler.counters.requests, handler.counters.failures,
+                          handler.counters.compiling), (1, 1, 0))
+
+    async def test_full_disk_gets_a_clear_answer(self) -> None:
+        import errno
+
+        from stapsrv.compile import handler as handler_module
+
+        def full(*args: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(handler_module, "_unpack", full)
+        handler = self.handler()
+        found = await self.answer(request("-p4"), handler)
+        self.assertEqual(found["rc"], b"1")
+        self.assertIn(b"Server: The server ran out of disk space", found["stderr"])
+        self.assertEqual(os.listdir(self.tmpdir), [], "scratch directory removed")
+        self.assertFalse(self.record.exists())
+        self.assertEqual(handler.counters.failures, 1)

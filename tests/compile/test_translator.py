@@ -1,0 +1,109 @@
+"""The translator launcher: limits, process group, parent-death signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from stapsrv.compile.translator import launcher, start_translator
+from stapsrv.config.values import TranslatorLimits
+from tests.helpers import ROOT
+
+
+class LauncherTests(TestCase):
+    def run_shell(self, script: str, limits: TranslatorLimits = TranslatorLimits()):  # type: ignore[no-untyped-def]
+        base = Path(self.mktemp()).absolute()
+        base.mkdir()
+        run = start_translator(reactor, ["/bin/sh", "-c", script], {"PATH": "/usr/bin:/bin"},
+                               base, base / "stdout", base / "stderr", limits)
+        return run, base
+
+    async def test_limits_apply_to_the_translator_and_its_children(self) -> None:
+        limits = TranslatorLimits(cpu_seconds=7, address_space=900 << 20,
+                                  file_size=3 << 20, processes=321)
+        run, base = self.run_shell(
+            "sh -c 'ulimit -t; ulimit -v; ulimit -f; cat /proc/self/limits' ", limits)
+        self.assertEqual(await run.result, 0)
+        lines = (base / "stdout").read_text().splitlines()
+        self.assertEqual(lines[:3], ["7", str(900 << 10), str((3 << 20) // 512)])
+        limits_text = "\n".join(lines[3:])
+        self.assertRegex(limits_text, r"Max processes\s+321\s+321")
+        self.assertRegex(limits_text, r"Max cpu time\s+7\s+7", "hard limit too")
+
+    async def test_no_limits_means_no_prlimit(self) -> None:
+        self.assertNotIn("/usr/bin/prlimit", launcher(TranslatorLimits()))
+        run, base = self.run_shell("ulimit -t")
+        self.assertEqual(await run.result, 0)
+        self.assertEqual((base / "stdout").read_text(), "unlimited\n")
+
+    async def test_own_session_and_group(self) -> None:
+        run, base = self.run_shell("ps -o pid=,pgid=,sid= -p $$")
+        self.assertEqual(await run.result, 0)
+        pid, pgid, sid = (base / "stdout").read_text().split()
+        self.assertEqual(pid, str(run.pid))
+        self.assertEqual((pgid, sid), (pid, pid), "leader of its own session and group")
+
+    def test_translator_ends_when_the_server_is_killed(self) -> None:
+        """SIGKILL of the server (no chance to clean up) still ends stap."""
+        base = Path(self.mktemp()).absolute()
+        base.mkdir()
+        server = subprocess.Popen([sys.executable, "-c", f"""
+import sys; sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from twisted.internet import reactor
+from stapsrv.compile.translator import start_translator
+base = Path({str(base)!r})
+def go():
+    run = start_translator(reactor, ["/bin/sh", "-c", "echo $$ > pid; exec sleep 300"],
+                           {{"PATH": "/usr/bin:/bin"}}, base, base / "out", base / "err")
+reactor.callWhenRunning(go)
+reactor.run()
+"""])
+        self.addCleanup(server.kill)
+        pid_file = base / "pid"
+        for _ in range(200):
+            if pid_file.exists() and pid_file.read_text().strip():
+                break
+            time.sleep(0.02)
+        translator = int(pid_file.read_text())
+        server.kill()
+        server.wait()
+        for _ in range(100):
+            try:
+                state = Path(f"/proc/{translator}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                break
+            if state == "Z":
+                break
+            time.sleep(0.02)
+        else:
+            os.kill(translator, signal.SIGKILL)
+            self.fail("the translator outlived the killed server")
+
+    async def test_file_size_limit_stops_a_big_write(self) -> None:
+        run, base = self.run_shell(
+            "head -c 3000000 /dev/zero > big; echo $?", TranslatorLimits(file_size=1 << 20))
+        await run.result
+        self.assertNotEqual((base / "stdout").read_text().strip(), "0")
+        self.assertEqual((base / "big").stat().st_size, 1 << 20)
+        self.assertEqual(os.listdir(base).count("big"), 1)
+
+
+class ExecSizeTests(TestCase):
+    def test_too_long_a_command_is_refused_before_forking(self) -> None:
+        import errno
+
+        base = Path(self.mktemp()).absolute()
+        base.mkdir()
+        for argv in (["/bin/true", "x" * (200 * 1024)], ["/bin/true"] + ["y" * 100_000] * 40):
+            with self.assertRaises(OSError) as caught:
+                start_translator(reactor, argv, {}, base, base / "out", base / "err")
+            self.assertEqual(caught.exception.errno, errno.E2BIG)
+        self.assertEqual(sorted(os.listdir(base)), [], "nothing opened or written")

@@ -1,0 +1,66 @@
+"""One conversion to a ServerConfig (stapsrv.config.convert): the twistd
+options and a configuration file that say the same give the same config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from attrs import evolve
+from twisted.trial.unittest import TestCase
+
+from stapsrv.app import tap
+from stapsrv.config.convert import SettingsError, server_config, settings_config
+from stapsrv.config.files import GlobalConfig, read_server_file
+
+
+class ConvertTests(TestCase):
+    def setUp(self) -> None:
+        self.patch(os, "geteuid", lambda: 1000)
+        self.base = Path(self.mktemp()).absolute()
+        self.base.mkdir()
+
+    def test_options_and_file_agree(self) -> None:
+        conf = self.base / "a.conf"
+        conf.write_text(
+            f"RELEASE=6.1.0-56-amd64\nARCH=x86_64\nINCLUDE=/t\nDEFINE=A=1\nPORT=4711\n"
+            f"SSL={self.base / 'ssl'}\nLOG={self.base / 'log'}\nMAXTHREADS=3\n"
+            f"MAXREQSIZE=10\nMAXCOMPRESSEDREQ=20\nREQUEST_TIMEOUT=5\nCOMPILE_TIMEOUT=60\n"
+            f"CPU_LIMIT=30\nMEMORY_LIMIT=1024\nCACHE=no\nCACHE_DIR=/c\nCACHE_SIZE=10\n"
+            f"SANDBOX=off\n")
+        from_file = settings_config(read_server_file(conf), GlobalConfig())
+        options = tap.Options()
+        options.parseOptions([
+            "-r", "6.1.0-56-amd64", "-a", "x86_64", "-I", "/t", "-D", "A=1",
+            "--port", "4711", "--ssl", str(self.base / "ssl"), "--log", str(self.base / "log"),
+            "--max-threads", "3", "--max-request-size", "10", "--max-compressed-request", "20",
+            "--request-timeout", "5", "--compile-timeout", "60", "--cpu-limit", "30",
+            "--memory-limit", "1024", "--no-cache", "--cache-dir", "/c", "--cache-size", "10",
+            "--no-sandbox"])
+        self.assertEqual(options.to_config(), from_file)
+        self.assertFalse(from_file.sandbox)
+
+    def test_sandbox_is_on_unless_switched_off(self) -> None:
+        self.assertTrue(server_config().sandbox)
+        conf = self.base / "a.conf"
+        for value, expected in (("", True), ("yes", True), ("NO", False), ("0", False)):
+            conf.write_text(f"SANDBOX={value}\n")
+            self.assertEqual(settings_config(read_server_file(conf), GlobalConfig()).sandbox,
+                             expected, value)
+        conf.write_text("SANDBOX=maybe\n")
+        with self.assertRaises(SettingsError) as caught:
+            settings_config(read_server_file(conf), GlobalConfig())
+        self.assertEqual(str(caught.exception), "SANDBOX=maybe is not yes or no")
+
+    def test_defaults(self) -> None:
+        config = server_config()
+        self.assertEqual(config.releases, (os.uname().release,))
+        self.assertEqual(config.max_threads, os.cpu_count() or 1)
+        self.assertEqual(evolve(config, listen="::"), server_config(listen="::"))
+
+    def test_fleet_cache_errors_name_their_source(self) -> None:
+        conf = self.base / "a.conf"
+        conf.write_text("FLEET_CACHE=http://x\n")
+        with self.assertRaises(SettingsError) as caught:
+            settings_config(read_server_file(conf), GlobalConfig())
+        self.assertTrue(str(caught.exception).startswith("FLEET_CACHE: "))
