@@ -13,6 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from stapsrv.app.server import CompileServerFactory, describe_peer
 from stapsrv.compile.handler import RequestContext
+from stapsrv.compile.policy import Policy
 from stapsrv.config.values import ServerConfig
 from tests.helpers.vectors import CAPTURE, members
 
@@ -20,12 +21,14 @@ from tests.helpers.vectors import CAPTURE, members
 class FakeHandler:
     """Records requests; each answer is released by the test."""
 
-    def __init__(self, max_threads: int = 2, limit: int = 5000) -> None:
-        self.config = ServerConfig(releases=("r",), ssl_dir=Path("/nonexistent"),
+    def __init__(self, max_threads: int = 2, limit: int = 5000,
+                 allow: tuple[str, ...] = ()) -> None:
+        self.config = ServerConfig(releases=("r",), ssl_dir=Path("/nonexistent"), allow=allow,
                                    max_threads=max_threads, max_compressed_request=limit,
                                    request_timeout=30.0)
         self.reactor = Clock()
         self.gate = DeferredSemaphore(self.config.concurrency)
+        self.policy = Policy.from_values(allow, False, ("stapusr", "stapsys", "stapdev"))
         self.requests: list[tuple[bytes, RequestContext]] = []
         self.answers: list[Deferred[bytes | None]] = []
 
@@ -71,6 +74,18 @@ class ProtocolTests(TestCase):
         self.assertFalse(transport.connected)
         self.assertIn("Accepted connection from 127.0.0.1:40000", self.messages())
         self.assertIn("Request from 127.0.0.1:40000 complete", self.messages())
+
+    def test_peer_outside_the_allow_list_is_told_and_closed(self) -> None:
+        handler = FakeHandler(allow=("192.0.2.0/24",))
+        protocol, transport = self.connect(CompileServerFactory(handler))
+        protocol.dataReceived((CAPTURE / "01-trivial-p4.c2s.bin").read_bytes())
+        self.assertEqual(handler.requests, [], "the request never reaches the handler")
+        found = members(transport.value())
+        self.assertEqual(found["rc"], b"1")
+        self.assertEqual(found["stderr"], b"Server: This server does not accept requests "
+                         b"from 127.0.0.1 (its --allow list).\n")
+        self.assertFalse(transport.connected)
+        self.assertIn("Refusing 127.0.0.1:40000: not in the --allow list", self.messages())
 
     def test_probe_closes_without_bytes(self) -> None:
         handler = FakeHandler()
