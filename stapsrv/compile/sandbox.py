@@ -108,7 +108,7 @@ class Sandbox:
         if self.home != Path("/"):
             words += ["--bind", str(home), str(self.home)]
         words += ["--bind", str(systemtap_dir), str(self.systemtap_dir)]
-        for path in _outside_usr(self.read_only):
+        for path in _outside_usr(self.read_only, hidden=(self.home, self.systemtap_dir)):
             words += ["--ro-bind", str(path), str(path)]
         words += ["--bind", str(scratch), str(scratch), "--remount-ro", "/",
                   "--chdir", str(scratch / "request"), "--"]
@@ -163,12 +163,18 @@ def server_sandbox(config: ServerConfig, environ: Mapping[str, str],
                    read_only=tuple(trees))
 
 
-def _outside_usr(paths: Iterable[Path]) -> list[Path]:
-    """Existing paths not already visible through /usr, each once, sorted."""
+def _outside_usr(paths: Iterable[Path], hidden: Iterable[Path] = ()) -> list[Path]:
+    """Existing paths not already visible through /usr, each once, sorted;
+    never one that holds a ``hidden`` directory (the server user's home and
+    ``SYSTEMTAP_DIR``, where its key and MOKs are), which would show it
+    again: a tree inside them is shown, one around them is not."""
+    covered = [Path(os.path.abspath(path)) for path in hidden]
     found = set()
     for path in paths:
         path = Path(os.path.abspath(path))
         if path == Path("/usr") or Path("/usr") in path.parents or not path.exists():
+            continue
+        if any(path == secret or path in secret.parents for secret in covered):
             continue
         found.add(path)
     return sorted(found)

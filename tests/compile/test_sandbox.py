@@ -42,6 +42,25 @@ class EnvironmentTests(TestCase):
                                 "SYSTEMTAP_TAPSET": "/t"})
 
 
+class WordsTests(TestCase):
+    def test_trees_around_the_home_are_never_shown(self) -> None:
+        """A translator installed in the server user's home (its bin/'s
+        parent is the home) must not bring the home, and the key in it, back."""
+        base = Path(self.mktemp()).absolute()
+        home = base / "home"
+        runtime = home / ".cache" / "stapsrv" / "runtime-1"
+        runtime.mkdir(parents=True)
+        (base / "taps").mkdir()
+        sandbox = Sandbox(home=home, systemtap_dir=home / ".systemtap",
+                          read_only=(home, base, Path("/"), runtime, base / "taps"))
+        words = sandbox.words(base / "tmp" / "stap-server.x")
+        shown = [words[i + 1] for i, word in enumerate(words) if word == "--ro-bind"]
+        self.assertIn(str(runtime), shown)
+        self.assertIn(str(base / "taps"), shown)
+        for path in (home, base, Path("/")):
+            self.assertNotIn(str(path), shown)
+
+
 class StapconfStoreTests(TestCase):
     def test_seed_and_collect_only_headers(self) -> None:
         base = Path(self.mktemp())
