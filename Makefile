@@ -12,7 +12,7 @@ SHARED ?= ../shared
 STAP55_TARBALL ?= $(SHARED)/clients/systemtap-5.5-bookworm-amd64.tar.xz
 APT_PACKAGES := systemtap systemtap-client systemtap-server libnss3-tools \
 	dbus-daemon avahi-daemon avahi-utils redis-server python3-venv zip unzip util-linux passwd groff-base man-db \
-	bubblewrap
+	bubblewrap haproxy prometheus
 
 .PHONY: setup system-packages stap55 server-user venv serve test clean install-system uninstall-system
 

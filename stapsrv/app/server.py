@@ -13,10 +13,17 @@ from __future__ import annotations
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from stapsrv import PROTOCOL_VERSION
 from stapsrv.compile.archive import refusal_archive
@@ -47,6 +54,7 @@ def describe_peer(address: IAddress) -> str:
     return f"{host}:{port}"
 
 
+@implementer(IHandshakeListener)
 class CompileServerProtocol(Protocol):
     """One client connection: read the request, answer, close."""
 
@@ -72,6 +80,7 @@ class CompileServerProtocol(Protocol):
         self._close_waiters: list[Deferred[None]] = []
         #: The peer is not in the --allow list: its request gets the refusal.
         self._refusal: str | None = None
+        self._admitted = False
 
     def when_closed(self) -> Deferred[None]:
         """A new Deferred that fires once the connection is gone."""
@@ -102,13 +111,26 @@ class CompileServerProtocol(Protocol):
         self.factory.connections.add(self)
         self.peer = describe_peer(self.connection.getPeer())
         self._reader = RequestReader(self.factory.handler.config.max_compressed_request)
+        self._admitted = False
+        if not self.factory.proxied:
+            self._admit()
+        self._arm_deadline("Timed out waiting for the request from {peer}")
+
+    def _admit(self) -> None:
+        """Log the client and apply the --allow list to its address.  Behind
+        a proxy that address is only known once the PROXY header is read,
+        before the TLS handshake: so then this waits for the handshake to
+        complete (the proxy's health checks, which do not shake hands, are
+        then not logged)."""
+        self._admitted = True
+        address = self.connection.getPeer()
+        self.peer = describe_peer(address)
         self.log.info("Accepted connection from {peer}", peer=self.peer)
         policy = self.factory.handler.policy
-        host = peer_host(self.connection.getPeer())
+        host = peer_host(address)
         if not policy.admits(host):
             self._refusal = policy.peer_refusal(host)
             self.log.info("Refusing {peer}: not in the --allow list", peer=self.peer)
-        self._arm_deadline("Timed out waiting for the request from {peer}")
 
     def _arm_deadline(self, message: str) -> None:
         """Cut the connection off unless it is gone within the request timeout."""
@@ -127,8 +149,15 @@ class CompileServerProtocol(Protocol):
         self.log.info(message, peer=self.peer)
         self.connection.abortConnection()
 
+    def handshakeCompleted(self) -> None:
+        """TLS is up (so behind a proxy its PROXY header has been read)."""
+        if not self._admitted:
+            self._admit()
+
     def dataReceived(self, data: bytes) -> None:
         assert self._reader is not None
+        if not self._admitted:
+            self._admit()
         event = self._reader.feed(data)
         if event is not None:
             self._dispatch(event)
@@ -205,6 +234,8 @@ class CompileServerFactory(Factory[CompileServerProtocol]):
         self.limit = handler.config.max_threads
         self.gate: DeferredSemaphore = handler.gate
         self.connections: set[CompileServerProtocol] = set()
+        #: Clients' addresses come from a PROXY protocol header.
+        self.proxied = handler.config.proxied
 
     @property
     def waiting(self) -> int:

@@ -22,6 +22,9 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from stapsrv.app.health import Health, listening_check, space_check, translator_check
+from stapsrv.app.listen import NotListening, listen_now
+from stapsrv.app.metrics import ServerMetrics
 from stapsrv.app.server import CompileServerFactory
 from stapsrv.cache.fleet import RedisCache
 from stapsrv.cache.key import KeyMaker
@@ -82,11 +85,34 @@ class CompileServerService(Service):
         self._pool: ThreadPool | None = None
         self.counters = Counters()
         self._fleet: RedisCache | None = None
+        #: The Prometheus metrics (with ``--metrics``).
+        self.metrics: ServerMetrics | None = None
+        if config.metrics:
+            self.metrics = ServerMetrics(
+                connections=lambda: len(self.factory.connections) if self.factory else 0,
+                compiling=lambda: self.counters.compiling,
+                waiting=lambda: self.factory.waiting if self.factory else 0)
+
+    def health(self) -> Health:
+        """Whether this server can serve now (``/healthz``)."""
+        config = self.config
+        listening = self.port is not None
+        where = f"[{self.listen_address}]:{self.port_number}" if listening else ""
+        directories = [config.tmpdir]
+        if config.cache_enabled:
+            directories.append(config.response_cache_dir)
+        return Health((listening_check(listening, where), translator_check(config.stap),
+                       space_check(directories)))
 
     def snapshot(self) -> Counters:
         """The counters, with the requests waiting for a slot right now."""
         waiting = self.factory.waiting if self.factory is not None else 0
         return evolve(self.counters, waiting=waiting)
+
+    @property
+    def listen_address(self) -> str:
+        assert self.port is not None
+        return str(getattr(self.port.getHost(), "host", "?"))
 
     @property
     def port_number(self) -> int:
@@ -98,7 +124,7 @@ class CompileServerService(Service):
     def startService(self) -> None:
         try:
             self._start()
-        except (RootRefused, SandboxUnavailable) as exc:
+        except (RootRefused, SandboxUnavailable, NotListening) as exc:
             self.log.error("{message}", message=str(exc))
             raise
         except CannotListenError as exc:
@@ -124,16 +150,20 @@ class CompileServerService(Service):
         handler = RequestHandler(config, self.reactor, self._pool, self._current_identity,
                                  runtimes, cache=cache, keys=keys, counters=self.counters,
                                  sandbox=sandbox, stapconf=stapconf)
+        if self.metrics is not None:
+            handler.observer = self.metrics
         self.factory = CompileServerFactory(handler, self.reactor)
         tls_factory = TLSMemoryBIOFactory(
             server_context_factory(self.identity), False, self.factory)
-        self.port = self.reactor.listenTCP(
-            config.port,
-            tls_factory,  # type: ignore[arg-type]  # Twisted types TLS factories as client ones
-            backlog=50, interface=config.listen)
+        # TLS is ours, on top of whatever stream the endpoint gives (plain
+        # TCP, TCP behind a PROXY header, a socket from systemd).
+        self.port = listen_now(self.reactor, config.listen_description, tls_factory)
         self._pool.start()
         self.log.info("Using network address [{address}]:{port}",
-                      address=config.listen, port=self.port_number)
+                      address=self.listen_address, port=self.port_number)
+        if config.proxied:
+            self.log.info("Clients' addresses come from the PROXY protocol header "
+                          "({endpoint})", endpoint=config.listen_description)
         if config.max_threads > 0:
             self.log.info("Using a maximum of {count} threads", count=config.max_threads)
         else:

@@ -14,6 +14,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from stapsrv.app.counters import CountersFileService
+from stapsrv.app.metrics import MetricsService, metrics_site
 from stapsrv.app.logs import LogFileService, LoggedTree, ReopenOnSighup
 from stapsrv.app.publish import publisher_service
 from stapsrv.app.service import CompileServerService
@@ -104,6 +105,11 @@ class Options(usage.Options):
          "in this file."],
         ["privileges", None, None, "Privilege levels to compile for, separated by commas "
          "(default: stapusr,stapsys,stapdev)."],
+        ["endpoint", None, None, "Twisted endpoint description to listen on instead of "
+         "--listen/--port: tcp:PORT:interface=ADDR, haproxy:tcp:... (clients come through "
+         "HAProxy with the PROXY protocol), systemd:domain=INET:index=0 (socket activation)."],
+        ["metrics", None, None, "Serve Prometheus metrics (/metrics) and a health check "
+         "(/healthz) over HTTP at this endpoint, e.g. tcp:9642:interface=127.0.0.1."],
     ]
     optFlags = [
         ["keep", "k", "Keep each request's temporary directory."],
@@ -192,7 +198,8 @@ class Options(usage.Options):
                 sandbox=not self["no-sandbox"], allow=self["allow"],
                 refuse_guru=bool(self["refuse-guru"]), privileges=self["privileges"],
                 cache_dir=self["cache-dir"], cache_size=self["cache-size"],
-                fleet_cache=self["fleet-cache"], counters_file=self["counters-file"])
+                fleet_cache=self["fleet-cache"], counters_file=self["counters-file"],
+                endpoint=self["endpoint"], metrics=self["metrics"])
         except FleetCacheError as exc:
             raise usage.UsageError(f"--fleet-cache: {exc}") from None
         except SettingsError as exc:
@@ -235,6 +242,11 @@ def _add_server(top: LoggedTree, config: ServerConfig, reactor: IServerReactor,
         CountersFileService(config.counters_file, server.snapshot,
                             reactor).setServiceParent(top)
     server.setServiceParent(top)
+    metrics = server.metrics
+    if config.metrics and metrics is not None:
+        # After the server: /healthz then finds it listening.
+        MetricsService(config.metrics, lambda: metrics_site(metrics, server.health),
+                       reactor, server.log).setServiceParent(top)
     publisher_service(server, reactor, enabled=publish).setServiceParent(top)
 
 

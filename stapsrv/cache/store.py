@@ -71,6 +71,8 @@ class DiskCache:
     ``max_bytes`` in all; a hit refreshes the file's mtime, and the oldest
     mtimes go first when the cap is passed."""
 
+    tier = "disk"
+
     def __init__(self, directory: Path, max_bytes: int, reactor: IReactorFromThreads,
                  pool: ThreadPool,
                  log: Logger | None = None) -> None:
@@ -185,22 +187,43 @@ class DiskCache:
             pass
 
 
+async def find_answer(cache: ResponseCache, key: str) -> tuple[bytes, str] | None:
+    """``cache``'s answer for ``key`` and the tier it came from (a tiered
+    cache says which; another cache is its own ``tier``, else ``disk``)."""
+    find = getattr(cache, "find", None)
+    if find is not None:
+        found: tuple[bytes, str] | None = await find(key)
+        return found
+    response = await cache.get(key)
+    if response is None:
+        return None
+    return response, str(getattr(cache, "tier", "disk"))
+
+
 class TieredCache:
     """A local cache in front of a shared one: hits in the shared cache are
     kept locally too, and new answers go to both."""
 
-    def __init__(self, local: ResponseCache, shared: ResponseCache) -> None:
+    def __init__(self, local: ResponseCache, shared: ResponseCache,
+                 shared_tier: str = "fleet") -> None:
         self.local = local
         self.shared = shared
+        self.shared_tier = shared_tier
 
     async def get(self, key: str) -> bytes | None:
-        response = await self.local.get(key)
-        if response is not None:
-            return response
+        found = await self.find(key)
+        return None if found is None else found[0]
+
+    async def find(self, key: str) -> tuple[bytes, str] | None:
+        """The answer and the tier that had it."""
+        found = await find_answer(self.local, key)
+        if found is not None:
+            return found
         response = await self.shared.get(key)
-        if response is not None:
-            await self.local.put(key, response)
-        return response
+        if response is None:
+            return None
+        await self.local.put(key, response)
+        return response, self.shared_tier
 
     async def put(self, key: str, response: bytes) -> None:
         await self.local.put(key, response)

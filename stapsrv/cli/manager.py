@@ -66,11 +66,13 @@ Options:
 \t--allow networks\t: only these addresses or CIDR networks may use a server.
 \t--refuse-guru yes|no\t: refuse guru mode (-g) requests (default no).
 \t--privileges list\t: privilege levels compiled for (default stapusr,stapsys,stapdev).
+\t--endpoint description\t: Twisted endpoint to listen on (haproxy:tcp:..., systemd:...).
+\t--metrics description\t: endpoint of the Prometheus /metrics and /healthz listener.
 
 All options may be repeated.  -a, -r, -I, -R, -B, -D, -u and -i describe the
 server named by the -n or -p before them (or the one server of the command
 line); --log, --port, --ssl, the --max-* options, the policy options
-(--sandbox, --allow, --refuse-guru, --privileges) and the timeout, limit and
+(--sandbox, --allow, --refuse-guru, --privileges), --endpoint, --metrics and the timeout, limit and
 cache options are handed to the named servers in order; servers beyond their count get the default log
 (LOG_FILE), a free port, ~/.systemtap/ssl/server and the built-in limits.
 

@@ -30,9 +30,10 @@ from twisted.python.threadpool import ThreadPool
 
 from stapsrv import PROTOCOL_VERSION
 from stapsrv.cache.key import KeyMaker, Uncacheable
-from stapsrv.cache.store import ResponseCache
+from stapsrv.cache.store import ResponseCache, find_answer
 from stapsrv.compile.archive import RequestRejected, build_response, refusal_archive
 from stapsrv.compile.job import Job, needs_signature, parse_job, write_request
+from stapsrv.compile.observer import NoObserver, RequestObserver
 from stapsrv.compile.policy import Policy
 from stapsrv.compile.sandbox import (
     WARM_UP_SCRIPT,
@@ -109,6 +110,19 @@ class Outcome:
     response: bytes | None
     succeeded: bool
     to_keep: bytes | None = None
+    #: The cache tier it came from (None: not from a cache).
+    tier: str | None = None
+    #: Refused by the server's checks or policy, not compiled.
+    refused: bool = False
+
+    @property
+    def label(self) -> str:
+        """Its name among :data:`stapsrv.compile.observer.OUTCOMES`."""
+        if self.refused:
+            return "refused"
+        if not self.succeeded:
+            return "failed"
+        return "compiled" if self.tier is None else "cached"
 
 
 def repeated_answer_member(name: str) -> bool:
@@ -192,6 +206,7 @@ class RequestHandler:
     cache: ResponseCache | None = None
     keys: KeyMaker | None = None
     counters: Counters = field(factory=Counters)
+    observer: RequestObserver = field(factory=NoObserver)
     #: The translator's sandbox and the stapconf headers it shares; None
     #: with ``--no-sandbox``.
     sandbox: Sandbox | None = None
@@ -219,9 +234,13 @@ class RequestHandler:
 
     async def handle(self, body: bytes, context: RequestContext) -> bytes | None:
         self.counters.requests += 1
+        started = self.reactor.seconds()
         outcome = await self._answer(body, context)
         if not outcome.succeeded:
             self.counters.failures += 1
+        if outcome.tier is not None:
+            self.observer.cache_hit(outcome.tier)
+        self.observer.request_done(outcome.label, self.reactor.seconds() - started)
         return outcome.response
 
     def _rejected(self, exc: RequestRejected) -> Outcome:
@@ -229,8 +248,9 @@ class RequestHandler:
         self.log.info("{message}", message=str(exc))
         self.log.info("Error processing client request")
         if exc.client_message is None:
-            return Outcome(None, False)
-        return Outcome(refusal_archive(exc.client_message, PROTOCOL_VERSION), False)
+            return Outcome(None, False, refused=True)
+        return Outcome(refusal_archive(exc.client_message, PROTOCOL_VERSION), False,
+                       refused=True)
 
     async def _answer(self, body: bytes, context: RequestContext) -> Outcome:
         try:
@@ -242,16 +262,17 @@ class RequestHandler:
         if refusal is not None:
             self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
                           reason=refusal)
-            return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False)
+            return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
         key = await self._cache_key(job)
         if key is None or self.cache is None:
             return await self._compile(body, job, context)
-        cached = await self.cache.get(key)
-        if cached is not None:
+        found = await find_answer(self.cache, key)
+        if found is not None:
+            cached, tier = found
             self.counters.cache_hits += 1
             self.log.info("Answering {peer} from the cache ({key})", peer=context.peer,
                           key=key[:16])
-            return Outcome(cached, True)
+            return Outcome(cached, True, tier=tier)
         flight = self._flights.get(key)
         if flight is not None:
             waiter: Deferred[bytes | None] = Deferred()
@@ -261,7 +282,7 @@ class RequestHandler:
                 self.counters.cache_hits += 1
                 self.log.info("Answering {peer} with the compile it waited for ({key})",
                               peer=context.peer, key=key[:16])
-                return Outcome(shared, True)
+                return Outcome(shared, True, tier="inflight")
             return await self._compile(body, job, context)
         self._flights[key] = []
         outcome = Outcome(None, False)
@@ -462,6 +483,8 @@ class RequestHandler:
         context.translator = run
         self._running.add(run)
         self.counters.compiling += 1
+        started = self.reactor.seconds()
+        status: int | None = None
         timeout = self.config.compile_timeout
         timer = self.reactor.callLater(timeout, self._expire, context) if timeout > 0 else None
         try:
@@ -469,6 +492,7 @@ class RequestHandler:
         finally:
             self._running.discard(run)
             self.counters.compiling -= 1
+            self.observer.translator_done(self.reactor.seconds() - started, status)
             context.translator = None
             if timer is not None and timer.active():
                 timer.cancel()

@@ -16,6 +16,7 @@ from pathlib import Path
 from attrs import evolve
 
 from stapsrv.cache.fleet import url_problem
+from stapsrv.config.endpoints import EndpointError, check
 from stapsrv.config.files import (
     SWITCH_NO,
     SWITCH_YES,
@@ -102,6 +103,8 @@ def server_config(
     cache_size: int = DEFAULT_CACHE_MIB,
     fleet_cache: str | None = None,
     counters_file: str | None = None,
+    endpoint: str | None = None,
+    metrics: str | None = None,
     log_namespace: str = "stapsrv",
 ) -> ServerConfig:
     """A server's settings from checked numbers (sizes of the limits and the
@@ -121,6 +124,11 @@ def server_config(
             word for value in allow for word in re.split(r"[\s,]+", value) if word))
         levels = parse_privileges(privileges) if privileges else ALL_PRIVILEGES
     except PolicyError as exc:
+        raise SettingsError(str(exc)) from None
+    try:
+        endpoint = check(endpoint, "--endpoint") if endpoint else None
+        metrics = check(metrics, "--metrics") if metrics else None
+    except EndpointError as exc:
         raise SettingsError(str(exc)) from None
     if fleet_cache:
         problem = url_problem(fleet_cache)
@@ -152,6 +160,8 @@ def server_config(
         cache_size=cache_size << 20,
         fleet_cache=fleet_cache or None,
         counters_file=_absolute(counters_file),
+        endpoint=endpoint,
+        metrics=metrics,
     )
     # Without a value, the default (the number of CPUs) stands.
     return config if max_threads is None else evolve(config, max_threads=max_threads)
@@ -217,7 +227,8 @@ def settings_config(settings: ServerSettings, global_config: GlobalConfig,
             privileges=s.privileges or None,
             cache_dir=s.cache_dir,
             cache_size=_given(_number(s.cache_size, "CACHE_SIZE", 1), DEFAULT_CACHE_MIB),
-            fleet_cache=s.fleet_cache)
+            fleet_cache=s.fleet_cache, endpoint=s.endpoint or None,
+            metrics=s.metrics or None)
     except FleetCacheError as exc:
         raise SettingsError(f"FLEET_CACHE: {exc}") from None
 

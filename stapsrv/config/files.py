@@ -34,6 +34,8 @@ EXTENSIONS = (
     ("ALLOW", "allow", "allow"),
     ("REFUSE_GURU", "refuse_guru", "refuse-guru"),
     ("PRIVILEGES", "privileges", "privileges"),
+    ("ENDPOINT", "endpoint", "endpoint"),
+    ("METRICS", "metrics", "metrics"),
 )
 #: Of those, the yes/no switches: ``no`` becomes the daemon's ``--no-...``
 #: for these, ``yes`` its ``--...`` flag for the others.
@@ -161,6 +163,8 @@ class ServerSettings:
     allow: str = ""
     refuse_guru: str = ""
     privileges: str = ""
+    endpoint: str = ""
+    metrics: str = ""
 
 
 _FIELDS = {name: field for name, field, _ in EXTENSIONS}

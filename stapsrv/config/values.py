@@ -8,6 +8,7 @@ from pathlib import Path
 
 from attrs import field, frozen
 
+from stapsrv.config.endpoints import proxied, shorthand
 from stapsrv.core.cmdline import ALL_PRIVILEGES, ServerOption
 from stapsrv.paths import default_mok_store, systemtap_dir
 
@@ -111,6 +112,23 @@ class ServerConfig:
     allow: tuple[str, ...] = ()
     refuse_guru: bool = False
     privileges: tuple[str, ...] = ALL_PRIVILEGES
+    #: A Twisted server endpoint description to listen on instead of
+    #: ``listen``/``port`` (``haproxy:tcp:...``, ``systemd:...``).
+    endpoint: str | None = None
+    #: Where to serve Prometheus metrics and ``/healthz`` (an endpoint
+    #: description), or None for no metrics listener.
+    metrics: str | None = None
+
+    @property
+    def listen_description(self) -> str:
+        """The endpoint the server listens on: ``endpoint``, or the
+        ``tcp:`` shorthand of ``listen`` and ``port``."""
+        return self.endpoint or shorthand(self.port, self.listen)
+
+    @property
+    def proxied(self) -> bool:
+        """Clients come through a proxy that sends the PROXY protocol header."""
+        return proxied(self.listen_description)
 
     @property
     def response_cache_dir(self) -> Path:

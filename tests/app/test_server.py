@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransportWithDisconnection
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.trial.unittest import TestCase
 
 from stapsrv.app.server import CompileServerFactory, describe_peer
@@ -22,10 +23,10 @@ class FakeHandler:
     """Records requests; each answer is released by the test."""
 
     def __init__(self, max_threads: int = 2, limit: int = 5000,
-                 allow: tuple[str, ...] = ()) -> None:
+                 allow: tuple[str, ...] = (), endpoint: str | None = None) -> None:
         self.config = ServerConfig(releases=("r",), ssl_dir=Path("/nonexistent"), allow=allow,
                                    max_threads=max_threads, max_compressed_request=limit,
-                                   request_timeout=30.0)
+                                   request_timeout=30.0, endpoint=endpoint)
         self.reactor = Clock()
         self.gate = DeferredSemaphore(self.config.concurrency)
         self.policy = Policy.from_values(allow, False, ("stapusr", "stapsys", "stapdev"))
@@ -86,6 +87,55 @@ class ProtocolTests(TestCase):
                          b"from 127.0.0.1 (its --allow list).\n")
         self.assertFalse(transport.connected)
         self.assertIn("Refusing 127.0.0.1:40000: not in the --allow list", self.messages())
+
+    def connect_proxied(self, factory: CompileServerFactory) -> tuple[Any, Any]:
+        """A connection from HAProxy (at 127.0.0.1) through the PROXY wrapper."""
+        wrapper = HAProxyWrappingFactory(factory)
+        protocol = wrapper.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        assert protocol is not None
+        transport = StringTransportWithDisconnection(
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    PROXY_HEADER = b"PROXY TCP4 198.51.100.7 127.0.0.1 51234 443\r\n"
+
+    def test_proxied_client_is_logged_with_its_own_address(self) -> None:
+        handler = FakeHandler(endpoint="haproxy:tcp:0")
+        protocol, transport = self.connect_proxied(CompileServerFactory(handler))
+        self.assertNotIn("Accepted connection from 127.0.0.1:40000", self.messages())
+        protocol.dataReceived(self.PROXY_HEADER + (CAPTURE / "01-trivial-p4.c2s.bin").read_bytes())
+        self.assertEqual(handler.requests[0][1].peer, "198.51.100.7:51234")
+        handler.answers[0].callback(b"PK-response")
+        self.assertEqual(transport.value(), b"PK-response")
+        self.assertIn("Accepted connection from 198.51.100.7:51234", self.messages())
+        self.assertIn("Request from 198.51.100.7:51234 complete", self.messages())
+        self.assertNotIn("Accepted connection from 127.0.0.1:40000", self.messages())
+
+    def test_allow_list_judges_the_proxied_address(self) -> None:
+        # The proxy itself (127.0.0.1) is allowed; the client behind it is not.
+        handler = FakeHandler(allow=("127.0.0.0/8",), endpoint="haproxy:tcp:0")
+        protocol, transport = self.connect_proxied(CompileServerFactory(handler))
+        protocol.dataReceived(self.PROXY_HEADER + (CAPTURE / "01-trivial-p4.c2s.bin").read_bytes())
+        self.assertEqual(handler.requests, [])
+        self.assertEqual(members(transport.value())["stderr"],
+                         b"Server: This server does not accept requests "
+                         b"from 198.51.100.7 (its --allow list).\n")
+        self.assertIn("Refusing 198.51.100.7:51234: not in the --allow list", self.messages())
+
+    def test_allowed_proxied_client_is_served(self) -> None:
+        handler = FakeHandler(allow=("198.51.100.0/24",), endpoint="haproxy:tcp:0")
+        protocol, transport = self.connect_proxied(CompileServerFactory(handler))
+        protocol.dataReceived(self.PROXY_HEADER + (CAPTURE / "01-trivial-p4.c2s.bin").read_bytes())
+        self.assertEqual(len(handler.requests), 1)
+
+    def test_connection_without_a_proxy_header_is_dropped(self) -> None:
+        handler = FakeHandler(endpoint="haproxy:tcp:0")
+        protocol, transport = self.connect_proxied(CompileServerFactory(handler))
+        protocol.dataReceived((CAPTURE / "01-trivial-p4.c2s.bin").read_bytes())
+        self.assertFalse(transport.connected)
+        self.assertEqual(handler.requests, [])
 
     def test_probe_closes_without_bytes(self) -> None:
         handler = FakeHandler()

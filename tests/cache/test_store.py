@@ -19,6 +19,7 @@ from stapsrv.cache.store import (
     CorruptEntry,
     DiskCache,
     TieredCache,
+    find_answer,
     decode_entry,
     encode_entry,
 )
@@ -242,6 +243,14 @@ class TieredCacheTests(TestCase):
         self.assertEqual(await tiered.get(KEY_A), b"shared")
         self.assertEqual(shared.gets, 1)
 
+    async def test_find_says_which_tier_answered(self) -> None:
+        local, shared = MemoryCache(), MemoryCache()
+        shared.entries[KEY_A] = b"shared"
+        tiered = TieredCache(local, shared)
+        self.assertEqual(await find_answer(tiered, KEY_A), (b"shared", "fleet"))
+        self.assertEqual(await find_answer(tiered, KEY_A), (b"shared", "disk"))
+        self.assertIsNone(await find_answer(tiered, KEY_B))
+
     async def test_miss_everywhere(self) -> None:
         local, shared = MemoryCache(), MemoryCache()
         self.assertIsNone(await TieredCache(local, shared).get(KEY_A))
@@ -267,6 +276,27 @@ class HandlerCacheTests(CachedHandlerCase):
         self.assertEqual(len(self.entries()), 1)
         self.assertEqual((handler.counters.requests, handler.counters.failures,
                           handler.counters.cache_hits), (2, 0, 1))
+
+    async def test_observer_hears_outcomes_tiers_and_translator_runs(self) -> None:
+        handler = self.cached_handler()
+        heard: list[tuple[str, object]] = []
+
+        class Recorder:
+            def request_done(self, outcome: str, seconds: float) -> None:
+                heard.append(("request", outcome))
+
+            def cache_hit(self, tier: str) -> None:
+                heard.append(("hit", tier))
+
+            def translator_done(self, seconds: float, exit_status: int | None) -> None:
+                heard.append(("translator", exit_status))
+
+        handler.observer = Recorder()
+        await self.raw(handler, request("-p4", "-eprobe begin {}"))
+        await self.raw(handler, request("-p4", "-eprobe begin {}"))
+        self.assertEqual([event for event in heard if event[0] != "translator"],
+                         [("request", "compiled"), ("hit", "disk"), ("request", "cached")])
+        self.assertIn(("translator", 0), heard)
 
     async def test_repeated_answer_leaves_out_kbuild_leftovers(self) -> None:
         """A cold build's answer carries kbuild's files (as 4.8's does); the
