@@ -54,6 +54,11 @@ def describe_peer(address: IAddress) -> str:
     return f"{host}:{port}"
 
 
+#: Seconds after its accept during which a connection is still arriving (its
+#: TLS handshake and upload under way) rather than idle.
+ARRIVING = 2.0
+
+
 @implementer(IHandshakeListener)
 class CompileServerProtocol(Protocol):
     """One client connection: read the request, answer, close."""
@@ -81,6 +86,7 @@ class CompileServerProtocol(Protocol):
         #: The peer is not in the --allow list: its request gets the refusal.
         self._refusal: str | None = None
         self._admitted = False
+        self.accepted_at = 0.0
 
     def when_closed(self) -> Deferred[None]:
         """A new Deferred that fires once the connection is gone."""
@@ -109,6 +115,7 @@ class CompileServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
+        self.accepted_at = self.factory.clock.seconds()
         self.peer = describe_peer(self.connection.getPeer())
         self._reader = RequestReader(self.factory.handler.config.max_compressed_request)
         self._admitted = False
@@ -259,10 +266,16 @@ class CompileServerFactory(Factory[CompileServerProtocol]):
 
     async def drain(self, clock: IReactorTime, grace: float) -> None:
         """Let requests in progress finish (their clients get their modules),
-        drop idle and queued connections, and force the rest after ``grace``."""
-        busy = [connection for connection in self.connections if connection.busy]
+        and connections accepted in the last ``ARRIVING`` seconds send theirs
+        (so that a client a load balancer sent here just before the stop is
+        served); drop idle connections, and force the rest after ``grace``."""
+        now = self.clock.seconds()
+        arriving = {connection for connection in self.connections
+                    if now - connection.accepted_at < ARRIVING}
+        busy = [connection for connection in self.connections
+                if connection.busy or connection in arriving]
         for connection in list(self.connections):
-            if not connection.busy:
+            if connection not in busy:
                 connection.connection.loseConnection()
         if not busy:
             return

@@ -12,7 +12,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.trial.unittest import TestCase
 
-from stapsrv.app.server import CompileServerFactory, describe_peer
+from stapsrv.app.server import ARRIVING, CompileServerFactory, describe_peer
 from stapsrv.compile.handler import RequestContext
 from stapsrv.compile.policy import Policy
 from stapsrv.config.values import ServerConfig
@@ -267,6 +267,7 @@ class ProtocolTests(TestCase):
         busy, busy_transport = self.connect(factory, 1)
         idle, idle_transport = self.connect(factory, 2)
         busy.dataReceived(struct.pack(">i", 3) + b"abc")
+        handler.reactor.advance(ARRIVING)
         clock = Clock()
         drained = Deferred.fromCoroutine(factory.drain(clock, 10.0))
         self.assertFalse(idle_transport.connected)
@@ -275,6 +276,19 @@ class ProtocolTests(TestCase):
         self.assertEqual(busy_transport.value(), b"module")
         await drained
         self.assertIn("Waiting for 1 outstanding requests to complete...", self.messages())
+
+    async def test_drain_lets_an_arriving_connection_send_its_request(self) -> None:
+        handler = FakeHandler()
+        factory = CompileServerFactory(handler)
+        handler.reactor.advance(100)
+        arriving, transport = self.connect(factory, 1)
+        handler.reactor.advance(ARRIVING / 2)
+        drained = Deferred.fromCoroutine(factory.drain(Clock(), 10.0))
+        self.assertTrue(transport.connected)
+        arriving.dataReceived(struct.pack(">i", 3) + b"abc")
+        handler.answers[0].callback(b"module")
+        self.assertEqual(transport.value(), b"module")
+        await drained
 
     async def test_drain_forces_after_grace(self) -> None:
         handler = FakeHandler()
