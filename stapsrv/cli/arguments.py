@@ -47,6 +47,8 @@ class Invocation:
     config_files: list[Path] = field(factory=list)
     keep: bool = False
     password: bool = False
+    #: ``status --json``: one JSON document instead of the lines.
+    json: bool = False
 
     @property
     def explicit(self) -> bool:
@@ -81,6 +83,9 @@ def parse(words: list[str]) -> Invocation:
         word = words[index]
         index += 1
         if word == "--":
+            continue
+        if word == "--json":
+            invocation.json = True
             continue
         if word.startswith("--"):
             name, eq, value = word[2:].partition("=")

@@ -8,6 +8,7 @@ promises.
 from __future__ import annotations
 
 import fcntl
+import json
 import grp
 import os
 import pwd
@@ -66,6 +67,7 @@ Options:
 \t--allow networks\t: only these addresses or CIDR networks may use a server.
 \t--refuse-guru yes|no\t: refuse guru mode (-g) requests (default no).
 \t--privileges list\t: privilege levels compiled for (default stapusr,stapsys,stapdev).
+\t--json\t\t\t: (status) print the status as one JSON document.
 \t--endpoint description\t: Twisted endpoint to listen on (haproxy:tcp:..., systemd:...).
 \t--metrics description\t: endpoint of the Prometheus /metrics and /healthz listener.
 
@@ -113,6 +115,28 @@ def render(settings: ServerSettings, nickname: bool = True) -> str:
                 value = display_url(value)  # no password on terminals and in logs
             words.append(f"--{option} {_quote(value)}")
     return " ".join(words)
+
+
+def status_record(settings: ServerSettings, pid: int | None, state: str,
+                  counters: request_counters.Counters | None) -> dict[str, Any]:
+    """One server in ``status --json``: what the status lines say, as values
+    (``state``: running, stopped, dead; ``counters``: null when the server
+    keeps none)."""
+    s = settings
+    return {
+        "command": f"stap-server {render(s)}",
+        "nickname": s.nickname or None,
+        "pid": pid,
+        "state": state,
+        "user": s.user or None,
+        "releases": list(s.releases),
+        "port": int(s.port) if s.port.isdigit() else None,
+        "endpoint": s.endpoint or None,
+        "metrics": s.metrics or None,
+        "log": s.log or None,
+        "counters": None if counters is None else {
+            name: getattr(counters, name) for name in request_counters.FIELDS},
+    }
 
 
 def same_server(a: ServerSettings, b: ServerSettings) -> bool:
@@ -461,35 +485,66 @@ class Manager:
             return fallback
 
     def status(self, targets: list[Target] | None) -> int:
+        """4.8's status lines (with the counters under each running server),
+        or with ``--json`` the same as one JSON document."""
+        report: list[dict[str, Any]] = []
+        rc = self._status(targets, report)
+        if self.invocation.json:
+            self.say(json.dumps({"servers": report}, indent=2) + "\n")
+        return rc
+
+    def _status(self, targets: list[Target] | None, report: list[dict[str, Any]]) -> int:
+        lines = not self.invocation.json
         if targets is None:
             managed = self.managed()
             if not managed:
-                self.say("No managed stap-server is running\n")
+                if lines:
+                    self.say("No managed stap-server is running\n")
                 return 3
             rc = 0
             for pid, settings in managed:
-                rc = self._status_line(pid, settings) or rc
+                rc = self._status_line(pid, settings, report) or rc
             return rc
         rc = 0
         for target in targets:
             if target.unknown_nickname is not None:
-                self.say(f"No configuration found for the nickname '{target.unknown_nickname}'\n")
+                if lines:
+                    self.say("No configuration found for the nickname "
+                             f"'{target.unknown_nickname}'\n")
+                report.append({"nickname": target.unknown_nickname, "state": "unknown"})
                 rc = 3
                 continue
             running = target.pid if target.pid is not None else self.running_match(target.settings)
             if running is None:
-                self.say(f"stap-server {render(target.settings)} is not running\n")
+                if lines:
+                    self.say(f"stap-server {render(target.settings)} is not running\n")
+                report.append(status_record(target.settings, None, "stopped", None))
                 rc = 3
                 continue
-            rc = self._status_line(running, self._recorded(running, target.settings)) or rc
+            rc = self._status_line(running, self._recorded(running, target.settings),
+                                   report) or rc
         return rc
 
-    def _status_line(self, pid: int, settings: ServerSettings) -> int:
+    def _counters(self, pid: int) -> request_counters.Counters | None:
+        try:
+            text = (self.config.stat_path / f"{pid}.counters").read_text()
+        except OSError:
+            return None
+        return request_counters.parse(text)
+
+    def _status_line(self, pid: int, settings: ServerSettings,
+                     report: list[dict[str, Any]]) -> int:
+        lines = not self.invocation.json
         if is_server(pid):
-            self.say(f"stap-server {render(settings)} running as PID {pid}\n")
-            self.say(self._counters_line(pid))
+            if lines:
+                self.say(f"stap-server {render(settings)} running as PID {pid}\n")
+                self.say(self._counters_line(pid))
+            report.append(status_record(settings, pid, "running", self._counters(pid)))
             return 0
-        self.say(f"stap-server {render(settings)} started as PID {pid} is no longer running\n")
+        if lines:
+            self.say(f"stap-server {render(settings)} started as PID {pid} "
+                     "is no longer running\n")
+        report.append(status_record(settings, pid, "dead", None))
         self._forget(pid)
         return 1
 

@@ -18,6 +18,14 @@ class ParseTests(TestCase):
         self.assertEqual(invocation.config_files, [Path("/c2")])
         self.assertTrue(invocation.keep)
 
+    def test_json_and_the_fleet_options(self) -> None:
+        invocation = parse(["status", "--json"])
+        self.assertTrue(invocation.json)
+        self.assertFalse(parse(["status"]).json)
+        invocation = parse(["start", "--endpoint", "haproxy:tcp:5000", "--metrics=tcp:9642"])
+        self.assertEqual(invocation.distributed["endpoint"], ["haproxy:tcp:5000"])
+        self.assertEqual(invocation.distributed["metrics"], ["tcp:9642"])
+
     def test_several_servers(self) -> None:
         invocation = parse(["start", "-n", "a", "-a", "i386", "-n", "b", "-p", "42", "-r", "x",
                             "--port", "1", "--port", "2"])

@@ -4,6 +4,7 @@ real servers run as the unprivileged test user (integration)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -16,7 +17,8 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from stapsrv.cli.manager import USAGE, main, render
+from stapsrv.cli.manager import USAGE, main, render, status_record
+from stapsrv.core.counters import Counters
 from stapsrv.config.files import ServerSettings
 from stapsrv.paths import manager_architecture as host_arch
 from tests.helpers import require, require_header_release, require_program
@@ -42,6 +44,21 @@ class FormatTests(TestCase):
             '-B "\'V=1 W=2\'" -u "root" -n "3006" --log "/var/log/stap-server/log" '
             '--port "5101"'))
         self.assertNotIn("-n", render(settings, nickname=False))
+
+    def test_status_record(self) -> None:
+        settings = ServerSettings(user="stap-server", nickname="a", releases=("6.1",),
+                                  log="/l", port="5000", endpoint="haproxy:tcp:5000",
+                                  metrics="tcp:9642")
+        counters = Counters(requests=4, failures=1, cache_hits=2, compiling=1, waiting=0)
+        record = status_record(settings, 42, "running", counters)
+        self.assertEqual(record, {
+            "command": f"stap-server {render(settings)}", "nickname": "a", "pid": 42,
+            "state": "running", "user": "stap-server", "releases": ["6.1"], "port": 5000,
+            "endpoint": "haproxy:tcp:5000", "metrics": "tcp:9642", "log": "/l",
+            "counters": {"requests": 4, "failures": 1, "cache_hits": 2, "compiling": 1,
+                         "waiting": 0}})
+        self.assertIsNone(status_record(ServerSettings(), None, "stopped", None)["counters"])
+        self.assertIsNone(status_record(ServerSettings(), None, "stopped", None)["port"])
 
     def run_main(self, *words: str) -> tuple[str, str, int]:
         out, err = io.StringIO(), io.StringIO()
@@ -169,6 +186,7 @@ class ManagerTests(TestCase):
         self.assertRegex(out, r"^Stopping stap-server .* -n \"\d+\" .*\nOK\n$")
         self.assertEqual(self.sandbox.pids(), [])
         self.assertEqual(self.sandbox.run("status")[2], 3)
+        self.assertEqual(self.sandbox.run("status", "--json")[:3:2], ('{\n  "servers": []\n}\n', 3))
         # restart with nothing running is a start; force-reload too.
         self.assertEqual(self.sandbox.run("restart", "--ssl", str(self.sandbox.ssl))[0],
                          f"Stopping stap-server: OK\nStarting {self.line(extra=ssl)}\nOK\n")
@@ -382,6 +400,15 @@ class ManagerTests(TestCase):
         await deferLater(reactor, 0.7, lambda: None)  # the counters file is rewritten twice a second
         status = self.sandbox.run("status")[0]
         self.assertIn("\n  requests 2, failures 0, cache hits 1, compiling 0, waiting 0\n", status)
+        # The same figures for scripts.
+        out, err, code = self.sandbox.run("status", "--json")
+        self.assertEqual(code, 0, err)
+        [record] = json.loads(out)["servers"]
+        self.assertEqual((record["pid"], record["state"], record["nickname"]),
+                         (pid, "running", "gone"))
+        self.assertEqual(record["counters"], {"requests": 2, "failures": 0, "cache_hits": 1,
+                                              "compiling": 0, "waiting": 0})
+        self.assertEqual(record["command"], status.splitlines()[0].rsplit(" running as PID", 1)[0])
         for module in client.cwd.glob("*.ko"):
             module.unlink()
         log_so_far = len(self.sandbox.log.read_text())
