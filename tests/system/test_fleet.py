@@ -4,22 +4,70 @@ identity and the Redis fleet cache, with Prometheus scraping them."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
 
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import require_program
 from tests.helpers.realclient import HELLO, RealClientMixin
 from tests.helpers.realhaproxy import PROXY_SOURCE, Backend, start_haproxy
-from tests.helpers.realredis import free_port
+from tests.helpers.realprometheus import start_prometheus
+from tests.helpers.realredis import RedisServer, free_port, start_redis
 from tests.helpers.realserver import (
+    Client,
     ServerProcess,
+    owned_directory,
     remove_tree,
     scratch_directory,
     start_stapsrv,
 )
+
+#: Behind HAProxy: the PROXY protocol on a free loopback port.
+PROXIED = "haproxy:tcp:0:interface=127.0.0.1"
+
+
+def fleet_arguments(redis: RedisServer) -> list[str]:
+    """What every instance of a fleet is started with to share the cache
+    (one place, so that shared settings such as a fleet secret go here)."""
+    return ["--fleet-cache", redis.url]
+
+
+def healthz(port: int) -> tuple[int, str]:
+    """The status and text of an instance's /healthz."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def wait_for_health(port: int, status: int, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    last: tuple[int, str] | None = None
+    while time.monotonic() < deadline:
+        try:
+            last = healthz(port)
+        except OSError:
+            last = None
+        if last is not None and last[0] == status:
+            return last[1]
+        time.sleep(0.1)
+    raise AssertionError(f"/healthz on {port} never answered {status}: {last}")
+
+
+def served(server: ServerProcess) -> int:
+    """Requests this instance took from a client (its log's count)."""
+    return server.log().count("Accepted connection from")
 
 
 def poke(port: int, timeout: float = 10.0) -> None:
@@ -98,3 +146,150 @@ class EndpointTests(RealClientMixin, TestCase):
         self.assertNotEqual(code, 0)
         self.assertIn("does not accept requests from 127.0.0.1 (its --allow list)",
                       err.decode())
+
+
+class MetricsTests(RealClientMixin, TestCase):
+    async def test_prometheus_scrapes_requests_and_cache_hits(self) -> None:
+        metrics_port = free_port()
+        server = self.own_server("--metrics", f"tcp:{metrics_port}:interface=127.0.0.1")
+        wait_for_health(metrics_port, 200)
+        client = await self.trusted_client(server)
+        for _ in range(3):
+            out, err, code = await client.stap(f"--use-server={server.spec}", "-r",
+                                               self.release, "-p4", "-e", HELLO)
+            self.assertEqual(code, 0, err.decode())
+        base = scratch_directory("prometheus-")
+        self.addCleanup(remove_tree, base)
+        prometheus = start_prometheus(self, base, [f"127.0.0.1:{metrics_port}"])
+        self.assertEqual(prometheus.wait_for_value("sum(stapsrv_requests_total)", 3), 3)
+        self.assertEqual(prometheus.value('stapsrv_requests_total{outcome="compiled"}'), 1)
+        self.assertEqual(prometheus.value('stapsrv_cache_hits_total{tier="disk"}'), 2)
+        self.assertGreater(prometheus.value("sum(stapsrv_cache_hits_total)") or 0, 0)
+        self.assertEqual(prometheus.value('stapsrv_translator_runs_total{result="ok"}') and 1, 1)
+        self.assertEqual(prometheus.value(
+            'stapsrv_request_duration_seconds_count{answer="cached"}'), 2)
+        self.assertGreater(prometheus.value("process_resident_memory_bytes") or 0, 0)
+
+
+class FleetMixin(RealClientMixin):
+    def proxy_in_front(self, servers: list[ServerProcess],
+                       health_ports: list[int]) -> object:
+        base = scratch_directory("haproxy-")
+        self.addCleanup(remove_tree, base)  # type: ignore[attr-defined]
+        backends = [Backend(f"s{index}", server.port, health)
+                    for index, (server, health) in enumerate(zip(servers, health_ports))]
+        proxy = start_haproxy(self, base, backends)
+        for backend in backends:
+            proxy.wait_for_state(backend.name, "UP")
+        return proxy
+
+    def instance(self, *arguments: str, env: dict[str, str] | None = None,
+                 ssl_dir: Path | None = None) -> tuple[ServerProcess, int]:
+        health = free_port()
+        server = start_stapsrv(["--endpoint", PROXIED, "--metrics",
+                                f"tcp:{health}:interface=127.0.0.1", *arguments],
+                               release=self.release, env=env, ssl_dir=ssl_dir)
+        self.addCleanup(remove_tree, server.base)  # type: ignore[attr-defined]
+        self.addCleanup(server.stop)  # type: ignore[attr-defined]
+        wait_for_health(health, 200)
+        return server, health
+
+    async def compile_through(self, client: Client, spec: str, script: str = HELLO) -> None:
+        out, err, code = await client.stap(f"--use-server={spec}", "-r", self.release,
+                                           "-p4", "-e", script)
+        if code != 0:
+            raise AssertionError(f"compile through {spec} failed ({code}): {err.decode()}")
+
+
+class HealthTests(FleetMixin, TestCase):
+    async def test_unrunnable_translator_is_unhealthy_and_haproxy_routes_around(self) -> None:
+        require_program("haproxy")
+        # The instance's translator is reached through a directory the test
+        # can make unreadable (the translator itself is shared).
+        base = scratch_directory("translator-")
+        self.addCleanup(remove_tree, base)
+        hidden = base / "bin"
+        hidden.mkdir()
+        (hidden / "stap").symlink_to("/usr/bin/stap")
+        self.addCleanup(hidden.chmod, 0o755)
+        sick, sick_health = self.instance("--no-sandbox", env={"SYSTEMTAP_STAP": str(hidden / "stap")})
+        well, well_health = self.instance("--no-sandbox")
+        proxy = self.proxy_in_front([sick, well], [sick_health, well_health])
+
+        hidden.chmod(0)
+        text = wait_for_health(sick_health, 503)
+        self.assertIn("FAIL translator", text)
+        proxy.wait_for_state("s0", "DOWN")
+        before = served(sick)
+        client = self.new_client()
+        await client.trust(proxy.spec)
+        for _ in range(3):
+            await self.compile_through(client, proxy.spec)
+        self.assertEqual(served(sick), before, "HAProxy sent a client to the sick instance")
+        self.assertEqual(served(well), 4)
+
+        hidden.chmod(0o755)
+        self.assertTrue(wait_for_health(sick_health, 200).startswith("ok"))
+        proxy.wait_for_state("s0", "UP")
+
+
+class FleetTests(FleetMixin, TestCase):
+    async def test_three_instances_behind_haproxy(self) -> None:
+        require_program("haproxy")
+        base = scratch_directory("fleet-")
+        self.addCleanup(remove_tree, base)
+        redis = start_redis(self, base / "redis")
+        # One identity for the fleet: the first instance makes it, the
+        # others use the same directory.
+        ssl_dir = owned_directory(base / "ssl")
+        first = self.instance(*fleet_arguments(redis), ssl_dir=ssl_dir)
+        others = [self.instance(*fleet_arguments(redis), ssl_dir=ssl_dir) for _ in range(2)]
+        instances = [first, *others]
+        servers = [server for server, _ in instances]
+        # The others found the first one's identity: none made its own.
+        self.assertIn("Generating a new certificate", first[0].log())
+        for server, _ in others:
+            self.assertNotIn("Generating a new certificate", server.log())
+        proxy = self.proxy_in_front(servers, [health for _, health in instances])
+
+        client = self.new_client()
+        await client.trust(proxy.spec)
+        script = 'probe begin { println("fleet"); exit() }'
+        await self.compile_through(client, proxy.spec, script)
+        compiled = [index for index, server in enumerate(servers)
+                    if "Request from 127.0.0.1:" in server.log()]
+        self.assertEqual(len(compiled), 1, "one instance compiled")
+        compiler = servers[compiled[0]]
+        log = compiler.log()
+        self.assertIn("Accepted connection from 127.0.0.1:", log)
+        self.assertNotIn(PROXY_SOURCE, log, "the log shows the client, not HAProxy")
+
+        # With that instance out of rotation, another answers from the fleet cache.
+        proxy.command(f"disable server stapsrv/s{compiled[0]}")
+        await self.compile_through(client, proxy.spec, script)
+        fleet_hits = [index for index, server in enumerate(servers)
+                      if "from the cache" in server.log()]
+        self.assertEqual(len(fleet_hits), 1)
+        self.assertNotEqual(fleet_hits[0], compiled[0])
+        with urllib.request.urlopen(
+                f"http://127.0.0.1:{instances[fleet_hits[0]][1]}/metrics", timeout=5) as page:
+            self.assertIn('stapsrv_cache_hits_total{tier="fleet"} 1.0', page.read().decode())
+        proxy.command(f"enable server stapsrv/s{compiled[0]}")
+        proxy.wait_for_state(f"s{compiled[0]}", "UP")
+
+        # One instance is stopped while a batch of clients runs: every
+        # request still succeeds (its own finish; new ones go elsewhere).
+        clients = [self.new_client() for _ in range(6)]
+        await gatherResults([c.trust(proxy.spec) for c in clients])
+
+        async def lane(c: Client) -> None:
+            for _ in range(3):
+                await self.compile_through(c, proxy.spec, script)
+
+        batch = gatherResults([Deferred.fromCoroutine(lane(c)) for c in clients])
+        victim = servers[1]
+        await deferLater(reactor, 1.0, lambda: None)
+        os.kill(victim.pid, signal.SIGTERM)
+        await batch
+        victim.process.wait(60)
+        proxy.wait_for_state("s1", "DOWN")
