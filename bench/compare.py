@@ -67,6 +67,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.table import update_summary  # noqa: E402
 from tests.helpers import header_release  # noqa: E402
 from tests.helpers.realserver import (  # noqa: E402
     CLIENT_55,
@@ -960,6 +961,7 @@ def main() -> int:
     options.output.mkdir(parents=True, exist_ok=True)
     (options.output / "summary.json").write_text(json.dumps(data, indent=1) + "\n")
     (options.output / "summary.md").write_text(report)
+    update_summary(options.output)  # the rows of bench/soak.py and bench/haproxy.py
     print(report)
     if can_plot:
         try:
