@@ -280,7 +280,7 @@ class FleetTests(FleetMixin, TestCase):
         # One instance is stopped while a batch of clients runs: every
         # request still succeeds (its own finish; new ones go elsewhere).
         clients = [self.new_client() for _ in range(6)]
-        await gatherResults([c.trust(proxy.spec) for c in clients])
+        await gatherResults([Deferred.fromCoroutine(c.trust(proxy.spec)) for c in clients])
 
         async def lane(c: Client) -> None:
             for _ in range(3):
