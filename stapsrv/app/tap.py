@@ -14,8 +14,8 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from stapsrv.app.counters import CountersFileService
-from stapsrv.app.metrics import MetricsService, metrics_site
 from stapsrv.app.logs import LogFileService, LoggedTree, ReopenOnSighup
+from stapsrv.app.metrics import MetricsService, metrics_site
 from stapsrv.app.publish import publisher_service
 from stapsrv.app.service import CompileServerService
 from stapsrv.app.shutdown import CleanExitOnSignal

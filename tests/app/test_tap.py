@@ -8,6 +8,7 @@ from twisted.trial.unittest import TestCase
 
 from stapsrv.app import tap
 from stapsrv.app.logs import LogFileService, ReopenOnSighup
+from stapsrv.app.metrics import MetricsService
 from stapsrv.app.publish import PublisherService
 from stapsrv.app.service import CompileServerService
 from stapsrv.app.shutdown import CleanExitOnSignal
@@ -93,6 +94,25 @@ class OptionsTests(TestCase):
             self.parse()
         self.assertIn("For security reasons", str(caught.exception))
 
+    def test_endpoint_and_metrics(self) -> None:
+        config = self.parse("--endpoint", "haproxy:tcp:5000:interface=10.0.0.5",
+                            "--metrics", "tcp:9642")
+        self.assertEqual((config.listen_description, config.proxied, config.metrics),
+                         ("haproxy:tcp:5000:interface=10.0.0.5", True, "tcp:9642"))
+        self.assertEqual(self.parse("--port", "4711").listen_description,
+                         r"tcp:port=4711:interface=\:\::backlog=50")
+        with self.assertRaisesRegex(usage.UsageError, "adds TLS itself"):
+            self.parse("--endpoint", "ssl:5000")
+
+    def test_metrics_listener_follows_its_server(self) -> None:
+        options = tap.Options()
+        options.parseOptions(["--metrics", "tcp:0:interface=127.0.0.1"])
+        kinds = [type(child) for child in tap.makeService(options)]
+        self.assertEqual(kinds.index(MetricsService), kinds.index(CompileServerService) + 1)
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertNotIn(MetricsService, [type(child) for child in tap.makeService(options)])
+
     def test_service_tree(self) -> None:
         options = tap.Options()
         options.parseOptions(["--log", "/tmp/x.log"])
@@ -138,9 +158,12 @@ class ConfigFileTests(TestCase):
         (self.base / "conf.d" / "a.conf").write_text(
             "REQUEST_TIMEOUT=5\nCOMPILE_TIMEOUT=60\nCPU_LIMIT=30\nMEMORY_LIMIT=1024\n"
             "FILE_SIZE_LIMIT=50\nPROCESS_LIMIT=200\nCACHE=no\nCACHE_DIR=/c\n"
-            "CACHE_SIZE=10\nFLEET_CACHE=redis://10.0.0.5:6379/1\n")
+            "CACHE_SIZE=10\nFLEET_CACHE=redis://10.0.0.5:6379/1\n"
+            "ENDPOINT=systemd:domain=INET:index=0\nMETRICS=tcp:9642\n")
         [server] = [s for s in self.services() if isinstance(s, CompileServerService)]
         config = server.config
+        self.assertEqual((config.endpoint, config.metrics),
+                         ("systemd:domain=INET:index=0", "tcp:9642"))
         self.assertEqual((config.request_timeout, config.compile_timeout, config.limits,
                           config.cache_enabled, config.cache_dir, config.cache_size,
                           config.fleet_cache),
