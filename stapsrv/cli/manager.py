@@ -486,6 +486,7 @@ class Manager:
         if is_server(pid):
             self.say(f"stap-server {render(settings)} running as PID {pid}\n")
             self.say(self._counters_line(pid))
+            self.say(_mode_line(settings))
             return 0
         self.say(f"stap-server {render(settings)} started as PID {pid} is no longer running\n")
         self._forget(pid)
@@ -585,6 +586,15 @@ def _writable_by(path: Path, user: pwd.struct_passwd) -> bool:
         return bool(info.st_mode & 0o020)
     return bool(info.st_mode & 0o002)
 
+
+
+def _mode_line(settings: ServerSettings) -> str:
+    """The line ``status`` prints about how the server runs translators (a
+    server whose sandbox cannot run refuses to start, so the setting says
+    what runs)."""
+    if settings.sandbox.lower() in SWITCH_NO:
+        return "  translators run without a sandbox (--sandbox no: 4.8's exposure)\n"
+    return "  translators run in a bubblewrap sandbox\n"
 
 def _remove(path: Path) -> None:
     try:

@@ -145,7 +145,8 @@ class ManagerTests(TestCase):
             f"LOG={self.sandbox.log}\nPORT=\nSSL={self.sandbox.ssl}\nMAXTHREADS=\n"
             "MAXREQSIZE=\nMAXCOMPRESSEDREQ=\n"))
         running = (f"{self.line(str(pid), ssl)} running as PID {pid}\n"
-                   "  requests 0, failures 0, cache hits 0, compiling 0, waiting 0\n")
+                   "  requests 0, failures 0, cache hits 0, compiling 0, waiting 0\n"
+                   "  translators run in a bubblewrap sandbox\n")
         self.assertEqual(self.sandbox.run("status"), (running, "", 0))
         # Starting the same server again is a no-op that succeeds.
         self.assertEqual(self.sandbox.run("start", "--ssl", str(self.sandbox.ssl))[::2],
@@ -250,7 +251,7 @@ class ManagerTests(TestCase):
         self.assertEqual(code, 0)
         self.assertRegex(status, r'-n "native" .*--max-threads "1" running as PID \d+\n'
                                  r'  requests 0, failures 0, cache hits 0, compiling 0, '
-                                 r'waiting 0\n$')
+                                 r'waiting 0\n  translators run in a bubblewrap sandbox\n$')
         (conf / "two.conf").write_text("PORT=1\nBOGUS=2\n")
         out, err, code = self.sandbox.run("start")
         self.assertEqual(code, 1)
@@ -287,6 +288,8 @@ class ManagerTests(TestCase):
         self.assertIn("Response cache disabled", self.sandbox.log.read_text())
         self.assertIn("Translator sandbox disabled (--no-sandbox)", self.sandbox.log.read_text())
         self.assertIn("Using a maximum of 3 threads", self.sandbox.log.read_text())
+        self.assertIn("\n  translators run without a sandbox (--sandbox no: 4.8's exposure)\n",
+                      self.sandbox.run("status")[0])
         # try-restart restarts a running server and keeps its options.
         out, err, code = self.sandbox.run("try-restart")
         self.assertEqual(code, 0, err)
