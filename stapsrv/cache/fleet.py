@@ -48,11 +48,12 @@ _REFUSALS_REMEMBERED = 4096
 def url_problem(url: str) -> str | None:
     """Why ``url`` cannot name a Redis server, or None when it can."""
     parts = urlsplit(url)
+    shown = display_url(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        return (f"the fleet cache {url!r} is not a redis://HOST:PORT/DB, rediss:// or "
+        return (f"the fleet cache {shown!r} is not a redis://HOST:PORT/DB, rediss:// or "
                 f"unix:// URL")
     if parts.scheme != "unix" and not parts.hostname:
-        return f"the fleet cache URL {url!r} names no host"
+        return f"the fleet cache URL {shown!r} names no host"
     if parts.password is not None or "password=" in parts.query:
         return ("the fleet cache URL holds a password, which would show on command lines "
                 "and in status files; put it in a file named by --fleet-password-file "

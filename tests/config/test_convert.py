@@ -107,9 +107,11 @@ class ConvertTests(TestCase):
 
     def test_no_password_in_the_url(self) -> None:
         """It would show in ps and in the status file: files only."""
-        for url in ("redis://:pw@h/0", "rediss://user:pw@h/0", "redis://h/0?password=pw"):
+        for url in ("redis://:pw@h/0", "rediss://user:pw@h/0", "redis://h/0?password=pw",
+                    "http://:pw@h/"):
             message = self.fleet_error(f"FLEET_CACHE={url}\n")
-            self.assertTrue(message.startswith("FLEET_CACHE: the fleet cache URL holds a "
-                                               "password"), message)
+            self.assertTrue(message.startswith("FLEET_CACHE: the fleet cache "), message)
             self.assertNotIn("pw", message.replace("password", ""))
-            self.assertIn("--fleet-password-file", message)
+            if url.startswith("redis"):
+                self.assertIn("URL holds a password", message)
+                self.assertIn("--fleet-password-file", message)
