@@ -6,8 +6,9 @@ someone who can write to Redis but has no fleet secret would:
 - an entry in the self-checked format (key and sha256: computable by
   anyone), and, where the tree seals entries, one sealed under another
   secret; each is looked up once: served or refused;
-- a 256 MiB entry (made inside Redis with SETRANGE), looked up once: the
-  lookup process's peak RSS growth, and the GET/GETRANGE calls Redis saw.
+- a well-formed self-checked entry of a 256 MiB answer (made inside Redis
+  with SETRANGE), looked up once: served or refused, the lookup process's
+  peak RSS growth, and the GET/GETRANGE calls Redis saw.
 
 ``--tree`` picks the stapsrv checkout whose ``stapsrv.cache`` is measured
 (default: this one), so an older checkout gives the "before" figures:
@@ -49,15 +50,25 @@ if sealing:
     direct.set(fleet.PREFIX + key, seal(os.urandom(32), key, b"PK forged module"))
     rows.append(["forged entry, sealed under another secret",
                  "served" if cache.lookup(key) == b"PK forged module" else "refused", "", ""])
-big = "d" * 64
-direct.setrange(fleet.PREFIX + big, 256 << 20, b"x")
+# A well-formed self-checked entry whose answer is 256 MiB of zeros: the
+# header is SET, and SETRANGE pads the rest with zeros inside Redis.
+import hashlib
+from stapsrv.cache.store import MAGIC
+big, size = "d" * 64, 256 << 20
+digest = hashlib.sha256()
+for _ in range(size >> 20):
+    digest.update(bytes(1 << 20))
+header = MAGIC + bytes.fromhex(big) + digest.digest()
+direct.set(fleet.PREFIX + big, header)
+direct.setrange(fleet.PREFIX + big, len(header) + size - 1, b"\0")
 direct.config_resetstat()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 result = cache.lookup(big)
 grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
 stats = direct.info("commandstats")
 calls = sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("get", "getrange"))
-rows.append(["256 MiB entry", "served" if result is not None else "refused",
+rows.append(["256 MiB answer, self-checked format",
+             "served" if result is not None else "refused",
              f"{grown} MiB", str(calls)])
 print(json.dumps(rows))
 '''
