@@ -27,6 +27,7 @@ from stapsrv.app.listen import NotListening, listen_now
 from stapsrv.app.metrics import ServerMetrics
 from stapsrv.app.server import CompileServerFactory
 from stapsrv.cache.fleet import RedisCache
+from stapsrv.cache.secret import SecretError, load_password, load_secret
 from stapsrv.cache.key import KeyMaker
 from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
 from stapsrv.compile.handler import RequestHandler
@@ -124,7 +125,7 @@ class CompileServerService(Service):
     def startService(self) -> None:
         try:
             self._start()
-        except (RootRefused, SandboxUnavailable, NotListening) as exc:
+        except (RootRefused, SandboxUnavailable, SecretError, NotListening) as exc:
             self.log.error("{message}", message=str(exc))
             raise
         except CannotListenError as exc:
@@ -206,10 +207,14 @@ class CompileServerService(Service):
         self.log.info("Response cache {directory} (at most {size} MiB)",
                       directory=config.response_cache_dir, size=config.cache_size >> 20)
         if config.fleet_cache:
-            fleet = RedisCache(config.fleet_cache, self.reactor, log=self.log)
+            assert config.fleet_secret is not None  # server_config sees to it
+            fleet = RedisCache(config.fleet_cache, self.reactor, log=self.log,
+                               secret=load_secret(config.fleet_secret),
+                               password=load_password(config.fleet_password_file))
             self._fleet = fleet
             cache = TieredCache(cache, fleet)
-            self.log.info("Fleet cache {url}", url=fleet.display_url)
+            self.log.info("Fleet cache {url} (entries authenticated with the secret in "
+                          "{secret})", url=fleet.display_url, secret=config.fleet_secret)
         keys = KeyMaker(stap=config.stap, modules_root=MODULES,
                         environ=dict(os.environ), rc_file=systemtap_dir() / "rc")
         return cache, keys

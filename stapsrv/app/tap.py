@@ -99,8 +99,12 @@ class Options(usage.Options):
          "$SYSTEMTAP_DIR/stapsrv-cache or ~/.systemtap/stapsrv-cache)."],
         ["cache-size", None, DEFAULT_CACHE_MIB, "Size cap of the response cache, "
          "in MiB (least recently used answers go first).", _count("cache-size", 1)],
-        ["fleet-cache", None, None, "redis://HOST:PORT/DB of a cache shared by several "
-         "servers (in front of it stays the local cache)."],
+        ["fleet-cache", None, None, "redis://HOST:PORT/DB (or rediss://) of a cache shared "
+         "by several servers (in front of it stays the local cache); needs --fleet-secret."],
+        ["fleet-secret", None, None, "File holding the fleet's secret, which authenticates "
+         "fleet cache entries (make one with: python3 -m stapsrv.cli.fleet secret FILE)."],
+        ["fleet-password-file", None, None, "File whose first line is the fleet Redis's "
+         "password (default: $STAPSRV_FLEET_PASSWORD, else none)."],
         ["counters-file", None, None, "Keep the request counters (for stap-server status) "
          "in this file."],
         ["privileges", None, None, "Privilege levels to compile for, separated by commas "
@@ -198,10 +202,12 @@ class Options(usage.Options):
                 sandbox=not self["no-sandbox"], allow=self["allow"],
                 refuse_guru=bool(self["refuse-guru"]), privileges=self["privileges"],
                 cache_dir=self["cache-dir"], cache_size=self["cache-size"],
-                fleet_cache=self["fleet-cache"], counters_file=self["counters-file"],
+                fleet_cache=self["fleet-cache"], fleet_secret=self["fleet-secret"],
+                fleet_password_file=self["fleet-password-file"],
+                counters_file=self["counters-file"],
                 endpoint=self["endpoint"], metrics=self["metrics"])
         except FleetCacheError as exc:
-            raise usage.UsageError(f"--fleet-cache: {exc}") from None
+            raise usage.UsageError(f"--{exc.setting}: {exc}") from None
         except SettingsError as exc:
             raise usage.UsageError(str(exc)) from None
 

@@ -1,19 +1,27 @@
 """The fleet cache: answers shared by many servers through Redis.
 
-Entries use the same self-checking format as the disk cache (``store``),
-under ``stapsrv:answer:<key>`` with an expiry; size is Redis's business
-(run it with ``maxmemory`` and ``maxmemory-policy allkeys-lru``).  Redis
-calls are blocking (redis-py) and run in the reactor's thread pool, never
-in the pool that handles requests, each bounded by a short socket timeout.
+Entries are sealed (``sealed``: HMAC-SHA-256 under the fleet secret, bound
+to their key) and kept under ``stapsrv:answer:<key>`` with an expiry; the
+total size is Redis's business (run it with ``maxmemory`` and
+``maxmemory-policy allkeys-lru``).  An entry is at most ``MAX_ENTRY_BYTES``:
+its size is asked (``STRLEN``) before it is fetched, and the fetch itself
+(``GETRANGE``) takes no more than that, so a planted giant never reaches
+the server's memory.  An entry that is too large or does not open under
+the secret is refused, removed, logged once per key, and the request
+compiled again; it never reaches a client or the local cache.
 
-When Redis cannot be reached the cache behaves as empty: one warning, the
-servers compile locally, calls are skipped for ``retry`` seconds, and a
-line is logged when Redis answers again.  No request fails because of it.
+Redis calls are blocking (redis-py) and run in the reactor's thread pool,
+never in the pool that handles requests, each bounded by a short socket
+timeout.  When Redis cannot be reached the cache behaves as empty: one
+warning, the servers compile locally, calls are skipped for ``retry``
+seconds, and a line is logged when Redis answers again.  No request fails
+because of it.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -23,23 +31,33 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from stapsrv.cache.store import CorruptEntry, decode_entry, encode_entry
+from stapsrv.cache.sealed import RefusedEntry, entry_size, open_entry, seal
 
 T = TypeVar("T")
 
 PREFIX = "stapsrv:answer:"
 #: Seconds an answer stays in Redis unless Redis evicts it first.
 DEFAULT_TTL = 30 * 24 * 3600
+#: Largest entry fetched or stored, in bytes (a compiled answer is a zip of
+#: one module, well under this).
+MAX_ENTRY_BYTES = 32 * 1024 * 1024
+#: Keys whose refusal has been logged, remembered (most recent) to log each once.
+_REFUSALS_REMEMBERED = 4096
 
 
 def url_problem(url: str) -> str | None:
     """Why ``url`` cannot name a Redis server, or None when it can."""
     parts = urlsplit(url)
+    shown = display_url(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        return (f"the fleet cache {url!r} is not a redis://HOST:PORT/DB, rediss:// or "
+        return (f"the fleet cache {shown!r} is not a redis://HOST:PORT/DB, rediss:// or "
                 f"unix:// URL")
     if parts.scheme != "unix" and not parts.hostname:
-        return f"the fleet cache URL {url!r} names no host"
+        return f"the fleet cache URL {shown!r} names no host"
+    if parts.password is not None or "password=" in parts.query:
+        return ("the fleet cache URL holds a password, which would show on command lines "
+                "and in status files; put it in a file named by --fleet-password-file "
+                "(FLEET_PASSWORD_FILE) or in $STAPSRV_FLEET_PASSWORD")
     return None
 
 
@@ -58,23 +76,35 @@ def display_url(url: str) -> str:
 class RedisCache:
     """A ``ResponseCache`` in Redis."""
 
-    def __init__(self, url: str, reactor: IReactorThreads, log: Logger | None = None,
+    def __init__(self, url: str, reactor: IReactorThreads, *, secret: bytes,
+                 password: str | None = None, log: Logger | None = None,
                  timeout: float = 1.0, retry: float = 5.0, ttl: int = DEFAULT_TTL,
+                 max_entry: int = MAX_ENTRY_BYTES,
                  clock: Callable[[], float] = time.monotonic) -> None:
         import redis
 
         self._redis_errors = (redis.RedisError, OSError)
+        options: dict[str, object] = {}
+        if password is not None:
+            options["password"] = password
+        if urlsplit(url).scheme == "rediss":
+            # Older redis-py did not check the name by default; the URL's
+            # ?ssl_check_hostname= still decides.
+            options["ssl_check_hostname"] = True
         self._client = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            health_check_interval=0)
+            health_check_interval=0, **options)
         self.display_url = display_url(url)
         self._reactor = reactor
+        self._secret = secret
         self.log = log or Logger()
         self.retry = retry
         self.ttl = ttl
+        self.max_entry = max_entry
         self._clock = clock
         self._down_until: float | None = None
         self._warned = False
+        self._refused: OrderedDict[str, None] = OrderedDict()
 
     def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), function, *args)
@@ -94,29 +124,52 @@ class RedisCache:
         await self._in_thread(self.store, key, response)
 
     def lookup(self, key: str) -> bytes | None:
+        name = PREFIX + key
         try:
-            entry = self._client.get(PREFIX + key)
+            size = self._client.strlen(name)
+            if not isinstance(size, int) or size == 0:  # 0: no such entry
+                self._worked()
+                return None
+            if size > self.max_entry:
+                self._worked()
+                self._refuse(key, f"{size} bytes, over the limit of {self.max_entry}")
+                return None
+            # Bounded even if the entry grew since STRLEN: what is cut
+            # short does not open.
+            entry = self._client.getrange(name, 0, self.max_entry - 1)
         except self._redis_errors as exc:
             self._failed(exc)
             return None
         self._worked()
-        if entry is None:
-            return None
+        if not entry:
+            return None  # expired or removed since STRLEN
         assert isinstance(entry, bytes)  # the client does not decode responses
         try:
-            return decode_entry(key, entry)
-        except CorruptEntry as exc:
-            self.log.warn("Damaged fleet cache entry {key} ({problem}) removed; compiling again",
-                          key=key[:16], problem=str(exc))
-            try:
-                self._client.delete(PREFIX + key)
-            except self._redis_errors:
-                pass
+            return open_entry(self._secret, key, entry)
+        except RefusedEntry as exc:
+            self._refuse(key, str(exc))
             return None
 
-    def store(self, key: str, response: bytes) -> None:
+    def _refuse(self, key: str, problem: str) -> None:
+        """Remove an entry that is not served; log it, once per key."""
+        if key in self._refused:
+            self._refused.move_to_end(key)
+        else:
+            self._refused[key] = None
+            if len(self._refused) > _REFUSALS_REMEMBERED:
+                self._refused.popitem(last=False)
+            self.log.warn("Refused fleet cache entry {key} ({problem}); compiling again",
+                          key=key[:16], problem=problem)
         try:
-            self._client.set(PREFIX + key, encode_entry(key, response), ex=self.ttl)
+            self._client.delete(PREFIX + key)
+        except self._redis_errors:
+            pass
+
+    def store(self, key: str, response: bytes) -> None:
+        if entry_size(response) > self.max_entry:
+            return  # kept locally only
+        try:
+            self._client.set(PREFIX + key, seal(self._secret, key, response), ex=self.ttl)
         except self._redis_errors as exc:
             self._failed(exc)
             return

@@ -22,8 +22,8 @@ _SHORT_FLAGS = set("ikP")
 DISTRIBUTED = ("log", "port", "ssl", "max-threads", "max-request-size",
                "max-compressed-request", "request-timeout", "compile-timeout", "cpu-limit",
                "memory-limit", "file-size-limit", "process-limit", "cache", "cache-dir",
-               "cache-size", "fleet-cache", "sandbox", "allow", "refuse-guru", "privileges",
-               "endpoint", "metrics")
+               "cache-size", "fleet-cache", "fleet-secret", "fleet-password-file",
+               "sandbox", "allow", "refuse-guru", "privileges", "endpoint", "metrics")
 
 
 class ArgumentError(Exception):

@@ -539,6 +539,7 @@ class Manager:
             if lines:
                 self.say(f"stap-server {render(settings)} running as PID {pid}\n")
                 self.say(self._counters_line(pid))
+                self.say(_mode_line(settings))
             report.append(status_record(settings, pid, "running", self._counters(pid)))
             return 0
         if lines:
@@ -642,6 +643,15 @@ def _writable_by(path: Path, user: pwd.struct_passwd) -> bool:
         return bool(info.st_mode & 0o020)
     return bool(info.st_mode & 0o002)
 
+
+
+def _mode_line(settings: ServerSettings) -> str:
+    """The line ``status`` prints about how the server runs translators (a
+    server whose sandbox cannot run refuses to start, so the setting says
+    what runs)."""
+    if settings.sandbox.lower() in SWITCH_NO:
+        return "  translators run without a sandbox (--sandbox no: 4.8's exposure)\n"
+    return "  translators run in a bubblewrap sandbox\n"
 
 def _remove(path: Path) -> None:
     try:

@@ -89,8 +89,9 @@ class TranslatorRun:
         except OSError:
             self.result.callback(status)
             return
-        if tries <= 0:
-            # Only zombies waiting for init to reap them are left, usually.
+        # A zombie runs nothing: bwrap's PID 1 is one, orphaned until the
+        # host's init reaps it (a second or more on some machines).
+        if tries <= 0 or not live_group_members(self.pid):
             self.result.callback(status)
             return
         self._reactor.callLater(0.02, self._wait_for_group, status, tries - 1)
@@ -116,6 +117,26 @@ class TranslatorRun:
                           pid=self.pid, error=exc)
             return False
         return True
+
+
+def live_group_members(pgid: int, proc: Path = Path("/proc")) -> list[int]:
+    """The processes of group ``pgid`` that are not zombies, from ``proc``
+    (a process that vanishes while it is read is not counted)."""
+    live = []
+    try:
+        entries = [entry for entry in os.listdir(proc) if entry.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            stat = (proc / entry / "stat").read_bytes()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) >= 3 and fields[2] == str(pgid).encode() and fields[0] not in b"ZX":
+            live.append(int(entry))
+    return live
 
 
 def launcher(limits: TranslatorLimits) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from attrs import evolve
 
 from stapsrv.cache.fleet import url_problem
+from stapsrv.cache.secret import SECRET_COMMAND, SecretError, load_password, load_secret
 from stapsrv.config.endpoints import EndpointError, check
 from stapsrv.config.files import (
     SWITCH_NO,
@@ -49,7 +50,41 @@ class SettingsError(ValueError):
 
 
 class FleetCacheError(SettingsError):
-    """The fleet cache URL is not a Redis URL (the caller names its source)."""
+    """A fleet cache setting no server can use: ``setting`` is its option
+    (``fleet-cache``, ``fleet-secret``, ``fleet-password-file``), for the
+    caller to name its source."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+    @property
+    def variable(self) -> str:
+        """The configuration variable of ``setting``."""
+        return self.setting.upper().replace("-", "_")
+
+
+def check_fleet(url: str, secret: str | None, password_file: str | None) -> None:
+    """Raise ``FleetCacheError`` unless a server can use this fleet cache:
+    a Redis URL without a password, and a fleet secret (and password file,
+    when named) that only the server's user may read."""
+    problem = url_problem(url)
+    if problem is not None:
+        raise FleetCacheError("fleet-cache", problem)
+    if not secret:
+        raise FleetCacheError(
+            "fleet-secret", "a fleet cache needs the fleet's secret, to authenticate its "
+            f"entries: make one with {SECRET_COMMAND}, copy it to every server of the "
+            "fleet, and name it with --fleet-secret FILE (FLEET_SECRET=FILE)")
+    try:
+        load_secret(Path(secret))
+    except SecretError as exc:
+        raise FleetCacheError("fleet-secret", str(exc)) from None
+    if password_file:
+        try:
+            load_password(Path(password_file))
+        except SecretError as exc:
+            raise FleetCacheError("fleet-password-file", str(exc)) from None
 
 
 def release_of_build_tree(path: str) -> str:
@@ -102,6 +137,8 @@ def server_config(
     cache_dir: str | None = None,
     cache_size: int = DEFAULT_CACHE_MIB,
     fleet_cache: str | None = None,
+    fleet_secret: str | None = None,
+    fleet_password_file: str | None = None,
     counters_file: str | None = None,
     endpoint: str | None = None,
     metrics: str | None = None,
@@ -112,7 +149,8 @@ def server_config(
 
     The running kernel's release is served first, as 4.8 does; build trees
     among ``releases`` count as their releases.  Raises ``SettingsError``
-    (``FleetCacheError`` for the fleet cache URL).
+    (``FleetCacheError`` for the fleet cache settings; the fleet secret and
+    password files are read to check them).
     """
     served = [os.uname().release]
     for release in releases:
@@ -131,9 +169,7 @@ def server_config(
     except EndpointError as exc:
         raise SettingsError(str(exc)) from None
     if fleet_cache:
-        problem = url_problem(fleet_cache)
-        if problem is not None:
-            raise FleetCacheError(problem)
+        check_fleet(fleet_cache, fleet_secret, fleet_password_file)
     config = ServerConfig(
         releases=tuple(served),
         ssl_dir=(Path(ssl) if ssl else default_server_ssl_dir()).absolute(),
@@ -159,6 +195,8 @@ def server_config(
         cache_dir=_absolute(cache_dir),
         cache_size=cache_size << 20,
         fleet_cache=fleet_cache or None,
+        fleet_secret=_absolute(fleet_secret) if fleet_cache else None,
+        fleet_password_file=_absolute(fleet_password_file) if fleet_cache else None,
         counters_file=_absolute(counters_file),
         endpoint=endpoint,
         metrics=metrics,
@@ -227,10 +265,11 @@ def settings_config(settings: ServerSettings, global_config: GlobalConfig,
             privileges=s.privileges or None,
             cache_dir=s.cache_dir,
             cache_size=_given(_number(s.cache_size, "CACHE_SIZE", 1), DEFAULT_CACHE_MIB),
-            fleet_cache=s.fleet_cache, endpoint=s.endpoint or None,
+            fleet_cache=s.fleet_cache, fleet_secret=s.fleet_secret,
+            fleet_password_file=s.fleet_password_file, endpoint=s.endpoint or None,
             metrics=s.metrics or None)
     except FleetCacheError as exc:
-        raise SettingsError(f"FLEET_CACHE: {exc}") from None
+        raise SettingsError(f"{exc.variable}: {exc}") from None
 
 
 def configured_servers(global_config: GlobalConfig) -> list[tuple[str, ServerSettings]]:

@@ -30,6 +30,8 @@ EXTENSIONS = (
     ("CACHE_DIR", "cache_dir", "cache-dir"),
     ("CACHE_SIZE", "cache_size", "cache-size"),
     ("FLEET_CACHE", "fleet_cache", "fleet-cache"),
+    ("FLEET_SECRET", "fleet_secret", "fleet-secret"),
+    ("FLEET_PASSWORD_FILE", "fleet_password_file", "fleet-password-file"),
     ("SANDBOX", "sandbox", "sandbox"),
     ("ALLOW", "allow", "allow"),
     ("REFUSE_GURU", "refuse_guru", "refuse-guru"),
@@ -159,6 +161,8 @@ class ServerSettings:
     cache_dir: str = ""
     cache_size: str = ""
     fleet_cache: str = ""
+    fleet_secret: str = ""
+    fleet_password_file: str = ""
     sandbox: str = ""
     allow: str = ""
     refuse_guru: str = ""

@@ -100,8 +100,13 @@ class ServerConfig:
     cache_enabled: bool = True
     cache_dir: Path | None = None
     cache_size: int = DEFAULT_CACHE_SIZE
-    #: ``redis://`` URL of a cache shared by a fleet of servers, or None.
+    #: ``redis://`` URL of a cache shared by a fleet of servers, or None; its
+    #: entries are sealed under the secret in ``fleet_secret``, and the
+    #: Redis password is read from ``fleet_password_file`` (None:
+    #: ``$STAPSRV_FLEET_PASSWORD``, else none).
     fleet_cache: str | None = None
+    fleet_secret: Path | None = None
+    fleet_password_file: Path | None = None
     #: Where the server keeps its request counters for ``stap-server status``.
     counters_file: Path | None = None
     #: Every translator runs in a bubblewrap sandbox (``--no-sandbox``: as

@@ -12,6 +12,7 @@ from stapsrv.app.metrics import MetricsService
 from stapsrv.app.publish import PublisherService
 from stapsrv.app.service import CompileServerService
 from stapsrv.app.shutdown import CleanExitOnSignal
+from stapsrv.cache.secret import create_secret
 from stapsrv.config.values import ServerConfig
 from stapsrv.core.cmdline import ServerOption
 
@@ -22,6 +23,8 @@ class OptionsTests(TestCase):
         self.patch(tap.Options, "optParameters", [
             [name, short, "::" if name == "listen" else default, *rest]
             for name, short, default, *rest in tap.Options.optParameters])
+        self.secret = Path(self.mktemp()).absolute()
+        create_secret(self.secret)
 
     def parse(self, *argv: str) -> ServerConfig:
         options = tap.Options()
@@ -64,14 +67,17 @@ class OptionsTests(TestCase):
                             "--file-size-limit", "100", "--process-limit", "500",
                             "--no-cache", "--cache-dir", "/c", "--cache-size", "64",
                             "--fleet-cache", "redis://127.0.0.1:6379/0",
+                            "--fleet-secret", str(self.secret),
                             "--counters-file", "/run/x")
         self.assertEqual((config.request_timeout, config.compile_timeout, config.limits,
                           config.cache_enabled, config.cache_dir, config.cache_size,
-                          config.fleet_cache, config.counters_file),
+                          config.fleet_cache, config.fleet_secret, config.counters_file),
                          (3.0, 0.0, TranslatorLimits(60, 2048 << 20, 100 << 20, 500), False,
-                          Path("/c"), 64 << 20, "redis://127.0.0.1:6379/0", Path("/run/x")))
+                          Path("/c"), 64 << 20, "redis://127.0.0.1:6379/0", self.secret,
+                          Path("/run/x")))
         for url in ("localhost:6379", "http://x/", "redis://"):
-            self.assertRaises(usage.UsageError, self.parse, "--fleet-cache", url)
+            self.assertRaises(usage.UsageError, self.parse, "--fleet-cache", url,
+                              "--fleet-secret", str(self.secret))
         self.assertEqual(config.limits.prlimit_flags(),
                          ["--cpu=60:60", f"--as={2048 << 20}:{2048 << 20}",
                           f"--fsize={100 << 20}:{100 << 20}", "--nproc=500:500"])
@@ -155,10 +161,12 @@ class ConfigFileTests(TestCase):
 
     def test_our_variables(self) -> None:
         from stapsrv.config.values import TranslatorLimits
+        secret = self.base / "secret"
+        create_secret(secret)
         (self.base / "conf.d" / "a.conf").write_text(
             "REQUEST_TIMEOUT=5\nCOMPILE_TIMEOUT=60\nCPU_LIMIT=30\nMEMORY_LIMIT=1024\n"
             "FILE_SIZE_LIMIT=50\nPROCESS_LIMIT=200\nCACHE=no\nCACHE_DIR=/c\n"
-            "CACHE_SIZE=10\nFLEET_CACHE=redis://10.0.0.5:6379/1\n"
+            f"CACHE_SIZE=10\nFLEET_CACHE=redis://10.0.0.5:6379/1\nFLEET_SECRET={secret}\n"
             "ENDPOINT=systemd:domain=INET:index=0\nMETRICS=tcp:9642\n")
         [server] = [s for s in self.services() if isinstance(s, CompileServerService)]
         config = server.config

@@ -162,7 +162,8 @@ class ManagerTests(TestCase):
             f"LOG={self.sandbox.log}\nPORT=\nSSL={self.sandbox.ssl}\nMAXTHREADS=\n"
             "MAXREQSIZE=\nMAXCOMPRESSEDREQ=\n"))
         running = (f"{self.line(str(pid), ssl)} running as PID {pid}\n"
-                   "  requests 0, failures 0, cache hits 0, compiling 0, waiting 0\n")
+                   "  requests 0, failures 0, cache hits 0, compiling 0, waiting 0\n"
+                   "  translators run in a bubblewrap sandbox\n")
         self.assertEqual(self.sandbox.run("status"), (running, "", 0))
         # Starting the same server again is a no-op that succeeds.
         self.assertEqual(self.sandbox.run("start", "--ssl", str(self.sandbox.ssl))[::2],
@@ -268,7 +269,7 @@ class ManagerTests(TestCase):
         self.assertEqual(code, 0)
         self.assertRegex(status, r'-n "native" .*--max-threads "1" running as PID \d+\n'
                                  r'  requests 0, failures 0, cache hits 0, compiling 0, '
-                                 r'waiting 0\n$')
+                                 r'waiting 0\n  translators run in a bubblewrap sandbox\n$')
         (conf / "two.conf").write_text("PORT=1\nBOGUS=2\n")
         out, err, code = self.sandbox.run("start")
         self.assertEqual(code, 1)
@@ -305,6 +306,8 @@ class ManagerTests(TestCase):
         self.assertIn("Response cache disabled", self.sandbox.log.read_text())
         self.assertIn("Translator sandbox disabled (--no-sandbox)", self.sandbox.log.read_text())
         self.assertIn("Using a maximum of 3 threads", self.sandbox.log.read_text())
+        self.assertIn("\n  translators run without a sandbox (--sandbox no: 4.8's exposure)\n",
+                      self.sandbox.run("status")[0])
         # try-restart restarts a running server and keeps its options.
         out, err, code = self.sandbox.run("try-restart")
         self.assertEqual(code, 0, err)
@@ -361,6 +364,49 @@ class ManagerTests(TestCase):
         self.assertTrue(out.endswith("FAILED\n"), out)
         self.assertIn("Error setting socket address", err)
         self.assertEqual(len(self.sandbox.pids()), 1)
+
+    def test_fleet_cache_without_a_secret_does_not_start(self) -> None:
+        out, err, code = self.sandbox.run("start", "--ssl", str(self.sandbox.ssl),
+                                          "--fleet-cache", "redis://127.0.0.1:1/0")
+        self.assertEqual(code, 1)
+        self.assertTrue(out.endswith("FAILED\n"), out)
+        self.assertIn("--fleet-secret: a fleet cache needs the fleet's secret", err)
+        self.assertIn("python3 -m stapsrv.cli.fleet secret FILE", err)
+        self.assertEqual(self.sandbox.pids(), [])
+
+    def test_fleet_password_is_on_no_command_line_status_or_log(self) -> None:
+        from stapsrv.cache.secret import create_secret
+        from tests.helpers.realredis import make_tls_files, start_redis
+        user = test_user()
+        files = owned_directory(self.sandbox.base / "fleet")
+        secret = files / "fleet.secret"
+        create_secret(secret, owner=(user.pw_uid, user.pw_gid))
+        password = "pw-manager-0c7d1e"
+        password_file = files / "redis.password"
+        password_file.write_text(password + "\n")
+        password_file.chmod(0o600)
+        os.chown(password_file, user.pw_uid, user.pw_gid)
+        store = start_redis(self, self.sandbox.base / "redis", password=password,
+                            tls=make_tls_files(files / "tls"))
+        out, err, code = self.sandbox.run(
+            "start", "--ssl", str(self.sandbox.ssl), "--fleet-cache", store.url,
+            "--fleet-secret", str(secret), "--fleet-password-file", str(password_file))
+        self.assertEqual(code, 0, err)
+        fleet = (f' --fleet-cache "{store.url}" --fleet-secret "{secret}" '
+                 f'--fleet-password-file "{password_file}"')
+        self.assertIn(fleet, out)
+        [pid] = self.sandbox.pids()
+        status, _, code = self.sandbox.run("status")
+        self.assertEqual(code, 0)
+        self.assertIn(fleet, status)
+        status_file = self.sandbox.status_files()[0].read_text()
+        self.assertIn(f"FLEET_PASSWORD_FILE={password_file}\n", status_file)
+        log = self.sandbox.log.read_text()
+        self.assertIn(f"Fleet cache {store.url} (entries authenticated with the secret in "
+                      f"{secret})", log)
+        for text in (out, err, status, status_file, log,
+                     Path(f"/proc/{pid}/cmdline").read_text()):
+            self.assertNotIn(password, text)
 
     async def test_real_client_sighup_and_stop_during_compile(self) -> None:
         release = require_header_release()

@@ -12,9 +12,10 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from stapsrv.compile.translator import launcher, start_translator
+from stapsrv.compile.sandbox import Sandbox, StapconfStore
+from stapsrv.compile.translator import launcher, live_group_members, start_translator
 from stapsrv.config.values import TranslatorLimits
-from tests.helpers import ROOT
+from tests.helpers import ROOT, require_program
 
 
 class LauncherTests(TestCase):
@@ -94,6 +95,56 @@ reactor.run()
         self.assertNotEqual((base / "stdout").read_text().strip(), "0")
         self.assertEqual((base / "big").stat().st_size, 1 << 20)
         self.assertEqual(os.listdir(base).count("big"), 1)
+
+
+class GroupMembersTests(TestCase):
+    """What the launcher waits for after the translator exits: live
+    processes of its group, never zombies."""
+
+    def test_a_running_member_is_live(self) -> None:
+        sleeper = subprocess.Popen(["/usr/bin/setsid", "/bin/sleep", "60"])
+        self.addCleanup(sleeper.wait)
+        self.addCleanup(sleeper.kill)
+        for _ in range(500):  # setsid execs sleep in the same process
+            if os.getpgid(sleeper.pid) == sleeper.pid:
+                break
+            time.sleep(0.01)
+        self.assertEqual(live_group_members(sleeper.pid), [sleeper.pid])
+
+    def test_a_zombie_is_not(self) -> None:
+        child = subprocess.Popen(["/usr/bin/setsid", "/bin/true"])
+        self.addCleanup(child.wait)
+        # Not reaped: the group exists, its only member a zombie.
+        for _ in range(500):
+            state = Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0]
+            if state == "Z":
+                break
+            time.sleep(0.01)
+        os.killpg(child.pid, 0)
+        self.assertEqual(live_group_members(child.pid), [])
+
+    def test_odd_command_names_are_read(self) -> None:
+        proc = Path(self.mktemp())
+        (proc / "41").mkdir(parents=True)
+        (proc / "42").mkdir()
+        (proc / "self").mkdir()
+        (proc / "41" / "stat").write_text("41 (a) b (c) S 1 77 77 0 -1\n")
+        (proc / "42" / "stat").write_text("42 (x) Z 1 77 77 0 -1\n")
+        self.assertEqual(live_group_members(77, proc), [41])
+        self.assertEqual(live_group_members(78, proc), [])
+
+    async def test_sandboxed_leftovers_do_not_outlive_the_run(self) -> None:
+        require_program("bwrap")
+        base = Path(self.mktemp()).absolute()
+        (base / "request").mkdir(parents=True)
+        sandbox = Sandbox(home=base / "home", systemtap_dir=base / "home" / ".systemtap")
+        sandbox.prepare(base, None, StapconfStore(base / "stapconf"))
+        run = start_translator(
+            reactor, ["/bin/sh", "-c", "sleep 60 & echo $! > left"], {"PATH": "/usr/bin:/bin"},
+            base / "request", base / "stdout", base / "stderr", sandbox=sandbox.words(base))
+        self.assertEqual(await run.result, 0, (base / "stderr").read_text())
+        self.assertTrue((base / "request" / "left").read_text().strip())
+        self.assertEqual(live_group_members(run.pid), [])
 
 
 class ExecSizeTests(TestCase):

@@ -7,9 +7,11 @@ import os
 from pathlib import Path
 
 from attrs import evolve
+from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
 from stapsrv.app import tap
+from stapsrv.cache.secret import create_secret
 from stapsrv.config.convert import SettingsError, server_config, settings_config
 from stapsrv.config.files import GlobalConfig, read_server_file
 
@@ -64,3 +66,52 @@ class ConvertTests(TestCase):
         with self.assertRaises(SettingsError) as caught:
             settings_config(read_server_file(conf), GlobalConfig())
         self.assertTrue(str(caught.exception).startswith("FLEET_CACHE: "))
+
+    def fleet_error(self, text: str) -> str:
+        conf = self.base / "a.conf"
+        conf.write_text(text)
+        with self.assertRaises(SettingsError) as caught:
+            settings_config(read_server_file(conf), GlobalConfig())
+        return str(caught.exception)
+
+    def test_a_fleet_cache_needs_a_secret(self) -> None:
+        """The safe choice: no fleet cache without authenticated entries."""
+        message = self.fleet_error("FLEET_CACHE=redis://127.0.0.1/0\n")
+        self.assertTrue(message.startswith("FLEET_SECRET: a fleet cache needs"), message)
+        self.assertIn("python3 -m stapsrv.cli.fleet secret FILE", message)
+        options = tap.Options()
+        options.parseOptions(["--fleet-cache", "redis://127.0.0.1/0"])
+        with self.assertRaises(usage.UsageError) as caught:
+            options.to_config()
+        self.assertTrue(str(caught.exception).startswith("--fleet-secret: a fleet cache needs"))
+
+    def test_secret_and_password_files_are_checked(self) -> None:
+        secret = self.base / "secret"
+        missing = self.fleet_error(f"FLEET_CACHE=redis://h/0\nFLEET_SECRET={secret}\n")
+        self.assertEqual(missing, f"FLEET_SECRET: cannot read the fleet secret {secret}: "
+                                  "No such file or directory")
+        create_secret(secret)
+        secret.chmod(0o640)
+        self.assertIn("chmod 600", self.fleet_error(
+            f"FLEET_CACHE=redis://h/0\nFLEET_SECRET={secret}\n"))
+        secret.chmod(0o600)
+        password = self.base / "password"
+        password.write_text("")
+        password.chmod(0o600)
+        self.assertEqual(self.fleet_error(
+            f"FLEET_CACHE=redis://h/0\nFLEET_SECRET={secret}\nFLEET_PASSWORD_FILE={password}\n"),
+            f"FLEET_PASSWORD_FILE: the Redis password file {password} is empty")
+        password.write_text("pw\n")
+        config = settings_config(read_server_file(self.base / "a.conf"), GlobalConfig())
+        self.assertEqual((config.fleet_secret, config.fleet_password_file), (secret, password))
+
+    def test_no_password_in_the_url(self) -> None:
+        """It would show in ps and in the status file: files only."""
+        for url in ("redis://:pw@h/0", "rediss://user:pw@h/0", "redis://h/0?password=pw",
+                    "http://:pw@h/"):
+            message = self.fleet_error(f"FLEET_CACHE={url}\n")
+            self.assertTrue(message.startswith("FLEET_CACHE: the fleet cache "), message)
+            self.assertNotIn("pw", message.replace("password", ""))
+            if url.startswith("redis"):
+                self.assertIn("URL holds a password", message)
+                self.assertIn("--fleet-password-file", message)

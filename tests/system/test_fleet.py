@@ -18,6 +18,7 @@ from twisted.internet.task import deferLater
 
 from twisted.trial.unittest import TestCase
 
+from stapsrv.cache.secret import create_secret
 from tests.helpers import require_program
 from tests.helpers.realclient import HELLO, RealClientMixin
 from tests.helpers.realhaproxy import PROXY_SOURCE, Backend, start_haproxy
@@ -30,16 +31,21 @@ from tests.helpers.realserver import (
     remove_tree,
     scratch_directory,
     start_stapsrv,
+    test_user,
 )
 
 #: Behind HAProxy: the PROXY protocol on a free loopback port.
 PROXIED = "haproxy:tcp:0:interface=127.0.0.1"
 
 
-def fleet_arguments(redis: RedisServer) -> list[str]:
-    """What every instance of a fleet is started with to share the cache
-    (one place, so that shared settings such as a fleet secret go here)."""
-    return ["--fleet-cache", redis.url]
+def fleet_arguments(redis: RedisServer, directory: Path) -> list[str]:
+    """What every instance of a fleet is started with to share the cache:
+    the Redis URL and the fleet's secret (made in ``directory`` once)."""
+    secret = directory / "fleet.secret"
+    if not secret.exists():
+        user = test_user()
+        create_secret(secret, owner=(user.pw_uid, user.pw_gid))
+    return ["--fleet-cache", redis.url, "--fleet-secret", str(secret)]
 
 
 def healthz(port: int) -> tuple[int, str]:
@@ -242,8 +248,9 @@ class FleetTests(FleetMixin, TestCase):
         # One identity for the fleet: the first instance makes it, the
         # others use the same directory.
         ssl_dir = owned_directory(base / "ssl")
-        first = self.instance(*fleet_arguments(redis), ssl_dir=ssl_dir)
-        others = [self.instance(*fleet_arguments(redis), ssl_dir=ssl_dir) for _ in range(2)]
+        first = self.instance(*fleet_arguments(redis, base), ssl_dir=ssl_dir)
+        others = [self.instance(*fleet_arguments(redis, base), ssl_dir=ssl_dir)
+                  for _ in range(2)]
         instances = [first, *others]
         servers = [server for server, _ in instances]
         # The others found the first one's identity: none made its own.
