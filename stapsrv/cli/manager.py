@@ -134,6 +134,7 @@ def status_record(settings: ServerSettings, pid: int | None, state: str,
         "endpoint": s.endpoint or None,
         "metrics": s.metrics or None,
         "log": s.log or None,
+        "sandbox": s.sandbox.lower() not in SWITCH_NO,
         "counters": None if counters is None else {
             name: getattr(counters, name) for name in request_counters.FIELDS},
     }

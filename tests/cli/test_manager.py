@@ -55,6 +55,7 @@ class FormatTests(TestCase):
             "command": f"stap-server {render(settings)}", "nickname": "a", "pid": 42,
             "state": "running", "user": "stap-server", "releases": ["6.1"], "port": 5000,
             "endpoint": "haproxy:tcp:5000", "metrics": "tcp:9642", "log": "/l",
+            "sandbox": True,
             "counters": {"requests": 4, "failures": 1, "cache_hits": 2, "compiling": 1,
                          "waiting": 0}})
         self.assertIsNone(status_record(ServerSettings(), None, "stopped", None)["counters"])
