@@ -12,9 +12,9 @@ SHARED ?= ../shared
 STAP55_TARBALL ?= $(SHARED)/clients/systemtap-5.5-bookworm-amd64.tar.xz
 APT_PACKAGES := systemtap systemtap-client systemtap-server libnss3-tools \
 	dbus-daemon avahi-daemon avahi-utils redis-server python3-venv zip unzip util-linux passwd groff-base man-db \
-	bubblewrap haproxy prometheus
+	bubblewrap haproxy prometheus debhelper lintian fakeroot debootstrap systemd-container
 
-.PHONY: setup system-packages stap55 server-user venv serve test clean install-system uninstall-system
+.PHONY: setup system-packages stap55 server-user venv serve test clean install-system uninstall-system deb
 
 setup: system-packages stap55 server-user venv
 
@@ -49,5 +49,9 @@ install-system: system-packages
 uninstall-system:
 	@bash tools/install-system.sh uninstall $(if $(PURGE),--purge)
 
+# The Debian package, built from a copy of the tree into dist/.
+deb: system-packages
+	@bash tools/build-deb.sh dist
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info _trial_temp .mypy_cache
+	rm -rf $(VENV) build dist debian/.debhelper debian/stapsrv debian/files *.egg-info _trial_temp .mypy_cache

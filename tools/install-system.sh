@@ -75,12 +75,9 @@ install_all() {
     if [ -e /var/log/stap-server/log ] && [ "$(stat -c %U /var/log/stap-server/log)" != "$USER_NAME" ]; then
         chown "$USER_NAME:$USER_NAME" /var/log/stap-server/log
     fi
-    printf 'd /run/stap-server 0755 %s %s -\n' "$USER_NAME" "$USER_NAME" > /tmp/stapsrv-tmpfiles.$$
-    file /tmp/stapsrv-tmpfiles.$$ /usr/lib/tmpfiles.d/stap-server.conf 644
-    rm -f /tmp/stapsrv-tmpfiles.$$
-    sed "s|/usr/bin/twistd|$PREFIX/bin/twistd|" config/stap-server.service > /tmp/stapsrv-unit.$$
-    file /tmp/stapsrv-unit.$$ /etc/systemd/system/stap-server.service 644
-    rm -f /tmp/stapsrv-unit.$$
+    file config/stap-server.tmpfiles /usr/lib/tmpfiles.d/stap-server.conf 644
+    # The unit runs $PREFIX/bin/twistd, where the Debian package has it too.
+    file config/stap-server.service /etc/systemd/system/stap-server.service 644
     file config/stap-server.logrotate /etc/logrotate.d/stap-server 644
     # System-wide trust: local clients trust the server, staprun its signatures.
     local ssl="$HOME_DIR/.systemtap/ssl/server"

@@ -16,6 +16,7 @@ from twisted.python import usage
 from stapsrv.app.counters import CountersFileService
 from stapsrv.app.logs import LogFileService, LoggedTree, ReopenOnSighup
 from stapsrv.app.metrics import MetricsService, metrics_site
+from stapsrv.app.notify import SystemdNotifier
 from stapsrv.app.publish import publisher_service
 from stapsrv.app.service import CompileServerService
 from stapsrv.app.shutdown import CleanExitOnSignal
@@ -233,6 +234,7 @@ def _configured_service(options: Options, reactor: IServerReactor) -> IService:
     top.add_log(ReopenOnSighup(logs, reactor))
     for config in servers:
         _add_server(top, config, reactor, publish=not options["no-avahi"])
+    SystemdNotifier(os.environ).setServiceParent(top)  # started once all listen
     CleanExitOnSignal(reactor).setServiceParent(top)  # stopped first
     return top
 
@@ -268,5 +270,6 @@ def makeService(options: Options, reactor: IServerReactor | None = None) -> ISer
         top.add_log(log_service)
         top.add_log(ReopenOnSighup([log_service], reactor))
     _add_server(top, config, reactor, publish=not options["no-avahi"])
+    SystemdNotifier(os.environ).setServiceParent(top)  # started once it listens
     CleanExitOnSignal(reactor).setServiceParent(top)  # stopped first
     return top

@@ -343,13 +343,13 @@ class TapTests(TestCase):
 
     def test_publisher_follows_the_server(self) -> None:
         from stapsrv.app.service import CompileServerService
-        server, publisher, _ = self.services()
+        server, publisher, _notifier, _ = self.services()
         self.assertIsInstance(server, CompileServerService)
         self.assertIsInstance(publisher, PublisherService)
         self.assertIsInstance(publisher.publisher, AvahiPublisher)
 
     def test_no_avahi(self) -> None:
-        _, publisher, _ = self.services("--no-avahi")
+        _, publisher, _notifier, _ = self.services("--no-avahi")
         self.assertIsInstance(publisher.publisher, NullPublisher)
 
 

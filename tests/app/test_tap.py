@@ -9,6 +9,7 @@ from twisted.trial.unittest import TestCase
 from stapsrv.app import tap
 from stapsrv.app.logs import LogFileService, ReopenOnSighup
 from stapsrv.app.metrics import MetricsService
+from stapsrv.app.notify import SystemdNotifier
 from stapsrv.app.publish import PublisherService
 from stapsrv.app.service import CompileServerService
 from stapsrv.app.shutdown import CleanExitOnSignal
@@ -183,8 +184,10 @@ class ConfigFileTests(TestCase):
         self.assertRaises(usage.UsageError, self.services)
 
     def test_no_configured_server_means_the_default_one(self) -> None:
-        [log, reopen, server, publisher, clean_exit] = self.services()
+        [log, reopen, server, publisher, notifier, clean_exit] = self.services()
         self.assertIsInstance(reopen, ReopenOnSighup)
+        self.assertIsInstance(notifier, SystemdNotifier, "after every server: READY=1 "
+                              "means all of them listen")
         self.assertIsInstance(clean_exit, CleanExitOnSignal)
         self.assertIsInstance(publisher, PublisherService)
         self.assertEqual(server.config.releases, (os.uname().release,))
