@@ -22,7 +22,9 @@ _SHORT_FLAGS = set("ikP")
 DISTRIBUTED = ("log", "port", "ssl", "max-threads", "max-request-size",
                "max-compressed-request", "request-timeout", "compile-timeout", "cpu-limit",
                "memory-limit", "file-size-limit", "process-limit", "cache", "cache-dir",
-               "cache-size", "fleet-cache", "sandbox", "allow", "refuse-guru", "privileges")
+               "cache-size", "fleet-cache", "sandbox", "allow", "refuse-guru", "privileges",
+               "fetch", "fetch-releases", "kernel-store", "kernel-store-size",
+               "fetch-symbols", "fetch-debuginfo")
 
 
 class ArgumentError(Exception):

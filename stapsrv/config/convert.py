@@ -26,6 +26,7 @@ from stapsrv.config.files import (
 from stapsrv.config.values import (
     DEFAULT_CACHE_SIZE,
     DEFAULT_COMPILE_TIMEOUT,
+    DEFAULT_KERNEL_STORE_SIZE,
     DEFAULT_MAX_COMPRESSED_REQUEST,
     DEFAULT_MAX_REQUEST_SIZE,
     DEFAULT_REQUEST_TIMEOUT,
@@ -39,6 +40,7 @@ from stapsrv.paths import default_server_ssl_dir
 
 #: Defaults of the sizes counted in MiB, and of the timeouts, in whole units.
 DEFAULT_CACHE_MIB = DEFAULT_CACHE_SIZE >> 20
+DEFAULT_KERNEL_STORE_MIB = DEFAULT_KERNEL_STORE_SIZE >> 20
 DEFAULT_REQUEST_SECONDS = int(DEFAULT_REQUEST_TIMEOUT)
 DEFAULT_COMPILE_SECONDS = int(DEFAULT_COMPILE_TIMEOUT)
 
@@ -102,6 +104,12 @@ def server_config(
     cache_size: int = DEFAULT_CACHE_MIB,
     fleet_cache: str | None = None,
     counters_file: str | None = None,
+    fetch: bool = True,
+    fetch_releases: Iterable[str] = (),
+    kernel_store: str | None = None,
+    kernel_store_size: int = DEFAULT_KERNEL_STORE_MIB,
+    fetch_symbols: bool = False,
+    fetch_debuginfo: bool = False,
     log_namespace: str = "stapsrv",
 ) -> ServerConfig:
     """A server's settings from checked numbers (sizes of the limits and the
@@ -122,6 +130,12 @@ def server_config(
         levels = parse_privileges(privileges) if privileges else ALL_PRIVILEGES
     except PolicyError as exc:
         raise SettingsError(str(exc)) from None
+    patterns = tuple(word for value in fetch_releases
+                     for word in re.split(r"[\s,]+", value) if word)
+    for pattern in patterns:
+        if not re.fullmatch(r"[A-Za-z0-9.+_~*?\[\]-]+", pattern):
+            raise SettingsError(f"Not a release pattern: {pattern!r} (letters, digits, "
+                                ". + _ ~ - and the shell wildcards * ? [ ])")
     if fleet_cache:
         problem = url_problem(fleet_cache)
         if problem is not None:
@@ -152,6 +166,12 @@ def server_config(
         cache_size=cache_size << 20,
         fleet_cache=fleet_cache or None,
         counters_file=_absolute(counters_file),
+        fetch_kernels=fetch,
+        fetch_patterns=patterns,
+        kernel_store=_absolute(kernel_store),
+        kernel_store_size=kernel_store_size << 20,
+        fetch_symbols=fetch_symbols or fetch_debuginfo,
+        fetch_debuginfo=fetch_debuginfo,
     )
     # Without a value, the default (the number of CPUs) stands.
     return config if max_threads is None else evolve(config, max_threads=max_threads)
@@ -217,7 +237,13 @@ def settings_config(settings: ServerSettings, global_config: GlobalConfig,
             privileges=s.privileges or None,
             cache_dir=s.cache_dir,
             cache_size=_given(_number(s.cache_size, "CACHE_SIZE", 1), DEFAULT_CACHE_MIB),
-            fleet_cache=s.fleet_cache)
+            fleet_cache=s.fleet_cache,
+            fetch=_switch(s.fetch_kernels, "FETCH_KERNELS"),
+            fetch_releases=[s.fetch_releases], kernel_store=s.kernel_store or None,
+            kernel_store_size=_given(_number(s.kernel_store_size, "KERNEL_STORE_SIZE", 1),
+                                     DEFAULT_KERNEL_STORE_MIB),
+            fetch_symbols=_switch(s.fetch_symbols, "FETCH_SYMBOLS", default=False),
+            fetch_debuginfo=_switch(s.fetch_debuginfo, "FETCH_DEBUGINFO", default=False))
     except FleetCacheError as exc:
         raise SettingsError(f"FLEET_CACHE: {exc}") from None
 
