@@ -30,7 +30,9 @@ from stapsrv.cache.fleet import RedisCache
 from stapsrv.cache.secret import SecretError, load_password, load_secret
 from stapsrv.cache.key import KeyMaker
 from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
+from stapsrv.compile.fetch import KernelFetcher, debian_architecture, default_patterns
 from stapsrv.compile.handler import RequestHandler
+from stapsrv.compile.kernels import KernelStore, store_directory
 from stapsrv.compile.runtime import default_cache_root, select_runtime
 from stapsrv.compile.sandbox import (
     Sandbox,
@@ -47,6 +49,7 @@ from stapsrv.paths import (
     MODULES,
     RootRefused,
     build_tree,
+    installed_releases,
     local_client_db_dir,
     refuse_root,
     systemtap_dir,
@@ -147,10 +150,11 @@ class CompileServerService(Service):
                                 name="stapsrv-requests")
         raise_open_file_limit()
         cache, keys = self._make_cache()
+        kernels = self._make_kernel_fetcher()
         sandbox, stapconf = self._make_sandbox(runtimes)
         handler = RequestHandler(config, self.reactor, self._pool, self._current_identity,
                                  runtimes, cache=cache, keys=keys, counters=self.counters,
-                                 sandbox=sandbox, stapconf=stapconf)
+                                 sandbox=sandbox, stapconf=stapconf, kernels=kernels)
         if self.metrics is not None:
             handler.observer = self.metrics
         self.factory = CompileServerFactory(handler, self.reactor)
@@ -172,6 +176,24 @@ class CompileServerService(Service):
         Service.startService(self)
         self._trust_self()
         handler.warm_up()
+
+    def _make_kernel_fetcher(self) -> KernelFetcher | None:
+        """The kernel store and what fetches into it (None: --no-fetch)."""
+        config = self.config
+        if not config.fetch_kernels:
+            self.log.info("Fetching kernel releases that are not installed is off (--no-fetch)")
+            return None
+        assert self._pool is not None
+        store = KernelStore(store_directory(config), config.kernel_store_size)
+        for name in store.open():
+            self.log.info("Kernel store: removed {name}, left by an interrupted fetch",
+                          name=name)
+        patterns = config.fetch_patterns or default_patterns(
+            debian_architecture(), [*installed_releases(), *config.releases])
+        self.log.info("Kernel store {directory} (at most {size} MiB); fetching releases "
+                      "matching {patterns}", directory=store.directory,
+                      size=config.kernel_store_size >> 20, patterns=" ".join(patterns))
+        return KernelFetcher(store, self.reactor, self._pool, patterns, log=self.log)
 
     def _make_sandbox(self, runtimes: Mapping[str, str]
                       ) -> tuple[Sandbox | None, StapconfStore | None]:

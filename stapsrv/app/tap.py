@@ -22,6 +22,7 @@ from stapsrv.app.service import CompileServerService
 from stapsrv.app.shutdown import CleanExitOnSignal
 from stapsrv.config.convert import (
     DEFAULT_CACHE_MIB,
+    DEFAULT_KERNEL_STORE_MIB,
     DEFAULT_COMPILE_SECONDS,
     DEFAULT_REQUEST_SECONDS,
     FleetCacheError,
@@ -115,6 +116,11 @@ class Options(usage.Options):
          "HAProxy with the PROXY protocol), systemd:domain=INET:index=0 (socket activation)."],
         ["metrics", None, None, "Serve Prometheus metrics (/metrics) and a health check "
          "(/healthz) over HTTP at this endpoint, e.g. tcp:9642:interface=127.0.0.1."],
+        ["kernel-store", None, None, "Directory of the kernel store, where releases that are "
+         "not installed are fetched (default: $XDG_CACHE_HOME/stapsrv/kernels or "
+         "~/.cache/stapsrv/kernels)."],
+        ["kernel-store-size", None, DEFAULT_KERNEL_STORE_MIB, "Size cap of the kernel store, "
+         "in MiB (least recently used releases go first).", _count("kernel-store-size", 1)],
     ]
     optFlags = [
         ["keep", "k", "Keep each request's temporary directory."],
@@ -123,6 +129,11 @@ class Options(usage.Options):
         ["no-sandbox", None, "Run translators without the bubblewrap sandbox, as 4.8 does: "
          "every client's compile can then read what the server's user can."],
         ["refuse-guru", None, "Refuse guru mode (-g) requests."],
+        ["no-fetch", None, "Never fetch kernel releases that are not installed."],
+        ["fetch-symbols", None, "Fetch every served release's System.map (from its "
+         "linux-image-*-dbg package, about 860 MB to download, 4 MB kept)."],
+        ["fetch-debuginfo", None, "Also keep each served release's vmlinux debuginfo "
+         "(about 630 MB each), so kernel.function probes and $variables compile."],
     ]
 
     def __init__(self) -> None:
@@ -132,6 +143,13 @@ class Options(usage.Options):
         self["arch"] = None
         self["runtime"] = None
         self["allow"] = []
+        self["fetch-releases"] = []
+
+    def opt_fetch_releases(self, patterns: str) -> None:
+        """Shell patterns (separated by commas or blanks) of the releases that
+        may be fetched into the kernel store; repeatable (default: the flavours
+        of the server's own kernel series and architecture, e.g. 6.1.0-*-amd64)."""
+        self["fetch-releases"].append(patterns)
 
     def opt_allow(self, networks: str) -> None:
         """Only clients at these addresses or CIDR networks (separated by
@@ -206,7 +224,11 @@ class Options(usage.Options):
                 fleet_cache=self["fleet-cache"], fleet_secret=self["fleet-secret"],
                 fleet_password_file=self["fleet-password-file"],
                 counters_file=self["counters-file"],
-                endpoint=self["endpoint"], metrics=self["metrics"])
+                endpoint=self["endpoint"], metrics=self["metrics"],
+                fetch=not self["no-fetch"], fetch_releases=self["fetch-releases"],
+                kernel_store=self["kernel-store"], kernel_store_size=self["kernel-store-size"],
+                fetch_symbols=bool(self["fetch-symbols"]),
+                fetch_debuginfo=bool(self["fetch-debuginfo"]))
         except FleetCacheError as exc:
             raise usage.UsageError(f"--{exc.setting}: {exc}") from None
         except SettingsError as exc:

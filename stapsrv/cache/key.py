@@ -170,19 +170,26 @@ class KeyMaker:
     rc_file: Path
     digests: ContentDigests = field(factory=ContentDigests)
 
-    def server_paths(self, runtime: str | None, release: str) -> list[tuple[str, Path]]:
+    def server_paths(self, runtime: str | None, release: str, build: Path | None = None,
+                     symbols: Path | None = None) -> list[tuple[str, Path]]:
+        """The server files a compile for ``release`` reads; ``build`` is
+        its build tree when that is not the installed one (the kernel store),
+        ``symbols`` the System.map the server fetched for it."""
         stap = Path(self.stap)
         share = stap.resolve().parent.parent / "share" / "systemtap"
         compiler = shutil.which("gcc", path=self.environ.get("PATH")) or "/usr/bin/gcc"
-        build = self.modules_root / release / "build"
+        build = build or self.modules_root / release / "build"
         paths = [("stap", stap), ("tapsets", share / "tapset"),
                  ("runtime", Path(runtime) if runtime else share / "runtime"),
                  ("compiler", Path(compiler).resolve()), ("rc", self.rc_file)]
         paths += [("build:" + name, build / name) for name in BUILD_TREE_FILES]
+        if symbols is not None:
+            paths.append(("symbols", symbols))
         return paths
 
     def key(self, request: Job, release: str, options: Sequence[str],
-            runtime: str | None, signers: Iterable[bytes] = ()) -> str:
+            runtime: str | None, signers: Iterable[bytes] = (),
+            build: Path | None = None, symbols: Path | None = None) -> str:
         """The hex key of a request about to be run with ``options``.
 
         ``signers`` are the certificates (DER or PEM bytes) whose keys sign
@@ -196,7 +203,7 @@ class KeyMaker:
             digest.update(b"option:%d:%s" % (len(option.encode()), option.encode()))
         for name, value in relevant_environment(self.environ):
             digest.update(b"env:%s=%s\n" % (name.encode(), value.encode("utf-8", "replace")))
-        for label, path in self.server_paths(runtime, release):
+        for label, path in self.server_paths(runtime, release, build, symbols):
             digest.update(b"%s:" % label.encode() + self.digests.digest(path))
         for option in options:
             if option.startswith("-I") and len(option) > 2:

@@ -23,7 +23,9 @@ DISTRIBUTED = ("log", "port", "ssl", "max-threads", "max-request-size",
                "max-compressed-request", "request-timeout", "compile-timeout", "cpu-limit",
                "memory-limit", "file-size-limit", "process-limit", "cache", "cache-dir",
                "cache-size", "fleet-cache", "fleet-secret", "fleet-password-file",
-               "sandbox", "allow", "refuse-guru", "privileges", "endpoint", "metrics")
+               "sandbox", "allow", "refuse-guru", "privileges", "endpoint", "metrics",
+               "fetch", "fetch-releases", "kernel-store", "kernel-store-size",
+               "fetch-symbols", "fetch-debuginfo")
 
 
 class ArgumentError(Exception):

@@ -70,12 +70,19 @@ Options:
 \t--json\t\t\t: (status) print the status as one JSON document.
 \t--endpoint description\t: Twisted endpoint to listen on (haproxy:tcp:..., systemd:...).
 \t--metrics description\t: endpoint of the Prometheus /metrics and /healthz listener.
+\t--fetch yes|no\t\t: fetch releases that are not installed (default yes).
+\t--fetch-releases patterns: the releases that may be fetched (default: this server's series).
+\t--kernel-store path\t: where fetched releases are kept.
+\t--kernel-store-size MiB: size cap of the kernel store.
+\t--fetch-symbols yes|no\t: fetch each served release's System.map (default no).
+\t--fetch-debuginfo yes|no: also its vmlinux debuginfo (default no).
 
 All options may be repeated.  -a, -r, -I, -R, -B, -D, -u and -i describe the
 server named by the -n or -p before them (or the one server of the command
 line); --log, --port, --ssl, the --max-* options, the policy options
-(--sandbox, --allow, --refuse-guru, --privileges), --endpoint, --metrics and the timeout, limit and
-cache options are handed to the named servers in order; servers beyond their count get the default log
+(--sandbox, --allow, --refuse-guru, --privileges), --endpoint, --metrics,
+the timeout, limit, cache and kernel store options are handed to the named
+servers in order; servers beyond their count get the default log
 (LOG_FILE), a free port, ~/.systemtap/ssl/server and the built-in limits.
 
 With no server named, 'start' starts every server configured in
@@ -161,10 +168,9 @@ def daemon_arguments(settings: ServerSettings, keep: bool) -> list[str]:
                         ("--max-compressed-request", s.max_compressed_request)):
         if value:
             args += [flag, value]
-    for _, field, option in EXTENSIONS:
+    for name, field, option in EXTENSIONS:
         value = getattr(s, field)
         if option in SWITCHES + FLAGS:
-            name = option.upper().replace("-", "_")
             if value.lower() not in SWITCH_NO + SWITCH_YES:
                 raise LaunchFailed(f"{name}={value} (--{option}) is not yes or no")
             if option in SWITCHES and value.lower() in SWITCH_NO:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from attrs import frozen
 
+from stapsrv.compile.kernels import store_directory
 from stapsrv.config.values import ServerConfig
 from stapsrv.paths import home_directory, systemtap_dir
 
@@ -100,9 +101,11 @@ class Sandbox:
         """The request's own home and SYSTEMTAP_DIR, inside ``scratch``."""
         return scratch / "sandbox-home", scratch / "sandbox-systemtap"
 
-    def words(self, scratch: Path) -> list[str]:
+    def words(self, scratch: Path, files: Iterable[tuple[Path, str]] = ()) -> list[str]:
         """bwrap's command line, up to and including ``--``, for a request
-        whose scratch directory (made by :meth:`prepare`) is ``scratch``."""
+        whose scratch directory (made by :meth:`prepare`) is ``scratch``;
+        ``files`` are (server file, path inside) shown read only, such as a
+        fetched ``/boot/System.map-<release>``."""
         home, systemtap_dir = self.private_dirs(scratch)
         words = [self.bwrap, *_ISOLATION, *_system_words(), *_SPECIAL]
         if self.home != Path("/"):
@@ -110,6 +113,8 @@ class Sandbox:
         words += ["--bind", str(systemtap_dir), str(self.systemtap_dir)]
         for path in _outside_usr(self.read_only, hidden=(self.home, self.systemtap_dir)):
             words += ["--ro-bind", str(path), str(path)]
+        for source, inside in files:
+            words += ["--ro-bind", str(source), inside]
         words += ["--bind", str(scratch), str(scratch), "--remount-ro", "/",
                   "--chdir", str(scratch / "request"), "--"]
         return words
@@ -154,6 +159,8 @@ def server_sandbox(config: ServerConfig, environ: Mapping[str, str],
     trees += [Path(option.value) for option in config.server_options
               if option.flag in ("-I", "-R") and option.value]
     trees += [Path(release) for release in config.releases if release.startswith("/")]
+    if config.fetch_kernels:
+        trees.append(store_directory(config))
     stap = Path(shutil.which(config.stap, path=environ.get("PATH")) or config.stap)
     trees.append(stap.parent.parent if stap.parent.name == "bin" else stap.parent)
     trees += [Path(value) for name, value in environ.items()

@@ -28,6 +28,7 @@ from stapsrv.config.files import (
 from stapsrv.config.values import (
     DEFAULT_CACHE_SIZE,
     DEFAULT_COMPILE_TIMEOUT,
+    DEFAULT_KERNEL_STORE_SIZE,
     DEFAULT_MAX_COMPRESSED_REQUEST,
     DEFAULT_MAX_REQUEST_SIZE,
     DEFAULT_REQUEST_TIMEOUT,
@@ -41,6 +42,7 @@ from stapsrv.paths import default_server_ssl_dir
 
 #: Defaults of the sizes counted in MiB, and of the timeouts, in whole units.
 DEFAULT_CACHE_MIB = DEFAULT_CACHE_SIZE >> 20
+DEFAULT_KERNEL_STORE_MIB = DEFAULT_KERNEL_STORE_SIZE >> 20
 DEFAULT_REQUEST_SECONDS = int(DEFAULT_REQUEST_TIMEOUT)
 DEFAULT_COMPILE_SECONDS = int(DEFAULT_COMPILE_TIMEOUT)
 
@@ -142,6 +144,12 @@ def server_config(
     counters_file: str | None = None,
     endpoint: str | None = None,
     metrics: str | None = None,
+    fetch: bool = True,
+    fetch_releases: Iterable[str] = (),
+    kernel_store: str | None = None,
+    kernel_store_size: int = DEFAULT_KERNEL_STORE_MIB,
+    fetch_symbols: bool = False,
+    fetch_debuginfo: bool = False,
     log_namespace: str = "stapsrv",
 ) -> ServerConfig:
     """A server's settings from checked numbers (sizes of the limits and the
@@ -168,6 +176,12 @@ def server_config(
         metrics = check(metrics, "--metrics") if metrics else None
     except EndpointError as exc:
         raise SettingsError(str(exc)) from None
+    patterns = tuple(word for value in fetch_releases
+                     for word in re.split(r"[\s,]+", value) if word)
+    for pattern in patterns:
+        if not re.fullmatch(r"[A-Za-z0-9.+_~*?\[\]-]+", pattern):
+            raise SettingsError(f"Not a release pattern: {pattern!r} (letters, digits, "
+                                ". + _ ~ - and the shell wildcards * ? [ ])")
     if fleet_cache:
         check_fleet(fleet_cache, fleet_secret, fleet_password_file)
     config = ServerConfig(
@@ -200,6 +214,12 @@ def server_config(
         counters_file=_absolute(counters_file),
         endpoint=endpoint,
         metrics=metrics,
+        fetch_kernels=fetch,
+        fetch_patterns=patterns,
+        kernel_store=_absolute(kernel_store),
+        kernel_store_size=kernel_store_size << 20,
+        fetch_symbols=fetch_symbols or fetch_debuginfo,
+        fetch_debuginfo=fetch_debuginfo,
     )
     # Without a value, the default (the number of CPUs) stands.
     return config if max_threads is None else evolve(config, max_threads=max_threads)
@@ -267,7 +287,13 @@ def settings_config(settings: ServerSettings, global_config: GlobalConfig,
             cache_size=_given(_number(s.cache_size, "CACHE_SIZE", 1), DEFAULT_CACHE_MIB),
             fleet_cache=s.fleet_cache, fleet_secret=s.fleet_secret,
             fleet_password_file=s.fleet_password_file, endpoint=s.endpoint or None,
-            metrics=s.metrics or None)
+            metrics=s.metrics or None,
+            fetch=_switch(s.fetch_kernels, "FETCH_KERNELS"),
+            fetch_releases=[s.fetch_releases], kernel_store=s.kernel_store or None,
+            kernel_store_size=_given(_number(s.kernel_store_size, "KERNEL_STORE_SIZE", 1),
+                                     DEFAULT_KERNEL_STORE_MIB),
+            fetch_symbols=_switch(s.fetch_symbols, "FETCH_SYMBOLS", default=False),
+            fetch_debuginfo=_switch(s.fetch_debuginfo, "FETCH_DEBUGINFO", default=False))
     except FleetCacheError as exc:
         raise SettingsError(f"{exc.variable}: {exc}") from None
 

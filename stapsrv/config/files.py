@@ -38,11 +38,17 @@ EXTENSIONS = (
     ("PRIVILEGES", "privileges", "privileges"),
     ("ENDPOINT", "endpoint", "endpoint"),
     ("METRICS", "metrics", "metrics"),
+    ("FETCH_KERNELS", "fetch_kernels", "fetch"),
+    ("FETCH_RELEASES", "fetch_releases", "fetch-releases"),
+    ("KERNEL_STORE", "kernel_store", "kernel-store"),
+    ("KERNEL_STORE_SIZE", "kernel_store_size", "kernel-store-size"),
+    ("FETCH_SYMBOLS", "fetch_symbols", "fetch-symbols"),
+    ("FETCH_DEBUGINFO", "fetch_debuginfo", "fetch-debuginfo"),
 )
 #: Of those, the yes/no switches: ``no`` becomes the daemon's ``--no-...``
 #: for these, ``yes`` its ``--...`` flag for the others.
-SWITCHES = ("cache", "sandbox")
-FLAGS = ("refuse-guru",)
+SWITCHES = ("cache", "sandbox", "fetch")
+FLAGS = ("refuse-guru", "fetch-symbols", "fetch-debuginfo")
 #: The values that mean "no" and "yes" for a switch.
 SWITCH_NO = ("no", "off", "0", "false")
 SWITCH_YES = ("", "yes", "on", "1", "true")
@@ -169,6 +175,12 @@ class ServerSettings:
     privileges: str = ""
     endpoint: str = ""
     metrics: str = ""
+    fetch_kernels: str = ""
+    fetch_releases: str = ""
+    kernel_store: str = ""
+    kernel_store_size: str = ""
+    fetch_symbols: str = ""
+    fetch_debuginfo: str = ""
 
 
 _FIELDS = {name: field for name, field, _ in EXTENSIONS}

@@ -24,6 +24,8 @@ DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_COMPILE_TIMEOUT = 900.0
 #: Bytes of compiled answers kept on disk for repeated requests.
 DEFAULT_CACHE_SIZE = 512 * 1024 * 1024
+#: Bytes of kernel build trees kept in the kernel store (about 90 MB each).
+DEFAULT_KERNEL_STORE_SIZE = 2048 * 1024 * 1024
 
 
 def default_stap() -> str:
@@ -134,6 +136,18 @@ class ServerConfig:
     def proxied(self) -> bool:
         """Clients come through a proxy that sends the PROXY protocol header."""
         return proxied(self.listen_description)
+    #: Releases that are not installed are fetched from the Debian archive
+    #: into the kernel store (``kernel_store``, None: the default under the
+    #: server's cache directory), when they match ``fetch_patterns`` (empty:
+    #: the flavours of the server's own kernel series and architecture).
+    fetch_kernels: bool = True
+    fetch_patterns: tuple[str, ...] = ()
+    kernel_store: Path | None = None
+    kernel_store_size: int = DEFAULT_KERNEL_STORE_SIZE
+    #: Also fetch every served release's System.map, and its kernel
+    #: debuginfo (``vmlinux``), from ``linux-image-<release>-dbg``.
+    fetch_symbols: bool = False
+    fetch_debuginfo: bool = False
 
     @property
     def response_cache_dir(self) -> Path:

@@ -209,6 +209,26 @@ def without_sign_module(arguments: Sequence[str]) -> list[str]:
     return [word for index, word in enumerate(arguments) if index not in drop]
 
 
+def without_release(arguments: Sequence[str], release: str) -> list[str]:
+    """Client arguments without their ``-r <release>``, for a build tree the
+    server names itself (a stored release: the translator takes only a
+    plain release name from the client, and the client's ``-r``, coming
+    after the server's, would win).  Options clustered with it (``-vr R``)
+    are kept."""
+    words: list[str | None] = list(arguments)
+    for option in scan_options(arguments):
+        if option.name != "r" or option.value != release:
+            continue
+        word = arguments[option.start]
+        if option.stop - option.start == 2:
+            words[option.stop - 1] = None
+            kept = word[:-1]
+        else:
+            kept = word[:len(word) - len(release) - 1]
+        words[option.start] = kept if kept != "-" else None
+    return [word for word in words if word is not None]
+
+
 @frozen
 class ServerOption:
     """One of the server's own translator options, in command-line order."""

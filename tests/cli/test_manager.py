@@ -287,14 +287,20 @@ class ManagerTests(TestCase):
             "--max-threads", "3", "--max-request-size", "60000",
             "--max-compressed-request", "6000", "--port", "0", "--compile-timeout", "600",
             "--cpu-limit", "120", "--cache", "no", "--sandbox", "no",
-            "--allow", "127.0.0.0/8", "--refuse-guru", "yes", "--privileges", "stapusr,stapdev")
+            "--allow", "127.0.0.0/8", "--refuse-guru", "yes", "--privileges", "stapusr,stapdev",
+            "--fetch", "no", "--fetch-releases", "6.1.0-*-amd64", "--kernel-store",
+            str(self.sandbox.base / "kernels"), "--kernel-store-size", "300",
+            "--fetch-symbols", "no")
         self.assertEqual(code, 0, err)
         self.assertIn(f'-a "x86_64" -r "6.1.0-56-amd64" -R "{runtime}" -D "A=1" -I "/opt/taps" '
                       f'-B "V=1" -u "{self.user}" --log "{self.sandbox.log}" --port "0" '
                       f'--ssl "{self.sandbox.ssl}" --max-threads "3" --max-request-size "60000" '
                       '--max-compressed-request "6000" --compile-timeout "600" '
                       '--cpu-limit "120" --cache "no" --sandbox "no" --allow "127.0.0.0/8" '
-                      '--refuse-guru "yes" --privileges "stapusr,stapdev"', out)
+                      '--refuse-guru "yes" --privileges "stapusr,stapdev" --fetch "no" '
+                      '--fetch-releases "6.1.0-*-amd64" --kernel-store '
+                      f'"{self.sandbox.base / "kernels"}" --kernel-store-size "300" '
+                      '--fetch-symbols "no"', out)
         [pid] = self.sandbox.pids()
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         for word in (b"-I", b"/opt/taps", b"-D", b"A=1", b"-B", b"V=1", b"-R", b"-k",
@@ -302,13 +308,17 @@ class ManagerTests(TestCase):
                      b"--max-compressed-request", b"6000", b"--compile-timeout", b"600",
                      b"--cpu-limit", b"120", b"--no-cache", b"--no-sandbox",
                      b"--allow", b"127.0.0.0/8", b"--refuse-guru", b"--privileges",
-                     b"stapusr,stapdev"):
+                     b"stapusr,stapdev", b"--no-fetch", b"--fetch-releases", b"6.1.0-*-amd64",
+                     b"--kernel-store-size", b"300"):
             self.assertIn(word, argv)
+        self.assertNotIn(b"--fetch-symbols", argv)
         self.assertIn("Response cache disabled", self.sandbox.log.read_text())
         self.assertIn("Translator sandbox disabled (--no-sandbox)", self.sandbox.log.read_text())
         self.assertIn("Using a maximum of 3 threads", self.sandbox.log.read_text())
         self.assertIn("\n  translators run without a sandbox (--sandbox no: 4.8's exposure)\n",
                       self.sandbox.run("status")[0])
+        self.assertIn("Fetching kernel releases that are not installed is off (--no-fetch)",
+                      self.sandbox.log.read_text())
         # try-restart restarts a running server and keeps its options.
         out, err, code = self.sandbox.run("try-restart")
         self.assertEqual(code, 0, err)

@@ -115,3 +115,28 @@ class ConvertTests(TestCase):
             if url.startswith("redis"):
                 self.assertIn("URL holds a password", message)
                 self.assertIn("--fleet-password-file", message)
+
+    def test_kernel_store_options_and_file_agree(self) -> None:
+        conf = self.base / "a.conf"
+        conf.write_text(f"LOG={self.base / 'log'}\nFETCH_KERNELS=no\n"
+                        "FETCH_RELEASES=6.1.0-*-amd64, 6.1.0-*-rt-amd64\n"
+                        f"KERNEL_STORE={self.base / 'kernels'}\nKERNEL_STORE_SIZE=300\n"
+                        "FETCH_DEBUGINFO=yes\n")
+        from_file = settings_config(read_server_file(conf), GlobalConfig())
+        options = tap.Options()
+        options.parseOptions([
+            "--log", str(self.base / "log"), "--no-fetch",
+            "--fetch-releases", "6.1.0-*-amd64", "--fetch-releases", "6.1.0-*-rt-amd64",
+            "--kernel-store", str(self.base / "kernels"), "--kernel-store-size", "300",
+            "--fetch-debuginfo"])
+        self.assertEqual(options.to_config(), from_file)
+        self.assertEqual((from_file.fetch_kernels, from_file.fetch_patterns,
+                          from_file.kernel_store, from_file.kernel_store_size,
+                          from_file.fetch_symbols, from_file.fetch_debuginfo),
+                         (False, ("6.1.0-*-amd64", "6.1.0-*-rt-amd64"), self.base / "kernels",
+                          300 << 20, True, True))
+        defaults = server_config()
+        self.assertEqual((defaults.fetch_kernels, defaults.fetch_patterns,
+                          defaults.fetch_symbols), (True, (), False))
+        with self.assertRaises(SettingsError):
+            server_config(fetch_releases=["6.1.0-*-amd64;rm"])

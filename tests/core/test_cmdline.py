@@ -17,6 +17,7 @@ from stapsrv.core.cmdline import (
     requested_privilege,
     scan_options,
     translator_argv,
+    without_release,
     without_sign_module,
 )
 from tests.helpers.strategies import client_arguments, client_word, fixed
@@ -339,3 +340,14 @@ class GetoptCompatibilityPropertyTests(TestCase):
         self.assertEqual(requested_privilege(argv[1:]), requested_privilege(arguments))
         self.assertEqual(requested_privilege(without_sign_module(arguments)),
                          requested_privilege(arguments))
+
+
+class ReleaseTreeTests(TestCase):
+    def test_the_clients_release_goes_for_a_stored_tree(self) -> None:
+        self.assertEqual(without_release(["-r", "R", "-p4", "-e", "x"], "R"),
+                         ["-p4", "-e", "x"])
+        self.assertEqual(without_release(["-rR", "-vr", "R", "-vrR", "-p4"], "R"),
+                         ["-v", "-v", "-p4"])
+        # Another release, a script argument and words after -- stay.
+        self.assertEqual(without_release(["-r", "S", "-e", "-r R", "--", "-r", "R"], "R"),
+                         ["-r", "S", "-e", "-r R", "--", "-r", "R"])

@@ -1,0 +1,392 @@
+"""Fetching a kernel release's build tree (and its ``System.map``) from the
+Debian archive that the machine's apt is configured for.
+
+apt finds the packages (``apt-cache show``: the candidate versions from
+apt's signed indexes) and downloads them (``apt-get download``, which
+checks each file's hash against those indexes); ``dpkg-deb -x`` unpacks
+them into the store without root and without maintainer scripts.  All of
+it runs as child processes of the reactor, never blocking it.  Identical
+requests share one fetch.
+
+Which releases may be fetched is a list of shell patterns
+(:func:`default_patterns`: the flavours of the server's own Debian release
+and architecture).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import subprocess
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from stapsrv.compile.kernels import (
+    KernelStore,
+    StoredPackage,
+    StoredRelease,
+    fix_tree,
+    valid_release,
+)
+from stapsrv.reactor import IHandlerReactor
+
+APT_CACHE = "/usr/bin/apt-cache"
+APT_GET = "/usr/bin/apt-get"
+DPKG_DEB = "/usr/bin/dpkg-deb"
+#: Debian's kernel flavours per architecture, beside the plain one.
+_EXTRA_FLAVOURS = ("cloud", "rt")
+_ABI = re.compile(r"(\d+\.\d+\.\d+)-\d+-")
+
+
+class FetchFailed(Exception):
+    """A release could not be fetched; the message is one line for the client."""
+
+
+def default_patterns(architecture: str, releases: Iterable[str]) -> tuple[str, ...]:
+    """The flavours of the server's own kernel series on its Debian
+    architecture, e.g. ``6.1.0-*-amd64``, ``6.1.0-*-cloud-amd64``,
+    ``6.1.0-*-rt-amd64``: the series are those of ``releases`` (the
+    installed and served ones)."""
+    series = sorted({match.group(1) for release in releases
+                     if (match := _ABI.match(release)) is not None})
+    flavours = (architecture, *(f"{extra}-{architecture}" for extra in _EXTRA_FLAVOURS))
+    return tuple(f"{prefix}-*-{flavour}" for prefix in series for flavour in flavours)
+
+
+def debian_architecture() -> str:
+    """``dpkg --print-architecture`` (blocking; once, at start-up)."""
+    try:
+        return subprocess.run(["dpkg", "--print-architecture"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.uname().machine
+
+
+def allowed(release: str, patterns: Sequence[str]) -> bool:
+    return valid_release(release) and any(
+        fnmatch.fnmatchcase(release, pattern) for pattern in patterns)
+
+
+@frozen
+class Candidate:
+    """A package as ``apt-cache show`` describes apt's candidate."""
+
+    name: str
+    version: str
+    size: int
+    depends: tuple[str, ...]
+
+    @property
+    def stored(self) -> StoredPackage:
+        return StoredPackage(self.name, self.version, self.size)
+
+
+def parse_show(text: str) -> list[Candidate]:
+    """The stanzas of ``apt-cache show --no-all-versions`` output."""
+    found = []
+    for stanza in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            name, colon, value = line.partition(":")
+            if colon and not line.startswith(" "):
+                fields[name.strip()] = value.strip()
+        if "Package" in fields and "Version" in fields:
+            depends = tuple(part.split("(")[0].split("|")[0].strip()
+                            for part in fields.get("Depends", "").split(",") if part.strip())
+            found.append(Candidate(fields["Package"], fields["Version"],
+                                   int(fields.get("Size", "0") or 0), depends))
+    return found
+
+
+def build_packages(headers: Candidate) -> list[str]:
+    """What ``linux-headers-<release>`` needs unpacked beside it: the common
+    headers and kbuild (the compiler package names the installed gcc)."""
+    return [name for name in headers.depends
+            if name.startswith(("linux-headers-", "linux-kbuild-"))]
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+Progress = Callable[[str, int, int], None]
+
+
+@define(eq=False)
+class KernelFetcher:
+    """Fetches releases into a :class:`KernelStore`, one fetch per release
+    at a time."""
+
+    store: KernelStore
+    reactor: IHandlerReactor
+    pool: ThreadPool
+    patterns: tuple[str, ...]
+    log: Logger = field(factory=Logger)
+    environ: Mapping[str, str] = field(factory=lambda: dict(os.environ))
+    _flights: dict[str, list[Deferred[StoredRelease]]] = field(init=False, factory=dict)
+
+    def allowed(self, release: str) -> bool:
+        return allowed(release, self.patterns)
+
+    def _in_thread(self, function: Callable[..., object], *args: object) -> Deferred[object]:
+        return deferToThreadPool(self.reactor, self.pool, function, *args)
+
+    async def stored(self, release: str) -> StoredRelease | None:
+        found = await self._in_thread(self.store.get, release)
+        assert found is None or isinstance(found, StoredRelease)
+        return found
+
+    async def ensure(self, release: str, progress: Progress | None = None) -> StoredRelease:
+        """The stored release, fetched first if need be (shared with any
+        fetch of it already under way).  Raises :class:`FetchFailed`."""
+        found = await self.stored(release)
+        if found is not None:
+            return found
+        flight = self._flights.get(release)
+        if flight is not None:
+            waiter: Deferred[StoredRelease] = Deferred()
+            flight.append(waiter)
+            return await waiter
+        waiting: list[Deferred[StoredRelease]] = []
+        self._flights[release] = waiting
+        try:
+            stored = await self.fetch(release, progress)
+        except Exception as exc:
+            del self._flights[release]
+            if not isinstance(exc, FetchFailed):
+                self.log.failure("Fetching kernel {release} failed", release=release)
+                exc = FetchFailed(f"fetching kernel {release} failed on the server")
+            for waiter in waiting:
+                waiter.errback(exc)
+            raise exc
+        del self._flights[release]
+        for waiter in waiting:
+            waiter.callback(stored)
+        return stored
+
+    @property
+    def debug_store(self) -> KernelStore:
+        """Symbols and debuginfo, apart from the build trees (``.debug``)."""
+        return KernelStore(self.store.directory / ".debug", self.store.size_cap)
+
+    async def ensure_debug(self, release: str, vmlinux: bool,
+                           progress: Progress | None = None) -> DebugFiles:
+        """The release's System.map (and ``vmlinux`` when asked), from
+        ``linux-image-<release>-dbg``: Debian's ``linux-image`` holds only a
+        placeholder map.  Only those files are kept.  Raises FetchFailed."""
+        store = self.debug_store
+        found = await self._in_thread(store.get, release)
+        if isinstance(found, StoredRelease):
+            files = debug_files(found)
+            if files.vmlinux is not None or not vmlinux:
+                return files
+        key = f"{release} debug" + (" vmlinux" if vmlinux else "")
+        flight = self._flights.get(key)
+        if flight is not None:
+            waiter: Deferred[StoredRelease] = Deferred()
+            flight.append(waiter)
+            return debug_files(await waiter)
+        waiting: list[Deferred[StoredRelease]] = []
+        self._flights[key] = waiting
+        try:
+            stored = await self._fetch_debug(store, release, vmlinux, progress)
+        except Exception as exc:
+            del self._flights[key]
+            if not isinstance(exc, FetchFailed):
+                self.log.failure("Fetching debug files of {release} failed", release=release)
+                exc = FetchFailed(f"fetching the debug files of {release} failed")
+            for waiter in waiting:
+                waiter.errback(exc)
+            raise exc
+        del self._flights[key]
+        for waiter in waiting:
+            waiter.callback(stored)
+        return debug_files(stored)
+
+    async def _fetch_debug(self, store: KernelStore, release: str, vmlinux: bool,
+                           progress: Progress | None) -> StoredRelease:
+        if not valid_release(release):
+            raise FetchFailed(f"'{release}' is not a kernel release name")
+        started = self.reactor.seconds()
+        name = f"linux-image-{release}-dbg"
+        out, err, code = await self._run([APT_CACHE, "show", "--no-all-versions", name])
+        found = parse_show(out.decode(errors="replace"))
+        if code != 0 or not found:
+            raise FetchFailed(f"the Debian archive this server uses has no {name}")
+        package = found[0]
+        kept = "System.map and vmlinux" if vmlinux else "System.map"
+        self.log.info("Fetching the {kept} of kernel {release}: {name} {version} ({size})",
+                      kept=kept, release=release, name=name, version=package.version,
+                      size=megabytes(package.size))
+        work = await self._in_thread(store.begin, release)
+        assert isinstance(work, Path)
+        try:
+            await self._download(work / "download", release, [package], package.size,
+                                 progress)
+            deb = next((work / "download").glob("*.deb"))
+            members = [f"{_DEBUG_BOOT}System.map-{release}"]
+            if vmlinux:
+                members.append(f"{_DEBUG_BOOT}vmlinux-{release}")
+            # Both are the first members of the archive: tar stops after them,
+            # without decompressing the 5 GB of module debuginfo behind.
+            out, err, code = await self._run(["/bin/sh", "-c", _EXTRACT, "sh", str(deb),
+                                              str(work / "root"), *members])
+            if code != 0 or not (work / "root" / f"System.map-{release}").is_file():
+                raise FetchFailed(f"unpacking {deb.name} failed: {_last_line(err)}")
+            stored = await self._in_thread(store.commit, work, release, [package.stored])
+        except BaseException:
+            await self._in_thread(store.abandon, work)
+            raise
+        assert isinstance(stored, StoredRelease)
+        self.log.info("Fetched the {kept} of kernel {release} in {seconds:.1f} s ({size} kept)",
+                      kept=kept, release=release, size=megabytes(stored.size),
+                      seconds=self.reactor.seconds() - started)
+        evicted = await self._in_thread(store.evict, release)
+        assert isinstance(evicted, list)
+        for old in evicted:
+            self.log.info("Kernel store over its size cap: removed the debug files of "
+                          "{release} ({size})", release=old.release, size=megabytes(old.size))
+        return stored
+
+    async def _run(self, argv: Sequence[str], cwd: Path | None = None) -> tuple[bytes, bytes, int]:
+        env = dict(self.environ)
+        env.setdefault("LC_ALL", "C.UTF-8")
+        out, err, code = await getProcessOutputAndValue(  # type: ignore[no-untyped-call]
+            argv[0], argv[1:], env=env, path=str(cwd) if cwd else None,
+            reactor=self.reactor)
+        return out, err, code
+
+    async def resolve(self, release: str) -> list[Candidate]:
+        """The packages to fetch for ``release``; FetchFailed when the
+        archive has none."""
+        if not valid_release(release):
+            raise FetchFailed(f"'{release}' is not a kernel release name")
+        headers = f"linux-headers-{release}"
+        out, err, code = await self._run([APT_CACHE, "show", "--no-all-versions", headers])
+        found = parse_show(out.decode(errors="replace"))
+        if code != 0 or not found:
+            raise FetchFailed(f"the Debian archive this server uses has no kernel headers "
+                              f"for release {release} (no package {headers})")
+        names = build_packages(found[0])
+        out, err, code = await self._run([APT_CACHE, "show", "--no-all-versions", *names])
+        others = parse_show(out.decode(errors="replace"))
+        missing = set(names) - {candidate.name for candidate in others}
+        if code != 0 or missing:
+            raise FetchFailed(f"the Debian archive lacks {', '.join(sorted(missing)) or names}"
+                              f" needed for kernel {release}")
+        return [found[0], *others]
+
+    async def fetch(self, release: str, progress: Progress | None = None) -> StoredRelease:
+        started = self.reactor.seconds()
+        packages = await self.resolve(release)
+        total = sum(package.size for package in packages)
+        self.log.info("Fetching kernel {release}: {packages} ({total})", release=release,
+                      packages=", ".join(f"{p.name} {p.version} ({megabytes(p.size)})"
+                                         for p in packages),
+                      total=megabytes(total))
+        work = await self._in_thread(self.store.begin, release)
+        assert isinstance(work, Path)
+        try:
+            stored = await self._fetch_into(work, release, packages, total, progress)
+        except BaseException:
+            await self._in_thread(self.store.abandon, work)
+            raise
+        self.log.info("Fetched kernel {release} in {seconds:.1f} s ({size} unpacked)",
+                      release=release, seconds=self.reactor.seconds() - started,
+                      size=megabytes(stored.size))
+        evicted = await self._in_thread(self.store.evict, release)
+        assert isinstance(evicted, list)
+        for old in evicted:
+            self.log.info("Kernel store over its size cap: removed {release} ({size})",
+                          release=old.release, size=megabytes(old.size))
+        return stored
+
+    async def _download(self, download: Path, release: str, packages: list[Candidate],
+                        total: int, progress: Progress | None) -> None:
+        """``apt-get download`` of exactly these versions into ``download``
+        (apt checks each file against its signed indexes)."""
+        ticker = None
+        if progress is not None:
+            report = progress
+
+            def tick() -> None:
+                report(release, _directory_bytes(download), total)
+            ticker = LoopingCall(tick)
+            ticker.clock = self.reactor
+            ticker.start(0.5)
+        try:
+            out, err, code = await self._run(
+                [APT_GET, "download", "-q", *(f"{p.name}={p.version}" for p in packages)],
+                cwd=download)
+        finally:
+            if ticker is not None:
+                ticker.stop()
+                tick()
+        if code != 0:
+            raise FetchFailed(f"downloading kernel {release} failed: "
+                              f"{_last_line(err) or f'apt-get exit {code}'}")
+
+    async def _fetch_into(self, work: Path, release: str, packages: list[Candidate],
+                          total: int, progress: Progress | None) -> StoredRelease:
+        download = work / "download"
+        await self._download(download, release, packages, total, progress)
+        root = work / "root"
+        debs = {deb.name.split("_", 1)[0]: deb for deb in download.glob("*.deb")}
+        for package in packages:
+            deb = debs.get(package.name)
+            if deb is None:
+                raise FetchFailed(f"apt-get did not download {package.name}")
+            out, err, code = await self._run([DPKG_DEB, "-x", str(deb), str(root)])
+            if code != 0:
+                raise FetchFailed(f"unpacking {deb.name} failed: {_last_line(err)}")
+        await self._in_thread(fix_tree, root, release, self.store.final_root(release))
+        stored = await self._in_thread(self.store.commit, work, release,
+                                       [p.stored for p in packages])
+        assert isinstance(stored, StoredRelease)
+        return stored
+
+
+@frozen
+class DebugFiles:
+    """A release's symbols, and its kernel debuginfo when fetched."""
+
+    system_map: Path
+    vmlinux: Path | None
+
+
+#: Where the -dbg package has them (members of its data archive).
+_DEBUG_BOOT = "./usr/lib/debug/boot/"
+_EXTRACT = ('deb="$1"; dir="$2"; shift 2; dpkg-deb --fsys-tarfile "$deb" | '
+            'tar -x --occurrence=1 -C "$dir" --strip-components=5 "$@"')
+
+
+def debug_files(stored: StoredRelease) -> DebugFiles:
+    root = stored.directory / "root"
+    vmlinux = root / f"vmlinux-{stored.release}"
+    return DebugFiles(root / f"System.map-{stored.release}",
+                      vmlinux if vmlinux.is_file() else None)
+
+
+def _directory_bytes(directory: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _last_line(data: bytes) -> str:
+    lines = [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""

@@ -1,0 +1,100 @@
+"""The kernel store on disk: complete releases only, the Makefile fix-up,
+the size cap, removal, and what interrupted fetches leave."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from stapsrv.compile.kernels import (
+    KernelStore,
+    StoredPackage,
+    build_tree_in,
+    fix_tree,
+    valid_release,
+)
+
+RELEASE = "6.1.0-55-amd64"
+
+
+def fake_tree(root: Path, release: str, size: int = 1000) -> None:
+    """What dpkg-deb -x of the headers packages gives (the parts that matter)."""
+    tree = build_tree_in(root, release)
+    tree.mkdir(parents=True)
+    (tree / "Makefile").write_text("include /usr/src/linux-headers-6.1.0-55-common/Makefile\n")
+    (tree / "payload").write_bytes(b"x" * size)
+    common = root / "usr" / "src" / "linux-headers-6.1.0-55-common"
+    common.mkdir(parents=True)
+    (common / "Makefile").write_text("all:\n\t@echo common\n")
+    modules = root / "lib" / "modules" / release
+    modules.mkdir(parents=True)
+    (modules / "build").symlink_to(f"/usr/src/linux-headers-{release}")
+
+
+class KernelStoreTests(TestCase):
+    def setUp(self) -> None:
+        self.store = KernelStore(Path(self.mktemp()), 10 << 20)
+        self.store.open()
+
+    def add(self, release: str, size: int = 1000) -> None:
+        work = self.store.begin(release)
+        fake_tree(work / "root", release, size)
+        fix_tree(work / "root", release, self.store.final_root(release))
+        self.store.commit(work, release, [StoredPackage(f"linux-headers-{release}", "1", 5)])
+
+    def test_a_stored_tree_includes_its_own_common_makefile(self) -> None:
+        self.add(RELEASE)
+        stored = self.store.get(RELEASE)
+        assert stored is not None
+        makefile = (stored.build_tree / "Makefile").read_text()
+        self.assertEqual(makefile, f"include {self.store.directory}/{RELEASE}/root/usr/src/"
+                         "linux-headers-6.1.0-55-common/Makefile\n")
+        # make follows it: the stored tree builds without /usr/src.
+        result = subprocess.run(["make", "-s", "-C", str(stored.build_tree)],
+                                capture_output=True, text=True)
+        self.assertEqual((result.returncode, result.stdout), (0, "common\n"), result.stderr)
+        self.assertFalse((stored.directory / "root" / "lib" / "modules").exists())
+        self.assertEqual([p.name for p in stored.packages], [f"linux-headers-{RELEASE}"])
+
+    def test_only_complete_releases_are_seen(self) -> None:
+        work = self.store.begin(RELEASE)
+        fake_tree(work / "root", RELEASE)
+        self.assertIsNone(self.store.get(RELEASE))
+        self.assertEqual(self.store.releases(), [])
+        self.store.abandon(work)
+        self.assertEqual(os.listdir(self.store.directory), [])
+
+    def test_leftovers_of_a_dead_fetch_go_when_the_store_opens(self) -> None:
+        dead = self.store.directory / f".partial-999999999-{RELEASE}-abc"
+        dead.mkdir()
+        alive = self.store.begin(RELEASE)
+        self.assertEqual(self.store.open(), [dead.name])
+        self.assertEqual(os.listdir(self.store.directory), [alive.name])
+
+    def test_the_size_cap_removes_least_recently_used_first(self) -> None:
+        self.store.size_cap = 7 << 19  # 3.5 MiB: three releases
+        for number in (1, 2, 3):
+            self.add(f"6.1.0-{number}-amd64", size=1 << 20)
+            os.utime(self.store.directory / f"6.1.0-{number}-amd64" / "used",
+                     (1000.0 * number, 1000.0 * number))
+        self.store.touch("6.1.0-1-amd64")
+        self.add("6.1.0-4-amd64", size=1 << 20)
+        removed = self.store.evict(keep="6.1.0-4-amd64")
+        self.assertEqual([entry.release for entry in removed], ["6.1.0-2-amd64"])
+        self.assertEqual([entry.release for entry in self.store.releases()],
+                         ["6.1.0-4-amd64", "6.1.0-1-amd64", "6.1.0-3-amd64"])
+        self.assertLessEqual(sum(e.size for e in self.store.releases()), self.store.size_cap)
+
+    def test_remove(self) -> None:
+        self.add(RELEASE)
+        self.assertTrue(self.store.remove(RELEASE))
+        self.assertFalse(self.store.remove(RELEASE))
+        self.assertEqual(os.listdir(self.store.directory), [])
+
+    def test_release_names(self) -> None:
+        self.assertTrue(valid_release("6.1.0-57-cloud-amd64"))
+        for bad in ("", "-r", "../etc", "a/b", "6.1 0", "x" * 200, ".hidden"):
+            self.assertFalse(valid_release(bad), bad)

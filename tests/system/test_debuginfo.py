@@ -1,0 +1,68 @@
+"""Symbols and debuginfo fetched for a served release (``--fetch-debuginfo``,
+with the real client and the real archive): no symbol-table warning,
+user-space return probes and DWARF kernel probes compile.
+
+The -dbg package is about 860 MB to download; what the server keeps of it
+(System.map and vmlinux, about 640 MB) stays in a store kept between runs
+(``STAPSRV_CI_KERNEL_STORE``, default /var/cache/stapsrv-ci/kernel-store
+when the tests run as root), so only the first run downloads it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from tests.helpers.realclient import HELLO, RealClientMixin
+from tests.helpers.realserver import remove_tree, scratch_directory, test_user
+
+SYMBOLS_WARNING = "Kernel function symbol table missing"
+MALLOC_RETURN = ('probe process("/lib/x86_64-linux-gnu/libc.so.6").function("malloc").return '
+                 '{ println($return); exit() }')
+VFS_READ = 'probe kernel.function("vfs_read") { printf("%d\\n", $count); exit() }'
+VFS_READ_FILE = 'probe kernel.function("vfs_read") { println($file->f_flags); exit() }'
+
+
+def kept_store() -> Path:
+    """The store kept between runs, owned by the server's user."""
+    configured = os.environ.get("STAPSRV_CI_KERNEL_STORE")
+    if configured:
+        path = Path(configured)
+    elif os.geteuid() == 0:
+        path = Path("/var/cache/stapsrv-ci/kernel-store")
+    else:
+        path = scratch_directory("kernel-store-")
+    path.mkdir(parents=True, exist_ok=True)
+    user = test_user()
+    if os.geteuid() == 0:
+        os.chown(path, user.pw_uid, user.pw_gid)
+    path.chmod(0o755)
+    return path
+
+
+class DebuginfoTests(RealClientMixin, TestCase):
+    timeout = 1800
+
+    async def test_symbols_and_debuginfo_of_a_served_release(self) -> None:
+        store = kept_store()
+        if not os.environ.get("STAPSRV_CI_KERNEL_STORE") and os.geteuid() != 0:
+            self.addCleanup(remove_tree, store)
+        server = self.own_server("--kernel-store", str(store), "--fetch-debuginfo")
+        client = await self.trusted_client(server)
+
+        async def compile(script: str) -> tuple[str, int]:
+            out, err, code = await client.stap(
+                f"--use-server={server.spec}", "-r", self.release, "-p4", "-e", script)
+            return err.decode(), code
+
+        err, code = await compile(HELLO)
+        self.assertEqual(code, 0, err)
+        self.assertNotIn(SYMBOLS_WARNING, err)
+        kept = store / ".debug" / self.release / "root"
+        self.assertEqual(sorted(p.name for p in kept.iterdir()),
+                         [f"System.map-{self.release}", f"vmlinux-{self.release}"])
+        for script in (MALLOC_RETURN, VFS_READ, VFS_READ_FILE):
+            err, code = await compile(script)
+            self.assertEqual(code, 0, f"{script}: {err}")
+            self.assertNotIn(SYMBOLS_WARNING, err)

@@ -1,0 +1,139 @@
+"""The kernel store with the real client and the real Debian archive:
+releases that are not installed are fetched through apt, once, and built
+for; what cannot be fetched is refused with one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.trial.unittest import TestCase
+
+from tests.helpers.archive_releases import cloud_release, missing_release, older_abi_release
+from tests.helpers.realclient import HELLO, RealClientMixin
+from tests.helpers.realserver import (
+    ServerProcess,
+    as_server_user,
+    owned_directory,
+    remove_tree,
+    scratch_directory,
+    server_environment,
+    venv_bin,
+)
+
+
+def store_contents(store: Path) -> list[str]:
+    return sorted(entry.name for entry in store.iterdir()) if store.is_dir() else []
+
+
+def kernels_command(store: Path, *words: str) -> subprocess.CompletedProcess[str]:
+    """``python -m stapsrv.cli.kernels`` as the server's user."""
+    base = store.parent
+    return subprocess.run(
+        as_server_user([venv_bin("python"), "-m", "stapsrv.cli.kernels", "--store", str(store),
+                        *words]),
+        env=server_environment(base, "stapsrv"), capture_output=True, text=True, timeout=900)
+
+
+class KernelStoreTests(RealClientMixin, TestCase):
+    def new_store(self) -> Path:
+        base = scratch_directory("kernels-")
+        self.addCleanup(remove_tree, base)
+        return owned_directory(base / "store")
+
+    def store_server(self, store: Path, *arguments: str) -> ServerProcess:
+        return self.own_server("--kernel-store", str(store), *arguments)
+
+    async def compile_for(self, server: ServerProcess, release: str,
+                          script: str = HELLO) -> tuple[list[str], str, int]:
+        client = await self.trusted_client(server)
+        out, err, code = await client.stap(
+            f"--use-server={server.spec}", "-r", release, "-p4", "-e", script)
+        return client.modules(), err.decode(), code
+
+    async def test_older_abi_is_fetched_built_for_and_cached(self) -> None:
+        release = older_abi_release()
+        store = self.new_store()
+        server = self.store_server(store)
+        modules, err, code = await self.compile_for(server, release)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(modules), 1)
+        log = server.log()
+        self.assertIn(f"Fetching kernel {release}: linux-headers-{release} ", log)
+        self.assertRegex(log, rf"Fetched kernel {release} in [0-9.]+ s")
+        modules, err, code = await self.compile_for(server, release)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(modules), 1)
+        self.assertIn("from the cache", server.log())
+        self.assertEqual(server.log().count(f"Fetching kernel {release}"), 1)
+        listed = kernels_command(store, "list")
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        self.assertIn(f"\n{release}\t", listed.stdout)
+        self.assertIn(f"linux-headers-{release}=", listed.stdout)
+        # A new server on the same store builds without fetching again.
+        server.stop()
+        again = self.store_server(store)
+        modules, err, code = await self.compile_for(again, release)
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("Fetching kernel", again.log())
+        removed = kernels_command(store, "remove", release)
+        self.assertEqual(removed.returncode, 0, removed.stderr)
+        self.assertEqual(store_contents(store), [])
+
+    async def test_two_clients_share_one_fetch_of_a_flavour(self) -> None:
+        release = cloud_release()
+        store = self.new_store()
+        server = self.store_server(store)
+        results = await gatherResults([
+            Deferred.fromCoroutine(self.compile_for(server, release)),
+            Deferred.fromCoroutine(self.compile_for(
+                server, release, 'probe begin { println("other"); exit() }'))])
+        for modules, err, code in results:
+            self.assertEqual(code, 0, err)
+            self.assertEqual(len(modules), 1)
+        self.assertEqual(server.log().count(f"Fetching kernel {release}:"), 1)
+        self.assertEqual(store_contents(store), [release])
+
+    async def test_what_cannot_be_fetched_is_refused_in_one_line(self) -> None:
+        store = self.new_store()
+        server = self.store_server(store)
+        missing = missing_release()
+        modules, err, code = await self.compile_for(server, missing)
+        self.assertEqual((code, modules), (1, []))
+        self.assertIn(f"Server: Cannot build for kernel release '{missing}': the Debian "
+                      f"archive this server uses has no kernel headers for release {missing} "
+                      f"(no package linux-headers-{missing}).\n", err)
+        self.assertEqual(store_contents(store), [])
+        # Outside the fetch policy: not even looked up.
+        policy = self.store_server(store, "--fetch-releases", "5.10.0-*-amd64")
+        older = older_abi_release()
+        modules, err, code = await self.compile_for(policy, older)
+        self.assertEqual((code, modules), (1, []))
+        self.assertIn(f"Server: This server does not build modules for kernel release "
+                      f"'{older}'.", err)
+        self.assertIn("fetches releases matching: 5.10.0-*-amd64.", err)
+        self.assertNotIn("Fetching kernel", policy.log())
+        off = self.store_server(store, "--no-fetch")
+        modules, err, code = await self.compile_for(off, older)
+        self.assertEqual(code, 1)
+        self.assertNotIn("fetches releases", err)
+        self.assertEqual(store_contents(store), [])
+
+    async def test_archive_unreachable_installed_release_still_served(self) -> None:
+        store = self.new_store()
+        config = store.parent / "apt.conf"
+        # A proxy nobody listens on: every download fails at once.
+        config.write_text('Acquire::http::Proxy "http://127.0.0.1:9/";\n'
+                          'Acquire::Retries "0";\n')
+        config.chmod(0o644)
+        server = self.own_server("--kernel-store", str(store), env={"APT_CONFIG": str(config)})
+        older = older_abi_release()
+        modules, err, code = await self.compile_for(server, older)
+        self.assertEqual((code, modules), (1, []))
+        self.assertIn(f"Server: Cannot build for kernel release '{older}': downloading "
+                      f"kernel {older} failed: ", err)
+        self.assertEqual(store_contents(store), [])
+        modules, err, code = await self.compile_for(server, self.release)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(modules), 1)
