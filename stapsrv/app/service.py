@@ -130,7 +130,7 @@ class CompileServerService(Service):
         self.port = self.reactor.listenTCP(
             config.port,
             tls_factory,  # type: ignore[arg-type]  # Twisted types TLS factories as client ones
-            backlog=50, interface=config.listen)
+            backlog=config.listen_backlog, interface=config.listen)
         self._pool.start()
         self.log.info("Using network address [{address}]:{port}",
                       address=config.listen, port=self.port_number)

@@ -66,6 +66,8 @@ Options:
 \t--allow networks\t: only these addresses or CIDR networks may use a server.
 \t--refuse-guru yes|no\t: refuse guru mode (-g) requests (default no).
 \t--privileges list\t: privilege levels compiled for (default stapusr,stapsys,stapdev).
+\t--max-output MiB\t: translator output sent back, per stream (default 16).
+\t--listen-backlog n\t: connections queued before the server accepts them (default 1024).
 
 All options may be repeated.  -a, -r, -I, -R, -B, -D, -u and -i describe the
 server named by the -n or -p before them (or the one server of the command

@@ -253,16 +253,18 @@ def server_environment(base: Path, name: str) -> dict[str, str]:
 
 def start_stapsrv(arguments: Sequence[str] = (), release: str | None = None,
                   env: Mapping[str, str] | None = None, wait: bool = True,
-                  listen: str = "127.0.0.1", ssl_dir: Path | None = None) -> ServerProcess:
+                  listen: str = "127.0.0.1", ssl_dir: Path | None = None,
+                  launcher: Sequence[str] = ()) -> ServerProcess:
     """``twistd stap-server`` from the venv, as the test user, on loopback.
 
-    ``ssl_dir`` defaults to a fresh ``<base>/ssl``.
+    ``ssl_dir`` defaults to a fresh ``<base>/ssl``.  ``launcher`` comes
+    before twistd (a program that execs it in place, e.g. ``prlimit``).
     """
     base = scratch_directory("stapsrv-")
     ssl_dir = base / "ssl" if ssl_dir is None else ssl_dir
     release = release or header_release()
     log = base / "server.log"
-    argv = [venv_bin("twistd"), "--nodaemon", "--pidfile=", f"--logfile={base / 'twistd.log'}",
+    argv = [*launcher, venv_bin("twistd"), "--nodaemon", "--pidfile=", f"--logfile={base / 'twistd.log'}",
             "stap-server", "--listen", listen, "--port", "0",
             "--ssl", str(ssl_dir), "--log", str(log)]
     if release:
