@@ -7,6 +7,7 @@ from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
 from stapsrv.app import tap
+from stapsrv.app.accepts import AcceptErrorLog
 from stapsrv.app.logs import LogFileService, ReopenOnSighup
 from stapsrv.app.publish import PublisherService
 from stapsrv.app.service import CompileServerService
@@ -152,7 +153,8 @@ class ConfigFileTests(TestCase):
         self.assertRaises(usage.UsageError, self.services)
 
     def test_no_configured_server_means_the_default_one(self) -> None:
-        [log, reopen, server, publisher, clean_exit] = self.services()
+        [log, reopen, server, publisher, accepts, clean_exit] = self.services()
+        self.assertIsInstance(accepts, AcceptErrorLog)
         self.assertIsInstance(reopen, ReopenOnSighup)
         self.assertIsInstance(clean_exit, CleanExitOnSignal)
         self.assertIsInstance(publisher, PublisherService)
