@@ -720,10 +720,17 @@ def _unpack(scratch: Path, body: bytes, job: Job) -> None:
 
 
 def _append(path: Path, lines: list[str]) -> None:
-    """Lines for the client's stderr (or stdout), each ended by a newline."""
-    if lines:
-        with open(path, "a", encoding="utf-8") as stream:
-            stream.write("".join(line + "\n" for line in lines))
+    """Lines for the client's stderr (or stdout), each ended by a newline,
+    the first on a line of its own (output cut at the limit may end mid-line)."""
+    if not lines:
+        return
+    with open(path, "ab+") as stream:
+        start = b""
+        if stream.seek(0, os.SEEK_END) > 0:
+            stream.seek(-1, os.SEEK_END)
+            if stream.read(1) != b"\n":
+                start = b"\n"
+        stream.write(start + "".join(line + "\n" for line in lines).encode())
 
 
 def _refuse(response_dir: Path, message: str) -> None:
