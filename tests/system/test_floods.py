@@ -45,7 +45,8 @@ class HostileClientTests(RealClientMixin, TestCase):
         return deferToThread(send_request, server.port, None, request, timeout=timeout)
 
     async def test_output_flood_is_cut_with_flat_memory(self) -> None:
-        """A 700-byte macro bomb makes the translator print ~70 MiB; the
+        """A 700-byte macro bomb makes the translator print ~70 MiB, an
+        ``@cast`` of a binary makes gcc print hundreds of MiB of errors; each
         answer holds the first MiB (--max-output 1) and says so, the
         translator is stopped, and the server's RSS stays flat."""
         server = self.own_server("--max-output", "1", "--no-cache")
@@ -79,6 +80,25 @@ class HostileClientTests(RealClientMixin, TestCase):
         self.assertLess(growth, 20, f"server RSS grew by {growth:.1f} MiB")
         self.assertRegex(server.log(), r"The translator for 127\.0\.0\.1:\d+ went past the "
                          r"output limit \(1048576 bytes\) on its standard output; stopping it")
+        # A binary included as a header: gcc's stderr floods (563 MiB before).
+        sampler = LoopingCall(sample)
+        sampler.start(0.02)
+        try:
+            result = await self.raw(
+                server, 'probe begin { println(@cast(0, "struct x", "kernel</usr/bin/stap>")->y) }',
+                "-p4")
+        finally:
+            sampler.stop()
+        response = parse_response(result.data)
+        self.assertEqual(response.rc, 1)
+        stderr = response.members["stderr"]
+        note = (b"\nServer: The translator's standard error went past the server's output limit "
+                b"(1 MiB, its --max-output): the output was cut there and the translator "
+                b"stopped.\n")
+        self.assertTrue(stderr.endswith(note), stderr[-300:])
+        self.assertEqual(len(stderr) - len(note), 1 << 20)
+        growth = (peak[0] - before) / 1024
+        self.assertLess(growth, 20, f"server RSS grew by {growth:.1f} MiB")
         # And it goes on serving.
         result = await self.raw(server, HELLO, "-p2")
         self.assertEqual(parse_response(result.data).rc, 0)
