@@ -88,8 +88,8 @@ class _TranslatorProtocol(ProcessProtocol):
         try:
             output.write(data)
         except OSError:
-            # No room on disk: keep reading, so the translator is not blocked.
-            output.dropped += len(data)
+            # No room on disk: the rest is read and dropped (not counted as
+            # cut: the translator meets the full disk itself and says so).
             output.close()
         if output.cut and not was_cut:
             self._on_cut()
