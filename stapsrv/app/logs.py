@@ -3,7 +3,8 @@
 The upstream testsuite and admins grep this file (``Using network
 address``, ``Processing 6 concurrent requests...``), so its lines keep the
 exact 4.8 wording; the events behind them keep their fields for any other
-observer (twistd's own log, JSON).
+observer (twistd's own log, JSON).  A line never holds a control character
+(:mod:`stapsrv.core.logtext`), so client text cannot forge lines.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+from stapsrv.core.logtext import escape_controls
+
 NAMESPACE = "stapsrv"
 _log = Logger(namespace=NAMESPACE)
 
@@ -46,7 +49,9 @@ def format_line(event: LogEvent, namespaces: frozenset[str] | None = None) -> st
         return None
     if namespaces is not None and namespace != NAMESPACE and namespace not in namespaces:
         return None
-    text = formatEvent(event)
+    # One event, one line: a newline or escape sequence that came from a
+    # client (in any field) is shown escaped; only a traceback spans lines.
+    text = escape_controls(formatEvent(event))
     failure = event.get("log_failure")
     if failure is not None:
         text += "\n" + failure.getTraceback()

@@ -13,6 +13,7 @@ from pathlib import Path
 from twisted.application.service import IService
 from twisted.python import usage
 
+from stapsrv.app.accepts import AcceptErrorLog
 from stapsrv.app.counters import CountersFileService
 from stapsrv.app.logs import LogFileService, LoggedTree, ReopenOnSighup
 from stapsrv.app.metrics import MetricsService, metrics_site
@@ -24,6 +25,8 @@ from stapsrv.config.convert import (
     DEFAULT_CACHE_MIB,
     DEFAULT_KERNEL_STORE_MIB,
     DEFAULT_COMPILE_SECONDS,
+    DEFAULT_MAX_OUTPUT_MIB,
+    DEFAULT_MEMORY_MIB,
     DEFAULT_REQUEST_SECONDS,
     FleetCacheError,
     SettingsError,
@@ -34,6 +37,7 @@ from stapsrv.config.convert import (
 )
 from stapsrv.config.files import ConfigError, read_global
 from stapsrv.config.values import (
+    DEFAULT_LISTEN_BACKLOG,
     DEFAULT_MAX_COMPRESSED_REQUEST,
     DEFAULT_MAX_REQUEST_SIZE,
     ServerConfig,
@@ -91,12 +95,18 @@ class Options(usage.Options):
          "(0: no limit).", _count("compile-timeout", 0)],
         ["cpu-limit", None, None, "CPU seconds for the translator and what it runs "
          "(each process).", _count("cpu-limit", 1)],
-        ["memory-limit", None, None, "Address space, in MiB, for the translator and each "
-         "process it runs.", _count("memory-limit", 1)],
+        ["memory-limit", None, DEFAULT_MEMORY_MIB, "Address space, in MiB, for the "
+         "translator and each process it runs (0: no limit).", _count("memory-limit", 0)],
         ["file-size-limit", None, None, "Largest file, in MiB, the translator and what it "
          "runs may write.", _count("file-size-limit", 1)],
         ["process-limit", None, None, "Processes the server's user may have while the "
          "translator runs (RLIMIT_NPROC counts them all).", _count("process-limit", 1)],
+        ["max-output", None, DEFAULT_MAX_OUTPUT_MIB, "MiB of the translator's standard "
+         "output, and again of its standard error, sent to the client; a translator that "
+         "writes more is stopped.", _count("max-output", 1)],
+        ["listen-backlog", None, DEFAULT_LISTEN_BACKLOG, "Connections the kernel queues "
+         "before the server accepts them (with --port/--listen; an --endpoint sets its "
+         "own backlog=).", _count("listen-backlog", 1)],
         ["cache-dir", None, None, "Directory of the response cache (default: "
          "$SYSTEMTAP_DIR/stapsrv-cache or ~/.systemtap/stapsrv-cache)."],
         ["cache-size", None, DEFAULT_CACHE_MIB, "Size cap of the response cache, "
@@ -217,7 +227,8 @@ class Options(usage.Options):
                 keep=bool(self["keep"]), request_timeout=self["request-timeout"],
                 compile_timeout=self["compile-timeout"], cpu_limit=self["cpu-limit"],
                 memory_limit=self["memory-limit"], file_size_limit=self["file-size-limit"],
-                process_limit=self["process-limit"], cache=not self["no-cache"],
+                process_limit=self["process-limit"], max_output=self["max-output"],
+                listen_backlog=self["listen-backlog"], cache=not self["no-cache"],
                 sandbox=not self["no-sandbox"], allow=self["allow"],
                 refuse_guru=bool(self["refuse-guru"]), privileges=self["privileges"],
                 cache_dir=self["cache-dir"], cache_size=self["cache-size"],
@@ -256,6 +267,7 @@ def _configured_service(options: Options, reactor: IServerReactor) -> IService:
     top.add_log(ReopenOnSighup(logs, reactor))
     for config in servers:
         _add_server(top, config, reactor, publish=not options["no-avahi"])
+    AcceptErrorLog(reactor).setServiceParent(top)
     SystemdNotifier(os.environ).setServiceParent(top)  # started once all listen
     CleanExitOnSignal(reactor).setServiceParent(top)  # stopped first
     return top
@@ -292,6 +304,7 @@ def makeService(options: Options, reactor: IServerReactor | None = None) -> ISer
         top.add_log(log_service)
         top.add_log(ReopenOnSighup([log_service], reactor))
     _add_server(top, config, reactor, publish=not options["no-avahi"])
+    AcceptErrorLog(reactor).setServiceParent(top)
     SystemdNotifier(os.environ).setServiceParent(top)  # started once it listens
     CleanExitOnSignal(reactor).setServiceParent(top)  # stopped first
     return top

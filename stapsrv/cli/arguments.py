@@ -21,7 +21,8 @@ _SHORT_WITH_VALUE = set("aBcDIn pru".replace(" ", "") + "R")
 _SHORT_FLAGS = set("ikP")
 DISTRIBUTED = ("log", "port", "ssl", "max-threads", "max-request-size",
                "max-compressed-request", "request-timeout", "compile-timeout", "cpu-limit",
-               "memory-limit", "file-size-limit", "process-limit", "cache", "cache-dir",
+               "memory-limit", "file-size-limit", "process-limit", "max-output",
+               "listen-backlog", "cache", "cache-dir",
                "cache-size", "fleet-cache", "fleet-secret", "fleet-password-file",
                "sandbox", "allow", "refuse-guru", "privileges", "endpoint", "metrics",
                "fetch", "fetch-releases", "kernel-store", "kernel-store-size",

@@ -67,6 +67,8 @@ Options:
 \t--allow networks\t: only these addresses or CIDR networks may use a server.
 \t--refuse-guru yes|no\t: refuse guru mode (-g) requests (default no).
 \t--privileges list\t: privilege levels compiled for (default stapusr,stapsys,stapdev).
+\t--max-output MiB\t: translator output sent back, per stream (default 16).
+\t--listen-backlog n\t: connections queued before the server accepts them (default 1024).
 \t--json\t\t\t: (status) print the status as one JSON document.
 \t--endpoint description\t: Twisted endpoint to listen on (haproxy:tcp:..., systemd:...).
 \t--metrics description\t: endpoint of the Prometheus /metrics and /healthz listener.

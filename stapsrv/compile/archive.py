@@ -13,6 +13,7 @@ import lzma
 import os
 import re
 import stat
+import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -169,24 +170,28 @@ def build_response(response_dir: Path,
     Names are relative (no ``./``), directories get their own entries and
     symbolic links are followed, so the client sees plain files.  With
     ``include``, only members whose archive name it accepts are stored.
+    The archive is made in an unnamed file beside the directory (members
+    are copied into it in blocks) and read once: the answer is in memory
+    once, and no member is ever held whole.
     """
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
-        for dirpath, dirnames, filenames in os.walk(response_dir, followlinks=True):
-            dirnames.sort()
-            base = Path(dirpath)
-            relative = base.relative_to(response_dir)
-            if relative != Path("."):
-                directory = relative.as_posix() + "/"
-                if include is None or include(directory):
-                    archive.write(base, directory)
-            for name in sorted(filenames):
-                path = base / name
-                member = (relative / name).as_posix()
-                if not path.is_file() or (include is not None and not include(member)):
-                    continue
-                archive.write(path, member)
-    return buffer.getvalue()
+    with tempfile.TemporaryFile(dir=response_dir.parent) as spool:
+        with zipfile.ZipFile(spool, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
+            for dirpath, dirnames, filenames in os.walk(response_dir, followlinks=True):
+                dirnames.sort()
+                base = Path(dirpath)
+                relative = base.relative_to(response_dir)
+                if relative != Path("."):
+                    directory = relative.as_posix() + "/"
+                    if include is None or include(directory):
+                        archive.write(base, directory)
+                for name in sorted(filenames):
+                    path = base / name
+                    member = (relative / name).as_posix()
+                    if not path.is_file() or (include is not None and not include(member)):
+                        continue
+                    archive.write(path, member)
+        spool.seek(0)
+        return spool.read()
 
 
 def refusal_archive(message: str, version: str) -> bytes:

@@ -56,6 +56,8 @@ from stapsrv.core.cmdline import (
     without_release,
 )
 from stapsrv.core.counters import Counters
+from stapsrv.core.logtext import escape_controls
+from stapsrv.core.rewrite import StreamReplacer
 from stapsrv.identity import mok
 from stapsrv.identity.certs import ServerIdentity
 from stapsrv.paths import build_tree, home_directory, systemtap_dir
@@ -161,6 +163,8 @@ class RequestContext:
     abandoned: bool = False
     timed_out: bool = False
     translator: TranslatorRun | None = None
+    #: The translator's output streams (1, 2) cut at ``--max-output``.
+    cut_output: tuple[int, ...] = ()
 
     def abandon(self) -> None:
         """The client went away: stop any compile now."""
@@ -266,7 +270,7 @@ class RequestHandler:
 
     def _rejected(self, exc: RequestRejected) -> Outcome:
         """The answer to an archive that cannot be used."""
-        self.log.info("{message}", message=str(exc))
+        self.log.info("{message}", message=escape_controls(str(exc)))
         self.log.info("Error processing client request")
         if exc.client_message is None:
             return Outcome(None, False, refused=True)
@@ -282,7 +286,7 @@ class RequestHandler:
         refusal = self.policy.request_refusal(job.arguments, job.privilege)
         if refusal is not None:
             self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
-                          reason=refusal)
+                          reason=escape_controls(refusal))
             return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
         problem = await self._provide_release(job.release, context)
         if problem is not None:
@@ -422,7 +426,7 @@ class RequestHandler:
             return await self._in_thread(self._make_key, job)
         except Uncacheable as exc:
             self.log.info("Not caching a request that names the large server tree {path}",
-                          path=str(exc))
+                          path=escape_controls(str(exc)))
             return None
         except Exception:
             self.log.failure("Cannot compute a cache key; compiling")
@@ -505,24 +509,32 @@ class RequestHandler:
     async def _process(self, scratch: Path, job: Job, context: RequestContext) -> int | None:
         """Prepare, run and finish the request in ``scratch``; the answer's
         ``rc``, or None when there is no answer to send."""
-        self.log.info("Client version is {version}", version=job.client_version[:64])
+        self.log.info("Client version is {version}",
+                      version=escape_controls(job.client_version[:64]))
         prepared = await self._in_thread(self._prepare, scratch, job)
         if isinstance(prepared, Refused):
-            self.log.info(prepared.log_format, release=prepared.release)
+            self.log.info(prepared.log_format, release=escape_controls(str(prepared.release)))
             return 1
         self.log.info("Options passed from the client: {arguments}",
-                      arguments="".join(argument + " " for argument in job.arguments))
+                      arguments=escape_controls(
+                          "".join(argument + " " for argument in job.arguments)))
         self.log.debug("Running {argv}", argv=prepared.argv)
         status = await self._run(prepared, context)
         if status is None:
             return None
-        rc = await self._in_thread(self._finish, prepared, job, status, context.timed_out)
-        if status > 128 and not context.timed_out:
+        if context.cut_output:
+            self.log.info("The translator for {peer} went past the output limit ({limit} "
+                          "bytes) on its {streams}; stopping it", peer=context.peer,
+                          limit=self.config.max_output,
+                          streams=" and ".join(_STREAMS[fd] for fd in context.cut_output))
+        rc = await self._in_thread(self._finish, prepared, job, status, context.timed_out,
+                                   context.cut_output)
+        if status > 128 and not context.timed_out and not context.cut_output:
             self.log.info("The translator for {peer} was ended by signal {signal}",
                           peer=context.peer, signal=status - 128)
         if job.invalid_privilege is not None:
             self.log.info("Invalid argument '{value}' for --privilege",
-                          value=job.invalid_privilege)
+                          value=escape_controls(job.invalid_privilege))
         return rc
 
     # --- prepare (thread pool) ------------------------------------------------
@@ -604,7 +616,7 @@ class RequestHandler:
             run = start_translator(
                 self.reactor, prepared.argv, prepared.env, prepared.request_dir,
                 response_dir / "stdout", response_dir / "stderr", self.config.limits,
-                prepared.sandbox)
+                prepared.sandbox, self.config.max_output)
         except OSError as exc:
             if _is_disk_full(exc):
                 raise
@@ -624,6 +636,7 @@ class RequestHandler:
             self.counters.compiling -= 1
             self.observer.translator_done(self.reactor.seconds() - started, status)
             context.translator = None
+            context.cut_output = run.cut_output
             if timer is not None and timer.active():
                 timer.cancel()
         if context.abandoned:
@@ -704,7 +717,7 @@ class RequestHandler:
             run = start_translator(
                 self.reactor, argv, self._translator_environment(scratch), scratch / "request",
                 scratch / "response" / "stdout", scratch / "response" / "stderr",
-                self.config.limits, words)
+                self.config.limits, words, self.config.max_output)
             self._running.add(run)
             try:
                 status = await run.result
@@ -746,15 +759,24 @@ class RequestHandler:
 
     # --- finish (thread pool) ---------------------------------------------------
 
-    def _finish(self, prepared: Prepared, job: Job, status: int, timed_out: bool) -> int:
+    def _finish(self, prepared: Prepared, job: Job, status: int, timed_out: bool,
+                cut_output: tuple[int, ...] = ()) -> int:
         """Blocking tail of a request: what stopped the translator,
         signatures, ``rc``, path filtering.  Returns the ``rc``."""
         response_dir = prepared.response_dir
-        if timed_out:
-            _append(response_dir / "stderr", [
-                "Server: The translator ran longer than the server's compile timeout "
-                f"({self.config.compile_timeout:g} s) and was stopped."])
+        stopped = None
+        if cut_output:
+            streams = " and ".join(_STREAMS[fd] for fd in cut_output)
+            stopped = (f"Server: The translator's {streams} went past the server's output "
+                       f"limit ({_size(self.config.max_output)}, its --max-output): "
+                       "the output was cut there and the translator stopped.")
+        elif timed_out:
+            stopped = ("Server: The translator ran longer than the server's compile timeout "
+                       f"({self.config.compile_timeout:g} s) and was stopped.")
+        if stopped is not None:
+            _append(response_dir / "stderr", [stopped])
             (response_dir / "rc").write_text("1")
+            self._hide_server_paths(response_dir)
             return 1
         if status != 0 and _ran_out_of_room(prepared.scratch):
             raise DiskFull()
@@ -777,11 +799,15 @@ class RequestHandler:
             if not job.speaks_locale:
                 shutil.copyfile(uprobes, response_dir / "uprobes.ko")
         (response_dir / "rc").write_text(str(status))
+        self._hide_server_paths(response_dir)
+        return status
+
+    def _hide_server_paths(self, response_dir: Path) -> None:
+        """``<server>`` for the server's home and scratch paths in the output."""
         replacements = sorted({str(home_directory(self.environ)), str(response_dir)} - {"/"},
                               key=len, reverse=True)
         for name in ("stdout", "stderr"):
             _replace_in_file(response_dir / name, replacements, "<server>")
-        return status
 
     def _single_module(self, module_dir: Path) -> Path | None:
         modules = sorted(module_dir.glob("*.ko"))
@@ -825,6 +851,15 @@ class RequestHandler:
             self.log.error("Unable to sign {module}: {error}", module=module, error=exc)
 
 
+#: The translator's output streams by descriptor, as the client is told.
+_STREAMS = {1: "standard output", 2: "standard error"}
+
+
+def _size(count: int) -> str:
+    """Bytes as the admin gave them (MiB), else in bytes."""
+    return f"{count >> 20} MiB" if count % (1 << 20) == 0 else f"{count} bytes"
+
+
 def _make_scratch(tmpdir: Path) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix="stap-server.", dir=tmpdir))
     (scratch / "request").mkdir(mode=0o700)
@@ -841,10 +876,17 @@ def _unpack(scratch: Path, body: bytes, job: Job) -> None:
 
 
 def _append(path: Path, lines: list[str]) -> None:
-    """Lines for the client's stderr (or stdout), each ended by a newline."""
-    if lines:
-        with open(path, "a", encoding="utf-8") as stream:
-            stream.write("".join(line + "\n" for line in lines))
+    """Lines for the client's stderr (or stdout), each ended by a newline,
+    the first on a line of its own (output cut at the limit may end mid-line)."""
+    if not lines:
+        return
+    with open(path, "ab+") as stream:
+        start = b""
+        if stream.seek(0, os.SEEK_END) > 0:
+            stream.seek(-1, os.SEEK_END)
+            if stream.read(1) != b"\n":
+                start = b"\n"
+        stream.write(start + "".join(line + "\n" for line in lines).encode())
 
 
 def _refuse(response_dir: Path, message: str) -> None:
@@ -854,13 +896,25 @@ def _refuse(response_dir: Path, message: str) -> None:
     _append(response_dir / "stderr", [message])
 
 
+#: Bytes read at a time when rewriting the translator's output.
+_CHUNK = 1 << 20
+
+
 def _replace_in_file(path: Path, needles: list[str], replacement: str) -> None:
+    """Replace the needles in ``path`` chunk by chunk (a new file put in its
+    place when anything changed)."""
+    replacer = StreamReplacer([os.fsencode(needle) for needle in needles],
+                              replacement.encode())
     try:
-        data = path.read_bytes()
+        source = open(path, "rb")
     except FileNotFoundError:
         return
-    new = data
-    for needle in needles:
-        new = new.replace(os.fsencode(needle), replacement.encode())
-    if new != data:
-        path.write_bytes(new)
+    rewritten = path.with_name(path.name + ".rewritten")
+    with source, open(rewritten, "wb") as target:
+        while chunk := source.read(_CHUNK):
+            target.write(replacer.feed(chunk))
+        target.write(replacer.finish())
+    if replacer.changed:
+        os.replace(rewritten, path)
+    else:
+        os.unlink(rewritten)

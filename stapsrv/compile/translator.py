@@ -1,8 +1,10 @@
 """Running the ``stap`` translator as a child process group.
 
 ``spawnProcess`` is called from the reactor thread.  The child's standard
-output and error go straight to the response files (no copying through the
-server) and its input is ``/dev/null``.  It starts through three small
+output and error come through pipes and are written, as they arrive, to the
+response files, each up to a size limit (``--max-output``): a translator
+that goes past it is stopped, so that an output flood costs neither memory
+nor disk nor time.  Its input is ``/dev/null``.  It starts through three small
 util-linux programs, each of which execs the next in the same process:
 ``setpriv --pdeathsig TERM`` (the translator gets SIGTERM if the server
 dies), ``prlimit`` (the configured resource limits, soft and hard, inherited
@@ -18,7 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
@@ -28,7 +30,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from stapsrv.config.values import TranslatorLimits
+from stapsrv.config.values import DEFAULT_MAX_OUTPUT, TranslatorLimits
 from stapsrv.reactor import IHandlerReactor
 
 SETPRIV = "/usr/bin/setpriv"
@@ -39,21 +41,77 @@ SETSID = "/usr/bin/setsid"
 KILL_GRACE = 2.0
 
 
+class OutputFile:
+    """One output stream of the translator, written to a file as it comes
+    and cut at ``limit`` bytes (what comes after is counted, not kept)."""
+
+    def __init__(self, path: Path, limit: int, append: bool = False) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        self._fd: int | None = os.open(path, flags | (os.O_APPEND if append else os.O_TRUNC),
+                                       0o600)
+        self.limit = limit
+        self.written = 0
+        self.dropped = 0
+
+    @property
+    def cut(self) -> bool:
+        return self.dropped > 0
+
+    def write(self, data: bytes) -> None:
+        room = max(0, self.limit - self.written)
+        kept = memoryview(data)[:room]
+        self.dropped += len(data) - len(kept)
+        while kept and self._fd is not None:
+            done = os.write(self._fd, kept)
+            self.written += done
+            kept = kept[done:]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class _TranslatorProtocol(ProcessProtocol):
-    def __init__(self) -> None:
-        self.ended: Deferred[int] = Deferred()
+    def __init__(self, outputs: Mapping[int, OutputFile],
+                 on_cut: Callable[[], None] = lambda: None) -> None:
+        self.outputs = outputs
+        self._on_cut = on_cut
+        self.exited: Deferred[int] = Deferred()
+        self.ended: Deferred[None] = Deferred()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        output = self.outputs.get(childFD)
+        if output is None:
+            return
+        was_cut = output.cut
+        try:
+            output.write(data)
+        except OSError:
+            # No room on disk: the rest is read and dropped (not counted as
+            # cut: the translator meets the full disk itself and says so).
+            output.close()
+        if output.cut and not was_cut:
+            self._on_cut()
+
+    def processExited(self, reason: Failure) -> None:
+        self.exited.callback(_status(reason))
 
     def processEnded(self, reason: Failure) -> None:
-        value = reason.value
-        if isinstance(value, ProcessDone):
-            status = 0
-        elif isinstance(value, ProcessTerminated) and value.signal is not None:
-            status = 128 + value.signal
-        elif isinstance(value, ProcessTerminated) and value.exitCode is not None:
-            status = value.exitCode
-        else:
-            status = 1
-        self.ended.callback(status)
+        for output in self.outputs.values():
+            output.close()
+        self.ended.callback(None)
+
+
+def _status(reason: Failure) -> int:
+    value = reason.value
+    if isinstance(value, ProcessDone):
+        return 0
+    if isinstance(value, ProcessTerminated) and value.signal is not None:
+        return 128 + int(value.signal)
+    if isinstance(value, ProcessTerminated) and value.exitCode is not None:
+        return int(value.exitCode)
+    return 1
 
 
 class TranslatorRun:
@@ -70,31 +128,41 @@ class TranslatorRun:
         self._finished = False
         self._hard_kill: IDelayedCall | None = None
         self.result: Deferred[int] = Deferred()
-        protocol.ended.addCallback(self._leader_exited)
+        protocol.exited.addCallback(self._leader_exited)
+
+    @property
+    def cut_output(self) -> tuple[int, ...]:
+        """The output streams (1, 2) cut at the output limit."""
+        return tuple(fd for fd, output in sorted(self._protocol.outputs.items()) if output.cut)
 
     def _leader_exited(self, status: int) -> None:
         self._finished = True
         if self._hard_kill is not None and self._hard_kill.active():
             self._hard_kill.cancel()
         # Whatever the translator left behind (make and gcc, when it crashed
-        # or was killed) must not go on writing into the scratch directory.
+        # or was killed) must not go on writing into the scratch directory
+        # (nor hold its output pipes open).
         if self._signal_group(signal.SIGKILL):
             self._wait_for_group(status, tries=25)
         else:
-            self.result.callback(status)
+            self._done(status)
 
     def _wait_for_group(self, status: int, tries: int) -> None:
         try:
             os.killpg(self.pid, 0)
         except OSError:
-            self.result.callback(status)
+            self._done(status)
             return
         # A zombie runs nothing: bwrap's PID 1 is one, orphaned until the
         # host's init reaps it (a second or more on some machines).
         if tries <= 0 or not live_group_members(self.pid):
-            self.result.callback(status)
+            self._done(status)
             return
         self._reactor.callLater(0.02, self._wait_for_group, status, tries - 1)
+
+    def _done(self, status: int) -> None:
+        """Fire ``result`` once the output pipes are read to their end too."""
+        self._protocol.ended.addCallback(lambda _: self.result.callback(status))
 
     def kill(self) -> None:
         """SIGTERM the whole process group, SIGKILL it if still there later."""
@@ -175,28 +243,36 @@ def start_translator(
     stderr_path: Path,
     limits: TranslatorLimits = TranslatorLimits(),
     sandbox: Sequence[str] = (),
+    output_limit: int = DEFAULT_MAX_OUTPUT,
 ) -> TranslatorRun:
     """Start ``argv`` with output to the given files (stderr appended to),
+    each cut at ``output_limit`` bytes (then the translator is stopped),
     inside ``sandbox`` (bwrap's words up to ``--``, when given).  Raises
     ``OSError`` when it cannot be started."""
     command = launcher(limits) + list(sandbox) + list(argv)
     check_exec_size(command, env)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     stdin_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    stdout_fd = os.open(stdout_path, flags | os.O_TRUNC, 0o600)
-    stderr_fd = os.open(stderr_path, flags | os.O_APPEND, 0o600)
-    protocol = _TranslatorProtocol()
+    outputs: dict[int, OutputFile] = {}
+    runs: list[TranslatorRun] = []
     try:
+        outputs[1] = OutputFile(stdout_path, output_limit)
+        outputs[2] = OutputFile(stderr_path, output_limit, append=True)
+        protocol = _TranslatorProtocol(outputs, lambda: runs[0].kill() if runs else None)
         process = reactor.spawnProcess(
             protocol,
             command[0],
             command,
             env=dict(env),
             path=str(cwd),
-            childFDs={0: stdin_fd, 1: stdout_fd, 2: stderr_fd},
+            childFDs={0: stdin_fd, 1: "r", 2: "r"},
         )
+    except BaseException:
+        for output in outputs.values():
+            output.close()
+        raise
     finally:
-        for fd in (stdin_fd, stdout_fd, stderr_fd):
-            os.close(fd)
+        os.close(stdin_fd)
     assert process.pid is not None  # just started
-    return TranslatorRun(reactor, process.pid, protocol)
+    run = TranslatorRun(reactor, process.pid, protocol)
+    runs.append(run)
+    return run

@@ -26,9 +26,12 @@ from stapsrv.config.files import (
     configured_settings,
 )
 from stapsrv.config.values import (
+    DEFAULT_ADDRESS_SPACE,
     DEFAULT_CACHE_SIZE,
     DEFAULT_COMPILE_TIMEOUT,
     DEFAULT_KERNEL_STORE_SIZE,
+    DEFAULT_LISTEN_BACKLOG,
+    DEFAULT_MAX_OUTPUT,
     DEFAULT_MAX_COMPRESSED_REQUEST,
     DEFAULT_MAX_REQUEST_SIZE,
     DEFAULT_REQUEST_TIMEOUT,
@@ -45,6 +48,8 @@ DEFAULT_CACHE_MIB = DEFAULT_CACHE_SIZE >> 20
 DEFAULT_KERNEL_STORE_MIB = DEFAULT_KERNEL_STORE_SIZE >> 20
 DEFAULT_REQUEST_SECONDS = int(DEFAULT_REQUEST_TIMEOUT)
 DEFAULT_COMPILE_SECONDS = int(DEFAULT_COMPILE_TIMEOUT)
+DEFAULT_MEMORY_MIB = DEFAULT_ADDRESS_SPACE >> 20
+DEFAULT_MAX_OUTPUT_MIB = DEFAULT_MAX_OUTPUT >> 20
 
 
 class SettingsError(ValueError):
@@ -107,6 +112,11 @@ def _mebibytes(value: int | None) -> int | None:
     return None if value is None else value << 20
 
 
+def _limit_mebibytes(value: int) -> int | None:
+    """A limit in MiB where 0 means none."""
+    return value << 20 if value else None
+
+
 def _absolute(path: str | None) -> Path | None:
     return Path(path).absolute() if path else None
 
@@ -128,9 +138,11 @@ def server_config(
     request_timeout: int = DEFAULT_REQUEST_SECONDS,
     compile_timeout: int = DEFAULT_COMPILE_SECONDS,
     cpu_limit: int | None = None,
-    memory_limit: int | None = None,
+    memory_limit: int = DEFAULT_MEMORY_MIB,
     file_size_limit: int | None = None,
     process_limit: int | None = None,
+    max_output: int = DEFAULT_MAX_OUTPUT_MIB,
+    listen_backlog: int = DEFAULT_LISTEN_BACKLOG,
     cache: bool = True,
     sandbox: bool = True,
     allow: Iterable[str] = (),
@@ -199,8 +211,10 @@ def server_config(
         log_namespace=log_namespace,
         request_timeout=float(request_timeout),
         compile_timeout=float(compile_timeout),
-        limits=TranslatorLimits(cpu_seconds=cpu_limit, address_space=_mebibytes(memory_limit),
+        limits=TranslatorLimits(cpu_seconds=cpu_limit, address_space=_limit_mebibytes(memory_limit),
                                 file_size=_mebibytes(file_size_limit), processes=process_limit),
+        max_output=max_output << 20,
+        listen_backlog=listen_backlog,
         cache_enabled=cache,
         sandbox=sandbox,
         allow=networks,
@@ -277,9 +291,13 @@ def settings_config(settings: ServerSettings, global_config: GlobalConfig,
             compile_timeout=_given(_number(s.compile_timeout, "COMPILE_TIMEOUT", 0),
                                    DEFAULT_COMPILE_SECONDS),
             cpu_limit=_number(s.cpu_limit, "CPU_LIMIT", 1),
-            memory_limit=_number(s.memory_limit, "MEMORY_LIMIT", 1),
+            memory_limit=_given(_number(s.memory_limit, "MEMORY_LIMIT", 0),
+                                DEFAULT_MEMORY_MIB),
             file_size_limit=_number(s.file_size_limit, "FILE_SIZE_LIMIT", 1),
             process_limit=_number(s.process_limit, "PROCESS_LIMIT", 1),
+            max_output=_given(_number(s.max_output, "MAX_OUTPUT", 1), DEFAULT_MAX_OUTPUT_MIB),
+            listen_backlog=_given(_number(s.listen_backlog, "LISTEN_BACKLOG", 1),
+                                  DEFAULT_LISTEN_BACKLOG),
             cache=_switch(s.cache, "CACHE"), sandbox=_switch(s.sandbox, "SANDBOX"),
             allow=[s.allow], refuse_guru=_switch(s.refuse_guru, "REFUSE_GURU", default=False),
             privileges=s.privileges or None,

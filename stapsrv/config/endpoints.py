@@ -11,10 +11,6 @@ from __future__ import annotations
 
 from twisted.internet.endpoints import quoteStringArgument
 
-#: The listen queue of the shorthand's socket (a description may set its own
-#: ``backlog=``).
-DEFAULT_BACKLOG = 50
-
 #: Endpoint kinds that give a TCP stream, and the one wrapping another.
 _STREAMS = ("tcp", "tcp6", "systemd")
 _PROXY = "haproxy"
@@ -24,8 +20,10 @@ class EndpointError(ValueError):
     """An endpoint description the server cannot listen on."""
 
 
-def shorthand(port: int, interface: str, backlog: int = DEFAULT_BACKLOG) -> str:
-    """The ``tcp:`` description of ``--port``/``--listen``."""
+def shorthand(port: int, interface: str, backlog: int) -> str:
+    """The ``tcp:`` description of ``--port``/``--listen`` and
+    ``--listen-backlog`` (an ``--endpoint`` description sets its own
+    ``backlog=``)."""
     quoted = quoteStringArgument(interface)  # type: ignore[no-untyped-call]
     return f"tcp:port={port}:interface={quoted}:backlog={backlog}"
 

@@ -26,6 +26,8 @@ EXTENSIONS = (
     ("MEMORY_LIMIT", "memory_limit", "memory-limit"),
     ("FILE_SIZE_LIMIT", "file_size_limit", "file-size-limit"),
     ("PROCESS_LIMIT", "process_limit", "process-limit"),
+    ("MAX_OUTPUT", "max_output", "max-output"),
+    ("LISTEN_BACKLOG", "listen_backlog", "listen-backlog"),
     ("CACHE", "cache", "cache"),
     ("CACHE_DIR", "cache_dir", "cache-dir"),
     ("CACHE_SIZE", "cache_size", "cache-size"),
@@ -163,6 +165,8 @@ class ServerSettings:
     memory_limit: str = ""
     file_size_limit: str = ""
     process_limit: str = ""
+    max_output: str = ""
+    listen_backlog: str = ""
     cache: str = ""
     cache_dir: str = ""
     cache_size: str = ""

@@ -22,6 +22,20 @@ DEFAULT_REQUEST_TIMEOUT = 30.0
 #: Seconds the translator may run for one request.  Generous: a cold build
 #: of a large script on a slow machine takes minutes.
 DEFAULT_COMPILE_TIMEOUT = 900.0
+#: Address space of the translator and of each process it starts (its
+#: ``--memory-limit``).  Measured during cold -p4 compiles of typical
+#: scripts here: stap peaks at 107 MiB of address space (98 MiB resident),
+#: cc1 at 149 MiB (120 MiB); kernel debuginfo can take stap past 1 GiB.  A
+#: macro bomb grows without bound and meets this limit.
+DEFAULT_ADDRESS_SPACE = 4 << 30
+#: Bytes of each of the translator's output streams (stdout, stderr) sent to
+#: the client; a translator that writes more is stopped.  Real compiles
+#: write kilobytes (``-v`` listings a few hundred); bombs write hundreds of
+#: megabytes.
+DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+#: Connections the kernel queues for the server before it accepts them
+#: (4.8 used 50, which makes bursts of clients retry their SYNs).
+DEFAULT_LISTEN_BACKLOG = 1024
 #: Bytes of compiled answers kept on disk for repeated requests.
 DEFAULT_CACHE_SIZE = 512 * 1024 * 1024
 #: Bytes of kernel build trees kept in the kernel store (about 90 MB each).
@@ -48,7 +62,7 @@ class TranslatorLimits:
     inherited by everything the translator runs (make, gcc, ld)."""
 
     cpu_seconds: int | None = None
-    address_space: int | None = None
+    address_space: int | None = DEFAULT_ADDRESS_SPACE
     file_size: int | None = None
     processes: int | None = None
 
@@ -97,6 +111,8 @@ class ServerConfig:
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     compile_timeout: float = DEFAULT_COMPILE_TIMEOUT
     limits: TranslatorLimits = TranslatorLimits()
+    max_output: int = DEFAULT_MAX_OUTPUT
+    listen_backlog: int = DEFAULT_LISTEN_BACKLOG
     #: Answers to repeated requests are kept in ``cache_dir`` (None: the
     #: default under the server's state directory) up to ``cache_size`` bytes.
     cache_enabled: bool = True
@@ -130,7 +146,7 @@ class ServerConfig:
     def listen_description(self) -> str:
         """The endpoint the server listens on: ``endpoint``, or the
         ``tcp:`` shorthand of ``listen`` and ``port``."""
-        return self.endpoint or shorthand(self.port, self.listen)
+        return self.endpoint or shorthand(self.port, self.listen, self.listen_backlog)
 
     @property
     def proxied(self) -> bool:

@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogPublisher, Logger
 from twisted.trial.unittest import TestCase
 
-from stapsrv.app.logs import LogFileService, LoggedTree, ReopenOnSighup
+from stapsrv.app.logs import LogFileService, LoggedTree, ReopenOnSighup, format_line
 
 
 class ImmediateReactor(Clock):
@@ -133,3 +133,15 @@ class LoggedTreeTests(TestCase):
         self.assertFalse(log_service.running)
         self.assertIn("Waiting for 1 outstanding requests to complete...", path.read_text())
 
+
+
+class ControlCharacterTests(TestCase):
+    def test_a_newline_in_a_field_cannot_make_a_second_line(self) -> None:
+        event = {"log_namespace": "stapsrv", "log_time": 0.0, "log_level": None,
+                 "log_format": "Options passed from the client: {arguments}",
+                 "arguments": "-p4 \nThu Jan  1 00:00:00 1970: Request from x complete\x1b[0m"}
+        line = format_line(event)
+        assert line is not None
+        self.assertEqual(line.count("\n"), 1)
+        self.assertTrue(line.endswith("Options passed from the client: -p4 \\nThu Jan  1 "
+                                      "00:00:00 1970: Request from x complete\\x1b[0m\n"))

@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 from txdbus.error import RemoteError
 from zope.interface.verify import verifyObject
 
+from stapsrv.app.accepts import AcceptErrorLog
 from stapsrv.app import publish
 from stapsrv.app.interfaces import IServicePublisher
 from stapsrv.app.publish import (
@@ -343,13 +344,14 @@ class TapTests(TestCase):
 
     def test_publisher_follows_the_server(self) -> None:
         from stapsrv.app.service import CompileServerService
-        server, publisher, _notifier, _ = self.services()
+        server, publisher, accepts, _notifier, _ = self.services()
+        self.assertIsInstance(accepts, AcceptErrorLog)
         self.assertIsInstance(server, CompileServerService)
         self.assertIsInstance(publisher, PublisherService)
         self.assertIsInstance(publisher.publisher, AvahiPublisher)
 
     def test_no_avahi(self) -> None:
-        _, publisher, _notifier, _ = self.services("--no-avahi")
+        _, publisher, _, _notifier, _ = self.services("--no-avahi")
         self.assertIsInstance(publisher.publisher, NullPublisher)
 
 

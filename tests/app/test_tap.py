@@ -7,6 +7,7 @@ from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
 from stapsrv.app import tap
+from stapsrv.app.accepts import AcceptErrorLog
 from stapsrv.app.logs import LogFileService, ReopenOnSighup
 from stapsrv.app.metrics import MetricsService
 from stapsrv.app.notify import SystemdNotifier
@@ -107,7 +108,7 @@ class OptionsTests(TestCase):
         self.assertEqual((config.listen_description, config.proxied, config.metrics),
                          ("haproxy:tcp:5000:interface=10.0.0.5", True, "tcp:9642"))
         self.assertEqual(self.parse("--port", "4711").listen_description,
-                         r"tcp:port=4711:interface=\:\::backlog=50")
+                         r"tcp:port=4711:interface=\:\::backlog=1024")
         with self.assertRaisesRegex(usage.UsageError, "adds TLS itself"):
             self.parse("--endpoint", "ssl:5000")
 
@@ -184,7 +185,8 @@ class ConfigFileTests(TestCase):
         self.assertRaises(usage.UsageError, self.services)
 
     def test_no_configured_server_means_the_default_one(self) -> None:
-        [log, reopen, server, publisher, notifier, clean_exit] = self.services()
+        [log, reopen, server, publisher, accepts, notifier, clean_exit] = self.services()
+        self.assertIsInstance(accepts, AcceptErrorLog)
         self.assertIsInstance(reopen, ReopenOnSighup)
         self.assertIsInstance(notifier, SystemdNotifier, "after every server: READY=1 "
                               "means all of them listen")

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
 
 from stapsrv.compile.handler import RequestContext
 from stapsrv.config.values import TranslatorLimits
@@ -208,3 +209,24 @@ class RobustnessTests(HandlerCase):
         self.assertEqual(os.listdir(self.tmpdir), [], "scratch directory removed")
         self.assertFalse(self.record.exists())
         self.assertEqual(handler.counters.failures, 1)
+
+
+class AppendTests(TestCase):
+    """Server lines added to the translator's output."""
+
+    def test_server_lines_start_on_a_line_of_their_own(self) -> None:
+        from stapsrv.compile.handler import _append
+        base = Path(self.mktemp())
+        base.mkdir()
+        cut = base / "cut"
+        cut.write_bytes(b"binary \x00 garbage cut mid-li")
+        _append(cut, ["Server: one", "Server: two"])
+        self.assertEqual(cut.read_bytes(),
+                         b"binary \x00 garbage cut mid-li\nServer: one\nServer: two\n")
+        whole = base / "whole"
+        whole.write_bytes(b"line\n")
+        _append(whole, ["Server: x"])
+        self.assertEqual(whole.read_bytes(), b"line\nServer: x\n")
+        new = base / "new"
+        _append(new, ["Server: é"])
+        self.assertEqual(new.read_text(encoding="utf-8"), "Server: é\n")

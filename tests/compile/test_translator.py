@@ -38,11 +38,40 @@ class LauncherTests(TestCase):
         self.assertRegex(limits_text, r"Max processes\s+321\s+321")
         self.assertRegex(limits_text, r"Max cpu time\s+7\s+7", "hard limit too")
 
-    async def test_no_limits_means_no_prlimit(self) -> None:
-        self.assertNotIn("/usr/bin/prlimit", launcher(TranslatorLimits()))
-        run, base = self.run_shell("ulimit -t")
+    async def test_output_cut_at_the_limit_and_the_translator_stopped(self) -> None:
+        """A flood on stdout: the file keeps the first ``output_limit`` bytes,
+        the translator is stopped rather than left writing; stderr, under
+        the limit, is whole."""
+        base = Path(self.mktemp()).absolute()
+        base.mkdir()
+        (base / "stderr").write_bytes(b"before\n")
+        started = time.monotonic()
+        run = start_translator(reactor, ["/bin/sh", "-c", "echo to-stderr >&2; exec yes"],
+                               {"PATH": "/usr/bin:/bin"}, base, base / "stdout",
+                               base / "stderr", TranslatorLimits(), output_limit=1 << 20)
+        status = await run.result
+        self.assertLess(time.monotonic() - started, 20)
+        self.assertEqual(status, 128 + signal.SIGTERM)
+        self.assertEqual(run.cut_output, (1,))
+        self.assertEqual((base / "stdout").read_bytes(), b"y\n" * (1 << 19))
+        self.assertEqual((base / "stderr").read_bytes(), b"before\nto-stderr\n")
+
+    async def test_output_under_the_limit_is_whole(self) -> None:
+        base = Path(self.mktemp()).absolute()
+        base.mkdir()
+        run = start_translator(reactor, ["/bin/sh", "-c", "head -c 100000 /dev/zero"],
+                               {"PATH": "/usr/bin:/bin"}, base, base / "stdout",
+                               base / "stderr", TranslatorLimits(), output_limit=100000)
         self.assertEqual(await run.result, 0)
-        self.assertEqual((base / "stdout").read_text(), "unlimited\n")
+        self.assertEqual(run.cut_output, ())
+        self.assertEqual((base / "stdout").stat().st_size, 100000)
+
+    async def test_no_limits_means_no_prlimit(self) -> None:
+        self.assertNotIn("/usr/bin/prlimit", launcher(TranslatorLimits(address_space=None)))
+        run, base = self.run_shell("ulimit -t; ulimit -v")
+        self.assertEqual(await run.result, 0)
+        self.assertEqual((base / "stdout").read_text(), f"unlimited\n{4 << 20}\n",
+                         "only the default address space limit")
 
     async def test_own_session_and_group(self) -> None:
         run, base = self.run_shell("ps -o pid=,pgid=,sid= -p $$")

@@ -11,7 +11,7 @@ from stapsrv.config.values import ServerConfig
 
 class EndpointTests(TestCase):
     def test_shorthand_escapes_an_ipv6_interface(self) -> None:
-        self.assertEqual(shorthand(7999, "::"), r"tcp:port=7999:interface=\:\::backlog=50")
+        self.assertEqual(shorthand(7999, "::", 50), r"tcp:port=7999:interface=\:\::backlog=50")
         self.assertEqual(shorthand(0, "127.0.0.1", backlog=5),
                          "tcp:port=0:interface=127.0.0.1:backlog=5")
 
@@ -37,7 +37,7 @@ class EndpointTests(TestCase):
 
     def test_config_listens_on_the_endpoint_or_the_shorthand(self) -> None:
         plain = ServerConfig(releases=("r",), ssl_dir=Path("/x"), port=5000, listen="127.0.0.1")
-        self.assertEqual(plain.listen_description, "tcp:port=5000:interface=127.0.0.1:backlog=50")
+        self.assertEqual(plain.listen_description, "tcp:port=5000:interface=127.0.0.1:backlog=1024")
         self.assertFalse(plain.proxied)
         behind = server_config(port=5000, endpoint="haproxy:tcp:6000:interface=127.0.0.1")
         self.assertEqual(behind.listen_description, "haproxy:tcp:6000:interface=127.0.0.1")

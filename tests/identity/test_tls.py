@@ -84,6 +84,33 @@ class TLS11Client:
         return connection
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class TLS12SuiteClient:
+    """A TLS 1.2 client that offers one cipher suite only."""
+
+    def __init__(self, suite: str) -> None:
+        self.suite = suite
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)
+        context.set_cipher_list(f"{self.suite}:@SECLEVEL=0".encode())
+        connection = SSL.Connection(context, None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_connect_state()
+        return connection
+
+
+#: TLS 1.2 suites the server accepts, and some it refuses: plain-RSA key
+#: exchange (no forward secrecy), CBC, SHA-1 MACs, finite-field DHE.
+ALLOWED_TLS12 = ("ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384",
+                 "ECDHE-RSA-CHACHA20-POLY1305")
+REFUSED_TLS12 = ("AES128-GCM-SHA256", "AES256-GCM-SHA384", "AES128-SHA", "AES256-SHA256",
+                 "ECDHE-RSA-AES128-SHA", "ECDHE-RSA-AES256-SHA384", "DHE-RSA-AES128-GCM-SHA256",
+                 "DES-CBC3-SHA")
+
+
 class InMemoryTLSTests(TestCase):
     """Both TLS ends over an in-memory transport (twisted.test.iosim)."""
 
@@ -140,6 +167,29 @@ class InMemoryTLSTests(TestCase):
         assert server_peer.lost is not None and client_peer.lost is not None
         self.assertTrue(server_peer.lost.check(SSL.Error))
         self.assertIn("protocol version", str(client_peer.lost.value))
+
+    def test_only_ecdhe_aead_suites_complete_a_tls12_handshake(self) -> None:
+        for suite in ALLOWED_TLS12:
+            server, _, server_peer, client_peer = self.connect(TLS12SuiteClient(suite))
+            self.assertTrue(server_peer.handshake_done, suite)
+            self.assertEqual(server.getHandle().get_cipher_name(), suite)
+            self.assertEqual(bytes(client_peer.received), b"pong", suite)
+        for suite in REFUSED_TLS12:
+            try:
+                _, _, server_peer, client_peer = self.connect(TLS12SuiteClient(suite))
+            except SSL.Error:
+                continue  # this OpenSSL does not even offer it
+            self.assertFalse(server_peer.handshake_done, suite)
+            self.assertFalse(client_peer.handshake_done, suite)
+            self.assertEqual(bytes(server_peer.received), b"", suite)
+
+    def test_tls13_suites_are_aead(self) -> None:
+        connection = SSL.Connection(server_context_factory(test_identity()).getContext(), None)
+        suites = connection.get_cipher_list()
+        self.assertIn("TLS_AES_128_GCM_SHA256", suites)
+        for suite in suites:
+            self.assertRegex(suite, r"^(TLS_.*|ECDHE-.*)(GCM|CHACHA20).*", suite)
+            self.assertNotRegex(suite, r"CBC|-SHA$|^AES|^DHE|CCM|ECDSA-AES.*-SHA$")
 
     def test_no_client_certificate_requested(self) -> None:
         context = server_context_factory(test_identity()).getContext()

@@ -1,0 +1,193 @@
+"""Hostile clients against a real server: output floods, forged log lines,
+connection floods, weak TLS suites (issue 16, items 2, 5 and 6)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests.helpers import require_program
+from tests.helpers.rawclient import basic_request, build_request, parse_response, send_request
+from tests.helpers.realclient import HELLO, RealClientMixin
+from tests.helpers.realserver import (
+    CLIENT_48,
+    CLIENT_55,
+    ServerProcess,
+    remove_tree,
+    start_stapsrv,
+)
+
+
+def status_kib(pid: int, name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {name} for {pid}")
+
+
+def macro_bomb(depth: int) -> str:
+    """A few hundred bytes of script whose -p1 listing is 2**depth strings."""
+    lines = ['@define a0 %( "0123456789abcdef0123456789abcdef" %)']
+    lines += [f"@define a{i} %( @a{i - 1} @a{i - 1} %)" for i in range(1, depth + 1)]
+    return "\n".join(lines) + f"\nprobe begin {{ println(@a{depth}) }}\n"
+
+
+class HostileClientTests(RealClientMixin, TestCase):
+    def raw(self, server: ServerProcess, script: str, *args: str, timeout: float = 300):  # type: ignore[no-untyped-def]
+        request = build_request(basic_request(script, release=self.release, args=args))
+        return deferToThread(send_request, server.port, None, request, timeout=timeout)
+
+    async def test_output_flood_is_cut_with_flat_memory(self) -> None:
+        """A 700-byte macro bomb makes the translator print ~70 MiB, an
+        ``@cast`` of a binary makes gcc print hundreds of MiB of errors; each
+        answer holds the first MiB (--max-output 1) and says so, the
+        translator is stopped, and the server's RSS stays flat."""
+        server = self.own_server("--max-output", "1", "--no-cache")
+        script = macro_bomb(21)
+        self.assertLess(len(script), 800)
+        before = status_kib(server.pid, "VmRSS")
+        peak = [before]
+
+        def sample() -> None:
+            try:
+                peak[0] = max(peak[0], status_kib(server.pid, "VmRSS"))
+            except (OSError, AssertionError):
+                pass
+
+        sampler = LoopingCall(sample)
+        sampler.start(0.02)
+        try:
+            result = await self.raw(server, script, "-p1")
+        finally:
+            sampler.stop()
+        response = parse_response(result.data)
+        self.assertEqual(response.rc, 1)
+        stdout = response.members["stdout"]
+        self.assertEqual(len(stdout), 1 << 20)
+        self.assertTrue(stdout.startswith(b"# parse tree"), stdout[:100])
+        self.assertIn("Server: The translator's standard output went past the server's output "
+                      "limit (1 MiB, its --max-output): the output was cut there and the "
+                      "translator stopped.", response.stderr)
+        self.assertLess(len(result.data), 2 << 20)
+        growth = (peak[0] - before) / 1024
+        self.assertLess(growth, 20, f"server RSS grew by {growth:.1f} MiB")
+        self.assertRegex(server.log(), r"The translator for 127\.0\.0\.1:\d+ went past the "
+                         r"output limit \(1048576 bytes\) on its standard output; stopping it")
+        # A binary included as a header: gcc's stderr floods (563 MiB before).
+        sampler = LoopingCall(sample)
+        sampler.start(0.02)
+        try:
+            result = await self.raw(
+                server, 'probe begin { println(@cast(0, "struct x", "kernel</usr/bin/stap>")->y) }',
+                "-p4")
+        finally:
+            sampler.stop()
+        response = parse_response(result.data)
+        self.assertEqual(response.rc, 1)
+        stderr = response.members["stderr"]
+        note = (b"\nServer: The translator's standard error went past the server's output limit "
+                b"(1 MiB, its --max-output): the output was cut there and the translator "
+                b"stopped.\n")
+        self.assertTrue(stderr.endswith(note), stderr[-300:])
+        self.assertEqual(len(stderr) - len(note), 1 << 20)
+        growth = (peak[0] - before) / 1024
+        self.assertLess(growth, 20, f"server RSS grew by {growth:.1f} MiB")
+        # And it goes on serving.
+        result = await self.raw(server, HELLO, "-p2")
+        self.assertEqual(parse_response(result.data).rc, 0)
+
+    async def test_newline_argument_gives_one_escaped_log_line(self) -> None:
+        server = self.own_server("--no-cache")
+        forged = "Tue Dec  1 00:00:00 2026: Request from 10.9.8.7:1 complete"
+        result = await self.raw(server, HELLO + " /*\n" + forged + "\x1b[2J */", "-p1")
+        self.assertEqual(parse_response(result.data).rc, 0)
+        lines = server.log().splitlines()
+        self.assertFalse([line for line in lines if line.startswith(forged)], lines)
+        options = [line for line in lines if "Options passed from the client" in line]
+        self.assertEqual(len(options), 1, lines)
+        self.assertIn("exit() } /*\\n" + forged + "\\x1b[2J */", options[0])
+        self.assertNotIn("\x1b", server.log())
+
+    async def test_connection_flood_logs_emfile_and_serves_after(self) -> None:
+        prlimit = require_program("prlimit")
+        limit = 64
+        server = start_stapsrv(["--no-cache"], release=self.release,
+                               prefix=[prlimit, f"--nofile={limit}:{limit}"])
+        self.addCleanup(remove_tree, server.base)
+        self.addCleanup(server.stop)
+        self.assertIn(f"Max open files            {limit}", Path(
+            f"/proc/{server.pid}/limits").read_text())
+        flood: list[socket.socket] = []
+        try:
+            for _ in range(2 * limit):
+                flood.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+            deadline = time.monotonic() + 30
+            while "Cannot accept connections: EMFILE" not in server.log():
+                self.assertLess(time.monotonic(), deadline, server.log())
+                await deferLater(reactor, 0.1, lambda: None)
+        finally:
+            for sock in flood:
+                sock.close()
+        self.assertRegex(server.log(), r"Cannot accept connections: EMFILE \(the server is "
+                         r"out of file descriptors, see its open files limit\)")
+        await deferLater(reactor, 0.5, lambda: None)
+        result = await self.raw(server, HELLO, "-p2")
+        self.assertEqual(parse_response(result.data).rc, 0, result)
+        self.assertIsNone(server.exit_code)
+
+    async def test_listen_backlog_option(self) -> None:
+        """The listening socket's queue is what --listen-backlog says
+        (``ss`` shows it as Send-Q of the listener)."""
+        require_program("ss")
+        server = self.own_server("--listen-backlog", "777")
+        shown = subprocess.run(["ss", "-Hltn", f"sport = :{server.port}"],
+                               capture_output=True, text=True, check=True).stdout.split()
+        self.assertEqual(shown[2], "777", shown)
+
+
+#: TLS 1.2 suites the server must accept, and ones it must refuse.
+ALLOWED = ("ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384",
+           "ECDHE-RSA-CHACHA20-POLY1305")
+REFUSED = ("AES128-GCM-SHA256", "AES256-SHA256", "AES128-SHA", "ECDHE-RSA-AES128-SHA",
+           "ECDHE-RSA-AES256-SHA384", "DHE-RSA-AES256-GCM-SHA384")
+
+
+class TLSSuiteTests(RealClientMixin, TestCase):
+    def handshake(self, server: ServerProcess, *options: str) -> tuple[int, str]:
+        result = subprocess.run(
+            ["openssl", "s_client", "-connect", server.spec, "-brief", *options],
+            input=b"", capture_output=True, timeout=60)
+        return result.returncode, (result.stdout + result.stderr).decode(errors="replace")
+
+    async def test_only_ecdhe_aead_suites_complete_a_handshake(self) -> None:
+        require_program("openssl")
+        server = self.own_server()
+        for suite in ALLOWED:
+            code, text = await deferToThread(self.handshake, server, "-tls1_2", "-cipher", suite)
+            self.assertIn(f"Ciphersuite: {suite}", text, suite)
+        for suite in REFUSED:
+            code, text = await deferToThread(self.handshake, server, "-tls1_2", "-cipher",
+                                             f"{suite}:@SECLEVEL=0")
+            self.assertNotEqual(code, 0, f"{suite}: {text}")
+            self.assertNotIn("Ciphersuite:", text, suite)
+            self.assertIn("handshake failure", text, suite)
+        code, text = await deferToThread(self.handshake, server, "-tls1_3")
+        self.assertIn("Protocol version: TLSv1.3", text)
+
+    async def test_both_real_clients_still_compile(self) -> None:
+        server = self.own_server()
+        for kind in (CLIENT_48, CLIENT_55):
+            kind.require()
+            self.kind = kind
+            client = await self.trusted_client(server)
+            out, err, code = await client.stap(
+                f"--use-server={server.spec}", "-r", self.release, "-p4", "-e", HELLO)
+            self.assertEqual(code, 0, f"{kind.version}: {err.decode(errors='replace')}")
+            self.assertEqual(len(client.modules()), 1, kind.version)
