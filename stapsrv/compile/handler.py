@@ -196,6 +196,9 @@ class RequestHandler:
     #: with ``--no-sandbox``.
     sandbox: Sandbox | None = None
     stapconf: StapconfStore | None = None
+    #: Where cache keys are computed (None: ``pool``): a pool of their own,
+    #: so that a slow key never holds a slot requests need.
+    key_pool: ThreadPool | None = None
     log: Logger = field(init=False)
     policy: Policy = field(init=False)
     #: Warm-up compiles per (release, guru mode): the clients waiting for
@@ -243,7 +246,7 @@ class RequestHandler:
             self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
                           reason=refusal)
             return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False)
-        key = await self._cache_key(job)
+        key = await self._cache_key(job, context)
         if key is None or self.cache is None:
             return await self._compile(body, job, context)
         cached = await self.cache.get(key)
@@ -275,14 +278,15 @@ class RequestHandler:
             await self.cache.put(key, outcome.to_keep)
         return outcome
 
-    async def _cache_key(self, job: Job) -> str | None:
+    async def _cache_key(self, job: Job, context: RequestContext) -> str | None:
         if self.cache is None or self.keys is None:
             return None
         try:
-            return await self._in_thread(self._make_key, job)
+            return await deferToThreadPool(self.reactor, self.key_pool or self.pool,
+                                           self._make_key, job)
         except Uncacheable as exc:
-            self.log.info("Not caching a request that names the large server tree {path}",
-                          path=str(exc))
+            self.log.info("Not caching the answer to {peer}: {reason} {path}",
+                          peer=context.peer, reason=exc.reason, path=exc.path[:256])
             return None
         except Exception:
             self.log.failure("Cannot compute a cache key; compiling")
