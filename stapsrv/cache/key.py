@@ -217,10 +217,11 @@ def _hash_file(digest: "hashlib._Hash", path: str, budget: Budget) -> None:
             digest.update(b"changed")
             return
         while True:
-            budget.read(path, _CHUNK)
+            budget.check(path)
             chunk = os.read(fd, _CHUNK)
             if not chunk:
                 break
+            budget.read(path, len(chunk))
             digest.update(chunk)
     except OSError as exc:
         digest.update(b"unreadable:%d" % (exc.errno or 0))

@@ -293,6 +293,11 @@ class NamedPathTests(TestCase):
         self.assertIn("MiB", raised.exception.reason)
         self.digests.named_digest(big, Budget(threading.Event(), size=4 << 20))
 
+    def test_empty_files_cost_no_bytes(self) -> None:
+        for number in range(10):
+            (self.tree / f"empty{number}").touch()
+        self.digests.named_digest(self.tree, Budget(threading.Event(), size=20))
+
     def test_file_budget(self) -> None:
         self.assertRaises(Uncacheable, self.digests.named_digest, self.tree,
                           Budget(threading.Event(), files=3))
