@@ -286,7 +286,8 @@ class RequestHandler:
                                            self._make_key, job)
         except Uncacheable as exc:
             self.log.info("Not caching the answer to {peer}: {reason} {path}",
-                          peer=context.peer, reason=exc.reason, path=exc.path[:256])
+                          peer=context.peer, reason=_printable(exc.reason),
+                          path=_printable(exc.path[:256]))
             return None
         except Exception:
             self.log.failure("Cannot compute a cache key; compiling")
@@ -671,6 +672,11 @@ class RequestHandler:
             sign_module_file(self.identity().key, module, signature_digest(client_version))
         except OSError as exc:
             self.log.error("Unable to sign {module}: {error}", module=module, error=exc)
+
+
+def _printable(text: str) -> str:
+    """Client-chosen text for one log line: control characters escaped."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _make_scratch(tmpdir: Path) -> Path:

@@ -19,6 +19,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.hazmat.primitives.hashes import SHA256
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
 from stapsrv.cache.key import (
@@ -34,7 +36,7 @@ from stapsrv.compile.job import Job, needs_signature, parse_job
 from stapsrv.core.cmdline import Privilege, ServerOption
 from stapsrv.identity.certs import ServerIdentity, make_certificate
 from tests.helpers.archives import RELEASE, make_zip, request
-from tests.helpers.handlers import CachedHandlerCase
+from tests.helpers.handlers import CachedHandlerCase, Events
 from tests.helpers.vectors import captured_requests, members
 
 MAX = 1 << 20
@@ -679,3 +681,41 @@ class HandlerKeyTests(CachedHandlerCase):
         await self.raw(handler, request("-p4"))
         await self.raw(handler, request("-p4", release="6.18.44-fc-v657"))
         self.assertEqual(self.runs(), 2)
+
+
+class HandlerUncacheableTests(CachedHandlerCase):
+    """What the handler does with a key that cannot be made."""
+
+    async def test_uncacheable_form_is_compiled_every_time_and_logged(self) -> None:
+        handler = self.cached_handler()
+        events = Events()
+        handler.log = Logger(observer=events)
+        body = request("-p4", '-eprobe process("ls").begin { exit() }')
+        await self.raw(handler, body)
+        await self.raw(handler, body)
+        self.assertEqual(self.runs(), 2)
+        self.assertEqual(handler.counters.cache_hits, 0)
+        logged = events.matching("Not caching the answer to peer: process() names a file "
+                                 "by a relative name")
+        self.assertEqual(len(logged), 2, events.lines())
+
+    async def test_keys_are_made_in_their_own_pool(self) -> None:
+        handler = self.cached_handler()
+        key_pool = ThreadPool(minthreads=0, maxthreads=1, name="test-keys")
+        key_pool.start()
+        self.addCleanup(key_pool.stop)
+        handler.key_pool = key_pool
+        threads: list[str] = []
+        real = KeyMaker.key
+
+        def recording(maker: KeyMaker, *args: Any) -> str:
+            threads.append(threading.current_thread().name)
+            return real(maker, *args)
+
+        self.patch(KeyMaker, "key", recording)
+        body = request("-p4", "-eprobe begin { exit() }")
+        await self.raw(handler, body)
+        await self.raw(handler, body)
+        self.assertEqual(len(threads), 2)
+        self.assertTrue(all("test-keys" in name for name in threads), threads)
+        self.assertEqual(handler.counters.cache_hits, 1)

@@ -46,8 +46,8 @@ ANSWER_LIMIT = 240.0
 EXIT_LIMIT = 60.0
 #: Paths named in the memory case, and how many each request names.
 NEW_PATHS = 1000
-PATHS_PER_REQUEST = 10
-FILES_PER_PATH = 100
+PATHS_PER_REQUEST = 20
+FILES_PER_PATH = 90
 RSS_GROWTH_LIMIT = 20 << 20
 
 PROGRAM_V1 = """struct point { int x; int y; };
