@@ -152,6 +152,8 @@ def _entries(root: str, budget: Budget, strict: bool) -> Iterator[_Entry]:
             full = os.path.join(directory, name)
             inner = f"{relative}/{name}" if relative else name
             budget.entry(full)
+            if strict and any(_inside(full, pseudo) for pseudo in PSEUDO_ROOTS):
+                raise Uncacheable("a path in a kernel pseudo filesystem", full)
             try:
                 info = os.lstat(full)
             except OSError:

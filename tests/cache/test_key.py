@@ -257,6 +257,13 @@ class NamedPathTests(TestCase):
                 self.digests.named_digest(Path(path))
             self.assertIn("pseudo", raised.exception.reason)
 
+    def test_the_root_is_never_walked_into_proc(self) -> None:
+        # No bound on files, none on bytes: the walk itself must stop.
+        budget = Budget(threading.Event(), files=10 ** 7, size=0)
+        with self.assertRaises(Uncacheable) as raised:
+            self.digests.named_digest(Path("/"), budget)
+        self.assertIn("pseudo", raised.exception.reason)
+
     def test_a_link_to_a_pseudo_file_is_not_cacheable(self) -> None:
         (self.root / "self").symlink_to("/proc/self")
         self.assertRaises(Uncacheable, self.digests.named_digest, self.root / "self")
