@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from twisted.internet.threads import deferToThread
+from twisted.python import log
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import require_program
@@ -160,6 +161,7 @@ class NewPathMemoryTests(_ServerCase):
         for result in await deferToThread(send_all):
             self.assert_answered(result, "named paths")
         growth = rss(server.pid) - before
+        log.msg(f"RSS growth after {NEW_PATHS} new named paths: {growth / 2**20:.1f} MiB")
         self.assertLess(growth, RSS_GROWTH_LIMIT, f"grew by {growth >> 20} MiB")
         # The key did fingerprint them (they were cached, not refused).
         refused = [line for line in server.log().splitlines() if "Not caching" in line]
