@@ -56,6 +56,9 @@ from stapsrv.paths import (
 )
 from stapsrv.reactor import IServerReactor
 
+#: Threads that compute cache keys (apart from the requests' pool).
+KEY_THREADS = 2
+
 #: How long ``stop`` lets requests being compiled finish before ending them.
 SHUTDOWN_GRACE = 30.0
 
@@ -87,6 +90,7 @@ class CompileServerService(Service):
         self.port: IListeningPort | None = None
         self.factory: CompileServerFactory | None = None
         self._pool: ThreadPool | None = None
+        self._key_pool: ThreadPool | None = None
         self.counters = Counters()
         self._fleet: RedisCache | None = None
         #: The Prometheus metrics (with ``--metrics``).
@@ -150,11 +154,15 @@ class CompileServerService(Service):
                                 name="stapsrv-requests")
         raise_open_file_limit()
         cache, keys = self._make_cache()
+        if keys is not None:
+            self._key_pool = ThreadPool(minthreads=0, maxthreads=KEY_THREADS,
+                                        name="stapsrv-keys")
         kernels = self._make_kernel_fetcher()
         sandbox, stapconf = self._make_sandbox(runtimes)
         handler = RequestHandler(config, self.reactor, self._pool, self._current_identity,
                                  runtimes, cache=cache, keys=keys, counters=self.counters,
-                                 sandbox=sandbox, stapconf=stapconf, kernels=kernels)
+                                 sandbox=sandbox, stapconf=stapconf, kernels=kernels,
+                                 key_pool=self._key_pool)
         if self.metrics is not None:
             handler.observer = self.metrics
         self.factory = CompileServerFactory(handler, self.reactor)
@@ -164,6 +172,8 @@ class CompileServerService(Service):
         # TCP, TCP behind a PROXY header, a socket from systemd).
         self.port = listen_now(self.reactor, config.listen_description, tls_factory)
         self._pool.start()
+        if self._key_pool is not None:
+            self._key_pool.start()
         self.log.info("Using network address [{address}]:{port}",
                       address=self.listen_address, port=self.port_number)
         if config.proxied:
@@ -277,6 +287,9 @@ class CompileServerService(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self.factory is not None and self.factory.handler.keys is not None:
+            # Keys being computed give up now (those answers are not cached).
+            self.factory.handler.keys.digests.stop()
         if self.port is not None:
             stopped = self.port.stopListening()
             if stopped is not None:
@@ -289,6 +302,9 @@ class CompileServerService(Service):
         if self._pool is not None:
             self._pool.stop()
             self._pool = None
+        if self._key_pool is not None:
+            self._key_pool.stop()
+            self._key_pool = None
         if self._fleet is not None:
             self._fleet.close()
             self._fleet = None

@@ -232,6 +232,9 @@ class RequestHandler:
     #: Fetches releases that are not installed into the kernel store; None
     #: with ``--no-fetch`` (and in tests of the handler alone).
     kernels: KernelFetcher | None = None
+    #: Where cache keys are computed (None: ``pool``): a pool of their own,
+    #: so that a slow key never holds a slot requests need.
+    key_pool: ThreadPool | None = None
     log: Logger = field(init=False)
     #: Releases of the kernel store known to this server: their build trees.
     _stored: dict[str, Path] = field(init=False, factory=dict)
@@ -293,7 +296,7 @@ class RequestHandler:
             return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
         if job.release is not None and self._serves(job.release):
             await self._provide_debug(job.release)
-        key = await self._cache_key(job)
+        key = await self._cache_key(job, context)
         if key is None or self.cache is None:
             return await self._compile(body, job, context)
         found = await find_answer(self.cache, key)
@@ -419,14 +422,16 @@ class RequestHandler:
     def _serves(self, release: str) -> bool:
         return release in self.config.releases or release in self._stored
 
-    async def _cache_key(self, job: Job) -> str | None:
+    async def _cache_key(self, job: Job, context: RequestContext) -> str | None:
         if self.cache is None or self.keys is None:
             return None
         try:
-            return await self._in_thread(self._make_key, job)
+            return await deferToThreadPool(self.reactor, self.key_pool or self.pool,
+                                           self._make_key, job)
         except Uncacheable as exc:
-            self.log.info("Not caching a request that names the large server tree {path}",
-                          path=escape_controls(str(exc)))
+            self.log.info("Not caching the answer to {peer}: {reason} {path}",
+                          peer=context.peer, reason=escape_controls(exc.reason),
+                          path=escape_controls(exc.path[:256]))
             return None
         except Exception:
             self.log.failure("Cannot compute a cache key; compiling")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import re
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -30,11 +29,14 @@ from stapsrv.compile.archive import (
 from stapsrv.core import members
 from stapsrv.core.cmdline import Privilege, requested_privilege, scan_options
 from stapsrv.core.members import LocaleResult
+from stapsrv.core.scriptpaths import ScriptPaths, scan_script
 
 #: Where the translator's working directory is, as far as relative paths in
 #: arguments go: ``<TMPDIR>/<scratch>/request``.
 _NOTIONAL_REQUEST = "/<tmpdir>/<scratch>/request"
-_PATH_LITERAL = re.compile(rb'"(/[^"\n]{0,4096})"')
+#: Options whose effect reaches files no key can list (``--ldd`` reads every
+#: shared library a probed program loads).
+_UNFOLLOWABLE_OPTIONS = frozenset({"ldd"})
 
 #: A member's path inside the request, split at ``/``.
 Parts = tuple[str, ...]
@@ -53,13 +55,23 @@ def _server_path(word: str) -> str | None:
 
 def named_paths(arguments: Sequence[str], scripts: Iterable[bytes]) -> tuple[str, ...]:
     """Server paths that the arguments or script texts may make the
-    translator read.  Generous on purpose: a word that merely looks like a
-    path only adds a fingerprint to the key."""
+    translator read (see :func:`request_paths`)."""
+    return request_paths(arguments, scripts).paths
+
+
+def request_paths(arguments: Sequence[str], scripts: Iterable[bytes]) -> ScriptPaths:
+    """Server paths that the arguments or script texts may make the
+    translator read, and why they cannot all be fingerprinted (None when
+    they can).  Generous on purpose: a word that merely looks like a path
+    only adds a fingerprint to the key."""
     words: list[str] = []
     used: set[int] = set()
     texts = list(scripts)
+    reason: str | None = None
     for option in scan_options(arguments):
         used.update(range(option.start, option.stop))
+        if option.name in _UNFOLLOWABLE_OPTIONS and reason is None:
+            reason = f"the option --{option.name}"
         if option.value is None:
             continue
         if option.name == "e":
@@ -69,9 +81,11 @@ def named_paths(arguments: Sequence[str], scripts: Iterable[bytes]) -> tuple[str
             words.append(option.value.partition("=")[2])
     words += [word for index, word in enumerate(arguments) if index not in used]
     for text in texts:
-        words += [os.fsdecode(match) for match in _PATH_LITERAL.findall(text)]
+        scanned = scan_script(text)
+        words += scanned.paths
+        reason = reason or scanned.uncacheable
     found = {path for word in words if (path := _server_path(word)) is not None}
-    return tuple(sorted(found))
+    return ScriptPaths(tuple(sorted(found)), reason)
 
 
 def _digest(files: Mapping[Parts, bytes], directories: Iterable[Parts]) -> bytes:
@@ -106,6 +120,9 @@ class Job:
     #: Server paths the request names (absolute, normalised); relative ones
     #: are given relative to the notional request directory.
     named_paths: tuple[str, ...] = ()
+    #: Why the answer cannot be cached (a script names a server file in a
+    #: form the key cannot fingerprint), or None.
+    uncacheable: str | None = None
     #: A ``--privilege`` value stap does not know (it counts as stapdev).
     invalid_privilege: str | None = None
 
@@ -159,6 +176,7 @@ def parse_job(body: bytes, max_size: int) -> Job:
                       for argument in members.arguments(lambda name: files.get((name,))))
     privilege = requested_privilege(arguments)
     scripts = [data for parts, data in files.items() if parts[0] in ("script", "tapset")]
+    paths = request_paths(arguments, scripts)
     return Job(
         entries=tuple(entries),
         digest=_digest(files, (parts for parts, data in entries if data is None)),
@@ -168,7 +186,8 @@ def parse_job(body: bytes, max_size: int) -> Job:
         privilege=privilege.privilege,
         locale=members.filter_locale(files.get(("locale",)) or b""),
         mok_fingerprints=files.get(("mok_fingerprints",)),
-        named_paths=named_paths(arguments, scripts),
+        named_paths=paths.paths,
+        uncacheable=paths.uncacheable,
         invalid_privilege=privilege.invalid_value,
     )
 

@@ -5,26 +5,38 @@ to end through the handler with a counting fake translator."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
+import socket
+import tempfile
+import threading
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.hazmat.primitives.hashes import SHA256
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
-from stapsrv.cache.key import ContentDigests, KeyMaker
+from stapsrv.cache.key import (
+    KEY_SECONDS,
+    MAX_NAMED_FILES,
+    Budget,
+    ContentDigests,
+    KeyMaker,
+    Uncacheable,
+)
 from stapsrv.compile.archive import RequestRejected
 from stapsrv.compile.job import Job, needs_signature, parse_job
 from stapsrv.core.cmdline import Privilege, ServerOption
 from stapsrv.identity.certs import ServerIdentity, make_certificate
 from tests.helpers.archives import RELEASE, make_zip, request
-from tests.helpers.handlers import CachedHandlerCase
+from tests.helpers.handlers import CachedHandlerCase, Events
 from tests.helpers.vectors import captured_requests, members
 
 MAX = 1 << 20
@@ -182,14 +194,14 @@ class ContentDigestTests(TestCase):
 
     def test_unchanged_tree_is_not_read_again(self) -> None:
         import stapsrv.cache.key as cachekey
-        calls: list[Path] = []
-        real = cachekey._content_digest
+        calls: list[object] = []
+        real = cachekey._content
 
-        def counting(path: Path) -> bytes:
-            calls.append(path)
-            return real(path)
+        def counting(entries: Any, budget: Any) -> bytes:
+            calls.append(entries)
+            return real(entries, budget)
 
-        self.patch(cachekey, "_content_digest", counting)
+        self.patch(cachekey, "_content", counting)
         digests = ContentDigests(recheck=0)
         digests.digest(self.tree)
         digests.digest(self.tree)
@@ -198,11 +210,178 @@ class ContentDigestTests(TestCase):
     def test_file_and_missing_path(self) -> None:
         digests = ContentDigests(recheck=0)
         file_digest = digests.digest(self.tree / "a.h")
-        self.assertEqual(file_digest, hashlib.sha256(b"alpha\n").digest())
+        (self.root / "copy.h").write_text("alpha\n")
+        self.assertEqual(file_digest, digests.digest(self.root / "copy.h"), "by content")
         missing = digests.digest(self.root / "nothing")
         self.assertNotEqual(missing, file_digest)
         (self.root / "nothing").write_text("now here\n")
         self.assertNotEqual(digests.digest(self.root / "nothing"), missing)
+
+
+class NamedPathTests(TestCase):
+    """What a request names is fingerprinted only when that is safe and
+    cheap: regular files within a budget, never a device, FIFO, socket or
+    pseudo file, never through a link out of the named tree."""
+
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp()).absolute()
+        self.tree = self.root / "tree"
+        (self.tree / "sub").mkdir(parents=True)
+        (self.tree / "a").write_text("alpha\n")
+        (self.tree / "sub" / "b").write_text("beta\n")
+        self.digests = ContentDigests(recheck=0)
+
+    def test_devices_are_told_apart_without_being_read(self) -> None:
+        zero = self.digests.named_digest(Path("/dev/zero"))
+        self.assertEqual(self.digests.named_digest(Path("/dev/zero")), zero)
+        self.assertNotEqual(self.digests.named_digest(Path("/dev/urandom")), zero)
+        self.assertNotEqual(self.digests.named_digest(Path("/dev/null")), zero)
+
+    def test_fifo_and_socket_are_never_opened(self) -> None:
+        tree = Path(tempfile.mkdtemp(prefix="key"))  # short: a socket's path is bounded
+        self.addCleanup(shutil.rmtree, tree)
+        fifo = tree / "fifo"
+        os.mkfifo(fifo)
+        listener = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listener.close)
+        listener.bind(str(tree / "socket"))
+        # Opening the FIFO for reading would block until a writer came.
+        first = self.digests.named_digest(fifo)
+        self.assertEqual(self.digests.named_digest(fifo), first)
+        self.digests.named_digest(tree)
+        self.assertNotEqual(self.digests.named_digest(tree / "socket"), first)
+
+    def test_pseudo_filesystems_are_not_cacheable(self) -> None:
+        for path in ("/proc/self", "/proc/cpuinfo", "/sys/class/net", "/proc"):
+            with self.assertRaises(Uncacheable, msg=path) as raised:
+                self.digests.named_digest(Path(path))
+            self.assertIn("pseudo", raised.exception.reason)
+
+    def test_the_root_is_never_walked_into_proc(self) -> None:
+        # No bound on files, none on bytes: the walk itself must stop.
+        budget = Budget(threading.Event(), files=10 ** 7, size=0)
+        with self.assertRaises(Uncacheable) as raised:
+            self.digests.named_digest(Path("/"), budget)
+        self.assertIn("pseudo", raised.exception.reason)
+
+    def test_a_link_to_a_pseudo_file_is_not_cacheable(self) -> None:
+        (self.root / "self").symlink_to("/proc/self")
+        self.assertRaises(Uncacheable, self.digests.named_digest, self.root / "self")
+
+    def test_a_link_out_of_the_tree_is_not_followed(self) -> None:
+        (self.tree / "out").symlink_to("/usr")
+        with self.assertRaises(Uncacheable) as raised:
+            self.digests.named_digest(self.tree)
+        self.assertEqual(raised.exception.path, str(self.tree / "out"))
+
+    def test_a_link_inside_the_tree_counts_by_its_text(self) -> None:
+        (self.tree / "in").symlink_to("sub/b")
+        before = self.digests.named_digest(self.tree)
+        (self.tree / "in").unlink()
+        (self.tree / "in").symlink_to("a")
+        self.assertNotEqual(self.digests.named_digest(self.tree), before)
+
+    def test_a_named_link_is_followed_and_its_target_counts(self) -> None:
+        link = self.root / "link"
+        link.symlink_to(self.tree / "a")
+        before = self.digests.named_digest(link)
+        (self.tree / "a").write_text("alpha 2\n")
+        changed = self.digests.named_digest(link)
+        self.assertNotEqual(changed, before, "the target's bytes")
+        (self.root / "same").write_text("alpha 2\n")
+        link.unlink()
+        link.symlink_to(self.root / "same")
+        self.assertNotEqual(self.digests.named_digest(link), changed, "the target's name")
+
+    def test_byte_budget(self) -> None:
+        big = self.root / "big"
+        big.write_bytes(b"x" * (3 << 20))
+        budget = Budget(threading.Event(), size=2 << 20)
+        with self.assertRaises(Uncacheable) as raised:
+            self.digests.named_digest(big, budget)
+        self.assertIn("MiB", raised.exception.reason)
+        self.digests.named_digest(big, Budget(threading.Event(), size=4 << 20))
+
+    def test_empty_files_cost_no_bytes(self) -> None:
+        for number in range(10):
+            (self.tree / f"empty{number}").touch()
+        self.digests.named_digest(self.tree, Budget(threading.Event(), size=20))
+
+    def test_file_budget(self) -> None:
+        self.assertRaises(Uncacheable, self.digests.named_digest, self.tree,
+                          Budget(threading.Event(), files=3))
+        self.digests.named_digest(self.tree, Budget(threading.Event(), files=4))
+
+    def test_default_budget_bounds_files(self) -> None:
+        huge = self.root / "huge"
+        huge.mkdir()
+        for number in range(MAX_NAMED_FILES + 1):
+            (huge / str(number)).touch()
+        self.assertRaises(Uncacheable, self.digests.named_digest, huge)
+
+    def test_deadline(self) -> None:
+        clock = FakeClock()
+        digests = ContentDigests(recheck=0, clock=clock)
+        budget = digests.budget()
+        clock.now += KEY_SECONDS + 1
+        with self.assertRaises(Uncacheable) as raised:
+            digests.named_digest(self.tree, budget)
+        self.assertIn("longer than", raised.exception.reason)
+
+    def test_stop_ends_a_digest_being_computed(self) -> None:
+        import stapsrv.cache.key as cachekey
+        for number in range(50):
+            (self.tree / f"f{number}").write_text(str(number))
+        read: list[str] = []
+        real = cachekey._hash_file
+
+        def stopping_after_one(digest: Any, path: str, budget: Budget) -> None:
+            read.append(path)
+            self.digests.stop()
+            real(digest, path, budget)
+
+        self.patch(cachekey, "_hash_file", stopping_after_one)
+        with self.assertRaises(Uncacheable) as raised:
+            self.digests.named_digest(self.tree)
+        self.assertEqual(raised.exception.reason, "the server is stopping")
+        self.assertEqual(len(read), 1)
+        self.assertRaises(Uncacheable, self.digests.named_digest, self.tree / "a")
+
+    def test_memo_is_bounded_least_recently_used_first_out(self) -> None:
+        digests = ContentDigests(recheck=0, remember=3)
+        paths = []
+        for number in range(5):
+            path = self.root / f"n{number}"
+            path.write_text(str(number))
+            paths.append(path)
+        for path in paths[:3]:
+            digests.named_digest(path)
+        digests.named_digest(paths[0])  # now the most recently used
+        digests.named_digest(paths[3])
+        self.assertEqual(len(digests), 3)
+        self.assertEqual(sorted(digests._remembered), sorted(
+            os.path.realpath(path) for path in (paths[0], paths[2], paths[3])))
+        for number in range(100):
+            digests.named_digest(self.root / f"new{number}")
+        self.assertLessEqual(len(digests), 3)
+
+    def test_missing_paths_are_forgotten(self) -> None:
+        for number in range(20):
+            self.digests.named_digest(self.root / f"absent{number}")
+        self.assertEqual(len(self.digests), 0)
+        self.digests.named_digest(self.tree / "a")
+        self.assertEqual(len(self.digests), 1)
+        (self.tree / "a").unlink()
+        self.digests.named_digest(self.tree / "a")
+        self.assertEqual(len(self.digests), 0)
+
+    def test_uncacheable_script_form_makes_the_key_raise(self) -> None:
+        maker = KeyMaker(stap="/usr/bin/stap", modules_root=self.root, environ={},
+                         rc_file=self.root / "rc", digests=self.digests)
+        job = parse_job(request("-p4", "-e", 'probe process("ls").begin {}', release="r1"),
+                        MAX)
+        self.assertIsNotNone(job.uncacheable)
+        self.assertRaises(Uncacheable, maker.key, job, "r1", ["stap"], None)
 
 
 class KeyMakerTests(TestCase):
@@ -260,7 +439,6 @@ class KeyMakerTests(TestCase):
     def test_request_naming_server_files(self) -> None:
         """A script path or a process("...") binary outside the request is
         fingerprinted; a request naming a huge tree is not cached."""
-        from stapsrv.cache.key import Uncacheable
         target = self.root / "probed"
         target.write_bytes(b"v1")
         summary = parse_job(request("-p4", "-e", f'probe process("{target}").begin {{}}',
@@ -510,3 +688,41 @@ class HandlerKeyTests(CachedHandlerCase):
         await self.raw(handler, request("-p4"))
         await self.raw(handler, request("-p4", release="6.18.44-fc-v657"))
         self.assertEqual(self.runs(), 2)
+
+
+class HandlerUncacheableTests(CachedHandlerCase):
+    """What the handler does with a key that cannot be made."""
+
+    async def test_uncacheable_form_is_compiled_every_time_and_logged(self) -> None:
+        handler = self.cached_handler()
+        events = Events()
+        handler.log = Logger(observer=events)
+        body = request("-p4", '-eprobe process("ls").begin { exit() }')
+        await self.raw(handler, body)
+        await self.raw(handler, body)
+        self.assertEqual(self.runs(), 2)
+        self.assertEqual(handler.counters.cache_hits, 0)
+        logged = events.matching("Not caching the answer to peer: process() names a file "
+                                 "by a relative name")
+        self.assertEqual(len(logged), 2, events.lines())
+
+    async def test_keys_are_made_in_their_own_pool(self) -> None:
+        handler = self.cached_handler()
+        key_pool = ThreadPool(minthreads=0, maxthreads=1, name="test-keys")
+        key_pool.start()
+        self.addCleanup(key_pool.stop)
+        handler.key_pool = key_pool
+        threads: list[str] = []
+        real = KeyMaker.key
+
+        def recording(maker: KeyMaker, *args: Any, **kwargs: Any) -> str:
+            threads.append(threading.current_thread().name)
+            return real(maker, *args, **kwargs)
+
+        self.patch(KeyMaker, "key", recording)
+        body = request("-p4", "-eprobe begin { exit() }")
+        await self.raw(handler, body)
+        await self.raw(handler, body)
+        self.assertEqual(len(threads), 2)
+        self.assertTrue(all("test-keys" in name for name in threads), threads)
+        self.assertEqual(handler.counters.cache_hits, 1)
