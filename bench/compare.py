@@ -428,6 +428,16 @@ def start_peer(peer: Peer, release: str, runtime_args: tuple[str, ...]) -> Serve
     return server
 
 
+def served_release() -> tuple[str, list[str]]:
+    """The release the benches build for (the newest installed build tree)
+    and the server arguments naming its fixed runtime, if it needs one."""
+    release = header_release()
+    if release is None:
+        raise SystemExit("no kernel headers installed: run 'make setup'")
+    runtime = fixed_runtime_for(release)
+    return release, ["-R", runtime] if runtime else []
+
+
 def load_average() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
@@ -755,11 +765,9 @@ def main() -> int:
     signal.signal(signal.SIGHUP, _terminate)
     began = time.perf_counter()
     can_plot = not options.no_plot and ensure_matplotlib()
-    release = header_release()
-    if release is None:
-        raise SystemExit("no kernel headers installed: run 'make setup'")
-    runtime = fixed_runtime_for(release)
-    runtime_args = ("-R", runtime) if runtime else ()
+    release, runtime_list = served_release()
+    runtime_args = tuple(runtime_list)
+    runtime = runtime_list[1] if runtime_list else None
     load_before = load_average()
 
     homes: list[Path] = []

@@ -32,13 +32,13 @@ from bench.compare import (  # noqa: E402
     make_client,
     rotate,
     say,
+    served_release,
     timed_request,
     trust,
 )
 from bench.table import update_summary  # noqa: E402
-from tests.helpers import header_release  # noqa: E402
 from tests.helpers.realhaproxy import Backend, HAProxy  # noqa: E402
-from tests.helpers.realserver import ServerProcess, fixed_runtime_for, start_stapsrv  # noqa: E402
+from tests.helpers.realserver import ServerProcess, start_stapsrv  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SCRIPT = 'probe begin { println("haproxy bench"); exit() }'
@@ -51,11 +51,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=40, help="requests per path")
     parser.add_argument("--output", type=Path, default=RESULTS)
     options = parser.parse_args()
-    release = header_release()
-    if release is None:
-        raise SystemExit("no kernel headers installed: run 'make setup'")
-    runtime = fixed_runtime_for(release)
-    runtime_args = ["-R", runtime] if runtime else []
+    release, runtime_args = served_release()
     began, load_before = time.perf_counter(), load_average()
     homes: list[Path] = []
     servers: list[ServerProcess] = []

@@ -31,11 +31,11 @@ from bench.compare import (  # noqa: E402
     new_script,
     rotate,
     say,
+    served_release,
     timed_request,
     trust,
 )
-from tests.helpers import header_release  # noqa: E402
-from tests.helpers.realserver import ServerProcess, fixed_runtime_for, start_stapsrv  # noqa: E402
+from tests.helpers.realserver import ServerProcess, start_stapsrv  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SANDBOXED, UNSANDBOXED = "stapsrv (sandbox)", "stapsrv --no-sandbox"
@@ -47,11 +47,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=12, help="new scripts per server")
     parser.add_argument("--output", type=Path, default=RESULTS)
     options = parser.parse_args()
-    release = header_release()
-    if release is None:
-        raise SystemExit("no kernel headers installed: run 'make setup'")
-    runtime = fixed_runtime_for(release)
-    runtime_args = ["-R", runtime] if runtime else []
+    release, runtime_args = served_release()
     began, load_before = time.perf_counter(), load_average()
     homes: list[Path] = []
     servers: dict[str, ServerProcess] = {}

@@ -51,14 +51,14 @@ from bench.compare import (  # noqa: E402
     new_script,
     run_client,
     say,
+    served_release,
     trust,
 )
 from bench.table import update_summary  # noqa: E402
-from tests.helpers import header_release  # noqa: E402
 from tests.helpers.faults import raw_request  # noqa: E402
 from tests.helpers.rawclient import exchange, frame, send_request  # noqa: E402
 from tests.helpers.vectors import members  # noqa: E402
-from tests.helpers.realserver import ServerProcess, fixed_runtime_for, start_stapsrv  # noqa: E402
+from tests.helpers.realserver import ServerProcess, start_stapsrv  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 REPEATED = 'probe begin { println("soak"); exit() }'
@@ -97,11 +97,7 @@ def main() -> int:
     parser.add_argument("--real-every", type=int, default=10)
     parser.add_argument("--output", type=Path, default=RESULTS)
     options = parser.parse_args()
-    release = header_release()
-    if release is None:
-        raise SystemExit("no kernel headers installed: run 'make setup'")
-    runtime = fixed_runtime_for(release)
-    runtime_args = ["-R", runtime] if runtime else []
+    release, runtime_args = served_release()
     began, load_before = time.perf_counter(), load_average()
     homes: list[Path] = []
     server: ServerProcess | None = None

@@ -19,7 +19,7 @@ import fnmatch
 import os
 import re
 import subprocess
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from attrs import define, field, frozen
@@ -151,24 +151,32 @@ class KernelFetcher:
         found = await self.stored(release)
         if found is not None:
             return found
-        flight = self._flights.get(release)
+        return await self._shared(release, lambda: self.fetch(release, progress),
+                                  f"fetching kernel {release}")
+
+    async def _shared(self, key: str, fetch: Callable[[], Awaitable[StoredRelease]],
+                      what: str) -> StoredRelease:
+        """``fetch()`` for the first caller of ``key``; callers that come
+        while it runs wait for its result.  Raises :class:`FetchFailed`
+        (an unexpected error is logged and becomes one)."""
+        flight = self._flights.get(key)
         if flight is not None:
             waiter: Deferred[StoredRelease] = Deferred()
             flight.append(waiter)
             return await waiter
         waiting: list[Deferred[StoredRelease]] = []
-        self._flights[release] = waiting
+        self._flights[key] = waiting
         try:
-            stored = await self.fetch(release, progress)
+            stored = await fetch()
         except Exception as exc:
-            del self._flights[release]
+            del self._flights[key]
             if not isinstance(exc, FetchFailed):
-                self.log.failure("Fetching kernel {release} failed", release=release)
-                exc = FetchFailed(f"fetching kernel {release} failed on the server")
+                self.log.failure("{what} failed", what=what[:1].upper() + what[1:])
+                exc = FetchFailed(f"{what} failed on the server")
             for waiter in waiting:
                 waiter.errback(exc)
             raise exc
-        del self._flights[release]
+        del self._flights[key]
         for waiter in waiting:
             waiter.callback(stored)
         return stored
@@ -190,26 +198,9 @@ class KernelFetcher:
             if files.vmlinux is not None or not vmlinux:
                 return files
         key = f"{release} debug" + (" vmlinux" if vmlinux else "")
-        flight = self._flights.get(key)
-        if flight is not None:
-            waiter: Deferred[StoredRelease] = Deferred()
-            flight.append(waiter)
-            return debug_files(await waiter)
-        waiting: list[Deferred[StoredRelease]] = []
-        self._flights[key] = waiting
-        try:
-            stored = await self._fetch_debug(store, release, vmlinux, progress)
-        except Exception as exc:
-            del self._flights[key]
-            if not isinstance(exc, FetchFailed):
-                self.log.failure("Fetching debug files of {release} failed", release=release)
-                exc = FetchFailed(f"fetching the debug files of {release} failed")
-            for waiter in waiting:
-                waiter.errback(exc)
-            raise exc
-        del self._flights[key]
-        for waiter in waiting:
-            waiter.callback(stored)
+        stored = await self._shared(
+            key, lambda: self._fetch_debug(store, release, vmlinux, progress),
+            f"fetching the debug files of {release}")
         return debug_files(stored)
 
     async def _fetch_debug(self, store: KernelStore, release: str, vmlinux: bool,
