@@ -24,6 +24,10 @@ class IServicePublisher(Interface):
         (back).  Never raises because the daemon or the bus is missing: that
         is logged once and publishing happens when they appear."""
 
+    def update(records: Sequence["ServiceRecord"]) -> None:
+        """Advertise ``records`` in place of those given before (the server
+        serves another release now); nothing when not publishing."""
+
     def withdraw() -> Deferred[None]:
         """Stop advertising and release every resource.  Returns a
         ``Deferred`` that fires when done; never fails."""

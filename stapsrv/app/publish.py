@@ -114,6 +114,9 @@ class NullPublisher:
     def publish(self, records: Sequence[ServiceRecord]) -> None:
         pass
 
+    def update(self, records: Sequence[ServiceRecord]) -> None:
+        pass
+
     def withdraw(self) -> Deferred[None]:
         return succeed(None)
 
@@ -184,6 +187,13 @@ class AvahiPublisher:
         if self._records:
             self._name = self._records[0].name
         self._run(self._start())
+
+    def update(self, records: Sequence[ServiceRecord]) -> None:
+        if self._stopped:
+            return
+        self._records = tuple(records)
+        # Without an entry group yet, registering will add the new records.
+        self._run(self._republish())
 
     def withdraw(self) -> Deferred[None]:
         self._stopped = True
@@ -362,6 +372,18 @@ class AvahiPublisher:
         finally:
             self._lock.release()
 
+    async def _republish(self) -> None:
+        await self._lock.acquire()
+        try:
+            if self._group is None or self._connection is None or self._stopped:
+                return
+            generation = self._generation
+            await self._entry_group(self._group, "Reset")
+            self._published = ()
+            await self._add_services(generation)
+        finally:
+            self._lock.release()
+
     async def _rename(self, generation: int) -> bool:
         self._collisions += 1
         if self._collisions >= MAX_COLLISIONS:
@@ -443,6 +465,11 @@ class PublisherService(Service):
         Service.startService(self)
         self.publisher.publish(self.records())
 
+    def refresh(self) -> None:
+        """The server's releases changed: advertise its records anew."""
+        if self.running:
+            self.publisher.update(self.records())
+
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         return self.publisher.withdraw()
@@ -453,7 +480,7 @@ def records_for(server: CompileServerService) -> Callable[[], list[ServiceRecord
     def records() -> list[ServiceRecord]:
         config = server.config
         assert server.identity is not None
-        return service_records(socket.gethostname(), config.releases, config.arch,
+        return service_records(socket.gethostname(), server.served_releases(), config.arch,
                                config.server_options, server.port_number,
                                server.identity.serial_text,
                                mok.advertised_fingerprints(config.moks()))
@@ -468,4 +495,6 @@ def publisher_service(server: CompileServerService, reactor: IServerReactor,
         publisher = AvahiPublisher(reactor, namespace=server.config.log_namespace)
     else:
         publisher = NullPublisher()
-    return PublisherService(publisher, records_for(server))
+    service = PublisherService(publisher, records_for(server))
+    server.on_releases_changed.append(service.refresh)
+    return service

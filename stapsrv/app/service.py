@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import pwd
 import resource
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from attrs import evolve
 from twisted.application.service import Service
@@ -93,6 +93,10 @@ class CompileServerService(Service):
         self._key_pool: ThreadPool | None = None
         self.counters = Counters()
         self._fleet: RedisCache | None = None
+        self.kernels: KernelFetcher | None = None
+        #: Called (in the reactor thread) when the server starts serving a
+        #: release it fetched into its kernel store.
+        self.on_releases_changed: list[Callable[[], None]] = []
         #: The Prometheus metrics (with ``--metrics``).
         self.metrics: ServerMetrics | None = None
         if config.metrics:
@@ -111,6 +115,22 @@ class CompileServerService(Service):
             directories.append(config.response_cache_dir)
         return Health((listening_check(listening, where), translator_check(config.stap),
                        space_check(directories)))
+
+    def served_releases(self) -> tuple[str, ...]:
+        """The releases this server builds for: those it was given, then
+        those its kernel store holds that it may serve (most recently used
+        first)."""
+        given = self.config.releases
+        if self.kernels is None:
+            return given
+        stored = [entry.release for entry in self.kernels.store.releases()
+                  if entry.release not in given and self.kernels.allowed(entry.release)]
+        return (*given, *stored)
+
+    def _release_added(self, release: str) -> None:
+        self.log.info("Now serving kernel {release} from the kernel store", release=release)
+        for listener in self.on_releases_changed:
+            listener()
 
     def snapshot(self) -> Counters:
         """The counters, with the requests waiting for a slot right now."""
@@ -157,7 +177,7 @@ class CompileServerService(Service):
         if keys is not None:
             self._key_pool = ThreadPool(minthreads=0, maxthreads=KEY_THREADS,
                                         name="stapsrv-keys")
-        kernels = self._make_kernel_fetcher()
+        kernels = self.kernels = self._make_kernel_fetcher()
         sandbox, stapconf = self._make_sandbox(runtimes)
         handler = RequestHandler(config, self.reactor, self._pool, self._current_identity,
                                  runtimes, cache=cache, keys=keys, counters=self.counters,
@@ -165,6 +185,7 @@ class CompileServerService(Service):
                                  key_pool=self._key_pool)
         if self.metrics is not None:
             handler.observer = self.metrics
+        handler.on_release_added = self._release_added
         self.factory = CompileServerFactory(handler, self.reactor)
         tls_factory = TLSMemoryBIOFactory(
             server_context_factory(self.identity), False, self.factory)

@@ -232,6 +232,9 @@ class RequestHandler:
     #: Fetches releases that are not installed into the kernel store; None
     #: with ``--no-fetch`` (and in tests of the handler alone).
     kernels: KernelFetcher | None = None
+    #: Told (in the reactor thread) of each release the handler starts
+    #: serving from the kernel store.
+    on_release_added: Callable[[str], None] | None = None
     #: Where cache keys are computed (None: ``pool``): a pool of their own,
     #: so that a slow key never holds a slot requests need.
     key_pool: ThreadPool | None = None
@@ -345,7 +348,10 @@ class RequestHandler:
             self.log.info("Cannot provide kernel {release} for {peer}: {reason}",
                           release=release, peer=context.peer, reason=str(exc))
             return f"Server: Cannot build for kernel release '{release}': {exc}."
+        new = stored.release not in self._stored
         await self._in_thread(self._adopt, stored)
+        if new and self.on_release_added is not None:
+            self.on_release_added(stored.release)
         return None
 
     def _adopt(self, stored: StoredRelease) -> None:

@@ -16,6 +16,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogEvent, Logger, formatEvent
 from twisted.trial.unittest import TestCase
 from txdbus.error import RemoteError
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from stapsrv.app.accepts import AcceptErrorLog
@@ -196,6 +197,54 @@ class PublisherTests(TestCase):
             f"Avahi service name collision, renaming service '{BASE}' to '{BASE} #2'"])
         add = [body for _, method, body in bus.calls if method == "AddService"][0]
         self.assertEqual(add[:8], [-1, -1, 0, BASE, "_stap._tcp", "", "", 47001])
+
+    def test_update_replaces_the_records(self) -> None:
+        bus = FakeBus()
+        publisher, lines, _ = self.make(bus)
+        publisher.publish(RECORDS[:1])
+        [group] = bus.groups
+        self.assertEqual([name for name, _ in bus.groups[group]], [BASE])
+        publisher.update(RECORDS)
+        self.assertEqual(bus.groups[group], [(BASE, list(RECORDS[0].txt)),
+                                             (BASE + " #2", list(RECORDS[1].txt))])
+        self.assertIn(group, bus.committed)
+        self.assertEqual(publisher.published, (BASE, BASE + " #2"))
+        # Once withdrawn, an update publishes nothing.
+        self.successResultOf(publisher.withdraw())
+        publisher.update(RECORDS[:1])
+        self.assertEqual(bus.groups, {})
+
+    def test_update_before_the_daemon_answers_is_what_gets_published(self) -> None:
+        bus = FakeBus()
+        bus.state = 1  # avahi-daemon still starting
+        publisher, _, _ = self.make(bus)
+        publisher.publish(RECORDS[:1])
+        publisher.update(RECORDS)
+        self.assertEqual(bus.groups, {})
+        bus.state = 2
+        bus.emit("org.freedesktop.Avahi.Server", "StateChanged", "/", [2, ""])
+        self.assertEqual(bus.names(), [BASE, BASE + " #2"])
+
+    def test_refresh_publishes_the_records_of_now(self) -> None:
+        published: list[list[str]] = []
+
+        @implementer(IServicePublisher)
+        class Recording(NullPublisher):
+            def publish(self, records: Any) -> None:
+                published.append(["publish", *(r.txt[0] for r in records)])
+
+            def update(self, records: Any) -> None:
+                published.append(["update", *(r.txt[0] for r in records)])
+
+        releases = ["6.1.0-57-amd64"]
+        service = PublisherService(Recording(), lambda: service_records(
+            "vm", releases, "x86_64", [], 47001, "0a:0b"))
+        service.refresh()  # not running: nothing
+        service.startService()
+        releases.append("6.1.0-55-amd64")
+        service.refresh()
+        self.assertEqual([[entry[0], len(entry) - 1] for entry in published],
+                         [["publish", 1], ["update", 2]])
 
     def test_local_collision_with_another_server(self) -> None:
         bus = FakeBus()
@@ -439,6 +488,27 @@ class AvahiIntegrationTests(TestCase):
     def releases(self) -> list[str]:
         running = os.uname().release
         return [running] + ([self.release] if self.release != running else [])
+
+    async def test_releases_in_the_kernel_store_are_advertised_too(self) -> None:
+        from stapsrv.compile.kernels import KernelStore
+        from tests.helpers.realserver import owned_directory, scratch_directory, test_user
+        base = scratch_directory("store-")
+        from tests.helpers.realserver import remove_tree
+        self.addCleanup(remove_tree, base)
+        directory = owned_directory(base / "store")
+        store = KernelStore(directory, 1 << 30)
+        store.open()
+        # A release of the served series that is not installed, as a fetch leaves it.
+        stored = re.sub(r"-\d+-", "-9999-", self.release, count=1)
+        store.commit(store.begin(stored), stored, [])
+        user = test_user()
+        for path in [directory, *directory.rglob("*")]:
+            os.chown(path, user.pw_uid, user.pw_gid)
+        server = self.server("--kernel-store", str(directory))
+        releases = [*self.releases(), stored]
+        services = await self.wait_for(server.port, len(releases))
+        self.assertEqual(sorted(txt[3] for _, _, _, txt in services),
+                         sorted(f"sysinfo={release} x86_64" for release in releases))
 
     async def test_browse_shows_the_records_until_the_server_stops(self) -> None:
         server = self.server("-D", "X=1")

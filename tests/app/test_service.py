@@ -301,3 +301,33 @@ class ConfigModeTests(RealClientMixin, TestCase):
         self.assertEqual(code, 0, err.decode())
         self.assertIn("Accepted connection", server.log(second_log))
         self.assertNotIn("Accepted connection", server.log())
+
+
+class ServedReleasesTests(TestCase):
+    """What the server advertises: its given releases, then what its
+    kernel store holds and the policy lets it serve."""
+
+    def test_given_then_stored_releases(self) -> None:
+        from twisted.internet import reactor
+        from twisted.python.threadpool import ThreadPool
+
+        from stapsrv.app.service import CompileServerService
+        from stapsrv.compile.fetch import KernelFetcher
+        from stapsrv.compile.kernels import KernelStore
+        from stapsrv.config.convert import server_config
+
+        config = server_config(releases=["6.1.0-57-amd64"], fetch=False)
+        server = CompileServerService(config, reactor)
+        given = config.releases
+        self.assertEqual(server.served_releases(), given)
+        store = KernelStore(Path(self.mktemp()), 10 << 20)
+        store.open()
+        for release in ("6.1.0-55-amd64", "6.1.0-57-amd64", "5.10.0-30-amd64"):
+            store.commit(store.begin(release), release, [])
+        server.kernels = KernelFetcher(store, reactor, ThreadPool(), ("6.1.0-*-amd64",))
+        self.assertEqual(server.served_releases(), (*given, "6.1.0-55-amd64"))
+        added: list[str] = []
+        server.on_releases_changed.append(lambda: added.append("changed"))
+        server._release_added("6.1.0-55-amd64")
+        self.assertEqual(added, ["changed"])
+
