@@ -39,6 +39,9 @@ SETSID = "/usr/bin/setsid"
 
 #: Seconds between SIGTERM and SIGKILL when a translator group must go.
 KILL_GRACE = 2.0
+#: Seconds the output pipes may stay open once the translator's group is
+#: gone; then the server stops reading them.
+OUTPUT_GRACE = 5.0
 
 
 class OutputFile:
@@ -103,6 +106,14 @@ class _TranslatorProtocol(ProcessProtocol):
         self.ended.callback(None)
 
 
+def _close_output(protocol: ProcessProtocol) -> None:
+    """Stop reading the translator's output pipes (its process is gone)."""
+    transport = protocol.transport
+    if transport is not None:
+        for fd in (1, 2):
+            transport.closeChildFD(fd)
+
+
 def _status(reason: Failure) -> int:
     value = reason.value
     if isinstance(value, ProcessDone):
@@ -161,8 +172,17 @@ class TranslatorRun:
         self._reactor.callLater(0.02, self._wait_for_group, status, tries - 1)
 
     def _done(self, status: int) -> None:
-        """Fire ``result`` once the output pipes are read to their end too."""
-        self._protocol.ended.addCallback(lambda _: self.result.callback(status))
+        """Fire ``result`` once the output pipes are read to their end too,
+        or ``OUTPUT_GRACE`` seconds on, when something that left the group
+        (``setsid`` in a run without the sandbox) still holds them open."""
+        protocol = self._protocol
+        timer = self._reactor.callLater(OUTPUT_GRACE, _close_output, protocol)
+
+        def ended(_: None) -> None:
+            if timer.active():
+                timer.cancel()
+            self.result.callback(status)
+        protocol.ended.addCallback(ended)
 
     def kill(self) -> None:
         """SIGTERM the whole process group, SIGKILL it if still there later."""

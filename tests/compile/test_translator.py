@@ -162,6 +162,28 @@ class GroupMembersTests(TestCase):
         self.assertEqual(live_group_members(77, proc), [41])
         self.assertEqual(live_group_members(78, proc), [])
 
+    async def test_output_held_open_outside_the_group_does_not_hold_the_answer(self) -> None:
+        """Without the sandbox a process can leave the group (setsid) with
+        the output pipe: the run still ends, a few seconds on."""
+        base = Path(self.mktemp()).absolute()
+        base.mkdir()
+        run = start_translator(
+            reactor, ["/bin/sh", "-c", "echo before; exec python3 -c \"import os, sys, time\n"
+                      "if os.fork(): sys.exit(0)\n"
+                      "os.setsid(); open('escaped', 'w').write(str(os.getpid())); "
+                      "time.sleep(60)\""],
+            {"PATH": "/usr/bin:/bin"}, base, base / "stdout", base / "stderr")
+
+        def end_the_sleeper() -> None:
+            try:
+                os.kill(int((base / "escaped").read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        self.addCleanup(end_the_sleeper)
+        self.assertEqual(await run.result, 0)
+        self.assertEqual((base / "stdout").read_text(), "before\n")
+    test_output_held_open_outside_the_group_does_not_hold_the_answer.timeout = 30  # type: ignore[attr-defined]
+
     async def test_sandboxed_leftovers_do_not_outlive_the_run(self) -> None:
         require_program("bwrap")
         base = Path(self.mktemp()).absolute()
