@@ -140,8 +140,8 @@ class Options(usage.Options):
          "every client's compile can then read what the server's user can."],
         ["refuse-guru", None, "Refuse guru mode (-g) requests."],
         ["no-fetch", None, "Never fetch kernel releases that are not installed."],
-        ["fetch-symbols", None, "Fetch every served release's System.map (from its "
-         "linux-image-*-dbg package, about 860 MB to download, 4 MB kept)."],
+        ["no-fetch-symbols", None, "Do not make served releases' System.map from their "
+         "kernel image (/boot/vmlinuz-*, else linux-image-*: 27-70 MB to download, 4 MB kept)."],
         ["fetch-debuginfo", None, "Also keep each served release's vmlinux debuginfo "
          "(about 630 MB each), so kernel.function probes and $variables compile."],
     ]
@@ -238,7 +238,7 @@ class Options(usage.Options):
                 endpoint=self["endpoint"], metrics=self["metrics"],
                 fetch=not self["no-fetch"], fetch_releases=self["fetch-releases"],
                 kernel_store=self["kernel-store"], kernel_store_size=self["kernel-store-size"],
-                fetch_symbols=bool(self["fetch-symbols"]),
+                fetch_symbols=not self["no-fetch-symbols"],
                 fetch_debuginfo=bool(self["fetch-debuginfo"]))
         except FleetCacheError as exc:
             raise usage.UsageError(f"--{exc.setting}: {exc}") from None

@@ -4,9 +4,13 @@ runs it (run it as the server's user; ``--store`` names another store, as
 the server's ``--kernel-store`` does).
 
 ``prefetch`` fetches releases the way a request does (apt's candidate
-packages, verified by apt, unpacked without root), whatever the server's
-fetch policy, and shows the download's progress; the size cap given with
+packages, verified by apt, unpacked without root), with the System.map
+made from the kernel image (``--no-symbols``: not) and, with
+``--debuginfo``, the vmlinux of the -dbg package, whatever the server's
+fetch policy, and shows the downloads' progress; the size cap given with
 ``--size`` (default: the server's default) is applied afterwards.
+``remove`` removes a release's tree and symbols, or the symbols the
+server made for an installed release.
 """
 
 from __future__ import annotations
@@ -23,8 +27,14 @@ from twisted.internet.task import react
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.threadpool import ThreadPool
 
-from stapsrv.compile.fetch import FetchFailed, KernelFetcher, megabytes
-from stapsrv.compile.kernels import KernelStore, store_directory
+from stapsrv.compile.fetch import (
+    DEBUG_DIRECTORY,
+    FetchFailed,
+    KernelFetcher,
+    debug_files,
+    megabytes,
+)
+from stapsrv.compile.kernels import KernelStore, StoredRelease, store_directory
 from stapsrv.config.values import DEFAULT_KERNEL_STORE_SIZE, ServerConfig
 from stapsrv.paths import RootRefused, refuse_root
 from stapsrv.reactor import IServerReactor
@@ -37,16 +47,41 @@ def _store(arguments: argparse.Namespace) -> KernelStore:
     return KernelStore(store_directory(config), arguments.size << 20)
 
 
+def debug_store(store: KernelStore) -> KernelStore:
+    """Where the symbols and debuginfo of the releases are."""
+    return KernelStore(store.directory / DEBUG_DIRECTORY, store.size_cap)
+
+
+def _symbols(entry: StoredRelease | None) -> str:
+    if entry is None:
+        return "no System.map"
+    files = debug_files(entry)
+    return "System.map, vmlinux" if files.vmlinux is not None else "System.map"
+
+
 def list_store(store: KernelStore, out: TextIO) -> None:
     releases = store.releases()
-    total = sum(entry.size for entry in releases)
+    debug = {entry.release: entry for entry in debug_store(store).releases()}
+    total = sum(entry.size for entry in releases) + sum(entry.size for entry in debug.values())
     print(f"Kernel store {store.directory}: {len(releases)} releases, {megabytes(total)} "
           f"of {megabytes(store.size_cap)}", file=out)
     for entry in releases:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.used))
-        symbols = "System.map" if entry.system_map is not None else "no System.map"
-        print(f"{entry.release}\t{megabytes(entry.size)}\tused {used}\t{symbols}\t"
+        print(f"{entry.release}\t{megabytes(entry.size)}\tused {used}\t"
+              f"{_symbols(debug.get(entry.release))}\t"
               + " ".join(f"{p.name}={p.version}" for p in entry.packages), file=out)
+    stored = {entry.release for entry in releases}
+    for release, entry in sorted(debug.items()):
+        if release not in stored:
+            print(f"{release}\t{megabytes(entry.size)}\tinstalled tree\t{_symbols(entry)}",
+                  file=out)
+
+
+def remove_release(store: KernelStore, release: str) -> bool:
+    """Remove a release's tree and its symbols; whether there was either."""
+    tree = store.remove(release)
+    symbols = debug_store(store).remove(release)
+    return tree or symbols
 
 
 class ProgressLine:
@@ -77,7 +112,8 @@ class ProgressLine:
 
 
 async def prefetch(reactor: IServerReactor, store: KernelStore,
-                   releases: Sequence[str], out: TextIO) -> int:
+                   releases: Sequence[str], out: TextIO, symbols: bool = True,
+                   debuginfo: bool = False) -> int:
     store.open()
     pool = ThreadPool(minthreads=0, maxthreads=2, name="stapsrv-kernels")
     pool.start()
@@ -88,13 +124,18 @@ async def prefetch(reactor: IServerReactor, store: KernelStore,
         progress = ProgressLine(out)
         try:
             stored = await fetcher.ensure(release, progress)
+            progress.end()
+            print(f"{release}: stored, {megabytes(stored.size)} in {stored.directory}",
+                  file=out)
+            if symbols or debuginfo:
+                files = await fetcher.ensure_debug(release, debuginfo, progress)
+                progress.end()
+                kept = "System.map and vmlinux" if files.vmlinux is not None else "System.map"
+                print(f"{release}: {kept} in {files.system_map.parent}", file=out)
         except FetchFailed as exc:
             progress.end()
             print(f"{release}: {exc}", file=sys.stderr)
             failed += 1
-            continue
-        progress.end()
-        print(f"{release}: stored, {megabytes(stored.size)} in {stored.directory}", file=out)
     return 1 if failed else 0
 
 
@@ -109,7 +150,13 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="the stored releases, most recently used first")
     fetch = commands.add_parser("prefetch", help="fetch releases now")
     fetch.add_argument("releases", nargs="+", metavar="RELEASE")
-    remove = commands.add_parser("remove", help="remove stored releases")
+    fetch.add_argument("--no-symbols", action="store_true",
+                       help="only the build tree, not the System.map made from the kernel image")
+    fetch.add_argument("--debuginfo", action="store_true",
+                       help="also the vmlinux debuginfo (linux-image-RELEASE-dbg, about 860 MB "
+                       "to download)")
+    remove = commands.add_parser("remove", help="remove stored releases (and the symbols of "
+                                 "installed ones)")
     remove.add_argument("releases", nargs="+", metavar="RELEASE")
     return parser
 
@@ -129,7 +176,7 @@ def main(argv: list[str]) -> int:
     if arguments.command == "remove":
         status = 0
         for release in arguments.releases:
-            if not store.remove(release):
+            if not remove_release(store, release):
                 print(f"No release {release} in {store.directory}", file=sys.stderr)
                 status = 1
         return status
@@ -138,7 +185,9 @@ def main(argv: list[str]) -> int:
     codes: list[int] = []
 
     async def run(reactor: IServerReactor) -> None:
-        codes.append(await prefetch(reactor, store, arguments.releases, sys.stdout))
+        codes.append(await prefetch(reactor, store, arguments.releases, sys.stdout,
+                                    symbols=not arguments.no_symbols,
+                                    debuginfo=arguments.debuginfo))
 
     try:
         react(lambda reactor: Deferred.fromCoroutine(run(reactor)))

@@ -76,7 +76,7 @@ Options:
 \t--fetch-releases patterns: the releases that may be fetched (default: this server's series).
 \t--kernel-store path\t: where fetched releases are kept.
 \t--kernel-store-size MiB: size cap of the kernel store.
-\t--fetch-symbols yes|no\t: fetch each served release's System.map (default no).
+\t--fetch-symbols yes|no\t: make each served release's System.map from its kernel image (default yes).
 \t--fetch-debuginfo yes|no: also its vmlinux debuginfo (default no).
 
 All options may be repeated.  -a, -r, -I, -R, -B, -D, -u and -i describe the

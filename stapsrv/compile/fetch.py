@@ -1,5 +1,6 @@
-"""Fetching a kernel release's build tree (and its ``System.map``) from the
-Debian archive that the machine's apt is configured for.
+"""Fetching a kernel release's build tree, its ``System.map`` and (when
+asked) its debuginfo from the Debian archive that the machine's apt is
+configured for.
 
 apt finds the packages (``apt-cache show``: the candidate versions from
 apt's signed indexes) and downloads them (``apt-get download``, which
@@ -19,6 +20,7 @@ import fnmatch
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -42,6 +44,8 @@ from stapsrv.reactor import IHandlerReactor
 APT_CACHE = "/usr/bin/apt-cache"
 APT_GET = "/usr/bin/apt-get"
 DPKG_DEB = "/usr/bin/dpkg-deb"
+#: The store's directory of symbols and debuginfo, apart from the trees.
+DEBUG_DIRECTORY = ".debug"
 #: Debian's kernel flavours per architecture, beside the plain one.
 _EXTRA_FLAVOURS = ("cloud", "rt")
 _ABI = re.compile(r"(\d+\.\d+\.\d+)-\d+-")
@@ -132,6 +136,8 @@ class KernelFetcher:
     patterns: tuple[str, ...]
     log: Logger = field(factory=Logger)
     environ: Mapping[str, str] = field(factory=lambda: dict(os.environ))
+    #: Where the machine's own kernel images are.
+    boot: Path = Path("/boot")
     _flights: dict[str, list[Deferred[StoredRelease]]] = field(init=False, factory=dict)
 
     def allowed(self, release: str) -> bool:
@@ -184,69 +190,134 @@ class KernelFetcher:
     @property
     def debug_store(self) -> KernelStore:
         """Symbols and debuginfo, apart from the build trees (``.debug``)."""
-        return KernelStore(self.store.directory / ".debug", self.store.size_cap)
+        return KernelStore(self.store.directory / DEBUG_DIRECTORY, self.store.size_cap)
 
     async def ensure_debug(self, release: str, vmlinux: bool,
                            progress: Progress | None = None) -> DebugFiles:
-        """The release's System.map (and ``vmlinux`` when asked), from
-        ``linux-image-<release>-dbg``: Debian's ``linux-image`` holds only a
-        placeholder map.  Only those files are kept.  Raises FetchFailed."""
+        """The release's System.map, and its ``vmlinux`` when asked.  Only
+        those files are kept.  Raises FetchFailed.
+
+        The map is read from the kernel image (:mod:`stapsrv.compile.kallsyms`):
+        ``/boot/vmlinuz-<release>`` when the machine has it, else the one in
+        ``linux-image-<release>``, whose own System.map is a placeholder.
+        The vmlinux, with the real map beside it, comes from
+        ``linux-image-<release>-dbg``."""
         store = self.debug_store
         found = await self._in_thread(store.get, release)
         if isinstance(found, StoredRelease):
             files = debug_files(found)
             if files.vmlinux is not None or not vmlinux:
                 return files
-        key = f"{release} debug" + (" vmlinux" if vmlinux else "")
-        stored = await self._shared(
-            key, lambda: self._fetch_debug(store, release, vmlinux, progress),
-            f"fetching the debug files of {release}")
+        if vmlinux:
+            stored = await self._shared(
+                f"{release} debuginfo",
+                lambda: self._fetch_debug(store, release, progress),
+                f"fetching the debuginfo of {release}")
+        else:
+            stored = await self._shared(
+                f"{release} symbols",
+                lambda: self._fetch_symbols(store, release, progress),
+                f"making the System.map of {release}")
         return debug_files(stored)
 
-    async def _fetch_debug(self, store: KernelStore, release: str, vmlinux: bool,
-                           progress: Progress | None) -> StoredRelease:
-        if not valid_release(release):
-            raise FetchFailed(f"'{release}' is not a kernel release name")
-        started = self.reactor.seconds()
-        name = f"linux-image-{release}-dbg"
+    async def _candidate(self, name: str) -> Candidate:
         out, err, code = await self._run([APT_CACHE, "show", "--no-all-versions", name])
         found = parse_show(out.decode(errors="replace"))
         if code != 0 or not found:
             raise FetchFailed(f"the Debian archive this server uses has no {name}")
-        package = found[0]
-        kept = "System.map and vmlinux" if vmlinux else "System.map"
-        self.log.info("Fetching the {kept} of kernel {release}: {name} {version} ({size})",
-                      kept=kept, release=release, name=name, version=package.version,
-                      size=megabytes(package.size))
+        return found[0]
+
+    async def _fetch_symbols(self, store: KernelStore, release: str,
+                             progress: Progress | None) -> StoredRelease:
+        if not valid_release(release):
+            raise FetchFailed(f"'{release}' is not a kernel release name")
+        started = self.reactor.seconds()
+        local = self.boot / f"vmlinuz-{release}"
+        work = await self._in_thread(store.begin, release)
+        assert isinstance(work, Path)
+        try:
+            packages: list[StoredPackage] = []
+            if os.access(local, os.R_OK):
+                image = local
+                self.log.info("Making the System.map of kernel {release} from {image}",
+                              release=release, image=str(local))
+            else:
+                package = await self._candidate(f"linux-image-{release}")
+                self.log.info("Fetching the symbols of kernel {release}: {name} {version} "
+                              "({size}); only the System.map made from its vmlinuz is kept",
+                              release=release, name=package.name, version=package.version,
+                              size=megabytes(package.size))
+                await self._download(work / "download", release, [package], package.size,
+                                     _labelled(progress, "kernel image"))
+                image = await self._unpack_members(
+                    work, [f"./boot/vmlinuz-{release}"], strip=2)
+                packages.append(package.stored)
+            map_path = work / "root" / f"System.map-{release}"
+            out, err, code = await self._run(
+                [sys.executable, "-m", "stapsrv.compile.kallsyms", str(image), str(map_path)])
+            if code != 0:
+                raise FetchFailed(f"reading the symbols of kernel {release} failed: "
+                                  f"{_last_line(err) or f'exit {code}'}")
+            stored = await self._in_thread(store.commit, work, release, packages)
+        except BaseException:
+            await self._in_thread(store.abandon, work)
+            raise
+        assert isinstance(stored, StoredRelease)
+        self.log.info("Made the System.map of kernel {release} in {seconds:.1f} s "
+                      "({functions})", release=release, functions=_last_line(out),
+                      seconds=self.reactor.seconds() - started)
+        await self._evict_debug(store, release)
+        return stored
+
+    async def _unpack_members(self, work: Path, members: Sequence[str], strip: int) -> Path:
+        """The first ``members`` of the downloaded package's data archive,
+        unpacked into ``work/download`` (tar stops once it has them); the
+        path of the first."""
+        deb = next((work / "download").glob("*.deb"))
+        out, err, code = await self._run(["/bin/sh", "-c", _EXTRACT, "sh", str(deb),
+                                          str(work / "download"), str(strip), *members])
+        first = work / "download" / Path(members[0]).name
+        if code != 0 or not first.is_file():
+            raise FetchFailed(f"unpacking {deb.name} failed: {_last_line(err)}")
+        return first
+
+    async def _fetch_debug(self, store: KernelStore, release: str,
+                           progress: Progress | None) -> StoredRelease:
+        if not valid_release(release):
+            raise FetchFailed(f"'{release}' is not a kernel release name")
+        started = self.reactor.seconds()
+        package = await self._candidate(f"linux-image-{release}-dbg")
+        self.log.info("Fetching the debuginfo of kernel {release}: {name} {version} ({size}); "
+                      "its System.map and vmlinux are kept", release=release,
+                      name=package.name, version=package.version, size=megabytes(package.size))
         work = await self._in_thread(store.begin, release)
         assert isinstance(work, Path)
         try:
             await self._download(work / "download", release, [package], package.size,
-                                 progress)
-            deb = next((work / "download").glob("*.deb"))
-            members = [f"{_DEBUG_BOOT}System.map-{release}"]
-            if vmlinux:
-                members.append(f"{_DEBUG_BOOT}vmlinux-{release}")
+                                 _labelled(progress, "debuginfo"))
             # Both are the first members of the archive: tar stops after them,
             # without decompressing the 5 GB of module debuginfo behind.
-            out, err, code = await self._run(["/bin/sh", "-c", _EXTRACT, "sh", str(deb),
-                                              str(work / "root"), *members])
-            if code != 0 or not (work / "root" / f"System.map-{release}").is_file():
-                raise FetchFailed(f"unpacking {deb.name} failed: {_last_line(err)}")
+            names = (f"System.map-{release}", f"vmlinux-{release}")
+            await self._unpack_members(work, [_DEBUG_BOOT + name for name in names], strip=5)
+            for name in names:
+                os.rename(work / "download" / name, work / "root" / name)
             stored = await self._in_thread(store.commit, work, release, [package.stored])
         except BaseException:
             await self._in_thread(store.abandon, work)
             raise
         assert isinstance(stored, StoredRelease)
-        self.log.info("Fetched the {kept} of kernel {release} in {seconds:.1f} s ({size} kept)",
-                      kept=kept, release=release, size=megabytes(stored.size),
+        self.log.info("Fetched the debuginfo of kernel {release} in {seconds:.1f} s "
+                      "({size} kept)", release=release, size=megabytes(stored.size),
                       seconds=self.reactor.seconds() - started)
+        await self._evict_debug(store, release)
+        return stored
+
+    async def _evict_debug(self, store: KernelStore, release: str) -> None:
         evicted = await self._in_thread(store.evict, release)
         assert isinstance(evicted, list)
         for old in evicted:
             self.log.info("Kernel store over its size cap: removed the debug files of "
                           "{release} ({size})", release=old.release, size=megabytes(old.size))
-        return stored
 
     async def _run(self, argv: Sequence[str], cwd: Path | None = None) -> tuple[bytes, bytes, int]:
         env = dict(self.environ)
@@ -356,8 +427,8 @@ class DebugFiles:
 
 #: Where the -dbg package has them (members of its data archive).
 _DEBUG_BOOT = "./usr/lib/debug/boot/"
-_EXTRACT = ('deb="$1"; dir="$2"; shift 2; dpkg-deb --fsys-tarfile "$deb" | '
-            'tar -x --occurrence=1 -C "$dir" --strip-components=5 "$@"')
+_EXTRACT = ('deb="$1"; dir="$2"; strip="$3"; shift 3; dpkg-deb --fsys-tarfile "$deb" | '
+            'tar -x --occurrence=1 -C "$dir" --strip-components="$strip" "$@"')
 
 
 def debug_files(stored: StoredRelease) -> DebugFiles:
@@ -365,6 +436,17 @@ def debug_files(stored: StoredRelease) -> DebugFiles:
     vmlinux = root / f"vmlinux-{stored.release}"
     return DebugFiles(root / f"System.map-{stored.release}",
                       vmlinux if vmlinux.is_file() else None)
+
+
+def _labelled(progress: Progress | None, what: str) -> Progress | None:
+    """``progress`` with ``what`` after the release's name."""
+    if progress is None:
+        return None
+    report = progress
+
+    def labelled(release: str, done: int, total: int) -> None:
+        report(f"{release} {what}", done, total)
+    return labelled
 
 
 def _directory_bytes(directory: Path) -> int:

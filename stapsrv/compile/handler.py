@@ -68,6 +68,8 @@ T = TypeVar("T")
 #: The translator's --tmpdir, a name the client and the testsuite rely on.
 MODULE_DIR = "stap000000"
 
+#: Seconds before symbols that could not be had are tried again.
+DEBUG_RETRY = 600
 #: Below this many free bytes after a failed compile, the disk is full.
 _DISK_FULL_BYTES = 64 * 1024
 
@@ -243,6 +245,10 @@ class RequestHandler:
     _stored: dict[str, Path] = field(init=False, factory=dict)
     #: Symbols (and debuginfo) fetched for served releases.
     _debug: dict[str, DebugFiles] = field(init=False, factory=dict)
+    #: When making a release's symbols last failed (they are not tried
+    #: again for :data:`DEBUG_RETRY` seconds, so that an unreachable archive
+    #: does not hold up every request).
+    _debug_failed: dict[str, float] = field(init=False, factory=dict)
     policy: Policy = field(init=False)
     #: Warm-up compiles per (release, guru mode): the clients waiting for
     #: one, or True once it is done.
@@ -372,8 +378,9 @@ class RequestHandler:
         self._stored[stored.release] = tree
 
     async def _provide_debug(self, release: str) -> None:
-        """With ``--fetch-symbols``/``--fetch-debuginfo``: the release's
-        System.map (and vmlinux), fetched once; a compile goes on without
+        """Unless ``--no-fetch-symbols``: the release's System.map (made
+        from its kernel image), or with ``--fetch-debuginfo`` the map and
+        vmlinux of its -dbg package, had once; a compile goes on without
         them when they cannot be had."""
         config = self.config
         if not config.fetch_symbols or self.kernels is None:
@@ -383,12 +390,21 @@ class RequestHandler:
         known = self._debug.get(release)
         if known is not None and (known.vmlinux is not None or not config.fetch_debuginfo):
             return
+        failed = self._debug_failed.get(release)
+        if failed is not None and self.reactor.seconds() < failed + DEBUG_RETRY:
+            return
         try:
             files = await self.kernels.ensure_debug(release, config.fetch_debuginfo)
         except FetchFailed as exc:
-            self.log.warn("No symbols for kernel {release}: {reason}", release=release,
-                          reason=str(exc))
+            now, last = self.reactor.seconds(), self._debug_failed.get(release)
+            self._debug_failed[release] = now
+            if last is not None and now < last + DEBUG_RETRY:
+                return  # a request that shared the failed attempt
+            self.log.warn("No symbols for kernel {release}: {reason} (compiling without them; "
+                          "trying again in {retry} min)", release=release, reason=str(exc),
+                          retry=DEBUG_RETRY // 60)
             return
+        self._debug_failed.pop(release, None)
         await self._in_thread(self._adopt_debug, release, files)
 
     def _adopt_debug(self, release: str, files: DebugFiles) -> None:

@@ -80,11 +80,6 @@ class StoredRelease:
     def build_tree(self) -> Path:
         return build_tree_in(self.directory / "root", self.release)
 
-    @property
-    def system_map(self) -> Path | None:
-        path = self.build_tree / "System.map"
-        return path if path.is_file() else None
-
 
 def build_tree_in(root: Path, release: str) -> Path:
     return root / "usr" / "src" / f"linux-headers-{release}"

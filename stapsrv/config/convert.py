@@ -160,7 +160,7 @@ def server_config(
     fetch_releases: Iterable[str] = (),
     kernel_store: str | None = None,
     kernel_store_size: int = DEFAULT_KERNEL_STORE_MIB,
-    fetch_symbols: bool = False,
+    fetch_symbols: bool = True,
     fetch_debuginfo: bool = False,
     log_namespace: str = "stapsrv",
 ) -> ServerConfig:
@@ -310,7 +310,7 @@ def settings_config(settings: ServerSettings, global_config: GlobalConfig,
             fetch_releases=[s.fetch_releases], kernel_store=s.kernel_store or None,
             kernel_store_size=_given(_number(s.kernel_store_size, "KERNEL_STORE_SIZE", 1),
                                      DEFAULT_KERNEL_STORE_MIB),
-            fetch_symbols=_switch(s.fetch_symbols, "FETCH_SYMBOLS", default=False),
+            fetch_symbols=_switch(s.fetch_symbols, "FETCH_SYMBOLS"),
             fetch_debuginfo=_switch(s.fetch_debuginfo, "FETCH_DEBUGINFO", default=False))
     except FleetCacheError as exc:
         raise SettingsError(f"{exc.variable}: {exc}") from None

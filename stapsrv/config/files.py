@@ -49,8 +49,8 @@ EXTENSIONS = (
 )
 #: Of those, the yes/no switches: ``no`` becomes the daemon's ``--no-...``
 #: for these, ``yes`` its ``--...`` flag for the others.
-SWITCHES = ("cache", "sandbox", "fetch")
-FLAGS = ("refuse-guru", "fetch-symbols", "fetch-debuginfo")
+SWITCHES = ("cache", "sandbox", "fetch", "fetch-symbols")
+FLAGS = ("refuse-guru", "fetch-debuginfo")
 #: The values that mean "no" and "yes" for a switch.
 SWITCH_NO = ("no", "off", "0", "false")
 SWITCH_YES = ("", "yes", "on", "1", "true")

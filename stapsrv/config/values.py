@@ -160,9 +160,11 @@ class ServerConfig:
     fetch_patterns: tuple[str, ...] = ()
     kernel_store: Path | None = None
     kernel_store_size: int = DEFAULT_KERNEL_STORE_SIZE
-    #: Also fetch every served release's System.map, and its kernel
-    #: debuginfo (``vmlinux``), from ``linux-image-<release>-dbg``.
-    fetch_symbols: bool = False
+    #: Make every served release's System.map from its kernel image (a
+    #: local ``/boot/vmlinuz-<release>``, else ``linux-image-<release>``);
+    #: with ``fetch_debuginfo``, fetch the map and the kernel's debuginfo
+    #: (``vmlinux``) from ``linux-image-<release>-dbg`` instead.
+    fetch_symbols: bool = True
     fetch_debuginfo: bool = False
 
     @property

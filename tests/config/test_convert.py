@@ -137,6 +137,13 @@ class ConvertTests(TestCase):
                           300 << 20, True, True))
         defaults = server_config()
         self.assertEqual((defaults.fetch_kernels, defaults.fetch_patterns,
-                          defaults.fetch_symbols), (True, (), False))
+                          defaults.fetch_symbols, defaults.fetch_debuginfo),
+                         (True, (), True, False))
+        conf.write_text("FETCH_SYMBOLS=no\n")
+        without = settings_config(read_server_file(conf), GlobalConfig())
+        options = tap.Options()
+        options.parseOptions(["--log", str(self.base / "log"), "--no-fetch-symbols"])
+        self.assertFalse(without.fetch_symbols)
+        self.assertEqual(options.to_config().fetch_symbols, without.fetch_symbols)
         with self.assertRaises(SettingsError):
             server_config(fetch_releases=["6.1.0-*-amd64;rm"])

@@ -10,12 +10,13 @@ when the tests run as root), so only the first run downloads it."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
 from tests.helpers.realclient import HELLO, RealClientMixin
-from tests.helpers.realserver import remove_tree, scratch_directory, test_user
+from tests.helpers.realserver import remove_tree, scratch_directory, test_user, venv_bin
 
 SYMBOLS_WARNING = "Kernel function symbol table missing"
 MALLOC_RETURN = ('probe process("/lib/x86_64-linux-gnu/libc.so.6").function("malloc").return '
@@ -39,6 +40,31 @@ def kept_store() -> Path:
         os.chown(path, user.pw_uid, user.pw_gid)
     path.chmod(0o755)
     return path
+
+
+def functions_in(system_map: Path) -> set[tuple[str, str, str]]:
+    found = set()
+    for line in system_map.read_text().splitlines():
+        address, kind, name = line.split()[:3]
+        if kind in "TtWw":
+            found.add((address, kind, name))
+    return found
+
+
+def map_from_image(release: str, case: TestCase) -> Path:
+    """The System.map stapsrv makes from ``linux-image-<release>``."""
+    work = scratch_directory("image-")
+    case.addCleanup(remove_tree, work)
+    subprocess.run(["apt-get", "download", "-q", f"linux-image-{release}"], cwd=work,
+                   check=True, capture_output=True, timeout=600)
+    deb = next(work.glob("*.deb"))
+    subprocess.run(f"dpkg-deb --fsys-tarfile {deb} | tar -x --occurrence=1 -C {work} "
+                   f"./boot/vmlinuz-{release}", shell=True, check=True, timeout=300)
+    output = work / "System.map"
+    subprocess.run([venv_bin("python"), "-m", "stapsrv.compile.kallsyms",
+                    str(work / "boot" / f"vmlinuz-{release}"), str(output)],
+                   check=True, capture_output=True, timeout=300)
+    return output
 
 
 class DebuginfoTests(RealClientMixin, TestCase):
@@ -66,3 +92,9 @@ class DebuginfoTests(RealClientMixin, TestCase):
             err, code = await compile(script)
             self.assertEqual(code, 0, f"{script}: {err}")
             self.assertNotIn(SYMBOLS_WARNING, err)
+        # The map the server makes from linux-image (without -dbg) names
+        # every function the real one does, at the same address.
+        real = functions_in(kept / f"System.map-{self.release}")
+        made = functions_in(map_from_image(self.release, self))
+        self.assertGreater(len(real), 20000)
+        self.assertEqual(made, real)

@@ -23,8 +23,19 @@ from tests.helpers.realserver import (
 )
 
 
+SYMBOLS_WARNING = "Kernel function symbol table missing"
+
+
 def store_contents(store: Path) -> list[str]:
-    return sorted(entry.name for entry in store.iterdir()) if store.is_dir() else []
+    """The store's trees (and leftovers), not its symbols (``.debug``)."""
+    if not store.is_dir():
+        return []
+    return sorted(entry.name for entry in store.iterdir() if entry.name != ".debug")
+
+
+def symbols_of(store: Path) -> list[str]:
+    """The releases whose symbols the store holds, and leftovers."""
+    return store_contents(store / ".debug")
 
 
 def kernels_command(store: Path, *words: str) -> subprocess.CompletedProcess[str]:
@@ -59,6 +70,7 @@ class KernelStoreTests(RealClientMixin, TestCase):
         modules, err, code = await self.compile_for(server, release)
         self.assertEqual(code, 0, err)
         self.assertEqual(len(modules), 1)
+        self.assertNotIn(SYMBOLS_WARNING, err)
         log = server.log()
         self.assertIn(f"Fetching kernel {release}: linux-headers-{release} ", log)
         self.assertRegex(log, rf"Fetched kernel {release} in [0-9.]+ s")
@@ -70,7 +82,7 @@ class KernelStoreTests(RealClientMixin, TestCase):
         listed = kernels_command(store, "list")
         self.assertEqual(listed.returncode, 0, listed.stderr)
         self.assertIn(f"\n{release}\t", listed.stdout)
-        self.assertIn(f"linux-headers-{release}=", listed.stdout)
+        self.assertIn(f"\tSystem.map\tlinux-headers-{release}=", listed.stdout)
         # A new server on the same store builds without fetching again.
         server.stop()
         again = self.store_server(store)
@@ -80,6 +92,7 @@ class KernelStoreTests(RealClientMixin, TestCase):
         removed = kernels_command(store, "remove", release)
         self.assertEqual(removed.returncode, 0, removed.stderr)
         self.assertEqual(store_contents(store), [])
+        self.assertNotIn(release, symbols_of(store))
 
     async def test_two_clients_share_one_fetch_of_a_flavour(self) -> None:
         release = cloud_release()
@@ -92,8 +105,13 @@ class KernelStoreTests(RealClientMixin, TestCase):
         for modules, err, code in results:
             self.assertEqual(code, 0, err)
             self.assertEqual(len(modules), 1)
-        self.assertEqual(server.log().count(f"Fetching kernel {release}:"), 1)
+            # The cloud image is LZ4-compressed; its map is made all the same.
+            self.assertNotIn(SYMBOLS_WARNING, err)
+        log = server.log()
+        self.assertEqual(log.count(f"Fetching kernel {release}:"), 1)
+        self.assertEqual(log.count(f"Fetching the symbols of kernel {release}:"), 1)
         self.assertEqual(store_contents(store), [release])
+        self.assertIn(release, symbols_of(store))
 
     async def test_what_cannot_be_fetched_is_refused_in_one_line(self) -> None:
         store = self.new_store()
@@ -137,3 +155,10 @@ class KernelStoreTests(RealClientMixin, TestCase):
         modules, err, code = await self.compile_for(server, self.release)
         self.assertEqual(code, 0, err)
         self.assertEqual(len(modules), 1)
+        # Without its symbols (they cannot be fetched either), said once.
+        self.assertIn(SYMBOLS_WARNING, err)
+        self.assertEqual(symbols_of(store), [])
+        modules, err, code = await self.compile_for(server, self.release,
+                                                    'probe begin { println(2); exit() }')
+        self.assertEqual(code, 0, err)
+        self.assertEqual(server.log().count(f"No symbols for kernel {self.release}:"), 1)

@@ -1,0 +1,236 @@
+"""The System.map read from a kernel image's kallsyms tables.
+
+The images here are built by a small encoder of the tables' format, in the
+layouts kernels use (offsets before the names as in Debian's 6.1, after the
+token index as in later kernels), inside the containers Debian's images
+come in (an x86 bzImage with an xz payload, a gzip file as on arm64, LZ4's
+legacy frames as in the cloud flavour).  The real images are read in
+tests/system/test_debuginfo.py, against the real System.map."""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import random
+import struct
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import lz4.block  # type: ignore[import-untyped]
+from twisted.trial.unittest import TestCase
+
+from stapsrv.compile import kallsyms
+from stapsrv.compile.kallsyms import (
+    KallsymsError,
+    Symbol,
+    kernel_image,
+    main,
+    read_kallsyms,
+    system_map,
+)
+
+BASE = 0xFFFFFFFF81000000
+
+
+def sample_symbols(count: int = 3000, seed: int = 7) -> list[Symbol]:
+    rng = random.Random(seed)
+    percpu = [Symbol(0x1000 * i, "A", f"percpu_thing_{i}") for i in range(20)]
+    words = ["vfs", "read", "write", "sys", "do", "page", "irq", "tcp", "inode", "lock",
+             "x64", "alloc", "free", "init", "exit", "ext4", "net", "sched"]
+    text = []
+    address = BASE
+    for i in range(count):
+        kind = rng.choice("TTTttWDdBbRr")
+        name = "_".join(rng.choice(words) for _ in range(rng.randint(1, 4))) + f"{i}"
+        if i == 0:
+            kind, name = "T", "_text"
+        elif i % 997 == 0:
+            name = "long_" + "x" * 150 + str(i)  # a two-byte length
+        text.append(Symbol(address, kind, name))
+        address += rng.randint(0, 64)
+    return percpu + text
+
+
+def _tokens(names: Sequence[str]) -> list[str]:
+    used = sorted({character for name in names for character in name} | set("0123456789"))
+    tokens: list[str] = [""] * 256
+    for character in used:
+        tokens[ord(character)] = character
+    pairs = Counter(name[i:i + 2] for name in names for i in range(len(name) - 1))
+    free = [index for index in range(1, 256) if not tokens[index]]
+    for index, (pair, _) in zip(free, pairs.most_common(len(free))):
+        tokens[index] = pair
+    return tokens
+
+
+def _encode(name: str, tokens: list[str]) -> bytes:
+    codes = {token: index for index, token in enumerate(tokens) if token}
+    out = bytearray()
+    i = 0
+    while i < len(name):
+        if name[i:i + 2] in codes and len(name[i:i + 2]) == 2:
+            out.append(codes[name[i:i + 2]])
+            i += 2
+        else:
+            out.append(codes[name[i]])
+            i += 1
+    return bytes(out)
+
+
+def _align(data: bytearray, junk: bytes = b"\0") -> None:
+    while len(data) % 8:
+        data += junk
+
+
+def build_tables(symbols: Sequence[Symbol], offsets_after: bool = False,
+                 absolute_percpu: bool = True, wide_markers: bool = False) -> bytes:
+    """The kallsyms tables of ``symbols``, amid other data, as a kernel
+    image holds them."""
+    names = [symbol.kind + symbol.name for symbol in symbols]
+    tokens = _tokens(names)
+    if absolute_percpu:
+        offsets = [s.address if s.address < BASE else BASE - 1 - s.address for s in symbols]
+    else:
+        offsets = [(s.address - BASE) & 0xFFFFFFFF for s in symbols]
+    encoded = bytearray()
+    markers = []
+    for number, name in enumerate(names):
+        if number % 256 == 0:
+            markers.append(len(encoded))
+        code = _encode(name, tokens)
+        if len(code) > 127:
+            encoded += bytes([0x80 | (len(code) & 0x7F), len(code) >> 7])
+        else:
+            encoded.append(len(code))
+        encoded += code
+    rng = random.Random(len(symbols))
+    image = bytearray(rng.randbytes(4096))
+    _align(image)
+
+    def offset_table() -> None:
+        _align(image)
+        image.extend(struct.pack(f"<{len(offsets)}{'I' if not absolute_percpu else 'i'}",
+                                 *offsets))
+        _align(image)
+        image.extend(struct.pack("<Q", BASE))
+
+    if not offsets_after:
+        offset_table()
+    _align(image)
+    image.extend(struct.pack("<II", len(symbols), 0))
+    image.extend(encoded)
+    _align(image)
+    image.extend(struct.pack(f"<{len(markers)}{'Q' if wide_markers else 'I'}", *markers))
+    image.extend(rng.randbytes(3 * len(symbols)))  # kallsyms_seqs_of_names
+    _align(image)
+    index = []
+    table = bytearray()
+    for token in tokens:
+        index.append(len(table))
+        table += token.encode("latin-1") + b"\0"
+    image.extend(table)
+    _align(image)
+    image.extend(struct.pack("<256H", *index))
+    if offsets_after:
+        offset_table()
+    image.extend(rng.randbytes(4096))
+    return bytes(image)
+
+
+def bzimage(payload: bytes) -> bytes:
+    """An x86 boot image: setup sectors with the header, then the payload."""
+    setup = bytearray(5 * 512)
+    setup[0x1F1] = 4
+    setup[0x202:0x206] = b"HdrS"
+    struct.pack_into("<II", setup, 0x248, 0x100, len(payload))
+    return bytes(setup) + bytes(0x100) + payload + struct.pack("<I", 1 << 26)
+
+
+def lz4_legacy(data: bytes) -> bytes:
+    out = bytearray(b"\x02\x21\x4c\x18")
+    for start in range(0, len(data), 8 << 20):
+        block = lz4.block.compress(data[start:start + (8 << 20)], store_size=False)
+        out += struct.pack("<I", len(block)) + block
+    return bytes(out)
+
+
+class ReadTests(TestCase):
+    def test_symbols_come_back_in_address_order_with_their_types(self) -> None:
+        symbols = sample_symbols()
+        self.assertEqual(read_kallsyms(build_tables(symbols)), symbols)
+
+    def test_every_layout_of_the_tables(self) -> None:
+        symbols = sample_symbols(2000, seed=3)
+        for offsets_after in (False, True):
+            for absolute_percpu in (False, True):
+                for wide in (False, True):
+                    shown = (offsets_after, absolute_percpu, wide)
+                    listed = symbols if absolute_percpu else symbols[20:]
+                    image = build_tables(listed, offsets_after, absolute_percpu, wide)
+                    self.assertEqual(read_kallsyms(image), listed, shown)
+
+    def test_every_container(self) -> None:
+        symbols = sample_symbols(1500)
+        tables = build_tables(symbols)
+        for image in (bzimage(lzma.compress(tables, format=lzma.FORMAT_XZ)),
+                      bzimage(gzip.compress(tables)),
+                      bzimage(lz4_legacy(tables)),
+                      gzip.compress(tables),
+                      tables):
+            self.assertEqual(read_kallsyms(kernel_image(image)), symbols)
+
+    def test_the_map_is_what_the_translator_reads(self) -> None:
+        lines = list(system_map([Symbol(BASE, "T", "_text"), Symbol(BASE + 0x10, "t", "f")]))
+        self.assertEqual(lines, ["ffffffff81000000 T _text\n", "ffffffff81000010 t f\n"])
+        self.assertEqual(list(system_map([Symbol(0xC0000000, "T", "_text")])),
+                         ["c0000000 T _text\n"])
+
+
+class BadImageTests(TestCase):
+    def test_an_image_without_tables(self) -> None:
+        with self.assertRaisesRegex(KallsymsError, "no kallsyms token table"):
+            read_kallsyms(random.Random(1).randbytes(1 << 16))
+
+    def test_a_token_table_without_names(self) -> None:
+        tables = build_tables(sample_symbols(1200))
+        digits = tables.index(b"\x000\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00")
+        broken = tables[:4096] + bytes(digits - 200 - 4096) + tables[digits - 200:]
+        with self.assertRaisesRegex(KallsymsError, "no kallsyms name table"):
+            read_kallsyms(broken)
+
+    def test_compressions_it_cannot_read(self) -> None:
+        with self.assertRaisesRegex(KallsymsError, "zstd"):
+            kernel_image(bzimage(b"\x28\xb5\x2f\xfd" + bytes(64)))
+        with self.assertRaisesRegex(KallsymsError, "unknown"):
+            kernel_image(bzimage(b"\x01\x02\x03\x04" + bytes(64)))
+        with self.assertRaisesRegex(KallsymsError, "does not decompress"):
+            kernel_image(bzimage(b"\xfd7zXZ\x00" + bytes(64)))
+
+    def test_a_decompression_bomb_is_cut(self) -> None:
+        self.patch(kallsyms, "MAX_IMAGE", 1 << 20)
+        for bomb in (bzimage(lzma.compress(bytes(4 << 20), format=lzma.FORMAT_XZ)),
+                     gzip.compress(bytes(4 << 20)), bzimage(lz4_legacy(bytes(9 << 20)))):
+            with self.assertRaisesRegex(KallsymsError, "larger than 1 MiB"):
+                kernel_image(bomb)
+
+
+class MainTests(TestCase):
+    def test_writes_the_map_and_counts_the_functions(self) -> None:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        symbols = sample_symbols(1200)
+        (directory / "vmlinuz").write_bytes(
+            bzimage(lzma.compress(build_tables(symbols), format=lzma.FORMAT_XZ)))
+        self.assertEqual(main([str(directory / "vmlinuz"), str(directory / "System.map")]), 0)
+        lines = (directory / "System.map").read_text().splitlines()
+        self.assertEqual(len(lines), len(symbols))
+        self.assertIn("ffffffff81000000 T _text", lines)
+        self.assertEqual(sorted(p.name for p in directory.iterdir()), ["System.map", "vmlinuz"])
+
+    def test_a_bad_image_leaves_no_map(self) -> None:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        (directory / "vmlinuz").write_bytes(bzimage(gzip.compress(bytes(1 << 16))))
+        self.assertEqual(main([str(directory / "vmlinuz"), str(directory / "System.map")]), 1)
+        self.assertEqual([p.name for p in directory.iterdir()], ["vmlinuz"])
