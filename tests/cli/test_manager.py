@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from attrs import evolve
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
@@ -54,11 +55,17 @@ class FormatTests(TestCase):
         self.assertEqual(record, {
             "command": f"stap-server {render(settings)}", "nickname": "a", "pid": 42,
             "state": "running", "user": "stap-server", "releases": ["6.1"], "port": 5000,
-            "endpoint": "haproxy:tcp:5000", "metrics": "tcp:9642", "log": "/l",
-            "sandbox": True,
+            "endpoint": "haproxy:tcp:5000", "proxy_from": ["127.0.0.0/8", "::1/128"],
+            "metrics": "tcp:9642", "log": "/l", "sandbox": True,
             "counters": {"requests": 4, "failures": 1, "cache_hits": 2, "compiling": 1,
                          "waiting": 0}})
         self.assertIsNone(status_record(ServerSettings(), None, "stopped", None)["counters"])
+        # The proxies trusted: PROXY_FROM's words; none behind a plain endpoint.
+        proxied = evolve(settings, proxy_from="10.1.0.0/16, 192.0.2.7")
+        self.assertEqual(status_record(proxied, 42, "running", None)["proxy_from"],
+                         ["10.1.0.0/16", "192.0.2.7"])
+        self.assertIsNone(status_record(ServerSettings(endpoint="tcp:5000"), None, "stopped",
+                                        None)["proxy_from"])
         self.assertIsNone(status_record(ServerSettings(), None, "stopped", None)["port"])
 
     def run_main(self, *words: str) -> tuple[str, str, int]:
