@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import grp
+import ipaddress
 import os
 import pwd
 import re
@@ -158,7 +159,16 @@ def trusted_proxies(settings: ServerSettings) -> list[str] | None:
     if not (settings.endpoint and proxied(settings.endpoint)):
         return None
     words = [word for word in re.split(r"[\s,]+", settings.proxy_from) if word]
-    return words or list(DEFAULT_PROXY_FROM)
+    return [_network_text(word) for word in words] or list(DEFAULT_PROXY_FROM)
+
+
+def _network_text(word: str) -> str:
+    """A network as the server logs it (``192.0.2.1/32``); what does not
+    parse (the server refuses to start with it) as written."""
+    try:
+        return str(ipaddress.ip_network(word, strict=False))
+    except ValueError:
+        return word
 
 
 def same_server(a: ServerSettings, b: ServerSettings) -> bool:
