@@ -2,25 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.python.failure import Failure
 
+from stapsrv.config.endpoints import proxied
 from stapsrv.reactor import IServerReactor
+
+#: Makes the PROXY protocol endpoint over a stream endpoint.
+ProxyWrapper = Callable[[IStreamServerEndpoint], IStreamServerEndpoint]
 
 
 class NotListening(Exception):
     """An endpoint that could not be listened on (or not at once)."""
 
 
-def listen_now(reactor: IServerReactor, description: str,
-               factory: IProtocolFactory) -> IListeningPort:
+def _endpoint(reactor: IServerReactor, description: str,
+              proxy: ProxyWrapper | None) -> IStreamServerEndpoint:
+    if proxy is not None and proxied(description):
+        stream = description.split(":", 1)[1]
+        return proxy(serverFromString(reactor, stream))  # type: ignore[no-untyped-call]
+    endpoint: IStreamServerEndpoint = serverFromString(  # type: ignore[no-untyped-call]
+        reactor, description)
+    return endpoint
+
+
+def listen_now(reactor: IServerReactor, description: str, factory: IProtocolFactory,
+               proxy: ProxyWrapper | None = None) -> IListeningPort:
     """Listen on the endpoint ``description`` and return the port.  The
     stream endpoints accepted (:mod:`stapsrv.config.endpoints`) listen at
-    once, so the service can start synchronously, as twistd expects."""
+    once, so the service can start synchronously, as twistd expects.  For
+    a ``haproxy:`` description, ``proxy`` (if given) makes the PROXY
+    protocol endpoint over the stream endpoint it wraps."""
     try:
-        endpoint = serverFromString(reactor, description)  # type: ignore[no-untyped-call]
+        endpoint = _endpoint(reactor, description, proxy)
     except IndexError as exc:
         raise NotListening(f"Cannot listen on {description}: no such socket was handed "
                            "over (LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID)") from exc

@@ -61,6 +61,9 @@ class ServerMetrics:
         self.translator_seconds = Histogram("stapsrv_translator_duration_seconds",
                                             "Seconds each translator run took.",
                                             buckets=COMPILE_BUCKETS, registry=r)
+        self.untrusted_proxies = Counter(
+            "stapsrv_untrusted_proxy_connections", "Connections to a haproxy: endpoint "
+            "closed unread: their peer is not in --proxy-from.", registry=r)
         Gauge("stapsrv_compiles_in_flight", "Translators running now.",
               registry=r).set_function(compiling)
         Gauge("stapsrv_compiles_waiting", "Requests waiting for a translator slot.",
@@ -93,6 +96,9 @@ class ServerMetrics:
         result = "stopped" if exit_status is None else "ok" if exit_status == 0 else "error"
         self.translator_runs.labels(result).inc()
         self.translator_seconds.observe(seconds)
+
+    def untrusted_proxy(self) -> None:
+        self.untrusted_proxies.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

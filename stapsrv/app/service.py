@@ -16,7 +16,7 @@ from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -24,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 
 from stapsrv.app.health import Health, listening_check, space_check, translator_check
 from stapsrv.app.listen import NotListening, listen_now
+from stapsrv.app.proxies import trusted_proxy_endpoint
 from stapsrv.app.metrics import ServerMetrics
 from stapsrv.app.server import CompileServerFactory
 from stapsrv.cache.fleet import RedisCache
@@ -34,6 +35,7 @@ from stapsrv.compile.fetch import KernelFetcher, debian_architecture, default_pa
 from stapsrv.compile.handler import RequestHandler
 from stapsrv.compile.kernels import KernelStore, store_directory
 from stapsrv.compile.runtime import default_cache_root, select_runtime
+from stapsrv.compile.policy import parse_networks
 from stapsrv.compile.sandbox import (
     Sandbox,
     SandboxUnavailable,
@@ -191,7 +193,8 @@ class CompileServerService(Service):
             server_context_factory(self.identity), False, self.factory)
         # TLS is ours, on top of whatever stream the endpoint gives (plain
         # TCP, TCP behind a PROXY header, a socket from systemd).
-        self.port = listen_now(self.reactor, config.listen_description, tls_factory)
+        self.port = listen_now(self.reactor, config.listen_description, tls_factory,
+                               proxy=self._trusted_proxies)
         self._pool.start()
         if self._key_pool is not None:
             self._key_pool.start()
@@ -199,7 +202,9 @@ class CompileServerService(Service):
                       address=self.listen_address, port=self.port_number)
         if config.proxied:
             self.log.info("Clients' addresses come from the PROXY protocol header "
-                          "({endpoint})", endpoint=config.listen_description)
+                          "({endpoint}), believed from {proxies} (--proxy-from)",
+                          endpoint=config.listen_description,
+                          proxies=", ".join(config.proxy_from))
         if config.max_threads > 0:
             self.log.info("Using a maximum of {count} threads", count=config.max_threads)
         else:
@@ -207,6 +212,14 @@ class CompileServerService(Service):
         Service.startService(self)
         self._trust_self()
         handler.warm_up()
+
+    def _trusted_proxies(self, stream: IStreamServerEndpoint) -> IStreamServerEndpoint:
+        """The PROXY protocol reader over ``stream``, for the peers of
+        ``--proxy-from`` only."""
+        refused = self.metrics.untrusted_proxy if self.metrics is not None else None
+        return trusted_proxy_endpoint(stream, parse_networks(self.config.proxy_from,
+                                                             "--proxy-from"),
+                                      self.log, refused)
 
     def _make_kernel_fetcher(self) -> KernelFetcher | None:
         """The kernel store and what fetches into it (None: --no-fetch)."""

@@ -153,6 +153,7 @@ class Options(usage.Options):
         self["arch"] = None
         self["runtime"] = None
         self["allow"] = []
+        self["proxy-from"] = []
         self["fetch-releases"] = []
 
     def opt_fetch_releases(self, patterns: str) -> None:
@@ -165,6 +166,13 @@ class Options(usage.Options):
         """Only clients at these addresses or CIDR networks (separated by
         commas or blanks) may use the server; repeatable (default: all)."""
         self["allow"].append(networks)
+
+    def opt_proxy_from(self, networks: str) -> None:
+        """With a haproxy: --endpoint, the addresses or CIDR networks
+        (separated by commas or blanks) of the proxies whose PROXY header is
+        believed; a connection from anywhere else is closed unread;
+        repeatable (default: 127.0.0.0/8,::1, this host)."""
+        self["proxy-from"].append(networks)
 
     def opt_r(self, release: str) -> None:
         """Kernel release (or build tree) to build for; repeatable."""
@@ -235,7 +243,8 @@ class Options(usage.Options):
                 fleet_cache=self["fleet-cache"], fleet_secret=self["fleet-secret"],
                 fleet_password_file=self["fleet-password-file"],
                 counters_file=self["counters-file"],
-                endpoint=self["endpoint"], metrics=self["metrics"],
+                endpoint=self["endpoint"], proxy_from=self["proxy-from"],
+                metrics=self["metrics"],
                 fetch=not self["no-fetch"], fetch_releases=self["fetch-releases"],
                 kernel_store=self["kernel-store"], kernel_store_size=self["kernel-store-size"],
                 fetch_symbols=not self["no-fetch-symbols"],

@@ -24,7 +24,8 @@ DISTRIBUTED = ("log", "port", "ssl", "max-threads", "max-request-size",
                "memory-limit", "file-size-limit", "process-limit", "max-output",
                "listen-backlog", "cache", "cache-dir",
                "cache-size", "fleet-cache", "fleet-secret", "fleet-password-file",
-               "sandbox", "allow", "refuse-guru", "privileges", "endpoint", "metrics",
+               "sandbox", "allow", "refuse-guru", "privileges", "endpoint", "proxy-from",
+               "metrics",
                "fetch", "fetch-releases", "kernel-store", "kernel-store-size",
                "fetch-symbols", "fetch-debuginfo")
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import fcntl
 import json
 import grp
+import ipaddress
 import os
 import pwd
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +41,7 @@ from stapsrv.config.files import (
     read_server_file,
     render_status,
 )
+from stapsrv.config.endpoints import DEFAULT_PROXY_FROM, proxied
 from stapsrv.core import counters as request_counters
 from stapsrv.paths import MODULES, manager_architecture, root_refused
 
@@ -82,7 +85,7 @@ Options:
 All options may be repeated.  -a, -r, -I, -R, -B, -D, -u and -i describe the
 server named by the -n or -p before them (or the one server of the command
 line); --log, --port, --ssl, the --max-* options, the policy options
-(--sandbox, --allow, --refuse-guru, --privileges), --endpoint, --metrics,
+(--sandbox, --allow, --refuse-guru, --privileges), --endpoint, --proxy-from, --metrics,
 the timeout, limit, cache and kernel store options are handed to the named
 servers in order; servers beyond their count get the default log
 (LOG_FILE), a free port, ~/.systemtap/ssl/server and the built-in limits.
@@ -141,12 +144,31 @@ def status_record(settings: ServerSettings, pid: int | None, state: str,
         "releases": list(s.releases),
         "port": int(s.port) if s.port.isdigit() else None,
         "endpoint": s.endpoint or None,
+        "proxy_from": trusted_proxies(s),
         "metrics": s.metrics or None,
         "log": s.log or None,
         "sandbox": s.sandbox.lower() not in SWITCH_NO,
         "counters": None if counters is None else {
             name: getattr(counters, name) for name in request_counters.FIELDS},
     }
+
+
+def trusted_proxies(settings: ServerSettings) -> list[str] | None:
+    """The networks a server believes PROXY headers from (its PROXY_FROM,
+    else the default), or None when its endpoint reads no PROXY header."""
+    if not (settings.endpoint and proxied(settings.endpoint)):
+        return None
+    words = [word for word in re.split(r"[\s,]+", settings.proxy_from) if word]
+    return [_network_text(word) for word in words] or list(DEFAULT_PROXY_FROM)
+
+
+def _network_text(word: str) -> str:
+    """A network as the server logs it (``192.0.2.1/32``); what does not
+    parse (the server refuses to start with it) as written."""
+    try:
+        return str(ipaddress.ip_network(word, strict=False))
+    except ValueError:
+        return word
 
 
 def same_server(a: ServerSettings, b: ServerSettings) -> bool:
@@ -549,6 +571,10 @@ class Manager:
                 self.say(f"stap-server {render(settings)} running as PID {pid}\n")
                 self.say(self._counters_line(pid))
                 self.say(_mode_line(settings))
+                proxies = trusted_proxies(settings)
+                if proxies is not None:
+                    self.say(f"  PROXY headers believed from {', '.join(proxies)} "
+                             "(--proxy-from)\n")
             report.append(status_record(settings, pid, "running", self._counters(pid)))
             return 0
         if lines:

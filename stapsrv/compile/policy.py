@@ -22,16 +22,30 @@ class PolicyError(ValueError):
     """A policy value that does not parse; the message names it."""
 
 
-def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
-    """``--allow`` values: addresses or CIDR networks, IPv4 or IPv6."""
+def parse_networks(values: Iterable[str], option: str = "--allow") -> tuple[Network, ...]:
+    """Values of ``option`` (``--allow``, ``--proxy-from``): addresses or
+    CIDR networks, IPv4 or IPv6."""
     networks = []
     for value in values:
         try:
             networks.append(ipaddress.ip_network(value.strip(), strict=False))
         except ValueError:
-            raise PolicyError(f"--allow {value}: not an address or network "
+            raise PolicyError(f"{option} {value}: not an address or network "
                               "(for example 192.0.2.0/24 or 2001:db8::/32)") from None
     return tuple(networks)
+
+
+def in_networks(host: str, networks: Iterable[Network]) -> bool:
+    """Whether the address ``host`` is in one of ``networks`` (an IPv4
+    address seen through an IPv6 socket counts as the IPv4 address; a
+    zone index is ignored; what is not an address is in none)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 def parse_privileges(value: str) -> tuple[str, ...]:
@@ -59,15 +73,7 @@ class Policy:
     def admits(self, host: str) -> bool:
         """Whether a client at ``host`` may use the server (an IPv4 address
         seen through an IPv6 socket counts as the IPv4 address)."""
-        if not self.allow:
-            return True
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.allow)
+        return not self.allow or in_networks(host, self.allow)
 
     def peer_refusal(self, host: str) -> str:
         return (f"Server: This server does not accept requests from {host} "

@@ -17,7 +17,7 @@ from attrs import evolve
 
 from stapsrv.cache.fleet import url_problem
 from stapsrv.cache.secret import SECRET_COMMAND, SecretError, load_password, load_secret
-from stapsrv.config.endpoints import EndpointError, check
+from stapsrv.config.endpoints import DEFAULT_PROXY_FROM, EndpointError, check, proxied
 from stapsrv.config.files import (
     SWITCH_NO,
     SWITCH_YES,
@@ -155,6 +155,7 @@ def server_config(
     fleet_password_file: str | None = None,
     counters_file: str | None = None,
     endpoint: str | None = None,
+    proxy_from: Iterable[str] = (),
     metrics: str | None = None,
     fetch: bool = True,
     fetch_releases: Iterable[str] = (),
@@ -188,6 +189,7 @@ def server_config(
         metrics = check(metrics, "--metrics") if metrics else None
     except EndpointError as exc:
         raise SettingsError(str(exc)) from None
+    proxies = _proxy_networks(proxy_from, endpoint)
     patterns = tuple(word for value in fetch_releases
                      for word in re.split(r"[\s,]+", value) if word)
     for pattern in patterns:
@@ -227,6 +229,7 @@ def server_config(
         fleet_password_file=_absolute(fleet_password_file) if fleet_cache else None,
         counters_file=_absolute(counters_file),
         endpoint=endpoint,
+        proxy_from=proxies,
         metrics=metrics,
         fetch_kernels=fetch,
         fetch_patterns=patterns,
@@ -237,6 +240,22 @@ def server_config(
     )
     # Without a value, the default (the number of CPUs) stands.
     return config if max_threads is None else evolve(config, max_threads=max_threads)
+
+
+def _proxy_networks(values: Iterable[str], endpoint: str | None) -> tuple[str, ...]:
+    """``--proxy-from`` (words separated by commas or blanks), checked;
+    none given: the default (loopback).  Only a ``haproxy:`` endpoint reads
+    PROXY headers, so for another it is a mistake worth refusing."""
+    words = [word for value in values for word in re.split(r"[\s,]+", value) if word]
+    if not words:
+        return DEFAULT_PROXY_FROM
+    if not (endpoint and proxied(endpoint)):
+        raise SettingsError(f"--proxy-from {','.join(words)}: only a haproxy: --endpoint "
+                            "reads PROXY headers (give --endpoint haproxy:tcp:...)")
+    try:
+        return tuple(str(network) for network in parse_networks(words, "--proxy-from"))
+    except PolicyError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 # --- from the variables of a configuration file ---------------------------------
@@ -305,7 +324,7 @@ def settings_config(settings: ServerSettings, global_config: GlobalConfig,
             cache_size=_given(_number(s.cache_size, "CACHE_SIZE", 1), DEFAULT_CACHE_MIB),
             fleet_cache=s.fleet_cache, fleet_secret=s.fleet_secret,
             fleet_password_file=s.fleet_password_file, endpoint=s.endpoint or None,
-            metrics=s.metrics or None,
+            proxy_from=[s.proxy_from], metrics=s.metrics or None,
             fetch=_switch(s.fetch_kernels, "FETCH_KERNELS"),
             fetch_releases=[s.fetch_releases], kernel_store=s.kernel_store or None,
             kernel_store_size=_given(_number(s.kernel_store_size, "KERNEL_STORE_SIZE", 1),

@@ -15,6 +15,10 @@ from twisted.internet.endpoints import quoteStringArgument
 _STREAMS = ("tcp", "tcp6", "systemd")
 _PROXY = "haproxy"
 
+#: Where a PROXY protocol header is believed from when ``--proxy-from`` is
+#: not given: this host only (an HAProxy beside the server).
+DEFAULT_PROXY_FROM = ("127.0.0.0/8", "::1/128")
+
 
 class EndpointError(ValueError):
     """An endpoint description the server cannot listen on."""

@@ -39,6 +39,7 @@ EXTENSIONS = (
     ("REFUSE_GURU", "refuse_guru", "refuse-guru"),
     ("PRIVILEGES", "privileges", "privileges"),
     ("ENDPOINT", "endpoint", "endpoint"),
+    ("PROXY_FROM", "proxy_from", "proxy-from"),
     ("METRICS", "metrics", "metrics"),
     ("FETCH_KERNELS", "fetch_kernels", "fetch"),
     ("FETCH_RELEASES", "fetch_releases", "fetch-releases"),
@@ -178,6 +179,7 @@ class ServerSettings:
     refuse_guru: str = ""
     privileges: str = ""
     endpoint: str = ""
+    proxy_from: str = ""
     metrics: str = ""
     fetch_kernels: str = ""
     fetch_releases: str = ""

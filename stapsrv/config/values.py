@@ -8,7 +8,7 @@ from pathlib import Path
 
 from attrs import field, frozen
 
-from stapsrv.config.endpoints import proxied, shorthand
+from stapsrv.config.endpoints import DEFAULT_PROXY_FROM, proxied, shorthand
 from stapsrv.core.cmdline import ALL_PRIVILEGES, ServerOption
 from stapsrv.paths import default_mok_store, systemtap_dir
 
@@ -138,6 +138,10 @@ class ServerConfig:
     #: A Twisted server endpoint description to listen on instead of
     #: ``listen``/``port`` (``haproxy:tcp:...``, ``systemd:...``).
     endpoint: str | None = None
+    #: Behind a ``haproxy:`` endpoint, the addresses or CIDR networks whose
+    #: connections may carry the PROXY header; any other peer is closed
+    #: unread (``--proxy-from``; default: loopback).
+    proxy_from: tuple[str, ...] = DEFAULT_PROXY_FROM
     #: Where to serve Prometheus metrics and ``/healthz`` (an endpoint
     #: description), or None for no metrics listener.
     metrics: str | None = None

@@ -112,6 +112,18 @@ class OptionsTests(TestCase):
         with self.assertRaisesRegex(usage.UsageError, "adds TLS itself"):
             self.parse("--endpoint", "ssl:5000")
 
+    def test_proxy_from(self) -> None:
+        config = self.parse("--endpoint", "haproxy:tcp:5000", "--proxy-from", "10.0.0.0/8",
+                            "--proxy-from", "2001:db8::/32,192.0.2.1")
+        self.assertEqual(config.proxy_from, ("10.0.0.0/8", "2001:db8::/32", "192.0.2.1/32"))
+        self.assertEqual(self.parse("--endpoint", "haproxy:tcp:5000").proxy_from,
+                         ("127.0.0.0/8", "::1/128"))
+        with self.assertRaisesRegex(usage.UsageError,
+                                    "--proxy-from 10.0.0.0/99: not an address or network"):
+            self.parse("--endpoint", "haproxy:tcp:5000", "--proxy-from", "10.0.0.0/99")
+        with self.assertRaisesRegex(usage.UsageError, "only a haproxy: --endpoint"):
+            self.parse("--proxy-from", "10.0.0.0/8")
+
     def test_metrics_listener_follows_its_server(self) -> None:
         options = tap.Options()
         options.parseOptions(["--metrics", "tcp:0:interface=127.0.0.1"])

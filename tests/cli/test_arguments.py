@@ -25,6 +25,10 @@ class ParseTests(TestCase):
         invocation = parse(["start", "--endpoint", "haproxy:tcp:5000", "--metrics=tcp:9642"])
         self.assertEqual(invocation.distributed["endpoint"], ["haproxy:tcp:5000"])
         self.assertEqual(invocation.distributed["metrics"], ["tcp:9642"])
+        invocation = parse(["start", "-n", "a", "-n", "b", "--endpoint", "haproxy:tcp:5000",
+                            "--endpoint", "haproxy:tcp:5001", "--proxy-from", "10.0.0.2",
+                            "--proxy-from=10.0.0.3,10.0.0.4"])
+        self.assertEqual(invocation.distributed["proxy-from"], ["10.0.0.2", "10.0.0.3,10.0.0.4"])
 
     def test_several_servers(self) -> None:
         invocation = parse(["start", "-n", "a", "-a", "i386", "-n", "b", "-p", "42", "-r", "x",

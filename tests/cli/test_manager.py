@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from attrs import evolve
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
@@ -54,11 +55,17 @@ class FormatTests(TestCase):
         self.assertEqual(record, {
             "command": f"stap-server {render(settings)}", "nickname": "a", "pid": 42,
             "state": "running", "user": "stap-server", "releases": ["6.1"], "port": 5000,
-            "endpoint": "haproxy:tcp:5000", "metrics": "tcp:9642", "log": "/l",
-            "sandbox": True,
+            "endpoint": "haproxy:tcp:5000", "proxy_from": ["127.0.0.0/8", "::1/128"],
+            "metrics": "tcp:9642", "log": "/l", "sandbox": True,
             "counters": {"requests": 4, "failures": 1, "cache_hits": 2, "compiling": 1,
                          "waiting": 0}})
         self.assertIsNone(status_record(ServerSettings(), None, "stopped", None)["counters"])
+        # The proxies trusted: PROXY_FROM's words; none behind a plain endpoint.
+        proxied = evolve(settings, proxy_from="10.1.0.0/16, 192.0.2.7")
+        self.assertEqual(status_record(proxied, 42, "running", None)["proxy_from"],
+                         ["10.1.0.0/16", "192.0.2.7/32"])
+        self.assertIsNone(status_record(ServerSettings(endpoint="tcp:5000"), None, "stopped",
+                                        None)["proxy_from"])
         self.assertIsNone(status_record(ServerSettings(), None, "stopped", None)["port"])
 
     def run_main(self, *words: str) -> tuple[str, str, int]:
@@ -383,6 +390,32 @@ class ManagerTests(TestCase):
         self.assertIn("--fleet-secret: a fleet cache needs the fleet's secret", err)
         self.assertIn("python3 -m stapsrv.cli.fleet secret FILE", err)
         self.assertEqual(self.sandbox.pids(), [])
+
+    def test_bad_proxy_from_does_not_start(self) -> None:
+        out, err, code = self.sandbox.run("start", "--ssl", str(self.sandbox.ssl), "--endpoint",
+                                          "haproxy:tcp:0:interface=127.0.0.1",
+                                          "--proxy-from", "10.0.0.0/33")
+        self.assertEqual(code, 1)
+        self.assertTrue(out.endswith("FAILED\n"), out)
+        self.assertIn("--proxy-from 10.0.0.0/33: not an address or network", err)
+        self.assertEqual(self.sandbox.pids(), [])
+
+    def test_status_shows_the_trusted_proxies(self) -> None:
+        (self.sandbox.base / "conf.d" / "edge.conf").write_text(
+            f"NICKNAME=edge\nSSL={self.sandbox.ssl}\nENDPOINT=haproxy:tcp:0:interface=127.0.0.1\n"
+            "PROXY_FROM=10.0.0.0/8, 192.0.2.1\n")
+        out, err, code = self.sandbox.run("start")
+        self.assertEqual(code, 0, err)
+        self.assertIn('--proxy-from "10.0.0.0/8, 192.0.2.1"', out)
+        self.assertIn("believed from 10.0.0.0/8, 192.0.2.1/32 (--proxy-from)",
+                      self.sandbox.log.read_text())
+        status, _, code = self.sandbox.run("status", "-n", "edge")
+        self.assertEqual(code, 0)
+        self.assertIn("\n  PROXY headers believed from 10.0.0.0/8, 192.0.2.1/32 "
+                      "(--proxy-from)\n", status)
+        out, err, code = self.sandbox.run("status", "--json")
+        [record] = json.loads(out)["servers"]
+        self.assertEqual(record["proxy_from"], ["10.0.0.0/8", "192.0.2.1/32"])
 
     def test_fleet_password_is_on_no_command_line_status_or_log(self) -> None:
         from stapsrv.cache.secret import create_secret

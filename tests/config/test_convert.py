@@ -147,3 +147,28 @@ class ConvertTests(TestCase):
         self.assertEqual(options.to_config().fetch_symbols, without.fetch_symbols)
         with self.assertRaises(SettingsError):
             server_config(fetch_releases=["6.1.0-*-amd64;rm"])
+
+
+class ProxyFromFileTests(TestCase):
+    def setUp(self) -> None:
+        self.patch(os, "geteuid", lambda: 1000)
+        self.base = Path(self.mktemp()).absolute()
+        self.base.mkdir()
+
+    def test_options_and_file_agree(self) -> None:
+        conf = self.base / "a.conf"
+        conf.write_text(f"SSL={self.base / 'ssl'}\nLOG={self.base / 'log'}\n"
+                        "ENDPOINT=haproxy:tcp:5000\nPROXY_FROM=10.0.0.0/8, 192.0.2.7\n")
+        from_file = settings_config(read_server_file(conf), GlobalConfig())
+        options = tap.Options()
+        options.parseOptions(["--ssl", str(self.base / "ssl"), "--log", str(self.base / "log"),
+                              "--endpoint", "haproxy:tcp:5000", "--proxy-from", "10.0.0.0/8",
+                              "--proxy-from", "192.0.2.7"])
+        self.assertEqual(options.to_config(), from_file)
+        self.assertEqual(from_file.proxy_from, ("10.0.0.0/8", "192.0.2.7/32"))
+
+    def test_bad_value_in_a_file_is_refused(self) -> None:
+        conf = self.base / "a.conf"
+        conf.write_text("ENDPOINT=haproxy:tcp:5000\nPROXY_FROM=10.0.0.0/40\n")
+        with self.assertRaisesRegex(SettingsError, "--proxy-from 10.0.0.0/40: not an address"):
+            settings_config(read_server_file(conf), GlobalConfig())

@@ -5,7 +5,7 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from stapsrv.config.convert import SettingsError, server_config
-from stapsrv.config.endpoints import EndpointError, check, proxied, shorthand
+from stapsrv.config.endpoints import DEFAULT_PROXY_FROM, EndpointError, check, proxied, shorthand
 from stapsrv.config.values import ServerConfig
 
 
@@ -46,3 +46,34 @@ class EndpointTests(TestCase):
     def test_bad_endpoint_is_a_settings_error(self) -> None:
         with self.assertRaisesRegex(SettingsError, "--metrics 'ssl:1'"):
             server_config(metrics="ssl:1")
+
+
+class ProxyFromTests(TestCase):
+    """``--proxy-from``: where a PROXY header is believed from."""
+
+    BEHIND = "haproxy:tcp:6000:interface=127.0.0.1"
+
+    def test_default_is_this_host_only(self) -> None:
+        self.assertEqual(server_config(endpoint=self.BEHIND).proxy_from,
+                         ("127.0.0.0/8", "::1/128"))
+        self.assertEqual(ServerConfig(releases=("r",), ssl_dir=Path("/x")).proxy_from,
+                         DEFAULT_PROXY_FROM)
+
+    def test_words_separated_by_commas_or_blanks_and_repeated(self) -> None:
+        config = server_config(endpoint=self.BEHIND,
+                               proxy_from=["10.0.0.5, 192.0.2.0/24", "2001:db8::1  10.1.2.3/8"])
+        self.assertEqual(config.proxy_from,
+                         ("10.0.0.5/32", "192.0.2.0/24", "2001:db8::1/128", "10.0.0.0/8"))
+
+    def test_bad_network_is_a_settings_error_naming_it(self) -> None:
+        for bad in ("10.0.0.0/33", "proxy.example", "300.1.1.1"):
+            with self.assertRaisesRegex(SettingsError,
+                                        f"--proxy-from {bad}: not an address or network"):
+                server_config(endpoint=self.BEHIND, proxy_from=[f"127.0.0.1,{bad}"])
+
+    def test_only_a_haproxy_endpoint_takes_it(self) -> None:
+        for endpoint in (None, "tcp:6000", "systemd:domain=INET:index=0"):
+            with self.assertRaisesRegex(SettingsError, "only a haproxy: --endpoint reads"):
+                server_config(endpoint=endpoint, proxy_from=["10.0.0.0/8"])
+        # Empty values are no setting at all (PROXY_FROM= in a file).
+        self.assertEqual(server_config(proxy_from=["", " "]).proxy_from, DEFAULT_PROXY_FROM)

@@ -20,6 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from stapsrv.cache.secret import create_secret
 from tests.helpers import require_program
+from tests.helpers.forgedproxy import start_forged_proxy
 from tests.helpers.realclient import HELLO, RealClientMixin
 from tests.helpers.realhaproxy import PROXY_SOURCE, Backend, start_haproxy
 from tests.helpers.realprometheus import start_prometheus
@@ -152,6 +153,54 @@ class EndpointTests(RealClientMixin, TestCase):
         self.assertNotEqual(code, 0)
         self.assertIn("does not accept requests from 127.0.0.1 (its --allow list)",
                       err.decode())
+
+    async def test_proxy_header_is_believed_only_from_proxy_from(self) -> None:
+        require_program("haproxy")
+        # Only HAProxy's address may send the header; only 192.0.2.10 may compile.
+        metrics_port = free_port()
+        server = self.started(start_stapsrv(
+            ["--endpoint", PROXIED, "--proxy-from", PROXY_SOURCE, "--allow", "192.0.2.10",
+             "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"], release=self.release))
+        base = scratch_directory("haproxy-")
+        self.addCleanup(remove_tree, base)
+        proxy = start_haproxy(self, base / "haproxy", [Backend("s1", server.port)])
+        # Peers writing their own header claiming the allowed address: one
+        # from 127.0.0.1 (reaching the port directly), one from the proxy's.
+        direct = await start_forged_proxy(self, server.port, "127.0.0.1", "192.0.2.10")
+        trusted = await start_forged_proxy(self, server.port, PROXY_SOURCE, "192.0.2.10")
+        client = self.new_client()
+        await client.trust(trusted.spec)
+        self.assertIn("Accepted connection from 192.0.2.10:", server.log())
+
+        out, err, code = await client.stap(f"--use-server={direct.spec}", "-r", self.release,
+                                           "-p4", "-e", HELLO)
+        self.assertNotEqual(code, 0)
+        self.assertEqual(client.modules(), [])
+        log = server.log()
+        closed = [line for line in log.splitlines() if "not a trusted proxy" in line]
+        self.assertTrue(closed, log)
+        for line in closed:
+            self.assertRegex(line, r"Closed a connection from 127\.0\.0\.1:\d+: not a trusted "
+                                   r"proxy \(--proxy-from\), so its PROXY header is not read")
+        self.assertEqual(log.count("Accepted connection from 192.0.2.10:"), 1, log)
+        self.assertIn("believed from 127.0.0.3/32 (--proxy-from)", log)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=5) as page:
+            self.assertIn(f"stapsrv_untrusted_proxy_connections_total {len(closed)}.0",
+                          page.read().decode())
+
+        # HAProxy's header is believed: the client behind it is 127.0.0.1, not allowed.
+        out, err, code = await client.stap(f"--use-server={proxy.spec}", "-r", self.release,
+                                           "-p4", "-e", HELLO)
+        self.assertNotEqual(code, 0)
+        self.assertIn("does not accept requests from 127.0.0.1 (its --allow list)",
+                      err.decode())
+        # A header from a trusted address is believed, forged or not.
+        out, err, code = await client.stap(f"--use-server={trusted.spec}", "-r", self.release,
+                                           "-p4", "-e", HELLO)
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual(len([m for m in client.modules() if m.endswith(".ko")]), 1)
+        self.assertIn("Request from 192.0.2.10:", server.log())
 
 
 class MetricsTests(RealClientMixin, TestCase):
