@@ -58,6 +58,7 @@ def main() -> int:
                                     "new script, installed release": []}
     #: Parts of the first request, from the server's log.
     parts: dict[str, list[float]] = {"fetch (apt-cache, download, unpack)": [],
+                                     "System.map (image download, kallsyms)": [],
                                      "kernel configuration warm-up": []}
     homes: list[Path] = []
     for round_number in range(options.rounds):
@@ -83,6 +84,9 @@ def main() -> int:
             log = server.log()
             for name, pattern in (("fetch (apt-cache, download, unpack)",
                                    rf"Fetched kernel {re.escape(release)} in ([0-9.]+) s"),
+                                  ("System.map (image download, kallsyms)",
+                                   rf"Made the System.map of kernel {re.escape(release)} "
+                                   r"in ([0-9.]+) s"),
                                   ("kernel configuration warm-up",
                                    rf"header for {re.escape(release)} ready in ([0-9.]+) s")):
                 found = re.search(pattern, log)
