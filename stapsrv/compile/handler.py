@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from attrs import define, evolve, field, frozen
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -32,11 +32,11 @@ from stapsrv import PROTOCOL_VERSION
 from stapsrv.cache.key import KeyMaker, Uncacheable
 from stapsrv.cache.store import ResponseCache, find_answer
 from stapsrv.compile.archive import RequestRejected, build_response, refusal_archive
-from stapsrv.compile.fetch import DebugFiles, FetchFailed, KernelFetcher
+from stapsrv.compile.fetch import KernelFetcher
 from stapsrv.compile.job import Job, needs_signature, parse_job, write_request
 from stapsrv.compile.observer import NoObserver, RequestObserver
-from stapsrv.compile.kernels import StoredRelease
 from stapsrv.compile.policy import Policy
+from stapsrv.compile.releases import ServedReleases
 from stapsrv.compile.sandbox import (
     WARM_UP_SCRIPT,
     Sandbox,
@@ -44,7 +44,6 @@ from stapsrv.compile.sandbox import (
     translator_environment,
     warm_up_key,
 )
-from stapsrv.compile.runtime import select_runtime
 from stapsrv.compile.signing import sign_module_file, signature_digest
 from stapsrv.compile.translator import TranslatorRun, start_translator
 from stapsrv.config.values import ServerConfig
@@ -225,9 +224,9 @@ class RequestHandler:
     keys: KeyMaker | None = None
     counters: Counters = field(factory=Counters)
     observer: RequestObserver = field(factory=NoObserver)
-    #: The translator's sandbox and the stapconf headers it shares; None
-    #: with ``--no-sandbox``.
-    sandbox: Sandbox | None = None
+    #: The translator's sandbox as given (:attr:`sandbox`: as it is now) and
+    #: the stapconf headers it shares; None with ``--no-sandbox``.
+    _initial_sandbox: Sandbox | None = field(default=None, alias="sandbox", repr=False)
     stapconf: StapconfStore | None = None
     #: Fetches releases that are not installed into the kernel store; None
     #: with ``--no-fetch`` (and in tests of the handler alone).
@@ -239,10 +238,9 @@ class RequestHandler:
     #: so that a slow key never holds a slot requests need.
     key_pool: ThreadPool | None = None
     log: Logger = field(init=False)
-    #: Releases of the kernel store known to this server: their build trees.
-    _stored: dict[str, Path] = field(init=False, factory=dict)
-    #: Symbols (and debuginfo) fetched for served releases.
-    _debug: dict[str, DebugFiles] = field(init=False, factory=dict)
+    #: The releases this handler builds for: installed and adopted from the
+    #: kernel store, with their symbols.
+    releases: ServedReleases = field(init=False)
     policy: Policy = field(init=False)
     #: Warm-up compiles per (release, guru mode): the clients waiting for
     #: one, or True once it is done.
@@ -259,6 +257,19 @@ class RequestHandler:
         self.gate = DeferredSemaphore(self.config.concurrency)
         config = self.config
         self.policy = Policy.from_values(config.allow, config.refuse_guru, config.privileges)
+        self.releases = ServedReleases(
+            config, self.reactor, self.pool, self.runtimes, sandbox=self._initial_sandbox,
+            kernels=self.kernels, on_release_added=self._release_added, log=self.log)
+
+    @property
+    def sandbox(self) -> Sandbox | None:
+        """The translators' sandbox now: adopting a stored tree adds its
+        fixed runtime to what it shows."""
+        return self.releases.sandbox
+
+    def _release_added(self, release: str) -> None:
+        if self.on_release_added is not None:
+            self.on_release_added(release)
 
     def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, function, *args)
@@ -294,11 +305,11 @@ class RequestHandler:
             self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
                           reason=escape_controls(refusal))
             return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
-        problem = await self._provide_release(job.release, context)
+        problem = await self.releases.provide_release(job.release, context)
         if problem is not None:
             return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
-        if job.release is not None and self._serves(job.release):
-            await self._provide_debug(job.release)
+        if job.release is not None and self.releases.serves(job.release):
+            await self.releases.provide_debug(job.release)
         key = await self._cache_key(job, context)
         if key is None or self.cache is None:
             return await self._compile(body, job, context)
@@ -332,102 +343,6 @@ class RequestHandler:
             await self.cache.put(key, outcome.to_keep)
         return outcome
 
-    async def _provide_release(self, release: str | None,
-                               context: RequestContext) -> str | None:
-        """Make a release that is not installed available from the kernel
-        store, fetching it if the policy allows; the client's one-line
-        reason when it cannot be had (None: go on, the preparation refuses
-        a release that is neither served nor fetchable)."""
-        if release is None or release in self.config.releases or self.kernels is None:
-            return None
-        if not self.kernels.allowed(release):
-            return None
-        try:
-            stored = await self.kernels.ensure(release)
-        except FetchFailed as exc:
-            self.log.info("Cannot provide kernel {release} for {peer}: {reason}",
-                          release=release, peer=context.peer, reason=str(exc))
-            return f"Server: Cannot build for kernel release '{release}': {exc}."
-        new = stored.release not in self._stored
-        await self._in_thread(self._adopt, stored)
-        if new and self.on_release_added is not None:
-            self.on_release_added(stored.release)
-        return None
-
-    def _adopt(self, stored: StoredRelease) -> None:
-        """A stored release becomes one this server builds for (blocking:
-        its runtime fix is prepared as for an installed tree)."""
-        assert self.kernels is not None
-        self.kernels.store.touch(stored.release)
-        if stored.release in self._stored:
-            return
-        tree = stored.build_tree
-        if self.config.runtime is None and stored.release not in self.runtimes:
-            fixed = select_runtime(tree, cache_root=self.config.runtime_cache)
-            if fixed is not None:
-                self.runtimes[stored.release] = str(fixed)
-                if self.sandbox is not None and fixed not in self.sandbox.read_only:
-                    self.sandbox = evolve(self.sandbox,
-                                          read_only=(*self.sandbox.read_only, fixed))
-        self._stored[stored.release] = tree
-
-    async def _provide_debug(self, release: str) -> None:
-        """With ``--fetch-symbols``/``--fetch-debuginfo``: the release's
-        System.map (and vmlinux), fetched once; a compile goes on without
-        them when they cannot be had."""
-        config = self.config
-        if not config.fetch_symbols or self.kernels is None:
-            return
-        if self.sandbox is None and release not in self._stored:
-            return  # an installed release's are shown at /boot in the sandbox only
-        known = self._debug.get(release)
-        if known is not None and (known.vmlinux is not None or not config.fetch_debuginfo):
-            return
-        try:
-            files = await self.kernels.ensure_debug(release, config.fetch_debuginfo)
-        except FetchFailed as exc:
-            self.log.warn("No symbols for kernel {release}: {reason}", release=release,
-                          reason=str(exc))
-            return
-        await self._in_thread(self._adopt_debug, release, files)
-
-    def _adopt_debug(self, release: str, files: DebugFiles) -> None:
-        """Where the translator looks: a stored tree gets links to them
-        (its ``System.map`` and ``vmlinux``); an installed release gets them
-        at ``/boot`` in the sandbox (:meth:`_debug_binds`)."""
-        tree = self._stored.get(release)
-        if tree is not None:
-            for name, target in (("System.map", files.system_map), ("vmlinux", files.vmlinux)):
-                if target is None:
-                    continue
-                link = tree / name
-                if link.is_symlink() or link.exists():
-                    link.unlink()
-                link.symlink_to(target)
-        self._debug[release] = files
-
-    def _debug_binds(self, release: str | None) -> list[tuple[Path, str]]:
-        files = self._debug.get(release) if release is not None else None
-        if files is None:
-            return []
-        binds = [(files.system_map, f"/boot/System.map-{release}")]
-        if files.vmlinux is not None:
-            binds.append((files.vmlinux, f"/boot/vmlinux-{release}"))
-        return binds
-
-    def _tree(self, release: str) -> Path:
-        """The build tree of a release this server builds for."""
-        if release in self._stored:
-            return self._stored[release]
-        return Path(release) if release.startswith("/") else build_tree(release)
-
-    def _target(self, release: str) -> str:
-        """What the translator's ``-r`` names: the release, or a stored tree."""
-        return str(self._stored[release]) if release in self._stored else release
-
-    def _serves(self, release: str) -> bool:
-        return release in self.config.releases or release in self._stored
-
     async def _cache_key(self, job: Job, context: RequestContext) -> str | None:
         if self.cache is None or self.keys is None:
             return None
@@ -446,14 +361,14 @@ class RequestHandler:
     def _make_key(self, job: Job) -> str | None:
         assert self.keys is not None
         release = job.release
-        if release is None or not self._serves(release):
+        if release is None or not self.releases.serves(release):
             return None
         runtime = self.config.runtime or self.runtimes.get(release)
         options = [self.config.stap] + [
             option.flag + (option.value or "") for option in self._server_options(release)]
         # What a translator can read differs with and without the sandbox.
         options.append("sandbox" if self.sandbox is not None else "no sandbox")
-        debug = self._debug.get(release)
+        debug = self.releases.debug_files(release)
         if debug is not None and debug.vmlinux is not None:
             options.append("debuginfo " + str(debug.vmlinux))
         signers: list[bytes] = []
@@ -464,7 +379,7 @@ class RequestHandler:
             for name in mok.server_moks(store):
                 signers.append((store / name / mok.CERTIFICATE).read_bytes())
         return self.keys.key(job, release, options, runtime, signers,
-                             build=self._stored.get(release),
+                             build=self.releases.stored_tree(release),
                              symbols=debug.system_map if debug is not None else None)
 
     async def _compile(self, body: bytes, job: Job, context: RequestContext) -> Outcome:
@@ -560,7 +475,7 @@ class RequestHandler:
             _refuse(response_dir, "Server: The request does not name a kernel "
                     "release (its sysinfo is missing or unreadable).")
             return Refused("Unable to read sysinfo", None)
-        if not self._serves(release):
+        if not self.releases.serves(release):
             _refuse(response_dir, (
                 f"Server: This server does not build modules for kernel release '{release}'.\n"
                 f"Server: It serves: {', '.join(self.config.releases)}"
@@ -581,9 +496,9 @@ class RequestHandler:
         module_dir = response_dir / MODULE_DIR
         module_dir.mkdir(mode=0o700)
         arguments: Sequence[str] = job.arguments
-        if release in self._stored:
+        if self.releases.stored_tree(release) is not None:
             arguments = without_release(arguments, release)
-        argv = translator_argv(self.config.stap, self._target(release),
+        argv = translator_argv(self.config.stap, self.releases.target(release),
                                self._server_options(release), str(module_dir), arguments)
         return Prepared(scratch, release, argv, env, client_moks,
                         self._sandbox_words(scratch, release))
@@ -601,7 +516,7 @@ class RequestHandler:
             return ()
         assert self.stapconf is not None
         self.sandbox.prepare(scratch, systemtap_dir(self.environ) / "rc", self.stapconf)
-        return tuple(self.sandbox.words(scratch, self._debug_binds(release)))
+        return tuple(self.sandbox.words(scratch, self.releases.debug_binds(release)))
 
     def _server_options(self, release: str) -> list[ServerOption]:
         options = list(self.config.server_options)
@@ -664,7 +579,7 @@ class RequestHandler:
             tree = Path(release) if release.startswith("/") else build_tree(release)
             if (tree / "Makefile").exists():
                 Deferred.fromCoroutine(self._warm_up_in_a_slot(release))
-                Deferred.fromCoroutine(self._provide_debug(release))
+                Deferred.fromCoroutine(self.releases.provide_debug(release))
 
     async def _warm_up_in_a_slot(self, release: str) -> None:
         await self.gate.acquire()
@@ -704,7 +619,7 @@ class RequestHandler:
                 waiter.callback(None)
 
     def _warm_up_key(self, release: str, guru: bool) -> str:
-        tree = self._tree(release)
+        tree = self.releases.tree(release)
         options = [option.flag + (option.value or "") for option in self._server_options(release)]
         return warm_up_key(self.config.stap, tree, self.config.runtime or self.runtimes.get(release),
                            guru, options)
@@ -722,7 +637,7 @@ class RequestHandler:
             module_dir.mkdir(mode=0o700)
             words = await self._in_thread(self._sandbox_words, scratch)
             argv = translator_argv(
-                self.config.stap, self._target(release), self._server_options(release),
+                self.config.stap, self.releases.target(release), self._server_options(release),
                 str(module_dir),
                 ["-p4", "-e", WARM_UP_SCRIPT, *(["-g"] if guru else [])])
             run = start_translator(
@@ -840,7 +755,7 @@ class RequestHandler:
         messages = []
         status = 0
         if common is not None:
-            problem = mok.sign_module(self._tree(release), store / common, module)
+            problem = mok.sign_module(self.releases.tree(release), store / common, module)
             if problem is not None:
                 messages.append(problem)
                 status = 1
