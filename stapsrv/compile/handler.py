@@ -9,6 +9,10 @@ timeout, abandonment) and *finish* (thread pool: signatures, ``rc``, path
 filtering).  It returns the response archive, or ``None`` when 4.8 would
 close the connection without an answer.  Identical requests that arrive
 while one is compiling wait for its answer instead of compiling again.
+
+The handler asks :class:`~stapsrv.compile.releases.ServedReleases` about
+the releases it builds for (and to fetch one it has not got), and leaves
+the server's own warm-up compiles to :class:`~stapsrv.compile.warmup.WarmUp`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import errno
 import os
 import shutil
 import signal
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -37,15 +40,11 @@ from stapsrv.compile.job import Job, needs_signature, parse_job, write_request
 from stapsrv.compile.observer import NoObserver, RequestObserver
 from stapsrv.compile.policy import Policy
 from stapsrv.compile.releases import ServedReleases
-from stapsrv.compile.sandbox import (
-    WARM_UP_SCRIPT,
-    Sandbox,
-    StapconfStore,
-    translator_environment,
-    warm_up_key,
-)
+from stapsrv.compile.sandbox import Sandbox, StapconfStore, translator_environment
+from stapsrv.compile.scratch import MODULE_DIR, make_scratch
 from stapsrv.compile.signing import sign_module_file, signature_digest
 from stapsrv.compile.translator import TranslatorRun, start_translator
+from stapsrv.compile.warmup import WarmUp
 from stapsrv.config.values import ServerConfig
 from stapsrv.core.cmdline import (
     Privilege,
@@ -59,13 +58,10 @@ from stapsrv.core.logtext import escape_controls
 from stapsrv.core.rewrite import StreamReplacer
 from stapsrv.identity import mok
 from stapsrv.identity.certs import ServerIdentity
-from stapsrv.paths import build_tree, home_directory, systemtap_dir
+from stapsrv.paths import home_directory, systemtap_dir
 from stapsrv.reactor import IHandlerReactor
 
 T = TypeVar("T")
-
-#: The translator's --tmpdir, a name the client and the testsuite rely on.
-MODULE_DIR = "stap000000"
 
 #: Below this many free bytes after a failed compile, the disk is full.
 _DISK_FULL_BYTES = 64 * 1024
@@ -242,15 +238,13 @@ class RequestHandler:
     #: kernel store, with their symbols.
     releases: ServedReleases = field(init=False)
     policy: Policy = field(init=False)
-    #: Warm-up compiles per (release, guru mode): the clients waiting for
-    #: one, or True once it is done.
-    _warmups: dict[tuple[str, bool], list[Deferred[None]] | bool] = field(
-        init=False, factory=dict)
     _flights: dict[str, list[Deferred[bytes | None]]] = field(init=False, factory=dict)
     _running: set[TranslatorRun] = field(init=False, factory=set)
     #: Bounds the requests that go to the translator (``--max-threads``);
     #: answers from the cache need no slot.
     gate: DeferredSemaphore = field(init=False)
+    #: The server's own compiles that make the kernel configuration headers.
+    warmup: WarmUp = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.log = Logger(namespace=self.config.log_namespace, source=self)
@@ -260,6 +254,8 @@ class RequestHandler:
         self.releases = ServedReleases(
             config, self.reactor, self.pool, self.runtimes, sandbox=self._initial_sandbox,
             kernels=self.kernels, on_release_added=self._release_added, log=self.log)
+        self.warmup = WarmUp(config, self.reactor, self.pool, self.releases, self,
+                             self.stapconf, self.gate, self._running, log=self.log)
 
     @property
     def sandbox(self) -> Sandbox | None:
@@ -365,7 +361,7 @@ class RequestHandler:
             return None
         runtime = self.config.runtime or self.runtimes.get(release)
         options = [self.config.stap] + [
-            option.flag + (option.value or "") for option in self._server_options(release)]
+            option.flag + (option.value or "") for option in self.server_options(release)]
         # What a translator can read differs with and without the sandbox.
         options.append("sandbox" if self.sandbox is not None else "no sandbox")
         debug = self.releases.debug_files(release)
@@ -405,7 +401,7 @@ class RequestHandler:
 
     async def _compile_in_scratch(self, body: bytes, job: Job,
                                   context: RequestContext) -> Outcome:
-        scratch = await self._in_thread(_make_scratch, self.config.tmpdir)
+        scratch = await self._in_thread(make_scratch, self.config.tmpdir)
         try:
             try:
                 await self._in_thread(_unpack, scratch, body, job)
@@ -483,7 +479,7 @@ class RequestHandler:
                    if self.kernels is not None else ".")))
             return Refused("Target kernel version {release} is not supported by this server",
                            release)
-        env = self._translator_environment(scratch)
+        env = self.translator_environment(scratch)
         client_moks: tuple[str, ...] = ()
         if job.speaks_locale:
             env.update(job.locale.variables)
@@ -499,17 +495,19 @@ class RequestHandler:
         if self.releases.stored_tree(release) is not None:
             arguments = without_release(arguments, release)
         argv = translator_argv(self.config.stap, self.releases.target(release),
-                               self._server_options(release), str(module_dir), arguments)
+                               self.server_options(release), str(module_dir), arguments)
         return Prepared(scratch, release, argv, env, client_moks,
-                        self._sandbox_words(scratch, release))
+                        self.sandbox_words(scratch, release))
 
-    def _translator_environment(self, scratch: Path) -> dict[str, str]:
+    def translator_environment(self, scratch: Path) -> dict[str, str]:
+        """The translator's environment: the server's (only what the
+        sandbox keeps, with one), ``TMPDIR`` the scratch directory."""
         env = (dict(self.environ) if self.sandbox is None
                else translator_environment(self.environ))
         env["TMPDIR"] = str(scratch)
         return env
 
-    def _sandbox_words(self, scratch: Path, release: str | None = None) -> tuple[str, ...]:
+    def sandbox_words(self, scratch: Path, release: str | None = None) -> tuple[str, ...]:
         """Make the sandbox's private directories in ``scratch`` (blocking)
         and return bwrap's words; nothing without a sandbox."""
         if self.sandbox is None:
@@ -518,7 +516,8 @@ class RequestHandler:
         self.sandbox.prepare(scratch, systemtap_dir(self.environ) / "rc", self.stapconf)
         return tuple(self.sandbox.words(scratch, self.releases.debug_binds(release)))
 
-    def _server_options(self, release: str) -> list[ServerOption]:
+    def server_options(self, release: str) -> list[ServerOption]:
+        """The server's own translator options for ``release``."""
         options = list(self.config.server_options)
         if self.config.runtime is None and release in self.runtimes:
             options.append(ServerOption("-R", self.runtimes[release]))
@@ -534,7 +533,7 @@ class RequestHandler:
         if context.abandoned:
             return None
         if self.sandbox is not None:
-            await self._stapconf_ready(prepared.release, guru_mode(prepared.argv[1:]))
+            await self.warmup.stapconf_ready(prepared.release, guru_mode(prepared.argv[1:]))
             if context.abandoned:
                 return None
         response_dir = prepared.response_dir
@@ -570,102 +569,9 @@ class RequestHandler:
         return status
 
     def warm_up(self) -> None:
-        """In the background, make the kernel configuration header of every
-        served release that has a build tree, each in a translator slot, so
-        that the first requests need not wait for it."""
-        if self.sandbox is None:
-            return
-        for release in self.config.releases:
-            tree = Path(release) if release.startswith("/") else build_tree(release)
-            if (tree / "Makefile").exists():
-                Deferred.fromCoroutine(self._warm_up_in_a_slot(release))
-                Deferred.fromCoroutine(self.releases.provide_debug(release))
-
-    async def _warm_up_in_a_slot(self, release: str) -> None:
-        await self.gate.acquire()
-        try:
-            await self._stapconf_ready(release, False)
-        finally:
-            self.gate.release()
-
-    async def _stapconf_ready(self, release: str, guru: bool) -> None:
-        """Once per release and guru mode, before the first request's
-        translator: the server's own compile of a fixed script makes the
-        kernel configuration header that every sandbox then starts with."""
-        key = (release, guru)
-        state = self._warmups.get(key)
-        if state is True:
-            return
-        if state is None and await self._in_thread(self._was_warmed, release, guru):
-            self._warmups[key] = True
-            self.log.info("Kernel configuration header for {release}{guru} ready "
-                          "(made before)", release=release, guru=" (guru mode)" if guru else "")
-            return
-        state = self._warmups.get(key)
-        if state is True:
-            return
-        if isinstance(state, list):
-            waiter: Deferred[None] = Deferred()
-            state.append(waiter)
-            await waiter
-            return
-        waiting: list[Deferred[None]] = []
-        self._warmups[key] = waiting
-        try:
-            await self._warm_up(release, guru)
-        finally:
-            self._warmups[key] = True
-            for waiter in waiting:
-                waiter.callback(None)
-
-    def _warm_up_key(self, release: str, guru: bool) -> str:
-        tree = self.releases.tree(release)
-        options = [option.flag + (option.value or "") for option in self._server_options(release)]
-        return warm_up_key(self.config.stap, tree, self.config.runtime or self.runtimes.get(release),
-                           guru, options)
-
-    def _was_warmed(self, release: str, guru: bool) -> bool:
-        assert self.stapconf is not None
-        return self.stapconf.warmed(self._warm_up_key(release, guru))
-
-    async def _warm_up(self, release: str, guru: bool) -> None:
-        assert self.sandbox is not None and self.stapconf is not None
-        started = self.reactor.seconds()
-        scratch = await self._in_thread(_make_scratch, self.config.tmpdir)
-        try:
-            module_dir = scratch / "response" / MODULE_DIR
-            module_dir.mkdir(mode=0o700)
-            words = await self._in_thread(self._sandbox_words, scratch)
-            argv = translator_argv(
-                self.config.stap, self.releases.target(release), self._server_options(release),
-                str(module_dir),
-                ["-p4", "-e", WARM_UP_SCRIPT, *(["-g"] if guru else [])])
-            run = start_translator(
-                self.reactor, argv, self._translator_environment(scratch), scratch / "request",
-                scratch / "response" / "stdout", scratch / "response" / "stderr",
-                self.config.limits, words, self.config.max_output)
-            self._running.add(run)
-            try:
-                status = await run.result
-            finally:
-                self._running.discard(run)
-            if status != 0:
-                self.log.warn("The warm-up compile for kernel {release} failed (rc {rc}); "
-                              "each request makes its own kernel configuration header",
-                              release=release, rc=status)
-                return
-            _, private = self.sandbox.private_dirs(scratch)
-            added = await self._in_thread(self.stapconf.collect, private)
-            await self._in_thread(self.stapconf.mark_warmed, self._warm_up_key(release, guru))
-            self.log.info("Kernel configuration header for {release}{guru} ready in "
-                          "{seconds:.1f} s ({added} new)", release=release,
-                          guru=" (guru mode)" if guru else "", added=added,
-                          seconds=self.reactor.seconds() - started)
-        except Exception:
-            self.log.failure("The warm-up compile for kernel {release} could not run",
-                             release=release)
-        finally:
-            await self._in_thread(shutil.rmtree, scratch, True)
+        """Start the warm-up compiles of the served releases (in the
+        background: :meth:`WarmUp.start`)."""
+        self.warmup.start()
 
     def _expire(self, context: RequestContext) -> None:
         self.log.info("The translator for {peer} ran past the compile timeout "
@@ -784,13 +690,6 @@ _STREAMS = {1: "standard output", 2: "standard error"}
 def _size(count: int) -> str:
     """Bytes as the admin gave them (MiB), else in bytes."""
     return f"{count >> 20} MiB" if count % (1 << 20) == 0 else f"{count} bytes"
-
-
-def _make_scratch(tmpdir: Path) -> Path:
-    scratch = Path(tempfile.mkdtemp(prefix="stap-server.", dir=tmpdir))
-    (scratch / "request").mkdir(mode=0o700)
-    (scratch / "response").mkdir(mode=0o700)
-    return scratch
 
 
 def _unpack(scratch: Path, body: bytes, job: Job) -> None:

@@ -22,6 +22,7 @@ from stapsrv.compile.kernels import (
     StoredRelease,
     build_tree_in,
     fix_tree,
+    valid_release,
 )
 from stapsrv.compile.releases import ServedReleases
 from stapsrv.compile.sandbox import Sandbox
@@ -75,6 +76,8 @@ class FakeFetcher:
 
     async def ensure_debug(self, release: str, vmlinux: bool) -> DebugFiles:
         self.debug_fetched.append((release, vmlinux))
+        if not valid_release(release):  # as apt's fetcher: a tree named by path
+            raise FetchFailed(f"'{release}' is not a kernel release name")
         if self.debug_failure is not None:
             raise FetchFailed(self.debug_failure)
         root = self.store.directory / ".debug" / release
