@@ -9,6 +9,10 @@ timeout, abandonment) and *finish* (thread pool: signatures, ``rc``, path
 filtering).  It returns the response archive, or ``None`` when 4.8 would
 close the connection without an answer.  Identical requests that arrive
 while one is compiling wait for its answer instead of compiling again.
+
+The handler asks :class:`~stapsrv.compile.releases.ServedReleases` about
+the releases it builds for (and to fetch one it has not got), and leaves
+the server's own warm-up compiles to :class:`~stapsrv.compile.warmup.WarmUp`.
 """
 
 from __future__ import annotations
@@ -17,12 +21,11 @@ import errno
 import os
 import shutil
 import signal
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from attrs import define, evolve, field, frozen
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -32,21 +35,16 @@ from stapsrv import PROTOCOL_VERSION
 from stapsrv.cache.key import KeyMaker, Uncacheable
 from stapsrv.cache.store import ResponseCache, find_answer
 from stapsrv.compile.archive import RequestRejected, build_response, refusal_archive
-from stapsrv.compile.fetch import DebugFiles, FetchFailed, KernelFetcher
+from stapsrv.compile.fetch import KernelFetcher
 from stapsrv.compile.job import Job, needs_signature, parse_job, write_request
 from stapsrv.compile.observer import NoObserver, RequestObserver
-from stapsrv.compile.kernels import StoredRelease
 from stapsrv.compile.policy import Policy
-from stapsrv.compile.sandbox import (
-    WARM_UP_SCRIPT,
-    Sandbox,
-    StapconfStore,
-    translator_environment,
-    warm_up_key,
-)
-from stapsrv.compile.runtime import select_runtime
+from stapsrv.compile.releases import ServedReleases
+from stapsrv.compile.sandbox import Sandbox, StapconfStore, translator_environment
+from stapsrv.compile.scratch import MODULE_DIR, make_scratch
 from stapsrv.compile.signing import sign_module_file, signature_digest
 from stapsrv.compile.translator import TranslatorRun, start_translator
+from stapsrv.compile.warmup import WarmUp
 from stapsrv.config.values import ServerConfig
 from stapsrv.core.cmdline import (
     Privilege,
@@ -60,16 +58,11 @@ from stapsrv.core.logtext import escape_controls
 from stapsrv.core.rewrite import StreamReplacer
 from stapsrv.identity import mok
 from stapsrv.identity.certs import ServerIdentity
-from stapsrv.paths import build_tree, home_directory, systemtap_dir
+from stapsrv.paths import home_directory, systemtap_dir
 from stapsrv.reactor import IHandlerReactor
 
 T = TypeVar("T")
 
-#: The translator's --tmpdir, a name the client and the testsuite rely on.
-MODULE_DIR = "stap000000"
-
-#: Seconds before symbols that could not be had are tried again.
-DEBUG_RETRY = 600
 #: Below this many free bytes after a failed compile, the disk is full.
 _DISK_FULL_BYTES = 64 * 1024
 
@@ -227,9 +220,9 @@ class RequestHandler:
     keys: KeyMaker | None = None
     counters: Counters = field(factory=Counters)
     observer: RequestObserver = field(factory=NoObserver)
-    #: The translator's sandbox and the stapconf headers it shares; None
-    #: with ``--no-sandbox``.
-    sandbox: Sandbox | None = None
+    #: The translator's sandbox as given (:attr:`sandbox`: as it is now) and
+    #: the stapconf headers it shares; None with ``--no-sandbox``.
+    _initial_sandbox: Sandbox | None = field(default=None, alias="sandbox", repr=False)
     stapconf: StapconfStore | None = None
     #: Fetches releases that are not installed into the kernel store; None
     #: with ``--no-fetch`` (and in tests of the handler alone).
@@ -241,30 +234,38 @@ class RequestHandler:
     #: so that a slow key never holds a slot requests need.
     key_pool: ThreadPool | None = None
     log: Logger = field(init=False)
-    #: Releases of the kernel store known to this server: their build trees.
-    _stored: dict[str, Path] = field(init=False, factory=dict)
-    #: Symbols (and debuginfo) fetched for served releases.
-    _debug: dict[str, DebugFiles] = field(init=False, factory=dict)
-    #: When making a release's symbols last failed (they are not tried
-    #: again for :data:`DEBUG_RETRY` seconds, so that an unreachable archive
-    #: does not hold up every request).
-    _debug_failed: dict[str, float] = field(init=False, factory=dict)
+    #: The releases this handler builds for: installed and adopted from the
+    #: kernel store, with their symbols.
+    releases: ServedReleases = field(init=False)
     policy: Policy = field(init=False)
-    #: Warm-up compiles per (release, guru mode): the clients waiting for
-    #: one, or True once it is done.
-    _warmups: dict[tuple[str, bool], list[Deferred[None]] | bool] = field(
-        init=False, factory=dict)
     _flights: dict[str, list[Deferred[bytes | None]]] = field(init=False, factory=dict)
     _running: set[TranslatorRun] = field(init=False, factory=set)
     #: Bounds the requests that go to the translator (``--max-threads``);
     #: answers from the cache need no slot.
     gate: DeferredSemaphore = field(init=False)
+    #: The server's own compiles that make the kernel configuration headers.
+    warmup: WarmUp = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.log = Logger(namespace=self.config.log_namespace, source=self)
         self.gate = DeferredSemaphore(self.config.concurrency)
         config = self.config
         self.policy = Policy.from_values(config.allow, config.refuse_guru, config.privileges)
+        self.releases = ServedReleases(
+            config, self.reactor, self.pool, self.runtimes, sandbox=self._initial_sandbox,
+            kernels=self.kernels, on_release_added=self._release_added, log=self.log)
+        self.warmup = WarmUp(config, self.reactor, self.pool, self.releases, self,
+                             self.stapconf, self.gate, self._running, log=self.log)
+
+    @property
+    def sandbox(self) -> Sandbox | None:
+        """The translators' sandbox now: adopting a stored tree adds its
+        fixed runtime to what it shows."""
+        return self.releases.sandbox
+
+    def _release_added(self, release: str) -> None:
+        if self.on_release_added is not None:
+            self.on_release_added(release)
 
     def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, function, *args)
@@ -300,11 +301,11 @@ class RequestHandler:
             self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
                           reason=escape_controls(refusal))
             return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
-        problem = await self._provide_release(job.release, context)
+        problem = await self.releases.provide_release(job.release, context)
         if problem is not None:
             return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
-        if job.release is not None and self._serves(job.release):
-            await self._provide_debug(job.release)
+        if job.release is not None and self.releases.serves(job.release):
+            await self.releases.provide_debug(job.release)
         key = await self._cache_key(job, context)
         if key is None or self.cache is None:
             return await self._compile(body, job, context)
@@ -338,112 +339,6 @@ class RequestHandler:
             await self.cache.put(key, outcome.to_keep)
         return outcome
 
-    async def _provide_release(self, release: str | None,
-                               context: RequestContext) -> str | None:
-        """Make a release that is not installed available from the kernel
-        store, fetching it if the policy allows; the client's one-line
-        reason when it cannot be had (None: go on, the preparation refuses
-        a release that is neither served nor fetchable)."""
-        if release is None or release in self.config.releases or self.kernels is None:
-            return None
-        if not self.kernels.allowed(release):
-            return None
-        try:
-            stored = await self.kernels.ensure(release)
-        except FetchFailed as exc:
-            self.log.info("Cannot provide kernel {release} for {peer}: {reason}",
-                          release=release, peer=context.peer, reason=str(exc))
-            return f"Server: Cannot build for kernel release '{release}': {exc}."
-        new = stored.release not in self._stored
-        await self._in_thread(self._adopt, stored)
-        if new and self.on_release_added is not None:
-            self.on_release_added(stored.release)
-        return None
-
-    def _adopt(self, stored: StoredRelease) -> None:
-        """A stored release becomes one this server builds for (blocking:
-        its runtime fix is prepared as for an installed tree)."""
-        assert self.kernels is not None
-        self.kernels.store.touch(stored.release)
-        if stored.release in self._stored:
-            return
-        tree = stored.build_tree
-        if self.config.runtime is None and stored.release not in self.runtimes:
-            fixed = select_runtime(tree, cache_root=self.config.runtime_cache)
-            if fixed is not None:
-                self.runtimes[stored.release] = str(fixed)
-                if self.sandbox is not None and fixed not in self.sandbox.read_only:
-                    self.sandbox = evolve(self.sandbox,
-                                          read_only=(*self.sandbox.read_only, fixed))
-        self._stored[stored.release] = tree
-
-    async def _provide_debug(self, release: str) -> None:
-        """Unless ``--no-fetch-symbols``: the release's System.map (made
-        from its kernel image), or with ``--fetch-debuginfo`` the map and
-        vmlinux of its -dbg package, had once; a compile goes on without
-        them when they cannot be had."""
-        config = self.config
-        if not config.fetch_symbols or self.kernels is None:
-            return
-        if self.sandbox is None and release not in self._stored:
-            return  # an installed release's are shown at /boot in the sandbox only
-        known = self._debug.get(release)
-        if known is not None and (known.vmlinux is not None or not config.fetch_debuginfo):
-            return
-        failed = self._debug_failed.get(release)
-        if failed is not None and self.reactor.seconds() < failed + DEBUG_RETRY:
-            return
-        try:
-            files = await self.kernels.ensure_debug(release, config.fetch_debuginfo)
-        except FetchFailed as exc:
-            now, last = self.reactor.seconds(), self._debug_failed.get(release)
-            self._debug_failed[release] = now
-            if last is not None and now < last + DEBUG_RETRY:
-                return  # a request that shared the failed attempt
-            self.log.warn("No symbols for kernel {release}: {reason} (compiling without them; "
-                          "trying again in {retry} min)", release=release, reason=str(exc),
-                          retry=DEBUG_RETRY // 60)
-            return
-        self._debug_failed.pop(release, None)
-        await self._in_thread(self._adopt_debug, release, files)
-
-    def _adopt_debug(self, release: str, files: DebugFiles) -> None:
-        """Where the translator looks: a stored tree gets links to them
-        (its ``System.map`` and ``vmlinux``); an installed release gets them
-        at ``/boot`` in the sandbox (:meth:`_debug_binds`)."""
-        tree = self._stored.get(release)
-        if tree is not None:
-            for name, target in (("System.map", files.system_map), ("vmlinux", files.vmlinux)):
-                if target is None:
-                    continue
-                link = tree / name
-                if link.is_symlink() or link.exists():
-                    link.unlink()
-                link.symlink_to(target)
-        self._debug[release] = files
-
-    def _debug_binds(self, release: str | None) -> list[tuple[Path, str]]:
-        files = self._debug.get(release) if release is not None else None
-        if files is None:
-            return []
-        binds = [(files.system_map, f"/boot/System.map-{release}")]
-        if files.vmlinux is not None:
-            binds.append((files.vmlinux, f"/boot/vmlinux-{release}"))
-        return binds
-
-    def _tree(self, release: str) -> Path:
-        """The build tree of a release this server builds for."""
-        if release in self._stored:
-            return self._stored[release]
-        return Path(release) if release.startswith("/") else build_tree(release)
-
-    def _target(self, release: str) -> str:
-        """What the translator's ``-r`` names: the release, or a stored tree."""
-        return str(self._stored[release]) if release in self._stored else release
-
-    def _serves(self, release: str) -> bool:
-        return release in self.config.releases or release in self._stored
-
     async def _cache_key(self, job: Job, context: RequestContext) -> str | None:
         if self.cache is None or self.keys is None:
             return None
@@ -462,14 +357,14 @@ class RequestHandler:
     def _make_key(self, job: Job) -> str | None:
         assert self.keys is not None
         release = job.release
-        if release is None or not self._serves(release):
+        if release is None or not self.releases.serves(release):
             return None
         runtime = self.config.runtime or self.runtimes.get(release)
         options = [self.config.stap] + [
-            option.flag + (option.value or "") for option in self._server_options(release)]
+            option.flag + (option.value or "") for option in self.server_options(release)]
         # What a translator can read differs with and without the sandbox.
         options.append("sandbox" if self.sandbox is not None else "no sandbox")
-        debug = self._debug.get(release)
+        debug = self.releases.debug_files(release)
         if debug is not None and debug.vmlinux is not None:
             options.append("debuginfo " + str(debug.vmlinux))
         signers: list[bytes] = []
@@ -480,7 +375,7 @@ class RequestHandler:
             for name in mok.server_moks(store):
                 signers.append((store / name / mok.CERTIFICATE).read_bytes())
         return self.keys.key(job, release, options, runtime, signers,
-                             build=self._stored.get(release),
+                             build=self.releases.stored_tree(release),
                              symbols=debug.system_map if debug is not None else None)
 
     async def _compile(self, body: bytes, job: Job, context: RequestContext) -> Outcome:
@@ -506,7 +401,7 @@ class RequestHandler:
 
     async def _compile_in_scratch(self, body: bytes, job: Job,
                                   context: RequestContext) -> Outcome:
-        scratch = await self._in_thread(_make_scratch, self.config.tmpdir)
+        scratch = await self._in_thread(make_scratch, self.config.tmpdir)
         try:
             try:
                 await self._in_thread(_unpack, scratch, body, job)
@@ -576,7 +471,7 @@ class RequestHandler:
             _refuse(response_dir, "Server: The request does not name a kernel "
                     "release (its sysinfo is missing or unreadable).")
             return Refused("Unable to read sysinfo", None)
-        if not self._serves(release):
+        if not self.releases.serves(release):
             _refuse(response_dir, (
                 f"Server: This server does not build modules for kernel release '{release}'.\n"
                 f"Server: It serves: {', '.join(self.config.releases)}"
@@ -584,7 +479,7 @@ class RequestHandler:
                    if self.kernels is not None else ".")))
             return Refused("Target kernel version {release} is not supported by this server",
                            release)
-        env = self._translator_environment(scratch)
+        env = self.translator_environment(scratch)
         client_moks: tuple[str, ...] = ()
         if job.speaks_locale:
             env.update(job.locale.variables)
@@ -597,29 +492,32 @@ class RequestHandler:
         module_dir = response_dir / MODULE_DIR
         module_dir.mkdir(mode=0o700)
         arguments: Sequence[str] = job.arguments
-        if release in self._stored:
+        if self.releases.stored_tree(release) is not None:
             arguments = without_release(arguments, release)
-        argv = translator_argv(self.config.stap, self._target(release),
-                               self._server_options(release), str(module_dir), arguments)
+        argv = translator_argv(self.config.stap, self.releases.target(release),
+                               self.server_options(release), str(module_dir), arguments)
         return Prepared(scratch, release, argv, env, client_moks,
-                        self._sandbox_words(scratch, release))
+                        self.sandbox_words(scratch, release))
 
-    def _translator_environment(self, scratch: Path) -> dict[str, str]:
+    def translator_environment(self, scratch: Path) -> dict[str, str]:
+        """The translator's environment: the server's (only what the
+        sandbox keeps, with one), ``TMPDIR`` the scratch directory."""
         env = (dict(self.environ) if self.sandbox is None
                else translator_environment(self.environ))
         env["TMPDIR"] = str(scratch)
         return env
 
-    def _sandbox_words(self, scratch: Path, release: str | None = None) -> tuple[str, ...]:
+    def sandbox_words(self, scratch: Path, release: str | None = None) -> tuple[str, ...]:
         """Make the sandbox's private directories in ``scratch`` (blocking)
         and return bwrap's words; nothing without a sandbox."""
         if self.sandbox is None:
             return ()
         assert self.stapconf is not None
         self.sandbox.prepare(scratch, systemtap_dir(self.environ) / "rc", self.stapconf)
-        return tuple(self.sandbox.words(scratch, self._debug_binds(release)))
+        return tuple(self.sandbox.words(scratch, self.releases.debug_binds(release)))
 
-    def _server_options(self, release: str) -> list[ServerOption]:
+    def server_options(self, release: str) -> list[ServerOption]:
+        """The server's own translator options for ``release``."""
         options = list(self.config.server_options)
         if self.config.runtime is None and release in self.runtimes:
             options.append(ServerOption("-R", self.runtimes[release]))
@@ -635,7 +533,7 @@ class RequestHandler:
         if context.abandoned:
             return None
         if self.sandbox is not None:
-            await self._stapconf_ready(prepared.release, guru_mode(prepared.argv[1:]))
+            await self.warmup.stapconf_ready(prepared.release, guru_mode(prepared.argv[1:]))
             if context.abandoned:
                 return None
         response_dir = prepared.response_dir
@@ -671,102 +569,9 @@ class RequestHandler:
         return status
 
     def warm_up(self) -> None:
-        """In the background, make the kernel configuration header of every
-        served release that has a build tree, each in a translator slot, so
-        that the first requests need not wait for it."""
-        if self.sandbox is None:
-            return
-        for release in self.config.releases:
-            tree = Path(release) if release.startswith("/") else build_tree(release)
-            if (tree / "Makefile").exists():
-                Deferred.fromCoroutine(self._warm_up_in_a_slot(release))
-                Deferred.fromCoroutine(self._provide_debug(release))
-
-    async def _warm_up_in_a_slot(self, release: str) -> None:
-        await self.gate.acquire()
-        try:
-            await self._stapconf_ready(release, False)
-        finally:
-            self.gate.release()
-
-    async def _stapconf_ready(self, release: str, guru: bool) -> None:
-        """Once per release and guru mode, before the first request's
-        translator: the server's own compile of a fixed script makes the
-        kernel configuration header that every sandbox then starts with."""
-        key = (release, guru)
-        state = self._warmups.get(key)
-        if state is True:
-            return
-        if state is None and await self._in_thread(self._was_warmed, release, guru):
-            self._warmups[key] = True
-            self.log.info("Kernel configuration header for {release}{guru} ready "
-                          "(made before)", release=release, guru=" (guru mode)" if guru else "")
-            return
-        state = self._warmups.get(key)
-        if state is True:
-            return
-        if isinstance(state, list):
-            waiter: Deferred[None] = Deferred()
-            state.append(waiter)
-            await waiter
-            return
-        waiting: list[Deferred[None]] = []
-        self._warmups[key] = waiting
-        try:
-            await self._warm_up(release, guru)
-        finally:
-            self._warmups[key] = True
-            for waiter in waiting:
-                waiter.callback(None)
-
-    def _warm_up_key(self, release: str, guru: bool) -> str:
-        tree = self._tree(release)
-        options = [option.flag + (option.value or "") for option in self._server_options(release)]
-        return warm_up_key(self.config.stap, tree, self.config.runtime or self.runtimes.get(release),
-                           guru, options)
-
-    def _was_warmed(self, release: str, guru: bool) -> bool:
-        assert self.stapconf is not None
-        return self.stapconf.warmed(self._warm_up_key(release, guru))
-
-    async def _warm_up(self, release: str, guru: bool) -> None:
-        assert self.sandbox is not None and self.stapconf is not None
-        started = self.reactor.seconds()
-        scratch = await self._in_thread(_make_scratch, self.config.tmpdir)
-        try:
-            module_dir = scratch / "response" / MODULE_DIR
-            module_dir.mkdir(mode=0o700)
-            words = await self._in_thread(self._sandbox_words, scratch)
-            argv = translator_argv(
-                self.config.stap, self._target(release), self._server_options(release),
-                str(module_dir),
-                ["-p4", "-e", WARM_UP_SCRIPT, *(["-g"] if guru else [])])
-            run = start_translator(
-                self.reactor, argv, self._translator_environment(scratch), scratch / "request",
-                scratch / "response" / "stdout", scratch / "response" / "stderr",
-                self.config.limits, words, self.config.max_output)
-            self._running.add(run)
-            try:
-                status = await run.result
-            finally:
-                self._running.discard(run)
-            if status != 0:
-                self.log.warn("The warm-up compile for kernel {release} failed (rc {rc}); "
-                              "each request makes its own kernel configuration header",
-                              release=release, rc=status)
-                return
-            _, private = self.sandbox.private_dirs(scratch)
-            added = await self._in_thread(self.stapconf.collect, private)
-            await self._in_thread(self.stapconf.mark_warmed, self._warm_up_key(release, guru))
-            self.log.info("Kernel configuration header for {release}{guru} ready in "
-                          "{seconds:.1f} s ({added} new)", release=release,
-                          guru=" (guru mode)" if guru else "", added=added,
-                          seconds=self.reactor.seconds() - started)
-        except Exception:
-            self.log.failure("The warm-up compile for kernel {release} could not run",
-                             release=release)
-        finally:
-            await self._in_thread(shutil.rmtree, scratch, True)
+        """Start the warm-up compiles of the served releases (in the
+        background: :meth:`WarmUp.start`)."""
+        self.warmup.start()
 
     def _expire(self, context: RequestContext) -> None:
         self.log.info("The translator for {peer} ran past the compile timeout "
@@ -856,7 +661,7 @@ class RequestHandler:
         messages = []
         status = 0
         if common is not None:
-            problem = mok.sign_module(self._tree(release), store / common, module)
+            problem = mok.sign_module(self.releases.tree(release), store / common, module)
             if problem is not None:
                 messages.append(problem)
                 status = 1
@@ -885,13 +690,6 @@ _STREAMS = {1: "standard output", 2: "standard error"}
 def _size(count: int) -> str:
     """Bytes as the admin gave them (MiB), else in bytes."""
     return f"{count >> 20} MiB" if count % (1 << 20) == 0 else f"{count} bytes"
-
-
-def _make_scratch(tmpdir: Path) -> Path:
-    scratch = Path(tempfile.mkdtemp(prefix="stap-server.", dir=tmpdir))
-    (scratch / "request").mkdir(mode=0o700)
-    (scratch / "response").mkdir(mode=0o700)
-    return scratch
 
 
 def _unpack(scratch: Path, body: bytes, job: Job) -> None:

@@ -1,0 +1,190 @@
+"""The kernel releases a request handler builds for.
+
+They are the releases the server was given (installed ones, or build
+trees named by path) and the releases of the kernel store it adopts when a
+client asks for one (fetched first when the store does not have it yet).
+Adopting a stored tree prepares its runtime fix, as the service does for
+an installed tree at start, and lets the sandbox show that runtime.  With
+``--fetch-symbols`` (``--fetch-debuginfo``) the release's ``System.map``
+(and ``vmlinux``) are fetched too and put where the translator looks.
+
+:class:`ServedReleases` answers the handler's questions about a release:
+whether it is served, its build tree, what ``-r`` names for it, and the
+files the sandbox shows at ``/boot``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from attrs import define, evolve, field
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from stapsrv.compile.fetch import DebugFiles, FetchFailed, KernelFetcher
+from stapsrv.compile.kernels import StoredRelease
+from stapsrv.compile.runtime import select_runtime
+from stapsrv.compile.sandbox import Sandbox
+from stapsrv.config.values import ServerConfig
+from stapsrv.paths import build_tree
+from stapsrv.reactor import IHandlerReactor
+
+#: Seconds before symbols that could not be had are tried again.
+DEBUG_RETRY = 600
+
+if TYPE_CHECKING:
+    from stapsrv.compile.handler import RequestContext
+
+T = TypeVar("T")
+
+
+@define(eq=False)
+class ServedReleases:
+    """The releases one handler builds for, and what it knows of each."""
+
+    config: ServerConfig
+    reactor: IHandlerReactor
+    pool: ThreadPool
+    #: Fixed runtimes by release; a stored release adds its own.  The
+    #: handler passes its own dict, so both see the same runtimes.
+    runtimes: dict[str, str] = field(factory=dict)
+    #: The translators' sandbox (None with ``--no-sandbox``); a stored
+    #: tree's fixed runtime is added to what it shows.
+    sandbox: Sandbox | None = None
+    #: Fetches releases that are not installed into the kernel store; None
+    #: with ``--no-fetch``.
+    kernels: KernelFetcher | None = None
+    #: Told (in the reactor thread) of each release first served from the
+    #: kernel store.
+    on_release_added: Callable[[str], None] | None = None
+    log: Logger = field(factory=Logger)
+    #: Releases of the kernel store known to this server: their build trees.
+    _stored: dict[str, Path] = field(init=False, factory=dict)
+    #: Symbols (and debuginfo) fetched for served releases.
+    _debug: dict[str, DebugFiles] = field(init=False, factory=dict)
+    #: When making a release's symbols last failed (they are not tried
+    #: again for :data:`DEBUG_RETRY` seconds, so that an unreachable archive
+    #: does not hold up every request).
+    _debug_failed: dict[str, float] = field(init=False, factory=dict)
+
+    def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
+        return deferToThreadPool(self.reactor, self.pool, function, *args)
+
+    def stored_tree(self, release: str) -> Path | None:
+        """The build tree of a release adopted from the kernel store (None:
+        not one)."""
+        return self._stored.get(release)
+
+    def debug_files(self, release: str) -> DebugFiles | None:
+        """What was fetched of the release's symbols (None: nothing yet)."""
+        return self._debug.get(release)
+
+    async def provide_release(self, release: str | None,
+                              context: RequestContext) -> str | None:
+        """Make a release that is not installed available from the kernel
+        store, fetching it if the policy allows; the client's one-line
+        reason when it cannot be had (None: go on, the preparation refuses
+        a release that is neither served nor fetchable)."""
+        if release is None or release in self.config.releases or self.kernels is None:
+            return None
+        if not self.kernels.allowed(release):
+            return None
+        try:
+            stored = await self.kernels.ensure(release)
+        except FetchFailed as exc:
+            self.log.info("Cannot provide kernel {release} for {peer}: {reason}",
+                          release=release, peer=context.peer, reason=str(exc))
+            return f"Server: Cannot build for kernel release '{release}': {exc}."
+        new = stored.release not in self._stored
+        await self._in_thread(self._adopt, stored)
+        if new and self.on_release_added is not None:
+            self.on_release_added(stored.release)
+        return None
+
+    def _adopt(self, stored: StoredRelease) -> None:
+        """A stored release becomes one this server builds for (blocking:
+        its runtime fix is prepared as for an installed tree)."""
+        assert self.kernels is not None
+        self.kernels.store.touch(stored.release)
+        if stored.release in self._stored:
+            return
+        tree = stored.build_tree
+        if self.config.runtime is None and stored.release not in self.runtimes:
+            fixed = select_runtime(tree, cache_root=self.config.runtime_cache)
+            if fixed is not None:
+                self.runtimes[stored.release] = str(fixed)
+                if self.sandbox is not None and fixed not in self.sandbox.read_only:
+                    self.sandbox = evolve(self.sandbox,
+                                          read_only=(*self.sandbox.read_only, fixed))
+        self._stored[stored.release] = tree
+
+    async def provide_debug(self, release: str) -> None:
+        """Unless ``--no-fetch-symbols``: the release's System.map (made
+        from its kernel image), or with ``--fetch-debuginfo`` the map and
+        vmlinux of its -dbg package, had once; a compile goes on without
+        them when they cannot be had."""
+        config = self.config
+        if not config.fetch_symbols or self.kernels is None or release.startswith("/"):
+            return  # a tree given by path has no package to make them from
+        if self.sandbox is None and release not in self._stored:
+            return  # an installed release's are shown at /boot in the sandbox only
+        known = self._debug.get(release)
+        if known is not None and (known.vmlinux is not None or not config.fetch_debuginfo):
+            return
+        failed = self._debug_failed.get(release)
+        if failed is not None and self.reactor.seconds() < failed + DEBUG_RETRY:
+            return
+        try:
+            files = await self.kernels.ensure_debug(release, config.fetch_debuginfo)
+        except FetchFailed as exc:
+            now, last = self.reactor.seconds(), self._debug_failed.get(release)
+            self._debug_failed[release] = now
+            if last is not None and now < last + DEBUG_RETRY:
+                return  # a request that shared the failed attempt
+            self.log.warn("No symbols for kernel {release}: {reason} (compiling without them; "
+                          "trying again in {retry} min)", release=release, reason=str(exc),
+                          retry=DEBUG_RETRY // 60)
+            return
+        self._debug_failed.pop(release, None)
+        await self._in_thread(self._adopt_debug, release, files)
+
+    def _adopt_debug(self, release: str, files: DebugFiles) -> None:
+        """Where the translator looks: a stored tree gets links to them
+        (its ``System.map`` and ``vmlinux``); an installed release gets them
+        at ``/boot`` in the sandbox (:meth:`debug_binds`)."""
+        tree = self._stored.get(release)
+        if tree is not None:
+            for name, target in (("System.map", files.system_map), ("vmlinux", files.vmlinux)):
+                if target is None:
+                    continue
+                link = tree / name
+                if link.is_symlink() or link.exists():
+                    link.unlink()
+                link.symlink_to(target)
+        self._debug[release] = files
+
+    def debug_binds(self, release: str | None) -> list[tuple[Path, str]]:
+        files = self._debug.get(release) if release is not None else None
+        if files is None:
+            return []
+        binds = [(files.system_map, f"/boot/System.map-{release}")]
+        if files.vmlinux is not None:
+            binds.append((files.vmlinux, f"/boot/vmlinux-{release}"))
+        return binds
+
+    def tree(self, release: str) -> Path:
+        """The build tree of a release this server builds for."""
+        if release in self._stored:
+            return self._stored[release]
+        return Path(release) if release.startswith("/") else build_tree(release)
+
+    def target(self, release: str) -> str:
+        """What the translator's ``-r`` names: the release, or a stored tree."""
+        return str(self._stored[release]) if release in self._stored else release
+
+    def serves(self, release: str) -> bool:
+        return release in self.config.releases or release in self._stored

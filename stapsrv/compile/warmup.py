@@ -1,0 +1,178 @@
+"""The server's own warm-up compiles, which make the kernel configuration
+headers (``stapconf_*.h``) that every sandboxed translator starts with.
+
+A translator in the sandbox has a private ``SYSTEMTAP_DIR``, so a header
+it makes is lost with it.  Instead the server compiles a fixed script
+(:data:`stapsrv.compile.sandbox.WARM_UP_SCRIPT`) once per release and
+guru mode and keeps the headers it made in the
+:class:`~stapsrv.compile.sandbox.StapconfStore`.  At start that is done
+in the background, in a translator slot, for every installed release that
+has a build tree; any other release (a stored one, or guru mode) is warmed
+up before its first request's translator runs, and requests that come
+meanwhile wait for the same warm-up.  A warm-up whose inputs are unchanged
+since an earlier server's is not done again.  Without the sandbox there
+is nothing to warm up.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from stapsrv.compile.releases import ServedReleases
+from stapsrv.compile.sandbox import WARM_UP_SCRIPT, StapconfStore, warm_up_key
+from stapsrv.compile.scratch import MODULE_DIR, make_scratch
+from stapsrv.compile.translator import TranslatorRun, start_translator
+from stapsrv.config.values import ServerConfig
+from stapsrv.core.cmdline import ServerOption, translator_argv
+from stapsrv.paths import build_tree
+from stapsrv.reactor import IHandlerReactor
+
+T = TypeVar("T")
+
+
+class TranslatorSetup(Protocol):
+    """What a warm-up compile asks of the handler: how its translators run."""
+
+    def server_options(self, release: str) -> list[ServerOption]:
+        """The server's own options for the translator, for ``release``."""
+
+    def translator_environment(self, scratch: Path) -> dict[str, str]:
+        """The translator's environment for a scratch directory."""
+
+    def sandbox_words(self, scratch: Path, release: str | None = None) -> tuple[str, ...]:
+        """The sandbox's private directories made in ``scratch``, and bwrap's words."""
+
+
+@define(eq=False)
+class WarmUp:
+    """The warm-up compiles of one handler."""
+
+    config: ServerConfig
+    reactor: IHandlerReactor
+    pool: ThreadPool
+    releases: ServedReleases
+    translators: TranslatorSetup
+    #: Where the headers are kept (None without the sandbox).
+    stapconf: StapconfStore | None
+    #: The handler's translator slots (``--max-threads``).
+    gate: DeferredSemaphore
+    #: The handler's running translators: a warm-up's is one of them.
+    running: set[TranslatorRun]
+    log: Logger = field(factory=Logger)
+    #: Warm-up compiles per (release, guru mode): the clients waiting for
+    #: one, or True once it is done.
+    _warmups: dict[tuple[str, bool], list[Deferred[None]] | bool] = field(
+        init=False, factory=dict)
+
+    def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
+        return deferToThreadPool(self.reactor, self.pool, function, *args)
+
+    def start(self) -> None:
+        """In the background, make the kernel configuration header of every
+        served release that has a build tree, each in a translator slot, so
+        that the first requests need not wait for it."""
+        if self.releases.sandbox is None:
+            return
+        for release in self.config.releases:
+            tree = Path(release) if release.startswith("/") else build_tree(release)
+            if (tree / "Makefile").exists():
+                Deferred.fromCoroutine(self._warm_up_in_a_slot(release))
+                Deferred.fromCoroutine(self.releases.provide_debug(release))
+
+    async def _warm_up_in_a_slot(self, release: str) -> None:
+        await self.gate.acquire()
+        try:
+            await self.stapconf_ready(release, False)
+        finally:
+            self.gate.release()
+
+    async def stapconf_ready(self, release: str, guru: bool) -> None:
+        """Once per release and guru mode, before the first request's
+        translator: the server's own compile of a fixed script makes the
+        kernel configuration header that every sandbox then starts with."""
+        key = (release, guru)
+        state = self._warmups.get(key)
+        if state is True:
+            return
+        if state is None and await self._in_thread(self._was_warmed, release, guru):
+            self._warmups[key] = True
+            self.log.info("Kernel configuration header for {release}{guru} ready "
+                          "(made before)", release=release, guru=" (guru mode)" if guru else "")
+            return
+        state = self._warmups.get(key)
+        if state is True:
+            return
+        if isinstance(state, list):
+            waiter: Deferred[None] = Deferred()
+            state.append(waiter)
+            await waiter
+            return
+        waiting: list[Deferred[None]] = []
+        self._warmups[key] = waiting
+        try:
+            await self._warm_up(release, guru)
+        finally:
+            self._warmups[key] = True
+            for waiter in waiting:
+                waiter.callback(None)
+
+    def _warm_up_key(self, release: str, guru: bool) -> str:
+        tree = self.releases.tree(release)
+        options = [option.flag + (option.value or "")
+                   for option in self.translators.server_options(release)]
+        return warm_up_key(self.config.stap, tree,
+                           self.config.runtime or self.releases.runtimes.get(release),
+                           guru, options)
+
+    def _was_warmed(self, release: str, guru: bool) -> bool:
+        assert self.stapconf is not None
+        return self.stapconf.warmed(self._warm_up_key(release, guru))
+
+    async def _warm_up(self, release: str, guru: bool) -> None:
+        assert self.releases.sandbox is not None and self.stapconf is not None
+        started = self.reactor.seconds()
+        scratch = await self._in_thread(make_scratch, self.config.tmpdir)
+        try:
+            module_dir = scratch / "response" / MODULE_DIR
+            module_dir.mkdir(mode=0o700)
+            words = await self._in_thread(self.translators.sandbox_words, scratch)
+            argv = translator_argv(
+                self.config.stap, self.releases.target(release),
+                self.translators.server_options(release), str(module_dir),
+                ["-p4", "-e", WARM_UP_SCRIPT, *(["-g"] if guru else [])])
+            run = start_translator(
+                self.reactor, argv, self.translators.translator_environment(scratch),
+                scratch / "request", scratch / "response" / "stdout",
+                scratch / "response" / "stderr", self.config.limits, words,
+                self.config.max_output)
+            self.running.add(run)
+            try:
+                status = await run.result
+            finally:
+                self.running.discard(run)
+            if status != 0:
+                self.log.warn("The warm-up compile for kernel {release} failed (rc {rc}); "
+                              "each request makes its own kernel configuration header",
+                              release=release, rc=status)
+                return
+            _, private = self.releases.sandbox.private_dirs(scratch)
+            added = await self._in_thread(self.stapconf.collect, private)
+            await self._in_thread(self.stapconf.mark_warmed, self._warm_up_key(release, guru))
+            self.log.info("Kernel configuration header for {release}{guru} ready in "
+                          "{seconds:.1f} s ({added} new)", release=release,
+                          guru=" (guru mode)" if guru else "", added=added,
+                          seconds=self.reactor.seconds() - started)
+        except Exception:
+            self.log.failure("The warm-up compile for kernel {release} could not run",
+                             release=release)
+        finally:
+            await self._in_thread(shutil.rmtree, scratch, True)

@@ -1,0 +1,296 @@
+"""The releases a handler builds for: installed ones as given, stored ones
+adopted once (with their runtime fix, which the sandbox then shows), and
+the symbols fetched for them put where the translator looks.  The Debian
+archive is a fake here (a made-up headers tree put into a real kernel
+store); tests/system/test_kernels fetches from the real one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import TestCase
+
+from stapsrv.compile.fetch import DebugFiles, FetchFailed, allowed
+from stapsrv.compile.handler import RequestContext, RequestHandler
+from stapsrv.compile.kernels import (
+    KernelStore,
+    StoredPackage,
+    StoredRelease,
+    build_tree_in,
+    fix_tree,
+    valid_release,
+)
+from stapsrv.compile.releases import DEBUG_RETRY, ServedReleases
+from stapsrv.compile.sandbox import Sandbox
+from stapsrv.config.values import ServerConfig
+from stapsrv.paths import build_tree
+from tests.compile.test_kernels import fake_tree
+from tests.compile.test_runtime import NEW_TASK_WORK_H
+from tests.helpers import test_identity
+from tests.helpers.archives import RELEASE, request
+from tests.helpers.handlers import Events, HandlerCase
+
+STORED = "6.1.0-55-amd64"
+
+
+class FakeFetcher:
+    """A kernel fetcher over a real store whose archive is made up: a
+    fetched release is a fake headers tree, its symbols small files."""
+
+    def __init__(self, store: KernelStore, patterns: tuple[str, ...] = ("6.1.0-*-amd64",)
+                 ) -> None:
+        self.store = store
+        self.patterns = patterns
+        self.fetched: list[str] = []
+        self.debug_fetched: list[tuple[str, bool]] = []
+        #: The reason a fetch fails (None: it works).
+        self.failure: str | None = None
+        self.debug_failure: str | None = None
+        #: The task_work.h a fetched tree has (None: none).
+        self.task_work_h: str | None = None
+
+    def allowed(self, release: str) -> bool:
+        return allowed(release, self.patterns)
+
+    async def ensure(self, release: str) -> StoredRelease:
+        found = self.store.get(release)
+        if found is not None:
+            return found
+        if self.failure is not None:
+            raise FetchFailed(self.failure)
+        self.fetched.append(release)
+        work = self.store.begin(release)
+        fake_tree(work / "root", release)
+        tree = build_tree_in(work / "root", release)
+        (tree / "System.map").write_text("placeholder\n")
+        if self.task_work_h is not None:
+            (tree / "include" / "linux").mkdir(parents=True)
+            (tree / "include" / "linux" / "task_work.h").write_text(self.task_work_h)
+        fix_tree(work / "root", release, self.store.final_root(release))
+        return self.store.commit(work, release, [StoredPackage(f"linux-headers-{release}",
+                                                               "1", 5)])
+
+    async def ensure_debug(self, release: str, vmlinux: bool) -> DebugFiles:
+        self.debug_fetched.append((release, vmlinux))
+        if not valid_release(release):  # as apt's fetcher: a tree named by path
+            raise FetchFailed(f"'{release}' is not a kernel release name")
+        if self.debug_failure is not None:
+            raise FetchFailed(self.debug_failure)
+        root = self.store.directory / ".debug" / release
+        root.mkdir(parents=True, exist_ok=True)
+        system_map = root / f"System.map-{release}"
+        system_map.write_text("ffffffff81000000 T _text\n")
+        image = None
+        if vmlinux:
+            image = root / f"vmlinux-{release}"
+            image.write_bytes(b"\x7fELF vmlinux")
+        return DebugFiles(system_map, image)
+
+
+class ReleasesCase(TestCase):
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+        self.base.mkdir()
+        self.pool = ThreadPool(0, 2)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.store = KernelStore(self.base / "kernels", 10 << 20)
+        self.store.open()
+        self.fetcher = FakeFetcher(self.store)
+        self.events = Events()
+        self.added: list[str] = []
+        self.sandbox = Sandbox(home=self.base / "home", systemtap_dir=self.base / "stap",
+                               read_only=(self.base / "given",))
+
+    def releases(self, fetch: bool = True, sandbox: bool = True,
+                 runtimes: dict[str, str] | None = None, **config: object) -> ServedReleases:
+        settings: dict[str, object] = dict(
+            releases=(RELEASE, str(self.base / "tree")), ssl_dir=self.base / "ssl",
+            tmpdir=self.base, runtime_cache=self.base / "runtime-cache")
+        settings.update(config)
+        return ServedReleases(
+            ServerConfig(**settings), reactor, self.pool,  # type: ignore[arg-type]
+            {} if runtimes is None else runtimes,
+            sandbox=self.sandbox if sandbox else None,
+            kernels=self.fetcher if fetch else None,  # type: ignore[arg-type]
+            on_release_added=self.added.append, log=Logger(observer=self.events))
+
+
+class InstalledTests(ReleasesCase):
+    async def test_given_releases_are_served_as_given(self) -> None:
+        releases = self.releases()
+        given = str(self.base / "tree")
+        for release in (RELEASE, given):
+            self.assertIsNone(await releases.provide_release(release, RequestContext("peer")))
+            self.assertTrue(releases.serves(release))
+            self.assertIsNone(releases.stored_tree(release))
+            self.assertEqual(releases.target(release), release)
+        self.assertEqual(releases.tree(RELEASE), build_tree(RELEASE))
+        self.assertEqual(releases.tree(given), Path(given))
+        self.assertIsNone(await releases.provide_release(None, RequestContext("peer")))
+        self.assertEqual((self.fetcher.fetched, self.added), ([], []))
+
+    async def test_nothing_is_fetched_without_a_store_or_outside_the_patterns(self) -> None:
+        for releases, release in ((self.releases(fetch=False), STORED),
+                                  (self.releases(), "5.10.0-30-amd64")):
+            # The preparation refuses it later, naming what is served.
+            self.assertIsNone(await releases.provide_release(release, RequestContext("peer")))
+            self.assertFalse(releases.serves(release))
+        self.assertEqual((self.fetcher.fetched, self.added), ([], []))
+
+
+class StoredTests(ReleasesCase):
+    async def test_a_stored_release_is_adopted_once(self) -> None:
+        releases = self.releases()
+        self.assertFalse(releases.serves(STORED))
+        self.assertIsNone(await releases.provide_release(STORED, RequestContext("peer")))
+        stored = self.store.get(STORED)
+        assert stored is not None
+        self.assertTrue(releases.serves(STORED))
+        self.assertEqual(releases.tree(STORED), stored.build_tree)
+        self.assertEqual(releases.stored_tree(STORED), stored.build_tree)
+        self.assertEqual(releases.target(STORED), str(stored.build_tree))
+        self.assertEqual(self.added, [STORED])
+        # Asked again: no fetch, not announced again, but marked used.
+        os.utime(stored.directory / "used", (1, 1))
+        self.assertIsNone(await releases.provide_release(STORED, RequestContext("peer")))
+        self.assertEqual((self.fetcher.fetched, self.added), ([STORED], [STORED]))
+        self.assertGreater((stored.directory / "used").stat().st_mtime, 1)
+        # A tree without the new task_work API needs no runtime fix.
+        self.assertEqual(self.sandbox, releases.sandbox)
+
+    async def test_a_stored_tree_gets_its_runtime_fix_and_the_sandbox_shows_it(self) -> None:
+        self.fetcher.task_work_h = NEW_TASK_WORK_H
+        runtimes = {RELEASE: "/fixed/runtime"}
+        releases = self.releases(runtimes=runtimes)
+        await releases.provide_release(STORED, RequestContext("peer"))
+        fixed = runtimes[STORED]
+        self.assertTrue(Path(fixed).is_relative_to(self.base / "runtime-cache"), fixed)
+        self.assertTrue((Path(fixed) / "runtime.h").is_file())
+        assert releases.sandbox is not None
+        self.assertEqual(releases.sandbox.read_only, (self.base / "given", Path(fixed)))
+        self.assertEqual(releases.sandbox.home, self.sandbox.home)
+
+    async def test_an_explicit_runtime_leaves_the_stored_tree_alone(self) -> None:
+        self.fetcher.task_work_h = NEW_TASK_WORK_H
+        runtimes: dict[str, str] = {}
+        releases = self.releases(runtimes=runtimes, runtime="/explicit")
+        await releases.provide_release(STORED, RequestContext("peer"))
+        self.assertTrue(releases.serves(STORED))
+        self.assertEqual(runtimes, {})
+        self.assertEqual(releases.sandbox, self.sandbox)
+
+    async def test_a_failed_fetch_is_one_line_for_the_client(self) -> None:
+        self.fetcher.failure = "the Debian archive this server uses has no linux-headers-x"
+        releases = self.releases()
+        problem = await releases.provide_release(STORED, RequestContext("10.0.0.1:5"))
+        self.assertEqual(problem, f"Server: Cannot build for kernel release '{STORED}': "
+                         "the Debian archive this server uses has no linux-headers-x.")
+        self.assertEqual(self.events.matching("Cannot provide kernel"), [
+            f"Cannot provide kernel {STORED} for 10.0.0.1:5: the Debian archive this "
+            "server uses has no linux-headers-x"])
+        self.assertFalse(releases.serves(STORED))
+        self.assertEqual(self.added, [])
+
+
+class SymbolsTests(ReleasesCase):
+    async def test_no_symbols_when_switched_off(self) -> None:
+        releases = self.releases(fetch_symbols=False)
+        await releases.provide_debug(RELEASE)
+        self.assertEqual(self.fetcher.debug_fetched, [])
+        self.assertEqual(releases.debug_binds(RELEASE), [])
+
+    async def test_an_installed_release_gets_them_at_boot_in_the_sandbox(self) -> None:
+        releases = self.releases(fetch_symbols=True)
+        await releases.provide_debug(RELEASE)
+        files = releases.debug_files(RELEASE)
+        assert files is not None
+        self.assertEqual(releases.debug_binds(RELEASE),
+                         [(files.system_map, f"/boot/System.map-{RELEASE}")])
+        await releases.provide_debug(RELEASE)
+        self.assertEqual(self.fetcher.debug_fetched, [(RELEASE, False)], "fetched once")
+        self.assertEqual(releases.debug_binds(None), [])
+
+    async def test_debuginfo_is_fetched_when_only_symbols_are_known(self) -> None:
+        releases = self.releases(fetch_symbols=True, fetch_debuginfo=True)
+        releases._debug[RELEASE] = DebugFiles(self.base / "System.map", None)
+        await releases.provide_debug(RELEASE)
+        files = releases.debug_files(RELEASE)
+        assert files is not None and files.vmlinux is not None
+        self.assertEqual(releases.debug_binds(RELEASE), [
+            (files.system_map, f"/boot/System.map-{RELEASE}"),
+            (files.vmlinux, f"/boot/vmlinux-{RELEASE}")])
+        await releases.provide_debug(RELEASE)
+        self.assertEqual(self.fetcher.debug_fetched, [(RELEASE, True)])
+
+    async def test_a_tree_given_by_path_is_not_looked_up(self) -> None:
+        releases = self.releases(fetch_symbols=True)
+        await releases.provide_debug(str(self.base / "tree"))
+        self.assertEqual((self.fetcher.debug_fetched, self.events.matching("No symbols")),
+                         ([], []))
+
+    async def test_without_the_sandbox_an_installed_release_gets_none(self) -> None:
+        releases = self.releases(sandbox=False, fetch_symbols=True)
+        await releases.provide_debug(RELEASE)
+        self.assertEqual(self.fetcher.debug_fetched, [])
+
+    async def test_a_stored_tree_gets_links_to_them(self) -> None:
+        releases = self.releases(sandbox=False, fetch_symbols=True, fetch_debuginfo=True)
+        await releases.provide_release(STORED, RequestContext("peer"))
+        await releases.provide_debug(STORED)
+        files = releases.debug_files(STORED)
+        assert files is not None and files.vmlinux is not None
+        tree = releases.tree(STORED)
+        # The headers package's placeholder map is replaced.
+        self.assertEqual(os.readlink(tree / "System.map"), str(files.system_map))
+        self.assertEqual(os.readlink(tree / "vmlinux"), str(files.vmlinux))
+        self.assertEqual((tree / "System.map").read_text(), "ffffffff81000000 T _text\n")
+
+    async def test_missing_symbols_are_a_warning_and_nothing_more(self) -> None:
+        self.fetcher.debug_failure = "the Debian archive this server uses has no x-dbg"
+        releases = self.releases(fetch_symbols=True)
+        clock = Clock()
+        releases.reactor = clock  # type: ignore[assignment]
+        await releases.provide_debug(RELEASE)
+        self.assertEqual(self.events.matching("No symbols"), [
+            f"No symbols for kernel {RELEASE}: the Debian archive this server uses has "
+            "no x-dbg (compiling without them; trying again in 10 min)"])
+        self.assertEqual(releases.debug_binds(RELEASE), [])
+        # Not tried again for every request: an unreachable archive would
+        # hold each one up.
+        clock.advance(DEBUG_RETRY - 1)
+        await releases.provide_debug(RELEASE)
+        self.assertEqual(len(self.fetcher.debug_fetched), 1)
+        clock.advance(1)
+        await releases.provide_debug(RELEASE)
+        self.assertEqual(len(self.fetcher.debug_fetched), 2)
+        self.assertEqual(len(self.events.matching("No symbols")), 2)
+
+
+class HandlerTests(HandlerCase):
+    """The handler asks its releases: a stored release's request runs on
+    the stored tree, and the service hears of the new release."""
+
+    async def test_a_request_for_a_stored_release_builds_on_the_stored_tree(self) -> None:
+        store = KernelStore(self.base / "kernels", 10 << 20)
+        store.open()
+        given = self.handler()
+        handler = RequestHandler(given.config, reactor, self.pool, test_identity,
+                                 given.runtimes, given.environ,
+                                 kernels=FakeFetcher(store))  # type: ignore[arg-type]
+        added: list[str] = []
+        handler.on_release_added = added.append
+        found = await self.answer(request("-p4", "-eok", "-r", STORED, release=STORED),
+                                  handler)
+        self.assertEqual(found["rc"], b"0", found.get("stderr"))
+        argv = self.recorded()["argv"]
+        stored = store.get(STORED)
+        assert stored is not None
+        self.assertEqual(argv[0], f"-r{stored.build_tree}")
+        self.assertEqual(argv[-2:], ["-p4", "-eok"], "the client's -r is dropped")
+        self.assertEqual(added, [STORED])

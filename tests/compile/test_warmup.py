@@ -1,0 +1,222 @@
+"""The server's own warm-up compiles: one per release and guru mode, its
+kernel configuration header kept for every sandbox, not done again when
+an earlier server did it, shared by the requests that come meanwhile.
+The translator is a fake that makes a header where a sandboxed one would;
+the real one runs in the system suites (tests.helpers.faults.wait_for_warm_up)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import TestCase
+
+from stapsrv.compile.handler import RequestContext
+from stapsrv.compile.kernels import KernelStore
+from stapsrv.compile.releases import ServedReleases
+from stapsrv.compile.sandbox import WARM_UP_SCRIPT, Sandbox, StapconfStore
+from stapsrv.compile.translator import TranslatorRun
+from stapsrv.compile.warmup import WarmUp
+from stapsrv.config.values import ServerConfig
+from stapsrv.core.cmdline import ServerOption
+from tests.compile.test_releases import STORED, FakeFetcher
+from tests.helpers.archives import RELEASE
+from tests.helpers.handlers import Events
+
+#: A translator that records its arguments and makes a stapconf header in
+#: its SYSTEMTAP_DIR's cache, as the real one does for -p4.
+FAKE_TRANSLATOR = """\
+import json, os, sys, time
+with open(os.environ["WARMUP_RECORD"], "a") as out:
+    out.write(json.dumps(sys.argv[1:]) + "\\n")
+time.sleep(float(os.environ.get("WARMUP_DELAY", "0")))
+if os.environ.get("WARMUP_FAIL"):
+    sys.exit(1)
+cache = os.path.join(os.environ["SYSTEMTAP_DIR"], "cache", "ab")
+os.makedirs(cache, exist_ok=True)
+with open(os.path.join(cache, "stapconf_abcd.h"), "w") as out:
+    out.write("#define STAPCONF_FAKE 1\\n")
+"""
+
+
+class Translators:
+    """The handler's side of a warm-up: options, environment, sandbox
+    directories (made for real, with no bwrap around the fake)."""
+
+    def __init__(self, sandbox: Sandbox, stapconf: StapconfStore, record: Path) -> None:
+        self.sandbox = sandbox
+        self.stapconf = stapconf
+        self.environ = {"PATH": os.environ["PATH"], "WARMUP_RECORD": str(record)}
+        self.options = [ServerOption("-D", "A=1")]
+
+    def server_options(self, release: str) -> list[ServerOption]:
+        return list(self.options)
+
+    def translator_environment(self, scratch: Path) -> dict[str, str]:
+        _, systemtap_dir = self.sandbox.private_dirs(scratch)
+        return {**self.environ, "SYSTEMTAP_DIR": str(systemtap_dir), "TMPDIR": str(scratch)}
+
+    def sandbox_words(self, scratch: Path, release: str | None = None) -> tuple[str, ...]:
+        self.sandbox.prepare(scratch, None, self.stapconf)
+        return ()
+
+
+class WarmUpCase(TestCase):
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+        self.tmpdir = self.base / "tmp"
+        self.tmpdir.mkdir(parents=True)
+        self.pool = ThreadPool(0, 2)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.stap = self.base / "stap"
+        self.stap.write_text(f"#!{sys.executable}\n{FAKE_TRANSLATOR}")
+        self.stap.chmod(0o755)
+        self.record = self.base / "record"
+        self.stapconf = StapconfStore(self.base / "stapconf")
+        self.sandbox = Sandbox(home=self.base / "home", systemtap_dir=self.base / "stap-dir")
+        self.translators = Translators(self.sandbox, self.stapconf, self.record)
+        self.events = Events()
+        self.gate = DeferredSemaphore(2)
+        self.running: set[TranslatorRun] = set()
+        self.fetcher = FakeFetcher(KernelStore(self.base / "kernels", 10 << 20))
+
+    def warmup(self, sandbox: bool = True, **config: object) -> WarmUp:
+        settings: dict[str, object] = dict(
+            releases=(RELEASE,), ssl_dir=self.base / "ssl", stap=str(self.stap),
+            tmpdir=self.tmpdir, runtime_cache=self.base / "runtime-cache")
+        settings.update(config)
+        server_config = ServerConfig(**settings)  # type: ignore[arg-type]
+        releases = ServedReleases(server_config, reactor, self.pool, {},
+                                  sandbox=self.sandbox if sandbox else None,
+                                  kernels=self.fetcher)  # type: ignore[arg-type]
+        return WarmUp(server_config, reactor, self.pool, releases, self.translators,
+                      self.stapconf if sandbox else None, self.gate, self.running,
+                      log=Logger(observer=self.events))
+
+    def runs(self) -> list[list[str]]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines()]
+
+    def header(self) -> Path:
+        return self.stapconf.directory / "ab" / "stapconf_abcd.h"
+
+    async def until(self, done: object, what: str) -> None:
+        for _ in range(400):
+            if callable(done) and done():
+                return
+            await deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"not within 20 s: {what}")
+
+
+class ReadyTests(WarmUpCase):
+    async def test_a_warm_up_makes_the_header_once(self) -> None:
+        warmup = self.warmup()
+        await warmup.stapconf_ready(RELEASE, False)
+        [argv] = self.runs()
+        self.assertEqual(argv[:2], [f"-r{RELEASE}", "-DA=1"])
+        self.assertTrue(argv[2].startswith(f"--tmpdir={self.tmpdir}/stap-server."), argv)
+        self.assertTrue(argv[2].endswith("/response/stap000000"), argv)
+        self.assertEqual(argv[3:], ["--client-options", "-p4", "-e", WARM_UP_SCRIPT])
+        self.assertEqual(self.header().read_text(), "#define STAPCONF_FAKE 1\n")
+        [line] = self.events.matching("Kernel configuration header")
+        self.assertRegex(line, rf"^Kernel configuration header for {RELEASE} ready in "
+                         r"[0-9]+\.[0-9] s \(1 new\)$")
+        self.assertEqual(os.listdir(self.tmpdir), [], "scratch directory removed")
+        self.assertEqual(self.running, set())
+        await warmup.stapconf_ready(RELEASE, False)
+        self.assertEqual(len(self.runs()), 1)
+
+    async def test_guru_mode_is_warmed_up_apart(self) -> None:
+        warmup = self.warmup()
+        await warmup.stapconf_ready(RELEASE, False)
+        await warmup.stapconf_ready(RELEASE, True)
+        self.assertEqual([argv[-1] for argv in self.runs()], [WARM_UP_SCRIPT, "-g"])
+        self.assertRegex(self.events.matching("(guru mode)")[0],
+                         rf"^Kernel configuration header for {RELEASE} \(guru mode\) ready in "
+                         r"[0-9.]+ s \(0 new\)$")
+
+    async def test_a_later_server_does_not_warm_up_again(self) -> None:
+        await self.warmup().stapconf_ready(RELEASE, False)
+        await self.warmup().stapconf_ready(RELEASE, False)
+        self.assertEqual(len(self.runs()), 1)
+        self.assertEqual(self.events.matching("(made before)"), [
+            f"Kernel configuration header for {RELEASE} ready (made before)"])
+        # Other server options make another header.
+        self.translators.options = [ServerOption("-D", "A=2")]
+        await self.warmup().stapconf_ready(RELEASE, False)
+        self.assertEqual(len(self.runs()), 2)
+
+    async def test_requests_that_come_meanwhile_wait_for_the_same_warm_up(self) -> None:
+        self.translators.environ["WARMUP_DELAY"] = "1"
+        warmup = self.warmup()
+        first = Deferred.fromCoroutine(warmup.stapconf_ready(RELEASE, False))
+        await self.until(lambda: self.running, "the warm-up's translator runs")
+        second = Deferred.fromCoroutine(warmup.stapconf_ready(RELEASE, False))
+        self.assertFalse(second.called, "waits for the warm-up under way")
+        self.assertEqual(len(self.running), 1, "the handler sees the warm-up's translator")
+        await gatherResults([first, second])
+        self.assertEqual(len(self.runs()), 1)
+        self.assertTrue(self.header().exists())
+
+    async def test_a_failed_warm_up_is_a_warning_and_each_request_makes_its_own(self) -> None:
+        self.translators.environ["WARMUP_FAIL"] = "1"
+        warmup = self.warmup()
+        await warmup.stapconf_ready(RELEASE, False)
+        self.assertEqual(self.events.matching("warm-up compile"), [
+            f"The warm-up compile for kernel {RELEASE} failed (rc 1); each request makes "
+            "its own kernel configuration header"])
+        self.assertFalse(self.header().exists())
+        self.assertEqual(os.listdir(self.tmpdir), [])
+        await warmup.stapconf_ready(RELEASE, False)
+        self.assertEqual(len(self.runs()), 1, "not tried again by this server")
+        await self.warmup().stapconf_ready(RELEASE, False)
+        self.assertEqual(len(self.runs()), 2, "a new server tries again")
+
+    async def test_a_stored_release_is_warmed_up_on_its_tree(self) -> None:
+        warmup = self.warmup()
+        await warmup.releases.provide_release(STORED, RequestContext("peer"))
+        await warmup.stapconf_ready(STORED, False)
+        stored = self.fetcher.store.get(STORED)
+        assert stored is not None
+        self.assertEqual(self.runs()[0][0], f"-r{stored.build_tree}")
+
+
+class StartTests(WarmUpCase):
+    def tree(self, name: str, makefile: bool) -> str:
+        tree = self.base / name
+        tree.mkdir()
+        if makefile:
+            (tree / "Makefile").write_text("all:\n")
+        return str(tree)
+
+    async def test_served_trees_are_warmed_up_in_a_slot(self) -> None:
+        ready, unready = self.tree("ready", True), self.tree("unready", False)
+        self.gate = DeferredSemaphore(1)
+        warmup = self.warmup(releases=(ready, unready), fetch_symbols=True)
+        await self.gate.acquire()
+        warmup.start()
+        # Trees given by path have no package to make symbols from.
+        self.assertEqual(self.fetcher.debug_fetched, [])
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(self.runs(), [], "no slot free yet")
+        self.gate.release()
+        await self.until(lambda: self.gate.tokens == 1, "the warm-up gives its slot back")
+        self.assertEqual([argv[0] for argv in self.runs()], [f"-r{ready}"])
+        self.assertEqual(len(self.events.matching(f"header for {ready} ready in")), 1)
+        self.assertEqual(os.listdir(self.tmpdir), [])
+
+    async def test_without_the_sandbox_nothing_is_warmed_up(self) -> None:
+        warmup = self.warmup(sandbox=False, releases=(self.tree("ready", True),),
+                             fetch_symbols=True)
+        warmup.start()
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual((self.runs(), self.fetcher.debug_fetched), ([], []))
