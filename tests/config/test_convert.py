@@ -16,11 +16,16 @@ from stapsrv.config.convert import SettingsError, server_config, settings_config
 from stapsrv.config.files import GlobalConfig, read_server_file
 
 
-class ConvertTests(TestCase):
+class ConvertCase(TestCase):
+    """A scratch directory, as a user that is not root."""
+
     def setUp(self) -> None:
         self.patch(os, "geteuid", lambda: 1000)
         self.base = Path(self.mktemp()).absolute()
         self.base.mkdir()
+
+
+class ConvertTests(ConvertCase):
 
     def test_options_and_file_agree(self) -> None:
         conf = self.base / "a.conf"
@@ -149,12 +154,7 @@ class ConvertTests(TestCase):
             server_config(fetch_releases=["6.1.0-*-amd64;rm"])
 
 
-class ProxyFromFileTests(TestCase):
-    def setUp(self) -> None:
-        self.patch(os, "geteuid", lambda: 1000)
-        self.base = Path(self.mktemp()).absolute()
-        self.base.mkdir()
-
+class ProxyFromFileTests(ConvertCase):
     def test_options_and_file_agree(self) -> None:
         conf = self.base / "a.conf"
         conf.write_text(f"SSL={self.base / 'ssl'}\nLOG={self.base / 'log'}\n"
