@@ -123,6 +123,8 @@ class KernelStoreTests(RealClientMixin, TestCase):
                       f"archive this server uses has no kernel headers for release {missing} "
                       f"(no package linux-headers-{missing}).\n", err)
         self.assertEqual(store_contents(store), [])
+        # Only the installed release's symbols (made at start), nothing half-made.
+        self.assertEqual([name for name in symbols_of(store) if name != self.release], [])
         # Outside the fetch policy: not even looked up.
         policy = self.store_server(store, "--fetch-releases", "5.10.0-*-amd64")
         older = older_abi_release()
