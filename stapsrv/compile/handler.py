@@ -36,6 +36,7 @@ from stapsrv.compile.fetch import DebugFiles, FetchFailed, KernelFetcher
 from stapsrv.compile.job import Job, needs_signature, parse_job, write_request
 from stapsrv.compile.observer import NoObserver, RequestObserver
 from stapsrv.compile.kernels import StoredRelease
+from stapsrv.compile.moduledebug import ModuleDebug
 from stapsrv.compile.policy import Policy
 from stapsrv.compile.sandbox import (
     WARM_UP_SCRIPT,
@@ -234,6 +235,8 @@ class RequestHandler:
     #: Fetches releases that are not installed into the kernel store; None
     #: with ``--no-fetch`` (and in tests of the handler alone).
     kernels: KernelFetcher | None = None
+    #: Fetches the debuginfo of modules scripts name (``--fetch-debuginfo``).
+    module_debug: ModuleDebug | None = None
     #: Told (in the reactor thread) of each release the handler starts
     #: serving from the kernel store.
     on_release_added: Callable[[str], None] | None = None
@@ -305,6 +308,7 @@ class RequestHandler:
             return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
         if job.release is not None and self._serves(job.release):
             await self._provide_debug(job.release)
+            await self._provide_module_debug(job.release, job.named_modules)
         key = await self._cache_key(job, context)
         if key is None or self.cache is None:
             return await self._compile(body, job, context)
@@ -407,6 +411,13 @@ class RequestHandler:
         self._debug_failed.pop(release, None)
         await self._in_thread(self._adopt_debug, release, files)
 
+    async def _provide_module_debug(self, release: str, names: tuple[str, ...]) -> None:
+        """The debuginfo of the modules a script names (``--fetch-debuginfo``),
+        where the translator of this release looks (:mod:`stapsrv.compile.moduledebug`)."""
+        tree = self._stored.get(release)
+        if self.module_debug is not None and (tree is not None or self.sandbox is not None):
+            await self.module_debug.provide(release, names, tree)
+
     def _adopt_debug(self, release: str, files: DebugFiles) -> None:
         """Where the translator looks: a stored tree gets links to them
         (its ``System.map`` and ``vmlinux``); an installed release gets them
@@ -424,12 +435,14 @@ class RequestHandler:
 
     def _debug_binds(self, release: str | None) -> list[tuple[Path, str]]:
         files = self._debug.get(release) if release is not None else None
+        modules = (self.module_debug.binds(release) if self.module_debug is not None
+                   and release is not None and release not in self._stored else [])
         if files is None:
-            return []
+            return modules
         binds = [(files.system_map, f"/boot/System.map-{release}")]
         if files.vmlinux is not None:
             binds.append((files.vmlinux, f"/boot/vmlinux-{release}"))
-        return binds
+        return binds + modules
 
     def _tree(self, release: str) -> Path:
         """The build tree of a release this server builds for."""
@@ -472,6 +485,8 @@ class RequestHandler:
         debug = self._debug.get(release)
         if debug is not None and debug.vmlinux is not None:
             options.append("debuginfo " + str(debug.vmlinux))
+        if self.module_debug is not None:
+            options += self.module_debug.key_words(release, job.named_modules)
         signers: list[bytes] = []
         if needs_signature(job):
             signers.append(self.identity().certificate_der)
