@@ -9,14 +9,19 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from stapsrv.compile.fetch import Candidate
 from stapsrv.compile.kernels import KernelStore
 from stapsrv.compile.moduledebug import (
     INDEX,
     MAX_MODULES,
+    RETRY,
     ModuleDebug,
     ModuleSet,
     assemble,
@@ -102,24 +107,107 @@ class BindTests(TestCase):
         self.base = Path(self.mktemp())
         self.root = self.base / "entry" / "root"
         write(self.root / "kernel/fs/ext4/ext4.ko")
-        self.debug = ModuleDebug(None, modules_root=self.base / "lib-modules")  # type: ignore[arg-type]
-        self.debug._known[RELEASE] = ModuleSet(
+        self.module_debug = ModuleDebug(None, modules_root=self.base / "lib-modules")  # type: ignore[arg-type]
+        self.module_debug._known[RELEASE] = ModuleSet(
             RELEASE, self.root, {"ext4": "kernel/fs/ext4/ext4.ko"}, frozenset({"nosuch"}))
         self.host = self.base / "lib-modules" / RELEASE
         self.host.mkdir(parents=True)
 
     def test_host_without_modules_gets_the_whole_directory(self) -> None:
-        self.assertEqual(self.debug.binds(RELEASE), [(self.root, os.path.realpath(self.host))])
-        self.assertEqual(self.debug.binds("6.1.0-56-amd64"), [])
+        self.assertEqual(self.module_debug.binds(RELEASE), [(self.root, os.path.realpath(self.host))])
+        self.assertEqual(self.module_debug.binds("6.1.0-56-amd64"), [])
 
     def test_host_with_stripped_modules_gets_each_file_over_its_own(self) -> None:
         write(self.host / "kernel/fs/ext4/ext4.ko", b"stripped")
-        self.assertEqual(self.debug.binds(RELEASE), [
+        self.assertEqual(self.module_debug.binds(RELEASE), [
             (self.root / "kernel/fs/ext4/ext4.ko",
              os.path.join(os.path.realpath(self.host), "kernel/fs/ext4/ext4.ko"))])
 
     def test_key_names_the_files_of_the_modules_asked_for(self) -> None:
-        self.assertEqual(self.debug.key_words(RELEASE, ["ext4", "nosuch"]),
+        self.assertEqual(self.module_debug.key_words(RELEASE, ["ext4", "nosuch"]),
                          [f"module debuginfo kernel/fs/ext4/ext4.ko "
                           f"{self.root / 'kernel/fs/ext4/ext4.ko'}"])
-        self.assertEqual(self.debug.key_words(RELEASE, ["xfs"]), [])
+        self.assertEqual(self.module_debug.key_words(RELEASE, ["xfs"]), [])
+
+
+class ArchiveFetcher:
+    """Stands in for KernelFetcher over a made-up -dbg package: apt and
+    tar are replaced by writing the members the patterns match; each tar
+    pass waits until the test lets it end (``passes``)."""
+
+    MEMBERS = (f"./{DEBUG}/kernel/fs/ext4/ext4.ko", f"./{DEBUG}/kernel/fs/xfs/xfs.ko")
+
+    def __init__(self, directory: Path) -> None:
+        self.store = KernelStore(directory, 1 << 30)
+        self.reactor = Clock()
+        self.passes: list[Deferred[None]] = []
+        self.fail_unpack = False
+
+    def _in_thread(self, function: Callable[..., object], *args: object) -> Deferred[object]:
+        return maybeDeferred(function, *args)
+
+    async def _candidate(self, name: str) -> Candidate:
+        return Candidate(name, "6.1.192-3", 858_000_000, ())
+
+    async def _download(self, download: Path, release: str, packages: list[Candidate],
+                        total: int, progress: object) -> None:
+        (download / f"{packages[0].name}_6.1.192-3_amd64.deb").write_bytes(b"deb")
+
+    async def _run(self, argv: list[str]) -> tuple[bytes, bytes, int]:
+        done: Deferred[None] = Deferred()
+        self.passes.append(done)
+        await done
+        if self.fail_unpack:
+            return b"", b"tar: ./usr: Cannot write: No space left on device\n", 2
+        target, patterns = Path(argv[5]), argv[6:]
+        found = [m for m in self.MEMBERS if any(fnmatch.fnmatchcase(m, p) for p in patterns)]
+        for member in found:
+            write(target / member, member.encode())
+        return b"", b"", 0 if len(found) == len(patterns) else 2
+
+
+class FetchTests(TestCase):
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp())
+        self.fetcher = ArchiveFetcher(self.base / "store")
+        self.module_debug = ModuleDebug(self.fetcher,  # type: ignore[arg-type]
+                                 modules_root=self.base / "lib-modules")
+
+    def test_identical_requests_share_one_pass_and_absent_modules_are_remembered(self) -> None:
+        tree = self.base / "tree"
+        tree.mkdir(parents=True)
+        first = Deferred.fromCoroutine(self.module_debug.provide(RELEASE, ["ext4", "nosuch"], tree))
+        second = Deferred.fromCoroutine(self.module_debug.provide(RELEASE, ["ext4"], None))
+        self.assertEqual(len(self.fetcher.passes), 1)
+        self.fetcher.passes[0].callback(None)
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(len(self.fetcher.passes), 1)
+        self.assertTrue((tree / "debug-modules" / "fs" / "ext4" / "ext4.ko").is_file())
+        # Known present or absent: no pass; a new module: one more.
+        self.successResultOf(Deferred.fromCoroutine(
+            self.module_debug.provide(RELEASE, ["nosuch", "ext4"], None)))
+        self.assertEqual(len(self.fetcher.passes), 1)
+        third = Deferred.fromCoroutine(self.module_debug.provide(RELEASE, ["xfs"], None))
+        self.fetcher.passes[1].callback(None)
+        self.successResultOf(third)
+        entry = self.module_debug.store.get(RELEASE)
+        assert entry is not None
+        self.assertEqual(set(read_set(entry).modules), {"ext4", "xfs"})
+
+    def test_a_failed_pass_leaves_nothing_and_waits_before_trying_again(self) -> None:
+        self.fetcher.fail_unpack = True
+        first = Deferred.fromCoroutine(self.module_debug.provide(RELEASE, ["ext4"], None))
+        self.fetcher.passes[0].callback(None)
+        self.successResultOf(first)
+        self.assertIsNone(self.module_debug.store.get(RELEASE))
+        self.assertEqual(list(self.module_debug.store.directory.iterdir()), [])
+        self.successResultOf(Deferred.fromCoroutine(self.module_debug.provide(RELEASE, ["ext4"], None)))
+        self.assertEqual(len(self.fetcher.passes), 1)
+        self.fetcher.reactor.advance(RETRY)
+        self.fetcher.fail_unpack = False
+        again = Deferred.fromCoroutine(self.module_debug.provide(RELEASE, ["ext4"], None))
+        self.assertEqual(len(self.fetcher.passes), 2)
+        self.fetcher.passes[1].callback(None)
+        self.successResultOf(again)
+        self.assertIsNotNone(self.module_debug.store.get(RELEASE))
