@@ -207,9 +207,8 @@ class ModuleDebug:
         return read_set(stored)
 
     async def _ensure(self, release: str, wanted: list[str]) -> ModuleSet | None:
-        known = self._known.get(release)
-        if known is None or known.lacks(wanted):
-            known = await self._read(release)
+        # From the store each time: cheap, marks it used, and sees evictions.
+        known = await self._read(release)
         if known is not None and not known.lacks(wanted):
             self._known[release] = known
             return known
@@ -292,14 +291,17 @@ class ModuleDebug:
         (blocking; may be called from any thread)."""
         modules = self._known.get(release)
         host = self.modules_root / release
-        if modules is None or not modules.modules or not host.is_dir():
+        # Only what is still there: bwrap refuses a missing source (an
+        # entry evicted or removed since).
+        if modules is None or not modules.modules or not host.is_dir() \
+                or not modules.root.is_dir():
             return []
         inside = os.path.realpath(host)
         if not (host / "kernel").exists():
             return [(modules.root, inside)]
         return [(path, os.path.join(inside, relative))
                 for relative, path in modules.files(modules.modules)
-                if (host / relative).is_file()]
+                if (host / relative).is_file() and path.is_file()]
 
     def key_words(self, release: str, names: Iterable[str]) -> list[str]:
         """What the cache key adds: the fetched files the request's

@@ -123,6 +123,19 @@ class BindTests(TestCase):
             (self.root / "kernel/fs/ext4/ext4.ko",
              os.path.join(os.path.realpath(self.host), "kernel/fs/ext4/ext4.ko"))])
 
+    def test_removed_entry_is_not_shown(self) -> None:
+        (self.root / "kernel/fs/ext4/ext4.ko").unlink()
+        write(self.host / "kernel/fs/ext4/ext4.ko", b"stripped")
+        self.assertEqual(self.module_debug.binds(RELEASE), [])
+        (self.host / "kernel/fs/ext4/ext4.ko").unlink()
+        (self.host / "kernel/fs/ext4").rmdir()
+        (self.host / "kernel/fs").rmdir()
+        (self.host / "kernel").rmdir()
+        for directory in ("kernel/fs/ext4", "kernel/fs", "kernel"):
+            (self.root / directory).rmdir()
+        self.root.rmdir()
+        self.assertEqual(self.module_debug.binds(RELEASE), [])
+
     def test_key_names_the_files_of_the_modules_asked_for(self) -> None:
         self.assertEqual(self.module_debug.key_words(RELEASE, ["ext4", "nosuch"]),
                          [f"module debuginfo kernel/fs/ext4/ext4.ko "
