@@ -34,6 +34,7 @@ from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
 from stapsrv.compile.fetch import KernelFetcher, debian_architecture, default_patterns
 from stapsrv.compile.handler import RequestHandler
 from stapsrv.compile.kernels import KernelStore, store_directory
+from stapsrv.compile.moduledebug import ModuleDebug
 from stapsrv.compile.runtime import default_cache_root, select_runtime
 from stapsrv.compile.policy import parse_networks
 from stapsrv.compile.sandbox import (
@@ -185,6 +186,8 @@ class CompileServerService(Service):
                                  runtimes, cache=cache, keys=keys, counters=self.counters,
                                  sandbox=sandbox, stapconf=stapconf, kernels=kernels,
                                  key_pool=self._key_pool)
+        if kernels is not None and config.fetch_debuginfo:
+            handler.releases.module_debug = self._make_module_debug(kernels)
         if self.metrics is not None:
             handler.observer = self.metrics
         handler.on_release_added = self._release_added
@@ -238,6 +241,14 @@ class CompileServerService(Service):
                       "matching {patterns}", directory=store.directory,
                       size=config.kernel_store_size >> 20, patterns=" ".join(patterns))
         return KernelFetcher(store, self.reactor, self._pool, patterns, log=self.log)
+
+    def _make_module_debug(self, kernels: KernelFetcher) -> ModuleDebug:
+        """Module debuginfo on demand (--fetch-debuginfo), beside the kernel store."""
+        module_debug = ModuleDebug(kernels, log=self.log)
+        for name in module_debug.open():
+            self.log.info("Kernel store: removed {name}, left by an interrupted fetch of "
+                          "module debuginfo", name=name)
+        return module_debug
 
     def _make_sandbox(self, runtimes: Mapping[str, str]
                       ) -> tuple[Sandbox | None, StapconfStore | None]:

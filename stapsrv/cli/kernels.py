@@ -35,6 +35,7 @@ from stapsrv.compile.fetch import (
     megabytes,
 )
 from stapsrv.compile.kernels import KernelStore, StoredRelease, store_directory
+from stapsrv.compile.moduledebug import MODULES_DIRECTORY
 from stapsrv.config.values import DEFAULT_KERNEL_STORE_SIZE, ServerConfig
 from stapsrv.paths import RootRefused, refuse_root
 from stapsrv.reactor import IServerReactor
@@ -78,10 +79,12 @@ def list_store(store: KernelStore, out: TextIO) -> None:
 
 
 def remove_release(store: KernelStore, release: str) -> bool:
-    """Remove a release's tree and its symbols; whether there was either."""
+    """Remove a release's tree, its symbols and its module debuginfo;
+    whether there was any."""
     tree = store.remove(release)
     symbols = debug_store(store).remove(release)
-    return tree or symbols
+    modules = KernelStore(store.directory / MODULES_DIRECTORY, store.size_cap).remove(release)
+    return tree or symbols or modules
 
 
 class ProgressLine:

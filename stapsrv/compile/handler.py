@@ -306,6 +306,7 @@ class RequestHandler:
             return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
         if job.release is not None and self.releases.serves(job.release):
             await self.releases.provide_debug(job.release)
+            await self.releases.provide_module_debug(job.release, job.named_modules)
         key = await self._cache_key(job, context)
         if key is None or self.cache is None:
             return await self._compile(body, job, context)
@@ -367,6 +368,8 @@ class RequestHandler:
         debug = self.releases.debug_files(release)
         if debug is not None and debug.vmlinux is not None:
             options.append("debuginfo " + str(debug.vmlinux))
+        if self.releases.module_debug is not None:
+            options += self.releases.module_debug.key_words(release, job.named_modules)
         signers: list[bytes] = []
         if needs_signature(job):
             signers.append(self.identity().certificate_der)

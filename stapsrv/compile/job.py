@@ -68,6 +68,7 @@ def request_paths(arguments: Sequence[str], scripts: Iterable[bytes]) -> ScriptP
     used: set[int] = set()
     texts = list(scripts)
     reason: str | None = None
+    modules: set[str] = set()
     for option in scan_options(arguments):
         used.update(range(option.start, option.stop))
         if option.name in _UNFOLLOWABLE_OPTIONS and reason is None:
@@ -83,9 +84,10 @@ def request_paths(arguments: Sequence[str], scripts: Iterable[bytes]) -> ScriptP
     for text in texts:
         scanned = scan_script(text)
         words += scanned.paths
+        modules.update(scanned.modules)
         reason = reason or scanned.uncacheable
     found = {path for word in words if (path := _server_path(word)) is not None}
-    return ScriptPaths(tuple(sorted(found)), reason)
+    return ScriptPaths(tuple(sorted(found)), reason, tuple(sorted(modules)))
 
 
 def _digest(files: Mapping[Parts, bytes], directories: Iterable[Parts]) -> bytes:
@@ -125,6 +127,8 @@ class Job:
     uncacheable: str | None = None
     #: A ``--privilege`` value stap does not know (it counts as stapdev).
     invalid_privilege: str | None = None
+    #: Kernel modules the scripts name in ``module("name")`` probe points.
+    named_modules: tuple[str, ...] = ()
 
     @property
     def speaks_locale(self) -> bool:
@@ -189,6 +193,7 @@ def parse_job(body: bytes, max_size: int) -> Job:
         named_paths=paths.paths,
         uncacheable=paths.uncacheable,
         invalid_privilege=privilege.invalid_value,
+        named_modules=paths.modules,
     )
 
 

@@ -27,6 +27,7 @@ from twisted.python.threadpool import ThreadPool
 
 from stapsrv.compile.fetch import DebugFiles, FetchFailed, KernelFetcher
 from stapsrv.compile.kernels import StoredRelease
+from stapsrv.compile.moduledebug import ModuleDebug
 from stapsrv.compile.runtime import select_runtime
 from stapsrv.compile.sandbox import Sandbox
 from stapsrv.config.values import ServerConfig
@@ -62,6 +63,8 @@ class ServedReleases:
     #: kernel store.
     on_release_added: Callable[[str], None] | None = None
     log: Logger = field(factory=Logger)
+    #: Fetches the debuginfo of modules scripts name (``--fetch-debuginfo``).
+    module_debug: ModuleDebug | None = None
     #: Releases of the kernel store known to this server: their build trees.
     _stored: dict[str, Path] = field(init=False, factory=dict)
     #: Symbols (and debuginfo) fetched for served releases.
@@ -167,14 +170,23 @@ class ServedReleases:
                 link.symlink_to(target)
         self._debug[release] = files
 
+    async def provide_module_debug(self, release: str, names: tuple[str, ...]) -> None:
+        """The debuginfo of the modules a script names (``--fetch-debuginfo``),
+        where the translator of this release looks (:mod:`stapsrv.compile.moduledebug`)."""
+        tree = self._stored.get(release)
+        if self.module_debug is not None and (tree is not None or self.sandbox is not None):
+            await self.module_debug.provide(release, names, tree)
+
     def debug_binds(self, release: str | None) -> list[tuple[Path, str]]:
         files = self._debug.get(release) if release is not None else None
+        modules = (self.module_debug.binds(release) if self.module_debug is not None
+                   and release is not None and release not in self._stored else [])
         if files is None:
-            return []
+            return modules
         binds = [(files.system_map, f"/boot/System.map-{release}")]
         if files.vmlinux is not None:
             binds.append((files.vmlinux, f"/boot/vmlinux-{release}"))
-        return binds
+        return binds + modules
 
     def tree(self, release: str) -> Path:
         """The build tree of a release this server builds for."""

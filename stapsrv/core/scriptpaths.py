@@ -48,6 +48,9 @@ class ScriptPaths:
 
     paths: tuple[str, ...]
     uncacheable: str | None = None
+    #: Kernel modules named by ``module("name")`` probe points (a plain
+    #: name, not a path or a glob): their debuginfo may be fetched.
+    modules: tuple[str, ...] = ()
 
 
 @frozen
@@ -181,4 +184,22 @@ def scan_script(data: bytes) -> ScriptPaths:
         elif not argument[0].text.startswith("/"):
             refuse(f"{token.text}() names a file by a relative name: "
                    f"{argument[0].text[:80]!r}")
-    return ScriptPaths(tuple(sorted(paths)), reason)
+    return ScriptPaths(tuple(sorted(paths)), reason, module_names(tokens))
+
+
+#: What a module name in ``module("...")`` may be to be fetched.
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def module_names(tokens: list[_Token]) -> tuple[str, ...]:
+    """The plain names of ``module("name")`` probe points (one literal
+    argument; paths, globs and joined literals are left out)."""
+    names = set()
+    for index, token in enumerate(tokens[:-3]):
+        if token.kind != "word" or token.text != "module" or tokens[index + 1].text != "(":
+            continue
+        argument, close = tokens[index + 2], tokens[index + 3]
+        if (argument.kind == "string" and close.kind == "op" and close.text == ")"
+                and _MODULE_NAME.fullmatch(argument.text)):
+            names.add(argument.text)
+    return tuple(sorted(names))

@@ -102,3 +102,32 @@ class UncacheableFormTests(TestCase):
     def test_ldd_option(self) -> None:
         self.assertIn("ldd", request_paths(["--ldd", "-e", "probe begin {}"], []).uncacheable
                       or "")
+
+
+class ModuleNameTests(TestCase):
+    """The modules ``module("name")`` probe points name, whose debuginfo
+    the server may fetch."""
+
+    def modules(self, text: str) -> tuple[str, ...]:
+        return scan_script(text.encode()).modules
+
+    def test_plain_names(self) -> None:
+        self.assertEqual(self.modules(
+            'probe module("ext4").function("ext4_file_open") { println($filp) }\n'
+            'probe module ( "nf_conntrack" ).statement("*@x.c:1") {}\n'
+            'probe module("ext4").function("x").return {}'),
+            ("ext4", "nf_conntrack"))
+
+    def test_paths_globs_and_joined_literals_are_not_names(self) -> None:
+        self.assertEqual(self.modules(
+            'probe module("/opt/x.ko").function("f") {}\n'
+            'probe module("ext*").function("f") {}\n'
+            'probe module("ext" "4").function("f") {}\n'
+            'probe module(@1).function("f") {}\n'
+            '# probe module("commented").function("f") {}\n'
+            'probe kernel.function("vfs_read") { printf("module(\\"x\\")") }'), ())
+
+    def test_request_collects_names_of_e_scripts_and_files(self) -> None:
+        found = request_paths(["-e", 'probe module("xfs").function("f") {}', "script/x.stp"],
+                              [b'probe module("ext4").function("g") {}'])
+        self.assertEqual(found.modules, ("ext4", "xfs"))

@@ -1,9 +1,10 @@
 """Symbols and debuginfo fetched for a served release (``--fetch-debuginfo``,
 with the real client and the real archive): no symbol-table warning,
-user-space return probes and DWARF kernel probes compile.
+user-space return probes and DWARF kernel probes compile, and so do probes
+on a module a script names, whose debuginfo is fetched then.
 
 The -dbg package is about 860 MB to download; what the server keeps of it
-(System.map and vmlinux, about 640 MB) stays in a store kept between runs
+(System.map and vmlinux, about 640 MB, and the modules scripts named) stays in a store kept between runs
 (``STAPSRV_CI_KERNEL_STORE``, default /var/cache/stapsrv-ci/kernel-store
 when the tests run as root), so only the first run downloads it."""
 
@@ -15,14 +16,28 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
+from tests.helpers.archive_releases import older_abi_release
 from tests.helpers.realclient import HELLO, RealClientMixin
-from tests.helpers.realserver import remove_tree, scratch_directory, test_user, venv_bin
+from tests.helpers.realserver import (
+    ServerProcess,
+    remove_tree,
+    scratch_directory,
+    test_user,
+    venv_bin,
+)
 
 SYMBOLS_WARNING = "Kernel function symbol table missing"
 MALLOC_RETURN = ('probe process("/lib/x86_64-linux-gnu/libc.so.6").function("malloc").return '
                  '{ println($return); exit() }')
 VFS_READ = 'probe kernel.function("vfs_read") { printf("%d\\n", $count); exit() }'
 VFS_READ_FILE = 'probe kernel.function("vfs_read") { println($file->f_flags); exit() }'
+#: A module the -dbg package has (one $var read), and one it has not
+#: (optional here, so that the script compiles).
+EXT4_OPEN = ('probe module("ext4").function("ext4_file_open") { println($filp->f_flags); exit() } '
+             'probe module("stapsrv_no_such_module").function("f")? { exit() }')
+EXT4_PLAIN = 'probe module("ext4").function("ext4_file_open") { println(1); exit() }'
+NO_SUCH_MODULE = 'probe module("stapsrv_no_such_module").function("f") { exit() }'
+MODULE_FETCH = "Fetching the debuginfo of modules"
 
 
 def kept_store() -> Path:
@@ -70,11 +85,46 @@ def map_from_image(release: str, case: TestCase) -> Path:
 class DebuginfoTests(RealClientMixin, TestCase):
     timeout = 1800
 
-    async def test_symbols_and_debuginfo_of_a_served_release(self) -> None:
+    def kept_store_server(self) -> tuple[Path, ServerProcess]:
         store = kept_store()
         if not os.environ.get("STAPSRV_CI_KERNEL_STORE") and os.geteuid() != 0:
             self.addCleanup(remove_tree, store)
-        server = self.own_server("--kernel-store", str(store), "--fetch-debuginfo")
+        return store, self.own_server("--kernel-store", str(store), "--fetch-debuginfo")
+
+    async def check_module_probes(self, store: Path, server: ServerProcess,
+                                  release: str) -> None:
+        """module("ext4") probes and a $var of one compile; a module the
+        package lacks gets the translator's own error; each is fetched once."""
+        client = await self.trusted_client(server)
+
+        async def compile(script: str) -> tuple[str, int]:
+            out, err, code = await client.stap(
+                f"--use-server={server.spec}", "-r", release, "-p4", "-e", script)
+            return err.decode(), code
+
+        err, code = await compile(EXT4_OPEN)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(client.modules()), 1)
+        kept = store / ".debug-modules" / release
+        self.assertTrue((kept / "root" / "kernel" / "fs" / "ext4" / "ext4.ko").is_file())
+        self.assertEqual(sorted(p.name for p in (kept / "root" / "kernel").iterdir()), ["fs"])
+        err, code = await compile(NO_SUCH_MODULE)
+        self.assertNotEqual(code, 0)
+        self.assertIn("semantic error:", err)
+        self.assertIn("stapsrv_no_such_module", err)
+        err, code = await compile(EXT4_PLAIN)
+        self.assertEqual(code, 0, err)
+        # At most one fetch (none when the kept store had them already).
+        self.assertLessEqual(server.log().count(MODULE_FETCH), 1)
+        self.assertNotIn("No debuginfo for modules", server.log())
+
+    async def test_module_debuginfo_of_a_stored_release(self) -> None:
+        release = older_abi_release()
+        store, server = self.kept_store_server()
+        await self.check_module_probes(store, server, release)
+
+    async def test_symbols_and_debuginfo_of_a_served_release(self) -> None:
+        store, server = self.kept_store_server()
         client = await self.trusted_client(server)
 
         async def compile(script: str) -> tuple[str, int]:
@@ -98,3 +148,4 @@ class DebuginfoTests(RealClientMixin, TestCase):
         made = functions_in(map_from_image(self.release, self))
         self.assertGreater(len(real), 20000)
         self.assertEqual(made, real)
+        await self.check_module_probes(store, server, self.release)

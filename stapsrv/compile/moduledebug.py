@@ -1,0 +1,313 @@
+"""Kernel module debuginfo on demand (``--fetch-debuginfo``): when a script
+names a module (``module("ext4").function(...)``), the module's debug
+``.ko`` from ``linux-image-<release>-dbg``, so that its DWARF probes and
+``$var`` accesses compile.
+
+The -dbg package's module files are the unstripped modules (code and
+DWARF, e.g. 19 MB for ext4), all behind the ``vmlinux`` in one xz stream
+of about 5.7 GB: there is no random access.  So the package is downloaded
+(it is not kept), read by one tar pass that stops as soon as it has the
+modules asked for, and only those are kept.  A pass over the whole
+archive takes about a minute here; a module that is not in it is
+remembered as absent, so it costs that once.
+
+The modules of a release are one entry of the store
+``STORE/.debug-modules/<release>/`` (within the size cap, evicted least
+recently used first): ``root/`` is laid out like
+``/lib/modules/<release>/`` (``kernel/fs/ext4/ext4.ko``), ``modules.json``
+lists the names found and absent.  Fetching more modules makes a new entry
+(the old files hard-linked in) that replaces the old one whole, one fetch
+per release at a time: concurrent requests for the same modules share it.
+
+Where the translator finds them (elfutils looks for a module's file under
+the release's modules directory):
+
+- a stored release (``-r TREE``): elfutils walks TREE, so TREE gets a link
+  :data:`TREE_LINK` to ``root/kernel``;
+- an installed release, in the sandbox: ``root/`` (with the host's
+  ``build`` and ``source`` links) is shown at ``/lib/modules/<release>``,
+  or, when the host has that release's modules (stripped), each fetched
+  file is shown over the host's.
+
+Whatever goes wrong, the compile goes on without the module's debuginfo
+and the translator's own error reaches the client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from attrs import define, field, frozen
+from twisted.internet.defer import DeferredLock
+from twisted.logger import Logger
+
+from stapsrv.compile.fetch import FetchFailed, KernelFetcher, megabytes
+from stapsrv.compile.kernels import KernelStore, StoredRelease, valid_release
+
+#: The store's directory of module debuginfo, apart from the trees.
+MODULES_DIRECTORY = ".debug-modules"
+#: The link in a stored build tree to its release's fetched modules.
+TREE_LINK = "debug-modules"
+#: At most this many modules are fetched for one request.
+MAX_MODULES = 16
+#: A failed fetch of a release's modules is not tried again for this long.
+RETRY = 600
+INDEX = "modules.json"
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MEMBERS = "./usr/lib/debug/lib/modules/{release}/"
+#: One tar pass; it stops once it has every pattern once.
+_EXTRACT = ('deb="$1"; dir="$2"; shift 2; dpkg-deb --fsys-tarfile "$deb" | '
+            'tar -x --wildcards --occurrence=1 -C "$dir" "$@"')
+_TAR_BENIGN = ("Not found in archive", "Exiting with failure status")
+
+
+def canonical(name: str) -> str:
+    """The kernel's name of a module: ``-`` and ``_`` are the same."""
+    return name.replace("-", "_")
+
+
+def wanted_modules(names: Iterable[str]) -> list[str]:
+    """The canonical names worth fetching, at most :data:`MAX_MODULES`."""
+    return sorted({canonical(name) for name in names if _NAME.fullmatch(name)})[:MAX_MODULES]
+
+
+def member_pattern(release: str, name: str) -> str:
+    """The tar pattern of a module's file in the -dbg package (its file
+    name may spell ``_`` as ``-``)."""
+    spelled = "".join("[_-]" if c == "_" else c for c in canonical(name))
+    return f"{_MEMBERS.format(release=release)}*/{spelled}.ko"
+
+
+@frozen
+class ModuleSet:
+    """The fetched modules of one release."""
+
+    release: str
+    #: Laid out like ``/lib/modules/<release>``.
+    root: Path
+    #: Canonical name -> path of its file relative to ``root``.
+    modules: Mapping[str, str]
+    #: Names that the -dbg package does not have.
+    absent: frozenset[str]
+
+    def lacks(self, names: Iterable[str]) -> list[str]:
+        return [name for name in names if name not in self.modules and name not in self.absent]
+
+    def files(self, names: Iterable[str]) -> list[tuple[str, Path]]:
+        """(relative path, file) of those of ``names`` that were fetched."""
+        return [(self.modules[name], self.root / self.modules[name])
+                for name in sorted(set(names)) if name in self.modules]
+
+
+def read_set(stored: StoredRelease) -> ModuleSet:
+    try:
+        index = json.loads((stored.directory / INDEX).read_text())
+    except (OSError, ValueError):
+        index = {}
+    return ModuleSet(stored.release, stored.directory / "root",
+                     dict(index.get("modules", {})), frozenset(index.get("absent", ())))
+
+
+def found_modules(directory: Path) -> dict[str, str]:
+    """Canonical name -> relative path of the ``.ko`` files under ``directory``."""
+    found: dict[str, str] = {}
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            if name.endswith(".ko"):
+                relative = os.path.relpath(os.path.join(parent, name), directory)
+                found.setdefault(canonical(name[:-3]), relative)
+    return found
+
+
+def assemble(work: Path, old: ModuleSet | None, release: str, asked: Iterable[str],
+             host: Path) -> None:
+    """Make the new entry in ``work`` (blocking): the old entry's files
+    hard-linked, the extracted ones moved from ``work/download/members``,
+    the host's ``build``/``source`` links of the release copied, and the
+    index."""
+    root = work / "root"
+    modules: dict[str, str] = dict(old.modules) if old is not None else {}
+    absent = set(old.absent) if old is not None else set()
+    if old is not None:
+        for relative in old.modules.values():
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            os.link(old.root / relative, root / relative)
+    extracted = work / "download" / "members" / _MEMBERS.format(release=release)
+    new = found_modules(extracted)
+    for name, relative in new.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(extracted / relative, root / relative)
+        modules[name] = relative
+    absent.update(name for name in asked if name not in new)
+    for link in ("build", "source"):
+        if (host / link).is_symlink():
+            os.symlink(os.readlink(host / link), root / link)
+    (work / INDEX).write_text(json.dumps(
+        {"release": release, "modules": modules, "absent": sorted(absent)}, indent=1) + "\n")
+
+
+def link_tree(tree: Path, modules: ModuleSet) -> None:
+    """Give a stored build tree its link to the release's modules (blocking)."""
+    link = tree / TREE_LINK
+    target = modules.root / "kernel"
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target)
+
+
+@define(eq=False)
+class ModuleDebug:
+    """Fetches module debuginfo into the store beside the fetcher's."""
+
+    fetcher: KernelFetcher
+    #: The host's modules directories (``/lib/modules``).
+    modules_root: Path = Path("/lib/modules")
+    log: Logger = field(factory=Logger)
+    _known: dict[str, ModuleSet] = field(init=False, factory=dict)
+    _locks: dict[str, DeferredLock] = field(init=False, factory=dict)
+    _failed: dict[str, float] = field(init=False, factory=dict)
+
+    @property
+    def store(self) -> KernelStore:
+        base = self.fetcher.store
+        return KernelStore(base.directory / MODULES_DIRECTORY, base.size_cap)
+
+    def open(self) -> list[str]:
+        """Remove what dead fetches left (blocking; at start-up)."""
+        store = self.store
+        return store.open() if store.directory.is_dir() else []
+
+    async def provide(self, release: str, names: Iterable[str], tree: Path | None) -> None:
+        """Have the debuginfo of the modules ``names`` of ``release`` where
+        the translator looks (``tree``: the stored build tree, None for an
+        installed release).  Never raises: a module that cannot be had is
+        logged and left to the translator's own error."""
+        wanted = wanted_modules(names)
+        if not wanted or not valid_release(release):
+            return
+        try:
+            modules = await self._ensure(release, wanted)
+            if modules is not None and tree is not None:
+                await self.fetcher._in_thread(link_tree, tree, modules)
+        except Exception:
+            self.log.failure("Providing the module debuginfo of kernel {release} failed",
+                             release=release)
+
+    async def _read(self, release: str) -> ModuleSet | None:
+        stored = await self.fetcher._in_thread(self.store.get, release)
+        if not isinstance(stored, StoredRelease):
+            return None
+        await self.fetcher._in_thread(self.store.touch, release)
+        return read_set(stored)
+
+    async def _ensure(self, release: str, wanted: list[str]) -> ModuleSet | None:
+        # From the store each time: cheap, marks it used, and sees evictions.
+        known = await self._read(release)
+        if known is not None and not known.lacks(wanted):
+            self._known[release] = known
+            return known
+        lock = self._locks.setdefault(release, DeferredLock())
+        await lock.acquire()
+        try:
+            # Whoever held the lock may have fetched these, or failed.
+            known = await self._read(release)
+            missing = known.lacks(wanted) if known is not None else wanted
+            failed = self._failed.get(release)
+            now = self.fetcher.reactor.seconds()
+            if missing and (failed is None or now >= failed + RETRY):
+                try:
+                    known = await self._fetch(release, known, missing)
+                except FetchFailed as exc:
+                    self._failed[release] = self.fetcher.reactor.seconds()
+                    self.log.warn("No debuginfo for modules {modules} of kernel {release}: "
+                                  "{reason} (compiling without it; trying again in {retry} "
+                                  "min)", modules=" ".join(missing), release=release,
+                                  reason=str(exc), retry=RETRY // 60)
+                else:
+                    self._failed.pop(release, None)
+        finally:
+            lock.release()
+        if known is not None:
+            self._known[release] = known
+        return known
+
+    async def _fetch(self, release: str, old: ModuleSet | None,
+                     missing: list[str]) -> ModuleSet:
+        fetcher, store = self.fetcher, self.store
+        started = fetcher.reactor.seconds()
+        package = await fetcher._candidate(f"linux-image-{release}-dbg")
+        self.log.info("Fetching the debuginfo of modules {modules} of kernel {release}: "
+                      "{name} {version} ({size}); only those modules are kept",
+                      modules=" ".join(missing), release=release, name=package.name,
+                      version=package.version, size=megabytes(package.size))
+        work = await fetcher._in_thread(store.begin, release)
+        assert isinstance(work, Path)
+        try:
+            download = work / "download"
+            await fetcher._download(download, release, [package], package.size, None)
+            deb = next(download.glob("*.deb"))
+            (download / "members").mkdir()
+            out, err, code = await fetcher._run(
+                ["/bin/sh", "-c", _EXTRACT, "sh", str(deb), str(download / "members"),
+                 *(member_pattern(release, name) for name in missing)])
+            problems = [line for line in err.decode(errors="replace").splitlines()
+                        if line.startswith("tar:") and not any(
+                            benign in line for benign in _TAR_BENIGN)]
+            if code not in (0, 2) or problems:
+                raise FetchFailed(f"unpacking {deb.name} failed: "
+                                  f"{(problems or [f'exit {code}'])[-1][:300]}")
+            await fetcher._in_thread(assemble, work, old, release, missing,
+                                     self.modules_root / release)
+            stored = await fetcher._in_thread(store.commit, work, release, [package.stored])
+        except BaseException:
+            await fetcher._in_thread(store.abandon, work)
+            raise
+        assert isinstance(stored, StoredRelease)
+        modules = read_set(stored)
+        self.log.info("Fetched the debuginfo of kernel {release}'s modules in {seconds:.1f} s: "
+                      "{found} kept ({size} in all); not in the package: {absent}",
+                      release=release, seconds=fetcher.reactor.seconds() - started,
+                      found=" ".join(name for name in missing if name in modules.modules)
+                      or "none", size=megabytes(stored.size),
+                      absent=" ".join(name for name in missing if name in modules.absent)
+                      or "none")
+        evicted = await fetcher._in_thread(store.evict, release)
+        assert isinstance(evicted, list)
+        for gone in evicted:
+            self.log.info("Kernel store over its size cap: removed the module debuginfo "
+                          "of {release} ({size})", release=gone.release,
+                          size=megabytes(gone.size))
+        self._known.pop(release, None)
+        return modules
+
+    def binds(self, release: str) -> list[tuple[Path, str]]:
+        """What the sandbox shows read only for an installed ``release``
+        (blocking; may be called from any thread)."""
+        modules = self._known.get(release)
+        host = self.modules_root / release
+        # Only what is still there: bwrap refuses a missing source (an
+        # entry evicted or removed since).
+        if modules is None or not modules.modules or not host.is_dir() \
+                or not modules.root.is_dir():
+            return []
+        inside = os.path.realpath(host)
+        if not (host / "kernel").exists():
+            return [(modules.root, inside)]
+        return [(path, os.path.join(inside, relative))
+                for relative, path in modules.files(modules.modules)
+                if (host / relative).is_file() and path.is_file()]
+
+    def key_words(self, release: str, names: Iterable[str]) -> list[str]:
+        """What the cache key adds: the fetched files the request's
+        modules have."""
+        modules = self._known.get(release)
+        if modules is None:
+            return []
+        return [f"module debuginfo {relative} {path}"
+                for relative, path in modules.files(wanted_modules(names))]
