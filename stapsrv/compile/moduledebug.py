@@ -8,8 +8,9 @@ DWARF, e.g. 19 MB for ext4), all behind the ``vmlinux`` in one xz stream
 of about 5.7 GB: there is no random access.  So the package is downloaded
 (it is not kept), read by one tar pass that stops as soon as it has the
 modules asked for, and only those are kept.  A pass over the whole
-archive takes about a minute here; a module that is not in it is
-remembered as absent, so it costs that once.
+archive takes about a minute here.  The first pass of a release also
+lists the whole package, so a module it does not have is known absent
+without another pass; the next passes stop as soon as they can.
 
 The modules of a release are one entry of the store
 ``STORE/.debug-modules/<release>/`` (within the size cap, evicted least
@@ -62,6 +63,16 @@ _MEMBERS = "./usr/lib/debug/lib/modules/{release}/"
 #: One tar pass; it stops once it has every pattern once.
 _EXTRACT = ('deb="$1"; dir="$2"; shift 2; dpkg-deb --fsys-tarfile "$deb" | '
             'tar -x --wildcards --occurrence=1 -C "$dir" "$@"')
+#: The first pass of a release: the same, and a second tar fed by tee lists
+#: every member to the end, so that a name the package lacks never costs
+#: another pass (a client cannot make the server download the package
+#: again and again by naming modules that do not exist).
+_EXTRACT_AND_LIST = (
+    'deb="$1"; dir="$2"; list="$3"; shift 3; fifo="$list.fifo"; '
+    'mkfifo "$fifo" || exit 3; tar -t < "$fifo" > "$list" & lister=$!; '
+    'dpkg-deb --fsys-tarfile "$deb" | tee --output-error=warn-nopipe "$fifo" | '
+    'tar -x --wildcards --occurrence=1 -C "$dir" "$@"; status=$?; '
+    'wait "$lister" || status=3; rm -f "$fifo"; exit "$status"')
 _TAR_BENIGN = ("Not found in archive", "Exiting with failure status")
 
 
@@ -93,9 +104,13 @@ class ModuleSet:
     modules: Mapping[str, str]
     #: Names that the -dbg package does not have.
     absent: frozenset[str]
+    #: Every module the package has (None: not listed yet).
+    available: frozenset[str] | None = None
 
     def lacks(self, names: Iterable[str]) -> list[str]:
-        return [name for name in names if name not in self.modules and name not in self.absent]
+        """Those of ``names`` a pass over the package would fetch."""
+        return [name for name in names if name not in self.modules and name not in self.absent
+                and (self.available is None or name in self.available)]
 
     def files(self, names: Iterable[str]) -> list[tuple[str, Path]]:
         """(relative path, file) of those of ``names`` that were fetched."""
@@ -108,8 +123,23 @@ def read_set(stored: StoredRelease) -> ModuleSet:
         index = json.loads((stored.directory / INDEX).read_text())
     except (OSError, ValueError):
         index = {}
+    available = index.get("available")
     return ModuleSet(stored.release, stored.directory / "root",
-                     dict(index.get("modules", {})), frozenset(index.get("absent", ())))
+                     dict(index.get("modules", {})), frozenset(index.get("absent", ())),
+                     frozenset(available) if isinstance(available, list) else None)
+
+
+def listed_modules(listing: Path, release: str) -> frozenset[str]:
+    """The canonical names of the modules a ``tar -t`` listing of the -dbg
+    package shows."""
+    prefix = _MEMBERS.format(release=release)
+    names = set()
+    with listing.open(encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            member = line.rstrip("\n")
+            if member.startswith(prefix) and member.endswith(".ko"):
+                names.add(canonical(member.rsplit("/", 1)[-1][:-3]))
+    return frozenset(names)
 
 
 def found_modules(directory: Path) -> dict[str, str]:
@@ -124,11 +154,11 @@ def found_modules(directory: Path) -> dict[str, str]:
 
 
 def assemble(work: Path, old: ModuleSet | None, release: str, asked: Iterable[str],
-             host: Path) -> None:
+             host: Path, listing: Path | None = None) -> None:
     """Make the new entry in ``work`` (blocking): the old entry's files
     hard-linked, the extracted ones moved from ``work/download/members``,
     the host's ``build``/``source`` links of the release copied, and the
-    index."""
+    index (with the package's modules, from ``listing`` or the old entry)."""
     root = work / "root"
     modules: dict[str, str] = dict(old.modules) if old is not None else {}
     absent = set(old.absent) if old is not None else set()
@@ -146,8 +176,13 @@ def assemble(work: Path, old: ModuleSet | None, release: str, asked: Iterable[st
     for link in ("build", "source"):
         if (host / link).is_symlink():
             os.symlink(os.readlink(host / link), root / link)
-    (work / INDEX).write_text(json.dumps(
-        {"release": release, "modules": modules, "absent": sorted(absent)}, indent=1) + "\n")
+    available = (listed_modules(listing, release) if listing is not None
+                 else old.available if old is not None else None)
+    index: dict[str, object] = {"release": release, "modules": modules,
+                                "absent": sorted(absent)}
+    if available:
+        index["available"] = sorted(available)
+    (work / INDEX).write_text(json.dumps(index, indent=1) + "\n")
 
 
 def link_tree(tree: Path, modules: ModuleSet) -> None:
@@ -253,9 +288,16 @@ class ModuleDebug:
             await fetcher._download(download, release, [package], package.size, None)
             deb = next(download.glob("*.deb"))
             (download / "members").mkdir()
-            out, err, code = await fetcher._run(
-                ["/bin/sh", "-c", _EXTRACT, "sh", str(deb), str(download / "members"),
-                 *(member_pattern(release, name) for name in missing)])
+            patterns = [member_pattern(release, name) for name in missing]
+            listing = None if old is not None and old.available is not None \
+                else download / "listing"
+            if listing is None:
+                argv = ["/bin/sh", "-c", _EXTRACT, "sh", str(deb), str(download / "members"),
+                        *patterns]
+            else:
+                argv = ["/bin/sh", "-c", _EXTRACT_AND_LIST, "sh", str(deb),
+                        str(download / "members"), str(listing), *patterns]
+            out, err, code = await fetcher._run(argv)
             problems = [line for line in err.decode(errors="replace").splitlines()
                         if line.startswith("tar:") and not any(
                             benign in line for benign in _TAR_BENIGN)]
@@ -263,7 +305,7 @@ class ModuleDebug:
                 raise FetchFailed(f"unpacking {deb.name} failed: "
                                   f"{(problems or [f'exit {code}'])[-1][:300]}")
             await fetcher._in_thread(assemble, work, old, release, missing,
-                                     self.modules_root / release)
+                                     self.modules_root / release, listing)
             stored = await fetcher._in_thread(store.commit, work, release, [package.stored])
         except BaseException:
             await fetcher._in_thread(store.abandon, work)

@@ -22,6 +22,7 @@ from stapsrv.compile.moduledebug import (
     INDEX,
     MAX_MODULES,
     RETRY,
+    _EXTRACT_AND_LIST,
     ModuleDebug,
     ModuleSet,
     assemble,
@@ -154,6 +155,8 @@ class ArchiveFetcher:
         self.store = KernelStore(directory, 1 << 30)
         self.reactor = Clock()
         self.passes: list[Deferred[None]] = []
+        #: Per pass: whether it also listed the package.
+        self.listed: list[bool] = []
         self.fail_unpack = False
 
     def _in_thread(self, function: Callable[..., object], *args: object) -> Deferred[object]:
@@ -172,7 +175,12 @@ class ArchiveFetcher:
         await done
         if self.fail_unpack:
             return b"", b"tar: ./usr: Cannot write: No space left on device\n", 2
-        target, patterns = Path(argv[5]), argv[6:]
+        self.listed.append(argv[2] == _EXTRACT_AND_LIST)
+        if argv[2] == _EXTRACT_AND_LIST:
+            target, patterns = Path(argv[5]), argv[7:]
+            Path(argv[6]).write_text("".join(f"{m}\n" for m in ("./usr/", *self.MEMBERS)))
+        else:
+            target, patterns = Path(argv[5]), argv[6:]
         found = [m for m in self.MEMBERS if any(fnmatch.fnmatchcase(m, p) for p in patterns)]
         for member in found:
             write(target / member, member.encode())
@@ -207,6 +215,20 @@ class FetchTests(TestCase):
         entry = self.module_debug.store.get(RELEASE)
         assert entry is not None
         self.assertEqual(set(read_set(entry).modules), {"ext4", "xfs"})
+        self.assertEqual(self.fetcher.listed, [True, False], "listed on the first pass only")
+
+    def test_names_the_package_lacks_never_cost_another_pass(self) -> None:
+        first = Deferred.fromCoroutine(self.module_debug.provide(RELEASE, ["ext4"], None))
+        self.fetcher.passes[0].callback(None)
+        self.successResultOf(first)
+        entry = self.module_debug.store.get(RELEASE)
+        assert entry is not None
+        self.assertEqual(read_set(entry).available, {"ext4", "xfs"})
+        # A hostile client naming modules that do not exist, again and again.
+        for number in range(5):
+            self.successResultOf(Deferred.fromCoroutine(self.module_debug.provide(
+                RELEASE, [f"nosuch{number}", f"other{number}"], None)))
+        self.assertEqual(len(self.fetcher.passes), 1)
 
     def test_a_failed_pass_leaves_nothing_and_waits_before_trying_again(self) -> None:
         self.fetcher.fail_unpack = True
