@@ -31,7 +31,12 @@ from stapsrv.cache.fleet import RedisCache
 from stapsrv.cache.secret import SecretError, load_password, load_secret
 from stapsrv.cache.key import KeyMaker
 from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
-from stapsrv.compile.fetch import KernelFetcher, debian_architecture, default_patterns
+from stapsrv.compile.fetch import (
+    DEBUG_DIRECTORY,
+    KernelFetcher,
+    debian_architecture,
+    default_patterns,
+)
 from stapsrv.compile.handler import RequestHandler
 from stapsrv.compile.kernels import KernelStore, store_directory
 from stapsrv.compile.moduledebug import ModuleDebug
@@ -232,7 +237,8 @@ class CompileServerService(Service):
             return None
         assert self._pool is not None
         store = KernelStore(store_directory(config), config.kernel_store_size)
-        for name in store.open():
+        debug = KernelStore(store.directory / DEBUG_DIRECTORY, config.kernel_store_size)
+        for name in [*store.open(), *debug.open()]:
             self.log.info("Kernel store: removed {name}, left by an interrupted fetch",
                           name=name)
         patterns = config.fetch_patterns or default_patterns(

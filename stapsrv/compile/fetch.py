@@ -253,8 +253,10 @@ class KernelFetcher:
                     work, [f"./boot/vmlinuz-{release}"], strip=2)
                 packages.append(package.stored)
             map_path = work / "root" / f"System.map-{release}"
+            # Run in the work directory: "-m" puts the current one on sys.path.
             out, err, code = await self._run(
-                [sys.executable, "-m", "stapsrv.compile.kallsyms", str(image), str(map_path)])
+                [sys.executable, "-m", "stapsrv.compile.kallsyms", str(image), str(map_path)],
+                cwd=work)
             if code != 0:
                 raise FetchFailed(f"reading the symbols of kernel {release} failed: "
                                   f"{_last_line(err) or f'exit {code}'}")

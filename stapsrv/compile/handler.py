@@ -306,7 +306,8 @@ class RequestHandler:
             return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
         if job.release is not None and self.releases.serves(job.release):
             await self.releases.provide_debug(job.release)
-            await self.releases.provide_module_debug(job.release, job.named_modules)
+            await self.releases.provide_module_debug(job.release, job.named_modules,
+                                                     job.privilege)
         key = await self._cache_key(job, context)
         if key is None or self.cache is None:
             return await self._compile(body, job, context)

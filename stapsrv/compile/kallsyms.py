@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         functions = write_system_map(Path(arguments[0]), Path(arguments[1]))
-    except (KallsymsError, OSError) as exc:
+    except (KallsymsError, OSError, struct.error, IndexError) as exc:
         print(f"{arguments[0]}: {exc}", file=sys.stderr)
         return 1
     print(f"{functions} function symbols")

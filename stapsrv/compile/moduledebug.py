@@ -258,12 +258,15 @@ class ModuleDebug:
             if missing and (failed is None or now >= failed + RETRY):
                 try:
                     known = await self._fetch(release, known, missing)
-                except FetchFailed as exc:
+                except Exception as exc:
+                    # Whatever the failure (a full disk too), not again at once:
+                    # each attempt downloads the whole package.
                     self._failed[release] = self.fetcher.reactor.seconds()
+                    reason = str(exc) if isinstance(exc, FetchFailed) else repr(exc)
                     self.log.warn("No debuginfo for modules {modules} of kernel {release}: "
                                   "{reason} (compiling without it; trying again in {retry} "
                                   "min)", modules=" ".join(missing), release=release,
-                                  reason=str(exc), retry=RETRY // 60)
+                                  reason=reason[:300], retry=RETRY // 60)
                 else:
                     self._failed.pop(release, None)
         finally:

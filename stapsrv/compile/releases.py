@@ -31,6 +31,7 @@ from stapsrv.compile.moduledebug import ModuleDebug
 from stapsrv.compile.runtime import select_runtime
 from stapsrv.compile.sandbox import Sandbox
 from stapsrv.config.values import ServerConfig
+from stapsrv.core.cmdline import Privilege
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
 
@@ -137,7 +138,9 @@ class ServedReleases:
             return  # an installed release's are shown at /boot in the sandbox only
         known = self._debug.get(release)
         if known is not None and (known.vmlinux is not None or not config.fetch_debuginfo):
-            return
+            if await self._in_thread(self._still_there, release, known):
+                return
+            del self._debug[release]  # removed or evicted since: had again
         failed = self._debug_failed.get(release)
         if failed is not None and self.reactor.seconds() < failed + DEBUG_RETRY:
             return
@@ -151,9 +154,25 @@ class ServedReleases:
             self.log.warn("No symbols for kernel {release}: {reason} (compiling without them; "
                           "trying again in {retry} min)", release=release, reason=str(exc),
                           retry=DEBUG_RETRY // 60)
-            return
-        self._debug_failed.pop(release, None)
+            if not config.fetch_debuginfo or known is not None:
+                return
+            try:  # without the -dbg package, the map from the kernel image at least
+                files = await self.kernels.ensure_debug(release, False)
+            except FetchFailed:
+                return
+        else:
+            self._debug_failed.pop(release, None)
         await self._in_thread(self._adopt_debug, release, files)
+
+    def _still_there(self, release: str, files: DebugFiles) -> bool:
+        """Whether the files are still in the store (blocking); they are
+        marked used, so the size cap removes others first."""
+        assert self.kernels is not None
+        if not files.system_map.is_file() or (
+                files.vmlinux is not None and not files.vmlinux.is_file()):
+            return False
+        self.kernels.debug_store.touch(release)
+        return True
 
     def _adopt_debug(self, release: str, files: DebugFiles) -> None:
         """Where the translator looks: a stored tree gets links to them
@@ -170,10 +189,15 @@ class ServedReleases:
                 link.symlink_to(target)
         self._debug[release] = files
 
-    async def provide_module_debug(self, release: str, names: tuple[str, ...]) -> None:
+    async def provide_module_debug(self, release: str, names: tuple[str, ...],
+                                   privilege: Privilege = Privilege.STAPDEV) -> None:
         """The debuginfo of the modules a script names (``--fetch-debuginfo``),
-        where the translator of this release looks (:mod:`stapsrv.compile.moduledebug`)."""
+        where the translator of this release looks (:mod:`stapsrv.compile.moduledebug`).
+        Not for unprivileged requests: the translator refuses them module
+        probes anyway, so they would only make the server download."""
         tree = self._stored.get(release)
+        if privilege is not Privilege.STAPDEV:
+            return
         if self.module_debug is not None and (tree is not None or self.sandbox is not None):
             await self.module_debug.provide(release, names, tree)
 
@@ -183,9 +207,10 @@ class ServedReleases:
                    and release is not None and release not in self._stored else [])
         if files is None:
             return modules
-        binds = [(files.system_map, f"/boot/System.map-{release}")]
-        if files.vmlinux is not None:
-            binds.append((files.vmlinux, f"/boot/vmlinux-{release}"))
+        # Only what is still there (blocking): bwrap refuses a missing source.
+        binds = [(source, target) for source, target in (
+            (files.system_map, f"/boot/System.map-{release}"),
+            (files.vmlinux, f"/boot/vmlinux-{release}")) if source is not None and source.is_file()]
         return binds + modules
 
     def tree(self, release: str) -> Path:

@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from stapsrv.compile.fetch import Candidate
 from stapsrv.compile.kernels import KernelStore
+from stapsrv.compile import moduledebug
 from stapsrv.compile.moduledebug import (
     INDEX,
     MAX_MODULES,
@@ -228,6 +229,18 @@ class FetchTests(TestCase):
         for number in range(5):
             self.successResultOf(Deferred.fromCoroutine(self.module_debug.provide(
                 RELEASE, [f"nosuch{number}", f"other{number}"], None)))
+        self.assertEqual(len(self.fetcher.passes), 1)
+
+    def test_any_failure_waits_before_trying_again(self) -> None:
+        def full(*arguments: object) -> None:
+            raise OSError(28, "No space left on device")
+        self.patch(moduledebug, "assemble", full)
+        first = Deferred.fromCoroutine(self.module_debug.provide(RELEASE, ["ext4"], None))
+        self.fetcher.passes[0].callback(None)
+        self.successResultOf(first)
+        self.assertEqual(list(self.module_debug.store.directory.iterdir()), [])
+        self.successResultOf(Deferred.fromCoroutine(
+            self.module_debug.provide(RELEASE, ["ext4"], None)))
         self.assertEqual(len(self.fetcher.passes), 1)
 
     def test_a_failed_pass_leaves_nothing_and_waits_before_trying_again(self) -> None:

@@ -28,6 +28,7 @@ from stapsrv.compile.kernels import (
 from stapsrv.compile.releases import DEBUG_RETRY, ServedReleases
 from stapsrv.compile.sandbox import Sandbox
 from stapsrv.config.values import ServerConfig
+from stapsrv.core.cmdline import Privilege
 from stapsrv.paths import build_tree
 from tests.compile.test_kernels import fake_tree
 from tests.compile.test_runtime import NEW_TASK_WORK_H
@@ -51,6 +52,8 @@ class FakeFetcher:
         #: The reason a fetch fails (None: it works).
         self.failure: str | None = None
         self.debug_failure: str | None = None
+        #: The reason fetching a -dbg package fails (None: it works).
+        self.dbg_failure: str | None = None
         #: The task_work.h a fetched tree has (None: none).
         self.task_work_h: str | None = None
 
@@ -75,12 +78,18 @@ class FakeFetcher:
         return self.store.commit(work, release, [StoredPackage(f"linux-headers-{release}",
                                                                "1", 5)])
 
+    @property
+    def debug_store(self) -> KernelStore:
+        return KernelStore(self.store.directory / ".debug", self.store.size_cap)
+
     async def ensure_debug(self, release: str, vmlinux: bool) -> DebugFiles:
         self.debug_fetched.append((release, vmlinux))
         if not valid_release(release):  # as apt's fetcher: a tree named by path
             raise FetchFailed(f"'{release}' is not a kernel release name")
         if self.debug_failure is not None:
             raise FetchFailed(self.debug_failure)
+        if vmlinux and self.dbg_failure is not None:
+            raise FetchFailed(self.dbg_failure)
         root = self.store.directory / ".debug" / release
         root.mkdir(parents=True, exist_ok=True)
         system_map = root / f"System.map-{release}"
@@ -227,6 +236,50 @@ class SymbolsTests(ReleasesCase):
             (files.vmlinux, f"/boot/vmlinux-{RELEASE}")])
         await releases.provide_debug(RELEASE)
         self.assertEqual(self.fetcher.debug_fetched, [(RELEASE, True)])
+
+    async def test_files_removed_since_are_had_again_and_never_shown_missing(self) -> None:
+        releases = self.releases(fetch_symbols=True)
+        await releases.provide_debug(RELEASE)
+        files = releases.debug_files(RELEASE)
+        assert files is not None
+        # Evicted by the size cap, or removed by the admin.
+        files.system_map.unlink()
+        self.assertEqual(releases.debug_binds(RELEASE), [], "bwrap refuses a missing source")
+        await releases.provide_debug(RELEASE)
+        self.assertEqual(self.fetcher.debug_fetched, [(RELEASE, False)] * 2)
+        self.assertEqual(releases.debug_binds(RELEASE),
+                         [(files.system_map, f"/boot/System.map-{RELEASE}")])
+        await releases.provide_debug(RELEASE)
+        self.assertEqual(len(self.fetcher.debug_fetched), 2)
+
+    async def test_without_the_dbg_package_the_map_from_the_image(self) -> None:
+        self.fetcher.dbg_failure = "the Debian archive this server uses has no x-dbg"
+        releases = self.releases(fetch_symbols=True, fetch_debuginfo=True)
+        await releases.provide_debug(RELEASE)
+        files = releases.debug_files(RELEASE)
+        assert files is not None
+        self.assertIsNone(files.vmlinux)
+        self.assertEqual(releases.debug_binds(RELEASE),
+                         [(files.system_map, f"/boot/System.map-{RELEASE}")])
+        self.assertEqual(self.fetcher.debug_fetched, [(RELEASE, True), (RELEASE, False)])
+        await releases.provide_debug(RELEASE)  # not again for DEBUG_RETRY
+        self.assertEqual(len(self.fetcher.debug_fetched), 2)
+
+    async def test_unprivileged_requests_fetch_no_module_debuginfo(self) -> None:
+        asked: list[tuple[str, tuple[str, ...]]] = []
+
+        class Modules:
+            async def provide(self, release: str, names: tuple[str, ...],
+                              tree: Path | None) -> None:
+                asked.append((release, names))
+
+        releases = self.releases(fetch_symbols=True, fetch_debuginfo=True)
+        releases.module_debug = Modules()  # type: ignore[assignment]
+        for privilege in (Privilege.STAPUSR, Privilege.STAPSYS):
+            await releases.provide_module_debug(RELEASE, ("ext4",), privilege)
+        self.assertEqual(asked, [])
+        await releases.provide_module_debug(RELEASE, ("ext4",), Privilege.STAPDEV)
+        self.assertEqual(asked, [(RELEASE, ("ext4",))])
 
     async def test_a_tree_given_by_path_is_not_looked_up(self) -> None:
         releases = self.releases(fetch_symbols=True)
