@@ -15,6 +15,9 @@ files the sandbox shows at ``/boot``.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -183,10 +186,12 @@ class ServedReleases:
             for name, target in (("System.map", files.system_map), ("vmlinux", files.vmlinux)):
                 if target is None:
                     continue
-                link = tree / name
-                if link.is_symlink() or link.exists():
-                    link.unlink()
-                link.symlink_to(target)
+                # A new link put in place at once: two first requests may race here.
+                fresh = tree / f".{name}.{os.getpid()}.{threading.get_ident()}"
+                with contextlib.suppress(FileNotFoundError):
+                    fresh.unlink()
+                fresh.symlink_to(target)
+                os.replace(fresh, tree / name)
         self._debug[release] = files
 
     async def provide_module_debug(self, release: str, names: tuple[str, ...],
