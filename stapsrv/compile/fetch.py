@@ -143,11 +143,12 @@ class KernelFetcher:
     def allowed(self, release: str) -> bool:
         return allowed(release, self.patterns)
 
-    def _in_thread(self, function: Callable[..., object], *args: object) -> Deferred[object]:
+    def in_thread(self, function: Callable[..., object], *args: object) -> Deferred[object]:
+        """``function(*args)`` in the fetcher's pool (store work blocks)."""
         return deferToThreadPool(self.reactor, self.pool, function, *args)
 
     async def stored(self, release: str) -> StoredRelease | None:
-        found = await self._in_thread(self.store.get, release)
+        found = await self.in_thread(self.store.get, release)
         assert found is None or isinstance(found, StoredRelease)
         return found
 
@@ -203,7 +204,7 @@ class KernelFetcher:
         The vmlinux, with the real map beside it, comes from
         ``linux-image-<release>-dbg``."""
         store = self.debug_store
-        found = await self._in_thread(store.get, release)
+        found = await self.in_thread(store.get, release)
         if isinstance(found, StoredRelease):
             files = debug_files(found)
             if files.vmlinux is not None or not vmlinux:
@@ -220,8 +221,9 @@ class KernelFetcher:
                 f"making the System.map of {release}")
         return debug_files(stored)
 
-    async def _candidate(self, name: str) -> Candidate:
-        out, err, code = await self._run([APT_CACHE, "show", "--no-all-versions", name])
+    async def candidate(self, name: str) -> Candidate:
+        """apt's candidate of package ``name``; FetchFailed without one."""
+        out, err, code = await self.run([APT_CACHE, "show", "--no-all-versions", name])
         found = parse_show(out.decode(errors="replace"))
         if code != 0 or not found:
             raise FetchFailed(f"the Debian archive this server uses has no {name}")
@@ -233,36 +235,36 @@ class KernelFetcher:
             raise FetchFailed(f"'{release}' is not a kernel release name")
         started = self.reactor.seconds()
         local = self.boot / f"vmlinuz-{release}"
-        work = await self._in_thread(store.begin, release)
+        work = await self.in_thread(store.begin, release)
         assert isinstance(work, Path)
         try:
             packages: list[StoredPackage] = []
-            if os.access(local, os.R_OK):
+            if await self.in_thread(os.access, local, os.R_OK):
                 image = local
                 self.log.info("Making the System.map of kernel {release} from {image}",
                               release=release, image=str(local))
             else:
-                package = await self._candidate(f"linux-image-{release}")
+                package = await self.candidate(f"linux-image-{release}")
                 self.log.info("Fetching the symbols of kernel {release}: {name} {version} "
                               "({size}); only the System.map made from its vmlinuz is kept",
                               release=release, name=package.name, version=package.version,
                               size=megabytes(package.size))
-                await self._download(work / "download", release, [package], package.size,
+                await self.download(work / "download", release, [package], package.size,
                                      _labelled(progress, "kernel image"))
                 image = await self._unpack_members(
                     work, [f"./boot/vmlinuz-{release}"], strip=2)
                 packages.append(package.stored)
             map_path = work / "root" / f"System.map-{release}"
             # Run in the work directory: "-m" puts the current one on sys.path.
-            out, err, code = await self._run(
+            out, err, code = await self.run(
                 [sys.executable, "-m", "stapsrv.compile.kallsyms", str(image), str(map_path)],
                 cwd=work)
             if code != 0:
                 raise FetchFailed(f"reading the symbols of kernel {release} failed: "
                                   f"{_last_line(err) or f'exit {code}'}")
-            stored = await self._in_thread(store.commit, work, release, packages)
+            stored = await self.in_thread(store.commit, work, release, packages)
         except BaseException:
-            await self._in_thread(store.abandon, work)
+            await self.in_thread(store.abandon, work)
             raise
         assert isinstance(stored, StoredRelease)
         self.log.info("Made the System.map of kernel {release} in {seconds:.1f} s "
@@ -276,7 +278,7 @@ class KernelFetcher:
         unpacked into ``work/download`` (tar stops once it has them); the
         path of the first."""
         deb = next((work / "download").glob("*.deb"))
-        out, err, code = await self._run(["/bin/sh", "-c", _EXTRACT, "sh", str(deb),
+        out, err, code = await self.run(["/bin/sh", "-c", _EXTRACT, "sh", str(deb),
                                           str(work / "download"), str(strip), *members])
         first = work / "download" / Path(members[0]).name
         if code != 0 or not first.is_file():
@@ -288,14 +290,14 @@ class KernelFetcher:
         if not valid_release(release):
             raise FetchFailed(f"'{release}' is not a kernel release name")
         started = self.reactor.seconds()
-        package = await self._candidate(f"linux-image-{release}-dbg")
+        package = await self.candidate(f"linux-image-{release}-dbg")
         self.log.info("Fetching the debuginfo of kernel {release}: {name} {version} ({size}); "
                       "its System.map and vmlinux are kept", release=release,
                       name=package.name, version=package.version, size=megabytes(package.size))
-        work = await self._in_thread(store.begin, release)
+        work = await self.in_thread(store.begin, release)
         assert isinstance(work, Path)
         try:
-            await self._download(work / "download", release, [package], package.size,
+            await self.download(work / "download", release, [package], package.size,
                                  _labelled(progress, "debuginfo"))
             # Both are the first members of the archive: tar stops after them,
             # without decompressing the 5 GB of module debuginfo behind.
@@ -303,9 +305,9 @@ class KernelFetcher:
             await self._unpack_members(work, [_DEBUG_BOOT + name for name in names], strip=5)
             for name in names:
                 os.rename(work / "download" / name, work / "root" / name)
-            stored = await self._in_thread(store.commit, work, release, [package.stored])
+            stored = await self.in_thread(store.commit, work, release, [package.stored])
         except BaseException:
-            await self._in_thread(store.abandon, work)
+            await self.in_thread(store.abandon, work)
             raise
         assert isinstance(stored, StoredRelease)
         self.log.info("Fetched the debuginfo of kernel {release} in {seconds:.1f} s "
@@ -315,13 +317,14 @@ class KernelFetcher:
         return stored
 
     async def _evict_debug(self, store: KernelStore, release: str) -> None:
-        evicted = await self._in_thread(store.evict, release)
+        evicted = await self.in_thread(store.evict, release)
         assert isinstance(evicted, list)
         for old in evicted:
             self.log.info("Kernel store over its size cap: removed the debug files of "
                           "{release} ({size})", release=old.release, size=megabytes(old.size))
 
-    async def _run(self, argv: Sequence[str], cwd: Path | None = None) -> tuple[bytes, bytes, int]:
+    async def run(self, argv: Sequence[str], cwd: Path | None = None) -> tuple[bytes, bytes, int]:
+        """A child process of the reactor: its output, errors and exit code."""
         env = dict(self.environ)
         env.setdefault("LC_ALL", "C.UTF-8")
         out, err, code = await getProcessOutputAndValue(  # type: ignore[no-untyped-call]
@@ -335,13 +338,13 @@ class KernelFetcher:
         if not valid_release(release):
             raise FetchFailed(f"'{release}' is not a kernel release name")
         headers = f"linux-headers-{release}"
-        out, err, code = await self._run([APT_CACHE, "show", "--no-all-versions", headers])
+        out, err, code = await self.run([APT_CACHE, "show", "--no-all-versions", headers])
         found = parse_show(out.decode(errors="replace"))
         if code != 0 or not found:
             raise FetchFailed(f"the Debian archive this server uses has no kernel headers "
                               f"for release {release} (no package {headers})")
         names = build_packages(found[0])
-        out, err, code = await self._run([APT_CACHE, "show", "--no-all-versions", *names])
+        out, err, code = await self.run([APT_CACHE, "show", "--no-all-versions", *names])
         others = parse_show(out.decode(errors="replace"))
         missing = set(names) - {candidate.name for candidate in others}
         if code != 0 or missing:
@@ -357,25 +360,25 @@ class KernelFetcher:
                       packages=", ".join(f"{p.name} {p.version} ({megabytes(p.size)})"
                                          for p in packages),
                       total=megabytes(total))
-        work = await self._in_thread(self.store.begin, release)
+        work = await self.in_thread(self.store.begin, release)
         assert isinstance(work, Path)
         try:
             stored = await self._fetch_into(work, release, packages, total, progress)
         except BaseException:
-            await self._in_thread(self.store.abandon, work)
+            await self.in_thread(self.store.abandon, work)
             raise
         self.log.info("Fetched kernel {release} in {seconds:.1f} s ({size} unpacked)",
                       release=release, seconds=self.reactor.seconds() - started,
                       size=megabytes(stored.size))
-        evicted = await self._in_thread(self.store.evict, release)
+        evicted = await self.in_thread(self.store.evict, release)
         assert isinstance(evicted, list)
         for old in evicted:
             self.log.info("Kernel store over its size cap: removed {release} ({size})",
                           release=old.release, size=megabytes(old.size))
         return stored
 
-    async def _download(self, download: Path, release: str, packages: list[Candidate],
-                        total: int, progress: Progress | None) -> None:
+    async def download(self, download: Path, release: str, packages: list[Candidate],
+                       total: int, progress: Progress | None) -> None:
         """``apt-get download`` of exactly these versions into ``download``
         (apt checks each file against its signed indexes)."""
         ticker = None
@@ -388,7 +391,7 @@ class KernelFetcher:
             ticker.clock = self.reactor
             ticker.start(0.5)
         try:
-            out, err, code = await self._run(
+            out, err, code = await self.run(
                 [APT_GET, "download", "-q", *(f"{p.name}={p.version}" for p in packages)],
                 cwd=download)
         finally:
@@ -402,18 +405,18 @@ class KernelFetcher:
     async def _fetch_into(self, work: Path, release: str, packages: list[Candidate],
                           total: int, progress: Progress | None) -> StoredRelease:
         download = work / "download"
-        await self._download(download, release, packages, total, progress)
+        await self.download(download, release, packages, total, progress)
         root = work / "root"
         debs = {deb.name.split("_", 1)[0]: deb for deb in download.glob("*.deb")}
         for package in packages:
             deb = debs.get(package.name)
             if deb is None:
                 raise FetchFailed(f"apt-get did not download {package.name}")
-            out, err, code = await self._run([DPKG_DEB, "-x", str(deb), str(root)])
+            out, err, code = await self.run([DPKG_DEB, "-x", str(deb), str(root)])
             if code != 0:
                 raise FetchFailed(f"unpacking {deb.name} failed: {_last_line(err)}")
-        await self._in_thread(fix_tree, root, release, self.store.final_root(release))
-        stored = await self._in_thread(self.store.commit, work, release,
+        await self.in_thread(fix_tree, root, release, self.store.final_root(release))
+        stored = await self.in_thread(self.store.commit, work, release,
                                        [p.stored for p in packages])
         assert isinstance(stored, StoredRelease)
         return stored

@@ -229,16 +229,16 @@ class ModuleDebug:
         try:
             modules = await self._ensure(release, wanted)
             if modules is not None and tree is not None:
-                await self.fetcher._in_thread(link_tree, tree, modules)
+                await self.fetcher.in_thread(link_tree, tree, modules)
         except Exception:
             self.log.failure("Providing the module debuginfo of kernel {release} failed",
                              release=release)
 
     async def _read(self, release: str) -> ModuleSet | None:
-        stored = await self.fetcher._in_thread(self.store.get, release)
+        stored = await self.fetcher.in_thread(self.store.get, release)
         if not isinstance(stored, StoredRelease):
             return None
-        await self.fetcher._in_thread(self.store.touch, release)
+        await self.fetcher.in_thread(self.store.touch, release)
         return read_set(stored)
 
     async def _ensure(self, release: str, wanted: list[str]) -> ModuleSet | None:
@@ -279,16 +279,16 @@ class ModuleDebug:
                      missing: list[str]) -> ModuleSet:
         fetcher, store = self.fetcher, self.store
         started = fetcher.reactor.seconds()
-        package = await fetcher._candidate(f"linux-image-{release}-dbg")
+        package = await fetcher.candidate(f"linux-image-{release}-dbg")
         self.log.info("Fetching the debuginfo of modules {modules} of kernel {release}: "
                       "{name} {version} ({size}); only those modules are kept",
                       modules=" ".join(missing), release=release, name=package.name,
                       version=package.version, size=megabytes(package.size))
-        work = await fetcher._in_thread(store.begin, release)
+        work = await fetcher.in_thread(store.begin, release)
         assert isinstance(work, Path)
         try:
             download = work / "download"
-            await fetcher._download(download, release, [package], package.size, None)
+            await fetcher.download(download, release, [package], package.size, None)
             deb = next(download.glob("*.deb"))
             (download / "members").mkdir()
             patterns = [member_pattern(release, name) for name in missing]
@@ -300,18 +300,18 @@ class ModuleDebug:
             else:
                 argv = ["/bin/sh", "-c", _EXTRACT_AND_LIST, "sh", str(deb),
                         str(download / "members"), str(listing), *patterns]
-            out, err, code = await fetcher._run(argv)
+            out, err, code = await fetcher.run(argv)
             problems = [line for line in err.decode(errors="replace").splitlines()
                         if line.startswith("tar:") and not any(
                             benign in line for benign in _TAR_BENIGN)]
             if code not in (0, 2) or problems:
                 raise FetchFailed(f"unpacking {deb.name} failed: "
                                   f"{(problems or [f'exit {code}'])[-1][:300]}")
-            await fetcher._in_thread(assemble, work, old, release, missing,
+            await fetcher.in_thread(assemble, work, old, release, missing,
                                      self.modules_root / release, listing)
-            stored = await fetcher._in_thread(store.commit, work, release, [package.stored])
+            stored = await fetcher.in_thread(store.commit, work, release, [package.stored])
         except BaseException:
-            await fetcher._in_thread(store.abandon, work)
+            await fetcher.in_thread(store.abandon, work)
             raise
         assert isinstance(stored, StoredRelease)
         modules = read_set(stored)
@@ -322,7 +322,7 @@ class ModuleDebug:
                       or "none", size=megabytes(stored.size),
                       absent=" ".join(name for name in missing if name in modules.absent)
                       or "none")
-        evicted = await fetcher._in_thread(store.evict, release)
+        evicted = await fetcher.in_thread(store.evict, release)
         assert isinstance(evicted, list)
         for gone in evicted:
             self.log.info("Kernel store over its size cap: removed the module debuginfo "

@@ -160,17 +160,17 @@ class ArchiveFetcher:
         self.listed: list[bool] = []
         self.fail_unpack = False
 
-    def _in_thread(self, function: Callable[..., object], *args: object) -> Deferred[object]:
+    def in_thread(self, function: Callable[..., object], *args: object) -> Deferred[object]:
         return maybeDeferred(function, *args)
 
-    async def _candidate(self, name: str) -> Candidate:
+    async def candidate(self, name: str) -> Candidate:
         return Candidate(name, "6.1.192-3", 858_000_000, ())
 
-    async def _download(self, download: Path, release: str, packages: list[Candidate],
+    async def download(self, download: Path, release: str, packages: list[Candidate],
                         total: int, progress: object) -> None:
         (download / f"{packages[0].name}_6.1.192-3_amd64.deb").write_bytes(b"deb")
 
-    async def _run(self, argv: list[str]) -> tuple[bytes, bytes, int]:
+    async def run(self, argv: list[str]) -> tuple[bytes, bytes, int]:
         done: Deferred[None] = Deferred()
         self.passes.append(done)
         await done
