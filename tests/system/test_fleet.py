@@ -22,7 +22,7 @@ from stapsrv.cache.secret import create_secret
 from tests.helpers import require_program
 from tests.helpers.forgedproxy import start_forged_proxy
 from tests.helpers.realclient import HELLO, RealClientMixin
-from tests.helpers.realhaproxy import PROXY_SOURCE, Backend, start_haproxy
+from tests.helpers.realhaproxy import PROXY_SOURCE, Backend, HAProxy, start_haproxy
 from tests.helpers.realprometheus import start_prometheus
 from tests.helpers.realredis import RedisServer, free_port, start_redis
 from tests.helpers.realserver import (
@@ -96,6 +96,20 @@ class EndpointTests(RealClientMixin, TestCase):
         self.addCleanup(server.stop)
         return server
 
+    def haproxy_in_front(self, server: ServerProcess) -> HAProxy:
+        """A real HAProxy on loopback with ``server`` as its one backend."""
+        base = scratch_directory("haproxy-")
+        self.addCleanup(remove_tree, base)
+        return start_haproxy(self, base / "haproxy", [Backend("s1", server.port)])
+
+    async def stap_through(self, spec: str) -> tuple[bytes, int]:
+        """A new client's ``-p4`` of HELLO through ``spec``: its stderr and exit code."""
+        client = self.new_client()
+        await client.trust(spec)
+        out, err, code = await client.stap(f"--use-server={spec}", "-r", self.release,
+                                           "-p4", "-e", HELLO)
+        return err, code
+
     async def test_socket_activation_hands_the_listener_to_twistd(self) -> None:
         require_program("systemd-socket-activate")
         port = free_port()
@@ -112,19 +126,14 @@ class EndpointTests(RealClientMixin, TestCase):
                                            "-p4", "-e", HELLO)
         self.assertEqual(code, 0, err.decode())
         self.assertEqual(len([m for m in client.modules() if m.endswith(".ko")]), 1)
-        self.assertIn(f"Request from 127.0.0.1:", server.log())
+        self.assertIn("Request from 127.0.0.1:", server.log())
 
     async def test_proxied_server_sees_the_clients_address(self) -> None:
         require_program("haproxy")
         server = self.started(start_stapsrv(
             ["--endpoint", "haproxy:tcp:0:interface=127.0.0.1"], release=self.release))
-        base = scratch_directory("haproxy-")
-        self.addCleanup(remove_tree, base)
-        proxy = start_haproxy(self, base / "haproxy", [Backend("s1", server.port)])
-        client = self.new_client()
-        await client.trust(proxy.spec)
-        out, err, code = await client.stap(f"--use-server={proxy.spec}", "-r", self.release,
-                                           "-p4", "-e", HELLO)
+        proxy = self.haproxy_in_front(server)
+        err, code = await self.stap_through(proxy.spec)
         self.assertEqual(code, 0, err.decode())
         log = server.log()
         self.assertIn("Clients' addresses come from the PROXY protocol header", log)
@@ -143,13 +152,8 @@ class EndpointTests(RealClientMixin, TestCase):
         server = self.started(start_stapsrv(
             ["--endpoint", "haproxy:tcp:0:interface=127.0.0.1", "--allow", PROXY_SOURCE],
             release=self.release))
-        base = scratch_directory("haproxy-")
-        self.addCleanup(remove_tree, base)
-        proxy = start_haproxy(self, base / "haproxy", [Backend("s1", server.port)])
-        client = self.new_client()
-        await client.trust(proxy.spec)
-        out, err, code = await client.stap(f"--use-server={proxy.spec}", "-r", self.release,
-                                           "-p4", "-e", HELLO)
+        proxy = self.haproxy_in_front(server)
+        err, code = await self.stap_through(proxy.spec)
         self.assertNotEqual(code, 0)
         self.assertIn("does not accept requests from 127.0.0.1 (its --allow list)",
                       err.decode())
@@ -161,9 +165,7 @@ class EndpointTests(RealClientMixin, TestCase):
         server = self.started(start_stapsrv(
             ["--endpoint", PROXIED, "--proxy-from", PROXY_SOURCE, "--allow", "192.0.2.10",
              "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"], release=self.release))
-        base = scratch_directory("haproxy-")
-        self.addCleanup(remove_tree, base)
-        proxy = start_haproxy(self, base / "haproxy", [Backend("s1", server.port)])
+        proxy = self.haproxy_in_front(server)
         # Peers writing their own header claiming the allowed address: one
         # from 127.0.0.1 (reaching the port directly), one from the proxy's.
         direct = await start_forged_proxy(self, server.port, "127.0.0.1", "192.0.2.10")
