@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from attrs import frozen
 from twisted.internet import reactor
@@ -22,8 +22,16 @@ from twisted.internet.task import deferLater
 
 from tests.helpers.rawclient import basic_request, build_request, client_context
 from tests.helpers.realclient import RealClientMixin
-from tests.helpers.realserver import Client, ServerProcess, remove_tree, start_stapsrv
+from tests.helpers.realserver import (
+    Client,
+    ServerProcess,
+    remove_tree,
+    scratch_directory,
+    start_stapsrv,
+)
 
+if TYPE_CHECKING:
+    from tests.helpers.gate import CompileGate
 
 T = TypeVar("T")
 
@@ -33,22 +41,17 @@ STILL_SERVING = 'probe begin { println("still serving"); exit() }'
 STILL_SERVING_MODULE = "still_serving"
 #: Seconds a post-fault leftover (process or scratch directory) may linger.
 LINGER = 2.0
+#: How long a test waits for a process group to go before it gives up: a
+#: net for a broken server, never a measure of how fast it is.
+GONE_NET = 60.0
+#: A --compile-timeout far longer than passes 1-3 of a one-line script
+#: take, for compiles held at a gate in pass 4 (tests/helpers/gate.py).
+PASS4_TIMEOUT = 15
 
 
 def unique_script(tag: str) -> str:
     """A script no cache has seen: the translator must really run."""
     return f'probe begin {{ println("{tag} {uuid.uuid4().hex}"); exit() }}'
-
-
-def heavy_script(tag: str, functions: int = 20) -> str:
-    """A new script whose pass 4 takes several seconds (gcc time grows
-    faster than linearly with the number of functions: 1 takes ~3 s in
-    all, 20 ~5 s, 150 over a minute on the 2-core CI machine); passes 1-3
-    take well under a second."""
-    body = "".join(f'function f{index}(x) {{ return x * {index} + '
-                   f'strlen(sprintf("%d-{index}", x)) }}\n' for index in range(functions))
-    calls = " + ".join(f"f{index}({index})" for index in range(functions))
-    return body + f'probe begin {{ println({calls}, " {tag} {uuid.uuid4().hex}"); exit() }}'
 
 
 def pause(seconds: float) -> Deferred[None]:
@@ -259,6 +262,31 @@ class FaultMixin(RealClientMixin):
     def watch(self, server: ServerProcess) -> ProcessWatch:
         return self.watches[server.pid]
 
+    def gate(self) -> "CompileGate":
+        """A compile gate of this test's own (tests/helpers/gate.py)."""
+        from tests.helpers.gate import CompileGate
+        base = scratch_directory("gate-")
+        self.addCleanup(remove_tree, base)  # type: ignore[attr-defined]
+        gate = CompileGate(base)
+        self.addCleanup(gate.close)  # type: ignore[attr-defined]
+        return gate
+
+    def at_gate(self, server: ServerProcess, gate: "CompileGate") -> list[Proc]:
+        """The server's translator processes waiting at ``gate``."""
+        holders = set(gate.holders())
+        return [proc for proc in self.watch(server).belonging() if proc.pid in holders]
+
+    async def translator_at_gate(self, server: ServerProcess, gate: "CompileGate") -> Proc:
+        """Wait until a compile of ``server`` is at ``gate``; its translator
+        (the leader of the compiler's session: ``stap``, or the ``bwrap``
+        of its sandbox).  Not just any translator: a guru-mode request
+        first makes the server build its guru kernel configuration
+        header, in a translator of its own."""
+        await gate.reached()
+        [compiler] = self.at_gate(server, gate)
+        [leader] = [proc for proc in self.watch(server).belonging() if proc.pid == compiler.sid]
+        return leader
+
     def compile(self, client: Client, server: ServerProcess, *arguments: str
                 ) -> Deferred[tuple[bytes, bytes, int]]:
         return client.stap(f"--use-server={server.spec}", "-r", self.release, *arguments)
@@ -269,18 +297,6 @@ class FaultMixin(RealClientMixin):
         if not found:
             raise AssertionError(f"no translator started within {timeout} s\n{server.log()}")
         return found[0]
-
-    async def compiler_running(self, server: ServerProcess, translator: Proc,
-                               timeout: float = 60.0) -> None:
-        """Wait until the translator's make or compiler runs (pass 4)."""
-        watch = self.watch(server)
-
-        def compiling() -> bool:
-            return any(proc.comm in ("cc1", "make", "gcc-12", "gcc")
-                       for proc in watch.session(translator.sid))
-
-        if not await poll(compiling, timeout):
-            raise AssertionError(f"translator {translator} never reached make/gcc")
 
     async def wait_for_log(self, server: ServerProcess, pattern: str, timeout: float = 30.0) -> str:
         match = await poll(lambda: re.search(pattern, server.log()), timeout)

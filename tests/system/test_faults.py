@@ -33,9 +33,10 @@ from twisted.trial.unittest import TestCase
 
 from tests.helpers import install_fake_stap, require, require_program
 from tests.helpers.faults import (
+    GONE_NET,
+    PASS4_TIMEOUT,
     FaultMixin,
     cafile,
-    heavy_script,
     limits_of,
     pause,
     poll,
@@ -66,23 +67,22 @@ class DisconnectTests(FaultMixin, TestCase):
 
     async def test_client_disconnects_during_compilation(self) -> None:
         """The translator's whole process group (stap, make, gcc) is ended
-        within about a second of the client going away."""
-        server = self.start_server()
-        body = raw_request(self.release, unique_script("abandon"), "-p4")
+        once the client goes away mid-compile (the compile waits at a gate,
+        so it is still running whatever the machine's speed)."""
+        gate = self.gate()
+        server = self.start_server(*gate.server_arguments())
+        body = raw_request(self.release, gate.script("abandon"), "-p4", "-g")
         connection = await deferToThread(OpenConnection, server.port, cafile(server))
         self.addCleanup(connection.close)
         connection.send(frame(body))
-        translator = await self.translator_started(server)
-        await self.compiler_running(server, translator)
-        self.assertTrue(self.watch(server).session(translator.sid))
-        closed = time.monotonic()
-        connection.close()
+        translator = await self.translator_at_gate(server, gate)
         watch = self.watch(server)
-        gone = await poll(lambda: not watch.session(translator.sid), 5.0, 0.02)
-        elapsed = time.monotonic() - closed
-        self.assertTrue(gone, "translator group still running 5 s after the client left: "
+        self.assertTrue(any(proc.comm == "cc1" for proc in watch.session(translator.sid)),
+                        "the compiler at the gate is in the translator's session")
+        connection.close()
+        gone = await poll(lambda: not watch.session(translator.sid), GONE_NET, 0.02)
+        self.assertTrue(gone, "translator group still running after the client left: "
                         + ", ".join(map(str, watch.session(translator.sid))))
-        self.assertLess(elapsed, 1.5, f"translator group took {elapsed:.2f} s to go")
         await self.assert_still_serves(server)
 
     async def test_client_disconnects_during_download(self) -> None:
@@ -136,21 +136,21 @@ class RequestTimeoutTests(FaultMixin, TestCase):
 
 class TranslatorKilledTests(FaultMixin, TestCase):
     async def test_translator_killed_by_a_signal(self) -> None:
-        """SIGKILL to stap in pass 4: the client's compile fails (nonzero,
-        no module); make/gcc of the dead translator do not linger; the
-        server keeps serving."""
-        server = self.start_server()
+        """SIGKILL to stap in pass 4 (its compiler held at a gate): the
+        client's compile fails (nonzero, no module); make/gcc of the dead
+        translator do not linger; the server keeps serving."""
+        gate = self.gate()
+        server = self.start_server(*gate.server_arguments())
         client = await self.trusted_client(server)
-        result = self.compile(client, server, "-p4", "-m", "killed_mod",
-                              "-e", unique_script("killed"))
-        translator = await self.translator_started(server)
-        await self.compiler_running(server, translator)
+        result = self.compile(client, server, "-p4", "-g", "-m", "killed_mod",
+                              "-e", gate.script("killed"))
+        translator = await self.translator_at_gate(server, gate)
         os.kill(translator.pid, signal.SIGKILL)
         out, err, code = await result
         # The server answered: what is left of the dead translator's group
-        # (make, gcc, now children of init) must not go on compiling.
+        # (make, gcc at the gate, now children of init) must not go on.
         watch = self.watch(server)
-        gone = await poll(lambda: not watch.session(translator.sid), 0.5, 0.02)
+        gone = await poll(lambda: not watch.session(translator.sid), GONE_NET, 0.02)
         left = ", ".join(map(str, watch.session(translator.sid)))
         self.assertNotEqual(code, 0, err.decode())
         self.assertEqual(client.modules(), [])
@@ -191,26 +191,32 @@ class CompileTimeoutTests(FaultMixin, TestCase):
         await self.assert_still_serves(server, client, ("-e", "ok"), "stap_fake_1.ko")
 
     async def test_real_compile_over_the_timeout_is_ended(self) -> None:
-        """A real -p4 of a new script whose gcc runs for several seconds,
-        with --compile-timeout 2 (pass 4 starts within a second): rc 1 and
-        the message, no make/gcc left."""
-        # The check afterwards must not need a compile itself (a cold one
-        # takes longer than 2 s): a server without the timeout puts its
-        # answer into a response cache the timed server shares.
+        """A real -p4 whose compiler waits at a gate nobody opens
+        (tests/helpers/gate.py) outlives --compile-timeout: rc 1 and the
+        message, no module, nothing of the translator's group left.
+
+        The timeout is far longer than passes 1-3 of a one-line script
+        take, so that it ends pass 4; the compile itself can never finish
+        in time, however fast the machine."""
+        gate = self.gate()
+        # The check afterwards must not need a compile itself: a server
+        # without the timeout puts its answer into a response cache the
+        # timed server shares (the same -I, so the same keys).
         cache = owned_directory(scratch_directory("timeout-cache-"))
         self.addCleanup(remove_tree, cache)
-        warm = self.start_server("--cache-dir", str(cache))
+        warm = self.start_server(*gate.server_arguments(), "--cache-dir", str(cache))
         await self.assert_still_serves(warm)
-        server = self.start_server("--compile-timeout", "2", "--cache-dir", str(cache))
+        server = self.start_server("--compile-timeout", str(PASS4_TIMEOUT),
+                                   *gate.server_arguments(), "--cache-dir", str(cache))
         client = await self.trusted_client(server)
-        result = self.compile(client, server, "-p4", "-m", "too_slow",
-                              "-e", heavy_script("slow"))
-        translator = await self.translator_started(server)
+        result = self.compile(client, server, "-p4", "-g", "-m", "too_slow",
+                              "-e", gate.script("slow"))
+        translator = await self.translator_at_gate(server, gate)
+        self.assertTrue(self.watch(server).ever_ran("make"), "pass 4 is under way")
         out, err, code = await result
         self.assertEqual(code, 1, err.decode())
-        self.assertIn("compile timeout", err.decode())
+        self.assertIn(f"compile timeout ({PASS4_TIMEOUT} s)", err.decode())
         self.assertEqual(client.modules(), [])
-        self.assertTrue(self.watch(server).ever_ran("make"), "the timeout hit pass 4")
         self.assertEqual(self.watch(server).session(translator.sid), [])
         await self.assert_still_serves(server, client)
 
@@ -277,17 +283,23 @@ class DiskFullTests(FaultMixin, TestCase):
 
 class ShutdownTests(FaultMixin, TestCase):
     async def test_sigterm_while_two_compiles_run(self) -> None:
-        """SIGTERM with two compiles in pass 4: both clients get their
-        modules, the server exits 0, nothing is left."""
-        server = self.start_server("--max-threads", "2")
+        """SIGTERM with two compiles in pass 4 (both held at a gate, let go
+        once the signal is sent): both clients get their modules, the
+        server exits 0, nothing is left."""
+        gate = self.gate()
+        server = self.start_server("--max-threads", "2", *gate.server_arguments())
         clients = [await self.trusted_client(server) for _ in range(2)]
-        results = [self.compile(client, server, "-p4", "-m", f"shutdown_{index}",
-                                "-e", unique_script(f"shutdown {index}"))
+        results = [self.compile(client, server, "-p4", "-g", "-m", f"shutdown_{index}",
+                                "-e", gate.script(f"shutdown {index}"))
                    for index, client in enumerate(clients)]
-        watch = self.watch(server)
-        two = await poll(lambda: len(watch.translators()) == 2, 60.0)
-        self.assertTrue(two, f"two translators never ran together:\n{server.log()}")
+        await gate.reached()
+        both = await poll(lambda: len(self.at_gate(server, gate)) == 2, GONE_NET)
+        self.assertTrue(both, f"two compilers never waited at the gate together:\n{server.log()}")
+        self.assertEqual(len({proc.sid for proc in self.at_gate(server, gate)}), 2,
+                         "two translators, each with its compiler at the gate")
         server.process.send_signal(signal.SIGTERM)
+        await self.wait_for_log(server, r"Received signal 15, exiting")
+        gate.release()
         outcomes = await gatherResults(results)
         for index, (client, (out, err, code)) in enumerate(zip(clients, outcomes)):
             self.assertEqual(code, 0, err.decode())
@@ -303,21 +315,20 @@ class ShutdownTests(FaultMixin, TestCase):
 class ResourceLimitTests(FaultMixin, TestCase):
     async def test_limits_reach_the_translator_and_its_compilers(self) -> None:
         """Generous limits are set on stap (and inherited by gcc), not on the
-        server, and a compile under them succeeds."""
+        server, and a compile under them succeeds (its compiler is read
+        while it waits at a gate, then let go)."""
+        gate = self.gate()
         server = self.start_server("--cpu-limit", "600", "--memory-limit", "4000",
-                                   "--file-size-limit", "500", "--process-limit", "3000")
+                                   "--file-size-limit", "500", "--process-limit", "3000",
+                                   *gate.server_arguments())
         client = await self.trusted_client(server)
-        result = self.compile(client, server, "-p4", "-m", "limited",
-                              "-e", unique_script("limits"))
-        translator = await self.translator_started(server)
+        result = self.compile(client, server, "-p4", "-g", "-m", "limited",
+                              "-e", gate.script("limits"))
+        translator = await self.translator_at_gate(server, gate)
         translator_limits = limits_of(translator.pid)
-        await self.compiler_running(server, translator)
-        compiler = next((p for p in self.watch(server).session(translator.sid)
-                         if p.comm in ("make", "cc1", "gcc-12")), None)
-        try:
-            compiler_limits = limits_of(compiler.pid) if compiler else None
-        except OSError:  # it finished in between
-            compiler_limits = None
+        [compiler] = self.at_gate(server, gate)
+        compiler_limits = limits_of(compiler.pid)
+        gate.release()
         out, err, code = await result
         self.assertEqual(code, 0, err.decode())
         self.assertEqual(client.modules(), ["limited.ko"])
@@ -327,8 +338,8 @@ class ResourceLimitTests(FaultMixin, TestCase):
         self.assertIn(translator_limits["Max file size"],
                       (str(500 * 1024 * 1024), str(500 * 1000 * 1000)))
         self.assertEqual(translator_limits["Max processes"], "3000")
-        if compiler_limits is not None:
-            self.assertEqual(compiler_limits["Max cpu time"], "600")
+        self.assertEqual(compiler_limits["Max cpu time"], "600")
+        self.assertEqual(compiler_limits["Max processes"], "3000")
         ours = limits_of(os.getpid())
         theirs = limits_of(server.pid)
         for name in ("Max cpu time", "Max address space", "Max file size", "Max processes"):
