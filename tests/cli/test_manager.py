@@ -14,15 +14,14 @@ import time
 from pathlib import Path
 
 from attrs import evolve
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from stapsrv.cli.manager import USAGE, main, render, status_record
 from stapsrv.core.counters import Counters
 from stapsrv.config.files import ServerSettings
 from stapsrv.paths import manager_architecture as host_arch
-from tests.helpers import require, require_header_release, require_program
+from tests.helpers import is_dead, require, require_header_release, require_program, wait_until
 from tests.helpers.realserver import (
     Client,
     owned_directory,
@@ -208,7 +207,7 @@ class ManagerTests(TestCase):
         self.sandbox.run("start", "--ssl", str(self.sandbox.ssl))
         [pid] = self.sandbox.pids()
         os.kill(pid, signal.SIGKILL)
-        time.sleep(0.3)
+        self.assertTrue(wait_until(lambda: is_dead(pid)))
         out, err, code = self.sandbox.run("status")
         self.assertEqual(code, 1)
         self.assertRegex(out, rf"^stap-server .* started as PID {pid} is no longer running\n$")
@@ -223,7 +222,7 @@ class ManagerTests(TestCase):
         self.sandbox.run("start", "-n", "gone", "--ssl", ssl)
         [pid] = self.sandbox.pids()
         os.kill(pid, signal.SIGKILL)
-        time.sleep(0.3)
+        self.assertTrue(wait_until(lambda: is_dead(pid)))
         out, err, code = self.sandbox.run("restart")
         self.assertEqual(code, 0, err)
         self.assertTrue(out.startswith('Stopping stap-server') and '-n "gone"' in out, out)
@@ -231,7 +230,7 @@ class ManagerTests(TestCase):
         self.assertNotEqual(new_pid, pid)
         self.assertIn('-n "gone"', self.sandbox.run("status")[0])
         os.kill(new_pid, signal.SIGKILL)
-        time.sleep(0.3)
+        self.assertTrue(wait_until(lambda: is_dead(new_pid)))
         out, err, code = self.sandbox.run("stop")
         self.assertEqual((code, out.splitlines()[-1]), (0, "OK"))
         self.assertEqual(self.sandbox.pids(), [])
@@ -337,7 +336,7 @@ class ManagerTests(TestCase):
         self.sandbox.run("start", "--ssl", ssl)
         [pid] = self.sandbox.pids()
         os.kill(pid, signal.SIGKILL)
-        time.sleep(0.3)
+        self.assertTrue(wait_until(lambda: is_dead(pid)))
         out, err, code = self.sandbox.run("start", "--ssl", ssl)
         self.assertEqual(code, 0, err)
         [new_pid] = self.sandbox.pids()
@@ -467,10 +466,7 @@ class ManagerTests(TestCase):
         self.sandbox.log.touch()
         os.chown(self.sandbox.log, test_user().pw_uid, test_user().pw_gid)
         os.kill(pid, signal.SIGHUP)
-        for _ in range(100):
-            if "Reopened the log file" in self.sandbox.log.read_text():
-                break
-            time.sleep(0.05)
+        wait_until(lambda: "Reopened the log file" in self.sandbox.log.read_text())
         self.assertIn("Reopened the log file", self.sandbox.log.read_text())
         await client.trust(f"127.0.0.1:{port}")
         self.assertIn("Accepted connection from", self.sandbox.log.read_text())
@@ -486,9 +482,11 @@ class ManagerTests(TestCase):
         out, err, code = await client.stap(f"--use-server=127.0.0.1:{port}", "-r", release,
                                            "-p4", "-e", warm)
         self.assertEqual(code, 0, err.decode())
-        await deferLater(reactor, 0.7, lambda: None)  # the counters file is rewritten twice a second
+        # The counters file is rewritten twice a second: wait for the figures.
+        counted = "\n  requests 2, failures 0, cache hits 1, compiling 0, waiting 0\n"
+        await deferToThread(wait_until, lambda: counted in self.sandbox.run("status")[0])
         status = self.sandbox.run("status")[0]
-        self.assertIn("\n  requests 2, failures 0, cache hits 1, compiling 0, waiting 0\n", status)
+        self.assertIn(counted, status)
         # The same figures for scripts.
         out, err, code = self.sandbox.run("status", "--json")
         self.assertEqual(code, 0, err)
@@ -504,10 +502,8 @@ class ManagerTests(TestCase):
         # A stop while a compile runs still gives the client its module.
         compile_ = client.stap(f"--use-server=127.0.0.1:{port}", "-r", release, "-p4", "-e",
                                f'probe begin {{ println("{time.time()}"); exit() }}')
-        for _ in range(300):
-            if "Options passed from the client" in self.sandbox.log.read_text()[log_so_far:]:
-                break
-            time.sleep(0.05)
+        self.assertTrue(await deferToThread(wait_until, lambda: "Options passed from the client"
+                                            in self.sandbox.log.read_text()[log_so_far:]))
         out, err, code = self.sandbox.run("stop")
         self.assertEqual(code, 0, err)
         out, err, code = await compile_

@@ -12,14 +12,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
 from twisted.trial.unittest import TestCase
 
 from stapsrv.cache.secret import create_secret
-from tests.helpers import require_program
+from tests.helpers import require_program, wait_until
 from tests.helpers.forgedproxy import start_forged_proxy
 from tests.helpers.realclient import HELLO, RealClientMixin
 from tests.helpers.realhaproxy import PROXY_SOURCE, Backend, HAProxy, start_haproxy
@@ -344,9 +343,12 @@ class FleetTests(FleetMixin, TestCase):
             for _ in range(3):
                 await self.compile_through(c, proxy.spec, script)
 
-        batch = gatherResults([Deferred.fromCoroutine(lane(c)) for c in clients])
         victim = servers[1]
-        await deferLater(reactor, 1.0, lambda: None)
+        accepted = victim.log().count("Accepted connection from")
+        batch = gatherResults([Deferred.fromCoroutine(lane(c)) for c in clients])
+        # SIGTERM once the victim has taken a request of the batch.
+        self.assertTrue(await deferToThread(wait_until, lambda: victim.log().count(
+            "Accepted connection from") > accepted), victim.log())
         os.kill(victim.pid, signal.SIGTERM)
         await batch
         victim.process.wait(60)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from twisted.python import log
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import require_program
+from tests.helpers import require_program, wait_until
 from tests.helpers.faults import wait_for_warm_up
 from tests.helpers.rawclient import (
     ANSWERED,
@@ -115,9 +114,11 @@ class EndlessPathTests(_ServerCase):
         for path, result in zip(ENDLESS, await pending):
             self.assert_answered(result, path)
         self.assertIn("Not caching the answer", server.log())
-        # Again, and SIGTERM while those are in flight.
+        # Again, and SIGTERM while those are in flight (every one accepted).
+        accepted = server.log().count("Accepted connection")
         pending = deferToThread(hostile, "second")
-        await deferToThread(time.sleep, 1.0)
+        self.assertTrue(await deferToThread(wait_until, lambda: server.log().count(
+            "Accepted connection") >= accepted + len(ENDLESS)), server.log())
         server.process.terminate()
         try:
             await deferToThread(server.process.wait, EXIT_LIMIT)
