@@ -379,7 +379,10 @@ class FleetServersTests(RealClientMixin, TestCase):
         script = f'probe begin {{ println("fleet {marker}"); exit() }}'
         out, err, code = await client.stap(
             f"--use-server={server.spec}", "-r", self.release, "-p4", "-e", script)
-        self.assertEqual(code, 0, err.decode())
+        # Should it fail, the server's side of the story too (the client
+        # only says "Unable to connect to a server").
+        self.assertEqual(code, 0, f"{err.decode()}\nserver {server.spec} (exit "
+                         f"{server.exit_code}), its log's end:\n{server.log()[-3000:]}")
         [module] = client.modules()
         path = client.cwd / module
         data = path.read_bytes()
