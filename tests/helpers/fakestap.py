@@ -52,7 +52,7 @@ def main() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if script == "sleep":
         child = subprocess.Popen(["sleep", "300"])
-        with open(record + ".pids", "w") as out:
+        with open(f"{record}.pids", "w") as out:
             json.dump([os.getpid(), child.pid], out)
         time.sleep(300)
     if script == "home":

@@ -312,7 +312,7 @@ class FaultMixin(RealClientMixin):
         left = await poll(lambda: not watch.belonging(), linger)
         if not left:
             remaining = "\n".join(map(str, watch.belonging()))
-            raise AssertionError(  # type: ignore[misc]
+            raise AssertionError(
                 f"processes of the server's translators are left:\n{remaining}")
         tmpdir = tmpdir or server.base / "tmp"
 

@@ -52,8 +52,9 @@ class _Inbound(Protocol):
                   f"{relay.server_port}\r\n").encode()
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", relay.server_port, timeout=10,
                                       bindAddress=(relay.source, 0))
-        connectProtocol(endpoint, _Outbound(self, header)).addCallbacks(
-            self._connected, lambda _: self.transport.loseConnection())  # type: ignore[union-attr]
+        connectProtocol(  # type: ignore[no-untyped-call]
+            endpoint, _Outbound(self, header)).addCallbacks(
+            self._connected, lambda _: self.transport.loseConnection())
 
     def _connected(self, outbound: _Outbound) -> None:
         self.outbound = outbound
@@ -72,7 +73,7 @@ class _Inbound(Protocol):
 class ForgedProxy(Factory):
     """Relays to 127.0.0.1:``server_port`` from ``source``, claiming ``claimed``."""
 
-    protocol = _Inbound
+    protocol = _Inbound  # type: ignore[assignment]
     noisy = False
 
     def __init__(self, server_port: int, source: str, claimed: str) -> None:
@@ -90,6 +91,7 @@ class ForgedProxy(Factory):
 async def start_forged_proxy(test: object, server_port: int, source: str,
                              claimed: str) -> ForgedProxy:
     relay = ForgedProxy(server_port, source, claimed)
-    relay.port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(relay)
+    endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")  # type: ignore[no-untyped-call]
+    relay.port = await endpoint.listen(relay)  # type: ignore[no-untyped-call]
     test.addCleanup(relay.port.stopListening)  # type: ignore[attr-defined]
     return relay

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, cast
 
-from twisted.internet import reactor
-from twisted.logger import LogEvent, Logger, formatEvent
+from attrs import evolve
+from twisted.internet import reactor as global_reactor
+from twisted.logger import ILogObserver, LogEvent, Logger, formatEvent
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from stapsrv.cache.key import ContentDigests, KeyMaker
 from stapsrv.cache.store import DiskCache
@@ -18,9 +21,13 @@ from stapsrv.compile.handler import RequestContext, RequestHandler
 from stapsrv.config.values import ServerConfig
 from stapsrv.core.cmdline import ServerOption
 from stapsrv.identity.certs import ServerIdentity
+from stapsrv.reactor import IHandlerReactor
 from tests.helpers import install_fake_stap, test_identity
 from tests.helpers.archives import RELEASE
 from tests.helpers.vectors import members
+
+#: The reactor, as the handler and the cache see it.
+reactor = cast(IHandlerReactor, global_reactor)
 
 
 def alive(pid: int) -> bool:
@@ -52,14 +59,14 @@ class HandlerCase(TestCase):
         self.options: tuple[ServerOption, ...] = ()
         self.keep = False
 
-    def handler(self, **config: object) -> RequestHandler:
-        settings = dict(releases=(RELEASE, "6.18.44-fc-v657"), ssl_dir=self.base / "ssl",
-                        stap=str(install_fake_stap(self.base)), tmpdir=self.tmpdir,
-                        server_options=self.options, keep_temporary=self.keep)
-        settings.update(config)
+    def handler(self, **config: Any) -> RequestHandler:
+        settings = evolve(ServerConfig(
+            releases=(RELEASE, "6.18.44-fc-v657"), ssl_dir=self.base / "ssl",
+            stap=str(install_fake_stap(self.base)), tmpdir=self.tmpdir,
+            server_options=self.options, keep_temporary=self.keep), **config)
         environ = {"PATH": os.environ["PATH"], "HOME": str(self.home),
                    "FAKESTAP_RECORD": str(self.record), "LD_PRELOAD": ""}
-        return RequestHandler(ServerConfig(**settings), reactor, self.pool, test_identity,
+        return RequestHandler(settings, reactor, self.pool, test_identity,
                               {RELEASE: "/fixed/runtime"}, environ)
 
     async def answer(self, body: bytes, handler: RequestHandler | None = None) -> dict[str, bytes]:
@@ -67,14 +74,15 @@ class HandlerCase(TestCase):
         assert response is not None
         return members(response)
 
-    def recorded(self) -> dict:
-        return json.loads(self.record.read_text())
+    def recorded(self) -> dict[str, Any]:
+        return cast(dict[str, Any], json.loads(self.record.read_text()))
 
 
 KEY_A = "a" * 64
 KEY_B = "b" * 64
 
 
+@implementer(ILogObserver)
 class Events:
     """A log observer keeping what was logged, as text."""
 
@@ -118,13 +126,12 @@ class CachedHandlerCase(HandlerCase):
         self.cache_log = Events()
 
     def cached_handler(self, max_bytes: int = 1 << 24, cache_dir: Path | None = None,
-                       cache: object | None = None, **config: object) -> RequestHandler:
+                       cache: Any = None, **config: Any) -> RequestHandler:
         """A fresh handler over the cache directory (a new server, same files)."""
-        settings: dict[str, object] = dict(
+        settings = evolve(ServerConfig(
             releases=(RELEASE, "6.18.44-fc-v657"), ssl_dir=self.base / "ssl",
             stap=str(self.stap), tmpdir=self.tmpdir, server_options=self.options,
-            keep_temporary=self.keep)
-        settings.update(config)
+            keep_temporary=self.keep), **config)
         environ = {"PATH": os.environ["PATH"], "HOME": str(self.home),
                    "FAKESTAP_RECORD": str(self.record), "FAKESTAP_COUNT": str(self.count_file),
                    "LD_PRELOAD": ""}
@@ -136,9 +143,9 @@ class CachedHandlerCase(HandlerCase):
         keys = KeyMaker(stap=str(self.stap), modules_root=self.modules_root,
                         environ={"PATH": os.environ["PATH"], "LANG": "C.UTF-8"},
                         rc_file=self.rc, digests=ContentDigests(recheck=0))
-        return RequestHandler(ServerConfig(**settings), reactor, self.pool,  # type: ignore[arg-type]
+        return RequestHandler(settings, reactor, self.pool,
                               lambda: self.server_identity, {RELEASE: str(self.runtime)},
-                              environ, cache=cache, keys=keys)  # type: ignore[arg-type]
+                              environ, cache=cache, keys=keys)
 
     async def raw(self, handler: RequestHandler, body: bytes) -> bytes:
         response = await handler.handle(body, RequestContext("peer"))

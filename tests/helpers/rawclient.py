@@ -27,7 +27,7 @@ import zipfile
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from attrs import define, field
 
@@ -154,8 +154,10 @@ def exchange(port: int, cafile: Union[str, Path, None], payload: Union[bytes, It
             pass
 
 
-def _exchange(raw, tls, cafile, deadline, start, payload, pause, close_after_send,
-              shutdown_write, read, read_limit) -> RawResult:
+def _exchange(raw: socket.socket, tls: bool, cafile: Union[str, Path, None], deadline: float,
+              start: float, payload: Union[bytes, Iterable[bytes]], pause: float,
+              close_after_send: bool, shutdown_write: bool, read: bool,
+              read_limit: int) -> RawResult:
     sock: Union[socket.socket, ssl.SSLSocket] = raw
     peer = None
     try:
@@ -215,14 +217,15 @@ def _exchange(raw, tls, cafile, deadline, start, payload, pause, close_after_sen
                 pass
 
 
-def _safe_drain(sock, deadline: float, limit: int) -> tuple[str, bytes, Optional[str]]:
+def _safe_drain(sock: Union[socket.socket, ssl.SSLSocket], deadline: float, limit: int) -> tuple[str, bytes, Optional[str]]:
     try:
         return _read_until_close(sock, min(deadline, time.monotonic() + 2.0), limit)
     except Exception as exc:  # pragma: no cover - best effort
         return RESET, b"", str(exc)
 
 
-def send_request(port: int, cafile: Union[str, Path, None], body: bytes, **kwargs) -> RawResult:
+def send_request(port: int, cafile: Union[str, Path, None], body: bytes,
+                 **kwargs: Any) -> RawResult:
     """Frame ``body`` with its own length and exchange it."""
     return exchange(port, cafile, frame(body), **kwargs)
 
@@ -262,7 +265,7 @@ class OpenConnection:
     def __enter__(self) -> "OpenConnection":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

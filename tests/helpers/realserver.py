@@ -88,6 +88,7 @@ class _Collect(ProcessProtocol):
         self.done: Deferred[tuple[bytes, bytes, int]] = Deferred()
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         if self.stdin:
             self.transport.write(self.stdin)
         self.transport.closeStdin()
