@@ -60,6 +60,12 @@ class OptionsTests(TestCase):
     def test_robustness_and_cache_options(self) -> None:
         from stapsrv.config.values import TranslatorLimits
         config = self.parse()
+        self.assertEqual((config.max_peer_connections, config.descriptor_reserve), (None, 128))
+        config = self.parse("--max-peer-connections", "16", "--descriptor-reserve", "300")
+        self.assertEqual((config.max_peer_connections, config.descriptor_reserve), (16, 300))
+        self.assertRaises(usage.UsageError, self.parse, "--descriptor-reserve", "0")
+        self.assertRaises(usage.UsageError, self.parse, "--max-peer-connections", "-1")
+        config = self.parse()
         self.assertEqual((config.request_timeout, config.compile_timeout, config.limits,
                           config.cache_enabled, config.cache_dir, config.cache_size,
                           config.fleet_cache),
