@@ -202,6 +202,8 @@ class Admission:
         """Close the connections waiting longest if the reserve is gone."""
         policy = self.policy()
         in_use = self.descriptors.in_use()
+        if not policy.short(in_use - len(self._closing)):
+            return  # (the common case: no need to look at every connection)
         candidates: dict[Hashable, Admitted] = {}  # by id()
         waiting = []
         for connection in self._connections:

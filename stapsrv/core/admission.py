@@ -82,14 +82,18 @@ class AdmissionPolicy:
         (its own included)."""
         return self.limit - in_use >= self.floor
 
+    def short(self, in_use: int) -> bool:
+        """Fewer than ``reserve`` descriptors are free."""
+        return self.limit - in_use < self.kept_free
+
     def to_close(self, in_use: int, waiting: Iterable[Waiting]) -> list[Hashable]:
         """The keys of the connections to close with ``in_use`` descriptors
         in use (those being closed not counted): none while at least
         ``reserve`` are free, else the ones waiting longest, as many as
         free ``reserve`` more (fewer if fewer are waiting)."""
-        free = self.limit - in_use
-        if free >= self.kept_free:
+        if not self.short(in_use):
             return []
+        free = self.limit - in_use
         wanted = 2 * self.kept_free - free
         oldest = sorted(waiting, key=lambda entry: entry.since)
         return [entry.key for entry in oldest[:wanted]]
