@@ -205,8 +205,8 @@ class CompileServerProtocol(Protocol):
         self._progressed()
         if not self._admitted:
             self._admit()
-            if self._counted is None:
-                return
+        if self._counted is None:
+            return  # closed: its peer holds its share already
         event = self._reader.feed(data)
         if event is not None:
             self._dispatch(event)
