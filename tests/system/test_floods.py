@@ -4,6 +4,8 @@ connection floods, weak TLS suites (issue 16, items 2, 5 and 6)."""
 from __future__ import annotations
 
 import re
+import socket
+import ssl
 import subprocess
 import urllib.request
 import uuid
@@ -16,7 +18,14 @@ from twisted.trial.unittest import TestCase
 
 from tests.helpers import require_program
 from tests.helpers.connflood import ConnectionFlood
-from tests.helpers.rawclient import basic_request, build_request, parse_response, send_request
+from tests.helpers.forgedproxy import start_forged_proxy
+from tests.helpers.rawclient import (
+    basic_request,
+    build_request,
+    client_context,
+    parse_response,
+    send_request,
+)
 from tests.helpers.realclient import HELLO, RealClientMixin
 from tests.helpers.realredis import free_port
 from tests.helpers.realserver import (
@@ -33,6 +42,26 @@ from tests.helpers.realserver import (
 #: and the idle connections of the flood (issue 28).
 FLOOD_LIMIT = 1024
 FLOOD_CONNECTIONS = 3000
+
+
+def proxied_handshakes(port: int, cafile: Path, claimed: str, count: int,
+                       into: list[socket.socket]) -> int:
+    """``count`` connections from 127.0.0.2 that send a PROXY header
+    claiming ``claimed``, then finish a TLS handshake and send nothing;
+    returns how many finished their handshake."""
+    context = client_context(cafile)
+    done = 0
+    for number in range(count):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=30,
+                                       source_address=("127.0.0.2", 0))
+        into.append(raw)
+        raw.sendall(f"PROXY TCP4 {claimed} 127.0.0.1 {10000 + number} {port}\r\n".encode())
+        try:
+            into.append(context.wrap_socket(raw))
+        except (OSError, ssl.SSLError):
+            continue
+        done += 1
+    return done
 
 
 def status_kib(pid: int, name: str) -> int:
@@ -217,6 +246,35 @@ class HostileClientTests(RealClientMixin, TestCase):
         print(f"\n{flood.opened} connections opened by the flood ({flood.failed} failed); "
               f"{held} held; closed early: oldest {self.closed_early('oldest'):g}, "
               f"full {self.closed_early('full'):g}, peer {self.closed_early('peer'):g}")
+
+    async def test_one_client_behind_a_proxy_holds_only_its_share(self) -> None:
+        """Behind HAProxy the cap counts the PROXY header's address: 100 TLS
+        connections that all claim 192.0.2.7 (through a trusted proxy
+        address) keep 20 (--max-peer-connections 20); a client claiming
+        another address compiles meanwhile."""
+        server = self.flooded_server("--endpoint", "haproxy:tcp:0:interface=127.0.0.1",
+                                     "--max-peer-connections", "20")
+        relay = await start_forged_proxy(self, server.port, "127.0.0.3", "198.51.100.9")
+        client = self.new_client()
+        await client.trust(relay.spec)
+        held: list[socket.socket] = []
+        self.addCleanup(lambda: [sock.close() for sock in held])
+        opened = await deferToThread(proxied_handshakes, server.port, server.base / "ssl" /
+                                     "stap.cert", "192.0.2.7", 100, held)
+        self.assertEqual(opened, 100)
+        await self.wait_for_log(server, r"[1-9]\d* over the per-peer cap \(most from "
+                                r"192\.0\.2\.7 \(")
+        for _ in range(600):
+            if self.closed_early("peer") >= 80:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(self.closed_early("peer"), 80)
+        out, err, code = await client.stap(
+            f"--use-server={relay.spec}", "-r", self.release, "-p4", "-m", "behind_proxy",
+            "-e", f'probe begin {{ println("{uuid.uuid4().hex}"); exit() }}')
+        self.assertEqual(code, 0, err.decode(errors="replace"))
+        self.assertIn("behind_proxy.ko", client.modules())
+        self.assertIn("Accepted connection from 198.51.100.9:", server.log())
 
     async def test_listen_backlog_option(self) -> None:
         """The listening socket's queue is what --listen-backlog says
