@@ -160,9 +160,6 @@ class AdmissionReport:
         self._counts.clear()
         self._peers.clear()
 
-    def stop(self) -> None:
-        self.flush()
-
 
 class Admission:
     """Every connection of the process's servers, and the reserve of

@@ -384,3 +384,6 @@ class CompileServerService(Service):
         if self._fleet is not None:
             self._fleet.close()
             self._fleet = None
+        if self.admission is not None:
+            # What was closed since the last line, said now (no timer left).
+            self.admission.report.flush()
