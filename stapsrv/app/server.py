@@ -303,18 +303,20 @@ class CompileServerFactory(Factory[CompileServerProtocol]):
 
     @property
     def per_peer(self) -> int:
-        """Connections one peer address may hold (0: no cap)."""
+        """Connections one peer address may hold (0: no cap; there is none
+        without admission)."""
+        if self.admission is None:
+            return 0
         configured = self.handler.config.max_peer_connections
         if configured is not None:
             return configured
-        if self.admission is None:
-            return 0
         return default_per_peer(self.admission.descriptors.limit)
 
     def peer_admits(self, host: str) -> bool:
         """A new connection from ``host`` may stay."""
-        cap = self.per_peer
-        return cap <= 0 or self.peers[host] < cap
+        if self.admission is None:
+            return True
+        return self.admission.policy(self.per_peer).peer_admits(self.peers[host])
 
     def closed_early(self, reason: str, host: str | None) -> None:
         """A connection was closed to keep room for others (``reason``: see
