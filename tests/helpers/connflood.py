@@ -52,9 +52,13 @@ class ConnectionFlood:
         room_for(self.count)
         self._thread.start()
 
-    def stop(self) -> None:
+    def hold(self) -> None:
+        """Stop reopening (the connections open stay open)."""
         self._stop.set()
         self._thread.join(60)
+
+    def stop(self) -> None:
+        self.hold()
         for index, sock in enumerate(self.sockets):
             if sock is not None:
                 sock.close()
@@ -95,9 +99,13 @@ class ConnectionFlood:
 
 
 def _closed(sock: socket.socket) -> bool:
-    """The server closed (or reset) ``sock``: it reads as the end."""
+    """The server closed (or reset) ``sock``: it reads as the end (or the
+    flood's thread has closed it meanwhile)."""
     poller = select.poll()
-    poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+    try:
+        poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+    except ValueError:  # closed by the other thread: fileno() is -1
+        return True
     if not poller.poll(0):
         return False
     try:
