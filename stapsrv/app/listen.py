@@ -20,25 +20,31 @@ class NotListening(Exception):
     """An endpoint that could not be listened on (or not at once)."""
 
 
-def _endpoint(reactor: IServerReactor, description: str,
-              proxy: ProxyWrapper | None) -> IStreamServerEndpoint:
+def _endpoint(reactor: IServerReactor, description: str, proxy: ProxyWrapper | None,
+              gate: ProxyWrapper | None) -> IStreamServerEndpoint:
+    def gated(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
+        return endpoint if gate is None else gate(endpoint)
+
     if proxy is not None and proxied(description):
         stream = description.split(":", 1)[1]
-        return proxy(serverFromString(reactor, stream))  # type: ignore[no-untyped-call]
+        return proxy(gated(serverFromString(reactor, stream)))  # type: ignore[no-untyped-call]
     endpoint: IStreamServerEndpoint = serverFromString(  # type: ignore[no-untyped-call]
         reactor, description)
-    return endpoint
+    return gated(endpoint)
 
 
 def listen_now(reactor: IServerReactor, description: str, factory: IProtocolFactory,
-               proxy: ProxyWrapper | None = None) -> IListeningPort:
+               proxy: ProxyWrapper | None = None,
+               gate: ProxyWrapper | None = None) -> IListeningPort:
     """Listen on the endpoint ``description`` and return the port.  The
     stream endpoints accepted (:mod:`stapsrv.config.endpoints`) listen at
     once, so the service can start synchronously, as twistd expects.  For
     a ``haproxy:`` description, ``proxy`` (if given) makes the PROXY
-    protocol endpoint over the stream endpoint it wraps."""
+    protocol endpoint over the stream endpoint it wraps.  ``gate`` (if
+    given) wraps the stream endpoint, under the PROXY reader: it sees each
+    accepted socket first (admission, :mod:`stapsrv.app.admission`)."""
     try:
-        endpoint = _endpoint(reactor, description, proxy)
+        endpoint = _endpoint(reactor, description, proxy, gate)
     except IndexError as exc:
         raise NotListening(f"Cannot listen on {description}: no such socket was handed "
                            "over (LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID)") from exc

@@ -27,9 +27,10 @@ from twisted.logger import (
     formatEvent,
     globalLogPublisher,
 )
+from twisted.python import reflect
 from zope.interface import implementer
 
-from stapsrv.core.logtext import escape_controls
+from stapsrv.core.logtext import escape_controls, escape_traceback
 
 NAMESPACE = "stapsrv"
 _log = Logger(namespace=NAMESPACE)
@@ -50,11 +51,13 @@ def format_line(event: LogEvent, namespaces: frozenset[str] | None = None) -> st
     if namespaces is not None and namespace != NAMESPACE and namespace not in namespaces:
         return None
     # One event, one line: a newline or escape sequence that came from a
-    # client (in any field) is shown escaped; only a traceback spans lines.
+    # client (in any field) is shown escaped; only a traceback spans lines,
+    # escaped as well, its lines indented.
     text = escape_controls(formatEvent(event))
     failure = event.get("log_failure")
     if failure is not None:
-        text += "\n" + failure.getTraceback()
+        message = f"{reflect.qual(failure.type)}: {reflect.safe_str(failure.value)}"
+        text += "\n" + escape_traceback(failure.getTraceback(), message)
     stamp = time.ctime(event.get("log_time", time.time()))
     return f"{stamp}: {text.rstrip()}\n"
 

@@ -36,6 +36,8 @@ from stapsrv.reactor import IServerReactor
 CACHED_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 COMPILE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 TIERS = ("disk", "fleet", "inflight")
+#: Why admission closed a connection (:mod:`stapsrv.app.admission`).
+CLOSED_EARLY = ("oldest", "full", "peer")
 
 
 class ServerMetrics:
@@ -64,6 +66,11 @@ class ServerMetrics:
         self.untrusted_proxies = Counter(
             "stapsrv_untrusted_proxy_connections", "Connections to a haproxy: endpoint "
             "closed unread: their peer is not in --proxy-from.", registry=r)
+        self.closed_early_total = Counter(
+            "stapsrv_connections_closed_early", "Connections closed to keep room for new "
+            "clients, by reason: oldest (waited longest without a request while "
+            "descriptors ran short), full (new, with no descriptor to spare), peer (over "
+            "the per-peer cap).", ["reason"], registry=r)
         Gauge("stapsrv_compiles_in_flight", "Translators running now.",
               registry=r).set_function(compiling)
         Gauge("stapsrv_compiles_waiting", "Requests waiting for a translator slot.",
@@ -74,6 +81,8 @@ class ServerMetrics:
             self.requests.labels(outcome)
         for tier in TIERS:
             self.cache_hits.labels(tier)
+        for reason in CLOSED_EARLY:
+            self.closed_early_total.labels(reason)
         for result in ("ok", "error", "stopped"):
             self.translator_runs.labels(result)
         self.duration.labels("cached")
@@ -96,6 +105,9 @@ class ServerMetrics:
         result = "stopped" if exit_status is None else "ok" if exit_status == 0 else "error"
         self.translator_runs.labels(result).inc()
         self.translator_seconds.observe(seconds)
+
+    def closed_early(self, reason: str) -> None:
+        self.closed_early_total.labels(reason).inc()
 
     def untrusted_proxy(self) -> None:
         self.untrusted_proxies.inc()

@@ -10,6 +10,8 @@ again, or it is cut off.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
@@ -26,8 +28,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from stapsrv import PROTOCOL_VERSION
+from stapsrv.app.admission import OLDEST, PEER, Admission
 from stapsrv.compile.archive import refusal_archive
 from stapsrv.compile.handler import RequestContext, RequestHandler
+from stapsrv.core.admission import default_per_peer
 from stapsrv.core.framing import (
     CertificateProbe,
     RequestEvent,
@@ -87,6 +91,11 @@ class CompileServerProtocol(Protocol):
         self._refusal: str | None = None
         self._admitted = False
         self.accepted_at = 0.0
+        #: When it last made progress towards a request (None: it has
+        #: completed one, or is closing): see ``waiting_since``.
+        self._progress: float | None = None
+        #: The address its peer was counted under (``factory.peers``).
+        self._counted: str | None = None
 
     def when_closed(self) -> Deferred[None]:
         """A new Deferred that fires once the connection is gone."""
@@ -107,6 +116,24 @@ class CompileServerProtocol(Protocol):
         """A request is being processed (or its answer is being sent)."""
         return self._work is not None or (self._context is not None and not self._closed)
 
+    @property
+    def waiting_since(self) -> float | None:
+        """When this connection last made progress (its accept, the end of
+        its TLS handshake, bytes of its request), if it has not completed a
+        request: admission closes those waiting longest first."""
+        return None if self._closed else self._progress
+
+    def _progressed(self) -> None:
+        if self._progress is not None:
+            self._progress = self.factory.clock.seconds()
+
+    def evict(self) -> None:
+        """Admission needs this connection's descriptor: it waited longest."""
+        self._progress = None
+        self._disarm_deadline()
+        self.factory.closed_early(OLDEST, self._counted)
+        self.connection.abortConnection()
+
     def abandon(self) -> None:
         """Shutdown ran out of patience: stop this request and disconnect."""
         if self._context is not None:
@@ -115,13 +142,15 @@ class CompileServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
-        self.accepted_at = self.factory.clock.seconds()
+        self.accepted_at = self._progress = self.factory.clock.seconds()
         self.peer = describe_peer(self.connection.getPeer())
         self._reader = RequestReader(self.factory.handler.config.max_compressed_request)
         self._admitted = False
         if not self.factory.proxied:
             self._admit()
         self._arm_deadline("Timed out waiting for the request from {peer}")
+        if self.factory.admission is not None and not self._closed:
+            self.factory.admission.opened(self)
 
     def _admit(self) -> None:
         """Log the client and apply the --allow list to its address.  Behind
@@ -132,9 +161,18 @@ class CompileServerProtocol(Protocol):
         self._admitted = True
         address = self.connection.getPeer()
         self.peer = describe_peer(address)
+        host = peer_host(address)
+        if not self.factory.peer_admits(host):
+            # Behind a proxy (without one, the gate under TLS refused it).
+            self._progress = None
+            self._disarm_deadline()
+            self.factory.closed_early(PEER, host)
+            self.connection.abortConnection()
+            return
+        self._counted = host
+        self.factory.peers[host] += 1
         self.log.info("Accepted connection from {peer}", peer=self.peer)
         policy = self.factory.handler.policy
-        host = peer_host(address)
         if not policy.admits(host):
             self._refusal = policy.peer_refusal(host)
             self.log.info("Refusing {peer}: not in the --allow list", peer=self.peer)
@@ -158,18 +196,23 @@ class CompileServerProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         """TLS is up (so behind a proxy its PROXY header has been read)."""
+        self._progressed()
         if not self._admitted:
             self._admit()
 
     def dataReceived(self, data: bytes) -> None:
         assert self._reader is not None
+        self._progressed()
         if not self._admitted:
             self._admit()
+        if self._counted is None:
+            return  # closed: its peer holds its share already
         event = self._reader.feed(data)
         if event is not None:
             self._dispatch(event)
 
     def _dispatch(self, event: RequestEvent) -> None:
+        self._progress = None
         if isinstance(event, CertificateProbe):
             self.connection.loseConnection()
         elif isinstance(event, RequestTooLarge):
@@ -223,6 +266,13 @@ class CompileServerProtocol(Protocol):
         if self._context is not None and self._work is not None:
             self._context.abandon()
         self.factory.connections.discard(self)
+        if self._counted is not None:
+            self.factory.peers[self._counted] -= 1
+            if self.factory.peers[self._counted] <= 0:
+                del self.factory.peers[self._counted]
+            self._counted = None
+        if self.factory.admission is not None:
+            self.factory.admission.closed(self)
         waiters, self._close_waiters = self._close_waiters, []
         for waiter in waiters:
             waiter.callback(None)
@@ -234,7 +284,8 @@ class CompileServerFactory(Factory[CompileServerProtocol]):
     protocol = CompileServerProtocol
     noisy = False
 
-    def __init__(self, handler: RequestHandler, clock: IReactorTime | None = None) -> None:
+    def __init__(self, handler: RequestHandler, clock: IReactorTime | None = None,
+                 admission: Admission | None = None) -> None:
         self.handler = handler
         self.clock: IReactorTime = clock or handler.reactor
         self.log = Logger(namespace=handler.config.log_namespace, source=self)
@@ -243,6 +294,37 @@ class CompileServerFactory(Factory[CompileServerProtocol]):
         self.connections: set[CompileServerProtocol] = set()
         #: Clients' addresses come from a PROXY protocol header.
         self.proxied = handler.config.proxied
+        #: The process's admission (None: connections are not limited).
+        self.admission = admission
+        #: Open connections by peer address (counted once it is known).
+        self.peers: Counter[str] = Counter()
+        #: Called with the reason of each connection closed early (metrics).
+        self.on_closed_early: list[Callable[[str], None]] = []
+
+    @property
+    def per_peer(self) -> int:
+        """Connections one peer address may hold (0: no cap; there is none
+        without admission)."""
+        if self.admission is None:
+            return 0
+        configured = self.handler.config.max_peer_connections
+        if configured is not None:
+            return configured
+        return default_per_peer(self.admission.descriptors.limit)
+
+    def peer_admits(self, host: str) -> bool:
+        """A new connection from ``host`` may stay."""
+        if self.admission is None:
+            return True
+        return self.admission.policy(self.per_peer).peer_admits(self.peers[host])
+
+    def closed_early(self, reason: str, host: str | None) -> None:
+        """A connection was closed to keep room for others (``reason``: see
+        :mod:`stapsrv.app.admission`)."""
+        if self.admission is not None:
+            self.admission.refused(reason, host)
+        for listener in self.on_closed_early:
+            listener(reason)
 
     @property
     def waiting(self) -> int:

@@ -22,11 +22,12 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from stapsrv.app.admission import Admission, AdmissionEndpoint, AdmissionFactory
 from stapsrv.app.health import Health, listening_check, space_check, translator_check
 from stapsrv.app.listen import NotListening, listen_now
 from stapsrv.app.proxies import trusted_proxy_endpoint
 from stapsrv.app.metrics import ServerMetrics
-from stapsrv.app.server import CompileServerFactory
+from stapsrv.app.server import CompileServerFactory, peer_host
 from stapsrv.cache.fleet import RedisCache
 from stapsrv.cache.secret import SecretError, load_password, load_secret
 from stapsrv.cache.key import KeyMaker
@@ -71,15 +72,16 @@ KEY_THREADS = 2
 SHUTDOWN_GRACE = 30.0
 
 
-#: Open descriptors the server allows itself (idle connections cost one each).
-OPEN_FILES = 65536
+#: Open descriptors the server allows itself when its hard limit is unlimited
+#: (idle connections cost one each).
+OPEN_FILES = 1 << 20
 
 
 def raise_open_file_limit() -> None:
-    """Raise the soft descriptor limit towards ``OPEN_FILES`` (never past
-    the hard limit, which an unprivileged server cannot raise)."""
+    """Raise the soft descriptor limit to the hard one (which an
+    unprivileged server cannot raise)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else hard
     if soft < wanted:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
@@ -90,10 +92,14 @@ def raise_open_file_limit() -> None:
 class CompileServerService(Service):
     """One listening compile server."""
 
-    def __init__(self, config: ServerConfig, reactor: IServerReactor) -> None:
+    def __init__(self, config: ServerConfig, reactor: IServerReactor,
+                 admission: Admission | None = None) -> None:
         self.log = Logger(namespace=config.log_namespace, source=self)
         self.config = config
         self.reactor = reactor
+        #: Room for new clients (shared by the process's servers; None:
+        #: this server's own, made at start).
+        self.admission = admission
         self.identity: ServerIdentity | None = None
         self.port: IListeningPort | None = None
         self.factory: CompileServerFactory | None = None
@@ -196,13 +202,17 @@ class CompileServerService(Service):
         if self.metrics is not None:
             handler.observer = self.metrics
         handler.on_release_added = self._release_added
-        self.factory = CompileServerFactory(handler, self.reactor)
+        if self.admission is None:
+            self.admission = Admission(self.reactor, config.descriptor_reserve)
+        self.factory = CompileServerFactory(handler, self.reactor, self.admission)
+        if self.metrics is not None:
+            self.factory.on_closed_early.append(self.metrics.closed_early)
         tls_factory = TLSMemoryBIOFactory(
             server_context_factory(self.identity), False, self.factory)
         # TLS is ours, on top of whatever stream the endpoint gives (plain
         # TCP, TCP behind a PROXY header, a socket from systemd).
         self.port = listen_now(self.reactor, config.listen_description, tls_factory,
-                               proxy=self._trusted_proxies)
+                               proxy=self._trusted_proxies, gate=self._admission_gate)
         self._pool.start()
         if self._key_pool is not None:
             self._key_pool.start()
@@ -213,6 +223,11 @@ class CompileServerService(Service):
                           "({endpoint}), believed from {proxies} (--proxy-from)",
                           endpoint=config.listen_description,
                           proxies=", ".join(config.proxy_from))
+        self.log.info("Open files limit {limit}: {reserve} descriptors kept for new "
+                      "clients, at most {cap} connections per client address",
+                      limit=self.admission.descriptors.limit,
+                      reserve=self.admission.policy().kept_free,
+                      cap=self.factory.per_peer or "unlimited")
         if config.max_threads > 0:
             self.log.info("Using a maximum of {count} threads", count=config.max_threads)
         else:
@@ -220,6 +235,16 @@ class CompileServerService(Service):
         Service.startService(self)
         self._trust_self()
         handler.warm_up()
+
+    def _admission_gate(self, stream: IStreamServerEndpoint) -> IStreamServerEndpoint:
+        """``stream``, each accepted socket judged by admission first: the
+        descriptors left, and (without a proxy) its peer's connections."""
+        factory, admission = self.factory, self.admission
+        assert factory is not None and admission is not None
+        peer_admits = None if self.config.proxied else (
+            lambda address: factory.peer_admits(peer_host(address)))
+        return AdmissionEndpoint(stream, lambda wrapped: AdmissionFactory(
+            wrapped, admission, factory.closed_early, peer_admits, describe=peer_host))
 
     def _trusted_proxies(self, stream: IStreamServerEndpoint) -> IStreamServerEndpoint:
         """The PROXY protocol reader over ``stream``, for the peers of
@@ -359,3 +384,6 @@ class CompileServerService(Service):
         if self._fleet is not None:
             self._fleet.close()
             self._fleet = None
+        if self.admission is not None:
+            # What was closed since the last line, said now (no timer left).
+            self.admission.report.flush()

@@ -14,6 +14,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from stapsrv.app.accepts import AcceptErrorLog
+from stapsrv.app.admission import Admission
 from stapsrv.app.counters import CountersFileService
 from stapsrv.app.logs import LogFileService, LoggedTree, ReopenOnSighup
 from stapsrv.app.metrics import MetricsService, metrics_site
@@ -37,6 +38,7 @@ from stapsrv.config.convert import (
 )
 from stapsrv.config.files import ConfigError, read_global
 from stapsrv.config.values import (
+    DEFAULT_DESCRIPTOR_RESERVE,
     DEFAULT_LISTEN_BACKLOG,
     DEFAULT_MAX_COMPRESSED_REQUEST,
     DEFAULT_MAX_REQUEST_SIZE,
@@ -107,6 +109,14 @@ class Options(usage.Options):
         ["listen-backlog", None, DEFAULT_LISTEN_BACKLOG, "Connections the kernel queues "
          "before the server accepts them (with --port/--listen; an --endpoint sets its "
          "own backlog=).", _count("listen-backlog", 1)],
+        ["max-peer-connections", None, None, "Connections one client address may hold at "
+         "once (behind HAProxy, the address of the PROXY header); more are closed "
+         "(default: an eighth of the open files limit; 0: no cap).",
+         _count("max-peer-connections", 0)],
+        ["descriptor-reserve", None, DEFAULT_DESCRIPTOR_RESERVE, "Descriptors kept free "
+         "for new clients: when fewer are free, the connections waiting longest without "
+         "completing a request are closed (at most a quarter of the open files limit).",
+         _count("descriptor-reserve", 1)],
         ["cache-dir", None, None, "Directory of the response cache (default: "
          "$SYSTEMTAP_DIR/stapsrv-cache or ~/.systemtap/stapsrv-cache)."],
         ["cache-size", None, DEFAULT_CACHE_MIB, "Size cap of the response cache, "
@@ -236,7 +246,9 @@ class Options(usage.Options):
                 compile_timeout=self["compile-timeout"], cpu_limit=self["cpu-limit"],
                 memory_limit=self["memory-limit"], file_size_limit=self["file-size-limit"],
                 process_limit=self["process-limit"], max_output=self["max-output"],
-                listen_backlog=self["listen-backlog"], cache=not self["no-cache"],
+                listen_backlog=self["listen-backlog"],
+                max_peer_connections=self["max-peer-connections"],
+                descriptor_reserve=self["descriptor-reserve"], cache=not self["no-cache"],
                 sandbox=not self["no-sandbox"], allow=self["allow"],
                 refuse_guru=bool(self["refuse-guru"]), privileges=self["privileges"],
                 cache_dir=self["cache-dir"], cache_size=self["cache-size"],
@@ -274,8 +286,11 @@ def _configured_service(options: Options, reactor: IServerReactor) -> IService:
         top.add_log(log_service)
         logs.append(log_service)
     top.add_log(ReopenOnSighup(logs, reactor))
+    # Descriptors are the process's: its servers share one reserve, the largest.
+    admission = Admission(reactor, max(config.descriptor_reserve for config in servers))
     for config in servers:
-        _add_server(top, config, reactor, publish=not options["no-avahi"])
+        _add_server(top, config, reactor, publish=not options["no-avahi"],
+                    admission=admission)
     AcceptErrorLog(reactor).setServiceParent(top)
     SystemdNotifier(os.environ).setServiceParent(top)  # started once all listen
     CleanExitOnSignal(reactor).setServiceParent(top)  # stopped first
@@ -283,10 +298,10 @@ def _configured_service(options: Options, reactor: IServerReactor) -> IService:
 
 
 def _add_server(top: LoggedTree, config: ServerConfig, reactor: IServerReactor,
-                publish: bool) -> None:
+                publish: bool, admission: Admission | None = None) -> None:
     """The server, then its publisher: started after the listener (so the
     port is known) and stopped before it."""
-    server = CompileServerService(config, reactor)
+    server = CompileServerService(config, reactor, admission)
     if config.counters_file is not None:
         # Opened before the server listens: the manager renames the file as
         # soon as the server says where it listens.

@@ -28,6 +28,8 @@ EXTENSIONS = (
     ("PROCESS_LIMIT", "process_limit", "process-limit"),
     ("MAX_OUTPUT", "max_output", "max-output"),
     ("LISTEN_BACKLOG", "listen_backlog", "listen-backlog"),
+    ("MAX_PEER_CONNECTIONS", "max_peer_connections", "max-peer-connections"),
+    ("DESCRIPTOR_RESERVE", "descriptor_reserve", "descriptor-reserve"),
     ("CACHE", "cache", "cache"),
     ("CACHE_DIR", "cache_dir", "cache-dir"),
     ("CACHE_SIZE", "cache_size", "cache-size"),
@@ -168,6 +170,8 @@ class ServerSettings:
     process_limit: str = ""
     max_output: str = ""
     listen_backlog: str = ""
+    max_peer_connections: str = ""
+    descriptor_reserve: str = ""
     cache: str = ""
     cache_dir: str = ""
     cache_size: str = ""

@@ -36,6 +36,10 @@ DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 #: Connections the kernel queues for the server before it accepts them
 #: (4.8 used 50, which makes bursts of clients retry their SYNs).
 DEFAULT_LISTEN_BACKLOG = 1024
+#: Descriptors kept free for new clients (``--descriptor-reserve``): when
+#: fewer are free, the connections waiting longest without a request are
+#: closed (:mod:`stapsrv.core.admission`).
+DEFAULT_DESCRIPTOR_RESERVE = 128
 #: Bytes of compiled answers kept on disk for repeated requests.
 DEFAULT_CACHE_SIZE = 512 * 1024 * 1024
 #: Bytes of kernel build trees kept in the kernel store (about 90 MB each).
@@ -113,6 +117,11 @@ class ServerConfig:
     limits: TranslatorLimits = TranslatorLimits()
     max_output: int = DEFAULT_MAX_OUTPUT
     listen_backlog: int = DEFAULT_LISTEN_BACKLOG
+    #: Connections one peer address may hold at once (None: an eighth of
+    #: the descriptor limit; 0: no cap), and descriptors kept free for new
+    #: clients.
+    max_peer_connections: int | None = None
+    descriptor_reserve: int = DEFAULT_DESCRIPTOR_RESERVE
     #: Answers to repeated requests are kept in ``cache_dir`` (None: the
     #: default under the server's state directory) up to ``cache_size`` bytes.
     cache_enabled: bool = True

@@ -30,3 +30,42 @@ def _escape(match: re.Match[str]) -> str:
 def escape_controls(text: str) -> str:
     """``text`` without control characters: see the module's description."""
     return _CONTROL.sub(_escape, text)
+
+
+#: The lines of a traceback that stand at the left margin.
+_TRACEBACK_HEAD = "Traceback (most recent call last):"
+
+
+def escape_traceback(traceback: str, message: str) -> str:
+    """A traceback for the log, escaped like the rest of its line.
+
+    ``message`` is its exception's ``type: value`` line as the traceback
+    ends with it; the value may be a client's text, newlines included, so
+    it becomes one escaped line.  Every other line has its control
+    characters escaped too, and any line that would stand at the left
+    margin other than the traceback's head and that message is indented,
+    so nothing in it can pass for a log line of its own.
+    """
+    text = traceback.rstrip("\n")
+    message = message.rstrip("\n")
+    before, found, after = text.rpartition(message)
+    lines: list[str] = []
+
+    def add(line: str, margin: bool = False) -> None:
+        line = escape_controls(line)
+        if line[:1] and not line[:1].isspace() and not margin and line != _TRACEBACK_HEAD:
+            line = "  " + line
+        lines.append(line)
+
+    if not found:
+        for line in text.split("\n"):
+            add(line)
+        return "\n".join(lines)
+    *earlier, start = before.split("\n")
+    end, *later = after.split("\n")
+    for line in earlier:
+        add(line)
+    add(start + message + end, margin=True)
+    for line in later:
+        add(line)
+    return "\n".join(lines)

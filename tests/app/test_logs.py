@@ -13,6 +13,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogPublisher, Logger
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from stapsrv.app.logs import LogFileService, LoggedTree, ReopenOnSighup, format_line
@@ -145,3 +146,20 @@ class ControlCharacterTests(TestCase):
         self.assertEqual(line.count("\n"), 1)
         self.assertTrue(line.endswith("Options passed from the client: -p4 \\nThu Jan  1 "
                                       "00:00:00 1970: Request from x complete\\x1b[0m\n"))
+
+    def test_a_failure_from_client_text_cannot_make_a_line_of_its_own(self) -> None:
+        forged = "Thu Jan  1 00:00:00 1970: Request from x complete"
+        try:
+            raise ValueError(f"no such file: a\n{forged}\x1b[2J")
+        except ValueError:
+            failure = Failure()
+        event = {"log_namespace": "stapsrv", "log_time": 0.0, "log_level": None,
+                 "log_format": "Error processing client request from {peer}",
+                 "peer": "127.0.0.1:1", "log_failure": failure}
+        line = format_line(event)
+        assert line is not None
+        lines = line.rstrip("\n").split("\n")
+        self.assertEqual(lines[1], "Traceback (most recent call last):")
+        self.assertEqual(lines[-1], f"builtins.ValueError: no such file: a\\n{forged}\\x1b[2J")
+        self.assertFalse([text for text in lines[1:] if text.startswith(forged)], lines)
+        self.assertNotIn("\x1b", line)

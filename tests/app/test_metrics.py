@@ -53,6 +53,18 @@ class MetricsTests(TestCase):
         self.assertEqual(sample(self.metrics, "stapsrv_compiles_in_flight"), 1)
         self.assertEqual(sample(self.metrics, "stapsrv_compiles_waiting"), 2)
 
+    def test_connections_closed_early_by_reason(self) -> None:
+        for reason in ("oldest", "full", "peer"):
+            self.assertEqual(sample(self.metrics, "stapsrv_connections_closed_early_total",
+                                    reason=reason), 0)
+        self.metrics.closed_early("peer")
+        self.metrics.closed_early("peer")
+        self.metrics.closed_early("oldest")
+        self.assertEqual(sample(self.metrics, "stapsrv_connections_closed_early_total",
+                                reason="peer"), 2)
+        self.assertEqual(sample(self.metrics, "stapsrv_connections_closed_early_total",
+                                reason="oldest"), 1)
+
     def test_registries_are_per_server(self) -> None:
         other = ServerMetrics(connections=lambda: 0, compiling=lambda: 0, waiting=lambda: 0,
                               process=False)

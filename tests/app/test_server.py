@@ -4,14 +4,17 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from attrs import evolve
+
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransportWithDisconnection
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogPublisher, Logger, formatEvent, globalLogPublisher
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.trial.unittest import TestCase
 
+from stapsrv.app.admission import Admission, Descriptors
 from stapsrv.app.server import ARRIVING, CompileServerFactory, describe_peer
 from stapsrv.compile.handler import RequestContext
 from stapsrv.compile.policy import Policy
@@ -303,6 +306,88 @@ class ProtocolTests(TestCase):
         handler.answers[0].callback(None)
         await drained
         self.assertIn("Timeout reached, exiting (forced)", self.messages())
+
+
+class AdmissionTests(ProtocolTests):
+    """The connections of a factory under admission (descriptors counted
+    by a fake: 20 of the server's own, 100 at most)."""
+
+    def admitted_factory(self, handler: FakeHandler, limit: int = 100) -> CompileServerFactory:
+        clock = handler.reactor
+        self.open_files = 20
+        descriptors = Descriptors(clock, count=lambda: self.open_files, limit=lambda: limit)
+        admission = Admission(clock, 128, descriptors)
+        admission.report.log = Logger(namespace="stapsrv", observer=LogPublisher())
+        factory = CompileServerFactory(handler, clock, admission)
+        self.closed: list[str] = []
+        factory.on_closed_early.append(self.closed.append)
+        return factory
+
+    def open(self, factory: CompileServerFactory, port: int) -> tuple[Any, Any]:
+        self.open_files += 1
+        return self.connect(factory, port)
+
+    def test_the_connections_waiting_longest_are_closed_first(self) -> None:
+        handler = FakeHandler(max_threads=0)
+        handler.config = evolve(handler.config, max_peer_connections=0)
+        factory = self.admitted_factory(handler)
+        clock = handler.reactor
+        request = (CAPTURE / "01-trivial-p4.c2s.bin").read_bytes()
+        working, _ = self.open(factory, 39999)
+        working.dataReceived(request)  # its request is in: it is never closed early
+        idle = []
+        for port in range(40000, 40054):  # 75 in use: the reserve (25) is left
+            clock.advance(0.1)
+            idle.append(self.open(factory, port))
+        # The oldest idle connection sends bytes of its request: it moves on.
+        idle[0][0].dataReceived(request[:10])
+        clock.advance(0.1)
+        self.assertEqual(self.closed, [])
+        newest, newest_transport = self.open(factory, 41000)  # 24 free: 26 go
+        closed = [port for port, (_, transport) in enumerate(idle, 40000)
+                  if not transport.connected]
+        self.assertEqual(closed, list(range(40001, 40027)))
+        self.assertEqual(self.closed, ["oldest"] * 26)
+        self.assertTrue(newest_transport.connected)
+        self.assertEqual(len(factory.connections), 1 + 54 + 1 - 26)
+        self.assertNotIn("Timed out waiting for the request from 127.0.0.1:40001",
+                         self.messages())
+
+    def test_a_peer_over_its_cap_behind_a_proxy_is_closed(self) -> None:
+        handler = FakeHandler(endpoint="haproxy:tcp:0")
+        handler.config = evolve(handler.config, max_peer_connections=1)
+        factory = self.admitted_factory(handler)
+        first, first_transport = self.connect_proxied(factory)
+        # (Counted once its address is known: its first bytes past the
+        # header; TLS, here absent, counts it when the handshake is done.)
+        first.dataReceived(self.PROXY_HEADER + b"\0\0")
+        second, second_transport = self.connect_proxied(factory)
+        second.dataReceived(self.PROXY_HEADER + (CAPTURE / "01-trivial-p4.c2s.bin").read_bytes())
+        self.assertTrue(first_transport.connected)
+        self.assertFalse(second_transport.connected)
+        self.assertEqual(handler.requests, [])
+        self.assertEqual(self.closed, ["peer"])
+        self.assertEqual(factory.peers, {"198.51.100.7": 1})
+        first_transport.loseConnection()
+        self.assertEqual(factory.peers, {})
+        third, third_transport = self.connect_proxied(factory)
+        third.dataReceived(self.PROXY_HEADER + (CAPTURE / "01-trivial-p4.c2s.bin").read_bytes())
+        self.assertEqual(len(handler.requests), 1)
+
+    def test_peers_are_counted_and_the_default_cap_is_an_eighth_of_the_limit(self) -> None:
+        handler = FakeHandler()
+        factory = self.admitted_factory(handler, limit=1024)
+        self.assertEqual(factory.per_peer, 128)
+        self.assertTrue(factory.peer_admits("127.0.0.1"))
+        connections = [self.open(factory, port) for port in range(40000, 40128)]
+        self.assertEqual(factory.peers, {"127.0.0.1": 128})
+        self.assertFalse(factory.peer_admits("127.0.0.1"))
+        self.assertTrue(factory.peer_admits("127.0.0.2"))
+        connections[0][1].loseConnection()
+        self.assertTrue(factory.peer_admits("127.0.0.1"))
+        handler.config = evolve(handler.config, max_peer_connections=0)
+        self.assertEqual(factory.per_peer, 0)
+        self.assertTrue(factory.peer_admits("127.0.0.1"))
 
 
 class PeerTests(TestCase):

@@ -331,3 +331,37 @@ class ServedReleasesTests(TestCase):
         server._release_added("6.1.0-55-amd64")
         self.assertEqual(added, ["changed"])
 
+
+
+class OpenFileLimitTests(TestCase):
+    """The soft descriptor limit is raised to the hard one at start (no
+    real limit is changed: getrlimit and setrlimit are fakes)."""
+
+    def limits_after(self, soft: int, hard: int, refuse: bool = False) -> list[tuple[int, int]]:
+        from stapsrv.app import service
+        calls: list[tuple[int, int]] = []
+
+        def setrlimit(which: int, limits: tuple[int, int]) -> None:
+            if refuse:
+                raise ValueError("not allowed")
+            calls.append(limits)
+
+        self.patch(service.resource, "getrlimit", lambda which: (soft, hard))
+        self.patch(service.resource, "setrlimit", setrlimit)
+        service.raise_open_file_limit()
+        return calls
+
+    def test_soft_goes_to_hard(self) -> None:
+        self.assertEqual(self.limits_after(1024, 524288), [(524288, 524288)])
+        self.assertEqual(self.limits_after(1024, 4096), [(4096, 4096)])
+
+    def test_nothing_to_do_at_the_hard_limit(self) -> None:
+        self.assertEqual(self.limits_after(1024, 1024), [])
+
+    def test_unlimited_hard_means_a_million(self) -> None:
+        import resource
+        self.assertEqual(self.limits_after(1024, resource.RLIM_INFINITY),
+                         [(1 << 20, resource.RLIM_INFINITY)])
+
+    def test_a_refusal_is_not_an_error(self) -> None:
+        self.assertEqual(self.limits_after(1024, 4096, refuse=True), [])

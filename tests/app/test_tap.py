@@ -60,6 +60,12 @@ class OptionsTests(TestCase):
     def test_robustness_and_cache_options(self) -> None:
         from stapsrv.config.values import TranslatorLimits
         config = self.parse()
+        self.assertEqual((config.max_peer_connections, config.descriptor_reserve), (None, 128))
+        config = self.parse("--max-peer-connections", "16", "--descriptor-reserve", "300")
+        self.assertEqual((config.max_peer_connections, config.descriptor_reserve), (16, 300))
+        self.assertRaises(usage.UsageError, self.parse, "--descriptor-reserve", "0")
+        self.assertRaises(usage.UsageError, self.parse, "--max-peer-connections", "-1")
+        config = self.parse()
         self.assertEqual((config.request_timeout, config.compile_timeout, config.limits,
                           config.cache_enabled, config.cache_dir, config.cache_size,
                           config.fleet_cache),
@@ -172,6 +178,20 @@ class ConfigFileTests(TestCase):
         self.assertEqual((alpha.port, alpha.max_threads, alpha.server_options),
                          (4000, 0, (ServerOption("-I", "/t"), ServerOption("-D", "X=1"))))
         self.assertEqual(b.releases, (os.uname().release, "r9"))
+
+    def test_the_servers_of_a_process_share_one_admission(self) -> None:
+        """Descriptors are the process's: one reserve (the largest) for
+        all its servers; each keeps its own per-peer cap."""
+        (self.base / "conf.d" / "a.conf").write_text("DESCRIPTOR_RESERVE=64\n")
+        (self.base / "conf.d" / "b.conf").write_text(
+            "DESCRIPTOR_RESERVE=200\nMAX_PEER_CONNECTIONS=5\n")
+        a, b = [s for s in self.services() if isinstance(s, CompileServerService)]
+        self.assertIsNotNone(a.admission)
+        self.assertIs(a.admission, b.admission)
+        assert a.admission is not None
+        self.assertEqual(a.admission.reserve, 200)
+        self.assertEqual((a.config.max_peer_connections, b.config.max_peer_connections),
+                         (None, 5))
 
     def test_our_variables(self) -> None:
         from stapsrv.config.values import TranslatorLimits

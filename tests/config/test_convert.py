@@ -34,7 +34,7 @@ class ConvertTests(ConvertCase):
             f"SSL={self.base / 'ssl'}\nLOG={self.base / 'log'}\nMAXTHREADS=3\n"
             f"MAXREQSIZE=10\nMAXCOMPRESSEDREQ=20\nREQUEST_TIMEOUT=5\nCOMPILE_TIMEOUT=60\n"
             f"CPU_LIMIT=30\nMEMORY_LIMIT=1024\nCACHE=no\nCACHE_DIR=/c\nCACHE_SIZE=10\n"
-            f"SANDBOX=off\n")
+            f"SANDBOX=off\nMAX_PEER_CONNECTIONS=0\nDESCRIPTOR_RESERVE=64\n")
         from_file = settings_config(read_server_file(conf), GlobalConfig())
         options = tap.Options()
         options.parseOptions([
@@ -43,9 +43,10 @@ class ConvertTests(ConvertCase):
             "--max-threads", "3", "--max-request-size", "10", "--max-compressed-request", "20",
             "--request-timeout", "5", "--compile-timeout", "60", "--cpu-limit", "30",
             "--memory-limit", "1024", "--no-cache", "--cache-dir", "/c", "--cache-size", "10",
-            "--no-sandbox"])
+            "--no-sandbox", "--max-peer-connections", "0", "--descriptor-reserve", "64"])
         self.assertEqual(options.to_config(), from_file)
         self.assertFalse(from_file.sandbox)
+        self.assertEqual((from_file.max_peer_connections, from_file.descriptor_reserve), (0, 64))
 
     def test_sandbox_is_on_unless_switched_off(self) -> None:
         self.assertTrue(server_config().sandbox)
@@ -61,6 +62,7 @@ class ConvertTests(ConvertCase):
 
     def test_defaults(self) -> None:
         config = server_config()
+        self.assertEqual((config.max_peer_connections, config.descriptor_reserve), (None, 128))
         self.assertEqual(config.releases, (os.uname().release,))
         self.assertEqual(config.max_threads, os.cpu_count() or 1)
         self.assertEqual(evolve(config, listen="::"), server_config(listen="::"))

@@ -3,9 +3,12 @@ connection floods, weak TLS suites (issue 16, items 2, 5 and 6)."""
 
 from __future__ import annotations
 
+import re
 import socket
+import ssl
 import subprocess
-import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -14,15 +17,51 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import require_program
-from tests.helpers.rawclient import basic_request, build_request, parse_response, send_request
+from tests.helpers.connflood import ConnectionFlood
+from tests.helpers.forgedproxy import start_forged_proxy
+from tests.helpers.rawclient import (
+    basic_request,
+    build_request,
+    client_context,
+    parse_response,
+    send_request,
+)
 from tests.helpers.realclient import HELLO, RealClientMixin
+from tests.helpers.realredis import free_port
 from tests.helpers.realserver import (
     CLIENT_48,
     CLIENT_55,
+    Client,
     ServerProcess,
     remove_tree,
     start_stapsrv,
 )
+
+
+#: The descriptor limit of a flooded server (a host's default hard limit),
+#: and the idle connections of the flood (issue 28).
+FLOOD_LIMIT = 1024
+FLOOD_CONNECTIONS = 3000
+
+
+def proxied_handshakes(port: int, cafile: Path, claimed: str, count: int,
+                       into: list[socket.socket]) -> int:
+    """``count`` connections from 127.0.0.2 that send a PROXY header
+    claiming ``claimed``, then finish a TLS handshake and send nothing;
+    returns how many finished their handshake."""
+    context = client_context(cafile)
+    done = 0
+    for number in range(count):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=30,
+                                       source_address=("127.0.0.2", 0))
+        into.append(raw)
+        raw.sendall(f"PROXY TCP4 {claimed} 127.0.0.1 {10000 + number} {port}\r\n".encode())
+        try:
+            into.append(context.wrap_socket(raw))
+        except (OSError, ssl.SSLError):
+            continue
+        done += 1
+    return done
 
 
 def status_kib(pid: int, name: str) -> int:
@@ -115,32 +154,140 @@ class HostileClientTests(RealClientMixin, TestCase):
         self.assertIn("exit() } /*\\n" + forged + "\\x1b[2J */", options[0])
         self.assertNotIn("\x1b", server.log())
 
-    async def test_connection_flood_logs_emfile_and_serves_after(self) -> None:
+    def flooded_server(self, *arguments: str) -> ServerProcess:
+        """A server whose process may open ``FLOOD_LIMIT`` descriptors (soft
+        and hard: it cannot raise them), with metrics."""
         prlimit = require_program("prlimit")
-        limit = 64
-        server = start_stapsrv(["--no-cache"], release=self.release,
-                               prefix=[prlimit, f"--nofile={limit}:{limit}"])
+        metrics_port = free_port()
+        server = start_stapsrv(["--no-cache", "--metrics",
+                                f"tcp:{metrics_port}:interface=127.0.0.1", *arguments],
+                               release=self.release,
+                               prefix=[prlimit, f"--nofile={FLOOD_LIMIT}:{FLOOD_LIMIT}"])
         self.addCleanup(remove_tree, server.base)
         self.addCleanup(server.stop)
-        self.assertIn(f"Max open files            {limit}", Path(
+        self.metrics_port = metrics_port
+        self.assertIn(f"Max open files            {FLOOD_LIMIT}", Path(
             f"/proc/{server.pid}/limits").read_text())
-        flood: list[socket.socket] = []
-        try:
-            for _ in range(2 * limit):
-                flood.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
-            deadline = time.monotonic() + 30
-            while "Cannot accept connections: EMFILE" not in server.log():
-                self.assertLess(time.monotonic(), deadline, server.log())
-                await deferLater(reactor, 0.1, lambda: None)
-        finally:
-            for sock in flood:
-                sock.close()
-        self.assertRegex(server.log(), r"Cannot accept connections: EMFILE \(the server is "
-                         r"out of file descriptors, see its open files limit\)")
-        await deferLater(reactor, 0.5, lambda: None)
-        result = await self.raw(server, HELLO, "-p2")
-        self.assertEqual(parse_response(result.data).rc, 0, result)
-        self.assertIsNone(server.exit_code)
+        return server
+
+    def closed_early(self, reason: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=30) as page:
+            text = page.read().decode()
+        match = re.search(r'^stapsrv_connections_closed_early_total\{reason="%s"\} (\S+)$'
+                          % reason, text, re.M)
+        assert match is not None, text
+        return float(match.group(1))
+
+    async def wait_for_log(self, server: ServerProcess, pattern: str) -> None:
+        """Until the server log matches ``pattern`` (or the server ends)."""
+        for _ in range(600):
+            if re.search(pattern, server.log()) or server.exit_code is not None:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertRegex(server.log(), pattern)
+
+    async def settled(self, flood: ConnectionFlood, most: int) -> int:
+        """The flood's connections still open, once at most ``most`` (or
+        after a bounded wait: connections the kernel queued are accepted,
+        and closed, in their turn)."""
+        held = await deferToThread(flood.held)
+        for _ in range(300):
+            if held <= most:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+            held = await deferToThread(flood.held)
+        return held
+
+    async def compile_among(self, client: Client, server: ServerProcess, name: str) -> None:
+        out, err, code = await client.stap(
+            f"--use-server={server.spec}", "-r", self.release, "-p4", "-m", name, "-e",
+            f'probe begin {{ println("{name} {uuid.uuid4().hex}"); exit() }}')
+        self.assertEqual(code, 0, err.decode(errors="replace"))
+        self.assertIn(f"{name}.ko", client.modules())
+
+    async def test_one_peer_flood_cannot_starve_a_real_client(self) -> None:
+        """Issue 28: with 1024 descriptors, 3,000 idle connections from
+        127.0.0.2, reopened as the server closes them, hold no more than
+        their peer's share (an eighth: 128); a real client (127.0.0.1)
+        compiles during the flood and again after; the log says what was
+        closed, once per interval, and never runs out of descriptors."""
+        server = self.flooded_server()
+        self.assertIn("at most 128 connections per client address", server.log())
+        client = await self.trusted_client(server)
+        flood = ConnectionFlood(server.port, ["127.0.0.2"], FLOOD_CONNECTIONS)
+        flood.start()
+        self.addCleanup(flood.stop)
+        await deferToThread(flood.first_pass.wait, 300)
+        await self.wait_for_log(server, r"Closed connections to keep room for new clients: "
+                                r"\d+ waiting longest without a request, \d+ new ones with "
+                                r"no descriptor to spare, [1-9]\d* over the per-peer cap "
+                                r"\(most from 127\.0\.0\.2 \(")
+        await self.compile_among(client, server, "during_flood")
+        self.assertGreater(self.closed_early("peer"), 0)
+        await deferToThread(flood.hold)
+        held = await self.settled(flood, 128)
+        self.assertLessEqual(held, 128)
+        await deferToThread(flood.stop)
+        await self.compile_among(client, server, "after_flood")
+        self.assertNotIn("Cannot accept connections", server.log())
+        print(f"\n{flood.opened} connections opened by the flood ({flood.failed} failed); "
+              f"{held} held; closed early: peer {self.closed_early('peer'):g}, "
+              f"oldest {self.closed_early('oldest'):g}, full {self.closed_early('full'):g}")
+
+    async def test_many_peer_flood_makes_room_for_a_real_client(self) -> None:
+        """3,000 idle connections from 30 addresses (100 each, under their
+        cap) would take every descriptor: the server closes those waiting
+        longest and keeps a reserve, so a real client compiles during the
+        flood and after, and no accept fails."""
+        server = self.flooded_server()
+        client = await self.trusted_client(server)
+        sources = [f"127.0.0.{host}" for host in range(2, 32)]
+        flood = ConnectionFlood(server.port, sources, FLOOD_CONNECTIONS, reopen=False)
+        flood.start()
+        self.addCleanup(flood.stop)
+        await deferToThread(flood.first_pass.wait, 300)
+        await self.wait_for_log(server, r"Closed connections to keep room for new clients: "
+                                r"[1-9]\d* waiting longest without a request")
+        await self.compile_among(client, server, "among_flood")
+        self.assertGreater(self.closed_early("oldest"), 0)
+        held = await self.settled(flood, FLOOD_LIMIT - 1)
+        self.assertLess(held, FLOOD_LIMIT)
+        await deferToThread(flood.stop)
+        await self.compile_among(client, server, "after_many")
+        self.assertNotIn("Cannot accept connections", server.log())
+        print(f"\n{flood.opened} connections opened by the flood ({flood.failed} failed); "
+              f"{held} held; closed early: oldest {self.closed_early('oldest'):g}, "
+              f"full {self.closed_early('full'):g}, peer {self.closed_early('peer'):g}")
+
+    async def test_one_client_behind_a_proxy_holds_only_its_share(self) -> None:
+        """Behind HAProxy the cap counts the PROXY header's address: 100 TLS
+        connections that all claim 192.0.2.7 (through a trusted proxy
+        address) keep 20 (--max-peer-connections 20); a client claiming
+        another address compiles meanwhile."""
+        server = self.flooded_server("--endpoint", "haproxy:tcp:0:interface=127.0.0.1",
+                                     "--max-peer-connections", "20")
+        relay = await start_forged_proxy(self, server.port, "127.0.0.3", "198.51.100.9")
+        client = self.new_client()
+        await client.trust(relay.spec)
+        held: list[socket.socket] = []
+        self.addCleanup(lambda: [sock.close() for sock in held])
+        opened = await deferToThread(proxied_handshakes, server.port, server.base / "ssl" /
+                                     "stap.cert", "192.0.2.7", 100, held)
+        self.assertEqual(opened, 100)
+        await self.wait_for_log(server, r"[1-9]\d* over the per-peer cap \(most from "
+                                r"192\.0\.2\.7 \(")
+        for _ in range(600):
+            if self.closed_early("peer") >= 80:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(self.closed_early("peer"), 80)
+        out, err, code = await client.stap(
+            f"--use-server={relay.spec}", "-r", self.release, "-p4", "-m", "behind_proxy",
+            "-e", f'probe begin {{ println("{uuid.uuid4().hex}"); exit() }}')
+        self.assertEqual(code, 0, err.decode(errors="replace"))
+        self.assertIn("behind_proxy.ko", client.modules())
+        self.assertIn("Accepted connection from 198.51.100.9:", server.log())
 
     async def test_listen_backlog_option(self) -> None:
         """The listening socket's queue is what --listen-backlog says

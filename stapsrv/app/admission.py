@@ -1,0 +1,277 @@
+"""Admission: room for new clients when descriptors run short.
+
+The policy (:mod:`stapsrv.core.admission`) decides; this module feeds it
+and carries its decisions out:
+
+- :class:`Descriptors` knows the process's descriptor limit and how many
+  are in use, from ``/proc/self/fd`` (read at most once a second: reading
+  it costs as much as a thousand accepts) and the connections opened and
+  closed since;
+- :class:`Admission` (one per process: descriptors are the process's, and
+  one process may run several servers) holds every server's connections
+  and closes the ones waiting longest when the reserve is gone;
+- :class:`AdmissionFactory` sits under everything else on a listening
+  port (under the PROXY reader too), so that a connection it refuses is
+  closed at once, before TLS or any protocol is made for it;
+- :class:`AdmissionReport` says what was closed in the server log, at
+  most one line per interval with the counts since the last.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections import Counter
+from collections.abc import Callable, Hashable
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IListeningPort,
+    ILoggingContext,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from stapsrv.app.logs import NAMESPACE
+from stapsrv.core.admission import AdmissionPolicy, Waiting
+
+#: Seconds between two measures of the descriptors in use.
+MEASURE_INTERVAL = 1.0
+
+#: Seconds between two log lines about closed connections.
+REPORT_INTERVAL = 10.0
+
+#: Why a connection was closed early, as the metrics label it.
+OLDEST = "oldest"  # waited longest without a request while descriptors ran short
+FULL = "full"  # new, and almost no descriptor was free
+PEER = "peer"  # its peer address already held its share
+REASONS = (OLDEST, FULL, PEER)
+
+
+def open_descriptors() -> int:
+    """Descriptors this process has open now."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def descriptor_limit() -> int:
+    """This process's soft RLIMIT_NOFILE."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+class Descriptors:
+    """How many descriptors the process has, and uses: measured at most
+    once per ``interval``, and in between, the last measure moved by the
+    connections opened and closed since."""
+
+    def __init__(self, clock: IReactorTime, count: Callable[[], int] = open_descriptors,
+                 limit: Callable[[], int] = descriptor_limit,
+                 interval: float = MEASURE_INTERVAL) -> None:
+        self._clock = clock
+        self._count = count
+        self._limit = limit
+        self._interval = interval
+        self._measured_at: float | None = None
+        self._others = 0
+        self.connections = 0
+
+    @property
+    def limit(self) -> int:
+        return self._limit()
+
+    def opened(self) -> None:
+        self.connections += 1
+
+    def closed(self) -> None:
+        self.connections -= 1
+
+    def in_use(self) -> int:
+        now = self._clock.seconds()
+        if self._measured_at is None or now - self._measured_at >= self._interval:
+            self._measured_at = now
+            self._others = max(0, self._count() - self.connections)
+        return self._others + self.connections
+
+
+class Admitted(TypingProtocol):
+    """A connection as admission sees it."""
+
+    @property
+    def waiting_since(self) -> float | None:
+        """When it last made progress, if it has not completed a request."""
+
+    def evict(self) -> None:
+        """Close it: it waited longest while descriptors ran short."""
+
+
+class AdmissionReport:
+    """What admission closed, in the server log: the first closing at
+    once, then at most one line per ``interval`` with the counts since."""
+
+    log = Logger(namespace=NAMESPACE)
+
+    def __init__(self, clock: IReactorTime, interval: float = REPORT_INTERVAL) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._counts: Counter[str] = Counter()
+        self._peers: Counter[str] = Counter()
+        self._last: float | None = None
+        self._pending: IDelayedCall | None = None
+        self.in_use = 0
+        self.limit = 0
+        self.reserve = 0
+
+    def closed(self, reason: str, peer: str | None = None) -> None:
+        self._counts[reason] += 1
+        if peer is not None:
+            self._peers[peer] += 1
+        now = self._clock.seconds()
+        if self._last is None or now - self._last >= self._interval:
+            self.flush()
+        elif self._pending is None:
+            self._pending = self._clock.callLater(
+                self._interval - (now - self._last), self.flush)
+
+    def flush(self) -> None:
+        """Log the counts since the last line (none: nothing to say)."""
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+        if not self._counts:
+            return
+        self._last = self._clock.seconds()
+        busiest = ", ".join(f"{peer} ({count})" for peer, count in self._peers.most_common(3))
+        self.log.warn(
+            "Closed connections to keep room for new clients: {oldest} waiting longest "
+            "without a request, {full} new ones with no descriptor to spare, {peer} over "
+            "the per-peer cap{busiest} ({in_use} of {limit} descriptors in use, {reserve} "
+            "kept free; at most one such line every {interval:g} s)",
+            oldest=self._counts[OLDEST], full=self._counts[FULL], peer=self._counts[PEER],
+            busiest=f" (most from {busiest})" if busiest else "",
+            in_use=self.in_use, limit=self.limit, reserve=self.reserve,
+            interval=self._interval)
+        self._counts.clear()
+        self._peers.clear()
+
+
+class Admission:
+    """Every connection of the process's servers, and the reserve of
+    descriptors kept for new ones."""
+
+    def __init__(self, clock: IReactorTime, reserve: int,
+                 descriptors: Descriptors | None = None,
+                 report: AdmissionReport | None = None) -> None:
+        self.clock = clock
+        self.reserve = reserve
+        self.descriptors = descriptors or Descriptors(clock)
+        self.report = report or AdmissionReport(clock)
+        self._connections: set[Admitted] = set()
+        self._closing: set[Admitted] = set()
+
+    def policy(self, per_peer: int = 0) -> AdmissionPolicy:
+        return AdmissionPolicy(limit=self.descriptors.limit, reserve=self.reserve,
+                               per_peer=per_peer)
+
+    def has_room(self) -> bool:
+        """A connection just accepted (its socket open, not yet counted)
+        may stay."""
+        return self.policy().admits(self.descriptors.in_use() + 1)
+
+    def opened(self, connection: Admitted) -> None:
+        self._connections.add(connection)
+        self.descriptors.opened()
+        self.make_room()
+
+    def closed(self, connection: Admitted) -> None:
+        if connection in self._connections:
+            self._connections.discard(connection)
+            self._closing.discard(connection)
+            self.descriptors.closed()
+
+    def make_room(self) -> None:
+        """Close the connections waiting longest if the reserve is gone."""
+        policy = self.policy()
+        in_use = self.descriptors.in_use()
+        if not policy.short(in_use - len(self._closing)):
+            return  # (the common case: no need to look at every connection)
+        candidates: dict[Hashable, Admitted] = {}  # by id()
+        waiting = []
+        for connection in self._connections:
+            since = connection.waiting_since
+            if since is not None and connection not in self._closing:
+                candidates[id(connection)] = connection
+                waiting.append(Waiting(id(connection), since))
+        chosen = policy.to_close(in_use - len(self._closing), waiting)
+        if not chosen:
+            return
+        self.report.in_use, self.report.limit = in_use, policy.limit
+        self.report.reserve = policy.kept_free
+        for key in chosen:
+            connection = candidates[key]
+            self._closing.add(connection)
+            connection.evict()
+
+    def refused(self, reason: str, peer: str | None = None) -> None:
+        """A connection was closed for ``reason`` before it was served."""
+        policy = self.policy()
+        self.report.in_use, self.report.limit = self.descriptors.in_use(), policy.limit
+        self.report.reserve = policy.kept_free
+        self.report.closed(reason, peer)
+
+
+@implementer(IProtocolFactory, ILoggingContext)
+class AdmissionFactory:
+    """Builds ``wrapped``'s protocols while descriptors are left (and, when
+    ``peer_admits`` is given, while the peer is under its cap); for a
+    connection it refuses, it builds none, so the port closes it at once."""
+
+    def __init__(self, wrapped: IProtocolFactory, admission: Admission,
+                 refused: Callable[[str, str | None], None],
+                 peer_admits: Callable[[IAddress], bool] | None = None,
+                 describe: Callable[[IAddress], str] = str) -> None:
+        self.wrapped = wrapped
+        self.admission = admission
+        self.refused = refused
+        self.peer_admits = peer_admits
+        self.describe = describe
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
+        if not self.admission.has_room():
+            self.refused(FULL, None)
+            return None
+        if self.peer_admits is not None and not self.peer_admits(addr):
+            self.refused(PEER, self.describe(addr))
+            return None
+        return self.wrapped.buildProtocol(addr)
+
+    def doStart(self) -> None:
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:
+        self.wrapped.doStop()
+
+    def logPrefix(self) -> str:
+        if ILoggingContext.providedBy(self.wrapped):
+            return str(self.wrapped.logPrefix())
+        return self.wrapped.__class__.__name__
+
+
+@implementer(IStreamServerEndpoint)
+class AdmissionEndpoint:
+    """``endpoint``, its connections admitted by an :class:`AdmissionFactory`."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint,
+                 gate: Callable[[IProtocolFactory], AdmissionFactory]) -> None:
+        self.endpoint = endpoint
+        self.gate = gate
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        result: Deferred[IListeningPort] = self.endpoint.listen(self.gate(protocolFactory))
+        return result
