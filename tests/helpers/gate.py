@@ -49,10 +49,10 @@ class CompileGate:
                 f'probe begin {{ println("{tag} {uuid.uuid4().hex}"); exit() }}')
 
     def _reader_waiting(self) -> bool:
-        """Whether a compiler is at the gate: some process has the FIFO open
-        for reading (or is opening it).  Once one has, the gate keeps the
-        writing end open, so that the compiler goes on waiting in its
-        read."""
+        """Whether a compiler is at the gate: some process has the FIFO open.
+        The gate opens the writing end as soon as a reader is there (before
+        that, a reader waits in its open), and keeps it open, so that
+        every compiler waits in its read until :meth:`release`."""
         if self._writer is None:
             try:
                 self._writer = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
@@ -60,12 +60,7 @@ class CompileGate:
                 if exc.errno == errno.ENXIO:  # no reader yet
                     return False
                 raise
-        if self.holders():
-            return True
-        # A reader that opened and closed at once (not a compiler).
-        os.close(self._writer)
-        self._writer = None
-        return False
+        return bool(self.holders())
 
     async def reached(self, timeout: float = 300.0) -> None:
         """Wait until a compile is at the gate (``timeout`` is only a net
