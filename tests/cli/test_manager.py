@@ -21,7 +21,8 @@ from stapsrv.cli.manager import USAGE, main, render, status_record
 from stapsrv.core.counters import Counters
 from stapsrv.config.files import ServerSettings
 from stapsrv.paths import manager_architecture as host_arch
-from tests.helpers import is_dead, require, require_header_release, require_program, wait_until
+from tests.helpers import require, require_header_release, require_program
+from tests.helpers.waiting import is_dead, wait_until
 from tests.helpers.realserver import (
     Client,
     owned_directory,

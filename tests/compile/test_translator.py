@@ -45,12 +45,10 @@ class LauncherTests(TestCase):
         base = Path(self.mktemp()).absolute()
         base.mkdir()
         (base / "stderr").write_bytes(b"before\n")
-        started = time.monotonic()
         run = start_translator(reactor, ["/bin/sh", "-c", "echo to-stderr >&2; exec yes"],
                                {"PATH": "/usr/bin:/bin"}, base, base / "stdout",
                                base / "stderr", TranslatorLimits(), output_limit=1 << 20)
-        status = await run.result
-        self.assertLess(time.monotonic() - started, 20)
+        status = await run.result  # yes never ends by itself: only the cut does
         self.assertEqual(status, 128 + signal.SIGTERM)
         self.assertEqual(run.cut_output, (1,))
         self.assertEqual((base / "stdout").read_bytes(), b"y\n" * (1 << 19))

@@ -8,8 +8,6 @@ import os
 import shutil
 import stat
 import sys
-import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -100,22 +98,3 @@ def signature_hash(public_key: rsa.RSAPublicKey, signature: bytes, data: bytes) 
             return name
     raise AssertionError("the signature is not a SHA-1 or SHA-256 signature of the data")
 
-
-def wait_until(predicate: Callable[[], object], net: float = 60.0, interval: float = 0.05) -> bool:
-    """Block until ``predicate()`` is true; False if it is still false after
-    ``net`` seconds (a net for a test gone wrong, never a measure of speed)."""
-    deadline = time.monotonic() + net
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-    return True
-
-
-def is_dead(pid: int) -> bool:
-    """Whether process ``pid`` has exited (gone, or a zombie not yet reaped)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state in ("Z", "X")

@@ -11,14 +11,12 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from attrs import frozen
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 
 from tests.helpers.rawclient import basic_request, build_request, client_context
 from tests.helpers.realclient import RealClientMixin
@@ -29,11 +27,11 @@ from tests.helpers.realserver import (
     scratch_directory,
     start_stapsrv,
 )
+from tests.helpers.waiting import NET, poll
 
 if TYPE_CHECKING:
     from tests.helpers.gate import CompileGate
 
-T = TypeVar("T")
 
 #: What every post-fault check compiles (answered from a cache after its
 #: first compile on a machine: the point is that the server still answers).
@@ -41,9 +39,8 @@ STILL_SERVING = 'probe begin { println("still serving"); exit() }'
 STILL_SERVING_MODULE = "still_serving"
 #: Seconds a post-fault leftover (process or scratch directory) may linger.
 LINGER = 2.0
-#: How long a test waits for a process group to go before it gives up: a
-#: net for a broken server, never a measure of how fast it is.
-GONE_NET = 60.0
+#: How long a test waits for a process group to go (see waiting.NET).
+GONE_NET = NET
 #: A --compile-timeout far longer than passes 1-3 of a one-line script
 #: take, for compiles held at a gate in pass 4 (tests/helpers/gate.py).
 PASS4_TIMEOUT = 15
@@ -52,20 +49,6 @@ PASS4_TIMEOUT = 15
 def unique_script(tag: str) -> str:
     """A script no cache has seen: the translator must really run."""
     return f'probe begin {{ println("{tag} {uuid.uuid4().hex}"); exit() }}'
-
-
-def pause(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
-async def poll(predicate: Callable[[], T], timeout: float, interval: float = 0.05) -> T:
-    """``predicate()`` once it is true, or its last (false) value at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        await pause(interval)
 
 
 # ---------------------------------------------------------------------------

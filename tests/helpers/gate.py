@@ -24,7 +24,7 @@ import os
 import uuid
 from pathlib import Path
 
-from tests.helpers.faults import poll
+from tests.helpers.waiting import poll
 
 
 class CompileGate:

@@ -38,8 +38,6 @@ from tests.helpers.faults import (
     FaultMixin,
     cafile,
     limits_of,
-    pause,
-    poll,
     processes,
     raw_request,
     small_window_connection,
@@ -47,6 +45,7 @@ from tests.helpers.faults import (
 )
 from tests.helpers.rawclient import CLOSED, RESET, OpenConnection, frame
 from tests.helpers.realserver import owned_directory, remove_tree, scratch_directory
+from tests.helpers.waiting import pause, poll
 
 
 class DisconnectTests(FaultMixin, TestCase):

@@ -18,7 +18,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from stapsrv.cache.secret import create_secret
-from tests.helpers import require_program, wait_until
+from tests.helpers import require_program
+from tests.helpers.waiting import wait_until
 from tests.helpers.forgedproxy import start_forged_proxy
 from tests.helpers.realclient import HELLO, RealClientMixin
 from tests.helpers.realhaproxy import PROXY_SOURCE, Backend, HAProxy, start_haproxy

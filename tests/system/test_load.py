@@ -20,9 +20,10 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.helpers.faults import FaultMixin, cafile, poll
+from tests.helpers.faults import FaultMixin, cafile
 from tests.helpers.rawclient import OpenConnection
 from tests.helpers.realserver import Client, ServerProcess, scratch_directory
+from tests.helpers.waiting import poll
 
 #: Clients, requests in all, and how the requests mix.
 CLIENTS = 16

@@ -23,7 +23,8 @@ from twisted.internet.threads import deferToThread
 from twisted.python import log
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import require_program, wait_until
+from tests.helpers import require_program
+from tests.helpers.waiting import wait_until
 from tests.helpers.faults import wait_for_warm_up
 from tests.helpers.rawclient import (
     ANSWERED,
