@@ -69,11 +69,12 @@ class CompileGate:
             raise AssertionError(f"no compiler opened {self.fifo} within {timeout} s")
 
     def holders(self) -> list[int]:
-        """The processes that have the gate open."""
+        """The processes that have the gate open (but this one, which holds
+        its writing end)."""
         fifo = str(self.fifo)
         held = []
         for entry in os.listdir("/proc"):
-            if not entry.isdigit():
+            if not entry.isdigit() or int(entry) == os.getpid():
                 continue
             try:
                 names = os.listdir(f"/proc/{entry}/fd")
