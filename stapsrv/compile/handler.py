@@ -305,7 +305,7 @@ class RequestHandler:
         if problem is not None:
             return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
         if job.release is not None and self.releases.serves(job.release):
-            await self.releases.provide_debug(job.release)
+            await self.releases.provide_debug_within(job.release)
             await self.releases.provide_module_debug(job.release, job.named_modules,
                                                      job.privilege)
         key = await self._cache_key(job, context)

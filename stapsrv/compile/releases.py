@@ -40,6 +40,9 @@ from stapsrv.reactor import IHandlerReactor
 
 #: Seconds before symbols that could not be had are tried again.
 DEBUG_RETRY = 600
+#: Seconds a request waits for symbols still being made before it goes on
+#: without them (the making goes on, for the requests after it).
+SYMBOL_WAIT = 20.0
 
 if TYPE_CHECKING:
     from stapsrv.compile.handler import RequestContext
@@ -77,6 +80,11 @@ class ServedReleases:
     #: again for :data:`DEBUG_RETRY` seconds, so that an unreachable archive
     #: does not hold up every request).
     _debug_failed: dict[str, float] = field(init=False, factory=dict)
+    #: How long a request waits for symbols still being made.
+    symbol_wait: float = SYMBOL_WAIT
+    #: The symbols of each release being made now, shared by the requests
+    #: that wait for them.
+    _debug_work: dict[str, Deferred[None]] = field(init=False, factory=dict)
 
     def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, function, *args)
@@ -128,6 +136,46 @@ class ServedReleases:
                     self.sandbox = evolve(self.sandbox,
                                           read_only=(*self.sandbox.read_only, fixed))
         self._stored[stored.release] = tree
+
+    async def provide_debug_within(self, release: str) -> bool:
+        """:meth:`provide_debug`, waited for at most :attr:`symbol_wait`
+        seconds: False when the request must go on without the symbols
+        still being made (they are, for the requests after it)."""
+        work = self._debug_work.get(release)
+        if work is None:
+            work = Deferred.fromCoroutine(self.provide_debug(release))
+            work.addErrback(lambda failure: self.log.failure(
+                "Making the symbols of kernel {release} failed", failure, release=release))
+            if work.called:
+                return True
+            self._debug_work[release] = work
+
+            def over(result: object) -> object:
+                self._debug_work.pop(release, None)
+                return result
+
+            work.addBoth(over)
+        waiter: Deferred[bool] = Deferred()
+
+        def done(result: object) -> object:
+            if not waiter.called:
+                waiter.callback(True)
+            return result
+
+        def late() -> None:
+            if not waiter.called:
+                waiter.callback(False)
+
+        work.addBoth(done)
+        call = self.reactor.callLater(self.symbol_wait, late)
+        ready = await waiter
+        if call.active():
+            call.cancel()
+        if not ready:
+            self.log.warn("The symbols of kernel {release} are still being made; compiling "
+                          "without them after waiting {seconds:g} s", release=release,
+                          seconds=self.symbol_wait)
+        return ready
 
     async def provide_debug(self, release: str) -> None:
         """Unless ``--no-fetch-symbols``: the release's System.map (made

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -35,6 +36,7 @@ from tests.compile.test_runtime import NEW_TASK_WORK_H
 from tests.helpers import test_identity
 from tests.helpers.archives import RELEASE, request
 from tests.helpers.handlers import Events, HandlerCase
+from tests.helpers.waiting import NET, poll
 
 STORED = "6.1.0-55-amd64"
 
@@ -323,6 +325,42 @@ class SymbolsTests(ReleasesCase):
         await releases.provide_debug(RELEASE)
         self.assertEqual(len(self.fetcher.debug_fetched), 2)
         self.assertEqual(len(self.events.matching("No symbols")), 2)
+
+
+class SymbolWaitTests(ReleasesCase):
+    """Symbols still being made hold a request for a bounded time only."""
+
+    async def test_a_request_goes_on_without_symbols_still_being_made(self) -> None:
+        made: Deferred[None] = Deferred()
+        ensure_debug = self.fetcher.ensure_debug
+
+        async def slow(release: str, vmlinux: bool) -> DebugFiles:
+            await made  # the fetch and System.map pass, not over yet
+            return await ensure_debug(release, vmlinux)
+
+        self.fetcher.ensure_debug = slow  # type: ignore[method-assign]
+        releases = self.releases(fetch_symbols=True)
+        releases.symbol_wait = 0.1
+        first = await releases.provide_debug_within(RELEASE)
+        second = await releases.provide_debug_within(RELEASE)
+        self.assertEqual((first, second), (False, False))
+        self.assertEqual(releases.debug_binds(RELEASE), [])
+        self.assertEqual(len(self.events.matching("still being made")), 2)
+        self.assertEqual(self.events.matching(
+            "still being made")[0], f"The symbols of kernel {RELEASE} are still being made; "
+            "compiling without them after waiting 0.1 s")
+        # One making for both requests; once it is over, the next request
+        # has them at once.
+        made.callback(None)
+        self.assertTrue(await poll(lambda: releases.debug_binds(RELEASE), NET))
+        self.assertEqual(len(self.fetcher.debug_fetched), 1)
+        self.assertTrue(await releases.provide_debug_within(RELEASE))
+
+    async def test_symbols_made_in_time_are_waited_for(self) -> None:
+        releases = self.releases(fetch_symbols=True)
+        self.assertTrue(await releases.provide_debug_within(RELEASE))
+        self.assertNotEqual(releases.debug_binds(RELEASE), [])
+        self.assertEqual(self.events.matching("still being made"), [])
 
 
 class HandlerTests(HandlerCase):
