@@ -249,7 +249,9 @@ def init_script(staprun: Staprun, job: Job) -> str:
         command += ["-c", job.command]
     command.append(module)
     run = " ".join(shlex.quote(word) for word in command)
+    who = "$(id -un)"
     if job.unprivileged:
+        who = f"$(su -s {OWN}/bin/sh {USER} -c 'id -un')"
         inner = f"export PATH=$PATH; cd {WORK} && exec {run}"
         run = f"su -s {OWN}/bin/sh {USER} -c {shlex.quote(inner)}"
     return f"""#!{OWN}/busybox sh
@@ -263,7 +265,7 @@ mount -t devtmpfs devtmpfs /dev
 mount -t debugfs -o mode=0755 debugfs /sys/kernel/debug
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 cd {WORK}
-echo "{MARK} run $(id -un 2>/dev/null)@@"
+echo "{MARK} run {who}@@"
 {run} >/tmp/stapsrv.out 2>/tmp/stapsrv.err
 code=$?
 echo "{MARK} output@@"

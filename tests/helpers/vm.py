@@ -89,7 +89,8 @@ def _handed_over(module: Path, directory: Path) -> Path:
 
 async def run_in_vm(module: Path, release: str, kind: ClientKind, *,
                     command: str | None = None, files: tuple[str, ...] = (),
-                    unprivileged: bool = False, signers: Path | None = None) -> VmRun:
+                    unprivileged: bool = False, signers: Path | None = None,
+                    options: tuple[str, ...] = ()) -> VmRun:
     """``module`` loaded with ``kind``'s own staprun on ``release``."""
     require_vm()
     base = scratch_directory("vm-")
@@ -106,6 +107,8 @@ async def run_in_vm(module: Path, release: str, kind: ClientKind, *,
             argv += ["--staprun-program", str(program)]
         if command is not None:
             argv += ["--command", command]
+        for option in options:
+            argv.append(f"--option={option}")
         for path in files:
             argv += ["--file", path]
         if unprivileged:
