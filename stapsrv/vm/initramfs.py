@@ -318,12 +318,12 @@ def build(staprun: Staprun, job: Job, busybox: str = BUSYBOX) -> Tree:
     if sgn.exists():
         tree.put(cpio.regular(f"{WORK}/{sgn.name}", sgn.read_bytes(), 0o644))
     if job.signers is not None:
-        _put_signers(tree, staprun, job.signers)
+        put_signers(tree, staprun, job.signers)
     tree.put(cpio.regular("/init", init_script(staprun, job).encode(), 0o755))
     return tree
 
 
-def _put_signers(tree: Tree, staprun: Staprun, signers: Path) -> None:
+def put_signers(tree: Tree, staprun: Staprun, signers: Path) -> None:
     """The trusted signers' NSS database.  ``staprun``'s permission check
     wants the legacy database files too (the clients write only the SQL
     ones), and 5.5 checks ``sql:DIR`` as a relative path: an empty file of

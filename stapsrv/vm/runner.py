@@ -48,6 +48,7 @@ class VmSettings:
     timeout: float = 600.0
     kvm: bool = True
     kvm_grace: float = 60.0
+    kvm_device: str = KVM
     append: str = "console=ttyS0 loglevel=1 panic=-1"
 
 
@@ -93,7 +94,7 @@ class VmRunner:
     def _kvm_usable(self) -> bool:
         if not self.settings.kvm or self.kvm_works is False:
             return False
-        return os.access(KVM, os.R_OK | os.W_OK)
+        return os.access(self.settings.kvm_device, os.R_OK | os.W_OK)
 
     async def boot(self, kernel: Path, initrd: Path) -> Outcome:
         """Boot ``kernel`` with ``initrd``; what its console said."""
