@@ -18,12 +18,21 @@ module there with a client's own ``staprun`` (``--staprun``: ``host``,
 the default, a prefix such as ``/opt/stap55``, or a root directory
 holding another distribution's SystemTap); it prints what the module
 printed and exits with ``staprun``'s status.
+
+``verify RELEASE --server HOST:PORT`` proves a release before machines
+boot into it: each client (the machine's ``stap``, and ``--client PREFIX``
+for one installed under a prefix) compiles a small set of probe kinds
+through the server, and each module is run in the VM with that client's
+own ``staprun``.  The result (per client and probe kind: runs or the
+failure; when; the translator) is kept with the release in the store and
+shown by ``list``, ``stap-server status --json`` and the server's metrics.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 
 import attrs
 import sys
@@ -39,6 +48,7 @@ from twisted.python.threadpool import ThreadPool
 
 from stapsrv.compile.fetch import (
     DEBUG_DIRECTORY,
+    IMAGES_DIRECTORY,
     FetchFailed,
     KernelFetcher,
     debug_files,
@@ -51,7 +61,10 @@ from stapsrv.paths import RootRefused, refuse_root
 from stapsrv.reactor import IServerReactor
 from stapsrv.vm.console import Outcome
 from stapsrv.vm.initramfs import Job, MissingFile, Staprun
+from stapsrv.vm import verification
 from stapsrv.vm.runner import VmRunner, VmSettings
+from stapsrv.vm.verification import Verification
+from stapsrv.vm.verify import ClientSpec, Verifier
 
 
 def _store(arguments: argparse.Namespace) -> KernelStore:
@@ -89,6 +102,19 @@ def list_store(store: KernelStore, out: TextIO) -> None:
         if release not in stored:
             print(f"{release}\t{megabytes(entry.size)}\tinstalled tree\t{_symbols(entry)}",
                   file=out)
+    for found in verification.load_all(store.directory):
+        print_verification(found, out)
+
+
+def print_verification(found: Verification, out: TextIO) -> None:
+    """One line for the release, one per probe that does not run."""
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(found.when))
+    verdict = "verified" if found.passed else "FAILED verification"
+    print(f"{found.release}\t{verdict} {when}\t{found.summary()}\tby {found.translator}",
+          file=out)
+    for result in found.results:
+        if not result.runs:
+            print(f"  {result.client} {result.probe}: {result.failure}", file=out)
 
 
 def remove_release(store: KernelStore, release: str) -> bool:
@@ -97,7 +123,9 @@ def remove_release(store: KernelStore, release: str) -> bool:
     tree = store.remove(release)
     symbols = debug_store(store).remove(release)
     modules = KernelStore(store.directory / MODULES_DIRECTORY, store.size_cap).remove(release)
-    return tree or symbols or modules
+    image = KernelStore(store.directory / IMAGES_DIRECTORY, store.size_cap).remove(release)
+    verified = verification.remove(store.directory, release)
+    return tree or symbols or modules or image or verified
 
 
 class ProgressLine:
@@ -170,6 +198,55 @@ async def run_module(reactor: IServerReactor, store: KernelStore, release: str,
     fetcher = _fetcher(reactor, store)
     kernel = await fetcher.ensure_image(release, ProgressLine(sys.stderr))
     return await VmRunner(reactor, settings).run(kernel, staprun, job, fetcher.in_thread)
+
+
+async def verify_release(reactor: IServerReactor, store: KernelStore, release: str,
+                         server: str, clients: Sequence[ClientSpec], settings: VmSettings,
+                         work: Path) -> Verification:
+    """Verify ``release`` and keep the result in the store.  Raises
+    FetchFailed."""
+    fetcher = _fetcher(reactor, store)
+    verifier = Verifier(reactor, fetcher, VmRunner(reactor, settings), server, work)
+    found = await verifier.verify(release, clients)
+    await fetcher.in_thread(verification.save, store.directory, found)
+    return found
+
+
+def _verify_command(arguments: argparse.Namespace, store: KernelStore) -> int:
+    clients = ([] if arguments.no_host_client else [ClientSpec.host()]) + [
+        ClientSpec.prefix(prefix) for prefix in arguments.client]
+    settings = VmSettings(timeout=arguments.timeout, kvm=not arguments.no_kvm)
+    results: list[Verification] = []
+    problems: list[str] = []
+
+    async def run(reactor: IServerReactor) -> None:
+        with tempfile.TemporaryDirectory(prefix="stapsrv-verify-") as work:
+            try:
+                results.append(await verify_release(reactor, store, arguments.release,
+                                                    arguments.server, clients, settings,
+                                                    Path(work)))
+            except FetchFailed as exc:
+                problems.append(str(exc))
+
+    try:
+        react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+    except SystemExit as exit:
+        if exit.code not in (0, None):
+            return int(exit.code)
+    if problems or not results:
+        print(f"{arguments.release}: {problems[0] if problems else 'no result'}",
+              file=sys.stderr)
+        return 2
+    found = results[0]
+    if arguments.json:
+        json.dump(found.as_json(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        for result in found.results:
+            print(f"{found.release}\t{result.client}\t{result.probe}\t"
+                  f"{'runs' if result.runs else 'FAILS: ' + result.failure}")
+        print_verification(found, sys.stdout)
+    return 0 if found.passed else 1
 
 
 def outcome_json(outcome: Outcome) -> dict[str, object]:
@@ -266,6 +343,21 @@ def _parser() -> argparse.ArgumentParser:
                      help="the bound on the whole VM run, in seconds (default 900)")
     run.add_argument("--no-kvm", action="store_true", help="TCG even where KVM works")
     run.add_argument("--json", action="store_true", help="the outcome as one JSON object")
+    verify = commands.add_parser("verify", help="build probe kinds for a release through a "
+                                 "server and run them on its kernel in a VM, with each "
+                                 "client's staprun; keep the result")
+    verify.add_argument("release", metavar="RELEASE")
+    verify.add_argument("--server", required=True, metavar="HOST:PORT",
+                        help="the server that builds the modules (its certificate is "
+                        "trusted for the verification only)")
+    verify.add_argument("--client", action="append", default=[], metavar="PREFIX",
+                        help="also a client installed under PREFIX (e.g. /opt/stap55)")
+    verify.add_argument("--no-host-client", action="store_true",
+                        help="not the machine's own client (/usr/bin/stap)")
+    verify.add_argument("--timeout", type=float, default=900.0,
+                        help="the bound on each VM run, in seconds (default 900)")
+    verify.add_argument("--no-kvm", action="store_true", help="TCG even where KVM works")
+    verify.add_argument("--json", action="store_true", help="the result as JSON")
     return parser
 
 
@@ -292,6 +384,8 @@ def main(argv: list[str]) -> int:
                                      redirectStandardIO=False)
     if arguments.command == "run":
         return _run_command(arguments, store)
+    if arguments.command == "verify":
+        return _verify_command(arguments, store)
     codes: list[int] = []
 
     async def run(reactor: IServerReactor) -> None:
