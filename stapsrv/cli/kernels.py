@@ -265,7 +265,7 @@ def _run_command(arguments: argparse.Namespace, store: KernelStore) -> int:
     if arguments.staprun_program:
         staprun = attrs.evolve(staprun, staprun=str(Path(arguments.staprun_program).absolute()))
     job = Job(Path(arguments.module).absolute(), tuple(arguments.option),
-              arguments.target, arguments.unprivileged,
+              arguments.target, arguments.group,
               Path(arguments.signers).absolute() if arguments.signers else None,
               tuple(arguments.file), arguments.seconds)
     settings = VmSettings(timeout=arguments.timeout, kvm=not arguments.no_kvm)
@@ -333,8 +333,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="a program of this machine to put at the same path in the VM")
     run.add_argument("--option", action="append", default=[], metavar="OPTION",
                      help="one more word for staprun's command line")
-    run.add_argument("--unprivileged", action="store_true",
-                     help="run staprun as a user of group stapusr, not root")
+    run.add_argument("--group", choices=("stapusr", "stapsys"),
+                     help="run staprun as a user of this group, not as root")
     run.add_argument("--signers", metavar="DIR", help="an NSS database of trusted module "
                      "signers, put where the staprun looks for them")
     run.add_argument("--seconds", type=int, default=120,

@@ -101,8 +101,9 @@ class Staprun:
 @frozen
 class Job:
     """What ``/init`` does: load ``module`` with ``staprun`` (with
-    ``options``, and ``-c command`` when given), as root or as the user
-    ``stapuser`` of group ``stapusr``; bounded by ``seconds``.  ``signers``
+    ``options``, and ``-c command`` when given), as root or, with
+    ``group`` (``stapusr`` or ``stapsys``), as the user ``stapuser`` of that
+    group (a stapsys user is in stapusr too); bounded by ``seconds``.  ``signers``
     is an NSS database directory put where ``staprun`` looks for trusted
     signers; ``files`` are more of the machine's files the VM needs at the
     same path (a program a process probe names)."""
@@ -110,7 +111,7 @@ class Job:
     module: Path
     options: tuple[str, ...] = ()
     command: str | None = None
-    unprivileged: bool = False
+    group: str | None = None
     signers: Path | None = None
     files: tuple[str, ...] = ()
     seconds: int = 120
@@ -250,7 +251,7 @@ def init_script(staprun: Staprun, job: Job) -> str:
     command.append(module)
     run = " ".join(shlex.quote(word) for word in command)
     who = "$(id -un)"
-    if job.unprivileged:
+    if job.group is not None:
         who = f"$(su -s {OWN}/bin/sh {USER} -c 'id -un')"
         inner = f"export PATH=$PATH; cd {WORK} && exec {run}"
         run = f"su -s {OWN}/bin/sh {USER} -c {shlex.quote(inner)}"
@@ -280,6 +281,8 @@ poweroff -f
 
 def build(staprun: Staprun, job: Job, busybox: str = BUSYBOX) -> Tree:
     """The tree of the initramfs."""
+    if job.group not in (None, "stapusr", "stapsys"):
+        raise MissingFile(f"no group {job.group} in the VM (stapusr or stapsys)")
     tree = Tree()
     for name in ("/proc", "/sys", "/dev", "/tmp", "/root"):
         tree.directories(name)
@@ -304,12 +307,13 @@ def build(staprun: Staprun, job: Job, busybox: str = BUSYBOX) -> Tree:
     real = tree.copy(root, staprun.staprun)
     tree.put(cpio.regular(real, tree.entries[real].data, stat.S_ISUID | 0o754,
                           gid=GROUPS["stapusr"]))
+    members = {"stapusr", job.group} if job.group else set()
     tree.put(cpio.regular("/etc/passwd", (
         f"root:x:0:0:root:/root:{OWN}/bin/sh\n"
         f"{USER}:x:{USER_ID}:{USER_ID}:{USER}:/tmp:{OWN}/bin/sh\n").encode()))
     tree.put(cpio.regular("/etc/group", (
         "root:x:0:\n"
-        + "".join(f"{name}:x:{gid}:{USER if name == 'stapusr' else ''}\n"
+        + "".join(f"{name}:x:{gid}:{USER if name in members else ''}\n"
                   for name, gid in GROUPS.items())
         + f"{USER}:x:{USER_ID}:\n").encode()))
     tree.directories(WORK, 0o755)

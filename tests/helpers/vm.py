@@ -89,7 +89,7 @@ def _handed_over(module: Path, directory: Path) -> Path:
 
 async def run_in_vm(module: Path, release: str, kind: ClientKind, *,
                     command: str | None = None, files: tuple[str, ...] = (),
-                    unprivileged: bool = False, signers: Path | None = None,
+                    group: str | None = None, signers: Path | None = None,
                     options: tuple[str, ...] = ()) -> VmRun:
     """``module`` loaded with ``kind``'s own staprun on ``release``."""
     require_vm()
@@ -111,8 +111,8 @@ async def run_in_vm(module: Path, release: str, kind: ClientKind, *,
             argv.append(f"--option={option}")
         for path in files:
             argv += ["--file", path]
-        if unprivileged:
-            argv.append("--unprivileged")
+        if group is not None:
+            argv += ["--group", group]
         if signers is not None:
             argv += ["--signers", str(signers)]
         out, err, code = await run(as_server_user(argv), env=server_environment(base, "stapsrv"),

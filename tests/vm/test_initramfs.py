@@ -52,7 +52,7 @@ class FakeRootTests(TestCase):
     def test_every_file_with_the_links_that_lead_to_it(self) -> None:
         staprun = Staprun.named(str(self.root))
         self.assertEqual(staprun.stapio, "/usr/libexec/systemtap/stapio")
-        tree = build(staprun, Job(self.module), str(self.busybox))
+        tree = build(staprun, Job(self.module, group="stapsys"), str(self.busybox))
         entries = tree.entries
         for path in ("/usr/bin/staprun", "/usr/lib64/ld-linux-x86-64.so.2",
                      "/usr/lib/x86_64-linux-gnu/libfoo.so.1.2", "/usr/libexec/private/libbar.so",
@@ -71,7 +71,12 @@ class FakeRootTests(TestCase):
         program = entries["/usr/bin/staprun"]
         self.assertEqual((stat.S_IMODE(program.mode), program.uid, program.gid),
                          (0o4754, 0, GROUPS["stapusr"]))
-        self.assertIn(f"stapusr:x:{GROUPS['stapusr']}:{USER}\n", entries["/etc/group"].data.decode())
+        groups = entries["/etc/group"].data.decode()
+        self.assertIn(f"stapusr:x:{GROUPS['stapusr']}:{USER}\n", groups)
+        self.assertIn(f"stapsys:x:{GROUPS['stapsys']}:{USER}\n", groups)
+        self.assertIn(f"stapdev:x:{GROUPS['stapdev']}:\n", groups)
+        self.assertRaises(MissingFile, build, staprun, Job(self.module, group="root"),
+                          str(self.busybox))
 
     def test_init_runs_staprun_with_the_job(self) -> None:
         job = Job(self.module, ("-vv",), "/usr/bin/busybox true", seconds=30)
@@ -81,7 +86,7 @@ class FakeRootTests(TestCase):
         self.assertIn(f'echo "{MARK} init@@"', script)
         self.assertIn("poweroff -f", script)
         unprivileged = initramfs.init_script(Staprun.in_root(self.root),
-                                             Job(self.module, unprivileged=True))
+                                             Job(self.module, group="stapusr"))
         self.assertIn(f"su -s /stapsrv/bin/sh {USER} -c", unprivileged)
 
     def test_signature_and_signers(self) -> None:
