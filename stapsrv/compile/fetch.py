@@ -232,6 +232,8 @@ class KernelFetcher:
         """The release's kernel image (``vmlinuz``): the machine's own in
         ``/boot`` when it has it, else the one in ``linux-image-<release>``,
         fetched into the store once.  Raises FetchFailed."""
+        if not valid_release(release):
+            raise FetchFailed(f"'{release}' is not a kernel release name")
         local = self.boot / f"vmlinuz-{release}"
         if await self.in_thread(os.access, local, os.R_OK):
             return local

@@ -156,4 +156,4 @@ class VmRunner:
                           seconds=self.reactor.seconds() - started)
             return outcome
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            await in_thread(shutil.rmtree, work, True)
