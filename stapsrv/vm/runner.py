@@ -18,6 +18,7 @@ from pathlib import Path
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -120,7 +121,7 @@ class VmRunner:
             timed_out.append(why)
             try:
                 process.signalProcess("KILL")
-            except Exception:  # already gone
+            except ProcessExitedAlready:
                 pass
         timers: list[IDelayedCall] = [
             self.reactor.callLater(self.settings.timeout, kill, "timeout")]
