@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
+import urllib.request
 
 from twisted.trial.unittest import TestCase
 
 from stapsrv.vm import verification
 from stapsrv.vm.verify import PROBES
 from tests.helpers.realclient import RealClientMixin
+from tests.helpers.realredis import free_port
 from tests.helpers.realserver import CLIENT_55, as_server_user, server_environment, venv_bin
 from tests.helpers.vm import require_vm, vm_store
 
@@ -56,3 +59,27 @@ class VerifyTests(RealClientMixin, TestCase):
         self.assertIn(f"{self.release}\tFAILED verification ", listed.stdout)
         self.assertIn("\t5/10 run\tby Systemtap translator/driver (version 4.8", listed.stdout)
         self.assertIn(f"  5.5 begin: ", listed.stdout)
+        # A server on that store shows it in its metrics.
+        port = free_port()
+        self.own_server("--kernel-store", str(vm_store()), "--no-fetch",
+                        "--metrics", f"tcp:{port}:interface=127.0.0.1")
+        page = scrape(port)
+        for probe in probes:
+            self.assertIn(f'stapsrv_kernel_verification_runs{{client="4.8",probe="{probe}",'
+                          f'release="{self.release}"}} 1.0', page)
+            self.assertIn(f'stapsrv_kernel_verification_runs{{client="5.5",probe="{probe}",'
+                          f'release="{self.release}"}} 0.0', page)
+        self.assertIn(f'stapsrv_kernel_verification_passed{{release="{self.release}"}} 0.0', page)
+
+
+def scrape(port: int, bound: float = 120.0) -> str:
+    """The server's /metrics page, once its listener answers."""
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+                return page.read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
