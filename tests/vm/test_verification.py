@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import TestCase
 
 from stapsrv.vm import verification
 from stapsrv.vm.verification import ProbeResult, Verification
-from stapsrv.vm.verify import PROBES, version_of
+from stapsrv.vm.console import Outcome
+from stapsrv.vm.initramfs import Job, Staprun
+from stapsrv.vm.verify import PROBES, ClientSpec, Verifier, version_of
 
 FOUND = Verification("6.1.0-57-amd64", 1700000000.5, "Systemtap translator/driver (version 4.8/0.188)",
                      (ProbeResult("4.8", "begin", True),
@@ -60,3 +66,72 @@ class VerifierWordsTests(TestCase):
             if probe.command:
                 self.assertTrue(probe.command.startswith("/usr/bin/busybox "))
                 self.assertEqual(probe.files, ("/usr/bin/busybox",))
+
+
+class FakeFetcher:
+    def __init__(self, image: Path) -> None:
+        self.image = image
+
+    async def ensure_image(self, release: str) -> Path:
+        return self.image
+
+    def in_thread(self, function: Any, *args: Any) -> Deferred[object]:
+        return succeed(function(*args))
+
+
+class FakeRunner:
+    """Every module prints its line, except under the 5.5 staprun."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[str, Job]] = []
+
+    async def run(self, kernel: Path, staprun: Staprun, job: Job, in_thread: Any,
+                  scratch: Path | None = None) -> Outcome:
+        self.jobs.append((staprun.staprun, job))
+        if staprun.staprun.startswith("/opt/stap55"):
+            return Outcome(True, "", "Unable to send relocation: Invalid argument\n", 1, "")
+        name = job.module.read_text()
+        return Outcome(True, f"stapsrv-verify {name}\n", "", 0, "")
+
+
+class FakeVerifier(Verifier):
+    """Clients faked: ``stap -V`` says the version, a compile writes a
+    module naming its probe (the timer's fails to compile)."""
+
+    async def run(self, argv: Sequence[str], env: Mapping[str, str] | None = None,
+                  cwd: Path | None = None) -> tuple[bytes, bytes, int]:
+        if argv[-1] == "-V":
+            version = "5.5/0.192" if argv[0].startswith("/opt") else "4.8/0.188"
+            return b"", f"Systemtap translator/driver (version {version})\n".encode(), 0
+        if "-p4" in argv:
+            assert cwd is not None
+            script = argv[-1]
+            probe = next(p.name for p in PROBES if p.script == script)
+            if probe == "timer":
+                return b"", b"semantic error: no timer here\n", 1
+            (cwd / f"stap_{probe}_1.ko").write_text(probe)
+        return b"", b"", 0
+
+
+class VerifierTests(TestCase):
+    async def test_each_client_each_probe(self) -> None:
+        work = Path(self.mktemp())
+        work.mkdir()
+        runner = FakeRunner()
+        verifier = FakeVerifier(reactor, FakeFetcher(work / "vmlinuz"),  # type: ignore[arg-type]
+                                runner, "127.0.0.1:1", work)  # type: ignore[arg-type]
+        found = await verifier.verify("6.1.0-57-amd64",
+                                      [ClientSpec.host(), ClientSpec.prefix("/opt/stap55")])
+        results = {(r.client, r.probe): r for r in found.results}
+        self.assertEqual(len(results), 10)
+        self.assertTrue(results["4.8", "begin"].runs)
+        self.assertTrue(results["4.8", "process"].runs)
+        self.assertEqual(results["4.8", "timer"].failure,
+                         "no module: semantic error: no timer here")
+        self.assertEqual(results["5.5", "kprobe"].failure,
+                         "staprun exit 1: Unable to send relocation: Invalid argument")
+        self.assertEqual(found.summary(), "4/10 run")
+        self.assertIn("version 4.8", found.translator)
+        # The workload and its program go with the probes that need them.
+        kprobe = next(job for staprun, job in runner.jobs if job.module.name == "stap_kprobe_1.ko")
+        self.assertEqual((kprobe.command, kprobe.files), (PROBES[1].command, ("/usr/bin/busybox",)))
