@@ -263,7 +263,7 @@ def _run_command(arguments: argparse.Namespace, store: KernelStore) -> int:
         print(exc, file=sys.stderr)
         return 2
     if arguments.staprun_program:
-        staprun = attrs.evolve(staprun, staprun=str(Path(arguments.staprun_program).absolute()))
+        staprun = attrs.evolve(staprun, program=Path(arguments.staprun_program).absolute())
     job = Job(Path(arguments.module).absolute(), tuple(arguments.option),
               arguments.target, arguments.group,
               Path(arguments.signers).absolute() if arguments.signers else None,

@@ -58,6 +58,10 @@ class Staprun:
     staprun: str
     stapio: str
     sysconfdir: str
+    #: A readable copy of the staprun program to put at ``staprun`` (the
+    #: client's own may be unreadable: 5.5 installs it mode 4110); it must
+    #: be there, as stapio runs it by that path to unload the module.
+    program: Path | None = None
 
     @classmethod
     def host(cls) -> Staprun:
@@ -204,18 +208,29 @@ def _find_library(root: Path, name: str, search: Sequence[str]) -> str | None:
     return None
 
 
-def copy_program(tree: Tree, root: Path, path: str, directories: Sequence[str]) -> None:
-    """A program or library of ``root`` with everything it loads."""
+def copy_program(tree: Tree, root: Path, path: str, directories: Sequence[str],
+                 source: Path | None = None) -> None:
+    """A program or library of ``root`` with everything it loads; from
+    ``source`` instead of ``root``'s own file when given."""
     pending = [path]
     done: set[str] = set()
     while pending:
         wanted = pending.pop()
-        real = tree.copy(root, wanted)
+        if source is not None and wanted == path:
+            try:
+                data = source.read_bytes()
+            except OSError as exc:
+                raise MissingFile(f"cannot read {source}: {exc.strerror}") from exc
+            tree.put(cpio.regular(path, data, 0o755))
+            real = path
+        else:
+            real = tree.copy(root, wanted)
+            data = b""
         if real in done:
             continue
         done.add(real)
         try:
-            needs = dependencies((root / real.lstrip("/")).read_bytes())
+            needs = dependencies(data or (root / real.lstrip("/")).read_bytes())
         except NotElf:
             continue
         origin = posixpath.dirname(real)
@@ -295,8 +310,8 @@ def build(staprun: Staprun, job: Job, busybox: str = BUSYBOX) -> Tree:
         raise MissingFile(f"cannot read {exc.filename}: {exc.strerror}") from exc
     root = staprun.root
     directories = library_directories(root)
-    for program in (staprun.staprun, staprun.stapio):
-        copy_program(tree, root, program, directories)
+    copy_program(tree, root, staprun.staprun, directories, staprun.program)
+    copy_program(tree, root, staprun.stapio, directories)
     for library in _nss_modules(root, directories):
         copy_program(tree, root, library, directories)
     if (root / "etc" / "ld.so.cache").exists():
@@ -304,7 +319,7 @@ def build(staprun: Staprun, job: Job, busybox: str = BUSYBOX) -> Tree:
     for path in job.files:
         copy_program(tree, Path("/"), path, library_directories(Path("/")))
     # staprun as its packages install it: setuid root, run by group stapusr.
-    real = tree.copy(root, staprun.staprun)
+    real = staprun.staprun if staprun.program else tree.copy(root, staprun.staprun)
     tree.put(cpio.regular(real, tree.entries[real].data, stat.S_ISUID | 0o754,
                           gid=GROUPS["stapusr"]))
     members = {"stapusr", job.group} if job.group else set()

@@ -10,7 +10,15 @@ from twisted.trial.unittest import TestCase
 
 from stapsrv.vm.initramfs import MARK, USER
 from tests.helpers.realclient import RealClientMixin
-from tests.helpers.realserver import CLIENT_55, Client, ServerProcess, shared_server
+from tests.helpers.realserver import (
+    CLIENT_55,
+    STAP_SERVERD_55,
+    Client,
+    ServerProcess,
+    remove_tree,
+    shared_server,
+    start_stap_serverd,
+)
 from tests.helpers.staprun import MODULE_ALTERED, MODULE_OK
 from tests.helpers.vm import VmRun, require_vm, run_in_vm, trusted_signers
 
@@ -93,6 +101,32 @@ class ModulesRun55(ModulesRun):
         self.assertEqual((found.status, found.output), (0, expected + "\n"),
                          f"{found.summary}\n{found.console}")
         return found
+
+
+class Reference55(RealClientMixin, TestCase):
+    """What the 5.5 client's modules need: built by 5.5's own translator
+    (the original stap-serverd 5.5), a module runs under 5.5's staprun on
+    the same kernel.  (This is what the toolchain issue after #25 gives
+    stapsrv's answers to 5.5 clients.)"""
+
+    kind = CLIENT_55
+
+    def setUp(self) -> None:
+        super().setUp()
+        require_vm()
+
+    async def test_a_module_built_by_the_55_translator_runs(self) -> None:
+        server = start_stap_serverd(program=STAP_SERVERD_55, name="serverd55")
+        self.addCleanup(remove_tree, server.base)
+        self.addCleanup(server.stop)
+        client = await self.trusted_client(server)
+        out, err, code = await client.stap(f"--use-server={server.spec}", "-r", self.release,
+                                           "-p4", "-e", BEGIN)
+        self.assertEqual(code, 0, err.decode())
+        module = next(client.cwd.glob("*.ko"))
+        found = await run_in_vm(module, self.release, self.kind)
+        self.assertEqual((found.status, found.output), (0, "stapsrv-begin\n"),
+                         f"{found.summary}\n{found.console}")
 
 
 class SignerDatabaseUnreadable(AssertionError):

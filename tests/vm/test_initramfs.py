@@ -108,6 +108,18 @@ class FakeRootTests(TestCase):
         self.assertEqual(entries["/stapsrv/work/stap_abc_1.ko.sgn"].data, b"sig")
         self.assertIn("/etc/systemtap/staprun/cert9.db", entries)
 
+    def test_a_readable_copy_goes_where_the_client_has_staprun(self) -> None:
+        copy = self.base / "copy-of-staprun"
+        copy.write_bytes(make_elf("/lib64/ld-linux-x86-64.so.2", ["libfoo.so.1"]) + b"copy")
+        os.chmod(self.root / "usr/bin/staprun", 0o100)  # unreadable, as 5.5's is
+        staprun = Staprun(self.root, "/usr/bin/staprun", "/usr/libexec/systemtap/stapio",
+                          "/etc", program=copy)
+        entries = build(staprun, Job(self.module), str(self.busybox)).entries
+        program = entries["/usr/bin/staprun"]
+        self.assertTrue(program.data.endswith(b"copy"))
+        self.assertEqual((stat.S_IMODE(program.mode), program.gid), (0o4754, GROUPS["stapusr"]))
+        self.assertIn("/usr/lib/x86_64-linux-gnu/libfoo.so.1.2", entries)
+
     def test_a_missing_library_is_named(self) -> None:
         os.unlink(self.root / "usr/lib/x86_64-linux-gnu/libfoo.so.1")
         with self.assertRaises(MissingFile) as raised:
