@@ -8,7 +8,7 @@ handler reports them; the gauges are read from the server when scraped.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -18,7 +18,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
@@ -30,6 +32,7 @@ from stapsrv.app.health import Health
 from stapsrv.app.listen import listen_now
 from stapsrv.compile.observer import OUTCOMES
 from stapsrv.reactor import IServerReactor
+from stapsrv.vm.verification import Verification
 
 #: Latency buckets, in seconds: cached answers take milliseconds, compiles
 #: of new scripts tens of seconds to minutes.
@@ -44,9 +47,11 @@ class ServerMetrics:
     """The metrics, and the handler's observer that feeds them."""
 
     def __init__(self, connections: Callable[[], int], compiling: Callable[[], int],
-                 waiting: Callable[[], int], process: bool = True) -> None:
+                 waiting: Callable[[], int], process: bool = True,
+                 verifications: Callable[[], Sequence[Verification]] = list) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        r.register(VerificationCollector(verifications))
         self.requests = Counter("stapsrv_requests", "Requests read, by outcome "
                                 "(cached, compiled, refused, failed).", ["outcome"], registry=r)
         self.duration = Histogram("stapsrv_request_duration_seconds", "Seconds from a "
@@ -114,6 +119,37 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class VerificationCollector(Collector):
+    """What ``kernels verify`` found for the releases of the server's store,
+    read when scraped: per release, client and probe kind whether the
+    module runs, and per release whether all do and when that was found."""
+
+    def __init__(self, verifications: Callable[[], Sequence[Verification]]) -> None:
+        self.verifications = verifications
+
+    def collect(self) -> Iterator[Metric]:
+        runs = GaugeMetricFamily(
+            "stapsrv_kernel_verification_runs", "1 when the module of a probe kind, built "
+            "for the release by this server's translator, runs on the release's kernel in a "
+            "VM with the client's staprun (kernels verify); 0 when it fails.",
+            labels=["release", "client", "probe"])
+        passed = GaugeMetricFamily(
+            "stapsrv_kernel_verification_passed", "1 when every verified module of the "
+            "release runs.", labels=["release"])
+        when = GaugeMetricFamily(
+            "stapsrv_kernel_verification_timestamp_seconds", "When the release was last "
+            "verified.", labels=["release"])
+        for found in self.verifications():
+            for result in found.results:
+                runs.add_metric([found.release, result.client, result.probe],
+                                1.0 if result.runs else 0.0)
+            passed.add_metric([found.release], 1.0 if found.passed else 0.0)
+            when.add_metric([found.release], found.when)
+        yield runs
+        yield passed
+        yield when
 
 
 class MetricsPage(Resource):

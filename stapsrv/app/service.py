@@ -40,6 +40,7 @@ from stapsrv.compile.fetch import (
 )
 from stapsrv.compile.handler import RequestHandler
 from stapsrv.compile.kernels import KernelStore, store_directory
+from stapsrv.vm import verification
 from stapsrv.compile.moduledebug import ModuleDebug
 from stapsrv.compile.runtime import default_cache_root, select_runtime
 from stapsrv.compile.policy import parse_networks
@@ -117,7 +118,8 @@ class CompileServerService(Service):
             self.metrics = ServerMetrics(
                 connections=lambda: len(self.factory.connections) if self.factory else 0,
                 compiling=lambda: self.counters.compiling,
-                waiting=lambda: self.factory.waiting if self.factory else 0)
+                waiting=lambda: self.factory.waiting if self.factory else 0,
+                verifications=lambda: verification.load_all(store_directory(config)))
 
     def health(self) -> Health:
         """Whether this server can serve now (``/healthz``)."""

@@ -11,11 +11,30 @@ fetch policy, and shows the downloads' progress; the size cap given with
 ``--size`` (default: the server's default) is applied afterwards.
 ``remove`` removes a release's tree and symbols, or the symbols the
 server made for an installed release.
+
+``run RELEASE MODULE.ko`` boots the release's kernel image in a VM (qemu;
+the image fetched into the store when the machine has none) and loads the
+module there with a client's own ``staprun`` (``--staprun``: ``host``,
+the default, a prefix such as ``/opt/stap55``, or a root directory
+holding another distribution's SystemTap); it prints what the module
+printed and exits with ``staprun``'s status.
+
+``verify RELEASE --server HOST:PORT`` proves a release before machines
+boot into it: each client (the machine's ``stap``, and ``--client PREFIX``
+for one installed under a prefix) compiles a small set of probe kinds
+through the server, and each module is run in the VM with that client's
+own ``staprun``.  The result (per client and probe kind: runs or the
+failure; when; the translator) is kept with the release in the store and
+shown by ``list``, ``stap-server status --json`` and the server's metrics.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
+
+import attrs
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +48,7 @@ from twisted.python.threadpool import ThreadPool
 
 from stapsrv.compile.fetch import (
     DEBUG_DIRECTORY,
+    IMAGES_DIRECTORY,
     FetchFailed,
     KernelFetcher,
     debug_files,
@@ -39,6 +59,12 @@ from stapsrv.compile.moduledebug import MODULES_DIRECTORY
 from stapsrv.config.values import DEFAULT_KERNEL_STORE_SIZE, ServerConfig
 from stapsrv.paths import RootRefused, refuse_root
 from stapsrv.reactor import IServerReactor
+from stapsrv.vm.console import Outcome
+from stapsrv.vm.initramfs import Job, MissingFile, Staprun
+from stapsrv.vm import verification
+from stapsrv.vm.runner import VmRunner, VmSettings
+from stapsrv.vm.verification import Verification
+from stapsrv.vm.verify import ClientSpec, Verifier
 
 
 def _store(arguments: argparse.Namespace) -> KernelStore:
@@ -76,6 +102,19 @@ def list_store(store: KernelStore, out: TextIO) -> None:
         if release not in stored:
             print(f"{release}\t{megabytes(entry.size)}\tinstalled tree\t{_symbols(entry)}",
                   file=out)
+    for found in verification.load_all(store.directory):
+        print_verification(found, out)
+
+
+def print_verification(found: Verification, out: TextIO) -> None:
+    """One line for the release, one per probe that does not run."""
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(found.when))
+    verdict = "verified" if found.passed else "FAILED verification"
+    print(f"{found.release}\t{verdict} {when}\t{found.summary()}\tby {found.translator}",
+          file=out)
+    for result in found.results:
+        if not result.runs:
+            print(f"  {result.client} {result.probe}: {result.failure}", file=out)
 
 
 def remove_release(store: KernelStore, release: str) -> bool:
@@ -84,7 +123,9 @@ def remove_release(store: KernelStore, release: str) -> bool:
     tree = store.remove(release)
     symbols = debug_store(store).remove(release)
     modules = KernelStore(store.directory / MODULES_DIRECTORY, store.size_cap).remove(release)
-    return tree or symbols or modules
+    image = KernelStore(store.directory / IMAGES_DIRECTORY, store.size_cap).remove(release)
+    verified = verification.remove(store.directory, release)
+    return tree or symbols or modules or image or verified
 
 
 class ProgressLine:
@@ -142,6 +183,123 @@ async def prefetch(reactor: IServerReactor, store: KernelStore,
     return 1 if failed else 0
 
 
+def _fetcher(reactor: IServerReactor, store: KernelStore) -> KernelFetcher:
+    store.open()
+    pool = ThreadPool(minthreads=0, maxthreads=2, name="stapsrv-kernels")
+    pool.start()
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+    return KernelFetcher(store, reactor, pool, ("*",), log=Logger(namespace="stapsrv"))
+
+
+async def run_module(reactor: IServerReactor, store: KernelStore, release: str,
+                     staprun: Staprun, job: Job, settings: VmSettings) -> Outcome:
+    """``job`` on ``release``'s kernel, booted in a VM.  Raises FetchFailed
+    or MissingFile."""
+    fetcher = _fetcher(reactor, store)
+    kernel = await fetcher.ensure_image(release, ProgressLine(sys.stderr))
+    return await VmRunner(reactor, settings).run(kernel, staprun, job, fetcher.in_thread)
+
+
+async def verify_release(reactor: IServerReactor, store: KernelStore, release: str,
+                         server: str, clients: Sequence[ClientSpec], settings: VmSettings,
+                         work: Path) -> Verification:
+    """Verify ``release`` and keep the result in the store.  Raises
+    FetchFailed."""
+    fetcher = _fetcher(reactor, store)
+    verifier = Verifier(reactor, fetcher, VmRunner(reactor, settings), server, work)
+    found = await verifier.verify(release, clients)
+    await fetcher.in_thread(verification.save, store.directory, found)
+    return found
+
+
+def _verify_command(arguments: argparse.Namespace, store: KernelStore) -> int:
+    clients = ([] if arguments.no_host_client else [ClientSpec.host()]) + [
+        ClientSpec.prefix(prefix) for prefix in arguments.client]
+    settings = VmSettings(timeout=arguments.timeout, kvm=not arguments.no_kvm)
+    results: list[Verification] = []
+    problems: list[str] = []
+
+    async def run(reactor: IServerReactor) -> None:
+        with tempfile.TemporaryDirectory(prefix="stapsrv-verify-") as work:
+            try:
+                results.append(await verify_release(reactor, store, arguments.release,
+                                                    arguments.server, clients, settings,
+                                                    Path(work)))
+            except FetchFailed as exc:
+                problems.append(str(exc))
+
+    try:
+        react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+    except SystemExit as exit:
+        if exit.code not in (0, None):
+            return int(exit.code)
+    if problems or not results:
+        print(f"{arguments.release}: {problems[0] if problems else 'no result'}",
+              file=sys.stderr)
+        return 2
+    found = results[0]
+    if arguments.json:
+        json.dump(found.as_json(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        for result in found.results:
+            print(f"{found.release}\t{result.client}\t{result.probe}\t"
+                  f"{'runs' if result.runs else 'FAILS: ' + result.failure}")
+        print_verification(found, sys.stdout)
+    return 0 if found.passed else 1
+
+
+def outcome_json(outcome: Outcome) -> dict[str, object]:
+    return {"booted": outcome.booted, "output": outcome.output, "errors": outcome.errors,
+            "status": outcome.status, "timed_out": outcome.timed_out,
+            "accelerator": outcome.accelerator, "summary": outcome.summary(),
+            "console": outcome.console}
+
+
+def _run_command(arguments: argparse.Namespace, store: KernelStore) -> int:
+    try:
+        staprun = Staprun.named(arguments.staprun)
+    except MissingFile as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if arguments.staprun_program:
+        staprun = attrs.evolve(staprun, program=Path(arguments.staprun_program).absolute())
+    job = Job(Path(arguments.module).absolute(), tuple(arguments.option),
+              arguments.target, arguments.group,
+              Path(arguments.signers).absolute() if arguments.signers else None,
+              tuple(arguments.file), arguments.seconds)
+    settings = VmSettings(timeout=arguments.timeout, kvm=not arguments.no_kvm)
+    results: list[Outcome] = []
+    problems: list[str] = []
+
+    async def run(reactor: IServerReactor) -> None:
+        try:
+            results.append(await run_module(reactor, store, arguments.release, staprun,
+                                            job, settings))
+        except (FetchFailed, MissingFile) as exc:
+            problems.append(str(exc))
+
+    try:
+        react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+    except SystemExit as exit:
+        if exit.code not in (0, None):
+            return int(exit.code)
+    if problems or not results:
+        print(f"{arguments.release}: {problems[0] if problems else 'no result'}",
+              file=sys.stderr)
+        return 2
+    outcome = results[0]
+    if arguments.json:
+        json.dump(outcome_json(outcome), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(outcome.output)
+        sys.stderr.write(outcome.errors)
+        if outcome.status != 0:
+            print(f"{arguments.release}: {outcome.summary()}", file=sys.stderr)
+    return outcome.status if outcome.status is not None else 3
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stapsrv.cli.kernels",
                                      description="The kernel store of stapsrv.")
@@ -161,6 +319,45 @@ def _parser() -> argparse.ArgumentParser:
     remove = commands.add_parser("remove", help="remove stored releases (and the symbols of "
                                  "installed ones)")
     remove.add_argument("releases", nargs="+", metavar="RELEASE")
+    run = commands.add_parser("run", help="load a module on the release's kernel, booted "
+                              "in a VM")
+    run.add_argument("release", metavar="RELEASE")
+    run.add_argument("module", metavar="MODULE.ko")
+    run.add_argument("--staprun", default="host", help="the client's staprun: host (the "
+                     "default), a prefix such as /opt/stap55, or a root directory")
+    run.add_argument("--staprun-program", metavar="PATH",
+                     help="copy this staprun program instead of the client's own (a readable "
+                     "copy: 5.5 installs staprun mode 4110, which only root can read)")
+    run.add_argument("--command", "-c", dest="target", help="staprun's -c: a command to run (absolute path)")
+    run.add_argument("--file", action="append", default=[], metavar="PATH",
+                     help="a program of this machine to put at the same path in the VM")
+    run.add_argument("--option", action="append", default=[], metavar="OPTION",
+                     help="one more word for staprun's command line")
+    run.add_argument("--group", choices=("stapusr", "stapsys"),
+                     help="run staprun as a user of this group, not as root")
+    run.add_argument("--signers", metavar="DIR", help="an NSS database of trusted module "
+                     "signers, put where the staprun looks for them")
+    run.add_argument("--seconds", type=int, default=120,
+                     help="how long staprun may run in the VM (default 120)")
+    run.add_argument("--timeout", type=float, default=900.0,
+                     help="the bound on the whole VM run, in seconds (default 900)")
+    run.add_argument("--no-kvm", action="store_true", help="TCG even where KVM works")
+    run.add_argument("--json", action="store_true", help="the outcome as one JSON object")
+    verify = commands.add_parser("verify", help="build probe kinds for a release through a "
+                                 "server and run them on its kernel in a VM, with each "
+                                 "client's staprun; keep the result")
+    verify.add_argument("release", metavar="RELEASE")
+    verify.add_argument("--server", required=True, metavar="HOST:PORT",
+                        help="the server that builds the modules (its certificate is "
+                        "trusted for the verification only)")
+    verify.add_argument("--client", action="append", default=[], metavar="PREFIX",
+                        help="also a client installed under PREFIX (e.g. /opt/stap55)")
+    verify.add_argument("--no-host-client", action="store_true",
+                        help="not the machine's own client (/usr/bin/stap)")
+    verify.add_argument("--timeout", type=float, default=900.0,
+                        help="the bound on each VM run, in seconds (default 900)")
+    verify.add_argument("--no-kvm", action="store_true", help="TCG even where KVM works")
+    verify.add_argument("--json", action="store_true", help="the result as JSON")
     return parser
 
 
@@ -185,6 +382,10 @@ def main(argv: list[str]) -> int:
         return status
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
                                      redirectStandardIO=False)
+    if arguments.command == "run":
+        return _run_command(arguments, store)
+    if arguments.command == "verify":
+        return _verify_command(arguments, store)
     codes: list[int] = []
 
     async def run(reactor: IServerReactor) -> None:

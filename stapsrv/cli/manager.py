@@ -44,6 +44,7 @@ from stapsrv.config.files import (
 from stapsrv.config.endpoints import DEFAULT_PROXY_FROM, proxied
 from stapsrv.core import counters as request_counters
 from stapsrv.paths import MODULES, manager_architecture, root_refused
+from stapsrv.vm import verification
 
 USAGE = """\
 Usage: stap-server {start|stop|restart|condrestart|try-restart|force-reload|status} [options]
@@ -152,7 +153,27 @@ def status_record(settings: ServerSettings, pid: int | None, state: str,
         "sandbox": s.sandbox.lower() not in SWITCH_NO,
         "counters": None if counters is None else {
             name: getattr(counters, name) for name in request_counters.FIELDS},
+        "verified": verified_releases(settings),
     }
+
+
+def server_store(settings: ServerSettings) -> Path | None:
+    """The server's kernel store: KERNEL_STORE, else the default under its
+    user's cache directory (``$XDG_CACHE_HOME`` only when we are that user)."""
+    if settings.kernel_store:
+        return Path(settings.kernel_store)
+    try:
+        user = pwd.getpwnam(settings.user) if settings.user else pwd.getpwuid(os.geteuid())
+    except KeyError:
+        return None
+    cache = os.environ.get("XDG_CACHE_HOME") if os.geteuid() == user.pw_uid else None
+    return Path(cache or Path(user.pw_dir) / ".cache") / "stapsrv" / "kernels"
+
+
+def verified_releases(settings: ServerSettings) -> list[dict[str, Any]]:
+    """What ``kernels verify`` found for the releases of the server's store."""
+    store = server_store(settings)
+    return [] if store is None else [found.as_json() for found in verification.load_all(store)]
 
 
 def trusted_proxies(settings: ServerSettings) -> list[str] | None:

@@ -46,6 +46,8 @@ APT_GET = "/usr/bin/apt-get"
 DPKG_DEB = "/usr/bin/dpkg-deb"
 #: The store's directory of symbols and debuginfo, apart from the trees.
 DEBUG_DIRECTORY = ".debug"
+#: The store's directory of kernel images (for VMs), apart from the trees.
+IMAGES_DIRECTORY = ".images"
 #: Debian's kernel flavours per architecture, beside the plain one.
 _EXTRA_FLAVOURS = ("cloud", "rt")
 _ABI = re.compile(r"(\d+\.\d+\.\d+)-\d+-")
@@ -220,6 +222,57 @@ class KernelFetcher:
                 lambda: self._fetch_symbols(store, release, progress),
                 f"making the System.map of {release}")
         return debug_files(stored)
+
+    @property
+    def image_store(self) -> KernelStore:
+        """Kernel images, for booting a release in a VM (``.images``)."""
+        return KernelStore(self.store.directory / IMAGES_DIRECTORY, self.store.size_cap)
+
+    async def ensure_image(self, release: str, progress: Progress | None = None) -> Path:
+        """The release's kernel image (``vmlinuz``): the machine's own in
+        ``/boot`` when it has it, else the one in ``linux-image-<release>``,
+        fetched into the store once.  Raises FetchFailed."""
+        if not valid_release(release):
+            raise FetchFailed(f"'{release}' is not a kernel release name")
+        local = self.boot / f"vmlinuz-{release}"
+        if await self.in_thread(os.access, local, os.R_OK):
+            return local
+        store = self.image_store
+        found = await self.in_thread(store.get, release)
+        if not isinstance(found, StoredRelease):
+            found = await self._shared(f"{release} image",
+                                       lambda: self._fetch_image(store, release, progress),
+                                       f"fetching the kernel image of {release}")
+        else:
+            await self.in_thread(store.touch, release)
+        return image_path(found)
+
+    async def _fetch_image(self, store: KernelStore, release: str,
+                           progress: Progress | None) -> StoredRelease:
+        if not valid_release(release):
+            raise FetchFailed(f"'{release}' is not a kernel release name")
+        package = await self.candidate(f"linux-image-{release}")
+        self.log.info("Fetching the kernel image of {release}: {name} {version} ({size}); "
+                      "only its vmlinuz is kept", release=release, name=package.name,
+                      version=package.version, size=megabytes(package.size))
+        work = await self.in_thread(store.begin, release)
+        assert isinstance(work, Path)
+        try:
+            await self.download(work / "download", release, [package], package.size,
+                                 _labelled(progress, "kernel image"))
+            image = await self._unpack_members(work, [f"./boot/vmlinuz-{release}"], strip=2)
+            os.rename(image, work / "root" / image.name)
+            stored = await self.in_thread(store.commit, work, release, [package.stored])
+        except BaseException:
+            await self.in_thread(store.abandon, work)
+            raise
+        assert isinstance(stored, StoredRelease)
+        evicted = await self.in_thread(store.evict, release)
+        assert isinstance(evicted, list)
+        for old in evicted:
+            self.log.info("Kernel store over its size cap: removed the kernel image of "
+                          "{release} ({size})", release=old.release, size=megabytes(old.size))
+        return stored
 
     async def candidate(self, name: str) -> Candidate:
         """apt's candidate of package ``name``; FetchFailed without one."""
@@ -434,6 +487,11 @@ class DebugFiles:
 _DEBUG_BOOT = "./usr/lib/debug/boot/"
 _EXTRACT = ('deb="$1"; dir="$2"; strip="$3"; shift 3; dpkg-deb --fsys-tarfile "$deb" | '
             'tar -x --occurrence=1 -C "$dir" --strip-components="$strip" "$@"')
+
+
+def image_path(stored: StoredRelease) -> Path:
+    """The kernel image of an entry of the image store."""
+    return stored.directory / "root" / f"vmlinuz-{stored.release}"
 
 
 def debug_files(stored: StoredRelease) -> DebugFiles:

@@ -6,6 +6,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from stapsrv.app.health import Health, listening_check
 from stapsrv.app.metrics import HealthPage, MetricsPage, ServerMetrics
+from stapsrv.vm.verification import ProbeResult, Verification
 
 
 def sample(metrics: ServerMetrics, name: str, **labels: str) -> float | None:
@@ -64,6 +65,23 @@ class MetricsTests(TestCase):
                                 reason="peer"), 2)
         self.assertEqual(sample(self.metrics, "stapsrv_connections_closed_early_total",
                                 reason="oldest"), 1)
+
+    def test_verifications_are_read_when_scraped(self) -> None:
+        found: list[Verification] = []
+        metrics = ServerMetrics(connections=lambda: 0, compiling=lambda: 0, waiting=lambda: 0,
+                                process=False, verifications=lambda: found)
+        self.assertIsNone(sample(metrics, "stapsrv_kernel_verification_passed",
+                                 release="6.1.0-57-amd64"))
+        found.append(Verification("6.1.0-57-amd64", 1700000000.0, "stap 4.8", (
+            ProbeResult("4.8", "kprobe", True), ProbeResult("5.5", "kprobe", False, "x"))))
+        self.assertEqual(sample(metrics, "stapsrv_kernel_verification_runs",
+                                release="6.1.0-57-amd64", client="4.8", probe="kprobe"), 1)
+        self.assertEqual(sample(metrics, "stapsrv_kernel_verification_runs",
+                                release="6.1.0-57-amd64", client="5.5", probe="kprobe"), 0)
+        self.assertEqual(sample(metrics, "stapsrv_kernel_verification_passed",
+                                release="6.1.0-57-amd64"), 0)
+        self.assertEqual(sample(metrics, "stapsrv_kernel_verification_timestamp_seconds",
+                                release="6.1.0-57-amd64"), 1700000000.0)
 
     def test_registries_are_per_server(self) -> None:
         other = ServerMetrics(connections=lambda: 0, compiling=lambda: 0, waiting=lambda: 0,

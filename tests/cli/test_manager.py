@@ -21,6 +21,8 @@ from stapsrv.cli.manager import USAGE, main, render, status_record
 from stapsrv.core.counters import Counters
 from stapsrv.config.files import ServerSettings
 from stapsrv.paths import manager_architecture as host_arch
+from stapsrv.vm import verification
+from stapsrv.vm.verification import ProbeResult, Verification
 from tests.helpers import require, require_header_release, require_program
 from tests.helpers.waiting import is_dead, wait_until
 from tests.helpers.realserver import (
@@ -58,7 +60,7 @@ class FormatTests(TestCase):
             "endpoint": "haproxy:tcp:5000", "proxy_from": ["127.0.0.0/8", "::1/128"],
             "metrics": "tcp:9642", "log": "/l", "sandbox": True,
             "counters": {"requests": 4, "failures": 1, "cache_hits": 2, "compiling": 1,
-                         "waiting": 0}})
+                         "waiting": 0}, "verified": []})
         self.assertIsNone(status_record(ServerSettings(), None, "stopped", None)["counters"])
         # The proxies trusted: PROXY_FROM's words; none behind a plain endpoint.
         proxied = evolve(settings, proxy_from="10.1.0.0/16, 192.0.2.7")
@@ -67,6 +69,17 @@ class FormatTests(TestCase):
         self.assertIsNone(status_record(ServerSettings(endpoint="tcp:5000"), None, "stopped",
                                         None)["proxy_from"])
         self.assertIsNone(status_record(ServerSettings(), None, "stopped", None)["port"])
+
+    def test_status_record_shows_verified_releases(self) -> None:
+        store = Path(self.mktemp())
+        found = Verification("6.1.0-57-amd64", 1700000000.0, "Systemtap translator 4.8",
+                             (ProbeResult("4.8", "begin", True),
+                              ProbeResult("5.5", "begin", False, "staprun exit 1: x")))
+        verification.save(store, found)
+        record = status_record(ServerSettings(kernel_store=str(store)), None, "stopped", None)
+        self.assertEqual(record["verified"], [found.as_json()])
+        self.assertEqual(record["verified"][0]["passed"], False)
+        self.assertEqual(record["verified"][0]["results"][1]["failure"], "staprun exit 1: x")
 
     def run_main(self, *words: str) -> tuple[str, str, int]:
         out, err = io.StringIO(), io.StringIO()

@@ -3,9 +3,27 @@ fetch itself is tested against the real archive in tests/system/test_kernels).""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
-from stapsrv.compile.fetch import allowed, build_packages, default_patterns, parse_show
+from stapsrv.compile.fetch import (
+    APT_CACHE,
+    APT_GET,
+    IMAGES_DIRECTORY,
+    FetchFailed,
+    KernelFetcher,
+    allowed,
+    build_packages,
+    default_patterns,
+    parse_show,
+)
+from stapsrv.compile.kernels import KernelStore
 
 SHOW = """Package: linux-headers-6.1.0-55-amd64
 Source: linux (6.1.192-1)
@@ -49,3 +67,75 @@ class PolicyTests(TestCase):
     def test_names_that_are_not_releases_are_never_fetched(self) -> None:
         for name in ("-oDebug::pkgProblemResolver=1", "../x-amd64", "6.1.0-1-amd64 x"):
             self.assertFalse(allowed(name, ("*",)), name)
+
+
+class ImageFetcher(KernelFetcher):
+    """A fetcher whose child processes are recorded and faked: the
+    "download" writes a .deb, the "unpack" writes the vmlinuz."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: list[list[str]] = []
+
+    async def run(self, argv: Sequence[str], cwd: Path | None = None) -> tuple[bytes, bytes, int]:
+        self.commands.append(list(argv))
+        if argv[0].endswith("apt-cache"):
+            return (f"Package: {argv[-1]}\nVersion: 6.1.192-3\nSize: 70000000\n".encode(),
+                    b"", 0)
+        if argv[0].endswith("apt-get"):
+            assert cwd is not None
+            (cwd / "linux-image_6.1.192-3_amd64.deb").write_bytes(b"deb")
+            return b"", b"", 0
+        if argv[0] == "/bin/sh":
+            directory, member = Path(argv[5]), argv[7]
+            (directory / Path(member).name).write_bytes(b"MZ kernel")
+            return b"", b"", 0
+        raise AssertionError(f"unexpected command {argv}")
+
+
+class ImageTests(TestCase):
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+        self.pool = ThreadPool(0, 2)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.store = KernelStore(self.base / "kernels", 10 << 20)
+        self.store.open()
+        self.boot = self.base / "boot"
+        self.boot.mkdir()
+
+    def fetcher(self) -> ImageFetcher:
+        return ImageFetcher(self.store, reactor, self.pool, ("*",), boot=self.boot)
+
+    async def test_the_machines_own_image_first(self) -> None:
+        (self.boot / "vmlinuz-6.1.0-57-amd64").write_bytes(b"MZ")
+        fetcher = self.fetcher()
+        self.assertEqual(await fetcher.ensure_image("6.1.0-57-amd64"),
+                         self.boot / "vmlinuz-6.1.0-57-amd64")
+        self.assertEqual(fetcher.commands, [])
+
+    async def test_fetched_once_into_the_store(self) -> None:
+        fetcher = self.fetcher()
+        first, second = await gatherResults([
+            Deferred.fromCoroutine(fetcher.ensure_image("6.1.0-55-amd64")),
+            Deferred.fromCoroutine(fetcher.ensure_image("6.1.0-55-amd64"))])
+        self.assertEqual(first, second)
+        self.assertEqual(first, self.store.directory / IMAGES_DIRECTORY / "6.1.0-55-amd64" /
+                         "root" / "vmlinuz-6.1.0-55-amd64")
+        self.assertEqual(first.read_bytes(), b"MZ kernel")
+        self.assertEqual([argv[0] for argv in fetcher.commands],
+                         [APT_CACHE, APT_GET, "/bin/sh"])
+        self.assertIn("linux-image-6.1.0-55-amd64=6.1.192-3", fetcher.commands[1])
+        # Kept: a new fetcher (a new server) finds it without fetching.
+        again = self.fetcher()
+        self.assertEqual(await again.ensure_image("6.1.0-55-amd64"), first)
+        self.assertEqual(again.commands, [])
+        # Nothing of the download is left; the trees are not touched.
+        self.assertEqual(sorted(p.name for p in first.parent.iterdir()), [first.name])
+        self.assertEqual(self.store.releases(), [])
+
+    async def test_bad_names_are_never_fetched(self) -> None:
+        fetcher = self.fetcher()
+        with self.assertRaises(FetchFailed):
+            await fetcher.ensure_image("../x-amd64")
+        self.assertEqual(fetcher.commands, [])

@@ -1,7 +1,8 @@
 """Symbols and debuginfo fetched for a served release (``--fetch-debuginfo``,
 with the real client and the real archive): no symbol-table warning,
-user-space return probes and DWARF kernel probes compile, and so do probes
-on a module a script names, whose debuginfo is fetched then.
+user-space return probes and DWARF kernel probes compile (and the kernel
+probes run on the release's kernel in a VM, reading their $variables), and
+so do probes on a module a script names, whose debuginfo is fetched then.
 
 The -dbg package is about 860 MB to download; what the server keeps of it
 (System.map and vmlinux, about 640 MB, and the modules scripts named) stays in a store kept between runs
@@ -25,6 +26,7 @@ from tests.helpers.realserver import (
     test_user,
     venv_bin,
 )
+from tests.helpers.vm import run_in_vm
 
 SYMBOLS_WARNING = "Kernel function symbol table missing"
 MALLOC_RETURN = ('probe process("/lib/x86_64-linux-gnu/libc.so.6").function("malloc").return '
@@ -139,9 +141,20 @@ class DebuginfoTests(RealClientMixin, TestCase):
         self.assertEqual(sorted(p.name for p in kept.iterdir()),
                          [f"System.map-{self.release}", f"vmlinux-{self.release}"])
         for script in (MALLOC_RETURN, VFS_READ, VFS_READ_FILE):
+            before = set(client.cwd.glob("*.ko"))
             err, code = await compile(script)
             self.assertEqual(code, 0, f"{script}: {err}")
             self.assertNotIn(SYMBOLS_WARNING, err)
+            if script == MALLOC_RETURN:
+                continue
+            # The DWARF probe runs: its $variable is read where the
+            # debuginfo says it is (a number, printed once).
+            [module] = set(client.cwd.glob("*.ko")) - before
+            found = await run_in_vm(module, self.release, self.kind,
+                                    command="/usr/bin/busybox grep -q Linux /proc/version",
+                                    files=("/usr/bin/busybox",))
+            self.assertEqual(found.status, 0, f"{script}: {found.summary}\n{found.console}")
+            self.assertRegex(found.output, r"^[0-9]+\n$", script)
         # The map the server makes from linux-image (without -dbg) names
         # every function the real one does, at the same address.
         real = functions_in(kept / f"System.map-{self.release}")

@@ -1,6 +1,7 @@
 """The kernel store with the real client and the real Debian archive:
 releases that are not installed are fetched through apt, once, and built
-for; what cannot be fetched is refused with one clear line."""
+for, and the modules run on those releases' kernels, booted in a VM; what
+cannot be fetched is refused with one clear line."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from twisted.trial.unittest import TestCase
 from tests.helpers.archive_releases import cloud_release, missing_release, older_abi_release
 from tests.helpers.realclient import HELLO, RealClientMixin
 from tests.helpers.realserver import (
+    CLIENT_48,
+    Client,
     ServerProcess,
     as_server_user,
     owned_directory,
@@ -21,6 +24,7 @@ from tests.helpers.realserver import (
     server_environment,
     venv_bin,
 )
+from tests.helpers.vm import run_in_vm
 
 
 SYMBOLS_WARNING = "Kernel function symbol table missing"
@@ -59,9 +63,22 @@ class KernelStoreTests(RealClientMixin, TestCase):
     async def compile_for(self, server: ServerProcess, release: str,
                           script: str = HELLO) -> tuple[list[str], str, int]:
         client = await self.trusted_client(server)
+        self.clients.append(client)
         out, err, code = await client.stap(
             f"--use-server={server.spec}", "-r", release, "-p4", "-e", script)
         return client.modules(), err.decode(), code
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.clients: list[Client] = []
+
+    async def output_on(self, release: str, client: Client) -> str:
+        """What the client's module prints on ``release``'s kernel (it must
+        end well)."""
+        module = next(client.cwd.glob("*.ko"))
+        found = await run_in_vm(module, release, CLIENT_48)
+        self.assertEqual(found.status, 0, f"{found.summary}\n{found.console}")
+        return found.output
 
     async def test_older_abi_is_fetched_built_for_and_cached(self) -> None:
         release = older_abi_release()
@@ -71,6 +88,7 @@ class KernelStoreTests(RealClientMixin, TestCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(len(modules), 1)
         self.assertNotIn(SYMBOLS_WARNING, err)
+        self.assertEqual(await self.output_on(release, self.clients[-1]), "hi\n")
         log = server.log()
         self.assertIn(f"Fetching kernel {release}: linux-headers-{release} ", log)
         self.assertRegex(log, rf"Fetched kernel {release} in [0-9.]+ s")
@@ -107,6 +125,8 @@ class KernelStoreTests(RealClientMixin, TestCase):
             self.assertEqual(len(modules), 1)
             # The cloud image is LZ4-compressed; its map is made all the same.
             self.assertNotIn(SYMBOLS_WARNING, err)
+        outputs = [await self.output_on(release, client) for client in self.clients]
+        self.assertEqual(sorted(outputs), ["hi\n", "other\n"])
         log = server.log()
         self.assertEqual(log.count(f"Fetching kernel {release}:"), 1)
         self.assertEqual(log.count(f"Fetching the symbols of kernel {release}:"), 1)

@@ -1,7 +1,7 @@
 """Every served release gets its System.map, made from its kernel image
 (``linux-image-<release>``: the package's own map is a placeholder), with
 the real client and the real archive: no symbol-table warning, and
-user-space return probes compile."""
+user-space return probes compile, and run on the release's kernel in a VM."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from twisted.trial.unittest import TestCase
 
 from tests.helpers.realclient import HELLO, RealClientMixin
 from tests.helpers.realserver import (
+    Client,
     ServerProcess,
     owned_directory,
     remove_tree,
     scratch_directory,
 )
+from tests.helpers.vm import run_in_vm
 
 SYMBOLS_WARNING = "Kernel function symbol table missing"
 MALLOC_RETURN = ('probe process("/lib/x86_64-linux-gnu/libc.so.6").function("malloc").return '
@@ -29,8 +31,11 @@ class SymbolsTests(RealClientMixin, TestCase):
         base = scratch_directory("symbols-")
         self.addCleanup(remove_tree, base)
         store = owned_directory(base / "store")
+        clients: list[Client] = []
+
         async def compile(server: ServerProcess, script: str) -> tuple[str, int]:
             client = await self.trusted_client(server)
+            clients.append(client)
             out, err, code = await client.stap(
                 f"--use-server={server.spec}", "-r", self.release, "-p4", "-e", script)
             return err.decode(), code
@@ -58,6 +63,13 @@ class SymbolsTests(RealClientMixin, TestCase):
         err, code = await compile(server, MALLOC_RETURN)
         self.assertEqual(code, 0, err)
         self.assertNotIn(SYMBOLS_WARNING, err)
+        # And the module runs: malloc returns, in a program of the VM (or
+        # in stapio itself), and the probe prints what it returned.
+        module = next(clients[-1].cwd.glob("*.ko"))
+        found = await run_in_vm(module, self.release, self.kind, command="/usr/bin/ls -d /",
+                                files=("/usr/bin/ls",))
+        self.assertEqual(found.status, 0, f"{found.summary}\n{found.console}")
+        self.assertRegex(found.output, r"(?m)^[1-9][0-9]*$")
         server.stop()
         # Made once: a new server on the same store uses it; switched off,
         # the translator is back to 4.8's warning.
