@@ -28,10 +28,10 @@ from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from stapsrv.compile.children import ChildTimedOut, run_child
 from stapsrv.compile.kernels import (
     KernelStore,
     StoredPackage,
@@ -48,6 +48,9 @@ DPKG_DEB = "/usr/bin/dpkg-deb"
 DEBUG_DIRECTORY = ".debug"
 #: The store's directory of kernel images (for VMs), apart from the trees.
 IMAGES_DIRECTORY = ".images"
+#: Seconds one external step of a fetch may take (the 860 MB -dbg package
+#: at 1 MB/s takes 15 minutes).
+STEP_TIMEOUT = 1800.0
 #: Debian's kernel flavours per architecture, beside the plain one.
 _EXTRA_FLAVOURS = ("cloud", "rt")
 _ABI = re.compile(r"(\d+\.\d+\.\d+)-\d+-")
@@ -140,6 +143,9 @@ class KernelFetcher:
     environ: Mapping[str, str] = field(factory=lambda: dict(os.environ))
     #: Where the machine's own kernel images are.
     boot: Path = Path("/boot")
+    #: Seconds any one step (a download, an unpacking, a System.map pass)
+    #: may take before it is stopped and the fetch fails.
+    step_timeout: float = STEP_TIMEOUT
     _flights: dict[str, list[Deferred[StoredRelease]]] = field(init=False, factory=dict)
 
     def allowed(self, release: str) -> bool:
@@ -377,13 +383,15 @@ class KernelFetcher:
                           "{release} ({size})", release=old.release, size=megabytes(old.size))
 
     async def run(self, argv: Sequence[str], cwd: Path | None = None) -> tuple[bytes, bytes, int]:
-        """A child process of the reactor: its output, errors and exit code."""
+        """A child process of the reactor: its output, errors and exit code;
+        FetchFailed when it runs past :attr:`step_timeout` (it is stopped,
+        with its pipeline)."""
         env = dict(self.environ)
         env.setdefault("LC_ALL", "C.UTF-8")
-        out, err, code = await getProcessOutputAndValue(  # type: ignore[no-untyped-call]
-            argv[0], argv[1:], env=env, path=str(cwd) if cwd else None,
-            reactor=self.reactor)
-        return out, err, code
+        try:
+            return await run_child(self.reactor, argv, env, self.step_timeout, cwd)
+        except ChildTimedOut as exc:
+            raise FetchFailed(str(exc)) from None
 
     async def resolve(self, release: str) -> list[Candidate]:
         """The packages to fetch for ``release``; FetchFailed when the

@@ -1,0 +1,64 @@
+"""Helper programs with a deadline: what they said, or their whole process
+group ended at the deadline (real processes; the deadline is the only clock,
+and only a program that cannot end by itself is ever timed out)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import cast
+
+from twisted.internet import reactor as global_reactor
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import TestCase
+
+from stapsrv.compile.children import ChildTimedOut, run_child
+from stapsrv.compile.fetch import FetchFailed, KernelFetcher
+from stapsrv.compile.kernels import KernelStore
+from stapsrv.reactor import IHandlerReactor
+from tests.helpers.waiting import NET, is_dead, poll
+
+reactor = cast(IHandlerReactor, global_reactor)
+ENV = {"PATH": "/usr/bin:/bin"}
+
+
+class RunChildTests(TestCase):
+    async def test_output_errors_and_exit_code(self) -> None:
+        self.assertEqual(
+            await run_child(reactor, ["/bin/sh", "-c", "echo out; echo err >&2; exit 3"],
+                            ENV, NET),
+            (b"out\n", b"err\n", 3))
+
+    async def test_a_signal_is_128_plus_its_number(self) -> None:
+        self.assertEqual((await run_child(reactor, ["/bin/sh", "-c", "kill -9 $$"], ENV, NET))[2],
+                         128 + 9)
+
+    async def test_output_is_kept_up_to_the_cap(self) -> None:
+        out, _, code = await run_child(reactor, ["/bin/sh", "-c", "head -c 100000 /dev/zero"],
+                                       ENV, NET, cap=1000)
+        self.assertEqual((out, code), (b"\0" * 1000, 0))
+
+    async def test_past_the_deadline_the_whole_pipeline_is_stopped(self) -> None:
+        base = Path(self.mktemp()).absolute()
+        base.mkdir()
+        pids = base / "pids"
+        script = f"sleep 300 | cat & echo $! > {pids}; wait"
+        with self.assertRaises(ChildTimedOut) as raised:
+            await run_child(reactor, ["/bin/sh", "-c", script], ENV, 0.5, cwd=base)
+        self.assertEqual(str(raised.exception), "sh did not finish within 0.5 s and was stopped")
+        [cat] = map(int, pids.read_text().split())
+        self.assertTrue(await poll(lambda: is_dead(cat), NET), "the pipeline's cat is gone")
+
+
+class FetcherStepTests(TestCase):
+    async def test_a_step_that_hangs_fails_the_fetch_clearly(self) -> None:
+        base = Path(self.mktemp()).absolute()
+        base.mkdir()
+        pool = ThreadPool(0, 1)
+        pool.start()
+        self.addCleanup(pool.stop)
+        fetcher = KernelFetcher(KernelStore(base / "kernels", 1 << 20), reactor, pool, ("*",),
+                                environ=ENV, step_timeout=0.5)
+        with self.assertRaises(FetchFailed) as raised:
+            await fetcher.run(["/usr/bin/sleep", "300"])
+        self.assertEqual(str(raised.exception),
+                         "sleep did not finish within 0.5 s and was stopped")
