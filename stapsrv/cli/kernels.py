@@ -37,9 +37,9 @@ import tempfile
 import attrs
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
@@ -216,28 +216,15 @@ def _verify_command(arguments: argparse.Namespace, store: KernelStore) -> int:
     clients = ([] if arguments.no_host_client else [ClientSpec.host()]) + [
         ClientSpec.prefix(prefix) for prefix in arguments.client]
     settings = VmSettings(timeout=arguments.timeout, kvm=not arguments.no_kvm)
-    results: list[Verification] = []
-    problems: list[str] = []
 
-    async def run(reactor: IServerReactor) -> None:
+    async def run(reactor: IServerReactor) -> Verification:
         with tempfile.TemporaryDirectory(prefix="stapsrv-verify-") as work:
-            try:
-                results.append(await verify_release(reactor, store, arguments.release,
-                                                    arguments.server, clients, settings,
-                                                    Path(work)))
-            except FetchFailed as exc:
-                problems.append(str(exc))
+            return await verify_release(reactor, store, arguments.release, arguments.server,
+                                        clients, settings, Path(work))
 
-    try:
-        react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
-    except SystemExit as exit:
-        if exit.code not in (0, None):
-            return int(exit.code)
-    if problems or not results:
-        print(f"{arguments.release}: {problems[0] if problems else 'no result'}",
-              file=sys.stderr)
-        return 2
-    found = results[0]
+    found = _react_once(run, arguments.release)
+    if isinstance(found, int):
+        return found
     if arguments.json:
         json.dump(found.as_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -247,6 +234,32 @@ def _verify_command(arguments: argparse.Namespace, store: KernelStore) -> int:
                   f"{'runs' if result.runs else 'FAILS: ' + result.failure}")
         print_verification(found, sys.stdout)
     return 0 if found.passed else 1
+
+
+T = TypeVar("T")
+
+
+def _react_once(work: Callable[[IServerReactor], Coroutine[Any, Any, T]], release: str) -> T | int:
+    """``work``'s result, run under a reactor of its own; or the exit code
+    when it failed (FetchFailed, MissingFile: one line on stderr, 2)."""
+    results: list[T] = []
+    problems: list[str] = []
+
+    async def run(reactor: IServerReactor) -> None:
+        try:
+            results.append(await work(reactor))
+        except (FetchFailed, MissingFile) as exc:
+            problems.append(str(exc))
+
+    try:
+        react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+    except SystemExit as exit:
+        if exit.code not in (0, None):
+            return int(exit.code)
+    if problems or not results:
+        print(f"{release}: {problems[0] if problems else 'no result'}", file=sys.stderr)
+        return 2
+    return results[0]
 
 
 def outcome_json(outcome: Outcome) -> dict[str, object]:
@@ -269,26 +282,13 @@ def _run_command(arguments: argparse.Namespace, store: KernelStore) -> int:
               Path(arguments.signers).absolute() if arguments.signers else None,
               tuple(arguments.file), arguments.seconds)
     settings = VmSettings(timeout=arguments.timeout, kvm=not arguments.no_kvm)
-    results: list[Outcome] = []
-    problems: list[str] = []
 
-    async def run(reactor: IServerReactor) -> None:
-        try:
-            results.append(await run_module(reactor, store, arguments.release, staprun,
-                                            job, settings))
-        except (FetchFailed, MissingFile) as exc:
-            problems.append(str(exc))
+    async def run(reactor: IServerReactor) -> Outcome:
+        return await run_module(reactor, store, arguments.release, staprun, job, settings)
 
-    try:
-        react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
-    except SystemExit as exit:
-        if exit.code not in (0, None):
-            return int(exit.code)
-    if problems or not results:
-        print(f"{arguments.release}: {problems[0] if problems else 'no result'}",
-              file=sys.stderr)
-        return 2
-    outcome = results[0]
+    outcome = _react_once(run, arguments.release)
+    if isinstance(outcome, int):
+        return outcome
     if arguments.json:
         json.dump(outcome_json(outcome), sys.stdout)
         sys.stdout.write("\n")

@@ -74,6 +74,26 @@ def owned_directory(path: Path) -> Path:
     return path
 
 
+def kept_directory(variable: str, name: str) -> Path:
+    """A directory kept between test runs (downloads worth keeping: kernel
+    images, -dbg results), owned by the server's user: ``$variable`` if
+    set, else ``/var/cache/stapsrv-ci/<name>`` for root, else a scratch
+    directory.  Nothing may depend on what it already holds."""
+    configured = os.environ.get(variable)
+    if configured:
+        path = Path(configured)
+    elif os.geteuid() == 0:
+        path = Path("/var/cache/stapsrv-ci") / name
+    else:
+        path = scratch_directory(f"{name}-")
+    path.mkdir(parents=True, exist_ok=True)
+    user = test_user()
+    if os.geteuid() == 0:
+        os.chown(path, user.pw_uid, user.pw_gid)
+    path.chmod(0o755)
+    return path
+
+
 def scratch_directory(prefix: str) -> Path:
     owned_directory(STATE)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=STATE))

@@ -28,12 +28,12 @@ from tests.helpers.realserver import (
     Client,
     ClientKind,
     as_server_user,
+    kept_directory,
     owned_directory,
     remove_tree,
     run,
     scratch_directory,
     server_environment,
-    test_user,
     venv_bin,
 )
 
@@ -54,19 +54,7 @@ class VmRun:
 
 def vm_store() -> Path:
     """The kernel store of the VM tests, owned by the server's user."""
-    configured = os.environ.get("STAPSRV_CI_VM_STORE")
-    if configured:
-        path = Path(configured)
-    elif os.geteuid() == 0:
-        path = Path("/var/cache/stapsrv-ci/vm-store")
-    else:
-        path = scratch_directory("vm-store-")
-    path.mkdir(parents=True, exist_ok=True)
-    user = test_user()
-    if os.geteuid() == 0:
-        os.chown(path, user.pw_uid, user.pw_gid)
-    path.chmod(0o755)
-    return path
+    return kept_directory("STAPSRV_CI_VM_STORE", "vm-store")
 
 
 def require_vm() -> None:

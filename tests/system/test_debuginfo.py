@@ -21,9 +21,9 @@ from tests.helpers.archive_releases import older_abi_release
 from tests.helpers.realclient import HELLO, RealClientMixin
 from tests.helpers.realserver import (
     ServerProcess,
+    kept_directory,
     remove_tree,
     scratch_directory,
-    test_user,
     venv_bin,
 )
 from tests.helpers.vm import run_in_vm
@@ -44,19 +44,7 @@ MODULE_FETCH = "Fetching the debuginfo of modules"
 
 def kept_store() -> Path:
     """The store kept between runs, owned by the server's user."""
-    configured = os.environ.get("STAPSRV_CI_KERNEL_STORE")
-    if configured:
-        path = Path(configured)
-    elif os.geteuid() == 0:
-        path = Path("/var/cache/stapsrv-ci/kernel-store")
-    else:
-        path = scratch_directory("kernel-store-")
-    path.mkdir(parents=True, exist_ok=True)
-    user = test_user()
-    if os.geteuid() == 0:
-        os.chown(path, user.pw_uid, user.pw_gid)
-    path.chmod(0o755)
-    return path
+    return kept_directory("STAPSRV_CI_KERNEL_STORE", "kernel-store")
 
 
 def functions_in(system_map: Path) -> set[tuple[str, str, str]]:
