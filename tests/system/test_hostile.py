@@ -77,6 +77,7 @@ from tests.helpers.realserver import (
     start_stapsrv,
     test_user,
 )
+from tests.helpers.waiting import poll
 
 RELEASE = header_release()
 #: The suite's server's --request-timeout.
@@ -660,9 +661,13 @@ class ConnectionTests(HostileMixin, TestCase):
 
         connection = await deferToThread(connect_and_send)
         try:
+            # This server's compiler at the (shared) gate: not one of another
+            # case's that is still being stopped.
             await gate.reached()
+            at_gate = await poll(lambda: set(gate.holders()) & _descendants(self.server.pid),
+                                 COMPILE_NET)
+            self.assertTrue(at_gate, "the compiler at the gate")
             group = _descendants(self.server.pid)
-            self.assertTrue(set(gate.holders()) & group, "the compiler at the gate")
         finally:
             connection.close()
         # SIGTERM to the translator's group at once, SIGKILL 2 s later.
