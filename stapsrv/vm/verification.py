@@ -6,7 +6,9 @@ file work (small files)."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,10 @@ from attrs import asdict, frozen
 from stapsrv.compile.kernels import valid_release
 
 VERIFIED_DIRECTORY = ".verified"
+#: Bytes a record may have (a few kilobytes in practice).
+MAX_RECORD = 1 << 20
+#: A time past this (the year 10000) is no time a record was made.
+MAX_WHEN = 253402300800.0
 
 
 @frozen
@@ -54,7 +60,10 @@ class Verification:
 
 
 def from_json(found: dict[str, Any]) -> Verification:
-    return Verification(str(found["release"]), float(found["when"]), str(found["translator"]),
+    when = float(found["when"])
+    if not math.isfinite(when) or not 0 <= when < MAX_WHEN:
+        raise ValueError(f"not a time: {when!r}")
+    return Verification(str(found["release"]), when, str(found["translator"]),
                         tuple(ProbeResult(str(r["client"]), str(r["probe"]), bool(r["runs"]),
                                           str(r.get("failure", "")))
                               for r in found["results"]))
@@ -65,6 +74,8 @@ def directory_of(store: Path) -> Path:
 
 
 def save(store: Path, verification: Verification) -> Path:
+    if not valid_release(verification.release):
+        raise ValueError(f"not a kernel release: {verification.release!r}")
     directory = directory_of(store)
     directory.mkdir(parents=True, exist_ok=True, mode=0o755)
     target = directory / f"{verification.release}.json"
@@ -77,13 +88,31 @@ def save(store: Path, verification: Verification) -> Path:
     return target
 
 
+def _read_record(path: Path) -> bytes:
+    """A record's bytes: a regular file (never a link, FIFO or device: the
+    metrics and ``status`` read these), at most :data:`MAX_RECORD` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = os.read(fd, MAX_RECORD + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_RECORD:
+        raise ValueError(f"{path} is larger than {MAX_RECORD} bytes")
+    return data
+
+
 def load(store: Path, release: str) -> Verification | None:
+    """The record kept for ``release``; None when there is none, or when
+    what is there is not one (whatever it holds)."""
     if not valid_release(release):
         return None
     try:
-        return from_json(json.loads((directory_of(store) / f"{release}.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        found = from_json(json.loads(_read_record(directory_of(store) / f"{release}.json")))
+    except Exception:  # a damaged or hostile file is no record, never a crash
         return None
+    return found if found.release == release else None
 
 
 def load_all(store: Path) -> list[Verification]:

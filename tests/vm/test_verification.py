@@ -49,6 +49,32 @@ class KeptTests(TestCase):
         self.assertEqual(verification.load_all(Path(self.mktemp())), [])
         self.assertFalse(Verification("r", 0.0, "t", ()).passed)
 
+    def test_hostile_records_are_nothing_and_never_block(self) -> None:
+        """Whoever can write to the store's .verified/ gets no crash and no
+        hang out of status or the metrics, and no record under another
+        release's name."""
+        import json
+        import os
+        store = Path(self.mktemp())
+        directory = store / ".verified"
+        directory.mkdir(parents=True)
+        good = FOUND.as_json()
+        records = {
+            "6.1.0-1-amd64": dict(good, when=int("9" * 400)),  # float() overflows
+            "6.1.0-2-amd64": dict(good, when=1e300),  # no time
+            "6.1.0-3-amd64": dict(good, when=float("nan")),
+            "6.1.0-4-amd64": good,  # another release's record
+        }
+        for release, record in records.items():
+            (directory / f"{release}.json").write_text(json.dumps(record))
+        (directory / "6.1.0-5-amd64.json").write_text("[" * 200_000)  # recursion
+        os.mkfifo(directory / "6.1.0-6-amd64.json")  # would block a read
+        os.symlink("/etc/passwd", directory / "6.1.0-7-amd64.json")
+        (directory / "6.1.0-8-amd64.json").write_text(" " * (2 << 20))  # too big
+        self.assertEqual(verification.load_all(store), [])
+        with self.assertRaises(ValueError):
+            verification.save(store, Verification("../x", 0.0, "t", ()))
+
 
 class VerifierWordsTests(TestCase):
     def test_version_of(self) -> None:
