@@ -32,6 +32,8 @@ class Dependencies:
 def dependencies(data: bytes) -> Dependencies:
     if data[:4] != b"\x7fELF":
         raise NotElf("no ELF magic")
+    if len(data) < 64:
+        raise NotElf("shorter than an ELF header")
     if data[4] != 2 or data[5] != 1:
         raise NotElf("not a 64-bit little-endian ELF file")
     try:
@@ -69,7 +71,7 @@ def dependencies(data: bytes) -> Dependencies:
         needed = tuple(string(value) for tag, value in entries if tag == DT_NEEDED)
         runpath = [string(value) for tag, value in entries if tag == DT_RUNPATH]
         rpath = [string(value) for tag, value in entries if tag == DT_RPATH]
-    except (struct.error, IndexError, UnicodeDecodeError) as exc:
+    except (struct.error, IndexError, ValueError) as exc:  # ValueError: no NUL, bad UTF-8
         raise NotElf(f"a truncated or damaged ELF file ({exc})") from exc
     search = tuple(part for text in (runpath or rpath) for part in text.split(":") if part)
     return Dependencies(interpreter, needed, search)

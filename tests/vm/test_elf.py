@@ -74,6 +74,18 @@ class DependencyTests(TestCase):
         self.assertRaises(NotElf, dependencies, b"#!/bin/sh\n")
         self.assertRaises(NotElf, dependencies, b"\x7fELF\x01\x01" + b"\0" * 60)
         self.assertRaises(NotElf, dependencies, make_elf("/lib/ld", ["libc.so.6"])[:140])
+        self.assertRaises(NotElf, dependencies, b"\x7fELF")
+
+    def test_strings_past_the_end_or_unterminated_are_damage(self) -> None:
+        whole = make_elf(None, ["libc.so.6"])
+        needed = struct.pack("<qQ", 1, 1)  # DT_NEEDED at string 1 (after the first NUL)
+        self.assertIn(needed, whole)
+        far = whole.replace(needed, struct.pack("<qQ", 1, 1 << 40))  # past the end
+        self.assertRaises(NotElf, dependencies, far)
+        unterminated = whole[:whole.rindex(b"libc.so.6") + 9]  # the name's NUL is gone
+        self.assertRaises(NotElf, dependencies, unterminated)
+        bad = whole.replace(b"libc.so.6", b"libc\xff\xfe.6")
+        self.assertRaises(NotElf, dependencies, bad)
 
     def test_the_machines_staprun(self) -> None:
         staprun = Path("/usr/bin/staprun")
