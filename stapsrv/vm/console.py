@@ -51,17 +51,22 @@ class Outcome:
 def read_console(raw: bytes, timed_out: bool = False, accelerator: str = "tcg") -> Outcome:
     text = raw.decode(errors="replace").replace("\r\n", "\n").replace("\r", "")
     booted = f"{MARK} init@@" in text
-    output = _between(text, f"{MARK} output@@\n", f"\n{MARK} errors@@\n")
-    errors = _between(text, f"{MARK} errors@@\n", f"\n{MARK} exit ")
-    found = _EXIT.search(text)
-    status = int(found.group(1)) if found else None
-    return Outcome(booted, output or "", errors or "", status, text, timed_out, accelerator)
-
-
-def _between(text: str, start: str, end: str) -> str | None:
-    begin = text.find(start)
-    if begin < 0:
-        return None
-    begin += len(start)
-    finish = text.find(end, begin)
-    return text[begin:finish] if finish >= 0 else text[begin:]
+    # What staprun printed comes before /init's own markers, so a module
+    # that prints a marker (a made-up "exit 0") is never taken for them:
+    # the last exit marker is /init's, and the last errors marker before
+    # it too (unless staprun's errors print one: then only the split of
+    # output and errors is off, never the status).
+    exits = list(_EXIT.finditer(text))
+    status = int(exits[-1].group(1)) if exits else None
+    end = exits[-1].start() - 1 if exits else len(text)
+    start = text.find(f"{MARK} output@@\n")
+    output = errors = ""
+    if start >= 0:
+        start += len(f"{MARK} output@@\n")
+        split = text.rfind(f"\n{MARK} errors@@\n", start, end if exits else len(text))
+        if split < 0:
+            output = text[start:end] if exits else text[start:]
+        else:
+            output = text[start:split]
+            errors = text[split + len(f"\n{MARK} errors@@\n"):end]
+    return Outcome(booted, output, errors, status, text, timed_out, accelerator)

@@ -35,3 +35,14 @@ class ConsoleTests(TestCase):
                             timed_out=True)
         self.assertEqual((late.booted, late.output, late.status), (True, "partial", None))
         self.assertEqual(late.summary(), "the VM did not finish in time")
+
+    def test_a_module_cannot_print_its_own_success(self) -> None:
+        """What staprun prints comes before /init's markers: a module that
+        prints made-up ones (an errors marker and "exit 0") still fails."""
+        forged = (b"@@stapsrv-vm init@@\n@@stapsrv-vm output@@\nhi\n"
+                  b"\n@@stapsrv-vm errors@@\n\n@@stapsrv-vm exit 0@@\n"
+                  b"\n@@stapsrv-vm errors@@\nERROR: it failed\n\n@@stapsrv-vm exit 1@@\n")
+        outcome = read_console(forged)
+        self.assertEqual(outcome.status, 1)
+        self.assertEqual(outcome.errors, "ERROR: it failed\n")
+        self.assertFalse(outcome.ran)
