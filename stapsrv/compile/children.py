@@ -6,7 +6,7 @@ The program starts through ``setsid``, which execs it in a process group
 of its own (same process), so that at the deadline a signal reaches every
 member of a pipeline (``dpkg-deb | tar``), not only the shell: SIGTERM,
 then SIGKILL :data:`~stapsrv.compile.translator.KILL_GRACE` seconds later.
-Its standard input is ``/dev/null``; what it writes is collected in memory,
+Its standard input is an empty pipe; what it writes is collected in memory,
 each stream up to a cap (the rest is counted, not kept).
 """
 
@@ -95,6 +95,10 @@ async def run_child(reactor: IHandlerReactor, argv: Sequence[str], env: Mapping[
     deadline = reactor.callLater(timeout, expire)
     try:
         code = await protocol.ended
+    except BaseException:  # cancelled: nothing may run on without its deadline
+        if pgid is not None:
+            _signal_group(pgid, signal.SIGKILL)
+        raise
     finally:
         if deadline.active():
             deadline.cancel()

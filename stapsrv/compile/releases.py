@@ -26,6 +26,7 @@ from attrs import define, evolve, field
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from stapsrv.compile.fetch import DebugFiles, FetchFailed, KernelFetcher
@@ -144,8 +145,15 @@ class ServedReleases:
         work = self._debug_work.get(release)
         if work is None:
             work = Deferred.fromCoroutine(self.provide_debug(release))
-            work.addErrback(lambda failure: self.log.failure(
-                "Making the symbols of kernel {release} failed", failure, release=release))
+
+            def failed(failure: Failure) -> None:
+                # Not tried again at once either: a broken store would
+                # make every request retry and log a traceback.
+                self._debug_failed[release] = self.reactor.seconds()
+                self.log.failure("Making the symbols of kernel {release} failed", failure,
+                                 release=release)
+
+            work.addErrback(failed)
             if work.called:
                 return True
             self._debug_work[release] = work

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import cast
 
 from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
@@ -47,6 +48,20 @@ class RunChildTests(TestCase):
         self.assertEqual(str(raised.exception), "sh did not finish within 0.5 s and was stopped")
         [cat] = map(int, pids.read_text().split())
         self.assertTrue(await poll(lambda: is_dead(cat), NET), "the pipeline's cat is gone")
+
+
+    async def test_a_cancelled_run_ends_its_group(self) -> None:
+        base = Path(self.mktemp()).absolute()
+        base.mkdir()
+        pids = base / "pids"
+        running = Deferred.fromCoroutine(run_child(
+            reactor, ["/bin/sh", "-c", f"sleep 300 & echo $! > {pids}; wait"], ENV, NET))
+        self.assertTrue(await poll(lambda: pids.exists() and pids.read_text().strip(), NET))
+        running.cancel()
+        with self.assertRaises(CancelledError):
+            await running
+        [sleep] = map(int, pids.read_text().split())
+        self.assertTrue(await poll(lambda: is_dead(sleep), NET), "its sleep is gone")
 
 
 class FetcherStepTests(TestCase):
