@@ -24,6 +24,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from stapsrv.compile.translator import SETPRIV
 from stapsrv.reactor import IHandlerReactor
 from stapsrv.vm import initramfs
 from stapsrv.vm.console import Outcome, read_console
@@ -54,8 +55,10 @@ class VmSettings:
 
 
 def qemu_command(settings: VmSettings, kernel: Path, initrd: Path, accelerator: str) -> list[str]:
+    """qemu's command line; it gets SIGKILL if the process that ran it dies
+    (a command interrupted, a server stopped), so no VM outlives its run."""
     cpu = ["-cpu", "host"] if accelerator == "kvm" else ["-cpu", "max"]
-    return [settings.qemu, "-accel", accelerator, *cpu, "-m", str(settings.memory_mb),
+    return [SETPRIV, "--pdeathsig", "KILL", "--", settings.qemu, "-accel", accelerator, *cpu, "-m", str(settings.memory_mb),
             "-smp", "1", "-nodefaults", "-display", "none", "-serial", "stdio",
             "-monitor", "none", "-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", settings.append]

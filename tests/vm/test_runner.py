@@ -66,6 +66,8 @@ class RunnerTests(TestCase):
 
     def test_command_line(self) -> None:
         argv = qemu_command(VmSettings(), self.kernel, self.initrd, "tcg")
+        self.assertEqual(argv[:4], ["/usr/bin/setpriv", "--pdeathsig", "KILL", "--"])
+        argv = argv[4:]
         self.assertEqual(argv[:5], ["/usr/bin/qemu-system-x86_64", "-accel", "tcg", "-cpu", "max"])
         for pair in (["-kernel", str(self.kernel)], ["-initrd", str(self.initrd)],
                      ["-serial", "stdio"]):
@@ -73,7 +75,7 @@ class RunnerTests(TestCase):
             self.assertEqual(argv[index:index + 2], pair)
         self.assertIn("-no-reboot", argv)
         self.assertIn("panic=-1", argv[argv.index("-append") + 1])
-        self.assertEqual(qemu_command(VmSettings(), self.kernel, self.initrd, "kvm")[2:5],
+        self.assertEqual(qemu_command(VmSettings(), self.kernel, self.initrd, "kvm")[6:9],
                          ["kvm", "-cpu", "host"])
 
     def test_tcg_run(self) -> None:
