@@ -42,6 +42,8 @@ _LIBRARY_DIRECTORIES = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu",
                         "/lib/aarch64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
                         "/lib64", "/usr/lib64", "/lib", "/usr/lib")
 _MAX_LINKS = 40
+#: Bytes of one file put in an initramfs (staprun, a library, a module).
+MAX_FILE = 256 << 20
 
 
 class MissingFile(Exception):
@@ -166,16 +168,32 @@ class Tree:
                 continue
             if index != len(parts) - 1 or not stat.S_ISREG(info.st_mode):
                 raise MissingFile(f"{source} is not a regular file")
-            try:
-                data = source.read_bytes()
-            except OSError as exc:
-                raise MissingFile(f"cannot read {source}: {exc.strerror}") from exc
-            self.put(cpio.regular(name, data, stat.S_IMODE(info.st_mode) & 0o755))
+            if name in self.entries and self.entries[name].data:
+                return name  # had already (a library many others need)
+            self.put(cpio.regular(name, read_regular(source),
+                                  stat.S_IMODE(info.st_mode) & 0o755))
             return name
         return current
 
     def members(self) -> list[cpio.Entry]:
         return list(self.entries.values())
+
+
+def read_regular(source: Path, limit: int = MAX_FILE) -> bytes:
+    """A regular file's bytes, never through a link in its last part, never
+    a FIFO or a device (a root may be someone else's, and change under us),
+    at most ``limit`` bytes."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MissingFile(f"cannot read {source}: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as opened:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise MissingFile(f"{source} is not a regular file")
+        data = opened.read(limit + 1)
+    if len(data) > limit:
+        raise MissingFile(f"{source} is larger than {limit >> 20} MiB")
+    return data
 
 
 def library_directories(root: Path) -> list[str]:
@@ -185,13 +203,15 @@ def library_directories(root: Path) -> list[str]:
 
     def read(conf: Path, depth: int = 0) -> None:
         try:
-            lines = conf.read_text(errors="replace").splitlines()
-        except OSError:
+            lines = read_regular(conf, 1 << 20).decode(errors="replace").splitlines()
+        except MissingFile:
             return
         for line in lines:
             line = line.split("#", 1)[0].strip()
             if line.startswith("include") and depth < 4:
                 pattern = line.split(None, 1)[1] if " " in line else ""
+                if ".." in pattern.split("/"):
+                    continue  # never out of the root
                 for name in sorted(glob.glob(str(root / pattern.lstrip("/")))):
                     read(Path(name), depth + 1)
             elif line.startswith("/"):
@@ -225,12 +245,12 @@ def copy_program(tree: Tree, root: Path, path: str, directories: Sequence[str],
             real = path
         else:
             real = tree.copy(root, wanted)
-            data = b""
+            data = tree.entries[real].data
         if real in done:
             continue
         done.add(real)
         try:
-            needs = dependencies(data or (root / real.lstrip("/")).read_bytes())
+            needs = dependencies(data)
         except NotElf:
             continue
         origin = posixpath.dirname(real)

@@ -143,3 +143,23 @@ class MachineTests(TestCase):
                        "libc.so.6", "ld-linux-x86-64.so.2"):
             self.assertTrue(any(name.endswith("/" + wanted) for name in real), wanted)
         self.assertEqual(entries["/lib"].data, b"usr/lib")
+
+
+class ReadRegularTests(TestCase):
+    """A root may be someone else's: what is read from it is a regular file,
+    reached without a link in its last part, of a bounded size."""
+
+    def test_fifo_link_and_size(self) -> None:
+        import os
+        from stapsrv.vm.initramfs import read_regular
+        base = Path(self.mktemp())
+        base.mkdir()
+        os.mkfifo(base / "fifo")
+        (base / "file").write_bytes(b"x" * 10)
+        os.symlink(base / "file", base / "link")
+        self.assertEqual(read_regular(base / "file"), b"x" * 10)
+        for name in ("fifo", "link"):
+            with self.assertRaises(MissingFile):
+                read_regular(base / name)
+        with self.assertRaises(MissingFile):
+            read_regular(base / "file", limit=9)
