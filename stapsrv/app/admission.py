@@ -176,9 +176,9 @@ class AdmissionReport:
             return
         self._last = self._clock.seconds()
         self.log.warn(
-            "Closed connections to keep room for new clients: {oldest} waiting without "
-            "a request{oldest_from}, {full} new ones with no descriptor to spare, {peer} "
-            "over the per-peer cap{peer_from} ({in_use} of {limit} descriptors in use, "
+            "Closed connections to keep room for new clients: {oldest} waiting longest "
+            "without a request{oldest_from}, {full} new ones with no descriptor to spare, "
+            "{peer} over the per-peer cap{peer_from} ({in_use} of {limit} descriptors in use, "
             "{reserve} kept free; at most one such line every {interval:g} s)",
             oldest=self._counts[OLDEST], full=self._counts[FULL], peer=self._counts[PEER],
             oldest_from=self._busiest(OLDEST), peer_from=self._busiest(PEER),

@@ -108,7 +108,7 @@ class ReportTests(TestCase):
     def test_first_at_once_then_one_line_per_interval_with_the_counts(self) -> None:
         self.report.closed(PEER, "127.0.0.2")
         self.assertEqual(len(self.lines), 1)
-        self.assertIn("Closed connections to keep room for new clients: 0 waiting "
+        self.assertIn("Closed connections to keep room for new clients: 0 waiting longest "
                       "without a request, 0 new ones with no descriptor to spare, 1 over the "
                       "per-peer cap (most from 127.0.0.2 (1)) (900 of 1024 descriptors in "
                       "use, 128 kept free; at most one such line every 10 s)", self.lines[0])
@@ -122,7 +122,7 @@ class ReportTests(TestCase):
         self.clock.advance(10.0)
         self.assertEqual(len(self.lines), 2, "the counts since come at the interval's end")
         # Each reason names its own addresses: 10.0.0.1 was never over the cap.
-        self.assertIn(": 30 waiting without a request (most from 10.0.0.1 (30)), 1 new "
+        self.assertIn(": 30 waiting longest without a request (most from 10.0.0.1 (30)), 1 new "
                       "ones with no descriptor to spare, 60 over the per-peer cap (most from "
                       "127.0.0.2 (60)) (", self.lines[1])
         self.clock.advance(60.0)
