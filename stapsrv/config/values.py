@@ -130,7 +130,7 @@ class ServerConfig:
     max_output: int = DEFAULT_MAX_OUTPUT
     listen_backlog: int = DEFAULT_LISTEN_BACKLOG
     #: Connections one peer address may hold at once (None: an eighth of
-    #: the descriptor limit; 0: no cap), and descriptors kept free for new
+    #: the descriptor limit, at most 1024; 0: no cap), and descriptors kept free for new
     #: clients.
     max_peer_connections: int | None = None
     descriptor_reserve: int = DEFAULT_DESCRIPTOR_RESERVE
