@@ -165,6 +165,21 @@ class HostileClientTests(RealClientMixin, TestCase):
         self.assertIn("exit() } /*\\n" + forged + "\\x1b[2J */", options[0])
         self.assertNotIn("\x1b", server.log())
 
+    async def test_the_units_logger_writes_the_journal(self) -> None:
+        """twistd's own log as the systemd unit runs it (``--logger``, to
+        standard output: the journal) has the server's lines.  (Its
+        escaping is tested in tests.app.test_logs: the handler's own
+        lines escape client text before any observer sees them.)"""
+        unit = (Path(__file__).parents[2] / "config" / "stap-server.service").read_text()
+        logger = re.search(r"--logger=\S+", unit)
+        assert logger is not None, "the unit names its logger"
+        server = start_stapsrv(["--no-cache"], release=self.release, twistd_log=logger.group())
+        self.addCleanup(remove_tree, server.base)
+        self.addCleanup(server.stop)
+        result = await self.raw(server, HELLO, "-p1")
+        self.assertEqual(parse_response(result.data).rc, 0)
+        self.assertRegex(server.output(), r"\[stapsrv#info\] Options passed from the client: ")
+
     def flooded_server(self, *arguments: str) -> ServerProcess:
         """A server whose process may open ``FLOOD_LIMIT`` descriptors (soft
         and hard: it cannot raise them), with metrics."""
