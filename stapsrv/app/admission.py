@@ -4,12 +4,15 @@ The policy (:mod:`stapsrv.core.admission`) decides; this module feeds it
 and carries its decisions out:
 
 - :class:`Descriptors` knows the process's descriptor limit and how many
-  are in use, from ``/proc/self/fd`` (read at most once a second: reading
-  it costs as much as a thousand accepts) and the connections opened and
-  closed since;
+  are in use: a running estimate moved by the connections opened and
+  closed, corrected from ``/proc/self/fd`` only when it comes near the
+  limit, and then at most once a second (listing it takes a few
+  microseconds per descriptor, on the reactor's thread: over a second at
+  half a million);
 - :class:`Admission` (one per process: descriptors are the process's, and
   one process may run several servers) holds every server's connections
-  and closes the ones waiting longest when the reserve is gone;
+  and closes waiting ones (accepted longest ago, the busiest peers'
+  first, never one younger than its grace) when the reserve is gone;
 - :class:`AdmissionFactory` sits under everything else on a listening
   port (under the PROXY reader too), so that a connection it refuses is
   closed at once, before TLS or any protocol is made for it;
@@ -40,10 +43,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from stapsrv.app.logs import NAMESPACE
-from stapsrv.core.admission import AdmissionPolicy, Waiting
+from stapsrv.core.admission import GRACE, AdmissionPolicy, Waiting
 
 #: Seconds between two measures of the descriptors in use.
 MEASURE_INTERVAL = 1.0
+
+#: Descriptors in use are measured when fewer than this many are free by
+#: the estimate (and :class:`Admission` asks for a few times its reserve).
+NEAR = 512
 
 #: Seconds between two log lines about closed connections.
 REPORT_INTERVAL = 10.0
@@ -67,19 +74,24 @@ def descriptor_limit() -> int:
 
 
 class Descriptors:
-    """How many descriptors the process has, and uses: measured at most
-    once per ``interval``, and in between, the last measure moved by the
-    connections opened and closed since."""
+    """How many descriptors the process has, and uses: a running estimate
+    (the first measure, moved by the connections opened and closed since),
+    measured again only when fewer than ``near`` are free by it, and then
+    at most once per ``interval``.  A measure that fails (``/proc/self/fd``
+    cannot be opened when no descriptor is left) counts as the limit
+    reached, until the next one succeeds."""
 
     def __init__(self, clock: IReactorTime, count: Callable[[], int] = open_descriptors,
                  limit: Callable[[], int] = descriptor_limit,
-                 interval: float = MEASURE_INTERVAL) -> None:
+                 interval: float = MEASURE_INTERVAL, near: int = NEAR) -> None:
         self._clock = clock
         self._count = count
         self._limit = limit
         self._interval = interval
+        self.near = near
         self._measured_at: float | None = None
         self._others = 0
+        self._full = False
         self.connections = 0
 
     @property
@@ -94,10 +106,21 @@ class Descriptors:
 
     def in_use(self) -> int:
         now = self._clock.seconds()
-        if self._measured_at is None or now - self._measured_at >= self._interval:
+        limit = self.limit
+        estimate = self._others + self.connections
+        if self._measured_at is None or (
+                (self._full or limit - estimate < self.near)
+                and now - self._measured_at >= self._interval):
             self._measured_at = now
-            self._others = max(0, self._count() - self.connections)
-        return self._others + self.connections
+            try:
+                measured = self._count()
+            except OSError:
+                self._full = True
+            else:
+                self._full = False
+                self._others = max(0, measured - self.connections)
+                estimate = self._others + self.connections
+        return max(estimate, limit) if self._full else estimate
 
 
 class Admitted(TypingProtocol):
@@ -105,10 +128,14 @@ class Admitted(TypingProtocol):
 
     @property
     def waiting_since(self) -> float | None:
-        """When it last made progress, if it has not completed a request."""
+        """When it was accepted, if it has not completed a request."""
+
+    @property
+    def waiting_peer(self) -> str | None:
+        """The address it counts under (None: not known yet)."""
 
     def evict(self) -> None:
-        """Close it: it waited longest while descriptors ran short."""
+        """Close it: its descriptor is needed for new clients."""
 
 
 class AdmissionReport:
@@ -121,7 +148,8 @@ class AdmissionReport:
         self._clock = clock
         self._interval = interval
         self._counts: Counter[str] = Counter()
-        self._peers: Counter[str] = Counter()
+        #: Addresses of the connections closed, by reason.
+        self._peers: dict[str, Counter[str]] = {reason: Counter() for reason in REASONS}
         self._last: float | None = None
         self._pending: IDelayedCall | None = None
         self.in_use = 0
@@ -131,7 +159,7 @@ class AdmissionReport:
     def closed(self, reason: str, peer: str | None = None) -> None:
         self._counts[reason] += 1
         if peer is not None:
-            self._peers[peer] += 1
+            self._peers.setdefault(reason, Counter())[peer] += 1
         now = self._clock.seconds()
         if self._last is None or now - self._last >= self._interval:
             self.flush()
@@ -147,33 +175,52 @@ class AdmissionReport:
         if not self._counts:
             return
         self._last = self._clock.seconds()
-        busiest = ", ".join(f"{peer} ({count})" for peer, count in self._peers.most_common(3))
         self.log.warn(
             "Closed connections to keep room for new clients: {oldest} waiting longest "
-            "without a request, {full} new ones with no descriptor to spare, {peer} over "
-            "the per-peer cap{busiest} ({in_use} of {limit} descriptors in use, {reserve} "
-            "kept free; at most one such line every {interval:g} s)",
+            "without a request{oldest_from}, {full} new ones with no descriptor to spare, "
+            "{peer} over the per-peer cap{peer_from} ({in_use} of {limit} descriptors in use, "
+            "{reserve} kept free; at most one such line every {interval:g} s)",
             oldest=self._counts[OLDEST], full=self._counts[FULL], peer=self._counts[PEER],
-            busiest=f" (most from {busiest})" if busiest else "",
+            oldest_from=self._busiest(OLDEST), peer_from=self._busiest(PEER),
             in_use=self.in_use, limit=self.limit, reserve=self.reserve,
             interval=self._interval)
         self._counts.clear()
-        self._peers.clear()
+        for peers in self._peers.values():
+            peers.clear()
+
+    def _busiest(self, reason: str) -> str:
+        """The addresses most closed for ``reason``, in parentheses."""
+        peers = self._peers.get(reason)
+        if not peers:
+            return ""
+        return " (most from " + ", ".join(
+            f"{peer} ({count})" for peer, count in peers.most_common(3)) + ")"
 
 
 class Admission:
     """Every connection of the process's servers, and the reserve of
-    descriptors kept for new ones."""
+    descriptors kept for new ones.  A connection accepted less than
+    ``grace`` seconds ago is never closed to make room."""
 
     def __init__(self, clock: IReactorTime, reserve: int,
                  descriptors: Descriptors | None = None,
-                 report: AdmissionReport | None = None) -> None:
+                 report: AdmissionReport | None = None,
+                 grace: float = GRACE) -> None:
         self.clock = clock
         self.reserve = reserve
+        self.grace = grace
         self.descriptors = descriptors or Descriptors(clock)
         self.report = report or AdmissionReport(clock)
         self._connections: set[Admitted] = set()
         self._closing: set[Admitted] = set()
+        #: No connection may be closed to make room before this time (a
+        #: search found none; the youngest waiting come of age then).
+        self._none_until: float | None = None
+        self._retune()
+
+    def _retune(self) -> None:
+        """Measure descriptors when fewer than a few reserves are free."""
+        self.descriptors.near = max(self.descriptors.near, 4 * self.policy().kept_free)
 
     def policy(self, per_peer: int = 0) -> AdmissionPolicy:
         return AdmissionPolicy(limit=self.descriptors.limit, reserve=self.reserve,
@@ -181,13 +228,21 @@ class Admission:
 
     def has_room(self) -> bool:
         """A connection just accepted (its socket open, not yet counted)
-        may stay."""
-        return self.policy().admits(self.descriptors.in_use() + 1)
+        may stay: if not at first, once connections have been closed to
+        make room (those being closed counted as free)."""
+        policy = self.policy()
+        if policy.admits(self.descriptors.in_use() + 1 - len(self._closing)):
+            return True
+        self.make_room()
+        return policy.admits(self.descriptors.in_use() + 1 - len(self._closing))
 
     def opened(self, connection: Admitted) -> None:
         self._connections.add(connection)
         self.descriptors.opened()
-        self.make_room()
+        if self._none_until is not None and connection.waiting_since is not None:
+            # It may be closed to make room once its grace is over.
+            self._none_until = min(self._none_until, connection.waiting_since + self.grace)
+        self.make_room(connection)
 
     def closed(self, connection: Admitted) -> None:
         if connection in self._connections:
@@ -195,23 +250,37 @@ class Admission:
             self._closing.discard(connection)
             self.descriptors.closed()
 
-    def make_room(self) -> None:
-        """Close the connections waiting longest if the reserve is gone."""
+    def make_room(self, new: Admitted | None = None) -> None:
+        """Close waiting connections if the reserve is gone (never ``new``,
+        nor any younger than the grace)."""
         policy = self.policy()
-        in_use = self.descriptors.in_use()
-        if not policy.short(in_use - len(self._closing)):
+        in_use = self.descriptors.in_use() - len(self._closing)
+        if not policy.short(in_use):
             return  # (the common case: no need to look at every connection)
+        now = self.clock.seconds()
+        if self._none_until is not None and now < self._none_until:
+            return  # (none could go a moment ago, and none has come of age)
         candidates: dict[Hashable, Admitted] = {}  # by id()
         waiting = []
+        youngest_due: float | None = None
         for connection in self._connections:
             since = connection.waiting_since
-            if since is not None and connection not in self._closing:
-                candidates[id(connection)] = connection
-                waiting.append(Waiting(id(connection), since))
-        chosen = policy.to_close(in_use - len(self._closing), waiting)
+            if since is None or connection in self._closing or connection is new:
+                continue
+            candidates[id(connection)] = connection
+            waiting.append(Waiting(id(connection), since, connection.waiting_peer))
+            if now - since < self.grace:
+                due = since + self.grace
+                youngest_due = due if youngest_due is None else min(youngest_due, due)
+        if new is not None and new.waiting_since is not None:
+            due = new.waiting_since + self.grace
+            youngest_due = due if youngest_due is None else min(youngest_due, due)
+        chosen = policy.to_close(in_use, waiting, now, self.grace)
         if not chosen:
+            self._none_until = youngest_due if youngest_due is not None else float("inf")
             return
-        self.report.in_use, self.report.limit = in_use, policy.limit
+        self._none_until = None
+        self.report.in_use, self.report.limit = in_use + len(self._closing), policy.limit
         self.report.reserve = policy.kept_free
         for key in chosen:
             connection = candidates[key]

@@ -10,6 +10,7 @@ observer (twistd's own log, JSON).  A line never holds a control character
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from twisted.logger import (
     Logger,
     LogPublisher,
     formatEvent,
+    formatEventAsClassicLogText,
     globalLogPublisher,
 )
 from twisted.python import reflect
@@ -37,6 +39,17 @@ _log = Logger(namespace=NAMESPACE)
 
 #: What ``signal.signal`` returns and accepts.
 _SignalHandler = Union[Callable[[int, FrameType | None], object], int, signal.Handlers, None]
+
+
+def escaped_text(event: LogEvent) -> str:
+    """An event's text with every control character escaped, its
+    traceback (if any) escaped too, its lines indented."""
+    text = escape_controls(formatEvent(event))
+    failure = event.get("log_failure")
+    if failure is not None:
+        message = f"{reflect.qual(failure.type)}: {reflect.safe_str(failure.value)}"
+        text += "\n" + escape_traceback(failure.getTraceback(), message)
+    return text.rstrip()
 
 
 def format_line(event: LogEvent, namespaces: frozenset[str] | None = None) -> str | None:
@@ -53,13 +66,34 @@ def format_line(event: LogEvent, namespaces: frozenset[str] | None = None) -> st
     # One event, one line: a newline or escape sequence that came from a
     # client (in any field) is shown escaped; only a traceback spans lines,
     # escaped as well, its lines indented.
-    text = escape_controls(formatEvent(event))
-    failure = event.get("log_failure")
-    if failure is not None:
-        message = f"{reflect.qual(failure.type)}: {reflect.safe_str(failure.value)}"
-        text += "\n" + escape_traceback(failure.getTraceback(), message)
     stamp = time.ctime(event.get("log_time", time.time()))
-    return f"{stamp}: {text.rstrip()}\n"
+    return f"{stamp}: {escaped_text(event)}\n"
+
+
+@implementer(ILogObserver)
+class EscapedTextObserver:
+    """twistd's own log (every event, twistd's classic format) with each
+    event's text escaped as in :func:`format_line`: for the journal."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def __call__(self, event: LogEvent) -> None:
+        shown = {key: value for key, value in event.items()
+                 if key not in ("log_format", "log_failure", "log_text", "log_io")}
+        shown["log_format"] = "{log_escaped}"
+        shown["log_escaped"] = escaped_text(event)
+        line = formatEventAsClassicLogText(shown)
+        if line is not None:
+            self.stream.write(line)
+            self.stream.flush()
+
+
+def journal_observer() -> ILogObserver:
+    """``twistd --logger=stapsrv.app.logs.journal_observer``: twistd's own
+    log on standard output (the journal, under systemd), client text
+    escaped."""
+    return EscapedTextObserver(sys.stdout)
 
 
 @implementer(ILogObserver)

@@ -91,9 +91,9 @@ class CompileServerProtocol(Protocol):
         self._refusal: str | None = None
         self._admitted = False
         self.accepted_at = 0.0
-        #: When it last made progress towards a request (None: it has
-        #: completed one, or is closing): see ``waiting_since``.
-        self._progress: float | None = None
+        #: It has not completed a request, nor is it closing: see
+        #: ``waiting_since``.
+        self._waiting = False
         #: The address its peer was counted under (``factory.peers``).
         self._counted: str | None = None
 
@@ -118,18 +118,20 @@ class CompileServerProtocol(Protocol):
 
     @property
     def waiting_since(self) -> float | None:
-        """When this connection last made progress (its accept, the end of
-        its TLS handshake, bytes of its request), if it has not completed a
-        request: admission closes those waiting longest first."""
-        return None if self._closed else self._progress
+        """When this connection was accepted, if it has not completed a
+        request: admission closes those accepted longest ago first (not
+        those that sent a byte least recently: a client dripping a byte at
+        a time would always look newer than one in its TLS handshake)."""
+        return None if self._closed or not self._waiting else self.accepted_at
 
-    def _progressed(self) -> None:
-        if self._progress is not None:
-            self._progress = self.factory.clock.seconds()
+    @property
+    def waiting_peer(self) -> str | None:
+        """The address this connection counts under (None: not known yet)."""
+        return self._counted
 
     def evict(self) -> None:
-        """Admission needs this connection's descriptor: it waited longest."""
-        self._progress = None
+        """Admission needs this connection's descriptor for new clients."""
+        self._waiting = False
         self._disarm_deadline()
         self.factory.closed_early(OLDEST, self._counted)
         self.connection.abortConnection()
@@ -142,7 +144,8 @@ class CompileServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
-        self.accepted_at = self._progress = self.factory.clock.seconds()
+        self.accepted_at = self.factory.clock.seconds()
+        self._waiting = True
         self.peer = describe_peer(self.connection.getPeer())
         self._reader = RequestReader(self.factory.handler.config.max_compressed_request)
         self._admitted = False
@@ -164,7 +167,7 @@ class CompileServerProtocol(Protocol):
         host = peer_host(address)
         if not self.factory.peer_admits(host):
             # Behind a proxy (without one, the gate under TLS refused it).
-            self._progress = None
+            self._waiting = False
             self._disarm_deadline()
             self.factory.closed_early(PEER, host)
             self.connection.abortConnection()
@@ -196,13 +199,11 @@ class CompileServerProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         """TLS is up (so behind a proxy its PROXY header has been read)."""
-        self._progressed()
         if not self._admitted:
             self._admit()
 
     def dataReceived(self, data: bytes) -> None:
         assert self._reader is not None
-        self._progressed()
         if not self._admitted:
             self._admit()
         if self._counted is None:
@@ -212,7 +213,7 @@ class CompileServerProtocol(Protocol):
             self._dispatch(event)
 
     def _dispatch(self, event: RequestEvent) -> None:
-        self._progress = None
+        self._waiting = False
         if isinstance(event, CertificateProbe):
             self.connection.loseConnection()
         elif isinstance(event, RequestTooLarge):

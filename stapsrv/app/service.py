@@ -10,6 +10,7 @@ import os
 import pwd
 import resource
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from attrs import evolve
 from twisted.application.service import Service
@@ -73,21 +74,45 @@ KEY_THREADS = 2
 SHUTDOWN_GRACE = 30.0
 
 
-#: Open descriptors the server allows itself when its hard limit is unlimited
-#: (idle connections cost one each).
+#: Open descriptors the server allows itself at most (idle connections
+#: cost one each; admission lists them when near the limit).
 OPEN_FILES = 1 << 20
 
+#: The kernel's ceiling on any process's descriptor limit.
+NR_OPEN = Path("/proc/sys/fs/nr_open")
 
-def raise_open_file_limit() -> None:
-    """Raise the soft descriptor limit to the hard one (which an
-    unprivileged server cannot raise)."""
+#: The descriptor limit (soft, hard) before the first raise in this process.
+_original_open_files: tuple[int, int] | None = None
+
+
+def nr_open() -> int:
+    """The kernel's ceiling on descriptors per process (``OPEN_FILES``
+    when it cannot be read)."""
+    try:
+        return int(NR_OPEN.read_text())
+    except (OSError, ValueError):
+        return OPEN_FILES
+
+
+def raise_open_file_limit() -> tuple[int, int] | None:
+    """Raise the soft descriptor limit towards the hard one (which an
+    unprivileged server cannot raise), to at most ``OPEN_FILES`` (and
+    ``nr_open`` when the hard limit is unlimited).  Returns the limit the
+    process had before (None: unchanged), for the translators, which need
+    no more descriptors than they had."""
+    global _original_open_files
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else hard
-    if soft < wanted:
+    ceiling = nr_open() if hard == resource.RLIM_INFINITY else hard
+    wanted = min(ceiling, OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         except (ValueError, OSError):
             pass
+        else:
+            if _original_open_files is None:
+                _original_open_files = (soft, hard)
+    return _original_open_files
 
 
 class CompileServerService(Service):
@@ -188,7 +213,10 @@ class CompileServerService(Service):
         runtimes = self._select_runtimes()
         self._pool = ThreadPool(minthreads=0, maxthreads=config.concurrency,
                                 name="stapsrv-requests")
-        raise_open_file_limit()
+        original = raise_open_file_limit()
+        if original is not None:
+            # The translators, make and gcc need no more than they had.
+            config = evolve(config, limits=evolve(config.limits, open_files=original))
         cache, keys = self._make_cache()
         if keys is not None:
             self._key_pool = ThreadPool(minthreads=0, maxthreads=KEY_THREADS,

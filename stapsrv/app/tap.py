@@ -111,7 +111,7 @@ class Options(usage.Options):
          "own backlog=).", _count("listen-backlog", 1)],
         ["max-peer-connections", None, None, "Connections one client address may hold at "
          "once (behind HAProxy, the address of the PROXY header); more are closed "
-         "(default: an eighth of the open files limit; 0: no cap).",
+         "(default: an eighth of the open files limit, at most 1024; 0: no cap).",
          _count("max-peer-connections", 0)],
         ["descriptor-reserve", None, DEFAULT_DESCRIPTOR_RESERVE, "Descriptors kept free "
          "for new clients: when fewer are free, the connections waiting longest without "

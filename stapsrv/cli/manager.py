@@ -73,7 +73,7 @@ Options:
 \t--privileges list\t: privilege levels compiled for (default stapusr,stapsys,stapdev).
 \t--max-output MiB\t: translator output sent back, per stream (default 16).
 \t--listen-backlog n\t: connections queued before the server accepts them (default 1024).
-\t--max-peer-connections n: connections one client address may hold (default: 1/8 of the open files limit; 0: no cap).
+\t--max-peer-connections n\t: connections one client address may hold (default: 1/8 of the open files limit, at most 1024; 0: no cap).
 \t--descriptor-reserve n\t: descriptors kept free for new clients (default 128).
 \t--json\t\t\t: (status) print the status as one JSON document.
 \t--endpoint description\t: Twisted endpoint to listen on (haproxy:tcp:..., systemd:...).

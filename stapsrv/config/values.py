@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -69,6 +70,9 @@ class TranslatorLimits:
     address_space: int | None = DEFAULT_ADDRESS_SPACE
     file_size: int | None = None
     processes: int | None = None
+    #: The descriptor limit (soft, hard) the server had before it raised
+    #: its own soft one for idle connections: the translator gets it back.
+    open_files: tuple[int, int] | None = None
 
     def prlimit_flags(self) -> list[str]:
         """``prlimit(1)`` options setting each limit, soft and hard."""
@@ -77,7 +81,15 @@ class TranslatorLimits:
                             ("fsize", self.file_size), ("nproc", self.processes)):
             if value is not None:
                 words.append(f"--{name}={value}:{value}")
+        if self.open_files is not None:
+            soft, hard = (_rlimit_word(value) for value in self.open_files)
+            words.append(f"--nofile={soft}:{hard}")
         return words
+
+
+def _rlimit_word(value: int) -> str:
+    """A limit as prlimit(1) takes it."""
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
 
 
 @frozen
@@ -118,7 +130,7 @@ class ServerConfig:
     max_output: int = DEFAULT_MAX_OUTPUT
     listen_backlog: int = DEFAULT_LISTEN_BACKLOG
     #: Connections one peer address may hold at once (None: an eighth of
-    #: the descriptor limit; 0: no cap), and descriptors kept free for new
+    #: the descriptor limit, at most 1024; 0: no cap), and descriptors kept free for new
     #: clients.
     max_peer_connections: int | None = None
     descriptor_reserve: int = DEFAULT_DESCRIPTOR_RESERVE

@@ -7,20 +7,28 @@ request timeout cut the idle ones off.  This policy keeps room instead:
 
 - no peer address holds more than ``per_peer`` connections at once
   (behind HAProxy, the address its PROXY header names);
-- when fewer than ``reserve`` descriptors are free, the connections that
-  have waited longest without completing a request are closed, enough to
-  free ``reserve`` more (so one shortage closes a batch, not one per new
-  connection);
-- when fewer than a quarter of ``reserve`` are free even so (the closed
-  ones are released an instant later), a new connection is closed at once:
-  the last descriptors are the server's own (its files, the translators'
-  pipes).
+- when fewer than ``reserve`` descriptors are free, connections that have
+  not completed a request are closed, enough to free ``reserve`` more (so
+  one shortage closes a batch, not one per new connection): first those of
+  the peers holding the most such connections, and among a peer's, the
+  ones accepted first (not the ones that sent a byte last: a client
+  dripping one byte at a time must not look newer than an honest one in
+  its TLS handshake);
+- a connection accepted less than ``grace`` seconds ago is never closed
+  this way (the new connection least of all): if there are too few older
+  ones to close, the reserve shrinks, and below a quarter of it;
+- when fewer than a quarter of ``reserve`` are free even so (counting
+  those being closed as free: they are released an instant later), a new
+  connection is closed at once: the last descriptors are the server's own
+  (its files, the translators' pipes).
 
 Sans-IO: counts and times in, decisions out.
 """
 
 from __future__ import annotations
 
+import heapq
+from collections import Counter
 from collections.abc import Hashable, Iterable
 
 from attrs import frozen
@@ -29,13 +37,21 @@ from attrs import frozen
 DEFAULT_RESERVE = 128
 
 #: The per-peer cap, when none is configured, is the descriptor limit
-#: divided by this.
+#: divided by this...
 PEER_SHARE = 8
+
+#: ... but never more than this.
+PEER_CEILING = 1024
+
+#: Seconds after its accept during which a connection is never closed to
+#: make room (its TLS handshake and upload are under way).
+GRACE = 2.0
 
 
 def default_per_peer(limit: int) -> int:
-    """The per-peer cap for a descriptor ``limit``: an eighth of it."""
-    return max(1, limit // PEER_SHARE)
+    """The per-peer cap for a descriptor ``limit``: an eighth of it, at
+    most ``PEER_CEILING``."""
+    return max(1, min(limit // PEER_SHARE, PEER_CEILING))
 
 
 def effective_reserve(reserve: int, limit: int) -> int:
@@ -46,12 +62,13 @@ def effective_reserve(reserve: int, limit: int) -> int:
 
 @frozen
 class Waiting:
-    """A connection that has not completed a request: ``since`` is when it
-    last made progress (its accept, the end of its TLS handshake, the last
-    bytes of its request)."""
+    """A connection that has not completed a request: ``accepted`` is when
+    it was accepted, ``peer`` the address it counts under (None: not known
+    yet)."""
 
     key: Hashable
-    since: float
+    accepted: float
+    peer: Hashable | None = None
 
 
 @frozen
@@ -86,14 +103,22 @@ class AdmissionPolicy:
         """Fewer than ``reserve`` descriptors are free."""
         return self.limit - in_use < self.kept_free
 
-    def to_close(self, in_use: int, waiting: Iterable[Waiting]) -> list[Hashable]:
+    def to_close(self, in_use: int, waiting: Iterable[Waiting], now: float = float("inf"),
+                 grace: float = 0.0) -> list[Hashable]:
         """The keys of the connections to close with ``in_use`` descriptors
         in use (those being closed not counted): none while at least
-        ``reserve`` are free, else the ones waiting longest, as many as
-        free ``reserve`` more (fewer if fewer are waiting)."""
+        ``reserve`` are free, else as many as free ``reserve`` more (fewer
+        if fewer may go), among those accepted at least ``grace`` seconds
+        before ``now``: the busiest peers' first, the first accepted first."""
         if not self.short(in_use):
             return []
         free = self.limit - in_use
         wanted = 2 * self.kept_free - free
-        oldest = sorted(waiting, key=lambda entry: entry.since)
-        return [entry.key for entry in oldest[:wanted]]
+        entries = list(waiting)
+        held = Counter(entry.peer for entry in entries if entry.peer is not None)
+        eligible = (entry for entry in entries if now - entry.accepted >= grace)
+        chosen = heapq.nsmallest(
+            wanted, eligible,
+            key=lambda entry: (-(held[entry.peer] if entry.peer is not None else 1),
+                               entry.accepted))
+        return [entry.key for entry in chosen]

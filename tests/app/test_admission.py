@@ -39,9 +39,9 @@ class FakeCount:
 
 
 class DescriptorsTests(TestCase):
-    def test_measured_at_most_once_a_second_and_moved_by_connections(self) -> None:
+    def test_measured_near_the_limit_at_most_once_a_second(self) -> None:
         clock, fake = Clock(), FakeCount(10, 1024)
-        descriptors = fake.descriptors(clock)
+        descriptors = Descriptors(clock, count=fake.count, limit=lambda: fake.limit, near=200)
         self.assertEqual(descriptors.in_use(), 10)
         for _ in range(5):
             descriptors.opened()
@@ -52,9 +52,36 @@ class DescriptorsTests(TestCase):
         self.assertEqual(fake.reads, 1)
         fake.open = 30  # the server opened 16 files of its own meanwhile
         clock.advance(1.0)
-        self.assertEqual(descriptors.in_use(), 30)
+        # Far from the limit, the estimate is trusted: no listing.
+        self.assertEqual(descriptors.in_use(), 14)
+        self.assertEqual(fake.reads, 1)
+        for _ in range(900):
+            descriptors.opened()
+        fake.open += 900
+        self.assertEqual(descriptors.in_use(), 930)  # near: measured
+        self.assertEqual(fake.reads, 2)
+        descriptors.opened()
+        self.assertEqual(descriptors.in_use(), 931)  # not again within the second
         self.assertEqual(fake.reads, 2)
         self.assertEqual(descriptors.limit, 1024)
+
+    def test_a_failed_measure_counts_as_full(self) -> None:
+        clock, fake = Clock(), FakeCount(1000, 1024)
+        descriptors = Descriptors(clock, count=fake.count, limit=lambda: fake.limit, near=100)
+        self.assertEqual(descriptors.in_use(), 1000)
+
+        def emfile() -> int:
+            raise OSError(24, "Too many open files")
+
+        descriptors._count = emfile
+        clock.advance(1.0)
+        self.assertEqual(descriptors.in_use(), 1024)
+        descriptors.opened()
+        self.assertEqual(descriptors.in_use(), 1024)  # full until measured again
+        descriptors._count = fake.count
+        fake.open = 1001
+        clock.advance(1.0)
+        self.assertEqual(descriptors.in_use(), 1001)
 
     def test_real_count_and_limit(self) -> None:
         descriptors = Descriptors(Clock())
@@ -94,9 +121,10 @@ class ReportTests(TestCase):
         self.assertEqual(len(self.lines), 1, "rate-limited")
         self.clock.advance(10.0)
         self.assertEqual(len(self.lines), 2, "the counts since come at the interval's end")
-        self.assertIn(": 30 waiting longest without a request, 1 new ones with no descriptor "
-                      "to spare, 60 over the per-peer cap (most from 127.0.0.2 (60), "
-                      "10.0.0.1 (30))", self.lines[1])
+        # Each reason names its own addresses: 10.0.0.1 was never over the cap.
+        self.assertIn(": 30 waiting longest without a request (most from 10.0.0.1 (30)), 1 new "
+                      "ones with no descriptor to spare, 60 over the per-peer cap (most from "
+                      "127.0.0.2 (60)) (", self.lines[1])
         self.clock.advance(60.0)
         self.assertEqual(len(self.lines), 2, "nothing to say, no line")
         self.report.closed(FULL)
@@ -106,43 +134,102 @@ class ReportTests(TestCase):
 
 
 class FakeConnection:
-    def __init__(self, admission: Admission, since: float | None) -> None:
+    def __init__(self, admission: Admission, since: float | None,
+                 peer: str | None = "10.0.0.1") -> None:
         self.admission = admission
         self.waiting_since = since
+        self.waiting_peer = peer
         self.evicted = False
 
     def evict(self) -> None:
         self.evicted = True
 
 
+class CountingConnection(FakeConnection):
+    """Counts how often admission asks whether it is waiting."""
+
+    def __init__(self, admission: Admission, since: float | None) -> None:
+        super().__init__(admission, since)
+        self.asked = 0
+
+    @property  # type: ignore[misc]
+    def waiting_since(self) -> float | None:
+        self.asked += 1
+        return self._since
+
+    @waiting_since.setter
+    def waiting_since(self, since: float | None) -> None:
+        self._since = since
+
+
 class AdmissionTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
+        self.clock.advance(100.0)
         self.fake = FakeCount(20, 100)  # reserve 128 becomes 25, floor 6
         self.admission = Admission(self.clock, 128, self.fake.descriptors(self.clock))
         self.admission.report.log = Logger(namespace="stapsrv", observer=LogPublisher())
 
-    def open(self, since: float | None) -> FakeConnection:
-        connection = FakeConnection(self.admission, since)
+    def open(self, since: float | None, peer: str | None = "10.0.0.1",
+             kind: type[FakeConnection] = FakeConnection) -> FakeConnection:
+        connection = kind(self.admission, since)
+        connection.waiting_peer = peer
         self.fake.open += 1
         self.admission.opened(connection)
         return connection
 
-    def test_the_oldest_waiting_are_closed_when_the_reserve_is_gone(self) -> None:
+    def test_the_first_accepted_are_closed_when_the_reserve_is_gone(self) -> None:
         busy = [self.open(None) for _ in range(10)]  # requests in: never closed
         idle = [self.open(float(n)) for n in range(45)]  # 75 in use, 25 free
         self.assertFalse(any(connection.evicted for connection in busy + idle))
-        newest = self.open(100.0)  # 24 free: close 26, the oldest
+        newest = self.open(100.0)  # 24 free: close 26, the first accepted
         self.assertEqual([c for c in idle if c.evicted], idle[:26])
         self.assertFalse(newest.evicted or any(c.evicted for c in busy))
         # Until they are gone, their descriptors are still in use, but the
         # shortage they answer is not counted again.
-        self.open(101.0)
+        self.open(100.0)
         self.assertEqual(sum(1 for c in idle if c.evicted), 26)
         for connection in idle[:26]:
             self.admission.closed(connection)
             self.fake.open -= 1
         self.assertEqual(self.admission.descriptors.in_use(), 51)
+
+    def test_the_new_connection_is_never_closed_for_room(self) -> None:
+        # 900 connections of 1000 have their request in, and descriptors
+        # are short: a newcomer, then the next, are kept, not closed at once.
+        self.fake.limit = 1000
+        self.admission = Admission(self.clock, 128, self.fake.descriptors(self.clock))
+        self.admission.report.log = Logger(namespace="stapsrv", observer=LogPublisher())
+        for _ in range(900):
+            self.open(None)
+        self.fake.open = 1000 - 100  # 100 free, under the reserve (128)
+        self.clock.advance(1.0)
+        newcomers = [self.open(self.clock.seconds()) for _ in range(3)]
+        self.assertFalse(any(c.evicted for c in newcomers))
+        # Young ones are spared too: a connection accepted a moment ago.
+        self.clock.advance(1.0)
+        later = self.open(self.clock.seconds())
+        self.assertFalse(any(c.evicted for c in newcomers + [later]))
+        # Past their grace, waiting ones go.
+        self.clock.advance(1.5)
+        self.open(self.clock.seconds())
+        self.assertTrue(all(c.evicted for c in newcomers))
+        self.assertFalse(later.evicted)
+
+    def test_the_busiest_peers_go_first(self) -> None:
+        honest = self.open(1.0, "192.0.2.1")
+        flood = [self.open(float(n), "203.0.113.9") for n in range(2, 56)]
+        self.open(100.0, "192.0.2.2")  # 24 free: 26 go, all the flood's
+        self.assertFalse(honest.evicted)
+        self.assertEqual([c for c in flood if c.evicted], flood[:26])
+
+    def test_with_none_to_close_connections_are_not_searched_at_every_accept(self) -> None:
+        watched = [self.open(None, kind=CountingConnection) for _ in range(74)]
+        asked = sum(c.asked for c in watched)  # type: ignore[attr-defined]
+        for _ in range(10):
+            self.open(self.clock.seconds())  # short, and nobody may go
+        self.assertLessEqual(sum(c.asked for c in watched) - asked,  # type: ignore[attr-defined]
+                             74, "searched once, not at each of the ten")
 
     def test_new_connections_have_room_until_the_floor(self) -> None:
         self.fake.open = 93
@@ -150,6 +237,14 @@ class AdmissionTests(TestCase):
         self.fake.open = 94
         self.clock.advance(1.0)
         self.assertFalse(self.admission.has_room())
+
+    def test_before_refusing_a_new_connection_room_is_made(self) -> None:
+        idle = [self.open(float(n)) for n in range(50)]  # 70 in use: 30 free
+        self.assertFalse(any(c.evicted for c in idle))
+        self.fake.open = 95  # the server's own files: 5 free, under the floor
+        self.clock.advance(1.0)
+        self.assertTrue(self.admission.has_room())
+        self.assertTrue(any(c.evicted for c in idle))
 
 
 class Recording(Protocol):

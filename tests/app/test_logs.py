@@ -163,3 +163,30 @@ class ControlCharacterTests(TestCase):
         self.assertEqual(lines[-1], f"builtins.ValueError: no such file: a\\n{forged}\\x1b[2J")
         self.assertFalse([text for text in lines[1:] if text.startswith(forged)], lines)
         self.assertNotIn("\x1b", line)
+
+
+class JournalObserverTests(TestCase):
+    """twistd's own log (the journal), through ``--logger``: every event,
+    client text escaped."""
+
+    def test_client_text_cannot_forge_journal_lines(self) -> None:
+        import io
+
+        from stapsrv.app.logs import EscapedTextObserver, journal_observer
+
+        stream = io.StringIO()
+        publisher = LogPublisher()
+        publisher.addObserver(EscapedTextObserver(stream))
+        log = Logger(namespace="twisted.other", observer=publisher)
+        log.info("Client said {text}", text="hi\nFri Dec  4 10:00:00 2026: forged\x1b[2J")
+        try:
+            raise ValueError("bad\nline")
+        except ValueError:
+            log.failure("Failed for {peer}", Failure(), peer="a\rb")
+        lines = stream.getvalue().splitlines()
+        self.assertIn("Client said hi\\nFri Dec  4 10:00:00 2026: forged\\x1b[2J", lines[0])
+        self.assertIn("Failed for a\\rb", lines[1])
+        self.assertTrue(all(line.startswith("\t") for line in lines[2:]), lines)
+        self.assertIn("ValueError: bad\\nline", stream.getvalue())
+        self.assertFalse(any("forged" in line for line in lines[1:]))
+        self.assertIsInstance(journal_observer(), EscapedTextObserver)

@@ -51,7 +51,9 @@ class FakeHandler:
             self.gate.release()
 
 
-class ProtocolTests(TestCase):
+class ConnectionTestCase(TestCase):
+    """Connections to a factory over string transports, and the log."""
+
     def setUp(self) -> None:
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
@@ -66,6 +68,21 @@ class ProtocolTests(TestCase):
     def messages(self) -> list[str]:
         return [formatEvent(event) for event in self.events]
 
+    def connect_proxied(self, factory: CompileServerFactory) -> tuple[Any, Any]:
+        """A connection from HAProxy (at 127.0.0.1) through the PROXY wrapper."""
+        wrapper = HAProxyWrappingFactory(factory)
+        protocol = wrapper.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        assert protocol is not None
+        transport = StringTransportWithDisconnection(
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    PROXY_HEADER = b"PROXY TCP4 198.51.100.7 127.0.0.1 51234 443\r\n"
+
+
+class ProtocolTests(ConnectionTestCase):
     def test_captured_request_is_answered_then_closed(self) -> None:
         handler = FakeHandler()
         protocol, transport = self.connect(CompileServerFactory(handler))
@@ -90,19 +107,6 @@ class ProtocolTests(TestCase):
                          b"from 127.0.0.1 (its --allow list).\n")
         self.assertFalse(transport.connected)
         self.assertIn("Refusing 127.0.0.1:40000: not in the --allow list", self.messages())
-
-    def connect_proxied(self, factory: CompileServerFactory) -> tuple[Any, Any]:
-        """A connection from HAProxy (at 127.0.0.1) through the PROXY wrapper."""
-        wrapper = HAProxyWrappingFactory(factory)
-        protocol = wrapper.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        assert protocol is not None
-        transport = StringTransportWithDisconnection(
-            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-        transport.protocol = protocol
-        protocol.makeConnection(transport)
-        return protocol, transport
-
-    PROXY_HEADER = b"PROXY TCP4 198.51.100.7 127.0.0.1 51234 443\r\n"
 
     def test_proxied_client_is_logged_with_its_own_address(self) -> None:
         handler = FakeHandler(endpoint="haproxy:tcp:0")
@@ -308,7 +312,7 @@ class ProtocolTests(TestCase):
         self.assertIn("Timeout reached, exiting (forced)", self.messages())
 
 
-class AdmissionTests(ProtocolTests):
+class AdmissionTests(ConnectionTestCase):
     """The connections of a factory under admission (descriptors counted
     by a fake: 20 of the server's own, 100 at most)."""
 
@@ -327,7 +331,7 @@ class AdmissionTests(ProtocolTests):
         self.open_files += 1
         return self.connect(factory, port)
 
-    def test_the_connections_waiting_longest_are_closed_first(self) -> None:
+    def test_the_connections_accepted_first_are_closed_first(self) -> None:
         handler = FakeHandler(max_threads=0)
         handler.config = evolve(handler.config, max_peer_connections=0)
         factory = self.admitted_factory(handler)
@@ -339,19 +343,43 @@ class AdmissionTests(ProtocolTests):
         for port in range(40000, 40054):  # 75 in use: the reserve (25) is left
             clock.advance(0.1)
             idle.append(self.open(factory, port))
-        # The oldest idle connection sends bytes of its request: it moves on.
+        # The first idle connection drips bytes of its request: that does
+        # not make it newer than the others.
         idle[0][0].dataReceived(request[:10])
         clock.advance(0.1)
         self.assertEqual(self.closed, [])
         newest, newest_transport = self.open(factory, 41000)  # 24 free: 26 go
         closed = [port for port, (_, transport) in enumerate(idle, 40000)
                   if not transport.connected]
-        self.assertEqual(closed, list(range(40001, 40027)))
+        self.assertEqual(closed, list(range(40000, 40026)))
         self.assertEqual(self.closed, ["oldest"] * 26)
         self.assertTrue(newest_transport.connected)
+        self.assertTrue(working.transport.connected)
         self.assertEqual(len(factory.connections), 1 + 54 + 1 - 26)
-        self.assertNotIn("Timed out waiting for the request from 127.0.0.1:40001",
-                         self.messages())
+
+    def test_the_new_connection_and_young_ones_are_never_closed(self) -> None:
+        handler = FakeHandler(max_threads=0)
+        handler.config = evolve(handler.config, max_peer_connections=0)
+        factory = self.admitted_factory(handler)
+        request = (CAPTURE / "01-trivial-p4.c2s.bin").read_bytes()
+        for port in range(30000, 30070):  # 90 in use, every request in
+            self.open(factory, port)[0].dataReceived(request)
+        newcomers = []
+        for port in range(40000, 40010):
+            if factory.admission is not None and not factory.admission.has_room():
+                factory.closed_early("full", None)
+                continue
+            newcomers.append(self.open(factory, port))
+        # 10 free at first, 6 at the floor: four get in, and stay.
+        self.assertEqual(len(newcomers), 4)
+        self.assertTrue(all(transport.connected for _, transport in newcomers))
+        self.assertEqual(self.closed, ["full"] * 6)
+        # Once past their grace, they are the ones to go for the next.
+        handler.reactor.advance(2.0)
+        self.open_files -= 4  # (the server closed files of its own)
+        _, last = self.open(factory, 41000)
+        self.assertTrue(last.connected)
+        self.assertFalse(any(transport.connected for _, transport in newcomers))
 
     def test_a_peer_over_its_cap_behind_a_proxy_is_closed(self) -> None:
         handler = FakeHandler(endpoint="haproxy:tcp:0")

@@ -337,9 +337,12 @@ class OpenFileLimitTests(TestCase):
     """The soft descriptor limit is raised to the hard one at start (no
     real limit is changed: getrlimit and setrlimit are fakes)."""
 
-    def limits_after(self, soft: int, hard: int, refuse: bool = False) -> list[tuple[int, int]]:
+    def limits_after(self, soft: int, hard: int, refuse: bool = False,
+                     nr_open: int = 1 << 20) -> list[tuple[int, int]]:
         from stapsrv.app import service
         calls: list[tuple[int, int]] = []
+        self.patch(service, "_original_open_files", None)
+        self.patch(service, "nr_open", lambda: nr_open)
 
         def setrlimit(which: int, limits: tuple[int, int]) -> None:
             if refuse:
@@ -348,7 +351,7 @@ class OpenFileLimitTests(TestCase):
 
         self.patch(service.resource, "getrlimit", lambda which: (soft, hard))
         self.patch(service.resource, "setrlimit", setrlimit)
-        service.raise_open_file_limit()
+        self.original = service.raise_open_file_limit()
         return calls
 
     def test_soft_goes_to_hard(self) -> None:
@@ -362,6 +365,20 @@ class OpenFileLimitTests(TestCase):
         import resource
         self.assertEqual(self.limits_after(1024, resource.RLIM_INFINITY),
                          [(1 << 20, resource.RLIM_INFINITY)])
+
+    def test_the_raise_has_a_ceiling(self) -> None:
+        import resource
+        self.assertEqual(self.limits_after(1024, 1 << 30), [(1 << 20, 1 << 30)])
+        self.assertEqual(self.limits_after(1024, resource.RLIM_INFINITY, nr_open=65536),
+                         [(65536, resource.RLIM_INFINITY)])
+
+    def test_the_original_limit_is_kept_for_the_translators(self) -> None:
+        self.limits_after(1024, 524288)
+        self.assertEqual(self.original, (1024, 524288))
+        self.limits_after(1024, 1024)
+        self.assertIsNone(self.original, "nothing raised, nothing to give back")
+        self.limits_after(1024, 4096, refuse=True)
+        self.assertIsNone(self.original)
 
     def test_a_refusal_is_not_an_error(self) -> None:
         self.assertEqual(self.limits_after(1024, 4096, refuse=True), [])

@@ -64,6 +64,16 @@ class LauncherTests(TestCase):
         self.assertEqual(run.cut_output, ())
         self.assertEqual((base / "stdout").stat().st_size, 100000)
 
+    async def test_the_servers_original_descriptor_limit_is_given_back(self) -> None:
+        import resource
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limits = TranslatorLimits(open_files=(256, hard))
+        self.assertIn(f"--nofile=256:{'unlimited' if hard == resource.RLIM_INFINITY else hard}",
+                      launcher(limits))
+        run, base = self.run_shell("sh -c 'ulimit -n'", limits)
+        self.assertEqual(await run.result, 0)
+        self.assertEqual((base / "stdout").read_text(), "256\n")
+
     async def test_no_limits_means_no_prlimit(self) -> None:
         self.assertNotIn("/usr/bin/prlimit", launcher(TranslatorLimits(address_space=None)))
         run, base = self.run_shell("ulimit -t; ulimit -v")

@@ -53,7 +53,32 @@ class AdmissionPolicyTests(TestCase):
         self.assertTrue(capped.peer_admits(2))
         self.assertFalse(capped.peer_admits(3))
 
-    def test_default_per_peer_is_an_eighth_of_the_limit(self) -> None:
+    def test_default_per_peer_is_an_eighth_of_the_limit_at_most_1024(self) -> None:
         self.assertEqual(default_per_peer(1024), 128)
-        self.assertEqual(default_per_peer(1 << 20), 131072)
+        self.assertEqual(default_per_peer(8192), 1024)
+        self.assertEqual(default_per_peer(1 << 20), 1024)
         self.assertEqual(default_per_peer(4), 1)
+
+    def test_connections_within_their_grace_are_never_closed(self) -> None:
+        policy = AdmissionPolicy(limit=1024, reserve=128)
+        # Short, with fewer waiting than wanted: only those past their
+        # grace go, not the one just accepted.
+        waiting = [Waiting("old", 1.0), Waiting("young", 9.0), Waiting("new", 10.0)]
+        self.assertEqual(policy.to_close(1024 - 100, waiting, now=10.0, grace=2.0), ["old"])
+        self.assertEqual(policy.to_close(1024 - 100, waiting[1:], now=10.0, grace=2.0), [])
+
+    def test_ranked_by_accept_not_by_last_byte(self) -> None:
+        # A dripping client accepted first goes before an honest one
+        # accepted later (Waiting holds accept times, not last bytes).
+        policy = AdmissionPolicy(limit=1024, reserve=4)  # 3 free: 5 go
+        waiting = [Waiting(f"honest{n}", 2.0 + n, f"192.0.2.{n}") for n in range(5)]
+        waiting.append(Waiting("drip", 1.0, "192.0.2.9"))
+        self.assertEqual(policy.to_close(1024 - 3, waiting, now=10.0, grace=2.0),
+                         ["drip", "honest0", "honest1", "honest2", "honest3"])
+
+    def test_the_busiest_peers_first(self) -> None:
+        policy = AdmissionPolicy(limit=1024, reserve=4)  # 3 free: 5 go
+        waiting = ([Waiting(f"honest{n}", float(n), f"192.0.2.{n}") for n in range(5)]
+                   + [Waiting(f"flood{n}", 3.0 + n, "203.0.113.9") for n in range(6)])
+        self.assertEqual(policy.to_close(1024 - 3, waiting, now=100.0, grace=2.0),
+                         [f"flood{n}" for n in range(5)])

@@ -16,15 +16,21 @@ REOPEN_PAUSE = 1.0
 MAX_PASSES = 100_000
 
 
-def room_for(count: int) -> None:
+def room_for(count: int) -> tuple[int, int]:
     """Let this process hold ``count`` more descriptors (soft limit up to
-    the hard one)."""
+    the hard one); returns the limit before, for :func:`restore_limit`."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = soft + count + 64
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE,
                            (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard),
                             hard))
+    return soft, hard
+
+
+def restore_limit(limit: tuple[int, int]) -> None:
+    """Put back the descriptor limit :func:`room_for` returned."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, limit)
 
 
 class ConnectionFlood:
@@ -47,9 +53,11 @@ class ConnectionFlood:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="connection-flood",
                                         daemon=True)
+        #: This process's descriptor limit before :meth:`start` raised it.
+        self._limit: tuple[int, int] | None = None
 
     def start(self) -> None:
-        room_for(self.count)
+        self._limit = room_for(self.count)
         self._thread.start()
 
     def hold(self) -> None:
@@ -58,11 +66,16 @@ class ConnectionFlood:
         self._thread.join(60)
 
     def stop(self) -> None:
+        """Stop reopening, close every connection, and put this process's
+        descriptor limit back."""
         self.hold()
         for index, sock in enumerate(self.sockets):
             if sock is not None:
                 sock.close()
                 self.sockets[index] = None
+        if self._limit is not None:
+            restore_limit(self._limit)
+            self._limit = None
 
     def held(self) -> int:
         """Connections open now that the server has not closed."""

@@ -275,18 +275,22 @@ def server_environment(base: Path, name: str) -> dict[str, str]:
 def start_stapsrv(arguments: Sequence[str] = (), release: str | None = None,
                   env: Mapping[str, str] | None = None, wait: bool = True,
                   listen: str = "127.0.0.1", ssl_dir: Path | None = None,
-                  prefix: Sequence[str] = ()) -> ServerProcess:
+                  prefix: Sequence[str] = (),
+                  twistd_log: str | None = None) -> ServerProcess:
     """``twistd stap-server`` from the venv, as the test user, on loopback.
 
     ``ssl_dir`` defaults to a fresh ``<base>/ssl``; ``prefix`` runs twistd
     through another program (``systemd-socket-activate ...``), which must
-    exec it.
+    exec it; ``twistd_log`` is twistd's log option (default: a
+    ``--logfile`` in ``<base>``; ``--logger=...`` as the systemd unit
+    has it writes to the process's output).
     """
     base = scratch_directory("stapsrv-")
     ssl_dir = base / "ssl" if ssl_dir is None else ssl_dir
     release = release or header_release()
     log = base / "server.log"
-    argv = [*prefix, venv_bin("twistd"), "--nodaemon", "--pidfile=", f"--logfile={base / 'twistd.log'}",
+    twistd_log = twistd_log or f"--logfile={base / 'twistd.log'}"
+    argv = [*prefix, venv_bin("twistd"), "--nodaemon", "--pidfile=", twistd_log,
             "stap-server", "--listen", listen, "--port", "0",
             "--ssl", str(ssl_dir), "--log", str(log)]
     if release:
