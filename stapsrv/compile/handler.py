@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -43,6 +43,7 @@ from stapsrv.compile.releases import ServedReleases
 from stapsrv.compile.sandbox import Sandbox, StapconfStore, translator_environment
 from stapsrv.compile.scratch import MODULE_DIR, make_scratch
 from stapsrv.compile.signing import sign_module_file, signature_digest
+from stapsrv.compile.slots import FairGate
 from stapsrv.compile.translator import TranslatorRun, start_translator
 from stapsrv.compile.warmup import WarmUp
 from stapsrv.config.values import ServerConfig
@@ -53,6 +54,7 @@ from stapsrv.core.cmdline import (
     translator_argv,
     without_release,
 )
+from stapsrv.core.budget import peer_address
 from stapsrv.core.counters import Counters
 from stapsrv.core.logtext import escape_controls
 from stapsrv.core.rewrite import StreamReplacer
@@ -161,6 +163,12 @@ class RequestContext:
     #: The translator's output streams (1, 2) cut at ``--max-output``.
     cut_output: tuple[int, ...] = ()
 
+    @property
+    def address(self) -> str:
+        """The client's address (its share of slots and kernel store work
+        is per address, not per connection)."""
+        return peer_address(self.peer)
+
     def abandon(self) -> None:
         """The client went away: stop any compile now."""
         self.abandoned = True
@@ -240,15 +248,16 @@ class RequestHandler:
     policy: Policy = field(init=False)
     _flights: dict[str, list[Deferred[bytes | None]]] = field(init=False, factory=dict)
     _running: set[TranslatorRun] = field(init=False, factory=set)
-    #: Bounds the requests that go to the translator (``--max-threads``);
-    #: answers from the cache need no slot.
-    gate: DeferredSemaphore = field(init=False)
+    #: Bounds the requests that go to the translator (``--max-threads``),
+    #: a free slot going to client addresses in turn; answers from the
+    #: cache need no slot.
+    gate: FairGate = field(init=False)
     #: The server's own compiles that make the kernel configuration headers.
     warmup: WarmUp = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.log = Logger(namespace=self.config.log_namespace, source=self)
-        self.gate = DeferredSemaphore(self.config.concurrency)
+        self.gate = FairGate(self.config.concurrency)
         config = self.config
         self.policy = Policy.from_values(config.allow, config.refuse_guru, config.privileges)
         self.releases = ServedReleases(
@@ -383,8 +392,10 @@ class RequestHandler:
                              symbols=debug.system_map if debug is not None else None)
 
     async def _compile(self, body: bytes, job: Job, context: RequestContext) -> Outcome:
-        """Run the request through the translator, once a slot is free."""
-        await self.gate.acquire()
+        """Run the request through the translator, once a slot is free and
+        it is its address's turn."""
+        address = context.address
+        await self.gate.acquire_for(address)
         try:
             if context.abandoned:
                 return Outcome(None, False)
@@ -395,7 +406,7 @@ class RequestHandler:
             if not _is_disk_full(exc):
                 raise
         finally:
-            self.gate.release()
+            self.gate.release_for(address)
         self.log.error("No space left in {tmpdir} for the request from {peer}",
                        tmpdir=self.config.tmpdir, peer=context.peer)
         return Outcome(refusal_archive(

@@ -9,7 +9,8 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from stapsrv.compile.handler import RequestContext
+from stapsrv.compile.handler import Outcome, RequestContext, RequestHandler
+from stapsrv.compile.job import Job
 from stapsrv.config.values import TranslatorLimits
 from stapsrv.core.cmdline import ServerOption
 from tests.helpers import signature_hash, test_identity
@@ -196,6 +197,43 @@ class RobustnessTests(HandlerCase):
         self.assertEqual(os.listdir(self.tmpdir), [], "scratch directory removed")
         self.assertFalse(self.record.exists())
         self.assertEqual(handler.counters.failures, 1)
+
+
+class FairSlotTests(HandlerCase):
+    """Translator slots go to client addresses in turn."""
+
+    async def test_one_clients_many_compiles_do_not_push_anothers_to_the_back(self) -> None:
+        started: list[str] = []
+        compiles: list[Deferred[None]] = []
+
+        async def compile_(handler: RequestHandler, body: bytes, job: Job,
+                           context: RequestContext) -> Outcome:
+            started.append(context.peer)
+            done: Deferred[None] = Deferred()
+            compiles.append(done)
+            await done
+            return Outcome(b"answer", True)
+
+        self.patch(RequestHandler, "_compile_in_scratch", compile_)
+        handler = self.handler(max_threads=1)
+        peers = [f"10.0.0.1:{port}" for port in range(1, 5)] + ["10.0.0.2:9"]
+        answers = []
+        for n, peer in enumerate(peers):
+            answers.append(Deferred.fromCoroutine(handler.handle(
+                request("-p4", f"-e{n}"), RequestContext(peer))))
+            # Each in the queue before the next comes.
+            self.assertTrue(await poll(lambda: len(started) + len(handler.gate.waiting) == n + 1,
+                                       NET))
+        self.assertEqual(started, peers[:1])
+        while len(compiles) < len(peers):
+            compiles[len(started) - 1].callback(None)
+        compiles[-1].callback(None)
+        # The second address's one request runs after the first address's
+        # second (whose turn it was), not after its fifth.
+        self.assertEqual(started, [peers[0], peers[1], peers[4], peers[2], peers[3]])
+        for answer in answers:
+            self.assertEqual(await answer, b"answer")
+        self.assertEqual((handler.gate.tokens, len(handler.gate.waiting)), (1, 0))
 
 
 class AppendTests(TestCase):
