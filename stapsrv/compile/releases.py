@@ -33,7 +33,9 @@ from stapsrv.compile.kernels import StoredRelease
 from stapsrv.compile.moduledebug import ModuleDebug
 from stapsrv.compile.runtime import select_runtime
 from stapsrv.compile.sandbox import Sandbox
+from stapsrv.compile.slots import FairGate
 from stapsrv.config.values import ServerConfig
+from stapsrv.core.budget import SERVER, PeerBudget, Work, over_budget_message
 from stapsrv.core.cmdline import Privilege
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
@@ -48,6 +50,11 @@ if TYPE_CHECKING:
     from stapsrv.compile.handler import RequestContext
 
 T = TypeVar("T")
+
+
+class OverBudget(Exception):
+    """The client's address has as much kernel store work under way as it
+    may have; the message is its ``Server:`` line."""
 
 
 @define(eq=False)
@@ -85,6 +92,43 @@ class ServedReleases:
     #: The symbols of each release being made now, shared by the requests
     #: that wait for them.
     _debug_work: dict[str, Deferred[None]] = field(init=False, factory=dict)
+    #: Kernel store work under way per client address (``--peer-fetches``).
+    budget: PeerBudget = field(init=False)
+    #: The fetches run at once (``--max-fetches``), client addresses in turn.
+    fetches: FairGate = field(init=False)
+    #: Releases being fetched for a request: the requests that share it.
+    _release_flights: dict[str, list[Deferred[StoredRelease]]] = field(
+        init=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        self.budget = PeerBudget(self.config.peer_fetches)
+        self.fetches = FairGate(max(1, self.config.max_fetches))
+
+    def start_work(self, address: str, what: str) -> Work:
+        """Kernel store work for ``address`` (counted until
+        :meth:`finish_work`); raises :class:`OverBudget` past its share."""
+        work = self.budget.start(address, what)
+        if work is None:
+            under_way = self.budget.under_way(address)
+            self.log.info("Not starting {what} for {address}: it has {count} piece(s) of "
+                          "kernel store work under way ({busy})", what=what, address=address,
+                          count=len(under_way),
+                          busy=", ".join(work.what for work in under_way))
+            raise OverBudget(over_budget_message(what, address, self.budget.per_peer,
+                                                 under_way))
+        return work
+
+    def finish_work(self, work: Work) -> None:
+        self.budget.finish(work)
+
+    async def fetching(self, address: str, fetch: Callable[[], Deferred[T]]) -> T:
+        """``fetch()`` once one of the fetch slots is free and it is
+        ``address``'s turn."""
+        await self.fetches.acquire_for(address)
+        try:
+            return await fetch()
+        finally:
+            self.fetches.release_for(address)
 
     def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, function, *args)
@@ -109,7 +153,9 @@ class ServedReleases:
         if not self.kernels.allowed(release):
             return None
         try:
-            stored = await self.kernels.ensure(release)
+            stored = await self._stored_or_fetched(release, context.address)
+        except OverBudget as exc:
+            return str(exc)
         except FetchFailed as exc:
             self.log.info("Cannot provide kernel {release} for {peer}: {reason}",
                           release=release, peer=context.peer, reason=str(exc))
@@ -119,6 +165,43 @@ class ServedReleases:
         if new and self.on_release_added is not None:
             self.on_release_added(stored.release)
         return None
+
+    async def _stored_or_fetched(self, release: str, address: str) -> StoredRelease:
+        """The stored release; fetched first (in a fetch slot, counted
+        against ``address``) unless a fetch of it is under way already,
+        which the request shares.  Raises OverBudget, FetchFailed."""
+        assert self.kernels is not None
+        flight = self._release_flights.get(release)
+        if flight is not None:
+            waiter: Deferred[StoredRelease] = Deferred()
+            flight.append(waiter)
+            return await waiter
+        found = await self.kernels.stored(release)
+        if found is not None:
+            return found
+        flight = self._release_flights.get(release)  # one may have begun meanwhile
+        if flight is not None:
+            waiter = Deferred()
+            flight.append(waiter)
+            return await waiter
+        kernels = self.kernels
+        work = self.start_work(address, f"the fetch of kernel release '{release}'")
+        waiting: list[Deferred[StoredRelease]] = []
+        self._release_flights[release] = waiting
+        try:
+            stored = await self.fetching(
+                address, lambda: Deferred.fromCoroutine(kernels.ensure(release)))
+        except Exception as exc:
+            del self._release_flights[release]
+            for waiter in waiting:
+                waiter.errback(exc)
+            raise
+        finally:
+            self.finish_work(work)
+        del self._release_flights[release]
+        for waiter in waiting:
+            waiter.callback(stored)
+        return stored
 
     def _adopt(self, stored: StoredRelease) -> None:
         """A stored release becomes one this server builds for (blocking:

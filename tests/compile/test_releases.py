@@ -36,6 +36,7 @@ from tests.compile.test_runtime import NEW_TASK_WORK_H
 from tests.helpers import test_identity
 from tests.helpers.archives import RELEASE, request
 from tests.helpers.handlers import Events, HandlerCase
+from tests.helpers.vectors import members
 from tests.helpers.waiting import NET, poll
 
 STORED = "6.1.0-55-amd64"
@@ -61,6 +62,9 @@ class FakeFetcher:
 
     def allowed(self, release: str) -> bool:
         return allowed(release, self.patterns)
+
+    async def stored(self, release: str) -> StoredRelease | None:
+        return self.store.get(release)
 
     async def ensure(self, release: str) -> StoredRelease:
         found = self.store.get(release)
@@ -385,3 +389,128 @@ class HandlerTests(HandlerCase):
         self.assertEqual(argv[0], f"-r{stored.build_tree}")
         self.assertEqual(argv[-2:], ["-p4", "-eok"], "the client's -r is dropped")
         self.assertEqual(added, [STORED])
+
+
+class HeldFetcher(FakeFetcher):
+    """A fake fetcher whose fetches each wait for the test to let them end."""
+
+    def __init__(self, store: KernelStore) -> None:
+        super().__init__(store)
+        #: The releases whose fetch began, in order.
+        self.started: list[str] = []
+        self.held: dict[str, Deferred[None]] = {}
+
+    async def ensure(self, release: str) -> StoredRelease:
+        if self.store.get(release) is None:
+            self.started.append(release)
+            self.held[release] = Deferred()
+            await self.held[release]
+        return await super().ensure(release)
+
+
+def fetchable(n: int) -> str:
+    return f"6.1.0-{n}-amd64"
+
+
+class BudgetTests(HandlerCase):
+    """One client address cannot make others wait: its kernel store work
+    is capped, and so are the fetches of all clients together."""
+
+    def budgeted(self, **config: object) -> tuple[RequestHandler, HeldFetcher]:
+        store = KernelStore(self.base / "kernels", 10 << 20)
+        store.open()
+        fetcher = HeldFetcher(store)
+        given = self.handler(**config)
+        handler = RequestHandler(given.config, reactor, self.pool, test_identity,
+                                 given.runtimes, given.environ,
+                                 kernels=fetcher)  # type: ignore[arg-type]
+        return handler, fetcher
+
+    def ask(self, handler: RequestHandler, peer: str, release: str = RELEASE
+            ) -> Deferred[bytes | None]:
+        body = (request("-p4", "-eok") if release == RELEASE
+                else request("-p4", "-eok", "-r", release, release=release))
+        return Deferred.fromCoroutine(handler.handle(body, RequestContext(peer)))
+
+    async def test_five_releases_at_once_start_one_fetch_and_others_are_served(self) -> None:
+        handler, fetcher = self.budgeted()
+        releases = [fetchable(n) for n in range(1, 6)]
+        asked = {release: self.ask(handler, f"10.0.0.1:{4000 + n}", release)
+                 for n, release in enumerate(releases)}
+        # Four refused at once; one fetch under way.
+        self.assertTrue(await poll(lambda: sum(a.called for a in asked.values()) == 4
+                                   or len(fetcher.started) > 1, NET))
+        self.assertEqual(len(fetcher.started), 1)
+        fetching = fetcher.started[0]
+        for release, answer in asked.items():
+            if release == fetching:
+                self.assertFalse(answer.called)
+                continue
+            response = await answer
+            assert response is not None
+            found = members(response)
+            self.assertEqual(found["rc"], b"1")
+            self.assertEqual(
+                found["stderr"].decode(),
+                f"Server: Not starting the fetch of kernel release '{release}' for 10.0.0.1 "
+                "now: this server does at most one piece of kernel store work (fetching a "
+                "release, its symbols or debuginfo, a first compile) at a time for one "
+                f"client address (--peer-fetches), and 10.0.0.1 has the fetch of kernel release "
+                f"'{fetching}' under way.  Try again once that is done (its request is "
+                "answered).\n")
+        # Another address's request for an installed release is answered
+        # while the fetch is still under way.
+        other = await self.ask(handler, "10.0.0.2:4000")
+        assert other is not None
+        self.assertEqual(members(other)["rc"], b"0")
+        self.assertFalse(asked[fetching].called)
+        self.assertEqual(fetcher.started, [fetching])
+        fetcher.held[fetching].callback(None)
+        response = await asked[fetching]
+        assert response is not None
+        self.assertEqual(members(response)["rc"], b"0")
+        # The fetch is over: the address may have the next one.
+        again = self.ask(handler, "10.0.0.1:5000", releases[0] if fetching != releases[0]
+                         else releases[1])
+        self.assertTrue(await poll(lambda: len(fetcher.started) == 2, NET))
+        fetcher.held[fetcher.started[1]].callback(None)
+        response = await again
+        assert response is not None
+        self.assertEqual(members(response)["rc"], b"0")
+        self.assertEqual(len(fetcher.fetched), 2)
+
+    async def test_a_fetch_under_way_is_shared_not_refused(self) -> None:
+        handler, fetcher = self.budgeted()
+        first = self.ask(handler, "10.0.0.1:4000", fetchable(1))
+        self.assertTrue(await poll(lambda: fetcher.started, NET))
+        second = self.ask(handler, "10.0.0.1:4001", fetchable(1))
+        third = self.ask(handler, "10.0.0.2:4000", fetchable(1))
+        self.assertTrue(await poll(lambda: len(handler.releases._release_flights[
+            fetchable(1)]) == 2, NET))
+        fetcher.held[fetchable(1)].callback(None)
+        for answer in (first, second, third):
+            response = await answer
+            assert response is not None
+            self.assertEqual(members(response)["rc"], b"0")
+        self.assertEqual(fetcher.started, [fetchable(1)])
+
+    async def test_fetches_of_all_clients_together_are_capped(self) -> None:
+        handler, fetcher = self.budgeted(max_fetches=1)
+        peers = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+        asked = []
+        for n, peer in enumerate(peers, 1):
+            asked.append(self.ask(handler, f"{peer}:4000", fetchable(n)))
+            # Each waiting for the fetch slot before the next comes.
+            self.assertTrue(await poll(lambda: len(fetcher.started) + len(
+                handler.releases.fetches.waiting) == n, NET))
+        self.assertEqual(fetcher.started, [fetchable(1)])
+        for n in (1, 2):
+            fetcher.held[fetchable(n)].callback(None)
+            self.assertTrue(await poll(lambda: len(fetcher.started) == n + 1, NET))
+            self.assertFalse(asked[n].called)
+        fetcher.held[fetchable(3)].callback(None)
+        for answer in asked:
+            response = await answer
+            assert response is not None
+            self.assertEqual(members(response)["rc"], b"0")
+        self.assertEqual(fetcher.started, [fetchable(n) for n in (1, 2, 3)])
