@@ -146,9 +146,10 @@ class Options(usage.Options):
         ["max-fetches", None, DEFAULT_MAX_FETCHES, "Kernel store fetches (releases, symbols, "
          "debuginfo) run at once for all clients; more wait, client addresses in turn.",
          _count("max-fetches", 1)],
-        ["peer-fetches", None, DEFAULT_PEER_FETCHES, "Kernel store work (fetches and a "
-         "release's first compile) one client address may have under way; past it its "
-         "requests are refused with a Server: line (0: no cap).", _count("peer-fetches", 0)],
+        ["peer-fetches", None, DEFAULT_PEER_FETCHES, "Requests one client address may have "
+         "doing kernel store work (fetches, symbols, debuginfo, a release's first compile) at "
+         "once; past it a request is told so on a Server: line (0: no cap).",
+         _count("peer-fetches", 0)],
     ]
     optFlags = [
         ["keep", "k", "Keep each request's temporary directory."],

@@ -54,7 +54,7 @@ from stapsrv.core.cmdline import (
     translator_argv,
     without_release,
 )
-from stapsrv.core.budget import peer_address
+from stapsrv.core.budget import OverBudget, Work, peer_address
 from stapsrv.core.counters import Counters
 from stapsrv.core.logtext import escape_controls
 from stapsrv.core.rewrite import StreamReplacer
@@ -162,6 +162,11 @@ class RequestContext:
     translator: TranslatorRun | None = None
     #: The translator's output streams (1, 2) cut at ``--max-output``.
     cut_output: tuple[int, ...] = ()
+    #: The kernel store work this request counts as for its address's
+    #: share (``--peer-fetches``), until it is answered.
+    store_work: Work | None = None
+    #: ``Server:`` lines for the client's stderr (work not done for it).
+    notes: list[str] = field(factory=list)
 
     @property
     def address(self) -> str:
@@ -282,7 +287,10 @@ class RequestHandler:
     async def handle(self, body: bytes, context: RequestContext) -> bytes | None:
         self.counters.requests += 1
         started = self.reactor.seconds()
-        outcome = await self._answer(body, context)
+        try:
+            outcome = await self._answer(body, context)
+        finally:
+            self.releases.finish_work(context)
         if not outcome.succeeded:
             self.counters.failures += 1
         if outcome.tier is not None:
@@ -314,9 +322,9 @@ class RequestHandler:
         if problem is not None:
             return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
         if job.release is not None and self.releases.serves(job.release):
-            await self.releases.provide_debug_within(job.release)
+            await self.releases.provide_debug_within(job.release, context)
             await self.releases.provide_module_debug(job.release, job.named_modules,
-                                                     job.privilege)
+                                                     job.privilege, context)
         key = await self._cache_key(job, context)
         if key is None or self.cache is None:
             return await self._compile(body, job, context)
@@ -400,6 +408,8 @@ class RequestHandler:
             if context.abandoned:
                 return Outcome(None, False)
             return await self._compile_in_scratch(body, job, context)
+        except OverBudget as exc:
+            return Outcome(refusal_archive(str(exc), PROTOCOL_VERSION), False, refused=True)
         except DiskFull:
             pass
         except OSError as exc:
@@ -429,7 +439,7 @@ class RequestHandler:
                 return Outcome(None, False)
             response = await self._in_thread(build_response, scratch / "response")
             to_keep = None
-            if status == 0 and self.cache is not None:
+            if status == 0 and self.cache is not None and not context.notes:
                 # What the translator sends once its own cache is warm: a cold
                 # build also leaves kbuild's intermediate files in the module
                 # directory, which repeated answers should not carry (4.8's
@@ -448,7 +458,7 @@ class RequestHandler:
         ``rc``, or None when there is no answer to send."""
         self.log.info("Client version is {version}",
                       version=escape_controls(job.client_version[:64]))
-        prepared = await self._in_thread(self._prepare, scratch, job)
+        prepared = await self._in_thread(self._prepare, scratch, job, tuple(context.notes))
         if isinstance(prepared, Refused):
             self.log.info(prepared.log_format, release=escape_controls(str(prepared.release)))
             return 1
@@ -476,11 +486,13 @@ class RequestHandler:
 
     # --- prepare (thread pool) ------------------------------------------------
 
-    def _prepare(self, scratch: Path, job: Job) -> Preparation:
+    def _prepare(self, scratch: Path, job: Job, notes: tuple[str, ...] = ()) -> Preparation:
         """The response directory, the translator's environment and command
-        line; or the refusal of a release this server does not serve."""
+        line (``notes``: the server's lines for the client's stderr); or the
+        refusal of a release this server does not serve."""
         response_dir = scratch / "response"
         (response_dir / "version").write_text(PROTOCOL_VERSION)
+        _append(response_dir / "stderr", list(notes))
         release = job.release
         if release is None:
             _refuse(response_dir, "Server: The request does not name a kernel "
@@ -548,7 +560,8 @@ class RequestHandler:
         if context.abandoned:
             return None
         if self.sandbox is not None:
-            await self.warmup.stapconf_ready(prepared.release, guru_mode(prepared.argv[1:]))
+            await self.warmup.stapconf_ready(prepared.release, guru_mode(prepared.argv[1:]),
+                                             context)
             if context.abandoned:
                 return None
         response_dir = prepared.response_dir

@@ -35,7 +35,7 @@ from stapsrv.compile.runtime import select_runtime
 from stapsrv.compile.sandbox import Sandbox
 from stapsrv.compile.slots import FairGate
 from stapsrv.config.values import ServerConfig
-from stapsrv.core.budget import SERVER, PeerBudget, Work, over_budget_message
+from stapsrv.core.budget import SERVER, OverBudget, PeerBudget, over_budget_message
 from stapsrv.core.cmdline import Privilege
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
@@ -50,11 +50,6 @@ if TYPE_CHECKING:
     from stapsrv.compile.handler import RequestContext
 
 T = TypeVar("T")
-
-
-class OverBudget(Exception):
-    """The client's address has as much kernel store work under way as it
-    may have; the message is its ``Server:`` line."""
 
 
 @define(eq=False)
@@ -104,9 +99,14 @@ class ServedReleases:
         self.budget = PeerBudget(self.config.peer_fetches)
         self.fetches = FairGate(max(1, self.config.max_fetches))
 
-    def start_work(self, address: str, what: str) -> Work:
-        """Kernel store work for ``address`` (counted until
-        :meth:`finish_work`); raises :class:`OverBudget` past its share."""
+    def charge(self, context: RequestContext | None, what: str) -> None:
+        """Before kernel store work for a request (None: the server's own):
+        the request counts against its address's share until it is answered
+        (:meth:`finish_work`), once however many steps it takes.  Raises
+        :class:`OverBudget` past the share."""
+        if context is None or context.store_work is not None:
+            return
+        address = context.address
         work = self.budget.start(address, what)
         if work is None:
             under_way = self.budget.under_way(address)
@@ -116,10 +116,13 @@ class ServedReleases:
                           busy=", ".join(work.what for work in under_way))
             raise OverBudget(over_budget_message(what, address, self.budget.per_peer,
                                                  under_way))
-        return work
+        context.store_work = work
 
-    def finish_work(self, work: Work) -> None:
-        self.budget.finish(work)
+    def finish_work(self, context: RequestContext) -> None:
+        """The request is answered: its address's share is free again."""
+        if context.store_work is not None:
+            self.budget.finish(context.store_work)
+            context.store_work = None
 
     async def fetching(self, address: str, fetch: Callable[[], Deferred[T]]) -> T:
         """``fetch()`` once one of the fetch slots is free and it is
@@ -153,7 +156,7 @@ class ServedReleases:
         if not self.kernels.allowed(release):
             return None
         try:
-            stored = await self._stored_or_fetched(release, context.address)
+            stored = await self._stored_or_fetched(release, context)
         except OverBudget as exc:
             return str(exc)
         except FetchFailed as exc:
@@ -166,10 +169,11 @@ class ServedReleases:
             self.on_release_added(stored.release)
         return None
 
-    async def _stored_or_fetched(self, release: str, address: str) -> StoredRelease:
+    async def _stored_or_fetched(self, release: str, context: RequestContext
+                                 ) -> StoredRelease:
         """The stored release; fetched first (in a fetch slot, counted
-        against ``address``) unless a fetch of it is under way already,
-        which the request shares.  Raises OverBudget, FetchFailed."""
+        against the request's address) unless a fetch of it is under way
+        already, which the request shares.  Raises OverBudget, FetchFailed."""
         assert self.kernels is not None
         flight = self._release_flights.get(release)
         if flight is not None:
@@ -185,19 +189,17 @@ class ServedReleases:
             flight.append(waiter)
             return await waiter
         kernels = self.kernels
-        work = self.start_work(address, f"the fetch of kernel release '{release}'")
+        self.charge(context, f"the fetch of kernel release '{release}'")
         waiting: list[Deferred[StoredRelease]] = []
         self._release_flights[release] = waiting
         try:
             stored = await self.fetching(
-                address, lambda: Deferred.fromCoroutine(kernels.ensure(release)))
+                context.address, lambda: Deferred.fromCoroutine(kernels.ensure(release)))
         except Exception as exc:
             del self._release_flights[release]
             for waiter in waiting:
                 waiter.errback(exc)
             raise
-        finally:
-            self.finish_work(work)
         del self._release_flights[release]
         for waiter in waiting:
             waiter.callback(stored)
@@ -220,13 +222,14 @@ class ServedReleases:
                                           read_only=(*self.sandbox.read_only, fixed))
         self._stored[stored.release] = tree
 
-    async def provide_debug_within(self, release: str) -> bool:
+    async def provide_debug_within(self, release: str,
+                                   context: RequestContext | None = None) -> bool:
         """:meth:`provide_debug`, waited for at most :attr:`symbol_wait`
         seconds: False when the request must go on without the symbols
         still being made (they are, for the requests after it)."""
         work = self._debug_work.get(release)
         if work is None:
-            work = Deferred.fromCoroutine(self.provide_debug(release))
+            work = Deferred.fromCoroutine(self.provide_debug(release, context))
             work.addErrback(lambda failure: self.log.failure(
                 "Making the symbols of kernel {release} failed", failure, release=release))
             if work.called:
@@ -260,11 +263,14 @@ class ServedReleases:
                           seconds=self.symbol_wait)
         return ready
 
-    async def provide_debug(self, release: str) -> None:
+    async def provide_debug(self, release: str, context: RequestContext | None = None
+                            ) -> None:
         """Unless ``--no-fetch-symbols``: the release's System.map (made
         from its kernel image), or with ``--fetch-debuginfo`` the map and
         vmlinux of its -dbg package, had once; a compile goes on without
-        them when they cannot be had."""
+        them when they cannot be had, or when making them would take the
+        request (``context``; None: the server's own) past its address's
+        share of kernel store work (its client is told)."""
         config = self.config
         if not config.fetch_symbols or self.kernels is None or release.startswith("/"):
             return  # a tree given by path has no package to make them from
@@ -278,8 +284,26 @@ class ServedReleases:
         failed = self._debug_failed.get(release)
         if failed is not None and self.reactor.seconds() < failed + DEBUG_RETRY:
             return
+        kernels = self.kernels
+        files_or_none = await kernels.stored_debug(release, config.fetch_debuginfo)
+        if files_or_none is not None:
+            await self._in_thread(self._adopt_debug, release, files_or_none)
+            return
+        what = (f"the debuginfo of kernel release '{release}'" if config.fetch_debuginfo
+                else f"the System.map of kernel release '{release}'")
         try:
-            files = await self.kernels.ensure_debug(release, config.fetch_debuginfo)
+            self.charge(context, what)
+        except OverBudget as exc:
+            assert context is not None
+            context.notes.append(f"{exc} Compiling without it meanwhile.")
+            return
+        address = context.address if context is not None else SERVER
+
+        def ensure(vmlinux: bool) -> Deferred[DebugFiles]:
+            return Deferred.fromCoroutine(kernels.ensure_debug(release, vmlinux))
+
+        try:
+            files = await self.fetching(address, lambda: ensure(config.fetch_debuginfo))
         except FetchFailed as exc:
             now, last = self.reactor.seconds(), self._debug_failed.get(release)
             self._debug_failed[release] = now
@@ -291,7 +315,7 @@ class ServedReleases:
             if not config.fetch_debuginfo or known is not None:
                 return
             try:  # without the -dbg package, the map from the kernel image at least
-                files = await self.kernels.ensure_debug(release, False)
+                files = await self.fetching(address, lambda: ensure(False))
             except FetchFailed:
                 return
         else:
@@ -326,7 +350,8 @@ class ServedReleases:
         self._debug[release] = files
 
     async def provide_module_debug(self, release: str, names: tuple[str, ...],
-                                   privilege: Privilege = Privilege.STAPDEV) -> None:
+                                   privilege: Privilege = Privilege.STAPDEV,
+                                   context: RequestContext | None = None) -> None:
         """The debuginfo of the modules a script names (``--fetch-debuginfo``),
         where the translator of this release looks (:mod:`stapsrv.compile.moduledebug`).
         Not for unprivileged requests: the translator refuses them module
@@ -335,7 +360,21 @@ class ServedReleases:
         if privilege is not Privilege.STAPDEV:
             return
         if self.module_debug is not None and (tree is not None or self.sandbox is not None):
-            await self.module_debug.provide(release, names, tree)
+            await self.module_debug.provide(release, names, tree,
+                                            lambda fetch, what: self._budgeted(context, what,
+                                                                               fetch))
+
+    async def _budgeted(self, context: RequestContext | None, what: str,
+                        fetch: Callable[[], Deferred[T]]) -> T:
+        """``fetch()`` counted against the request's address (raises
+        OverBudget, its client told) and in a fetch slot."""
+        try:
+            self.charge(context, what)
+        except OverBudget as exc:
+            assert context is not None
+            context.notes.append(f"{exc} Compiling without it meanwhile.")
+            raise
+        return await self.fetching(context.address if context is not None else SERVER, fetch)
 
     def debug_binds(self, release: str | None) -> list[tuple[Path, str]]:
         files = self._debug.get(release) if release is not None else None

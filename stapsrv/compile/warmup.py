@@ -19,7 +19,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, DeferredSemaphore
@@ -35,6 +35,9 @@ from stapsrv.config.values import ServerConfig
 from stapsrv.core.cmdline import ServerOption, translator_argv
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
+
+if TYPE_CHECKING:
+    from stapsrv.compile.handler import RequestContext
 
 T = TypeVar("T")
 
@@ -95,10 +98,14 @@ class WarmUp:
         finally:
             self.gate.release()
 
-    async def stapconf_ready(self, release: str, guru: bool) -> None:
+    async def stapconf_ready(self, release: str, guru: bool,
+                             context: RequestContext | None = None) -> None:
         """Once per release and guru mode, before the first request's
         translator: the server's own compile of a fixed script makes the
-        kernel configuration header that every sandbox then starts with."""
+        kernel configuration header that every sandbox then starts with.
+        It counts against the share of kernel store work of the request
+        that starts it (``context``; None: the server's own): past the
+        share, OverBudget is raised and nothing is started."""
         key = (release, guru)
         state = self._warmups.get(key)
         if state is True:
@@ -116,6 +123,8 @@ class WarmUp:
             state.append(waiter)
             await waiter
             return
+        self.releases.charge(context, f"the first compile for kernel release '{release}'"
+                             + (" in guru mode" if guru else ""))
         waiting: list[Deferred[None]] = []
         self._warmups[key] = waiting
         try:

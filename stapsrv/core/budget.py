@@ -116,6 +116,11 @@ class FairSlots(Generic[T]):
         return key, item
 
 
+class OverBudget(Exception):
+    """The client's address has as much kernel store work under way as it
+    may have; the message is its ``Server:`` line."""
+
+
 @frozen
 class Work:
     """Kernel store work under way for one address."""

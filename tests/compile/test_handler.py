@@ -15,7 +15,7 @@ from stapsrv.config.values import TranslatorLimits
 from stapsrv.core.cmdline import ServerOption
 from tests.helpers import signature_hash, test_identity
 from tests.helpers.archives import RELEASE, make_zip, request
-from tests.helpers.handlers import HandlerCase, alive
+from tests.helpers.handlers import CachedHandlerCase, HandlerCase, alive
 from tests.helpers.waiting import NET, poll
 from tests.helpers.vectors import captured_requests
 
@@ -234,6 +234,61 @@ class FairSlotTests(HandlerCase):
         for answer in answers:
             self.assertEqual(await answer, b"answer")
         self.assertEqual((handler.gate.tokens, len(handler.gate.waiting)), (1, 0))
+
+
+class BudgetNoteTests(HandlerCase):
+    """What the request's share of kernel store work kept from it reaches
+    its client."""
+
+    async def test_work_not_done_for_the_request_is_a_server_line_first(self) -> None:
+        from stapsrv.compile.releases import ServedReleases
+
+        async def over(releases: ServedReleases, release: str,
+                       context: RequestContext | None = None) -> bool:
+            assert context is not None
+            context.notes.append("Server: Not starting the System.map (test).")
+            return False
+
+        self.patch(ServedReleases, "provide_debug_within", over)
+        found = await self.answer(request("-p4", "-eok"))
+        self.assertEqual(found["rc"], b"0")
+        self.assertTrue(found["stderr"].startswith(
+            b"Server: Not starting the System.map (test).\n"), found["stderr"])
+
+    async def test_a_warm_up_past_the_share_refuses_the_request(self) -> None:
+        from stapsrv.core.budget import OverBudget
+
+        async def process(handler: RequestHandler, scratch: Path, job: Job,
+                          context: RequestContext) -> int | None:
+            raise OverBudget("Server: Not starting the first compile (test).")
+
+        self.patch(RequestHandler, "_process", process)
+        handler = self.handler()
+        found = await self.answer(request("-p4", "-eok"), handler)
+        self.assertEqual((found["rc"], found["stderr"]),
+                         (b"1", b"Server: Not starting the first compile (test).\n"))
+        self.assertEqual((handler.gate.tokens, os.listdir(self.tmpdir)),
+                         (handler.config.concurrency, []))
+
+
+class BudgetCacheTests(CachedHandlerCase):
+    async def test_an_answer_carrying_a_note_is_not_kept(self) -> None:
+        from stapsrv.compile.releases import ServedReleases
+
+        async def over(releases: ServedReleases, release: str,
+                       context: RequestContext | None = None) -> bool:
+            assert context is not None
+            context.notes.append("Server: Not starting the System.map (test).")
+            return False
+
+        handler = self.cached_handler()
+        self.assertGoodModule(await self.raw(handler, request("-p4", "-eok")))
+        self.assertGoodModule(await self.raw(handler, request("-p4", "-eok")))
+        self.assertEqual(self.runs(), 1, "kept, then answered from the cache")
+        self.patch(ServedReleases, "provide_debug_within", over)
+        for _ in range(2):
+            self.assertGoodModule(await self.raw(handler, request("-p4", "-etwo")))
+        self.assertEqual(self.runs(), 3, "the note is for that request only")
 
 
 class AppendTests(TestCase):

@@ -88,6 +88,10 @@ class FakeFetcher:
     def debug_store(self) -> KernelStore:
         return KernelStore(self.store.directory / ".debug", self.store.size_cap)
 
+    async def stored_debug(self, release: str, vmlinux: bool) -> DebugFiles | None:
+        """Nothing is had without ensure_debug here (it counts them)."""
+        return None
+
     async def ensure_debug(self, release: str, vmlinux: bool) -> DebugFiles:
         self.debug_fetched.append((release, vmlinux))
         if not valid_release(release):  # as apt's fetcher: a tree named by path
@@ -276,7 +280,7 @@ class SymbolsTests(ReleasesCase):
 
         class Modules:
             async def provide(self, release: str, names: tuple[str, ...],
-                              tree: Path | None) -> None:
+                              tree: Path | None, budgeted: object = None) -> None:
                 asked.append((release, names))
 
         releases = self.releases(fetch_symbols=True, fetch_debuginfo=True)
@@ -329,6 +333,59 @@ class SymbolsTests(ReleasesCase):
         await releases.provide_debug(RELEASE)
         self.assertEqual(len(self.fetcher.debug_fetched), 2)
         self.assertEqual(len(self.events.matching("No symbols")), 2)
+
+
+class SymbolBudgetTests(ReleasesCase):
+    """Symbols and module debuginfo count against the share of kernel
+    store work of the request that starts them (--peer-fetches)."""
+
+    async def test_past_its_share_a_request_compiles_without_symbols_and_is_told(self
+                                                                                  ) -> None:
+        releases = self.releases(fetch_symbols=True, peer_fetches=1)
+        releases.charge(RequestContext("10.0.0.1:4000"), "the fetch of kernel release 'x'")
+        over = RequestContext("10.0.0.1:4001")
+        await releases.provide_debug(RELEASE, over)
+        self.assertEqual(self.fetcher.debug_fetched, [])
+        self.assertEqual(releases.debug_binds(RELEASE), [])
+        self.assertEqual(len(over.notes), 1)
+        self.assertTrue(over.notes[0].startswith(
+            f"Server: Not starting the System.map of kernel release '{RELEASE}' for "
+            "10.0.0.1 now"), over.notes[0])
+        self.assertTrue(over.notes[0].endswith(" Compiling without it meanwhile."))
+        # Not marked failed: the next request that may have them makes them.
+        other = RequestContext("10.0.0.2:4000")
+        await releases.provide_debug(RELEASE, other)
+        self.assertEqual(self.fetcher.debug_fetched, [(RELEASE, False)])
+        self.assertEqual(other.notes, [])
+        releases.finish_work(other)
+        self.assertEqual(releases.budget.under_way("10.0.0.2"), [])
+
+    async def test_past_its_share_no_module_debuginfo_pass_starts(self) -> None:
+        from stapsrv.compile.fetch import KernelFetcher
+        from stapsrv.compile.moduledebug import ModuleDebug
+        passes: list[list[str]] = []
+
+        async def fetch(self: ModuleDebug, release: str, old: object,
+                        missing: list[str]) -> None:
+            passes.append(missing)
+            raise FetchFailed("no archive here")
+
+        self.patch(ModuleDebug, "_fetch", fetch)
+        real = KernelFetcher(self.store, reactor, self.pool,  # type: ignore[arg-type]
+                             ("6.1.0-*-amd64",))
+        releases = self.releases(fetch_symbols=True, fetch_debuginfo=True, peer_fetches=1)
+        releases.module_debug = ModuleDebug(real, modules_root=self.base / "modules",
+                                            log=Logger(observer=self.events))
+        releases.charge(RequestContext("10.0.0.1:4000"), "the fetch of kernel release 'x'")
+        over = RequestContext("10.0.0.1:4001")
+        await releases.provide_module_debug(RELEASE, ("ext4",), Privilege.STAPDEV, over)
+        self.assertEqual(passes, [])
+        self.assertEqual(len(over.notes), 1)
+        self.assertIn("a pass for the debuginfo of modules ext4 of kernel release", over.notes[0])
+        # Not marked failed either: another address's request runs the pass.
+        await releases.provide_module_debug(RELEASE, ("ext4",), Privilege.STAPDEV,
+                                            RequestContext("10.0.0.2:4000"))
+        self.assertEqual(passes, [["ext4"]])
 
 
 class SymbolWaitTests(ReleasesCase):

@@ -220,3 +220,26 @@ class StartTests(WarmUpCase):
         warmup.start()
         await deferLater(reactor, 0.3, lambda: None)
         self.assertEqual((self.runs(), self.fetcher.debug_fetched), ([], []))
+
+
+class BudgetTests(WarmUpCase):
+    """A warm-up counts against the share of kernel store work of the
+    request that starts it (--peer-fetches)."""
+
+    async def test_past_its_share_a_request_starts_no_warm_up(self) -> None:
+        from stapsrv.core.budget import OverBudget
+        warmup = self.warmup(peer_fetches=1)
+        busy = RequestContext("10.0.0.1:4000")
+        warmup.releases.charge(busy, f"the fetch of kernel release '{STORED}'")
+        with self.assertRaises(OverBudget) as caught:
+            await warmup.stapconf_ready(RELEASE, False, RequestContext("10.0.0.1:4001"))
+        self.assertIn(f"Server: Not starting the first compile for kernel release "
+                      f"'{RELEASE}' for 10.0.0.1 now", str(caught.exception))
+        self.assertEqual(self.runs(), [], "no warm-up started")
+        # Another address may; then the header is ready for everyone.
+        other = RequestContext("10.0.0.2:4000")
+        await warmup.stapconf_ready(RELEASE, False, other)
+        self.assertEqual(len(self.runs()), 1)
+        self.assertIsNotNone(other.store_work)
+        await warmup.stapconf_ready(RELEASE, False, RequestContext("10.0.0.1:4002"))
+        self.assertEqual(len(self.runs()), 1)
