@@ -192,9 +192,15 @@ class ServedReleases:
         self.charge(context, f"the fetch of kernel release '{release}'")
         waiting: list[Deferred[StoredRelease]] = []
         self._release_flights[release] = waiting
+
+        def fetch() -> Deferred[StoredRelease]:
+            if context.abandoned and not waiting:
+                # Its turn came after its client left, and nobody else asks.
+                raise FetchFailed("its client went away")
+            return Deferred.fromCoroutine(kernels.ensure(release))
+
         try:
-            stored = await self.fetching(
-                context.address, lambda: Deferred.fromCoroutine(kernels.ensure(release)))
+            stored = await self.fetching(context.address, fetch)
         except Exception as exc:
             del self._release_flights[release]
             for waiter in waiting:

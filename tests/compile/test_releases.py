@@ -571,3 +571,18 @@ class BudgetTests(HandlerCase):
             assert response is not None
             self.assertEqual(members(response)["rc"], b"0")
         self.assertEqual(fetcher.started, [fetchable(n) for n in (1, 2, 3)])
+
+    async def test_a_fetch_whose_client_left_while_it_waited_is_not_started(self) -> None:
+        handler, fetcher = self.budgeted(max_fetches=1)
+        first = self.ask(handler, "10.0.0.1:4000", fetchable(1))
+        self.assertTrue(await poll(lambda: fetcher.started, NET))
+        gone = RequestContext("10.0.0.2:4000")
+        left = Deferred.fromCoroutine(handler.handle(
+            request("-p4", "-eok", "-r", fetchable(2), release=fetchable(2)), gone))
+        self.assertTrue(await poll(lambda: handler.releases.fetches.waiting, NET))
+        gone.abandon()
+        fetcher.held[fetchable(1)].callback(None)
+        await first
+        await left
+        self.assertEqual(fetcher.started, [fetchable(1)])
+        self.assertEqual(handler.releases.budget.under_way("10.0.0.2"), [])
