@@ -318,7 +318,10 @@ class RequestHandler:
             self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
                           reason=escape_controls(refusal))
             return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
-        problem = await self.releases.provide_release(job.release, context)
+        try:
+            problem = await self.releases.provide_release(job.release, context)
+        except OverBudget as exc:
+            return Outcome(refusal_archive(str(exc), PROTOCOL_VERSION), False, refused=True)
         if problem is not None:
             return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
         if job.release is not None and self.releases.serves(job.release):

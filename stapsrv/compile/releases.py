@@ -113,7 +113,7 @@ class ServedReleases:
             self.log.info("Not starting {what} for {address}: it has {count} piece(s) of "
                           "kernel store work under way ({busy})", what=what, address=address,
                           count=len(under_way),
-                          busy=", ".join(work.what for work in under_way))
+                          busy=", ".join(item.what for item in under_way))
             raise OverBudget(over_budget_message(what, address, self.budget.per_peer,
                                                  under_way))
         context.store_work = work
@@ -150,15 +150,15 @@ class ServedReleases:
         """Make a release that is not installed available from the kernel
         store, fetching it if the policy allows; the client's one-line
         reason when it cannot be had (None: go on, the preparation refuses
-        a release that is neither served nor fetchable)."""
+        a release that is neither served nor fetchable).  Raises OverBudget
+        when fetching it would take the request past its address's share
+        of kernel store work."""
         if release is None or release in self.config.releases or self.kernels is None:
             return None
         if not self.kernels.allowed(release):
             return None
         try:
             stored = await self._stored_or_fetched(release, context)
-        except OverBudget as exc:
-            return str(exc)
         except FetchFailed as exc:
             self.log.info("Cannot provide kernel {release} for {peer}: {reason}",
                           release=release, peer=context.peer, reason=str(exc))

@@ -26,6 +26,7 @@ from stapsrv.compile.kernels import (
     fix_tree,
     valid_release,
 )
+from stapsrv.compile.observer import NoObserver
 from stapsrv.compile.releases import DEBUG_RETRY, ServedReleases
 from stapsrv.compile.sandbox import Sandbox
 from stapsrv.config.values import ServerConfig
@@ -491,6 +492,13 @@ class BudgetTests(HandlerCase):
 
     async def test_five_releases_at_once_start_one_fetch_and_others_are_served(self) -> None:
         handler, fetcher = self.budgeted()
+        outcomes: list[str] = []
+
+        class Outcomes(NoObserver):
+            def request_done(self, outcome: str, seconds: float) -> None:
+                outcomes.append(outcome)
+
+        handler.observer = Outcomes()
         releases = [fetchable(n) for n in range(1, 6)]
         asked = {release: self.ask(handler, f"10.0.0.1:{4000 + n}", release)
                  for n, release in enumerate(releases)}
@@ -515,6 +523,7 @@ class BudgetTests(HandlerCase):
                 f"client address (--peer-fetches), and 10.0.0.1 has the fetch of kernel release "
                 f"'{fetching}' under way.  Try again once that is done (its request is "
                 "answered).\n")
+        self.assertEqual(outcomes, ["refused"] * 4)
         # Another address's request for an installed release is answered
         # while the fetch is still under way.
         other = await self.ask(handler, "10.0.0.2:4000")
