@@ -233,20 +233,9 @@ class ServedReleases:
         """:meth:`provide_debug`, waited for at most :attr:`symbol_wait`
         seconds: False when the request must go on without the symbols
         still being made (they are, for the requests after it)."""
-        work = self._debug_work.get(release)
+        work = self.debug_work(release, context)
         if work is None:
-            work = Deferred.fromCoroutine(self.provide_debug(release, context))
-            work.addErrback(lambda failure: self.log.failure(
-                "Making the symbols of kernel {release} failed", failure, release=release))
-            if work.called:
-                return True
-            self._debug_work[release] = work
-
-            def over(result: object) -> object:
-                self._debug_work.pop(release, None)
-                return result
-
-            work.addBoth(over)
+            return True
         waiter: Deferred[bool] = Deferred()
 
         def done(result: object) -> object:
@@ -268,6 +257,28 @@ class ServedReleases:
                           "without them after waiting {seconds:g} s", release=release,
                           seconds=self.symbol_wait)
         return ready
+
+    def debug_work(self, release: str, context: RequestContext | None = None
+                   ) -> Deferred[None] | None:
+        """:meth:`provide_debug` started, or joined when it is under way
+        (for a request, or the server's own at start): what fires when it
+        is over; None when it is over already."""
+        work = self._debug_work.get(release)
+        if work is not None:
+            return work
+        work = Deferred.fromCoroutine(self.provide_debug(release, context))
+        work.addErrback(lambda failure: self.log.failure(
+            "Making the symbols of kernel {release} failed", failure, release=release))
+        if work.called:
+            return None
+        self._debug_work[release] = work
+
+        def over(result: object) -> object:
+            self._debug_work.pop(release, None)
+            return result
+
+        work.addBoth(over)
+        return work
 
     async def provide_debug(self, release: str, context: RequestContext | None = None
                             ) -> None:

@@ -89,7 +89,8 @@ class WarmUp:
             tree = Path(release) if release.startswith("/") else build_tree(release)
             if (tree / "Makefile").exists():
                 Deferred.fromCoroutine(self._warm_up_in_a_slot(release))
-                Deferred.fromCoroutine(self.releases.provide_debug(release))
+                # Shared with the requests that come meanwhile (free for them).
+                self.releases.debug_work(release)
 
     async def _warm_up_in_a_slot(self, release: str) -> None:
         await self.gate.acquire()

@@ -361,6 +361,27 @@ class SymbolBudgetTests(ReleasesCase):
         releases.finish_work(other)
         self.assertEqual(releases.budget.under_way("10.0.0.2"), [])
 
+    async def test_symbols_the_server_is_making_are_shared_at_no_cost(self) -> None:
+        made: Deferred[None] = Deferred()
+        ensure_debug = self.fetcher.ensure_debug
+
+        async def slow(release: str, vmlinux: bool) -> DebugFiles:
+            await made
+            return await ensure_debug(release, vmlinux)
+
+        self.fetcher.ensure_debug = slow  # type: ignore[method-assign]
+        releases = self.releases(fetch_symbols=True, peer_fetches=1)
+        releases.symbol_wait = 600.0
+        self.assertIsNotNone(releases.debug_work(RELEASE))  # the server's own, at start
+        releases.charge(RequestContext("10.0.0.1:4000"), "the fetch of kernel release 'x'")
+        over = RequestContext("10.0.0.1:4001")
+        waited = Deferred.fromCoroutine(releases.provide_debug_within(RELEASE, over))
+        made.callback(None)
+        self.assertTrue(await waited)
+        self.assertEqual((over.notes, over.store_work), ([], None))
+        self.assertEqual(len(self.fetcher.debug_fetched), 1)
+        self.assertNotEqual(releases.debug_binds(RELEASE), [])
+
     async def test_past_its_share_no_module_debuginfo_pass_starts(self) -> None:
         from stapsrv.compile.fetch import KernelFetcher
         from stapsrv.compile.moduledebug import ModuleDebug

@@ -243,3 +243,31 @@ class BudgetTests(WarmUpCase):
         self.assertIsNotNone(other.store_work)
         await warmup.stapconf_ready(RELEASE, False, RequestContext("10.0.0.1:4002"))
         self.assertEqual(len(self.runs()), 1)
+
+    async def test_the_symbols_made_at_start_are_shared_at_no_cost(self) -> None:
+        from stapsrv.compile import warmup as warmup_module
+        from stapsrv.compile.fetch import DebugFiles
+        made: Deferred[None] = Deferred()
+        ensure_debug = self.fetcher.ensure_debug
+
+        async def slow(release: str, vmlinux: bool) -> DebugFiles:
+            await made
+            return await ensure_debug(release, vmlinux)
+
+        self.fetcher.ensure_debug = slow  # type: ignore[method-assign]
+        tree = self.base / "installed"
+        tree.mkdir()
+        (tree / "Makefile").write_text("all:\n")
+        self.patch(warmup_module, "build_tree", lambda release: tree)
+        self.gate = DeferredSemaphore(1)
+        await self.gate.acquire()  # no warm-up compile here
+        warmup = self.warmup(fetch_symbols=True, peer_fetches=1)
+        warmup.releases.symbol_wait = 600.0
+        warmup.start()
+        warmup.releases.charge(RequestContext("10.0.0.1:4000"), "the fetch of kernel 'x'")
+        over = RequestContext("10.0.0.1:4001")
+        waited = Deferred.fromCoroutine(warmup.releases.provide_debug_within(RELEASE, over))
+        made.callback(None)
+        self.assertTrue(await waited)
+        self.assertEqual((over.notes, over.store_work), ([], None))
+        self.assertEqual(self.fetcher.debug_fetched, [(RELEASE, False)])
