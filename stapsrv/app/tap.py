@@ -147,7 +147,7 @@ class Options(usage.Options):
          "debuginfo) run at once for all clients; more wait, client addresses in turn.",
          _count("max-fetches", 1)],
         ["peer-fetches", None, DEFAULT_PEER_FETCHES, "Requests one client address may have "
-         "doing kernel store work (fetches, symbols, debuginfo, a release's first compile) at "
+         "doing kernel store work (fetches, symbols, debuginfo, a release's warm-up) at "
          "once; past it a request is told so on a Server: line (0: no cap).",
          _count("peer-fetches", 0)],
     ]

@@ -411,8 +411,6 @@ class RequestHandler:
             if context.abandoned:
                 return Outcome(None, False)
             return await self._compile_in_scratch(body, job, context)
-        except OverBudget as exc:
-            return Outcome(refusal_archive(str(exc), PROTOCOL_VERSION), False, refused=True)
         except DiskFull:
             pass
         except OSError as exc:
@@ -563,8 +561,14 @@ class RequestHandler:
         if context.abandoned:
             return None
         if self.sandbox is not None:
-            await self.warmup.stapconf_ready(prepared.release, guru_mode(prepared.argv[1:]),
-                                             context)
+            try:
+                await self.warmup.stapconf_ready(prepared.release,
+                                                 guru_mode(prepared.argv[1:]), context)
+            except OverBudget as exc:
+                # Its translator makes the header for itself, in its own slot.
+                note = f"{exc} Compiling without it meanwhile."
+                context.notes.append(note)
+                await self._in_thread(_append, prepared.response_dir / "stderr", [note])
             if context.abandoned:
                 return None
         response_dir = prepared.response_dir

@@ -106,7 +106,8 @@ class WarmUp:
         kernel configuration header that every sandbox then starts with.
         It counts against the share of kernel store work of the request
         that starts it (``context``; None: the server's own): past the
-        share, OverBudget is raised and nothing is started."""
+        share, OverBudget is raised and nothing is started (that request's
+        translator makes the header for itself)."""
         key = (release, guru)
         state = self._warmups.get(key)
         if state is True:
@@ -124,8 +125,8 @@ class WarmUp:
             state.append(waiter)
             await waiter
             return
-        self.releases.charge(context, f"the first compile for kernel release '{release}'"
-                             + (" in guru mode" if guru else ""))
+        self.releases.charge(context, "the kernel configuration warm-up compile for kernel "
+                             f"release '{release}'" + (" in guru mode" if guru else ""))
         waiting: list[Deferred[None]] = []
         self._warmups[key] = waiting
         try:

@@ -162,6 +162,6 @@ def over_budget_message(asked: str, address: str, per_peer: int,
     busy = ", ".join(work.what for work in under_way) or "other work"
     return (f"Server: Not starting {asked} for {address} now: this server does at most "
             f"{pieces} of kernel store work (fetching a release, its symbols or debuginfo, "
-            f"a first compile) at a time for one client address (--peer-fetches), and "
+            f"a warm-up compile) at a time for one client address (--peer-fetches), and "
             f"{address} has {busy} under way.  Try again once that is done (its request "
             f"is answered).")

@@ -255,20 +255,30 @@ class BudgetNoteTests(HandlerCase):
         self.assertTrue(found["stderr"].startswith(
             b"Server: Not starting the System.map (test).\n"), found["stderr"])
 
-    async def test_a_warm_up_past_the_share_refuses_the_request(self) -> None:
+    async def test_past_the_share_a_request_compiles_without_a_warm_up_and_is_told(
+            self) -> None:
+        from stapsrv.compile.sandbox import Sandbox
+        from stapsrv.compile.warmup import WarmUp
         from stapsrv.core.budget import OverBudget
 
-        async def process(handler: RequestHandler, scratch: Path, job: Job,
-                          context: RequestContext) -> int | None:
-            raise OverBudget("Server: Not starting the first compile (test).")
+        async def over(warmup: WarmUp, release: str, guru: bool,
+                       context: RequestContext | None = None) -> None:
+            raise OverBudget("Server: Not starting the warm-up (test).")
 
-        self.patch(RequestHandler, "_process", process)
+        def no_bwrap(handler: RequestHandler, scratch: Path,
+                     release: str | None = None) -> tuple[str, ...]:
+            return ()
+
+        self.patch(WarmUp, "stapconf_ready", over)
+        self.patch(RequestHandler, "sandbox_words", no_bwrap)
         handler = self.handler()
+        handler.releases.sandbox = Sandbox(home=self.home, systemtap_dir=self.base / "stap")
         found = await self.answer(request("-p4", "-eok"), handler)
-        self.assertEqual((found["rc"], found["stderr"]),
-                         (b"1", b"Server: Not starting the first compile (test).\n"))
-        self.assertEqual((handler.gate.tokens, os.listdir(self.tmpdir)),
-                         (handler.config.concurrency, []))
+        self.assertEqual(found["rc"], b"0")
+        # Before what its translator says.
+        self.assertTrue(found["stderr"].startswith(
+            b"Server: Not starting the warm-up (test). Compiling without it meanwhile.\n"
+            b"Pass 4: "), found["stderr"])
 
 
 class BudgetCacheTests(CachedHandlerCase):

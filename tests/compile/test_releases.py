@@ -540,7 +540,7 @@ class BudgetTests(HandlerCase):
                 found["stderr"].decode(),
                 f"Server: Not starting the fetch of kernel release '{release}' for 10.0.0.1 "
                 "now: this server does at most one piece of kernel store work (fetching a "
-                "release, its symbols or debuginfo, a first compile) at a time for one "
+                "release, its symbols or debuginfo, a warm-up compile) at a time for one "
                 f"client address (--peer-fetches), and 10.0.0.1 has the fetch of kernel release "
                 f"'{fetching}' under way.  Try again once that is done (its request is "
                 "answered).\n")

@@ -233,8 +233,8 @@ class BudgetTests(WarmUpCase):
         warmup.releases.charge(busy, f"the fetch of kernel release '{STORED}'")
         with self.assertRaises(OverBudget) as caught:
             await warmup.stapconf_ready(RELEASE, False, RequestContext("10.0.0.1:4001"))
-        self.assertIn(f"Server: Not starting the first compile for kernel release "
-                      f"'{RELEASE}' for 10.0.0.1 now", str(caught.exception))
+        self.assertIn("Server: Not starting the kernel configuration warm-up compile for "
+                      f"kernel release '{RELEASE}' for 10.0.0.1 now", str(caught.exception))
         self.assertEqual(self.runs(), [], "no warm-up started")
         # Another address may; then the header is ready for everyone.
         other = RequestContext("10.0.0.2:4000")

@@ -100,6 +100,6 @@ class BudgetTests(TestCase):
                                 budget.under_way("10.0.0.1")),
             "Server: Not starting kernel release '6.1.0-7-amd64' for 10.0.0.1 now: this "
             "server does at most one piece of kernel store work (fetching a release, its "
-            "symbols or debuginfo, a first compile) at a time for one client address "
+            "symbols or debuginfo, a warm-up compile) at a time for one client address "
             "(--peer-fetches), and 10.0.0.1 has kernel release '6.1.0-3-amd64' under way.  "
             "Try again once that is done (its request is answered).")
