@@ -271,12 +271,12 @@ class CompileServerService(Service):
         patterns = config.fetch_patterns or default_patterns(
             debian_architecture(), [*installed_releases(), *config.releases])
         self.log.info("Kernel store {directory} (at most {size} MiB); fetching releases "
-                      "matching {patterns}; at most {fetches} fetches at once, and {share} "
-                      "doing kernel store work per client address", directory=store.directory,
-                      size=config.kernel_store_size >> 20, patterns=" ".join(patterns),
-                      fetches=config.max_fetches,
-                      share=("any number of requests" if config.peer_fetches == 0 else
-                             f"{config.peer_fetches} request"
+                      "matching {patterns}; at most {fetches} fetches at once, and kernel "
+                      "store work for {share} at once per client address",
+                      directory=store.directory, size=config.kernel_store_size >> 20,
+                      patterns=" ".join(patterns), fetches=config.max_fetches,
+                      share=("any number of releases" if config.peer_fetches == 0 else
+                             f"{config.peer_fetches} release"
                              + ("s" if config.peer_fetches > 1 else "")))
         return KernelFetcher(store, self.reactor, self._pool, patterns, log=self.log)
 

@@ -146,8 +146,8 @@ class Options(usage.Options):
         ["max-fetches", None, DEFAULT_MAX_FETCHES, "Kernel store fetches (releases, symbols, "
          "debuginfo) run at once for all clients; more wait, client addresses in turn.",
          _count("max-fetches", 1)],
-        ["peer-fetches", None, DEFAULT_PEER_FETCHES, "Requests one client address may have "
-         "doing kernel store work (fetches, symbols, debuginfo, a release's warm-up) at "
+        ["peer-fetches", None, DEFAULT_PEER_FETCHES, "Kernel releases one client address may "
+         "have kernel store work (fetches, symbols, debuginfo, warm-ups) under way for at "
          "once; past it a request is told so on a Server: line (0: no cap).",
          _count("peer-fetches", 0)],
     ]

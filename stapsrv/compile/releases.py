@@ -99,15 +99,15 @@ class ServedReleases:
         self.budget = PeerBudget(self.config.peer_fetches)
         self.fetches = FairGate(max(1, self.config.max_fetches))
 
-    def charge(self, context: RequestContext | None, what: str) -> None:
-        """Before kernel store work for a request (None: the server's own):
-        the request counts against its address's share until it is answered
-        (:meth:`finish_work`), once however many steps it takes.  Raises
-        :class:`OverBudget` past the share."""
+    def charge(self, context: RequestContext | None, release: str, what: str) -> None:
+        """Before kernel store work for ``release`` for a request (None: the
+        server's own): the request counts against its address's share until
+        it is answered (:meth:`finish_work`), once however many steps it
+        takes.  Raises :class:`OverBudget` past the share."""
         if context is None or context.store_work is not None:
             return
         address = context.address
-        work = self.budget.start(address, what)
+        work = self.budget.start(address, release, what)
         if work is None:
             under_way = self.budget.under_way(address)
             self.log.info("Not starting {what} for {address}: it has {count} piece(s) of "
@@ -189,7 +189,7 @@ class ServedReleases:
             flight.append(waiter)
             return await waiter
         kernels = self.kernels
-        self.charge(context, f"the fetch of kernel release '{release}'")
+        self.charge(context, release, f"the fetch of kernel release '{release}'")
         waiting: list[Deferred[StoredRelease]] = []
         self._release_flights[release] = waiting
 
@@ -309,7 +309,7 @@ class ServedReleases:
         what = (f"the debuginfo of kernel release '{release}'" if config.fetch_debuginfo
                 else f"the System.map of kernel release '{release}'")
         try:
-            self.charge(context, what)
+            self.charge(context, release, what)
         except OverBudget as exc:
             assert context is not None
             context.notes.append(f"{exc} Compiling without it meanwhile.")
@@ -378,15 +378,15 @@ class ServedReleases:
             return
         if self.module_debug is not None and (tree is not None or self.sandbox is not None):
             await self.module_debug.provide(release, names, tree,
-                                            lambda fetch, what: self._budgeted(context, what,
-                                                                               fetch))
+                                            lambda fetch, what: self._budgeted(
+                                                context, release, what, fetch))
 
-    async def _budgeted(self, context: RequestContext | None, what: str,
+    async def _budgeted(self, context: RequestContext | None, release: str, what: str,
                         fetch: Callable[[], Deferred[T]]) -> T:
         """``fetch()`` counted against the request's address (raises
         OverBudget, its client told) and in a fetch slot."""
         try:
-            self.charge(context, what)
+            self.charge(context, release, what)
         except OverBudget as exc:
             assert context is not None
             context.notes.append(f"{exc} Compiling without it meanwhile.")

@@ -125,8 +125,9 @@ class WarmUp:
             state.append(waiter)
             await waiter
             return
-        self.releases.charge(context, "the kernel configuration warm-up compile for kernel "
-                             f"release '{release}'" + (" in guru mode" if guru else ""))
+        self.releases.charge(context, release, "the kernel configuration warm-up compile "
+                             f"for kernel release '{release}'"
+                             + (" in guru mode" if guru else ""))
         waiting: list[Deferred[None]] = []
         self._warmups[key] = waiting
         try:

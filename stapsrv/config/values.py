@@ -47,8 +47,8 @@ DEFAULT_KERNEL_STORE_SIZE = 2048 * 1024 * 1024
 #: Kernel store fetches (a release, its symbols, debuginfo, module
 #: debuginfo passes) run at once, for all clients together.
 DEFAULT_MAX_FETCHES = 2
-#: Kernel store work (those, and a release's first compile) under way at
-#: once for one client address.
+#: Kernel releases one client address may have kernel store work (those,
+#: and a release's warm-up compile) under way for at once.
 DEFAULT_PEER_FETCHES = 1
 
 
@@ -186,9 +186,9 @@ class ServerConfig:
     fetch_symbols: bool = True
     fetch_debuginfo: bool = False
     #: Fetches the kernel store runs at once (``--max-fetches``; more wait,
-    #: each client address in turn), and the kernel store work one client
-    #: address may have under way (``--peer-fetches``; 0: no cap), past
-    #: which its requests are refused with a ``Server:`` line.
+    #: each client address in turn), and the kernel releases one client
+    #: address may have kernel store work under way for (``--peer-fetches``;
+    #: 0: no cap), past which its client is told so on a ``Server:`` line.
     max_fetches: int = DEFAULT_MAX_FETCHES
     peer_fetches: int = DEFAULT_PEER_FETCHES
 

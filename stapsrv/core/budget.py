@@ -121,19 +121,24 @@ class OverBudget(Exception):
     may have; the message is its ``Server:`` line."""
 
 
-@frozen
+@define(eq=False)
 class Work:
     """Kernel store work under way for one address."""
 
     address: str
-    #: What it is, for the client: ``kernel release '6.1.0-7-amd64'``.
+    #: The kernel release it is for.
+    release: str
+    #: What it is, for the client: ``the fetch of kernel release '6.1.0-7-amd64'``.
     what: str
 
 
 @define(eq=False)
 class PeerBudget:
-    """At most ``per_peer`` pieces of kernel store work under way for one
-    client address (0: no cap).  The server's own work is never capped."""
+    """Kernel store work under way for at most ``per_peer`` kernel releases
+    at once for one client address (0: no cap): more work for a release
+    already among them costs nothing more (two requests for the same new
+    release, its fetch, symbols and warm-up).  The server's own work is
+    never capped."""
 
     per_peer: int
     _under_way: list[Work] = field(init=False, factory=list)
@@ -141,12 +146,14 @@ class PeerBudget:
     def under_way(self, address: str) -> list[Work]:
         return [work for work in self._under_way if work.address == address]
 
-    def start(self, address: str, what: str) -> Work | None:
+    def start(self, address: str, release: str, what: str) -> Work | None:
         """The work, counted against ``address``; None when the address has
-        as much under way as it may have."""
-        if address != SERVER and 0 < self.per_peer <= len(self.under_way(address)):
+        work under way for as many other releases as it may have."""
+        releases = {work.release for work in self.under_way(address)}
+        if (address != SERVER and release not in releases
+                and 0 < self.per_peer <= len(releases)):
             return None
-        work = Work(address, what)
+        work = Work(address, release, what)
         self._under_way.append(work)
         return work
 
@@ -158,10 +165,10 @@ def over_budget_message(asked: str, address: str, per_peer: int,
                         under_way: list[Work]) -> str:
     """The client's ``Server:`` line: what it asked, what it may have, when
     to try again."""
-    pieces = "one piece" if per_peer == 1 else f"{per_peer} pieces"
-    busy = ", ".join(work.what for work in under_way) or "other work"
-    return (f"Server: Not starting {asked} for {address} now: this server does at most "
-            f"{pieces} of kernel store work (fetching a release, its symbols or debuginfo, "
-            f"a warm-up compile) at a time for one client address (--peer-fetches), and "
+    releases = "one kernel release" if per_peer == 1 else f"{per_peer} kernel releases"
+    busy = ", ".join(dict.fromkeys(work.what for work in under_way)) or "other work"
+    return (f"Server: Not starting {asked} for {address} now: this server does kernel store "
+            f"work (fetching a release, its symbols or debuginfo, a warm-up compile) for at "
+            f"most {releases} at a time for one client address (--peer-fetches), and "
             f"{address} has {busy} under way.  Try again once that is done (its request "
             f"is answered).")

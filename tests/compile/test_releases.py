@@ -343,7 +343,8 @@ class SymbolBudgetTests(ReleasesCase):
     async def test_past_its_share_a_request_compiles_without_symbols_and_is_told(self
                                                                                   ) -> None:
         releases = self.releases(fetch_symbols=True, peer_fetches=1)
-        releases.charge(RequestContext("10.0.0.1:4000"), "the fetch of kernel release 'x'")
+        releases.charge(RequestContext("10.0.0.1:4000"), STORED,
+                        f"the fetch of kernel release '{STORED}'")
         over = RequestContext("10.0.0.1:4001")
         await releases.provide_debug(RELEASE, over)
         self.assertEqual(self.fetcher.debug_fetched, [])
@@ -361,6 +362,16 @@ class SymbolBudgetTests(ReleasesCase):
         releases.finish_work(other)
         self.assertEqual(releases.budget.under_way("10.0.0.2"), [])
 
+    async def test_work_for_the_release_under_way_costs_nothing_more(self) -> None:
+        # Two requests of one address for the same new release: the one that
+        # did not fetch it may still make its symbols.
+        releases = self.releases(fetch_symbols=True, peer_fetches=1)
+        releases.charge(RequestContext("10.0.0.1:4000"), RELEASE,
+                        f"the fetch of kernel release '{RELEASE}'")
+        second = RequestContext("10.0.0.1:4001")
+        await releases.provide_debug(RELEASE, second)
+        self.assertEqual((self.fetcher.debug_fetched, second.notes), ([(RELEASE, False)], []))
+
     async def test_symbols_the_server_is_making_are_shared_at_no_cost(self) -> None:
         made: Deferred[None] = Deferred()
         ensure_debug = self.fetcher.ensure_debug
@@ -373,7 +384,8 @@ class SymbolBudgetTests(ReleasesCase):
         releases = self.releases(fetch_symbols=True, peer_fetches=1)
         releases.symbol_wait = 600.0
         self.assertIsNotNone(releases.debug_work(RELEASE))  # the server's own, at start
-        releases.charge(RequestContext("10.0.0.1:4000"), "the fetch of kernel release 'x'")
+        releases.charge(RequestContext("10.0.0.1:4000"), STORED,
+                        f"the fetch of kernel release '{STORED}'")
         over = RequestContext("10.0.0.1:4001")
         waited = Deferred.fromCoroutine(releases.provide_debug_within(RELEASE, over))
         made.callback(None)
@@ -398,7 +410,8 @@ class SymbolBudgetTests(ReleasesCase):
         releases = self.releases(fetch_symbols=True, fetch_debuginfo=True, peer_fetches=1)
         releases.module_debug = ModuleDebug(real, modules_root=self.base / "modules",
                                             log=Logger(observer=self.events))
-        releases.charge(RequestContext("10.0.0.1:4000"), "the fetch of kernel release 'x'")
+        releases.charge(RequestContext("10.0.0.1:4000"), STORED,
+                        f"the fetch of kernel release '{STORED}'")
         over = RequestContext("10.0.0.1:4001")
         await releases.provide_module_debug(RELEASE, ("ext4",), Privilege.STAPDEV, over)
         self.assertEqual(passes, [])
@@ -539,11 +552,11 @@ class BudgetTests(HandlerCase):
             self.assertEqual(
                 found["stderr"].decode(),
                 f"Server: Not starting the fetch of kernel release '{release}' for 10.0.0.1 "
-                "now: this server does at most one piece of kernel store work (fetching a "
-                "release, its symbols or debuginfo, a warm-up compile) at a time for one "
-                f"client address (--peer-fetches), and 10.0.0.1 has the fetch of kernel release "
-                f"'{fetching}' under way.  Try again once that is done (its request is "
-                "answered).\n")
+                "now: this server does kernel store work (fetching a release, its symbols or "
+                "debuginfo, a warm-up compile) for at most one kernel release at a time for "
+                "one client address (--peer-fetches), and 10.0.0.1 has the fetch of kernel "
+                f"release '{fetching}' under way.  Try again once that is done (its request "
+                "is answered).\n")
         self.assertEqual(outcomes, ["refused"] * 4)
         # Another address's request for an installed release is answered
         # while the fetch is still under way.

@@ -230,7 +230,7 @@ class BudgetTests(WarmUpCase):
         from stapsrv.core.budget import OverBudget
         warmup = self.warmup(peer_fetches=1)
         busy = RequestContext("10.0.0.1:4000")
-        warmup.releases.charge(busy, f"the fetch of kernel release '{STORED}'")
+        warmup.releases.charge(busy, STORED, f"the fetch of kernel release '{STORED}'")
         with self.assertRaises(OverBudget) as caught:
             await warmup.stapconf_ready(RELEASE, False, RequestContext("10.0.0.1:4001"))
         self.assertIn("Server: Not starting the kernel configuration warm-up compile for "
@@ -264,7 +264,8 @@ class BudgetTests(WarmUpCase):
         warmup = self.warmup(fetch_symbols=True, peer_fetches=1)
         warmup.releases.symbol_wait = 600.0
         warmup.start()
-        warmup.releases.charge(RequestContext("10.0.0.1:4000"), "the fetch of kernel 'x'")
+        warmup.releases.charge(RequestContext("10.0.0.1:4000"), STORED,
+                               f"the fetch of kernel release '{STORED}'")
         over = RequestContext("10.0.0.1:4001")
         waited = Deferred.fromCoroutine(warmup.releases.provide_debug_within(RELEASE, over))
         made.callback(None)

@@ -78,28 +78,44 @@ class FairSlotsTests(TestCase):
 class BudgetTests(TestCase):
     def test_an_address_has_its_share_and_no_more(self) -> None:
         budget = PeerBudget(1)
-        first = budget.start("10.0.0.1", "kernel release 'x'")
+        first = budget.start("10.0.0.1", "x", "the fetch of kernel release 'x'")
         assert first is not None
-        self.assertIsNone(budget.start("10.0.0.1", "kernel release 'y'"))
-        self.assertIsNotNone(budget.start("10.0.0.2", "kernel release 'y'"),
+        self.assertIsNone(budget.start("10.0.0.1", "y", "the fetch of kernel release 'y'"))
+        self.assertIsNotNone(budget.start("10.0.0.2", "y", "the fetch of kernel release 'y'"),
                              "another address has its own")
-        self.assertIsNotNone(budget.start(SERVER, "warm-up"), "the server's own work")
+        self.assertIsNotNone(budget.start(SERVER, "z", "warm-up"), "the server's own work")
         self.assertEqual(budget.under_way("10.0.0.1"), [first])
         budget.finish(first)
-        self.assertIsNotNone(budget.start("10.0.0.1", "kernel release 'y'"))
+        self.assertIsNotNone(budget.start("10.0.0.1", "y", "the fetch of kernel release 'y'"))
+
+    def test_more_work_for_the_same_release_costs_nothing_more(self) -> None:
+        budget = PeerBudget(1)
+        fetch = budget.start("10.0.0.1", "x", "the fetch of kernel release 'x'")
+        symbols = budget.start("10.0.0.1", "x", "the System.map of kernel release 'x'")
+        assert fetch is not None and symbols is not None
+        self.assertIsNone(budget.start("10.0.0.1", "y", "the fetch of kernel release 'y'"))
+        budget.finish(fetch)
+        self.assertIsNone(budget.start("10.0.0.1", "y", "the fetch of kernel release 'y'"))
+        budget.finish(symbols)
+        self.assertIsNotNone(budget.start("10.0.0.1", "y", "the fetch of kernel release 'y'"))
+        two = PeerBudget(2)
+        self.assertTrue(all(two.start("a", release, "w") is not None
+                            for release in ("x", "y", "x", "y")))
+        self.assertIsNone(two.start("a", "z", "w"))
 
     def test_zero_is_no_cap(self) -> None:
         budget = PeerBudget(0)
-        self.assertTrue(all(budget.start("a", str(n)) is not None for n in range(10)))
+        self.assertTrue(all(budget.start("a", str(n), str(n)) is not None for n in range(10)))
 
     def test_the_message_says_what_was_asked_what_is_allowed_and_when(self) -> None:
         budget = PeerBudget(1)
-        budget.start("10.0.0.1", "kernel release '6.1.0-3-amd64'")
+        budget.start("10.0.0.1", "6.1.0-3-amd64", "the fetch of kernel release '6.1.0-3-amd64'")
         self.assertEqual(
-            over_budget_message("kernel release '6.1.0-7-amd64'", "10.0.0.1", 1,
+            over_budget_message("the fetch of kernel release '6.1.0-7-amd64'", "10.0.0.1", 1,
                                 budget.under_way("10.0.0.1")),
-            "Server: Not starting kernel release '6.1.0-7-amd64' for 10.0.0.1 now: this "
-            "server does at most one piece of kernel store work (fetching a release, its "
-            "symbols or debuginfo, a warm-up compile) at a time for one client address "
-            "(--peer-fetches), and 10.0.0.1 has kernel release '6.1.0-3-amd64' under way.  "
-            "Try again once that is done (its request is answered).")
+            "Server: Not starting the fetch of kernel release '6.1.0-7-amd64' for 10.0.0.1 "
+            "now: this server does kernel store work (fetching a release, its symbols or "
+            "debuginfo, a warm-up compile) for at most one kernel release at a time for one "
+            "client address (--peer-fetches), and 10.0.0.1 has the fetch of kernel release "
+            "'6.1.0-3-amd64' under way.  Try again once that is done (its request is "
+            "answered).")
