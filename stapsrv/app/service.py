@@ -299,8 +299,13 @@ class CompileServerService(Service):
         patterns = config.fetch_patterns or default_patterns(
             debian_architecture(), [*installed_releases(), *config.releases])
         self.log.info("Kernel store {directory} (at most {size} MiB); fetching releases "
-                      "matching {patterns}", directory=store.directory,
-                      size=config.kernel_store_size >> 20, patterns=" ".join(patterns))
+                      "matching {patterns}; at most {fetches} fetches at once, and kernel "
+                      "store work for {share} at once per client address",
+                      directory=store.directory, size=config.kernel_store_size >> 20,
+                      patterns=" ".join(patterns), fetches=config.max_fetches,
+                      share=("any number of releases" if config.peer_fetches == 0 else
+                             f"{config.peer_fetches} release"
+                             + ("s" if config.peer_fetches > 1 else "")))
         return KernelFetcher(store, self.reactor, self._pool, patterns, log=self.log)
 
     def _make_module_debug(self, kernels: KernelFetcher) -> ModuleDebug:

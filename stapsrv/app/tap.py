@@ -41,7 +41,9 @@ from stapsrv.config.values import (
     DEFAULT_DESCRIPTOR_RESERVE,
     DEFAULT_LISTEN_BACKLOG,
     DEFAULT_MAX_COMPRESSED_REQUEST,
+    DEFAULT_MAX_FETCHES,
     DEFAULT_MAX_REQUEST_SIZE,
+    DEFAULT_PEER_FETCHES,
     ServerConfig,
 )
 from stapsrv.core.cmdline import ServerOption
@@ -141,6 +143,13 @@ class Options(usage.Options):
          "~/.cache/stapsrv/kernels)."],
         ["kernel-store-size", None, DEFAULT_KERNEL_STORE_MIB, "Size cap of the kernel store, "
          "in MiB (least recently used releases go first).", _count("kernel-store-size", 1)],
+        ["max-fetches", None, DEFAULT_MAX_FETCHES, "Kernel store fetches (releases, symbols, "
+         "debuginfo) run at once for all clients; more wait, client addresses in turn.",
+         _count("max-fetches", 1)],
+        ["peer-fetches", None, DEFAULT_PEER_FETCHES, "Kernel releases one client address may "
+         "have kernel store work (fetches, symbols, debuginfo, warm-ups) under way for at "
+         "once; past it a request is told so on a Server: line (0: no cap).",
+         _count("peer-fetches", 0)],
     ]
     optFlags = [
         ["keep", "k", "Keep each request's temporary directory."],
@@ -259,6 +268,7 @@ class Options(usage.Options):
                 metrics=self["metrics"],
                 fetch=not self["no-fetch"], fetch_releases=self["fetch-releases"],
                 kernel_store=self["kernel-store"], kernel_store_size=self["kernel-store-size"],
+                max_fetches=self["max-fetches"], peer_fetches=self["peer-fetches"],
                 fetch_symbols=not self["no-fetch-symbols"],
                 fetch_debuginfo=bool(self["fetch-debuginfo"]))
         except FleetCacheError as exc:

@@ -28,6 +28,7 @@ DISTRIBUTED = ("log", "port", "ssl", "max-threads", "max-request-size",
                "sandbox", "allow", "refuse-guru", "privileges", "endpoint", "proxy-from",
                "metrics",
                "fetch", "fetch-releases", "kernel-store", "kernel-store-size",
+               "max-fetches", "peer-fetches",
                "fetch-symbols", "fetch-debuginfo")
 
 

@@ -82,6 +82,8 @@ Options:
 \t--fetch-releases patterns: the releases that may be fetched (default: this server's series).
 \t--kernel-store path\t: where fetched releases are kept.
 \t--kernel-store-size MiB: size cap of the kernel store.
+\t--max-fetches n\t: kernel store fetches run at once, all clients together (default 2).
+\t--peer-fetches n\t: kernel releases one client address may have kernel store work under way for (default 1; 0: no cap).
 \t--fetch-symbols yes|no\t: make each served release's System.map from its kernel image (default yes).
 \t--fetch-debuginfo yes|no: also its vmlinux debuginfo (default no).
 

@@ -211,12 +211,10 @@ class KernelFetcher:
         ``linux-image-<release>``, whose own System.map is a placeholder.
         The vmlinux, with the real map beside it, comes from
         ``linux-image-<release>-dbg``."""
+        found = await self.stored_debug(release, vmlinux)
+        if found is not None:
+            return found
         store = self.debug_store
-        found = await self.in_thread(store.get, release)
-        if isinstance(found, StoredRelease):
-            files = debug_files(found)
-            if files.vmlinux is not None or not vmlinux:
-                return files
         if vmlinux:
             stored = await self._shared(
                 f"{release} debuginfo",
@@ -228,6 +226,16 @@ class KernelFetcher:
                 lambda: self._fetch_symbols(store, release, progress),
                 f"making the System.map of {release}")
         return debug_files(stored)
+
+    async def stored_debug(self, release: str, vmlinux: bool) -> DebugFiles | None:
+        """What :meth:`ensure_debug` would give without fetching (None: it
+        would fetch)."""
+        found = await self.in_thread(self.debug_store.get, release)
+        if isinstance(found, StoredRelease):
+            files = debug_files(found)
+            if files.vmlinux is not None or not vmlinux:
+                return files
+        return None
 
     @property
     def image_store(self) -> KernelStore:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -43,6 +43,7 @@ from stapsrv.compile.releases import ServedReleases
 from stapsrv.compile.sandbox import Sandbox, StapconfStore, translator_environment
 from stapsrv.compile.scratch import MODULE_DIR, make_scratch
 from stapsrv.compile.signing import sign_module_file, signature_digest
+from stapsrv.compile.slots import FairGate
 from stapsrv.compile.translator import TranslatorRun, start_translator
 from stapsrv.compile.warmup import WarmUp
 from stapsrv.config.values import ServerConfig
@@ -53,6 +54,7 @@ from stapsrv.core.cmdline import (
     translator_argv,
     without_release,
 )
+from stapsrv.core.budget import OverBudget, Work, peer_address
 from stapsrv.core.counters import Counters
 from stapsrv.core.logtext import escape_controls
 from stapsrv.core.rewrite import StreamReplacer
@@ -160,6 +162,17 @@ class RequestContext:
     translator: TranslatorRun | None = None
     #: The translator's output streams (1, 2) cut at ``--max-output``.
     cut_output: tuple[int, ...] = ()
+    #: The kernel store work this request counts as for its address's
+    #: share (``--peer-fetches``), until it is answered.
+    store_work: Work | None = None
+    #: ``Server:`` lines for the client's stderr (work not done for it).
+    notes: list[str] = field(factory=list)
+
+    @property
+    def address(self) -> str:
+        """The client's address (its share of slots and kernel store work
+        is per address, not per connection)."""
+        return peer_address(self.peer)
 
     def abandon(self) -> None:
         """The client went away: stop any compile now."""
@@ -240,15 +253,16 @@ class RequestHandler:
     policy: Policy = field(init=False)
     _flights: dict[str, list[Deferred[bytes | None]]] = field(init=False, factory=dict)
     _running: set[TranslatorRun] = field(init=False, factory=set)
-    #: Bounds the requests that go to the translator (``--max-threads``);
-    #: answers from the cache need no slot.
-    gate: DeferredSemaphore = field(init=False)
+    #: Bounds the requests that go to the translator (``--max-threads``),
+    #: a free slot going to client addresses in turn; answers from the
+    #: cache need no slot.
+    gate: FairGate = field(init=False)
     #: The server's own compiles that make the kernel configuration headers.
     warmup: WarmUp = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.log = Logger(namespace=self.config.log_namespace, source=self)
-        self.gate = DeferredSemaphore(self.config.concurrency)
+        self.gate = FairGate(self.config.concurrency)
         config = self.config
         self.policy = Policy.from_values(config.allow, config.refuse_guru, config.privileges)
         self.releases = ServedReleases(
@@ -273,7 +287,10 @@ class RequestHandler:
     async def handle(self, body: bytes, context: RequestContext) -> bytes | None:
         self.counters.requests += 1
         started = self.reactor.seconds()
-        outcome = await self._answer(body, context)
+        try:
+            outcome = await self._answer(body, context)
+        finally:
+            self.releases.finish_work(context)
         if not outcome.succeeded:
             self.counters.failures += 1
         if outcome.tier is not None:
@@ -301,13 +318,16 @@ class RequestHandler:
             self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
                           reason=escape_controls(refusal))
             return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
-        problem = await self.releases.provide_release(job.release, context)
+        try:
+            problem = await self.releases.provide_release(job.release, context)
+        except OverBudget as exc:
+            return Outcome(refusal_archive(str(exc), PROTOCOL_VERSION), False, refused=True)
         if problem is not None:
             return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
         if job.release is not None and self.releases.serves(job.release):
-            await self.releases.provide_debug_within(job.release)
+            await self.releases.provide_debug_within(job.release, context)
             await self.releases.provide_module_debug(job.release, job.named_modules,
-                                                     job.privilege)
+                                                     job.privilege, context)
         key = await self._cache_key(job, context)
         if key is None or self.cache is None:
             return await self._compile(body, job, context)
@@ -383,8 +403,10 @@ class RequestHandler:
                              symbols=debug.system_map if debug is not None else None)
 
     async def _compile(self, body: bytes, job: Job, context: RequestContext) -> Outcome:
-        """Run the request through the translator, once a slot is free."""
-        await self.gate.acquire()
+        """Run the request through the translator, once a slot is free and
+        it is its address's turn."""
+        address = context.address
+        await self.gate.acquire_for(address)
         try:
             if context.abandoned:
                 return Outcome(None, False)
@@ -395,7 +417,7 @@ class RequestHandler:
             if not _is_disk_full(exc):
                 raise
         finally:
-            self.gate.release()
+            self.gate.release_for(address)
         self.log.error("No space left in {tmpdir} for the request from {peer}",
                        tmpdir=self.config.tmpdir, peer=context.peer)
         return Outcome(refusal_archive(
@@ -418,7 +440,7 @@ class RequestHandler:
                 return Outcome(None, False)
             response = await self._in_thread(build_response, scratch / "response")
             to_keep = None
-            if status == 0 and self.cache is not None:
+            if status == 0 and self.cache is not None and not context.notes:
                 # What the translator sends once its own cache is warm: a cold
                 # build also leaves kbuild's intermediate files in the module
                 # directory, which repeated answers should not carry (4.8's
@@ -437,7 +459,7 @@ class RequestHandler:
         ``rc``, or None when there is no answer to send."""
         self.log.info("Client version is {version}",
                       version=escape_controls(job.client_version[:64]))
-        prepared = await self._in_thread(self._prepare, scratch, job)
+        prepared = await self._in_thread(self._prepare, scratch, job, tuple(context.notes))
         if isinstance(prepared, Refused):
             self.log.info(prepared.log_format, release=escape_controls(str(prepared.release)))
             return 1
@@ -465,11 +487,13 @@ class RequestHandler:
 
     # --- prepare (thread pool) ------------------------------------------------
 
-    def _prepare(self, scratch: Path, job: Job) -> Preparation:
+    def _prepare(self, scratch: Path, job: Job, notes: tuple[str, ...] = ()) -> Preparation:
         """The response directory, the translator's environment and command
-        line; or the refusal of a release this server does not serve."""
+        line (``notes``: the server's lines for the client's stderr); or the
+        refusal of a release this server does not serve."""
         response_dir = scratch / "response"
         (response_dir / "version").write_text(PROTOCOL_VERSION)
+        _append(response_dir / "stderr", list(notes))
         release = job.release
         if release is None:
             _refuse(response_dir, "Server: The request does not name a kernel "
@@ -537,7 +561,14 @@ class RequestHandler:
         if context.abandoned:
             return None
         if self.sandbox is not None:
-            await self.warmup.stapconf_ready(prepared.release, guru_mode(prepared.argv[1:]))
+            try:
+                await self.warmup.stapconf_ready(prepared.release,
+                                                 guru_mode(prepared.argv[1:]), context)
+            except OverBudget as exc:
+                # Its translator makes the header for itself, in its own slot.
+                note = f"{exc} Compiling without it meanwhile."
+                context.notes.append(note)
+                await self._in_thread(_append, prepared.response_dir / "stderr", [note])
             if context.abandoned:
                 return None
         response_dir = prepared.response_dir

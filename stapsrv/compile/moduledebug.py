@@ -39,15 +39,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 
 from attrs import define, field, frozen
-from twisted.internet.defer import DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 
 from stapsrv.compile.fetch import FetchFailed, KernelFetcher, megabytes
 from stapsrv.compile.kernels import KernelStore, StoredRelease, valid_release
+from stapsrv.core.budget import OverBudget
 
 #: The store's directory of module debuginfo, apart from the trees.
 MODULES_DIRECTORY = ".debug-modules"
@@ -74,6 +75,10 @@ _EXTRACT_AND_LIST = (
     'tar -x --wildcards --occurrence=1 -C "$dir" "$@"; status=$?; '
     'wait "$lister" || status=3; rm -f "$fifo"; exit "$status"')
 _TAR_BENIGN = ("Not found in archive", "Exiting with failure status")
+
+#: Runs a pass (``fetch``, described by the words given) within the
+#: request's share of kernel store work; raises OverBudget past it.
+Budgeted = Callable[[Callable[[], "Deferred[ModuleSet]"], str], Awaitable["ModuleSet"]]
 
 
 def canonical(name: str) -> str:
@@ -218,16 +223,18 @@ class ModuleDebug:
         store = self.store
         return store.open() if store.directory.is_dir() else []
 
-    async def provide(self, release: str, names: Iterable[str], tree: Path | None) -> None:
+    async def provide(self, release: str, names: Iterable[str], tree: Path | None,
+                      budgeted: Budgeted | None = None) -> None:
         """Have the debuginfo of the modules ``names`` of ``release`` where
         the translator looks (``tree``: the stored build tree, None for an
-        installed release).  Never raises: a module that cannot be had is
-        logged and left to the translator's own error."""
+        installed release); a pass over the package runs through
+        ``budgeted`` when given.  Never raises: a module that cannot be had
+        is logged and left to the translator's own error."""
         wanted = wanted_modules(names)
         if not wanted or not valid_release(release):
             return
         try:
-            modules = await self._ensure(release, wanted)
+            modules = await self._ensure(release, wanted, budgeted)
             if modules is not None and tree is not None:
                 await self.fetcher.in_thread(link_tree, tree, modules)
         except Exception:
@@ -241,7 +248,8 @@ class ModuleDebug:
         await self.fetcher.in_thread(self.store.touch, release)
         return read_set(stored)
 
-    async def _ensure(self, release: str, wanted: list[str]) -> ModuleSet | None:
+    async def _ensure(self, release: str, wanted: list[str],
+                      budgeted: Budgeted | None = None) -> ModuleSet | None:
         # From the store each time: cheap, marks it used, and sees evictions.
         known = await self._read(release)
         if known is not None and not known.lacks(wanted):
@@ -256,8 +264,22 @@ class ModuleDebug:
             failed = self._failed.get(release)
             now = self.fetcher.reactor.seconds()
             if missing and (failed is None or now >= failed + RETRY):
+                old = known
+
+                def fetch() -> Deferred[ModuleSet]:
+                    return Deferred.fromCoroutine(self._fetch(release, old, missing))
+
                 try:
-                    known = await self._fetch(release, known, missing)
+                    if budgeted is None:
+                        known = await fetch()
+                    else:
+                        known = await budgeted(fetch, "a pass for the debuginfo of modules "
+                                               f"{' '.join(missing)} of kernel release "
+                                               f"'{release}'")
+                except OverBudget:
+                    self.log.info("Not fetching the debuginfo of modules {modules} of kernel "
+                                  "{release} now: the client has its share of kernel store "
+                                  "work under way", modules=" ".join(missing), release=release)
                 except Exception as exc:
                     # Whatever the failure (a full disk too), not again at once:
                     # each attempt downloads the whole package.

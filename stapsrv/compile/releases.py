@@ -34,7 +34,9 @@ from stapsrv.compile.kernels import StoredRelease
 from stapsrv.compile.moduledebug import ModuleDebug
 from stapsrv.compile.runtime import select_runtime
 from stapsrv.compile.sandbox import Sandbox
+from stapsrv.compile.slots import FairGate
 from stapsrv.config.values import ServerConfig
+from stapsrv.core.budget import SERVER, OverBudget, PeerBudget, over_budget_message
 from stapsrv.core.cmdline import Privilege
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
@@ -86,6 +88,51 @@ class ServedReleases:
     #: The symbols of each release being made now, shared by the requests
     #: that wait for them.
     _debug_work: dict[str, Deferred[None]] = field(init=False, factory=dict)
+    #: Kernel store work under way per client address (``--peer-fetches``).
+    budget: PeerBudget = field(init=False)
+    #: The fetches run at once (``--max-fetches``), client addresses in turn.
+    fetches: FairGate = field(init=False)
+    #: Releases being fetched for a request: the requests that share it.
+    _release_flights: dict[str, list[Deferred[StoredRelease]]] = field(
+        init=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        self.budget = PeerBudget(self.config.peer_fetches)
+        self.fetches = FairGate(max(1, self.config.max_fetches))
+
+    def charge(self, context: RequestContext | None, release: str, what: str) -> None:
+        """Before kernel store work for ``release`` for a request (None: the
+        server's own): the request counts against its address's share until
+        it is answered (:meth:`finish_work`), once however many steps it
+        takes.  Raises :class:`OverBudget` past the share."""
+        if context is None or context.store_work is not None:
+            return
+        address = context.address
+        work = self.budget.start(address, release, what)
+        if work is None:
+            under_way = self.budget.under_way(address)
+            self.log.info("Not starting {what} for {address}: it has {count} piece(s) of "
+                          "kernel store work under way ({busy})", what=what, address=address,
+                          count=len(under_way),
+                          busy=", ".join(item.what for item in under_way))
+            raise OverBudget(over_budget_message(what, address, self.budget.per_peer,
+                                                 under_way))
+        context.store_work = work
+
+    def finish_work(self, context: RequestContext) -> None:
+        """The request is answered: its address's share is free again."""
+        if context.store_work is not None:
+            self.budget.finish(context.store_work)
+            context.store_work = None
+
+    async def fetching(self, address: str, fetch: Callable[[], Deferred[T]]) -> T:
+        """``fetch()`` once one of the fetch slots is free and it is
+        ``address``'s turn."""
+        await self.fetches.acquire_for(address)
+        try:
+            return await fetch()
+        finally:
+            self.fetches.release_for(address)
 
     def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, function, *args)
@@ -104,13 +151,15 @@ class ServedReleases:
         """Make a release that is not installed available from the kernel
         store, fetching it if the policy allows; the client's one-line
         reason when it cannot be had (None: go on, the preparation refuses
-        a release that is neither served nor fetchable)."""
+        a release that is neither served nor fetchable).  Raises OverBudget
+        when fetching it would take the request past its address's share
+        of kernel store work."""
         if release is None or release in self.config.releases or self.kernels is None:
             return None
         if not self.kernels.allowed(release):
             return None
         try:
-            stored = await self.kernels.ensure(release)
+            stored = await self._stored_or_fetched(release, context)
         except FetchFailed as exc:
             self.log.info("Cannot provide kernel {release} for {peer}: {reason}",
                           release=release, peer=context.peer, reason=str(exc))
@@ -120,6 +169,48 @@ class ServedReleases:
         if new and self.on_release_added is not None:
             self.on_release_added(stored.release)
         return None
+
+    async def _stored_or_fetched(self, release: str, context: RequestContext
+                                 ) -> StoredRelease:
+        """The stored release; fetched first (in a fetch slot, counted
+        against the request's address) unless a fetch of it is under way
+        already, which the request shares.  Raises OverBudget, FetchFailed."""
+        assert self.kernels is not None
+        flight = self._release_flights.get(release)
+        if flight is not None:
+            waiter: Deferred[StoredRelease] = Deferred()
+            flight.append(waiter)
+            return await waiter
+        found = await self.kernels.stored(release)
+        if found is not None:
+            return found
+        flight = self._release_flights.get(release)  # one may have begun meanwhile
+        if flight is not None:
+            waiter = Deferred()
+            flight.append(waiter)
+            return await waiter
+        kernels = self.kernels
+        self.charge(context, release, f"the fetch of kernel release '{release}'")
+        waiting: list[Deferred[StoredRelease]] = []
+        self._release_flights[release] = waiting
+
+        def fetch() -> Deferred[StoredRelease]:
+            if context.abandoned and not waiting:
+                # Its turn came after its client left, and nobody else asks.
+                raise FetchFailed("its client went away")
+            return Deferred.fromCoroutine(kernels.ensure(release))
+
+        try:
+            stored = await self.fetching(context.address, fetch)
+        except Exception as exc:
+            del self._release_flights[release]
+            for waiter in waiting:
+                waiter.errback(exc)
+            raise
+        del self._release_flights[release]
+        for waiter in waiting:
+            waiter.callback(stored)
+        return stored
 
     def _adopt(self, stored: StoredRelease) -> None:
         """A stored release becomes one this server builds for (blocking:
@@ -138,31 +229,14 @@ class ServedReleases:
                                           read_only=(*self.sandbox.read_only, fixed))
         self._stored[stored.release] = tree
 
-    async def provide_debug_within(self, release: str) -> bool:
+    async def provide_debug_within(self, release: str,
+                                   context: RequestContext | None = None) -> bool:
         """:meth:`provide_debug`, waited for at most :attr:`symbol_wait`
         seconds: False when the request must go on without the symbols
         still being made (they are, for the requests after it)."""
-        work = self._debug_work.get(release)
+        work = self.debug_work(release, context)
         if work is None:
-            work = Deferred.fromCoroutine(self.provide_debug(release))
-
-            def failed(failure: Failure) -> None:
-                # Not tried again at once either: a broken store would
-                # make every request retry and log a traceback.
-                self._debug_failed[release] = self.reactor.seconds()
-                self.log.failure("Making the symbols of kernel {release} failed", failure,
-                                 release=release)
-
-            work.addErrback(failed)
-            if work.called:
-                return True
-            self._debug_work[release] = work
-
-            def over(result: object) -> object:
-                self._debug_work.pop(release, None)
-                return result
-
-            work.addBoth(over)
+            return True
         waiter: Deferred[bool] = Deferred()
 
         def done(result: object) -> object:
@@ -185,11 +259,43 @@ class ServedReleases:
                           seconds=self.symbol_wait)
         return ready
 
-    async def provide_debug(self, release: str) -> None:
+    def debug_work(self, release: str, context: RequestContext | None = None
+                   ) -> Deferred[None] | None:
+        """:meth:`provide_debug` started, or joined when it is under way
+        (for a request, or the server's own at start): what fires when it
+        is over; None when it is over already."""
+        work = self._debug_work.get(release)
+        if work is not None:
+            return work
+        work = Deferred.fromCoroutine(self.provide_debug(release, context))
+
+        def failed(failure: Failure) -> None:
+            # Not tried again at once either: a broken store would make
+            # every request retry and log a traceback.
+            self._debug_failed[release] = self.reactor.seconds()
+            self.log.failure("Making the symbols of kernel {release} failed", failure,
+                             release=release)
+
+        work.addErrback(failed)
+        if work.called:
+            return None
+        self._debug_work[release] = work
+
+        def over(result: object) -> object:
+            self._debug_work.pop(release, None)
+            return result
+
+        work.addBoth(over)
+        return work
+
+    async def provide_debug(self, release: str, context: RequestContext | None = None
+                            ) -> None:
         """Unless ``--no-fetch-symbols``: the release's System.map (made
         from its kernel image), or with ``--fetch-debuginfo`` the map and
         vmlinux of its -dbg package, had once; a compile goes on without
-        them when they cannot be had."""
+        them when they cannot be had, or when making them would take the
+        request (``context``; None: the server's own) past its address's
+        share of kernel store work (its client is told)."""
         config = self.config
         if not config.fetch_symbols or self.kernels is None or release.startswith("/"):
             return  # a tree given by path has no package to make them from
@@ -203,8 +309,26 @@ class ServedReleases:
         failed = self._debug_failed.get(release)
         if failed is not None and self.reactor.seconds() < failed + DEBUG_RETRY:
             return
+        kernels = self.kernels
+        files_or_none = await kernels.stored_debug(release, config.fetch_debuginfo)
+        if files_or_none is not None:
+            await self._in_thread(self._adopt_debug, release, files_or_none)
+            return
+        what = (f"the debuginfo of kernel release '{release}'" if config.fetch_debuginfo
+                else f"the System.map of kernel release '{release}'")
         try:
-            files = await self.kernels.ensure_debug(release, config.fetch_debuginfo)
+            self.charge(context, release, what)
+        except OverBudget as exc:
+            assert context is not None
+            context.notes.append(f"{exc} Compiling without it meanwhile.")
+            return
+        address = context.address if context is not None else SERVER
+
+        def ensure(vmlinux: bool) -> Deferred[DebugFiles]:
+            return Deferred.fromCoroutine(kernels.ensure_debug(release, vmlinux))
+
+        try:
+            files = await self.fetching(address, lambda: ensure(config.fetch_debuginfo))
         except FetchFailed as exc:
             now, last = self.reactor.seconds(), self._debug_failed.get(release)
             self._debug_failed[release] = now
@@ -216,7 +340,7 @@ class ServedReleases:
             if not config.fetch_debuginfo or known is not None:
                 return
             try:  # without the -dbg package, the map from the kernel image at least
-                files = await self.kernels.ensure_debug(release, False)
+                files = await self.fetching(address, lambda: ensure(False))
             except FetchFailed:
                 return
         else:
@@ -251,7 +375,8 @@ class ServedReleases:
         self._debug[release] = files
 
     async def provide_module_debug(self, release: str, names: tuple[str, ...],
-                                   privilege: Privilege = Privilege.STAPDEV) -> None:
+                                   privilege: Privilege = Privilege.STAPDEV,
+                                   context: RequestContext | None = None) -> None:
         """The debuginfo of the modules a script names (``--fetch-debuginfo``),
         where the translator of this release looks (:mod:`stapsrv.compile.moduledebug`).
         Not for unprivileged requests: the translator refuses them module
@@ -260,7 +385,21 @@ class ServedReleases:
         if privilege is not Privilege.STAPDEV:
             return
         if self.module_debug is not None and (tree is not None or self.sandbox is not None):
-            await self.module_debug.provide(release, names, tree)
+            await self.module_debug.provide(release, names, tree,
+                                            lambda fetch, what: self._budgeted(
+                                                context, release, what, fetch))
+
+    async def _budgeted(self, context: RequestContext | None, release: str, what: str,
+                        fetch: Callable[[], Deferred[T]]) -> T:
+        """``fetch()`` counted against the request's address (raises
+        OverBudget, its client told) and in a fetch slot."""
+        try:
+            self.charge(context, release, what)
+        except OverBudget as exc:
+            assert context is not None
+            context.notes.append(f"{exc} Compiling without it meanwhile.")
+            raise
+        return await self.fetching(context.address if context is not None else SERVER, fetch)
 
     def debug_binds(self, release: str | None) -> list[tuple[Path, str]]:
         files = self._debug.get(release) if release is not None else None

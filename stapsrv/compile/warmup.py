@@ -19,7 +19,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, DeferredSemaphore
@@ -35,6 +35,9 @@ from stapsrv.config.values import ServerConfig
 from stapsrv.core.cmdline import ServerOption, translator_argv
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
+
+if TYPE_CHECKING:
+    from stapsrv.compile.handler import RequestContext
 
 T = TypeVar("T")
 
@@ -86,7 +89,8 @@ class WarmUp:
             tree = Path(release) if release.startswith("/") else build_tree(release)
             if (tree / "Makefile").exists():
                 Deferred.fromCoroutine(self._warm_up_in_a_slot(release))
-                Deferred.fromCoroutine(self.releases.provide_debug(release))
+                # Shared with the requests that come meanwhile (free for them).
+                self.releases.debug_work(release)
 
     async def _warm_up_in_a_slot(self, release: str) -> None:
         await self.gate.acquire()
@@ -95,10 +99,15 @@ class WarmUp:
         finally:
             self.gate.release()
 
-    async def stapconf_ready(self, release: str, guru: bool) -> None:
+    async def stapconf_ready(self, release: str, guru: bool,
+                             context: RequestContext | None = None) -> None:
         """Once per release and guru mode, before the first request's
         translator: the server's own compile of a fixed script makes the
-        kernel configuration header that every sandbox then starts with."""
+        kernel configuration header that every sandbox then starts with.
+        It counts against the share of kernel store work of the request
+        that starts it (``context``; None: the server's own): past the
+        share, OverBudget is raised and nothing is started (that request's
+        translator makes the header for itself)."""
         key = (release, guru)
         state = self._warmups.get(key)
         if state is True:
@@ -116,6 +125,9 @@ class WarmUp:
             state.append(waiter)
             await waiter
             return
+        self.releases.charge(context, release, "the kernel configuration warm-up compile "
+                             f"for kernel release '{release}'"
+                             + (" in guru mode" if guru else ""))
         waiting: list[Deferred[None]] = []
         self._warmups[key] = waiting
         try:

@@ -47,6 +47,8 @@ EXTENSIONS = (
     ("FETCH_RELEASES", "fetch_releases", "fetch-releases"),
     ("KERNEL_STORE", "kernel_store", "kernel-store"),
     ("KERNEL_STORE_SIZE", "kernel_store_size", "kernel-store-size"),
+    ("MAX_FETCHES", "max_fetches", "max-fetches"),
+    ("PEER_FETCHES", "peer_fetches", "peer-fetches"),
     ("FETCH_SYMBOLS", "fetch_symbols", "fetch-symbols"),
     ("FETCH_DEBUGINFO", "fetch_debuginfo", "fetch-debuginfo"),
 )
@@ -189,6 +191,8 @@ class ServerSettings:
     fetch_releases: str = ""
     kernel_store: str = ""
     kernel_store_size: str = ""
+    max_fetches: str = ""
+    peer_fetches: str = ""
     fetch_symbols: str = ""
     fetch_debuginfo: str = ""
 

@@ -45,6 +45,12 @@ DEFAULT_DESCRIPTOR_RESERVE = 128
 DEFAULT_CACHE_SIZE = 512 * 1024 * 1024
 #: Bytes of kernel build trees kept in the kernel store (about 90 MB each).
 DEFAULT_KERNEL_STORE_SIZE = 2048 * 1024 * 1024
+#: Kernel store fetches (a release, its symbols, debuginfo, module
+#: debuginfo passes) run at once, for all clients together.
+DEFAULT_MAX_FETCHES = 2
+#: Kernel releases one client address may have kernel store work (those,
+#: and a release's warm-up compile) under way for at once.
+DEFAULT_PEER_FETCHES = 1
 
 
 def default_stap() -> str:
@@ -191,6 +197,12 @@ class ServerConfig:
     #: (``vmlinux``) from ``linux-image-<release>-dbg`` instead.
     fetch_symbols: bool = True
     fetch_debuginfo: bool = False
+    #: Fetches the kernel store runs at once (``--max-fetches``; more wait,
+    #: each client address in turn), and the kernel releases one client
+    #: address may have kernel store work under way for (``--peer-fetches``;
+    #: 0: no cap), past which its client is told so on a ``Server:`` line.
+    max_fetches: int = DEFAULT_MAX_FETCHES
+    peer_fetches: int = DEFAULT_PEER_FETCHES
 
     @property
     def response_cache_dir(self) -> Path:

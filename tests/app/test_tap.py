@@ -65,6 +65,11 @@ class OptionsTests(TestCase):
         self.assertEqual((config.max_peer_connections, config.descriptor_reserve), (16, 300))
         self.assertRaises(usage.UsageError, self.parse, "--descriptor-reserve", "0")
         self.assertRaises(usage.UsageError, self.parse, "--max-peer-connections", "-1")
+        config = self.parse("--max-fetches", "4", "--peer-fetches", "0")
+        self.assertEqual((config.max_fetches, config.peer_fetches), (4, 0))
+        self.assertEqual((self.parse().max_fetches, self.parse().peer_fetches), (2, 1))
+        self.assertRaises(usage.UsageError, self.parse, "--max-fetches", "0")
+        self.assertRaises(usage.UsageError, self.parse, "--peer-fetches", "-1")
         config = self.parse()
         self.assertEqual((config.request_timeout, config.compile_timeout, config.limits,
                           config.cache_enabled, config.cache_dir, config.cache_size,

@@ -310,7 +310,7 @@ class ManagerTests(TestCase):
             "--allow", "127.0.0.0/8", "--refuse-guru", "yes", "--privileges", "stapusr,stapdev",
             "--fetch", "no", "--fetch-releases", "6.1.0-*-amd64", "--kernel-store",
             str(self.sandbox.base / "kernels"), "--kernel-store-size", "300",
-            "--fetch-symbols", "no")
+            "--max-fetches", "3", "--peer-fetches", "2", "--fetch-symbols", "no")
         self.assertEqual(code, 0, err)
         self.assertIn(f'-a "x86_64" -r "6.1.0-56-amd64" -R "{runtime}" -D "A=1" -I "/opt/taps" '
                       f'-B "V=1" -u "{self.user}" --log "{self.sandbox.log}" --port "0" '
@@ -320,7 +320,7 @@ class ManagerTests(TestCase):
                       '--refuse-guru "yes" --privileges "stapusr,stapdev" --fetch "no" '
                       '--fetch-releases "6.1.0-*-amd64" --kernel-store '
                       f'"{self.sandbox.base / "kernels"}" --kernel-store-size "300" '
-                      '--fetch-symbols "no"', out)
+                      '--max-fetches "3" --peer-fetches "2" --fetch-symbols "no"', out)
         [pid] = self.sandbox.pids()
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         for word in (b"-I", b"/opt/taps", b"-D", b"A=1", b"-B", b"V=1", b"-R", b"-k",
@@ -329,7 +329,8 @@ class ManagerTests(TestCase):
                      b"--cpu-limit", b"120", b"--no-cache", b"--no-sandbox",
                      b"--allow", b"127.0.0.0/8", b"--refuse-guru", b"--privileges",
                      b"stapusr,stapdev", b"--no-fetch", b"--fetch-releases", b"6.1.0-*-amd64",
-                     b"--kernel-store-size", b"300", b"--no-fetch-symbols"):
+                     b"--kernel-store-size", b"300", b"--max-fetches", b"3",
+                     b"--peer-fetches", b"2", b"--no-fetch-symbols"):
             self.assertIn(word, argv)
         self.assertIn("Response cache disabled", self.sandbox.log.read_text())
         self.assertIn("Translator sandbox disabled (--no-sandbox)", self.sandbox.log.read_text())

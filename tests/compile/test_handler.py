@@ -9,12 +9,13 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from stapsrv.compile.handler import RequestContext
+from stapsrv.compile.handler import Outcome, RequestContext, RequestHandler
+from stapsrv.compile.job import Job
 from stapsrv.config.values import TranslatorLimits
 from stapsrv.core.cmdline import ServerOption
 from tests.helpers import signature_hash, test_identity
 from tests.helpers.archives import RELEASE, make_zip, request
-from tests.helpers.handlers import HandlerCase, alive
+from tests.helpers.handlers import CachedHandlerCase, HandlerCase, alive
 from tests.helpers.waiting import NET, poll
 from tests.helpers.vectors import captured_requests
 
@@ -196,6 +197,108 @@ class RobustnessTests(HandlerCase):
         self.assertEqual(os.listdir(self.tmpdir), [], "scratch directory removed")
         self.assertFalse(self.record.exists())
         self.assertEqual(handler.counters.failures, 1)
+
+
+class FairSlotTests(HandlerCase):
+    """Translator slots go to client addresses in turn."""
+
+    async def test_one_clients_many_compiles_do_not_push_anothers_to_the_back(self) -> None:
+        started: list[str] = []
+        compiles: list[Deferred[None]] = []
+
+        async def compile_(handler: RequestHandler, body: bytes, job: Job,
+                           context: RequestContext) -> Outcome:
+            started.append(context.peer)
+            done: Deferred[None] = Deferred()
+            compiles.append(done)
+            await done
+            return Outcome(b"answer", True)
+
+        self.patch(RequestHandler, "_compile_in_scratch", compile_)
+        handler = self.handler(max_threads=1)
+        peers = [f"10.0.0.1:{port}" for port in range(1, 5)] + ["10.0.0.2:9"]
+        answers = []
+        for n, peer in enumerate(peers):
+            answers.append(Deferred.fromCoroutine(handler.handle(
+                request("-p4", f"-e{n}"), RequestContext(peer))))
+            # Each in the queue before the next comes.
+            self.assertTrue(await poll(lambda: len(started) + len(handler.gate.waiting) == n + 1,
+                                       NET))
+        self.assertEqual(started, peers[:1])
+        while len(compiles) < len(peers):
+            compiles[len(started) - 1].callback(None)
+        compiles[-1].callback(None)
+        # The second address's one request runs after the first address's
+        # second (whose turn it was), not after its fifth.
+        self.assertEqual(started, [peers[0], peers[1], peers[4], peers[2], peers[3]])
+        for answer in answers:
+            self.assertEqual(await answer, b"answer")
+        self.assertEqual((handler.gate.tokens, len(handler.gate.waiting)), (1, 0))
+
+
+class BudgetNoteTests(HandlerCase):
+    """What the request's share of kernel store work kept from it reaches
+    its client."""
+
+    async def test_work_not_done_for_the_request_is_a_server_line_first(self) -> None:
+        from stapsrv.compile.releases import ServedReleases
+
+        async def over(releases: ServedReleases, release: str,
+                       context: RequestContext | None = None) -> bool:
+            assert context is not None
+            context.notes.append("Server: Not starting the System.map (test).")
+            return False
+
+        self.patch(ServedReleases, "provide_debug_within", over)
+        found = await self.answer(request("-p4", "-eok"))
+        self.assertEqual(found["rc"], b"0")
+        self.assertTrue(found["stderr"].startswith(
+            b"Server: Not starting the System.map (test).\n"), found["stderr"])
+
+    async def test_past_the_share_a_request_compiles_without_a_warm_up_and_is_told(
+            self) -> None:
+        from stapsrv.compile.sandbox import Sandbox
+        from stapsrv.compile.warmup import WarmUp
+        from stapsrv.core.budget import OverBudget
+
+        async def over(warmup: WarmUp, release: str, guru: bool,
+                       context: RequestContext | None = None) -> None:
+            raise OverBudget("Server: Not starting the warm-up (test).")
+
+        def no_bwrap(handler: RequestHandler, scratch: Path,
+                     release: str | None = None) -> tuple[str, ...]:
+            return ()
+
+        self.patch(WarmUp, "stapconf_ready", over)
+        self.patch(RequestHandler, "sandbox_words", no_bwrap)
+        handler = self.handler()
+        handler.releases.sandbox = Sandbox(home=self.home, systemtap_dir=self.base / "stap")
+        found = await self.answer(request("-p4", "-eok"), handler)
+        self.assertEqual(found["rc"], b"0")
+        # Before what its translator says.
+        self.assertTrue(found["stderr"].startswith(
+            b"Server: Not starting the warm-up (test). Compiling without it meanwhile.\n"
+            b"Pass 4: "), found["stderr"])
+
+
+class BudgetCacheTests(CachedHandlerCase):
+    async def test_an_answer_carrying_a_note_is_not_kept(self) -> None:
+        from stapsrv.compile.releases import ServedReleases
+
+        async def over(releases: ServedReleases, release: str,
+                       context: RequestContext | None = None) -> bool:
+            assert context is not None
+            context.notes.append("Server: Not starting the System.map (test).")
+            return False
+
+        handler = self.cached_handler()
+        self.assertGoodModule(await self.raw(handler, request("-p4", "-eok")))
+        self.assertGoodModule(await self.raw(handler, request("-p4", "-eok")))
+        self.assertEqual(self.runs(), 1, "kept, then answered from the cache")
+        self.patch(ServedReleases, "provide_debug_within", over)
+        for _ in range(2):
+            self.assertGoodModule(await self.raw(handler, request("-p4", "-etwo")))
+        self.assertEqual(self.runs(), 3, "the note is for that request only")
 
 
 class AppendTests(TestCase):

@@ -26,6 +26,7 @@ from stapsrv.compile.kernels import (
     fix_tree,
     valid_release,
 )
+from stapsrv.compile.observer import NoObserver
 from stapsrv.compile.releases import DEBUG_RETRY, ServedReleases
 from stapsrv.compile.sandbox import Sandbox
 from stapsrv.config.values import ServerConfig
@@ -36,6 +37,7 @@ from tests.compile.test_runtime import NEW_TASK_WORK_H
 from tests.helpers import test_identity
 from tests.helpers.archives import RELEASE, request
 from tests.helpers.handlers import Events, HandlerCase
+from tests.helpers.vectors import members
 from tests.helpers.waiting import NET, poll
 
 STORED = "6.1.0-55-amd64"
@@ -62,6 +64,9 @@ class FakeFetcher:
     def allowed(self, release: str) -> bool:
         return allowed(release, self.patterns)
 
+    async def stored(self, release: str) -> StoredRelease | None:
+        return self.store.get(release)
+
     async def ensure(self, release: str) -> StoredRelease:
         found = self.store.get(release)
         if found is not None:
@@ -83,6 +88,10 @@ class FakeFetcher:
     @property
     def debug_store(self) -> KernelStore:
         return KernelStore(self.store.directory / ".debug", self.store.size_cap)
+
+    async def stored_debug(self, release: str, vmlinux: bool) -> DebugFiles | None:
+        """Nothing is had without ensure_debug here (it counts them)."""
+        return None
 
     async def ensure_debug(self, release: str, vmlinux: bool) -> DebugFiles:
         self.debug_fetched.append((release, vmlinux))
@@ -272,7 +281,7 @@ class SymbolsTests(ReleasesCase):
 
         class Modules:
             async def provide(self, release: str, names: tuple[str, ...],
-                              tree: Path | None) -> None:
+                              tree: Path | None, budgeted: object = None) -> None:
                 asked.append((release, names))
 
         releases = self.releases(fetch_symbols=True, fetch_debuginfo=True)
@@ -325,6 +334,93 @@ class SymbolsTests(ReleasesCase):
         await releases.provide_debug(RELEASE)
         self.assertEqual(len(self.fetcher.debug_fetched), 2)
         self.assertEqual(len(self.events.matching("No symbols")), 2)
+
+
+class SymbolBudgetTests(ReleasesCase):
+    """Symbols and module debuginfo count against the share of kernel
+    store work of the request that starts them (--peer-fetches)."""
+
+    async def test_past_its_share_a_request_compiles_without_symbols_and_is_told(self
+                                                                                  ) -> None:
+        releases = self.releases(fetch_symbols=True, peer_fetches=1)
+        releases.charge(RequestContext("10.0.0.1:4000"), STORED,
+                        f"the fetch of kernel release '{STORED}'")
+        over = RequestContext("10.0.0.1:4001")
+        await releases.provide_debug(RELEASE, over)
+        self.assertEqual(self.fetcher.debug_fetched, [])
+        self.assertEqual(releases.debug_binds(RELEASE), [])
+        self.assertEqual(len(over.notes), 1)
+        self.assertTrue(over.notes[0].startswith(
+            f"Server: Not starting the System.map of kernel release '{RELEASE}' for "
+            "10.0.0.1 now"), over.notes[0])
+        self.assertTrue(over.notes[0].endswith(" Compiling without it meanwhile."))
+        # Not marked failed: the next request that may have them makes them.
+        other = RequestContext("10.0.0.2:4000")
+        await releases.provide_debug(RELEASE, other)
+        self.assertEqual(self.fetcher.debug_fetched, [(RELEASE, False)])
+        self.assertEqual(other.notes, [])
+        releases.finish_work(other)
+        self.assertEqual(releases.budget.under_way("10.0.0.2"), [])
+
+    async def test_work_for_the_release_under_way_costs_nothing_more(self) -> None:
+        # Two requests of one address for the same new release: the one that
+        # did not fetch it may still make its symbols.
+        releases = self.releases(fetch_symbols=True, peer_fetches=1)
+        releases.charge(RequestContext("10.0.0.1:4000"), RELEASE,
+                        f"the fetch of kernel release '{RELEASE}'")
+        second = RequestContext("10.0.0.1:4001")
+        await releases.provide_debug(RELEASE, second)
+        self.assertEqual((self.fetcher.debug_fetched, second.notes), ([(RELEASE, False)], []))
+
+    async def test_symbols_the_server_is_making_are_shared_at_no_cost(self) -> None:
+        made: Deferred[None] = Deferred()
+        ensure_debug = self.fetcher.ensure_debug
+
+        async def slow(release: str, vmlinux: bool) -> DebugFiles:
+            await made
+            return await ensure_debug(release, vmlinux)
+
+        self.fetcher.ensure_debug = slow  # type: ignore[method-assign]
+        releases = self.releases(fetch_symbols=True, peer_fetches=1)
+        releases.symbol_wait = 600.0
+        self.assertIsNotNone(releases.debug_work(RELEASE))  # the server's own, at start
+        releases.charge(RequestContext("10.0.0.1:4000"), STORED,
+                        f"the fetch of kernel release '{STORED}'")
+        over = RequestContext("10.0.0.1:4001")
+        waited = Deferred.fromCoroutine(releases.provide_debug_within(RELEASE, over))
+        made.callback(None)
+        self.assertTrue(await waited)
+        self.assertEqual((over.notes, over.store_work), ([], None))
+        self.assertEqual(len(self.fetcher.debug_fetched), 1)
+        self.assertNotEqual(releases.debug_binds(RELEASE), [])
+
+    async def test_past_its_share_no_module_debuginfo_pass_starts(self) -> None:
+        from stapsrv.compile.fetch import KernelFetcher
+        from stapsrv.compile.moduledebug import ModuleDebug
+        passes: list[list[str]] = []
+
+        async def fetch(self: ModuleDebug, release: str, old: object,
+                        missing: list[str]) -> None:
+            passes.append(missing)
+            raise FetchFailed("no archive here")
+
+        self.patch(ModuleDebug, "_fetch", fetch)
+        real = KernelFetcher(self.store, reactor, self.pool,  # type: ignore[arg-type]
+                             ("6.1.0-*-amd64",))
+        releases = self.releases(fetch_symbols=True, fetch_debuginfo=True, peer_fetches=1)
+        releases.module_debug = ModuleDebug(real, modules_root=self.base / "modules",
+                                            log=Logger(observer=self.events))
+        releases.charge(RequestContext("10.0.0.1:4000"), STORED,
+                        f"the fetch of kernel release '{STORED}'")
+        over = RequestContext("10.0.0.1:4001")
+        await releases.provide_module_debug(RELEASE, ("ext4",), Privilege.STAPDEV, over)
+        self.assertEqual(passes, [])
+        self.assertEqual(len(over.notes), 1)
+        self.assertIn("a pass for the debuginfo of modules ext4 of kernel release", over.notes[0])
+        # Not marked failed either: another address's request runs the pass.
+        await releases.provide_module_debug(RELEASE, ("ext4",), Privilege.STAPDEV,
+                                            RequestContext("10.0.0.2:4000"))
+        self.assertEqual(passes, [["ext4"]])
 
 
 class SymbolWaitTests(ReleasesCase):
@@ -385,3 +481,151 @@ class HandlerTests(HandlerCase):
         self.assertEqual(argv[0], f"-r{stored.build_tree}")
         self.assertEqual(argv[-2:], ["-p4", "-eok"], "the client's -r is dropped")
         self.assertEqual(added, [STORED])
+
+
+class HeldFetcher(FakeFetcher):
+    """A fake fetcher whose fetches each wait for the test to let them end."""
+
+    def __init__(self, store: KernelStore) -> None:
+        super().__init__(store)
+        #: The releases whose fetch began, in order.
+        self.started: list[str] = []
+        self.held: dict[str, Deferred[None]] = {}
+
+    async def ensure(self, release: str) -> StoredRelease:
+        if self.store.get(release) is None:
+            self.started.append(release)
+            self.held[release] = Deferred()
+            await self.held[release]
+        return await super().ensure(release)
+
+
+def fetchable(n: int) -> str:
+    return f"6.1.0-{n}-amd64"
+
+
+class BudgetTests(HandlerCase):
+    """One client address cannot make others wait: its kernel store work
+    is capped, and so are the fetches of all clients together."""
+
+    def budgeted(self, **config: object) -> tuple[RequestHandler, HeldFetcher]:
+        store = KernelStore(self.base / "kernels", 10 << 20)
+        store.open()
+        fetcher = HeldFetcher(store)
+        given = self.handler(**config)
+        handler = RequestHandler(given.config, reactor, self.pool, test_identity,
+                                 given.runtimes, given.environ,
+                                 kernels=fetcher)  # type: ignore[arg-type]
+        return handler, fetcher
+
+    def ask(self, handler: RequestHandler, peer: str, release: str = RELEASE
+            ) -> Deferred[bytes | None]:
+        body = (request("-p4", "-eok") if release == RELEASE
+                else request("-p4", "-eok", "-r", release, release=release))
+        return Deferred.fromCoroutine(handler.handle(body, RequestContext(peer)))
+
+    async def test_five_releases_at_once_start_one_fetch_and_others_are_served(self) -> None:
+        handler, fetcher = self.budgeted()
+        outcomes: list[str] = []
+
+        class Outcomes(NoObserver):
+            def request_done(self, outcome: str, seconds: float) -> None:
+                outcomes.append(outcome)
+
+        handler.observer = Outcomes()
+        releases = [fetchable(n) for n in range(1, 6)]
+        asked = {release: self.ask(handler, f"10.0.0.1:{4000 + n}", release)
+                 for n, release in enumerate(releases)}
+        # Four refused at once; one fetch under way.
+        self.assertTrue(await poll(lambda: sum(a.called for a in asked.values()) == 4
+                                   or len(fetcher.started) > 1, NET))
+        self.assertEqual(len(fetcher.started), 1)
+        fetching = fetcher.started[0]
+        for release, answer in asked.items():
+            if release == fetching:
+                self.assertFalse(answer.called)
+                continue
+            response = await answer
+            assert response is not None
+            found = members(response)
+            self.assertEqual(found["rc"], b"1")
+            self.assertEqual(
+                found["stderr"].decode(),
+                f"Server: Not starting the fetch of kernel release '{release}' for 10.0.0.1 "
+                "now: this server does kernel store work (fetching a release, its symbols or "
+                "debuginfo, a warm-up compile) for at most one kernel release at a time for "
+                "one client address (--peer-fetches), and 10.0.0.1 has the fetch of kernel "
+                f"release '{fetching}' under way.  Try again once that is done (its request "
+                "is answered).\n")
+        self.assertEqual(outcomes, ["refused"] * 4)
+        # Another address's request for an installed release is answered
+        # while the fetch is still under way.
+        other = await self.ask(handler, "10.0.0.2:4000")
+        assert other is not None
+        self.assertEqual(members(other)["rc"], b"0")
+        self.assertFalse(asked[fetching].called)
+        self.assertEqual(fetcher.started, [fetching])
+        fetcher.held[fetching].callback(None)
+        response = await asked[fetching]
+        assert response is not None
+        self.assertEqual(members(response)["rc"], b"0")
+        # The fetch is over: the address may have the next one.
+        again = self.ask(handler, "10.0.0.1:5000", releases[0] if fetching != releases[0]
+                         else releases[1])
+        self.assertTrue(await poll(lambda: len(fetcher.started) == 2, NET))
+        fetcher.held[fetcher.started[1]].callback(None)
+        response = await again
+        assert response is not None
+        self.assertEqual(members(response)["rc"], b"0")
+        self.assertEqual(len(fetcher.fetched), 2)
+
+    async def test_a_fetch_under_way_is_shared_not_refused(self) -> None:
+        handler, fetcher = self.budgeted()
+        first = self.ask(handler, "10.0.0.1:4000", fetchable(1))
+        self.assertTrue(await poll(lambda: fetcher.started, NET))
+        second = self.ask(handler, "10.0.0.1:4001", fetchable(1))
+        third = self.ask(handler, "10.0.0.2:4000", fetchable(1))
+        self.assertTrue(await poll(lambda: len(handler.releases._release_flights[
+            fetchable(1)]) == 2, NET))
+        fetcher.held[fetchable(1)].callback(None)
+        for answer in (first, second, third):
+            response = await answer
+            assert response is not None
+            self.assertEqual(members(response)["rc"], b"0")
+        self.assertEqual(fetcher.started, [fetchable(1)])
+
+    async def test_fetches_of_all_clients_together_are_capped(self) -> None:
+        handler, fetcher = self.budgeted(max_fetches=1)
+        peers = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+        asked = []
+        for n, peer in enumerate(peers, 1):
+            asked.append(self.ask(handler, f"{peer}:4000", fetchable(n)))
+            # Each waiting for the fetch slot before the next comes.
+            self.assertTrue(await poll(lambda: len(fetcher.started) + len(
+                handler.releases.fetches.waiting) == n, NET))
+        self.assertEqual(fetcher.started, [fetchable(1)])
+        for n in (1, 2):
+            fetcher.held[fetchable(n)].callback(None)
+            self.assertTrue(await poll(lambda: len(fetcher.started) == n + 1, NET))
+            self.assertFalse(asked[n].called)
+        fetcher.held[fetchable(3)].callback(None)
+        for answer in asked:
+            response = await answer
+            assert response is not None
+            self.assertEqual(members(response)["rc"], b"0")
+        self.assertEqual(fetcher.started, [fetchable(n) for n in (1, 2, 3)])
+
+    async def test_a_fetch_whose_client_left_while_it_waited_is_not_started(self) -> None:
+        handler, fetcher = self.budgeted(max_fetches=1)
+        first = self.ask(handler, "10.0.0.1:4000", fetchable(1))
+        self.assertTrue(await poll(lambda: fetcher.started, NET))
+        gone = RequestContext("10.0.0.2:4000")
+        left = Deferred.fromCoroutine(handler.handle(
+            request("-p4", "-eok", "-r", fetchable(2), release=fetchable(2)), gone))
+        self.assertTrue(await poll(lambda: handler.releases.fetches.waiting, NET))
+        gone.abandon()
+        fetcher.held[fetchable(1)].callback(None)
+        await first
+        await left
+        self.assertEqual(fetcher.started, [fetchable(1)])
+        self.assertEqual(handler.releases.budget.under_way("10.0.0.2"), [])

@@ -220,3 +220,55 @@ class StartTests(WarmUpCase):
         warmup.start()
         await deferLater(reactor, 0.3, lambda: None)
         self.assertEqual((self.runs(), self.fetcher.debug_fetched), ([], []))
+
+
+class BudgetTests(WarmUpCase):
+    """A warm-up counts against the share of kernel store work of the
+    request that starts it (--peer-fetches)."""
+
+    async def test_past_its_share_a_request_starts_no_warm_up(self) -> None:
+        from stapsrv.core.budget import OverBudget
+        warmup = self.warmup(peer_fetches=1)
+        busy = RequestContext("10.0.0.1:4000")
+        warmup.releases.charge(busy, STORED, f"the fetch of kernel release '{STORED}'")
+        with self.assertRaises(OverBudget) as caught:
+            await warmup.stapconf_ready(RELEASE, False, RequestContext("10.0.0.1:4001"))
+        self.assertIn("Server: Not starting the kernel configuration warm-up compile for "
+                      f"kernel release '{RELEASE}' for 10.0.0.1 now", str(caught.exception))
+        self.assertEqual(self.runs(), [], "no warm-up started")
+        # Another address may; then the header is ready for everyone.
+        other = RequestContext("10.0.0.2:4000")
+        await warmup.stapconf_ready(RELEASE, False, other)
+        self.assertEqual(len(self.runs()), 1)
+        self.assertIsNotNone(other.store_work)
+        await warmup.stapconf_ready(RELEASE, False, RequestContext("10.0.0.1:4002"))
+        self.assertEqual(len(self.runs()), 1)
+
+    async def test_the_symbols_made_at_start_are_shared_at_no_cost(self) -> None:
+        from stapsrv.compile import warmup as warmup_module
+        from stapsrv.compile.fetch import DebugFiles
+        made: Deferred[None] = Deferred()
+        ensure_debug = self.fetcher.ensure_debug
+
+        async def slow(release: str, vmlinux: bool) -> DebugFiles:
+            await made
+            return await ensure_debug(release, vmlinux)
+
+        self.fetcher.ensure_debug = slow  # type: ignore[method-assign]
+        tree = self.base / "installed"
+        tree.mkdir()
+        (tree / "Makefile").write_text("all:\n")
+        self.patch(warmup_module, "build_tree", lambda release: tree)
+        self.gate = DeferredSemaphore(1)
+        await self.gate.acquire()  # no warm-up compile here
+        warmup = self.warmup(fetch_symbols=True, peer_fetches=1)
+        warmup.releases.symbol_wait = 600.0
+        warmup.start()
+        warmup.releases.charge(RequestContext("10.0.0.1:4000"), STORED,
+                               f"the fetch of kernel release '{STORED}'")
+        over = RequestContext("10.0.0.1:4001")
+        waited = Deferred.fromCoroutine(warmup.releases.provide_debug_within(RELEASE, over))
+        made.callback(None)
+        self.assertTrue(await waited)
+        self.assertEqual((over.notes, over.store_work), ([], None))
+        self.assertEqual(self.fetcher.debug_fetched, [(RELEASE, False)])

@@ -128,15 +128,16 @@ class ConvertTests(ConvertCase):
         conf.write_text(f"LOG={self.base / 'log'}\nFETCH_KERNELS=no\n"
                         "FETCH_RELEASES=6.1.0-*-amd64, 6.1.0-*-rt-amd64\n"
                         f"KERNEL_STORE={self.base / 'kernels'}\nKERNEL_STORE_SIZE=300\n"
-                        "FETCH_DEBUGINFO=yes\n")
+                        "FETCH_DEBUGINFO=yes\nMAX_FETCHES=3\nPEER_FETCHES=0\n")
         from_file = settings_config(read_server_file(conf), GlobalConfig())
         options = tap.Options()
         options.parseOptions([
             "--log", str(self.base / "log"), "--no-fetch",
             "--fetch-releases", "6.1.0-*-amd64", "--fetch-releases", "6.1.0-*-rt-amd64",
             "--kernel-store", str(self.base / "kernels"), "--kernel-store-size", "300",
-            "--fetch-debuginfo"])
+            "--fetch-debuginfo", "--max-fetches", "3", "--peer-fetches", "0"])
         self.assertEqual(options.to_config(), from_file)
+        self.assertEqual((from_file.max_fetches, from_file.peer_fetches), (3, 0))
         self.assertEqual((from_file.fetch_kernels, from_file.fetch_patterns,
                           from_file.kernel_store, from_file.kernel_store_size,
                           from_file.fetch_symbols, from_file.fetch_debuginfo),
@@ -146,6 +147,10 @@ class ConvertTests(ConvertCase):
         self.assertEqual((defaults.fetch_kernels, defaults.fetch_patterns,
                           defaults.fetch_symbols, defaults.fetch_debuginfo),
                          (True, (), True, False))
+        self.assertEqual((defaults.max_fetches, defaults.peer_fetches), (2, 1))
+        conf.write_text("MAX_FETCHES=0\n")
+        self.assertRaises(SettingsError, settings_config, read_server_file(conf),
+                          GlobalConfig())
         conf.write_text("FETCH_SYMBOLS=no\n")
         without = settings_config(read_server_file(conf), GlobalConfig())
         options = tap.Options()
