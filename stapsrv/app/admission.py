@@ -33,7 +33,6 @@ from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IListeningPort,
-    ILoggingContext,
     IProtocol,
     IProtocolFactory,
     IReactorTime,
@@ -43,6 +42,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from stapsrv.app.logs import NAMESPACE
+from stapsrv.app.wrapping import GateFactory
 from stapsrv.core.admission import GRACE, AdmissionPolicy, Waiting
 
 #: Seconds between two measures of the descriptors in use.
@@ -295,8 +295,7 @@ class Admission:
         self.report.closed(reason, peer)
 
 
-@implementer(IProtocolFactory, ILoggingContext)
-class AdmissionFactory:
+class AdmissionFactory(GateFactory):
     """Builds ``wrapped``'s protocols while descriptors are left (and, when
     ``peer_admits`` is given, while the peer is under its cap); for a
     connection it refuses, it builds none, so the port closes it at once."""
@@ -305,7 +304,7 @@ class AdmissionFactory:
                  refused: Callable[[str, str | None], None],
                  peer_admits: Callable[[IAddress], bool] | None = None,
                  describe: Callable[[IAddress], str] = str) -> None:
-        self.wrapped = wrapped
+        super().__init__(wrapped)
         self.admission = admission
         self.refused = refused
         self.peer_admits = peer_admits
@@ -319,17 +318,6 @@ class AdmissionFactory:
             self.refused(PEER, self.describe(addr))
             return None
         return self.wrapped.buildProtocol(addr)
-
-    def doStart(self) -> None:
-        self.wrapped.doStart()
-
-    def doStop(self) -> None:
-        self.wrapped.doStop()
-
-    def logPrefix(self) -> str:
-        if ILoggingContext.providedBy(self.wrapped):
-            return str(self.wrapped.logPrefix())
-        return self.wrapped.__class__.__name__
 
 
 @implementer(IStreamServerEndpoint)

@@ -16,7 +16,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
-    ILoggingContext,
     IProtocol,
     IProtocolFactory,
     IStreamServerEndpoint,
@@ -26,18 +25,18 @@ from twisted.protocols.haproxy import proxyEndpoint
 from zope.interface import implementer
 
 from stapsrv.app.server import describe_peer, peer_host
+from stapsrv.app.wrapping import GateFactory
 from stapsrv.compile.policy import Network, in_networks
 from stapsrv.core.logtext import escape_controls
 
 
-@implementer(IProtocolFactory, ILoggingContext)
-class TrustedPeersFactory:
+class TrustedPeersFactory(GateFactory):
     """Builds ``wrapped``'s protocols for peers in ``networks``, none (so
     the connection is closed unread) for the others."""
 
     def __init__(self, wrapped: IProtocolFactory, networks: Sequence[Network],
                  log: Logger, refused: Callable[[], None] | None = None) -> None:
-        self.wrapped = wrapped
+        super().__init__(wrapped)
         self.networks = tuple(networks)
         self.log = log
         self.refused = refused
@@ -54,17 +53,6 @@ class TrustedPeersFactory:
         if self.refused is not None:
             self.refused()
         return None
-
-    def doStart(self) -> None:
-        self.wrapped.doStart()
-
-    def doStop(self) -> None:
-        self.wrapped.doStop()
-
-    def logPrefix(self) -> str:
-        if ILoggingContext.providedBy(self.wrapped):
-            return str(self.wrapped.logPrefix())
-        return self.wrapped.__class__.__name__
 
 
 @implementer(IStreamServerEndpoint)
