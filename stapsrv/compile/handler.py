@@ -354,7 +354,10 @@ class RequestHandler:
         try:
             outcome = await self._compile(body, job, context)
         finally:
-            share = outcome.response if outcome.succeeded else None
+            # An answer that carries this request's own Server: notes (its
+            # address's kernel store work left out) is its alone: others
+            # compile their own rather than read another client's lines.
+            share = outcome.response if outcome.succeeded and not context.notes else None
             for waiter in self._flights.pop(key):
                 waiter.callback(share)
         if outcome.succeeded and outcome.to_keep is not None:

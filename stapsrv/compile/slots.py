@@ -9,6 +9,7 @@ semaphore's do (the factory counts the requests waiting for a slot).
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Self
 
 from twisted.internet.defer import Deferred, DeferredSemaphore
@@ -22,6 +23,8 @@ class FairGate(DeferredSemaphore):
     def __init__(self, tokens: int) -> None:
         super().__init__(tokens)
         self.slots: FairSlots[Deferred[Self]] = FairSlots(tokens)
+        self._releases: deque[str] = deque()
+        self._releasing = False
 
     def acquire(self) -> Deferred[Self]:
         return self.acquire_for(SERVER)
@@ -41,12 +44,25 @@ class FairGate(DeferredSemaphore):
         return waiter
 
     def release_for(self: Self, address: str) -> None:
-        turn = self.slots.release(address)
-        if turn is not None:
-            self.waiting.remove(turn[1])
-        self._sync()
-        if turn is not None:
-            turn[1].callback(self)
+        """Give ``address``'s slot back; the next turn's waiter fires.  A
+        waiter that gives its slot back at once (a request whose client
+        left) does so in a loop here, not by recursion: a long queue of
+        those would otherwise hit the recursion limit half-way and lose
+        the slot for good."""
+        self._releases.append(address)
+        if self._releasing:
+            return
+        self._releasing = True
+        try:
+            while self._releases:
+                turn = self.slots.release(self._releases.popleft())
+                if turn is not None:
+                    self.waiting.remove(turn[1])
+                self._sync()
+                if turn is not None:
+                    turn[1].callback(self)
+        finally:
+            self._releasing = False
 
     def _withdraw(self, waiter: Deferred[Self]) -> None:
         if self.slots.withdraw(waiter):

@@ -37,3 +37,25 @@ class FairGateTests(TestCase):
         self.assertEqual((len(gate.waiting), len(failures)), (0, 1))
         gate.release()
         self.assertEqual(gate.tokens, 1)
+
+
+class ReleaseChainTests(TestCase):
+    def test_a_long_queue_of_waiters_that_give_back_at_once_loses_no_slot(self) -> None:
+        """3000 requests whose clients left: each takes its turn and gives
+        the slot straight back (the handler does); the gate ends as it
+        began, every waiter served."""
+        gate = FairGate(1)
+        first = gate.acquire_for("a")
+        self.assertTrue(first.called)
+        served = []
+        for index in range(3000):
+            waiter = gate.acquire_for(f"peer{index % 7}")
+
+            def gone(_: object, index: int = index) -> None:
+                served.append(index)
+                gate.release_for(f"peer{index % 7}")
+
+            waiter.addCallback(gone)
+        gate.release_for("a")
+        self.assertEqual(len(served), 3000)
+        self.assertEqual((gate.tokens, len(gate.waiting)), (1, 0))
