@@ -165,6 +165,9 @@ class RequestContext:
     #: The kernel store work this request counts as for its address's
     #: share (``--peer-fetches``), until it is answered.
     store_work: Work | None = None
+    #: The request is answered: kernel store work still running for it
+    #: (its symbols) no longer counts against its address.
+    answered: bool = False
     #: ``Server:`` lines for the client's stderr (work not done for it).
     notes: list[str] = field(factory=list)
 

@@ -105,8 +105,8 @@ class ServedReleases:
         server's own): the request counts against its address's share until
         it is answered (:meth:`finish_work`), once however many steps it
         takes.  Raises :class:`OverBudget` past the share."""
-        if context is None or context.store_work is not None:
-            return
+        if context is None or context.store_work is not None or context.answered:
+            return  # the server's own; counted already; or answered (nothing would free it)
         address = context.address
         work = self.budget.start(address, release, what)
         if work is None:
@@ -121,6 +121,7 @@ class ServedReleases:
 
     def finish_work(self, context: RequestContext) -> None:
         """The request is answered: its address's share is free again."""
+        context.answered = True
         if context.store_work is not None:
             self.budget.finish(context.store_work)
             context.store_work = None

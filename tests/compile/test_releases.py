@@ -459,6 +459,19 @@ class SymbolWaitTests(ReleasesCase):
         self.assertEqual(self.events.matching("still being made"), [])
 
 
+class LateChargeTests(ReleasesCase):
+    def test_work_for_an_answered_request_is_never_charged(self) -> None:
+        """Symbols a request started may reach their charge after it was
+        answered (the request waited 20 s at most): nothing would ever free
+        that charge, so there is none."""
+        releases = self.releases(fetch_symbols=True, peer_fetches=1)
+        context = RequestContext("10.0.0.9:4000")
+        releases.finish_work(context)
+        releases.charge(context, RELEASE, "the System.map of a release")
+        self.assertIsNone(context.store_work)
+        self.assertEqual(releases.budget.under_way(context.address), [])
+
+
 class HandlerTests(HandlerCase):
     """The handler asks its releases: a stored release's request runs on
     the stored tree, and the service hears of the new release."""
