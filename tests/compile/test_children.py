@@ -9,6 +9,7 @@ from typing import cast
 
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.process import ProcessReader
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
@@ -62,6 +63,10 @@ class RunChildTests(TestCase):
             await running
         [sleep] = map(int, pids.read_text().split())
         self.assertTrue(await poll(lambda: is_dead(sleep), NET), "its sleep is gone")
+        # And the shell: its pipes close and it is reaped soon after.
+        self.assertTrue(await poll(lambda: not [
+            reader for reader in global_reactor.getReaders()  # type: ignore[attr-defined]
+            if isinstance(reader, ProcessReader)], NET))
 
 
 class FetcherStepTests(TestCase):
