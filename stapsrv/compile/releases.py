@@ -268,6 +268,11 @@ class ServedReleases:
         work = self._debug_work.get(release)
         if work is not None:
             return work
+        # A request past its address's share makes no symbols: its attempt
+        # (which only notes that) is its own, never one others join and
+        # come away from without symbols.
+        shared = (context is None or context.store_work is not None or context.answered
+                  or self.budget.allows(context.address, release))
         work = Deferred.fromCoroutine(self.provide_debug(release, context))
 
         def failed(failure: Failure) -> None:
@@ -280,6 +285,8 @@ class ServedReleases:
         work.addErrback(failed)
         if work.called:
             return None
+        if not shared:
+            return work
         self._debug_work[release] = work
 
         def over(result: object) -> object:

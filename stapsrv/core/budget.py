@@ -146,12 +146,16 @@ class PeerBudget:
     def under_way(self, address: str) -> list[Work]:
         return [work for work in self._under_way if work.address == address]
 
+    def allows(self, address: str, release: str) -> bool:
+        """Whether :meth:`start` would count work for ``release``."""
+        releases = {work.release for work in self.under_way(address)}
+        return (address == SERVER or release in releases
+                or not 0 < self.per_peer <= len(releases))
+
     def start(self, address: str, release: str, what: str) -> Work | None:
         """The work, counted against ``address``; None when the address has
         work under way for as many other releases as it may have."""
-        releases = {work.release for work in self.under_way(address)}
-        if (address != SERVER and release not in releases
-                and 0 < self.per_peer <= len(releases)):
+        if not self.allows(address, release):
             return None
         work = Work(address, release, what)
         self._under_way.append(work)

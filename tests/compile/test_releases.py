@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
@@ -457,6 +458,33 @@ class SymbolWaitTests(ReleasesCase):
         self.assertTrue(await releases.provide_debug_within(RELEASE))
         self.assertNotEqual(releases.debug_binds(RELEASE), [])
         self.assertEqual(self.events.matching("still being made"), [])
+
+
+class SharedSymbolsTests(ReleasesCase):
+    async def test_an_address_past_its_share_never_leaves_others_without_symbols(self) -> None:
+        """Address A has a release fetch under way (its share); its request
+        for symbols is noted and makes none.  Address B asks at the same
+        time: B's request makes them, rather than joining A's attempt and
+        coming away with none."""
+        stored_debug = self.fetcher.stored_debug
+
+        async def looked_up(*args: Any) -> Any:  # a look-up takes a turn of the reactor
+            await deferLater(reactor, 0, lambda: None)
+            return await stored_debug(*args)
+
+        self.fetcher.stored_debug = looked_up  # type: ignore[method-assign]
+        releases = self.releases(fetch_symbols=True, peer_fetches=1)
+        busy = RequestContext("10.0.0.1:4000")
+        releases.charge(busy, "6.1.0-9-amd64", "the fetch of kernel release '6.1.0-9-amd64'")
+        a, b = RequestContext("10.0.0.1:4001"), RequestContext("10.0.0.2:4000")
+        first = Deferred.fromCoroutine(releases.provide_debug_within(RELEASE, a))
+        second = Deferred.fromCoroutine(releases.provide_debug_within(RELEASE, b))
+        await first
+        self.assertTrue(await second)
+        self.assertNotEqual(releases.debug_binds(RELEASE), [], "B's symbols were made")
+        self.assertEqual(len(a.notes), 1, a.notes)
+        self.assertIn("Compiling without it meanwhile.", a.notes[0])
+        self.assertEqual(b.notes, [])
 
 
 class LateChargeTests(ReleasesCase):
