@@ -59,6 +59,8 @@ class FakeFetcher:
         self.debug_failure: str | None = None
         #: The reason fetching a -dbg package fails (None: it works).
         self.dbg_failure: str | None = None
+        #: Fired when symbols being made are done (None: made at once).
+        self.debug_held: Deferred[None] | None = None
         #: The task_work.h a fetched tree has (None: none).
         self.task_work_h: str | None = None
 
@@ -94,8 +96,15 @@ class FakeFetcher:
         """Nothing is had without ensure_debug here (it counts them)."""
         return None
 
+    def hold_debug(self) -> Deferred[None]:
+        """Symbols are still being made until the Deferred returned fires."""
+        self.debug_held = Deferred()
+        return self.debug_held
+
     async def ensure_debug(self, release: str, vmlinux: bool) -> DebugFiles:
         self.debug_fetched.append((release, vmlinux))
+        if self.debug_held is not None:
+            await self.debug_held
         if not valid_release(release):  # as apt's fetcher: a tree named by path
             raise FetchFailed(f"'{release}' is not a kernel release name")
         if self.debug_failure is not None:
@@ -374,14 +383,7 @@ class SymbolBudgetTests(ReleasesCase):
         self.assertEqual((self.fetcher.debug_fetched, second.notes), ([(RELEASE, False)], []))
 
     async def test_symbols_the_server_is_making_are_shared_at_no_cost(self) -> None:
-        made: Deferred[None] = Deferred()
-        ensure_debug = self.fetcher.ensure_debug
-
-        async def slow(release: str, vmlinux: bool) -> DebugFiles:
-            await made
-            return await ensure_debug(release, vmlinux)
-
-        self.fetcher.ensure_debug = slow  # type: ignore[method-assign]
+        made = self.fetcher.hold_debug()
         releases = self.releases(fetch_symbols=True, peer_fetches=1)
         releases.symbol_wait = 600.0
         self.assertIsNotNone(releases.debug_work(RELEASE))  # the server's own, at start
@@ -428,14 +430,7 @@ class SymbolWaitTests(ReleasesCase):
     """Symbols still being made hold a request for a bounded time only."""
 
     async def test_a_request_goes_on_without_symbols_still_being_made(self) -> None:
-        made: Deferred[None] = Deferred()
-        ensure_debug = self.fetcher.ensure_debug
-
-        async def slow(release: str, vmlinux: bool) -> DebugFiles:
-            await made  # the fetch and System.map pass, not over yet
-            return await ensure_debug(release, vmlinux)
-
-        self.fetcher.ensure_debug = slow  # type: ignore[method-assign]
+        made = self.fetcher.hold_debug()
         releases = self.releases(fetch_symbols=True)
         releases.symbol_wait = 0.1
         first = await releases.provide_debug_within(RELEASE)

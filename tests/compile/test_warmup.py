@@ -246,15 +246,7 @@ class BudgetTests(WarmUpCase):
 
     async def test_the_symbols_made_at_start_are_shared_at_no_cost(self) -> None:
         from stapsrv.compile import warmup as warmup_module
-        from stapsrv.compile.fetch import DebugFiles
-        made: Deferred[None] = Deferred()
-        ensure_debug = self.fetcher.ensure_debug
-
-        async def slow(release: str, vmlinux: bool) -> DebugFiles:
-            await made
-            return await ensure_debug(release, vmlinux)
-
-        self.fetcher.ensure_debug = slow  # type: ignore[method-assign]
+        made = self.fetcher.hold_debug()
         tree = self.base / "installed"
         tree.mkdir()
         (tree / "Makefile").write_text("all:\n")
