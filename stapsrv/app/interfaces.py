@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+from attrs import frozen
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-if TYPE_CHECKING:
-    from stapsrv.app.publish import ServiceRecord
+
+@frozen
+class ServiceRecord:
+    """One advertised service: its (initial) name, port and TXT strings."""
+
+    name: str
+    port: int
+    txt: tuple[bytes, ...]
 
 
 class IServicePublisher(Interface):
@@ -17,14 +23,14 @@ class IServicePublisher(Interface):
 
     published = Attribute("The service names currently advertised (a tuple, maybe empty).")
 
-    def publish(records: Sequence["ServiceRecord"]) -> None:
+    def publish(records: Sequence[ServiceRecord]) -> None:
         """Start advertising ``records`` (a sequence of ``ServiceRecord``)
         and keep them advertised until :meth:`withdraw`: rename them on name
         collisions and advertise them again when the mDNS daemon comes
         (back).  Never raises because the daemon or the bus is missing: that
         is logged once and publishing happens when they appear."""
 
-    def update(records: Sequence["ServiceRecord"]) -> None:
+    def update(records: Sequence[ServiceRecord]) -> None:
         """Advertise ``records`` in place of those given before (the server
         serves another release now); nothing when not publishing."""
 

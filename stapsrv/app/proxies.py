@@ -26,8 +26,8 @@ from zope.interface import implementer
 
 from stapsrv.app.server import describe_peer, peer_host
 from stapsrv.app.wrapping import GateFactory
-from stapsrv.compile.policy import Network, in_networks
 from stapsrv.core.logtext import escape_controls
+from stapsrv.core.policyvalues import Network, in_networks
 
 
 class TrustedPeersFactory(GateFactory):

@@ -17,7 +17,6 @@ import socket
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.error import ConnectError
@@ -28,7 +27,7 @@ from txdbus import client
 from zope.interface import implementer
 
 from stapsrv import PROTOCOL_VERSION
-from stapsrv.app.interfaces import IServicePublisher
+from stapsrv.app.interfaces import IServicePublisher, ServiceRecord
 from stapsrv.app.service import CompileServerService
 from stapsrv.core.cmdline import ServerOption
 from stapsrv.identity import mok
@@ -61,15 +60,6 @@ SERVER_RUNNING = 2
 SERVER_COLLISION = 3
 GROUP_COLLISION = 3
 GROUP_FAILURE = 4
-
-
-@frozen
-class ServiceRecord:
-    """One advertised service: its (initial) name, port and TXT strings."""
-
-    name: str
-    port: int
-    txt: tuple[bytes, ...]
 
 
 def service_name(hostname: str) -> str:

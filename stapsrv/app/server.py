@@ -30,7 +30,8 @@ from zope.interface import implementer
 from stapsrv import PROTOCOL_VERSION
 from stapsrv.app.admission import OLDEST, PEER, Admission
 from stapsrv.compile.archive import refusal_archive
-from stapsrv.compile.handler import RequestContext, RequestHandler
+from stapsrv.compile.context import RequestContext
+from stapsrv.compile.handler import RequestHandler
 from stapsrv.core.admission import default_per_peer
 from stapsrv.core.framing import (
     CertificateProbe,

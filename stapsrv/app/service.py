@@ -26,36 +26,30 @@ from twisted.python.threadpool import ThreadPool
 from stapsrv.app.admission import Admission, AdmissionEndpoint, AdmissionFactory
 from stapsrv.app.health import Health, listening_check, space_check, translator_check
 from stapsrv.app.listen import NotListening, listen_now
-from stapsrv.app.proxies import trusted_proxy_endpoint
 from stapsrv.app.metrics import ServerMetrics
+from stapsrv.app.proxies import trusted_proxy_endpoint
 from stapsrv.app.server import CompileServerFactory, peer_host
 from stapsrv.cache.fleet import RedisCache
-from stapsrv.cache.secret import SecretError, load_password, load_secret
 from stapsrv.cache.key import KeyMaker
 from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
-from stapsrv.compile.fetch import (
+from stapsrv.compile.handler import RequestHandler
+from stapsrv.compile.sandbox import Sandbox, SandboxUnavailable, StapconfStore, server_sandbox
+from stapsrv.config.secret import SecretError, load_password, load_secret
+from stapsrv.config.values import ServerConfig
+from stapsrv.core.counters import Counters
+from stapsrv.core.policyvalues import parse_networks
+from stapsrv.identity.certs import ServerIdentity, server_context_factory
+from stapsrv.identity.store import load_or_create_identity
+from stapsrv.identity.trust import trust_certificate
+from stapsrv.kernel.fetch import (
     DEBUG_DIRECTORY,
     KernelFetcher,
     debian_architecture,
     default_patterns,
 )
-from stapsrv.compile.handler import RequestHandler
-from stapsrv.compile.kernels import KernelStore, store_directory
-from stapsrv.vm import verification
-from stapsrv.compile.moduledebug import ModuleDebug
-from stapsrv.compile.runtime import default_cache_root, select_runtime
-from stapsrv.compile.policy import parse_networks
-from stapsrv.compile.sandbox import (
-    Sandbox,
-    SandboxUnavailable,
-    StapconfStore,
-    server_sandbox,
-)
-from stapsrv.config.values import ServerConfig
-from stapsrv.core.counters import Counters
-from stapsrv.identity.certs import ServerIdentity, server_context_factory
-from stapsrv.identity.store import load_or_create_identity
-from stapsrv.identity.trust import trust_certificate
+from stapsrv.kernel.moduledebug import ModuleDebug
+from stapsrv.kernel.runtime import default_cache_root, select_runtime
+from stapsrv.kernel.store import KernelStore, store_directory
 from stapsrv.paths import (
     MODULES,
     RootRefused,
@@ -66,6 +60,7 @@ from stapsrv.paths import (
     systemtap_dir,
 )
 from stapsrv.reactor import IServerReactor
+from stapsrv.vm import verification
 
 #: Threads that compute cache keys (apart from the requests' pool).
 KEY_THREADS = 2

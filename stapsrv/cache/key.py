@@ -11,7 +11,8 @@ script text) and, for answers the server signs, the signing certificates.
 Two requests share a key only if they would get the same answer; a request
 naming a server tree too big to fingerprint is not cached at all.
 
-The request's side comes parsed (:class:`stapsrv.compile.job.Job`).
+The request's side comes parsed (:class:`KeyedRequest`: what
+:class:`stapsrv.compile.job.Job` gives, seen from below).
 Blocking: run in a thread pool of its own (never the requests' pool: a
 key is bounded in files, bytes and seconds, but may still take seconds).
 Only regular files are read, never a device, FIFO or socket, nothing in
@@ -32,10 +33,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from attrs import define, field, frozen
-
-from stapsrv.compile.job import Job
 
 #: Bump when the meaning of a key or the cached answer's format changes.
 KEY_VERSION = b"stapsrv-response-cache-1\n"
@@ -330,6 +330,22 @@ def relevant_environment(environ: Mapping[str, str]) -> list[tuple[str, str]]:
                   if name in _ENVIRONMENT_NAMES or name.startswith(_ENVIRONMENT_PREFIXES))
 
 
+class KeyedRequest(Protocol):
+    """What a key reads of a parsed request."""
+
+    @property
+    def digest(self) -> bytes:
+        """A digest of every member's path and bytes."""
+
+    @property
+    def named_paths(self) -> tuple[str, ...]:
+        """The server paths the request names."""
+
+    @property
+    def uncacheable(self) -> str | None:
+        """Why the request may not be cached, or None."""
+
+
 @define
 class KeyMaker:
     """Builds cache keys for one server."""
@@ -357,7 +373,7 @@ class KeyMaker:
             paths.append(("symbols", symbols))
         return paths
 
-    def key(self, request: Job, release: str, options: Sequence[str],
+    def key(self, request: KeyedRequest, release: str, options: Sequence[str],
             runtime: str | None, signers: Iterable[bytes] = (),
             build: Path | None = None, symbols: Path | None = None) -> str:
         """The hex key of a request about to be run with ``options``.

@@ -13,7 +13,7 @@ import pwd
 import sys
 from pathlib import Path
 
-from stapsrv.cache.secret import SECRET_BYTES, SecretError, create_secret
+from stapsrv.config.secret import SECRET_BYTES, SecretError, create_secret
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -32,21 +32,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-
-import attrs
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.threadpool import ThreadPool
 
-from stapsrv.compile.fetch import (
+from stapsrv.config.values import DEFAULT_KERNEL_STORE_SIZE, ServerConfig
+from stapsrv.kernel.fetch import (
     DEBUG_DIRECTORY,
     IMAGES_DIRECTORY,
     FetchFailed,
@@ -54,14 +54,13 @@ from stapsrv.compile.fetch import (
     debug_files,
     megabytes,
 )
-from stapsrv.compile.kernels import KernelStore, StoredRelease, store_directory
-from stapsrv.compile.moduledebug import MODULES_DIRECTORY
-from stapsrv.config.values import DEFAULT_KERNEL_STORE_SIZE, ServerConfig
+from stapsrv.kernel.moduledebug import MODULES_DIRECTORY
+from stapsrv.kernel.store import KernelStore, StoredRelease, store_directory
 from stapsrv.paths import RootRefused, refuse_root
 from stapsrv.reactor import IServerReactor
+from stapsrv.vm import verification
 from stapsrv.vm.console import Outcome
 from stapsrv.vm.initramfs import Job, MissingFile, Staprun
-from stapsrv.vm import verification
 from stapsrv.vm.runner import VmRunner, VmSettings
 from stapsrv.vm.verification import Verification
 from stapsrv.vm.verify import ClientSpec, Verifier

@@ -8,9 +8,9 @@ promises.
 from __future__ import annotations
 
 import fcntl
-import json
 import grp
 import ipaddress
+import json
 import os
 import pwd
 import re
@@ -22,9 +22,9 @@ from typing import Any, TextIO
 
 from attrs import define, evolve
 
-from stapsrv.cache.fleet import display_url
 from stapsrv.cli.arguments import ACTIONS, ArgumentError, Invocation, SpecWords, parse
 from stapsrv.cli.launch import LaunchFailed, is_server, start_daemon, stop_daemon
+from stapsrv.config.endpoints import DEFAULT_PROXY_FROM, proxied
 from stapsrv.config.files import (
     DEBIAN_GLOBAL_FILE,
     DEFAULT_GLOBAL_FILE,
@@ -41,7 +41,7 @@ from stapsrv.config.files import (
     read_server_file,
     render_status,
 )
-from stapsrv.config.endpoints import DEFAULT_PROXY_FROM, proxied
+from stapsrv.config.fleeturl import display_url
 from stapsrv.core import counters as request_counters
 from stapsrv.paths import MODULES, manager_architecture, root_refused
 from stapsrv.vm import verification

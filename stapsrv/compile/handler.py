@@ -35,7 +35,7 @@ from stapsrv import PROTOCOL_VERSION
 from stapsrv.cache.key import KeyMaker, Uncacheable
 from stapsrv.cache.store import ResponseCache, find_answer
 from stapsrv.compile.archive import RequestRejected, build_response, refusal_archive
-from stapsrv.compile.fetch import KernelFetcher
+from stapsrv.compile.context import RequestContext
 from stapsrv.compile.job import Job, needs_signature, parse_job, write_request
 from stapsrv.compile.observer import NoObserver, RequestObserver
 from stapsrv.compile.policy import Policy
@@ -47,6 +47,7 @@ from stapsrv.compile.slots import FairGate
 from stapsrv.compile.translator import TranslatorRun, start_translator
 from stapsrv.compile.warmup import WarmUp
 from stapsrv.config.values import ServerConfig
+from stapsrv.core.budget import OverBudget
 from stapsrv.core.cmdline import (
     Privilege,
     ServerOption,
@@ -54,12 +55,12 @@ from stapsrv.core.cmdline import (
     translator_argv,
     without_release,
 )
-from stapsrv.core.budget import OverBudget, Work, peer_address
 from stapsrv.core.counters import Counters
 from stapsrv.core.logtext import escape_controls
 from stapsrv.core.rewrite import StreamReplacer
 from stapsrv.identity import mok
 from stapsrv.identity.certs import ServerIdentity
+from stapsrv.kernel.fetch import KernelFetcher
 from stapsrv.paths import home_directory, systemtap_dir
 from stapsrv.reactor import IHandlerReactor
 
@@ -149,42 +150,6 @@ def repeated_answer_member(name: str) -> bool:
     if "/" in inner or inner.startswith("."):
         return False
     return inner.endswith((".ko", ".ko.sgn", "_src.c"))
-
-
-@define(eq=False)
-class RequestContext:
-    """One request's link back to its connection, and the translator that
-    runs for it (while one does)."""
-
-    peer: str
-    abandoned: bool = False
-    timed_out: bool = False
-    translator: TranslatorRun | None = None
-    #: The translator's output streams (1, 2) cut at ``--max-output``.
-    cut_output: tuple[int, ...] = ()
-    #: The kernel store work this request counts as for its address's
-    #: share (``--peer-fetches``), until it is answered.
-    store_work: Work | None = None
-    #: The request is answered: kernel store work still running for it
-    #: (its symbols) no longer counts against its address.
-    answered: bool = False
-    #: ``Server:`` lines for the client's stderr (work not done for it).
-    notes: list[str] = field(factory=list)
-
-    @property
-    def address(self) -> str:
-        """The client's address (its share of slots and kernel store work
-        is per address, not per connection)."""
-        return peer_address(self.peer)
-
-    def abandon(self) -> None:
-        """The client went away: stop any compile now."""
-        self.abandoned = True
-        self.stop_translator()
-
-    def stop_translator(self) -> None:
-        if self.translator is not None:
-            self.translator.kill()
 
 
 @frozen

@@ -20,7 +20,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from attrs import define, evolve, field
 from twisted.internet.defer import Deferred
@@ -29,15 +29,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from stapsrv.compile.fetch import DebugFiles, FetchFailed, KernelFetcher
-from stapsrv.compile.kernels import StoredRelease
-from stapsrv.compile.moduledebug import ModuleDebug
-from stapsrv.compile.runtime import select_runtime
+from stapsrv.compile.context import RequestContext
 from stapsrv.compile.sandbox import Sandbox
 from stapsrv.compile.slots import FairGate
 from stapsrv.config.values import ServerConfig
 from stapsrv.core.budget import SERVER, OverBudget, PeerBudget, over_budget_message
 from stapsrv.core.cmdline import Privilege
+from stapsrv.kernel.fetch import DebugFiles, FetchFailed, KernelFetcher
+from stapsrv.kernel.moduledebug import ModuleDebug
+from stapsrv.kernel.runtime import select_runtime
+from stapsrv.kernel.store import StoredRelease
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
 
@@ -46,9 +47,6 @@ DEBUG_RETRY = 600
 #: Seconds a request waits for symbols still being made before it goes on
 #: without them (the making goes on, for the requests after it).
 SYMBOL_WAIT = 20.0
-
-if TYPE_CHECKING:
-    from stapsrv.compile.handler import RequestContext
 
 T = TypeVar("T")
 
@@ -386,7 +384,7 @@ class ServedReleases:
                                    privilege: Privilege = Privilege.STAPDEV,
                                    context: RequestContext | None = None) -> None:
         """The debuginfo of the modules a script names (``--fetch-debuginfo``),
-        where the translator of this release looks (:mod:`stapsrv.compile.moduledebug`).
+        where the translator of this release looks (:mod:`stapsrv.kernel.moduledebug`).
         Not for unprivileged requests: the translator refuses them module
         probes anyway, so they would only make the server download."""
         tree = self._stored.get(release)

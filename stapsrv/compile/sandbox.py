@@ -37,8 +37,8 @@ from pathlib import Path
 
 from attrs import frozen
 
-from stapsrv.compile.kernels import store_directory
 from stapsrv.config.values import ServerConfig
+from stapsrv.kernel.store import store_directory
 from stapsrv.paths import home_directory, systemtap_dir
 
 BWRAP = "/usr/bin/bwrap"

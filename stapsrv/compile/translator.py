@@ -31,14 +31,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from stapsrv.config.values import DEFAULT_MAX_OUTPUT, TranslatorLimits
+from stapsrv.core.programs import KILL_GRACE, PRLIMIT, SETPRIV, SETSID
 from stapsrv.reactor import IHandlerReactor
 
-SETPRIV = "/usr/bin/setpriv"
-PRLIMIT = "/usr/bin/prlimit"
-SETSID = "/usr/bin/setsid"
-
-#: Seconds between SIGTERM and SIGKILL when a translator group must go.
-KILL_GRACE = 2.0
 #: Seconds the output pipes may stay open once the translator's group is
 #: gone; then the server stops reading them.
 OUTPUT_GRACE = 5.0

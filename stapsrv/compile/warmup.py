@@ -19,7 +19,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, DeferredSemaphore
@@ -27,6 +27,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from stapsrv.compile.context import RequestContext
 from stapsrv.compile.releases import ServedReleases
 from stapsrv.compile.sandbox import WARM_UP_SCRIPT, StapconfStore, warm_up_key
 from stapsrv.compile.scratch import MODULE_DIR, make_scratch
@@ -35,9 +36,6 @@ from stapsrv.config.values import ServerConfig
 from stapsrv.core.cmdline import ServerOption, translator_argv
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
-
-if TYPE_CHECKING:
-    from stapsrv.compile.handler import RequestContext
 
 T = TypeVar("T")
 

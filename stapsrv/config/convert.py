@@ -15,8 +15,6 @@ from pathlib import Path
 
 from attrs import evolve
 
-from stapsrv.cache.fleet import url_problem
-from stapsrv.cache.secret import SECRET_COMMAND, SecretError, load_password, load_secret
 from stapsrv.config.endpoints import DEFAULT_PROXY_FROM, EndpointError, check, proxied
 from stapsrv.config.files import (
     SWITCH_NO,
@@ -25,16 +23,18 @@ from stapsrv.config.files import (
     ServerSettings,
     configured_settings,
 )
+from stapsrv.config.fleeturl import url_problem
+from stapsrv.config.secret import SECRET_COMMAND, SecretError, load_password, load_secret
 from stapsrv.config.values import (
     DEFAULT_ADDRESS_SPACE,
     DEFAULT_CACHE_SIZE,
     DEFAULT_COMPILE_TIMEOUT,
-    DEFAULT_KERNEL_STORE_SIZE,
     DEFAULT_DESCRIPTOR_RESERVE,
+    DEFAULT_KERNEL_STORE_SIZE,
     DEFAULT_LISTEN_BACKLOG,
-    DEFAULT_MAX_OUTPUT,
     DEFAULT_MAX_COMPRESSED_REQUEST,
     DEFAULT_MAX_FETCHES,
+    DEFAULT_MAX_OUTPUT,
     DEFAULT_MAX_REQUEST_SIZE,
     DEFAULT_PEER_FETCHES,
     DEFAULT_REQUEST_TIMEOUT,
@@ -42,8 +42,8 @@ from stapsrv.config.values import (
     TranslatorLimits,
     default_listen,
 )
-from stapsrv.compile.policy import PolicyError, parse_networks, parse_privileges
 from stapsrv.core.cmdline import ALL_PRIVILEGES, ServerOption
+from stapsrv.core.policyvalues import PolicyError, parse_networks, parse_privileges
 from stapsrv.paths import default_server_ssl_dir
 
 #: Defaults of the sizes counted in MiB, and of the timeouts, in whole units.

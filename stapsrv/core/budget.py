@@ -24,7 +24,7 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
-from attrs import define, field, frozen
+from attrs import define, field
 
 T = TypeVar("T")
 

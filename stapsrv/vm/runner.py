@@ -24,14 +24,14 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from stapsrv.compile.translator import SETPRIV
+from stapsrv.core.programs import SETPRIV
 from stapsrv.reactor import IHandlerReactor
 from stapsrv.vm import initramfs
 from stapsrv.vm.console import Outcome, read_console
 from stapsrv.vm.initramfs import MARK, Job, Staprun
 
 #: Runs a blocking function off the reactor thread (a
-#: :class:`~stapsrv.compile.fetch.KernelFetcher`'s ``in_thread`` is one).
+#: :class:`~stapsrv.kernel.fetch.KernelFetcher`'s ``in_thread`` is one).
 InThread = Callable[..., Deferred[object]]
 QEMU = "/usr/bin/qemu-system-x86_64"
 KVM = "/dev/kvm"

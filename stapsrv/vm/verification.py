@@ -15,7 +15,7 @@ from typing import Any
 
 from attrs import asdict, frozen
 
-from stapsrv.compile.kernels import valid_release
+from stapsrv.kernel.store import valid_release
 
 VERIFIED_DIRECTORY = ".verified"
 #: Bytes a record may have (a few kilobytes in practice).

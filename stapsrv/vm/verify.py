@@ -15,8 +15,8 @@ from attrs import define, field, frozen
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 
-from stapsrv.compile.fetch import KernelFetcher
 from stapsrv.config.values import default_stap
+from stapsrv.kernel.fetch import KernelFetcher
 from stapsrv.reactor import IHandlerReactor
 from stapsrv.vm.initramfs import Job, MissingFile, Staprun
 from stapsrv.vm.runner import VmRunner

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 

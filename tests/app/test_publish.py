@@ -19,8 +19,8 @@ from txdbus.error import RemoteError
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from stapsrv.app.accepts import AcceptErrorLog
 from stapsrv.app import publish
+from stapsrv.app.accepts import AcceptErrorLog
 from stapsrv.app.interfaces import IServicePublisher
 from stapsrv.app.publish import (
     AVAHI,
@@ -423,6 +423,7 @@ def private_bus() -> Any:
     global _bus
     if _bus is None:
         import atexit
+
         from tests.helpers.privatebus import PrivateBus
         _bus = PrivateBus().start()
         atexit.register(_bus.stop)
@@ -490,7 +491,7 @@ class AvahiIntegrationTests(TestCase):
         return [running] + ([self.release] if self.release != running else [])
 
     async def test_releases_in_the_kernel_store_are_advertised_too(self) -> None:
-        from stapsrv.compile.kernels import KernelStore
+        from stapsrv.kernel.store import KernelStore
         from tests.helpers.realserver import owned_directory, scratch_directory, test_user
         base = scratch_directory("store-")
         from tests.helpers.realserver import remove_tree
@@ -566,11 +567,18 @@ class AvahiIntegrationTests(TestCase):
         them, pick this server by them and get a module signed with it."""
         from cryptography import x509
         from cryptography.hazmat.primitives.hashes import SHA256
+
         from stapsrv.identity import mok
-        from tests.helpers.realserver import (
-            CLIENT_48, CLIENT_55, fake_mokutil, generate_server_mok, owned_directory,
-            remove_tree, scratch_directory)
         from tests.helpers.der import verify_appended_signature
+        from tests.helpers.realserver import (
+            CLIENT_48,
+            CLIENT_55,
+            fake_mokutil,
+            generate_server_mok,
+            owned_directory,
+            remove_tree,
+            scratch_directory,
+        )
         systemtap_dir = owned_directory(scratch_directory("mok-avahi-") / "systemtap")
         self.addCleanup(remove_tree, systemtap_dir.parent)
         mok_dir = generate_server_mok(systemtap_dir)
@@ -625,6 +633,7 @@ class AvahiIntegrationTests(TestCase):
                                            "-p4", "-e", HELLO)
         self.assertEqual(code, 0, err.decode())
         from twisted.internet import reactor
+
         # Past at least one retry of the bus connection.
         await deferLater(reactor, publish.RETRY_INTERVAL + 1)
         self.assertEqual(server.log().count("Failed to create Avahi client"), 1, server.log())

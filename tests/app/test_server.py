@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from stapsrv.app.admission import Admission, Descriptors
 from stapsrv.app.server import ARRIVING, CompileServerFactory, describe_peer
-from stapsrv.compile.handler import RequestContext
+from stapsrv.compile.context import RequestContext
 from stapsrv.compile.policy import Policy
 from stapsrv.config.values import ServerConfig
 from tests.helpers.vectors import CAPTURE, members

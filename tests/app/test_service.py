@@ -273,7 +273,7 @@ class RootTests(TestCase):
 
 class ConfigModeTests(RealClientMixin, TestCase):
     async def test_two_configured_servers_in_one_process(self) -> None:
-        from tests.helpers.realserver import owned_directory, server_environment, _PORT_LINE
+        from tests.helpers.realserver import _PORT_LINE, owned_directory, server_environment
 
         base = scratch_directory("config-mode-")
         self.addCleanup(remove_tree, base)
@@ -312,9 +312,9 @@ class ServedReleasesTests(TestCase):
         from twisted.python.threadpool import ThreadPool
 
         from stapsrv.app.service import CompileServerService
-        from stapsrv.compile.fetch import KernelFetcher
-        from stapsrv.compile.kernels import KernelStore
         from stapsrv.config.convert import server_config
+        from stapsrv.kernel.fetch import KernelFetcher
+        from stapsrv.kernel.store import KernelStore
 
         config = server_config(releases=["6.1.0-57-amd64"], fetch=False)
         server = CompileServerService(config, reactor)

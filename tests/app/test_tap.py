@@ -14,7 +14,7 @@ from stapsrv.app.notify import SystemdNotifier
 from stapsrv.app.publish import PublisherService
 from stapsrv.app.service import CompileServerService
 from stapsrv.app.shutdown import CleanExitOnSignal
-from stapsrv.cache.secret import create_secret
+from stapsrv.config.secret import create_secret
 from stapsrv.config.values import ServerConfig
 from stapsrv.core.cmdline import ServerOption
 

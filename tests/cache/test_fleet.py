@@ -18,11 +18,12 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
-from stapsrv.cache.fleet import MAX_ENTRY_BYTES, PREFIX, RedisCache, display_url
+from stapsrv.cache.fleet import MAX_ENTRY_BYTES, PREFIX, RedisCache
 from stapsrv.cache.sealed import open_entry, seal
-from stapsrv.cache.secret import create_secret, load_secret
 from stapsrv.cache.store import DiskCache, TieredCache, decode_entry
 from stapsrv.compile.handler import RequestHandler
+from stapsrv.config.fleeturl import display_url
+from stapsrv.config.secret import create_secret, load_secret
 from tests.helpers.archives import request
 from tests.helpers.handlers import KEY_A, KEY_B, CachedHandlerCase, Events
 from tests.helpers.realclient import RealClientMixin

@@ -23,7 +23,7 @@ from stapsrv.cache.store import (
     decode_entry,
     encode_entry,
 )
-from stapsrv.compile.handler import RequestContext
+from stapsrv.compile.context import RequestContext
 from tests.helpers.archives import RELEASE, make_zip, request
 from tests.helpers.handlers import KEY_A, KEY_B, CachedHandlerCase, Events, HandlerCase
 from tests.helpers.vectors import members

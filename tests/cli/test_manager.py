@@ -18,13 +18,12 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from stapsrv.cli.manager import USAGE, main, render, status_record
-from stapsrv.core.counters import Counters
 from stapsrv.config.files import ServerSettings
+from stapsrv.core.counters import Counters
 from stapsrv.paths import manager_architecture as host_arch
 from stapsrv.vm import verification
 from stapsrv.vm.verification import ProbeResult, Verification
 from tests.helpers import require, require_header_release, require_program
-from tests.helpers.waiting import is_dead, wait_until
 from tests.helpers.realserver import (
     Client,
     owned_directory,
@@ -32,6 +31,7 @@ from tests.helpers.realserver import (
     scratch_directory,
     test_user,
 )
+from tests.helpers.waiting import is_dead, wait_until
 
 MANAGER = str(Path(sys.executable).parent / "stap-server")
 
@@ -432,7 +432,7 @@ class ManagerTests(TestCase):
         self.assertEqual(record["proxy_from"], ["10.0.0.0/8", "192.0.2.1/32"])
 
     def test_fleet_password_is_on_no_command_line_status_or_log(self) -> None:
-        from stapsrv.cache.secret import create_secret
+        from stapsrv.config.secret import create_secret
         from tests.helpers.realredis import make_tls_files, start_redis
         user = test_user()
         files = owned_directory(self.sandbox.base / "fleet")
@@ -531,10 +531,10 @@ class ManagerTests(TestCase):
 
 class UserRuleTests(TestCase):
     def launch_as(self, user: str) -> str:
-        from stapsrv.config.files import GlobalConfig
+        from stapsrv.cli.arguments import Invocation
         from stapsrv.cli.launch import LaunchFailed
         from stapsrv.cli.manager import Manager
-        from stapsrv.cli.arguments import Invocation
+        from stapsrv.config.files import GlobalConfig
 
         manager = Manager(Invocation("start"), GlobalConfig())
         with self.assertRaises(LaunchFailed) as caught:

@@ -9,7 +9,8 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from stapsrv.compile.handler import Outcome, RequestContext, RequestHandler
+from stapsrv.compile.context import RequestContext
+from stapsrv.compile.handler import Outcome, RequestHandler
 from stapsrv.compile.job import Job
 from stapsrv.config.values import TranslatorLimits
 from stapsrv.core.cmdline import ServerOption

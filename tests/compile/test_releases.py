@@ -17,9 +17,15 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
-from stapsrv.compile.fetch import DebugFiles, FetchFailed, allowed
-from stapsrv.compile.handler import RequestContext, RequestHandler
-from stapsrv.compile.kernels import (
+from stapsrv.compile.context import RequestContext
+from stapsrv.compile.handler import RequestHandler
+from stapsrv.compile.observer import NoObserver
+from stapsrv.compile.releases import DEBUG_RETRY, ServedReleases
+from stapsrv.compile.sandbox import Sandbox
+from stapsrv.config.values import ServerConfig
+from stapsrv.core.cmdline import Privilege
+from stapsrv.kernel.fetch import DebugFiles, FetchFailed, allowed
+from stapsrv.kernel.store import (
     KernelStore,
     StoredPackage,
     StoredRelease,
@@ -27,19 +33,14 @@ from stapsrv.compile.kernels import (
     fix_tree,
     valid_release,
 )
-from stapsrv.compile.observer import NoObserver
-from stapsrv.compile.releases import DEBUG_RETRY, ServedReleases
-from stapsrv.compile.sandbox import Sandbox
-from stapsrv.config.values import ServerConfig
-from stapsrv.core.cmdline import Privilege
 from stapsrv.paths import build_tree
-from tests.compile.test_kernels import fake_tree
-from tests.compile.test_runtime import NEW_TASK_WORK_H
 from tests.helpers import test_identity
 from tests.helpers.archives import RELEASE, request
 from tests.helpers.handlers import Events, HandlerCase
 from tests.helpers.vectors import members
 from tests.helpers.waiting import NET, poll
+from tests.kernel.test_runtime import NEW_TASK_WORK_H
+from tests.kernel.test_store import fake_tree
 
 STORED = "6.1.0-55-amd64"
 
@@ -398,8 +399,8 @@ class SymbolBudgetTests(ReleasesCase):
         self.assertNotEqual(releases.debug_binds(RELEASE), [])
 
     async def test_past_its_share_no_module_debuginfo_pass_starts(self) -> None:
-        from stapsrv.compile.fetch import KernelFetcher
-        from stapsrv.compile.moduledebug import ModuleDebug
+        from stapsrv.kernel.fetch import KernelFetcher
+        from stapsrv.kernel.moduledebug import ModuleDebug
         passes: list[list[str]] = []
 
         async def fetch(self: ModuleDebug, release: str, old: object,

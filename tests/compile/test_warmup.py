@@ -18,14 +18,14 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
-from stapsrv.compile.handler import RequestContext
-from stapsrv.compile.kernels import KernelStore
+from stapsrv.compile.context import RequestContext
 from stapsrv.compile.releases import ServedReleases
 from stapsrv.compile.sandbox import WARM_UP_SCRIPT, Sandbox, StapconfStore
 from stapsrv.compile.translator import TranslatorRun
 from stapsrv.compile.warmup import WarmUp
 from stapsrv.config.values import ServerConfig
 from stapsrv.core.cmdline import ServerOption
+from stapsrv.kernel.store import KernelStore
 from tests.compile.test_releases import STORED, FakeFetcher
 from tests.helpers.archives import RELEASE
 from tests.helpers.handlers import Events

@@ -11,9 +11,9 @@ from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
 from stapsrv.app import tap
-from stapsrv.cache.secret import create_secret
 from stapsrv.config.convert import SettingsError, server_config, settings_config
 from stapsrv.config.files import GlobalConfig, read_server_file
+from stapsrv.config.secret import create_secret
 
 
 class ConvertCase(TestCase):

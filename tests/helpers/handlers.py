@@ -17,7 +17,8 @@ from zope.interface import implementer
 
 from stapsrv.cache.key import ContentDigests, KeyMaker
 from stapsrv.cache.store import DiskCache
-from stapsrv.compile.handler import RequestContext, RequestHandler
+from stapsrv.compile.context import RequestContext
+from stapsrv.compile.handler import RequestHandler
 from stapsrv.config.values import ServerConfig
 from stapsrv.core.cmdline import ServerOption
 from stapsrv.identity.certs import ServerIdentity

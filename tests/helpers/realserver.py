@@ -8,11 +8,11 @@ we hold is the server's own); clients are the real ``stap`` with a private
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import re
 import shutil
-import atexit
 import signal
 import subprocess
 import sys
@@ -30,7 +30,6 @@ from twisted.python.failure import Failure
 
 from stapsrv.identity.certs import cert_serial_text
 from tests.helpers import header_release, require
-
 
 STAP = "/usr/bin/stap"
 STAP_SERVERD = "/usr/lib/systemtap/stap-serverd"
@@ -376,7 +375,7 @@ def generate_server_mok(systemtap_dir: Path) -> Path:
 
 def fixed_runtime_for(release: str) -> str | None:
     """The runtime copy stapsrv would use for ``release`` (shared cache)."""
-    from stapsrv.compile.runtime import select_runtime
+    from stapsrv.kernel.runtime import select_runtime
     path = select_runtime(Path("/lib/modules") / release / "build",
                           cache_root=owned_directory(STATE / "cache" / "stapsrv"))
     if path is None:

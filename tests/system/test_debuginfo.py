@@ -66,7 +66,7 @@ def map_from_image(release: str, case: TestCase) -> Path:
     subprocess.run(f"dpkg-deb --fsys-tarfile {deb} | tar -x --occurrence=1 -C {work} "
                    f"./boot/vmlinuz-{release}", shell=True, check=True, timeout=300)
     output = work / "System.map"
-    subprocess.run([venv_bin("python"), "-m", "stapsrv.compile.kallsyms",
+    subprocess.run([venv_bin("python"), "-m", "stapsrv.kernel.kallsyms",
                     str(work / "boot" / f"vmlinuz-{release}"), str(output)],
                    check=True, capture_output=True, timeout=300)
     return output

@@ -14,12 +14,10 @@ from pathlib import Path
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThread
-
 from twisted.trial.unittest import TestCase
 
-from stapsrv.cache.secret import create_secret
+from stapsrv.config.secret import create_secret
 from tests.helpers import require_program
-from tests.helpers.waiting import wait_until
 from tests.helpers.forgedproxy import start_forged_proxy
 from tests.helpers.realclient import HELLO, RealClientMixin
 from tests.helpers.realhaproxy import PROXY_SOURCE, Backend, HAProxy, start_haproxy
@@ -34,6 +32,7 @@ from tests.helpers.realserver import (
     start_stapsrv,
     test_user,
 )
+from tests.helpers.waiting import wait_until
 
 #: Behind HAProxy: the PROXY protocol on a free loopback port.
 PROXIED = "haproxy:tcp:0:interface=127.0.0.1"

@@ -19,7 +19,6 @@ from tests.helpers import require_program
 from tests.helpers.rawclient import basic_request, build_request, parse_response, send_request
 from tests.helpers.realclient import RealClientMixin
 from tests.helpers.realserver import (
-    Client,
     ServerProcess,
     generate_server_mok,
     owned_directory,

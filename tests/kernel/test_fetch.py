@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
-from stapsrv.compile.fetch import (
+from stapsrv.kernel.fetch import (
     APT_CACHE,
     APT_GET,
     IMAGES_DIRECTORY,
@@ -23,7 +23,7 @@ from stapsrv.compile.fetch import (
     default_patterns,
     parse_show,
 )
-from stapsrv.compile.kernels import KernelStore
+from stapsrv.kernel.store import KernelStore
 
 SHOW = """Package: linux-headers-6.1.0-55-amd64
 Source: linux (6.1.192-1)

@@ -9,13 +9,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from stapsrv.compile.kernels import (
-    KernelStore,
-    StoredPackage,
-    build_tree_in,
-    fix_tree,
-    valid_release,
-)
+from stapsrv.kernel.store import KernelStore, StoredPackage, build_tree_in, fix_tree, valid_release
 
 RELEASE = "6.1.0-55-amd64"
 

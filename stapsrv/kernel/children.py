@@ -5,7 +5,7 @@ children of the kernel store.
 The program starts through ``setsid``, which execs it in a process group
 of its own (same process), so that at the deadline a signal reaches every
 member of a pipeline (``dpkg-deb | tar``), not only the shell: SIGTERM,
-then SIGKILL :data:`~stapsrv.compile.translator.KILL_GRACE` seconds later.
+then SIGKILL :data:`~stapsrv.core.programs.KILL_GRACE` seconds later.
 Its standard input is an empty pipe; what it writes is collected in memory,
 each stream up to a cap (the rest is counted, not kept).
 """
@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from stapsrv.compile.translator import KILL_GRACE, SETSID
+from stapsrv.core.programs import KILL_GRACE, SETSID
 from stapsrv.reactor import IHandlerReactor
 
 #: Bytes of each output stream kept (helpers say what matters in a line or

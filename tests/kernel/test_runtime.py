@@ -1,4 +1,4 @@
-"""Tests for stapsrv.compile.runtime (the patched systemtap runtime)."""
+"""Tests for stapsrv.kernel.runtime (the patched systemtap runtime)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from stapsrv.compile import runtime
+from stapsrv.kernel import runtime
 from tests.helpers import header_release
 
 REAL_RUNTIME = Path(runtime.DEFAULT_STOCK_RUNTIME)

@@ -13,9 +13,9 @@ from twisted.internet.process import ProcessReader
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
-from stapsrv.compile.children import ChildTimedOut, run_child
-from stapsrv.compile.fetch import FetchFailed, KernelFetcher
-from stapsrv.compile.kernels import KernelStore
+from stapsrv.kernel.children import ChildTimedOut, run_child
+from stapsrv.kernel.fetch import FetchFailed, KernelFetcher
+from stapsrv.kernel.store import KernelStore
 from stapsrv.reactor import IHandlerReactor
 from tests.helpers.waiting import NET, is_dead, poll
 

@@ -22,7 +22,7 @@ their own structure, not by symbol, since the image has no symbol table:
   on the kernel version.
 
 Sans-IO apart from :func:`main`, which the server runs as a child process
-(``python3 -m stapsrv.compile.kallsyms VMLINUZ SYSTEM.MAP``) so that the
+(``python3 -m stapsrv.kernel.kallsyms VMLINUZ SYSTEM.MAP``) so that the
 decompressed image (about 65 MB) never lives in the server.
 """
 
@@ -275,7 +275,7 @@ def write_system_map(vmlinuz: Path, output: Path) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if len(arguments) != 2:
-        print("usage: python3 -m stapsrv.compile.kallsyms VMLINUZ SYSTEM.MAP", file=sys.stderr)
+        print("usage: python3 -m stapsrv.kernel.kallsyms VMLINUZ SYSTEM.MAP", file=sys.stderr)
         return 2
     try:
         functions = write_system_map(Path(arguments[0]), Path(arguments[1]))

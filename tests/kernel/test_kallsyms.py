@@ -20,8 +20,8 @@ from pathlib import Path
 import lz4.block  # type: ignore[import-untyped]
 from twisted.trial.unittest import TestCase
 
-from stapsrv.compile import kallsyms
-from stapsrv.compile.kallsyms import (
+from stapsrv.kernel import kallsyms
+from stapsrv.kernel.kallsyms import (
     KallsymsError,
     Symbol,
     kernel_image,

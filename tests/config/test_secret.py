@@ -1,4 +1,4 @@
-"""Fleet secret and Redis password files (stapsrv.cache.secret), and the
+"""Fleet secret and Redis password files (stapsrv.config.secret), and the
 command that makes a secret (python3 -m stapsrv.cli.fleet)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from stapsrv.cache.secret import (
+from stapsrv.config.secret import (
     PASSWORD_VARIABLE,
     SECRET_BYTES,
     SecretError,

@@ -1,4 +1,4 @@
-"""Module debuginfo on demand (stapsrv.compile.moduledebug): which names
+"""Module debuginfo on demand (stapsrv.kernel.moduledebug): which names
 are fetched, the tar patterns, how a release's entry is made from the old
 one and what was extracted, and where the sandbox shows the files.  The
 fetch itself, with the real archive and client, is in
@@ -16,14 +16,13 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from stapsrv.compile.fetch import Candidate
-from stapsrv.compile.kernels import KernelStore
-from stapsrv.compile import moduledebug
-from stapsrv.compile.moduledebug import (
+from stapsrv.kernel import moduledebug
+from stapsrv.kernel.fetch import Candidate
+from stapsrv.kernel.moduledebug import (
+    _EXTRACT_AND_LIST,
     INDEX,
     MAX_MODULES,
     RETRY,
-    _EXTRACT_AND_LIST,
     ModuleDebug,
     ModuleSet,
     assemble,
@@ -32,6 +31,7 @@ from stapsrv.compile.moduledebug import (
     read_set,
     wanted_modules,
 )
+from stapsrv.kernel.store import KernelStore
 
 RELEASE = "6.1.0-57-amd64"
 DEBUG = f"usr/lib/debug/lib/modules/{RELEASE}"

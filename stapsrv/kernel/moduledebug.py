@@ -46,9 +46,9 @@ from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 
-from stapsrv.compile.fetch import FetchFailed, KernelFetcher, megabytes
-from stapsrv.compile.kernels import KernelStore, StoredRelease, valid_release
 from stapsrv.core.budget import OverBudget
+from stapsrv.kernel.fetch import FetchFailed, KernelFetcher, megabytes
+from stapsrv.kernel.store import KernelStore, StoredRelease, valid_release
 
 #: The store's directory of module debuginfo, apart from the trees.
 MODULES_DIRECTORY = ".debug-modules"

@@ -31,14 +31,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from stapsrv.compile.children import ChildTimedOut, run_child
-from stapsrv.compile.kernels import (
-    KernelStore,
-    StoredPackage,
-    StoredRelease,
-    fix_tree,
-    valid_release,
-)
+from stapsrv.kernel.children import ChildTimedOut, run_child
+from stapsrv.kernel.store import KernelStore, StoredPackage, StoredRelease, fix_tree, valid_release
 from stapsrv.reactor import IHandlerReactor
 
 APT_CACHE = "/usr/bin/apt-cache"
@@ -206,7 +200,7 @@ class KernelFetcher:
         """The release's System.map, and its ``vmlinux`` when asked.  Only
         those files are kept.  Raises FetchFailed.
 
-        The map is read from the kernel image (:mod:`stapsrv.compile.kallsyms`):
+        The map is read from the kernel image (:mod:`stapsrv.kernel.kallsyms`):
         ``/boot/vmlinuz-<release>`` when the machine has it, else the one in
         ``linux-image-<release>``, whose own System.map is a placeholder.
         The vmlinux, with the real map beside it, comes from
@@ -324,7 +318,7 @@ class KernelFetcher:
             map_path = work / "root" / f"System.map-{release}"
             # Run in the work directory: "-m" puts the current one on sys.path.
             out, err, code = await self.run(
-                [sys.executable, "-m", "stapsrv.compile.kallsyms", str(image), str(map_path)],
+                [sys.executable, "-m", "stapsrv.kernel.kallsyms", str(image), str(map_path)],
                 cwd=work)
             if code != 0:
                 raise FetchFailed(f"reading the symbols of kernel {release} failed: "
