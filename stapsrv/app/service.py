@@ -42,7 +42,6 @@ from stapsrv.identity.certs import ServerIdentity, server_context_factory
 from stapsrv.identity.store import load_or_create_identity
 from stapsrv.identity.trust import trust_certificate
 from stapsrv.kernel.fetch import (
-    DEBUG_DIRECTORY,
     KernelFetcher,
     debian_architecture,
     default_patterns,
@@ -287,8 +286,7 @@ class CompileServerService(Service):
             return None
         assert self._pool is not None
         store = KernelStore(store_directory(config), config.kernel_store_size)
-        debug = KernelStore(store.directory / DEBUG_DIRECTORY, config.kernel_store_size)
-        for name in [*store.open(), *debug.open()]:
+        for name in [name for part in store.family() for name in part.open()]:
             self.log.info("Kernel store: removed {name}, left by an interrupted fetch",
                           name=name)
         patterns = config.fetch_patterns or default_patterns(

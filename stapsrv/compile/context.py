@@ -8,6 +8,7 @@ from attrs import define, field
 
 from stapsrv.compile.translator import TranslatorRun
 from stapsrv.core.budget import Work, peer_address
+from stapsrv.kernel.store import Lease
 
 
 @define(eq=False)
@@ -29,6 +30,9 @@ class RequestContext:
     answered: bool = False
     #: ``Server:`` lines for the client's stderr (work not done for it).
     notes: list[str] = field(factory=list)
+    #: The kernel store's releases the request reads, held until it is
+    #: answered (the size cap and removal pass them by).
+    lease: Lease | None = None
 
     @property
     def address(self) -> str:

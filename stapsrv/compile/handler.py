@@ -293,19 +293,24 @@ class RequestHandler:
         if problem is not None:
             return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
         if job.release is not None and self.releases.serves(job.release):
+            if self.releases.symbols_pending(job.release):
+                # Symbols still being made never hold a repeated request:
+                # an answer made without them is answered as it is.
+                cached = await self._cached(job, context)
+                if cached is not None:
+                    return cached
             await self.releases.provide_debug_within(job.release, context)
             await self.releases.provide_module_debug(job.release, job.named_modules,
                                                      job.privilege, context)
+            problem = await self.releases.hold(job.release, context)
+            if problem is not None:
+                return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
         key = await self._cache_key(job, context)
         if key is None or self.cache is None:
             return await self._compile(body, job, context)
-        found = await find_answer(self.cache, key)
-        if found is not None:
-            cached, tier = found
-            self.counters.cache_hits += 1
-            self.log.info("Answering {peer} from the cache ({key})", peer=context.peer,
-                          key=key[:16])
-            return Outcome(cached, True, tier=tier)
+        hit = await self._answer_from_cache(key, context)
+        if hit is not None:
+            return hit
         flight = self._flights.get(key)
         if flight is not None:
             waiter: Deferred[bytes | None] = Deferred()
@@ -331,6 +336,22 @@ class RequestHandler:
         if outcome.succeeded and outcome.to_keep is not None:
             await self.cache.put(key, outcome.to_keep)
         return outcome
+
+    async def _cached(self, job: Job, context: RequestContext) -> Outcome | None:
+        """The cache's answer under the key the request has now, if any."""
+        key = await self._cache_key(job, context)
+        return None if key is None else await self._answer_from_cache(key, context)
+
+    async def _answer_from_cache(self, key: str, context: RequestContext) -> Outcome | None:
+        assert self.cache is not None
+        found = await find_answer(self.cache, key)
+        if found is None:
+            return None
+        cached, tier = found
+        self.counters.cache_hits += 1
+        self.log.info("Answering {peer} from the cache ({key})", peer=context.peer,
+                      key=key[:16])
+        return Outcome(cached, True, tier=tier)
 
     async def _cache_key(self, job: Job, context: RequestContext) -> str | None:
         if self.cache is None or self.keys is None:

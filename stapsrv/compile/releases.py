@@ -38,7 +38,7 @@ from stapsrv.core.cmdline import Privilege
 from stapsrv.kernel.fetch import DebugFiles, FetchFailed, KernelFetcher
 from stapsrv.kernel.moduledebug import ModuleDebug
 from stapsrv.kernel.runtime import select_runtime
-from stapsrv.kernel.store import StoredRelease
+from stapsrv.kernel.store import Lease, StoredRelease
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
 
@@ -118,8 +118,12 @@ class ServedReleases:
         context.store_work = work
 
     def finish_work(self, context: RequestContext) -> None:
-        """The request is answered: its address's share is free again."""
+        """The request is answered: its address's share is free again, and
+        what it held of the kernel store too."""
         context.answered = True
+        if context.lease is not None:
+            context.lease.close()
+            context.lease = None
         if context.store_work is not None:
             self.budget.finish(context.store_work)
             context.store_work = None
@@ -168,6 +172,37 @@ class ServedReleases:
         if new and self.on_release_added is not None:
             self.on_release_added(stored.release)
         return None
+
+    async def hold(self, release: str, context: RequestContext) -> str | None:
+        """Lease what the kernel store has of ``release`` until the request
+        is answered (:meth:`finish_work`); a stored tree removed since it
+        was provided is had again, once.  The client's one-line reason when
+        it cannot be held."""
+        if self.kernels is None or release.startswith("/"):
+            return None
+        for _ in range(2):
+            lease = await self._in_thread(self._lease, release)
+            if lease is not None:
+                if context.lease is not None:
+                    context.lease.close()
+                context.lease = lease
+                return None
+            problem = await self.provide_release(release, context)
+            if problem is not None:
+                return problem
+        return (f"Server: Kernel release '{release}' was removed from the server's kernel "
+                "store while this request waited for it; try again.")
+
+    def _lease(self, release: str) -> Lease | None:
+        """The store's lease of ``release`` (blocking); None when a tree
+        this server adopted is no longer there."""
+        assert self.kernels is not None
+        store = self.kernels.store
+        lease = store.lease(release)
+        if release in self._stored and not lease.holds(store.directory):
+            lease.close()
+            return None
+        return lease
 
     async def _stored_or_fetched(self, release: str, context: RequestContext
                                  ) -> StoredRelease:
@@ -257,6 +292,10 @@ class ServedReleases:
                           "without them after waiting {seconds:g} s", release=release,
                           seconds=self.symbol_wait)
         return ready
+
+    def symbols_pending(self, release: str) -> bool:
+        """Whether the symbols of ``release`` are being made right now."""
+        return release in self._debug_work
 
     def debug_work(self, release: str, context: RequestContext | None = None
                    ) -> Deferred[None] | None:

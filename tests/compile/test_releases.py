@@ -26,6 +26,7 @@ from stapsrv.config.values import ServerConfig
 from stapsrv.core.cmdline import Privilege
 from stapsrv.kernel.fetch import DebugFiles, FetchFailed, allowed
 from stapsrv.kernel.store import (
+    InUse,
     KernelStore,
     StoredPackage,
     StoredRelease,
@@ -176,6 +177,31 @@ class InstalledTests(ReleasesCase):
 
 
 class StoredTests(ReleasesCase):
+    async def test_a_request_holds_its_stored_release_until_it_is_answered(self) -> None:
+        releases = self.releases()
+        context = RequestContext("peer")
+        self.assertIsNone(await releases.provide_release(STORED, context))
+        self.assertIsNone(await releases.hold(STORED, context))
+        with self.assertRaises(InUse):
+            self.store.remove_everywhere(STORED)
+        self.store.size_cap = 0
+        self.assertEqual(self.store.evict(), [])
+        releases.finish_work(context)
+        self.assertIsNone(context.lease)
+        self.assertTrue(self.store.remove_everywhere(STORED))
+
+    async def test_a_tree_removed_after_it_was_provided_is_had_again(self) -> None:
+        releases = self.releases()
+        context = RequestContext("peer")
+        self.assertIsNone(await releases.provide_release(STORED, context))
+        self.assertTrue(self.store.remove(STORED))  # the size cap, or an admin
+        self.assertIsNone(await releases.hold(STORED, context))
+        self.assertEqual(self.fetcher.fetched, [STORED, STORED])
+        assert context.lease is not None
+        self.assertTrue(context.lease.holds(self.store.directory))
+        self.assertTrue((releases.tree(STORED) / "Makefile").is_file())
+        releases.finish_work(context)
+
     async def test_a_stored_release_is_adopted_once(self) -> None:
         releases = self.releases()
         self.assertFalse(releases.serves(STORED))
