@@ -195,7 +195,8 @@ def over_budget_message(asked: str, address: str, per_peer: int,
     releases = "one kernel release" if per_peer == 1 else f"{per_peer} kernel releases"
     busy = ", ".join(dict.fromkeys(work.what for work in under_way)) or "other work"
     return (f"Server: Not starting {asked} for {address} now: this server does kernel store "
-            f"work (fetching a release, its symbols or debuginfo, a warm-up compile) for at "
-            f"most {releases} at a time for one client address (--peer-fetches), and "
+            f"work (fetching a release, its symbols or debuginfo, its modules' debuginfo, a "
+            f"warm-up compile) for at most {releases} at a time for one client address "
+            f"(--peer-fetches), and "
             f"{address} has {busy} under way.  Try again once that is done (its request "
             f"is answered).")

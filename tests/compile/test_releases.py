@@ -616,7 +616,8 @@ class BudgetTests(HandlerCase):
                 found["stderr"].decode(),
                 f"Server: Not starting the fetch of kernel release '{release}' for 10.0.0.1 "
                 "now: this server does kernel store work (fetching a release, its symbols or "
-                "debuginfo, a warm-up compile) for at most one kernel release at a time for "
+                "debuginfo, its modules' debuginfo, a warm-up compile) for at most one kernel "
+                "release at a time for "
                 "one client address (--peer-fetches), and 10.0.0.1 has the fetch of kernel "
                 f"release '{fetching}' under way.  Try again once that is done (its request "
                 "is answered).\n")

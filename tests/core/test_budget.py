@@ -127,7 +127,8 @@ class BudgetTests(TestCase):
                                 budget.under_way("10.0.0.1")),
             "Server: Not starting the fetch of kernel release '6.1.0-7-amd64' for 10.0.0.1 "
             "now: this server does kernel store work (fetching a release, its symbols or "
-            "debuginfo, a warm-up compile) for at most one kernel release at a time for one "
+            "debuginfo, its modules' debuginfo, a warm-up compile) for at most one kernel "
+            "release at a time for one "
             "client address (--peer-fetches), and 10.0.0.1 has the fetch of kernel release "
             "'6.1.0-3-amd64' under way.  Try again once that is done (its request is "
             "answered).")
