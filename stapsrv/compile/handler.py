@@ -563,6 +563,9 @@ class RequestHandler:
                 await self._in_thread(_append, prepared.response_dir / "stderr", [note])
             if context.abandoned:
                 return None
+        # Its compile is no kernel store work: the address's share is free
+        # once what it started (symbols still being made) is over.
+        self.releases.let_go(context)
         response_dir = prepared.response_dir
         try:
             run = start_translator(

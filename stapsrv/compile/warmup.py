@@ -129,7 +129,7 @@ class WarmUp:
         waiting: list[Deferred[None]] = []
         self._warmups[key] = waiting
         try:
-            await self._warm_up(release, guru)
+            await self.releases.counted(context, lambda: self._warm_up(release, guru))
         finally:
             self._warmups[key] = True
             for waiter in waiting:

@@ -197,6 +197,5 @@ def over_budget_message(asked: str, address: str, per_peer: int,
     return (f"Server: Not starting {asked} for {address} now: this server does kernel store "
             f"work (fetching a release, its symbols or debuginfo, its modules' debuginfo, a "
             f"warm-up compile) for at most {releases} at a time for one client address "
-            f"(--peer-fetches), and "
-            f"{address} has {busy} under way.  Try again once that is done (its request "
-            f"is answered).")
+            f"(--peer-fetches), and {address} has {busy} under way.  Try again once that "
+            f"is done.")

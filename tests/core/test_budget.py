@@ -130,5 +130,4 @@ class BudgetTests(TestCase):
             "debuginfo, its modules' debuginfo, a warm-up compile) for at most one kernel "
             "release at a time for one "
             "client address (--peer-fetches), and 10.0.0.1 has the fetch of kernel release "
-            "'6.1.0-3-amd64' under way.  Try again once that is done (its request is "
-            "answered).")
+            "'6.1.0-3-amd64' under way.  Try again once that is done.")
