@@ -14,22 +14,15 @@ from pathlib import Path
 
 from attrs import define, field
 
+from stapsrv.config.options import MANAGER_OPTIONS
+
 ACTIONS = ("start", "stop", "restart", "condrestart", "try-restart", "force-reload",
            "status", "reload", "usage")
 
 _SHORT_WITH_VALUE = set("aBcDIn pru".replace(" ", "") + "R")
 _SHORT_FLAGS = set("ikP")
-DISTRIBUTED = ("log", "port", "ssl", "max-threads", "max-request-size",
-               "max-compressed-request", "request-timeout", "compile-timeout", "cpu-limit",
-               "memory-limit", "file-size-limit", "process-limit", "max-output",
-               "listen-backlog", "max-peer-connections", "descriptor-reserve",
-               "cache", "cache-dir",
-               "cache-size", "fleet-cache", "fleet-secret", "fleet-password-file",
-               "sandbox", "allow", "refuse-guru", "privileges", "endpoint", "proxy-from",
-               "metrics",
-               "fetch", "fetch-releases", "kernel-store", "kernel-store-size",
-               "max-fetches", "peer-fetches",
-               "fetch-symbols", "fetch-debuginfo")
+#: The options handed to the named servers in order (``stapsrv.config.options``).
+DISTRIBUTED = tuple(option.name for option in MANAGER_OPTIONS)
 
 
 class ArgumentError(Exception):

@@ -28,11 +28,6 @@ from stapsrv.config.endpoints import DEFAULT_PROXY_FROM, proxied
 from stapsrv.config.files import (
     DEBIAN_GLOBAL_FILE,
     DEFAULT_GLOBAL_FILE,
-    EXTENSIONS,
-    FLAGS,
-    SWITCH_NO,
-    SWITCH_YES,
-    SWITCHES,
     ConfigError,
     GlobalConfig,
     ServerSettings,
@@ -41,12 +36,12 @@ from stapsrv.config.files import (
     read_server_file,
     render_status,
 )
-from stapsrv.config.fleeturl import display_url
+from stapsrv.config.options import BY_NAME, MANAGER_OPTIONS, SWITCH_NO, SettingsError
 from stapsrv.core import counters as request_counters
 from stapsrv.paths import MODULES, manager_architecture, root_refused
 from stapsrv.vm import verification
 
-USAGE = """\
+_USAGE = """\
 Usage: stap-server {start|stop|restart|condrestart|try-restart|force-reload|status} [options]
 Options:
 \t-c configfile\t: specify additional global configuration file.
@@ -61,31 +56,7 @@ Options:
 \t-n nickname\t: a server by nickname; repeat to name several servers.
 \t-p pid\t\t: a running server by process id; repeat to name several.
 \t-k\t\t: keep the temporary files of each request.
-\t--log path\t: log file of a server.
-\t--port number\t: listening port of a server.
-\t--ssl path\t: certificate directory of a server.
-\t--max-threads n\t: requests a server processes at once.
-\t--max-request-size n\t: largest uncompressed request, in bytes.
-\t--max-compressed-request n\t: largest request archive, in bytes.
-\t--sandbox yes|no\t: run translators in the bubblewrap sandbox (default yes).
-\t--allow networks\t: only these addresses or CIDR networks may use a server.
-\t--refuse-guru yes|no\t: refuse guru mode (-g) requests (default no).
-\t--privileges list\t: privilege levels compiled for (default stapusr,stapsys,stapdev).
-\t--max-output MiB\t: translator output sent back, per stream (default 16).
-\t--listen-backlog n\t: connections queued before the server accepts them (default 1024).
-\t--max-peer-connections n\t: connections one client address may hold (default: 1/8 of the open files limit, at most 1024; 0: no cap).
-\t--descriptor-reserve n\t: descriptors kept free for new clients (default 128).
-\t--json\t\t\t: (status) print the status as one JSON document.
-\t--endpoint description\t: Twisted endpoint to listen on (haproxy:tcp:..., systemd:...).
-\t--metrics description\t: endpoint of the Prometheus /metrics and /healthz listener.
-\t--fetch yes|no\t\t: fetch releases that are not installed (default yes).
-\t--fetch-releases patterns: the releases that may be fetched (default: this server's series).
-\t--kernel-store path\t: where fetched releases are kept.
-\t--kernel-store-size MiB: size cap of the kernel store.
-\t--max-fetches n\t: kernel store fetches run at once, all clients together (default 2).
-\t--peer-fetches n\t: kernel releases one client address may have kernel store work under way for (default 1; 0: no cap).
-\t--fetch-symbols yes|no\t: make each served release's System.map from its kernel image (default yes).
-\t--fetch-debuginfo yes|no: also its vmlinux debuginfo (default no).
+@OPTIONS@\t--json\t\t\t: (status) print the status as one JSON document.
 
 All options may be repeated.  -a, -r, -I, -R, -B, -D, -u and -i describe the
 server named by the -n or -p before them (or the one server of the command
@@ -100,6 +71,10 @@ CONFIG_PATH/*.conf, or one server for the running kernel when none is
 configured; 'stop', 'restart' and 'status' act on every running server.
 Servers never run as root: name their user with -u, STAP_USER or USER=.
 """
+
+
+USAGE = _USAGE.replace("@OPTIONS@", "".join(
+    f"\t{option.usage}\n" for option in MANAGER_OPTIONS if option.usage))
 
 
 def _quote(value: str) -> str:
@@ -120,17 +95,12 @@ def render(settings: ServerSettings, nickname: bool = True) -> str:
     if nickname and s.nickname:
         words.append(f"-n {_quote(s.nickname)}")
     words.append(f"--log {_quote(s.log)}")
-    for flag, value in (("--port", s.port), ("--ssl", s.ssl), ("--max-threads", s.max_threads),
-                        ("--max-request-size", s.max_request_size),
-                        ("--max-compressed-request", s.max_compressed_request)):
-        if value:
-            words.append(f"{flag} {_quote(value)}")
-    for _, field, option in EXTENSIONS:
-        value = getattr(s, field)
-        if value:
-            if field == "fleet_cache":
-                value = display_url(value)  # no password on terminals and in logs
-            words.append(f"--{option} {_quote(value)}")
+    for option in MANAGER_OPTIONS:
+        assert option.variable is not None
+        value = s.get(option.variable)
+        if value and option.name != "log":
+            # As shown: a fleet cache's URL without its password.
+            words.append(f"--{option.name} {_quote(option.shown(value))}")
     return " ".join(words)
 
 
@@ -148,11 +118,11 @@ def status_record(settings: ServerSettings, pid: int | None, state: str,
         "user": s.user or None,
         "releases": list(s.releases),
         "port": int(s.port) if s.port.isdigit() else None,
-        "endpoint": s.endpoint or None,
+        "endpoint": s.get("ENDPOINT") or None,
         "proxy_from": trusted_proxies(s),
-        "metrics": s.metrics or None,
+        "metrics": s.get("METRICS") or None,
         "log": s.log or None,
-        "sandbox": s.sandbox.lower() not in SWITCH_NO,
+        "sandbox": s.get("SANDBOX").lower() not in SWITCH_NO,
         "counters": None if counters is None else {
             name: getattr(counters, name) for name in request_counters.FIELDS},
         "verified": verified_releases(settings),
@@ -162,8 +132,8 @@ def status_record(settings: ServerSettings, pid: int | None, state: str,
 def server_store(settings: ServerSettings) -> Path | None:
     """The server's kernel store: KERNEL_STORE, else the default under its
     user's cache directory (``$XDG_CACHE_HOME`` only when we are that user)."""
-    if settings.kernel_store:
-        return Path(settings.kernel_store)
+    if settings.get("KERNEL_STORE"):
+        return Path(settings.get("KERNEL_STORE"))
     try:
         user = pwd.getpwnam(settings.user) if settings.user else pwd.getpwuid(os.geteuid())
     except KeyError:
@@ -181,9 +151,10 @@ def verified_releases(settings: ServerSettings) -> list[dict[str, Any]]:
 def trusted_proxies(settings: ServerSettings) -> list[str] | None:
     """The networks a server believes PROXY headers from (its PROXY_FROM,
     else the default), or None when its endpoint reads no PROXY header."""
-    if not (settings.endpoint and proxied(settings.endpoint)):
+    endpoint = settings.get("ENDPOINT")
+    if not (endpoint and proxied(endpoint)):
         return None
-    words = [word for word in re.split(r"[\s,]+", settings.proxy_from) if word]
+    words = [word for word in re.split(r"[\s,]+", settings.get("PROXY_FROM")) if word]
     return [_network_text(word) for word in words] or list(DEFAULT_PROXY_FROM)
 
 
@@ -212,32 +183,25 @@ def daemon_arguments(settings: ServerSettings, keep: bool) -> list[str]:
     if s.runtime:
         args += ["-R", s.runtime]
     args += ["--log", s.log]
-    for flag, value in (("--port", s.port), ("--ssl", s.ssl), ("--max-threads", s.max_threads),
-                        ("--max-request-size", s.max_request_size),
-                        ("--max-compressed-request", s.max_compressed_request)):
-        if value:
-            args += [flag, value]
-    for name, field, option in EXTENSIONS:
-        value = getattr(s, field)
-        if option in SWITCHES + FLAGS:
-            if value.lower() not in SWITCH_NO + SWITCH_YES:
-                raise LaunchFailed(f"{name}={value} (--{option}) is not yes or no")
-            if option in SWITCHES and value.lower() in SWITCH_NO:
-                args.append(f"--no-{option}")
-            elif option in FLAGS and value and value.lower() in SWITCH_YES:
-                args.append(f"--{option}")
-        elif value:
-            args += [f"--{option}", value]
+    for option in MANAGER_OPTIONS:
+        assert option.variable is not None
+        if option.name != "log":
+            try:
+                args += option.daemon_arguments(s.get(option.variable))
+            except SettingsError as exc:
+                raise LaunchFailed(str(exc)) from None
     if keep:
         args.append("-k")
     return args
 
 
-#: Distributed options and the server settings they set.
-_DISTRIBUTED_FIELDS = {"log": "log", "port": "port", "ssl": "ssl", "max-threads": "max_threads",
-                       "max-request-size": "max_request_size",
-                       "max-compressed-request": "max_compressed_request",
-                       **{option: field for _, field, option in EXTENSIONS}}
+def _distributed(settings: ServerSettings, changes: dict[str, str]) -> ServerSettings:
+    """``settings`` with the values of distributed options (by name)."""
+    for name, value in changes.items():
+        variable = BY_NAME[name].variable
+        assert variable is not None
+        settings = settings.with_value(variable, value)
+    return settings
 
 
 class Fatal(Exception):
@@ -301,19 +265,17 @@ class Manager:
         targets = [self._target(words) for words in self.invocation.specs]
         distributed = self.invocation.distributed
         for index, target in enumerate(targets):
-            changes: dict[str, Any] = {  # string fields, named at run time
-                _DISTRIBUTED_FIELDS[name]: values[index]
-                for name, values in distributed.items() if index < len(values)}
+            changes = {name: values[index] for name, values in distributed.items()
+                       if index < len(values)}
             if changes:
-                target.settings = evolve(target.settings, **changes)
+                target.settings = _distributed(target.settings, changes)
         return targets
 
     def default_server(self) -> ServerSettings:
         settings = self.base()
         distributed = self.invocation.distributed
-        changes: dict[str, Any] = {  # string fields, named at run time
-            _DISTRIBUTED_FIELDS[name]: values[0] for name, values in distributed.items() if values}
-        return evolve(settings, **changes)
+        return _distributed(settings, {name: values[0] for name, values in distributed.items()
+                                       if values})
 
     def _target(self, words: SpecWords) -> Target:
         target = Target(self.base())
@@ -709,7 +671,7 @@ def _mode_line(settings: ServerSettings) -> str:
     """The line ``status`` prints about how the server runs translators (a
     server whose sandbox cannot run refuses to start, so the setting says
     what runs)."""
-    if settings.sandbox.lower() in SWITCH_NO:
+    if settings.get("SANDBOX").lower() in SWITCH_NO:
         return "  translators run without a sandbox (--sandbox no: 4.8's exposure)\n"
     return "  translators run in a bubblewrap sandbox\n"
 
