@@ -16,7 +16,9 @@ from pathlib import Path
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from stapsrv.cli.manager import USAGE, main, render, status_record
+from stapsrv.cli.manager import main
+from stapsrv.cli.show import render, status_record
+from stapsrv.cli.usage import USAGE
 from stapsrv.config.files import ServerSettings
 from stapsrv.core.counters import Counters
 from stapsrv.paths import manager_architecture as host_arch

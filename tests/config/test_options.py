@@ -12,7 +12,9 @@ from twisted.trial.unittest import TestCase
 
 from stapsrv.app import tap
 from stapsrv.cli.arguments import DISTRIBUTED, parse
-from stapsrv.cli.manager import USAGE, daemon_arguments, render
+from stapsrv.cli.launch import daemon_arguments
+from stapsrv.cli.show import render
+from stapsrv.cli.usage import USAGE
 from stapsrv.config.convert import server_config, settings_config
 from stapsrv.config.files import (
     LIST_VARIABLES,
