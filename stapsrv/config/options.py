@@ -9,6 +9,15 @@ the manager's command line, usage and status lines (``stapsrv.cli``) and
 the conversion to a ``ServerConfig`` (``stapsrv.config.convert``) are all
 read from it.  4.8's translator options (``-a -r -I -D -B -R``), which say
 what is built rather than how the server runs, keep their own code.
+
+Adding an option: one ``Option`` here (a ``variable`` gives it a
+configuration file variable, ``manager=True`` a ``stap-server --NAME
+VALUE`` flag, ``usage`` a line in the manager's usage, ``field`` and
+``convert`` its ``ServerConfig`` field), that field in
+``stapsrv.config.values``, and its use.  Only a value made from several
+options together needs ``stapsrv.config.convert._joined``.  The manual
+pages (``doc/stap-server.8``, ``doc/cs/stap-server.8``) and the admin
+guide say what it does.
 """
 
 from __future__ import annotations

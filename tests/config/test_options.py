@@ -53,6 +53,8 @@ class TableTests(TestCase):
             self.assertFalse(set(variables) & set(LIST_VARIABLES), option)
             if option.manager or option.stock:
                 self.assertIsNotNone(option.variable, option.name)
+            if option.manager:
+                self.assertEqual(option.scope, "server", option.name)
             self.assertEqual(option.stock, option.variable in STOCK_FIELDS, option.name)
             if option.usage:
                 self.assertTrue(option.manager, option.name)
