@@ -240,6 +240,14 @@ class CompileServerService(Service):
         self._pool.start()
         if self._key_pool is not None:
             self._key_pool.start()
+        self._log_listening(config)
+        Service.startService(self)
+        self._trust_self()
+        handler.warm_up()
+
+    def _log_listening(self, config: ServerConfig) -> None:
+        """Where the server listens, and how it shares its capacity."""
+        assert self.admission is not None and self.factory is not None
         self.log.info("Using network address [{address}]:{port}",
                       address=self.listen_address, port=self.port_number)
         if config.proxied:
@@ -256,9 +264,6 @@ class CompileServerService(Service):
             self.log.info("Using a maximum of {count} threads", count=config.max_threads)
         else:
             self.log.info("Concurrency disabled")
-        Service.startService(self)
-        self._trust_self()
-        handler.warm_up()
 
     def _admission_gate(self, stream: IStreamServerEndpoint) -> IStreamServerEndpoint:
         """``stream``, each accepted socket judged by admission first: the
