@@ -286,25 +286,9 @@ class RequestHandler:
             self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
                           reason=escape_controls(refusal))
             return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
-        try:
-            problem = await self.releases.provide_release(job.release, context)
-        except OverBudget as exc:
-            return Outcome(refusal_archive(str(exc), PROTOCOL_VERSION), False, refused=True)
-        if problem is not None:
-            return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
-        if job.release is not None and self.releases.serves(job.release):
-            if self.releases.symbols_pending(job.release):
-                # Symbols still being made never hold a repeated request:
-                # an answer made without them is answered as it is.
-                cached = await self._cached(job, context)
-                if cached is not None:
-                    return cached
-            await self.releases.provide_debug_within(job.release, context)
-            await self.releases.provide_module_debug(job.release, job.named_modules,
-                                                     job.privilege, context)
-            problem = await self.releases.hold(job.release, context)
-            if problem is not None:
-                return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
+        ready = await self._release_ready(job, context)
+        if ready is not None:
+            return ready
         key = await self._cache_key(job, context)
         if key is None or self.cache is None:
             return await self._compile(body, job, context)
@@ -336,6 +320,32 @@ class RequestHandler:
         if outcome.succeeded and outcome.to_keep is not None:
             await self.cache.put(key, outcome.to_keep)
         return outcome
+
+    async def _release_ready(self, job: Job, context: RequestContext) -> Outcome | None:
+        """The request's release provided (fetched if need be), with what
+        the kernel store has for it, and held until the request is
+        answered; or the answer that ends the request now (a refusal, or a
+        cache hit while its symbols are still being made)."""
+        try:
+            problem = await self.releases.provide_release(job.release, context)
+        except OverBudget as exc:
+            return Outcome(refusal_archive(str(exc), PROTOCOL_VERSION), False, refused=True)
+        if problem is not None:
+            return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
+        if job.release is not None and self.releases.serves(job.release):
+            if self.releases.symbols_pending(job.release):
+                # Symbols still being made never hold a repeated request:
+                # an answer made without them is answered as it is.
+                cached = await self._cached(job, context)
+                if cached is not None:
+                    return cached
+            await self.releases.provide_debug_within(job.release, context)
+            await self.releases.provide_module_debug(job.release, job.named_modules,
+                                                     job.privilege, context)
+            problem = await self.releases.hold(job.release, context)
+            if problem is not None:
+                return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
+        return None
 
     async def _cached(self, job: Job, context: RequestContext) -> Outcome | None:
         """The cache's answer under the key the request has now, if any."""

@@ -26,7 +26,6 @@ from stapsrv.config.files import (
     render_status,
 )
 from stapsrv.config.options import (
-    BY_VARIABLE,
     FILE_OPTIONS,
     MANAGER_OPTIONS,
     OPTIONS,
@@ -134,7 +133,7 @@ class RoundTripTests(TestCase):
         for option in MANAGER_OPTIONS:
             if option.name != "log":
                 self.assertEqual(invocation.distributed[option.name], [sample(option, self.base)])
-        self.assertIn(f'--fleet-cache "redis://127.0.0.1:6379/0"', render(settings))
+        self.assertIn('--fleet-cache "redis://127.0.0.1:6379/0"', render(settings))
 
     def test_defaults_agree(self) -> None:
         options = tap.Options()
