@@ -23,15 +23,14 @@ import shutil
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
 
-from attrs import define, field, frozen
+from attrs import Factory, define, field, frozen
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from stapsrv import PROTOCOL_VERSION
+from stapsrv.blocking import Blocking
 from stapsrv.cache.key import KeyMaker, Uncacheable
 from stapsrv.cache.store import ResponseCache, find_answer
 from stapsrv.compile.archive import RequestRejected, build_response, refusal_archive
@@ -63,8 +62,6 @@ from stapsrv.identity.certs import ServerIdentity
 from stapsrv.kernel.fetch import KernelFetcher
 from stapsrv.paths import home_directory, systemtap_dir
 from stapsrv.reactor import IHandlerReactor
-
-T = TypeVar("T")
 
 #: Below this many free bytes after a failed compile, the disk is full.
 _DISK_FULL_BYTES = 64 * 1024
@@ -194,6 +191,9 @@ class RequestHandler:
     config: ServerConfig
     reactor: IHandlerReactor
     pool: ThreadPool
+    #: Where its blocking work runs.
+    _in_thread: Blocking = field(init=False, default=Factory(
+        lambda self: Blocking(self.reactor, self.pool), takes_self=True))
     identity: Callable[[], ServerIdentity]
     runtimes: dict[str, str] = field(factory=dict, converter=_copied)
     environ: Mapping[str, str] = field(factory=lambda: dict(os.environ))
@@ -248,9 +248,6 @@ class RequestHandler:
     def _release_added(self, release: str) -> None:
         if self.on_release_added is not None:
             self.on_release_added(release)
-
-    def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
-        return deferToThreadPool(self.reactor, self.pool, function, *args)
 
     async def handle(self, body: bytes, context: RequestContext) -> bytes | None:
         self.counters.requests += 1
@@ -367,8 +364,7 @@ class RequestHandler:
         if self.cache is None or self.keys is None:
             return None
         try:
-            return await deferToThreadPool(self.reactor, self.key_pool or self.pool,
-                                           self._make_key, job)
+            return await Blocking(self.reactor, self.key_pool or self.pool)(self._make_key, job)
         except Uncacheable as exc:
             self.log.info("Not caching the answer to {peer}: {reason} {path}",
                           peer=context.peer, reason=escape_controls(exc.reason),

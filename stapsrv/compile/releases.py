@@ -23,13 +23,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from attrs import define, evolve, field
+from attrs import Factory, define, evolve, field
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from stapsrv.blocking import Blocking
 from stapsrv.compile.context import RequestContext
 from stapsrv.compile.sandbox import Sandbox
 from stapsrv.compile.slots import FairGate
@@ -59,6 +59,9 @@ class ServedReleases:
     config: ServerConfig
     reactor: IHandlerReactor
     pool: ThreadPool
+    #: Where its blocking work runs.
+    _in_thread: Blocking = field(init=False, default=Factory(
+        lambda self: Blocking(self.reactor, self.pool), takes_self=True))
     #: Fixed runtimes by release; a stored release adds its own.  The
     #: handler passes its own dict, so both see the same runtimes.
     runtimes: dict[str, str] = field(factory=dict)
@@ -172,9 +175,6 @@ class ServedReleases:
             return await fetch()
         finally:
             self.fetches.release_for(address)
-
-    def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
-        return deferToThreadPool(self.reactor, self.pool, function, *args)
 
     def stored_tree(self, release: str) -> Path | None:
         """The build tree of a release adopted from the kernel store (None:

@@ -17,16 +17,15 @@ is nothing to warm up.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
-from attrs import define, field
+from attrs import Factory, define, field
 from twisted.internet.defer import Deferred, DeferredSemaphore
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from stapsrv.blocking import Blocking
 from stapsrv.compile.context import RequestContext
 from stapsrv.compile.releases import ServedReleases
 from stapsrv.compile.sandbox import WARM_UP_SCRIPT, StapconfStore, warm_up_key
@@ -36,8 +35,6 @@ from stapsrv.config.values import ServerConfig
 from stapsrv.core.cmdline import ServerOption, translator_argv
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
-
-T = TypeVar("T")
 
 
 class TranslatorSetup(Protocol):
@@ -60,6 +57,9 @@ class WarmUp:
     config: ServerConfig
     reactor: IHandlerReactor
     pool: ThreadPool
+    #: Where its blocking work runs.
+    _in_thread: Blocking = field(init=False, default=Factory(
+        lambda self: Blocking(self.reactor, self.pool), takes_self=True))
     releases: ServedReleases
     translators: TranslatorSetup
     #: Where the headers are kept (None without the sandbox).
@@ -73,9 +73,6 @@ class WarmUp:
     #: one, or True once it is done.
     _warmups: dict[tuple[str, bool], list[Deferred[None]] | bool] = field(
         init=False, factory=dict)
-
-    def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
-        return deferToThreadPool(self.reactor, self.pool, function, *args)
 
     def start(self) -> None:
         """In the background, make the kernel configuration header of every
