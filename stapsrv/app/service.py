@@ -11,6 +11,7 @@ import pwd
 import resource
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from attrs import evolve
 from twisted.application.service import Service
@@ -26,7 +27,6 @@ from twisted.python.threadpool import ThreadPool
 from stapsrv.app.admission import Admission, AdmissionEndpoint, AdmissionFactory
 from stapsrv.app.health import Health, listening_check, space_check, translator_check
 from stapsrv.app.listen import NotListening, listen_now
-from stapsrv.app.metrics import ServerMetrics
 from stapsrv.app.proxies import trusted_proxy_endpoint
 from stapsrv.app.server import CompileServerFactory, peer_host
 from stapsrv.cache.fleet import RedisCache
@@ -60,6 +60,9 @@ from stapsrv.paths import (
 )
 from stapsrv.reactor import IServerReactor
 from stapsrv.vm import verification
+
+if TYPE_CHECKING:
+    from stapsrv.app.metrics import ServerMetrics
 
 #: Threads that compute cache keys (apart from the requests' pool).
 KEY_THREADS = 2
@@ -134,7 +137,9 @@ class CompileServerService(Service):
         #: The Prometheus metrics (with ``--metrics``).
         self.metrics: ServerMetrics | None = None
         if config.metrics:
-            self.metrics = ServerMetrics(
+            from stapsrv.app import metrics  # only with --metrics
+
+            self.metrics = metrics.ServerMetrics(
                 connections=lambda: len(self.factory.connections) if self.factory else 0,
                 compiling=lambda: self.counters.compiling,
                 waiting=lambda: self.factory.waiting if self.factory else 0,

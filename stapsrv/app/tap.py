@@ -18,7 +18,6 @@ from stapsrv.app.accepts import AcceptErrorLog
 from stapsrv.app.admission import Admission
 from stapsrv.app.counters import CountersFileService
 from stapsrv.app.logs import LogFileService, LoggedTree, ReopenOnSighup
-from stapsrv.app.metrics import MetricsService, metrics_site
 from stapsrv.app.notify import SystemdNotifier
 from stapsrv.app.publish import publisher_service
 from stapsrv.app.service import CompileServerService
@@ -221,6 +220,10 @@ def _add_server(top: LoggedTree, config: ServerConfig, reactor: IServerReactor,
     server.setServiceParent(top)
     metrics = server.metrics
     if config.metrics and metrics is not None:
+        # Imported only here: a server without --metrics needs neither
+        # prometheus_client nor twisted.web (idle memory).
+        from stapsrv.app.metrics import MetricsService, metrics_site
+
         # After the server: /healthz then finds it listening.
         MetricsService(config.metrics, lambda: metrics_site(metrics, server.health),
                        reactor, server.log).setServiceParent(top)
