@@ -8,6 +8,7 @@ from attrs import define, field
 
 from stapsrv.compile.translator import TranslatorRun
 from stapsrv.core.budget import Work, peer_address
+from stapsrv.kernel.toolchains import Toolchain
 
 
 @define(eq=False)
@@ -29,6 +30,8 @@ class RequestContext:
     answered: bool = False
     #: ``Server:`` lines for the client's stderr (work not done for it).
     notes: list[str] = field(factory=list)
+    #: The toolchain that answers it, once chosen (None: the host's).
+    toolchain: Toolchain | None = None
 
     @property
     def address(self) -> str:

@@ -304,3 +304,12 @@ def choose(toolchains: Sequence[Toolchain], client_version: str, release: str,
 def ordered(host: Toolchain, others: Iterable[Toolchain]) -> list[Toolchain]:
     """The host's first (fidelity to 4.8 where it fits), then by name."""
     return [host, *sorted(others, key=lambda toolchain: toolchain.name)]
+
+
+_VERSION_TEXT = re.compile(r"\(version (\d+(?:\.\d+)+)")
+
+
+def translator_version(text: str) -> str | None:
+    """``4.8`` from ``stap -V``'s first line."""
+    found = _VERSION_TEXT.search(text)
+    return found.group(1) if found else None
