@@ -109,6 +109,8 @@ def make_toolchain(store: Path, suite: Suite, mirror: str, out: TextIO,
     place = toolchains_directory(store)
     place.mkdir(parents=True, exist_ok=True, mode=0o755)
     place.chmod(0o755)
+    for leftover in [*place.glob(f".partial-{suite.name}-*"), *place.glob(".removing-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # of an interrupted run
     work = Path(tempfile.mkdtemp(prefix=f".partial-{suite.name}-", dir=place))
     try:
         work.chmod(0o755)
