@@ -116,7 +116,8 @@ class WarmUp:
         that starts it (``context``; None: the server's own): past the
         share, OverBudget is raised and nothing is started (that request's
         translator makes the header for itself)."""
-        key = (toolchain.name if toolchain is not None else "", release, guru)
+        # The host's chosen for a request is the same warm-up as the server's own.
+        key = ("" if toolchain is None or toolchain.is_host else toolchain.name, release, guru)
         named = _named(release, guru, toolchain)
         state = self._warmups.get(key)
         if state is True:
