@@ -71,10 +71,9 @@ class Suite:
 
 
 #: Suites known to ``create``: forky (testing) has SystemTap 5.6 and gcc-12
-#: (bookworm's kernels) to gcc-16.
+#: (bookworm's kernels) to gcc-16 (its default).
 SUITES = {
     "forky": Suite("forky", "sid", ("gcc-12", "gcc-14")),
-    "trixie": Suite("trixie", "trixie", ("gcc-12", "gcc-14")),
 }
 
 

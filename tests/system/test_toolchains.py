@@ -7,6 +7,7 @@ the 4.8 client's by the host's."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -84,3 +85,23 @@ class ServingTests(RealClientMixin, TestCase):
             self.assertEqual(code, 0, err.decode())
             self.assertEqual(len(list(client.cwd.glob("*.ko"))), 1)
             self.assertIn(f"Toolchain {toolchain} (SystemTap ", server.log())
+
+    async def test_a_48_client_for_a_kernel_48_does_not_build_is_told_why(self) -> None:
+        """The release's name only (a 6.12 name made from the machine's
+        own): it is refused before anything is fetched."""
+        server = self.own_server("--kernel-store", str(self.store()),
+                                 "--fetch-releases", "*")
+        release = re.sub(r"^\d+\.\d+\.", "6.12.", self.release)
+        client = await self.trusted_client(server)
+        out, err, code = await client.stap(f"--use-server={server.spec}", "-r", release,
+                                           "-p4", "-e", HELLO)
+        self.assertNotEqual(code, 0)
+        lines = [line for line in err.decode().splitlines() if line.startswith("Server:")]
+        self.assertEqual(lines, [
+            f"Server: No toolchain of this server builds for kernel release '{release}' "
+            "modules that a SystemTap 4.8 client's staprun loads: host (SystemTap 4.8) "
+            "builds for kernels up to 6.1 only; forky (SystemTap 5.6) makes modules for "
+            "SystemTap 5.x clients' staprun (4.x's refuses them). A SystemTap 5.x client "
+            "would be served."], err.decode())
+        self.assertNotIn(f"Fetching kernel {release}", server.log())
+        self.assertIn("Refusing the request from ", server.log())
