@@ -297,23 +297,9 @@ class RequestHandler:
             self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
                           reason=escape_controls(refusal))
             return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
-        # Before fetching: no toolchain may build that kernel for this client.
-        refusal = await self._choose_toolchain(job, context, with_tree=False)
-        if refusal is not None:
-            return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
-        try:
-            problem = await self.releases.provide_release(job.release, context)
-        except OverBudget as exc:
-            return Outcome(refusal_archive(str(exc), PROTOCOL_VERSION), False, refused=True)
-        if problem is not None:
-            return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
-        if job.release is not None and self.releases.serves(job.release):
-            refusal = await self._choose_toolchain(job, context, with_tree=True)
-            if refusal is not None:
-                return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
-            await self.releases.provide_debug_within(job.release, context)
-            await self.releases.provide_module_debug(job.release, job.named_modules,
-                                                     job.privilege, context)
+        refused = await self._provide(job, context)
+        if refused is not None:
+            return refused
         key = await self._cache_key(job, context)
         if key is None or self.cache is None:
             return await self._compile(body, job, context)
@@ -349,6 +335,28 @@ class RequestHandler:
         if outcome.succeeded and outcome.to_keep is not None:
             await self.cache.put(key, outcome.to_keep)
         return outcome
+
+    async def _provide(self, job: Job, context: RequestContext) -> Outcome | None:
+        """The release (fetched if need be), its symbols and the toolchain
+        that answers; the refusal when one of them cannot be had."""
+        # Before fetching: no toolchain may build that kernel for this client.
+        refusal = await self._choose_toolchain(job, context, with_tree=False)
+        if refusal is not None:
+            return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
+        try:
+            problem = await self.releases.provide_release(job.release, context)
+        except OverBudget as exc:
+            return Outcome(refusal_archive(str(exc), PROTOCOL_VERSION), False, refused=True)
+        if problem is not None:
+            return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
+        if job.release is not None and self.releases.serves(job.release):
+            refusal = await self._choose_toolchain(job, context, with_tree=True)
+            if refusal is not None:
+                return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
+            await self.releases.provide_debug_within(job.release, context)
+            await self.releases.provide_module_debug(job.release, job.named_modules,
+                                                     job.privilege, context)
+        return None
 
     async def _choose_toolchain(self, job: Job, context: RequestContext,
                                 with_tree: bool) -> str | None:
