@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "stapsrv"
 #: Bottom to top. The package's own top-level modules sit with core.
 LAYERS = ("core", "config", "identity", "cache", "kernel", "vm", "compile", "app", "cli")
 _TOP_LEVEL = {"stapsrv": "core", "stapsrv.paths": "core", "stapsrv.reactor": "core",
+              "stapsrv.blocking": "core",
               "stapsrv.__main__": "cli"}
 
 

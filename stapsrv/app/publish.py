@@ -1,9 +1,6 @@
 """Advertising the server over mDNS, as stap-serverd 4.8 does through Avahi.
 
-``service_records`` computes what is published: one ``_stap._tcp``
-service per kernel release, all with the same base name (Avahi renames the
-second and later ones ``… #2``, ``#3``), TXT ``sysinfo``, ``optinfo``,
-``version``, ``certinfo`` in that wire order.  ``AvahiPublisher`` talks to
+:mod:`stapsrv.app.records` computes what is published.  ``AvahiPublisher`` talks to
 avahi-daemon over the D-Bus system bus (``DBUS_SYSTEM_BUS_ADDRESS`` is
 honoured); ``NullPublisher`` publishes nothing.  ``PublisherService`` is the
 Twisted service that publishes once the listener knows its port.
@@ -11,88 +8,43 @@ Twisted service that publishes once the listener knows its port.
 
 from __future__ import annotations
 
-import os
-import shlex
-import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, succeed
-from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txdbus import client
 from zope.interface import implementer
 
-from stapsrv import PROTOCOL_VERSION
+from stapsrv.app.avahibus import (
+    AVAHI,
+    COLLISION_ERROR,
+    DBUS,
+    DBUS_PATH,
+    GROUP_COLLISION,
+    GROUP_FAILURE,
+    GROUP_INTERFACE,
+    SERVER_COLLISION,
+    SERVER_INTERFACE,
+    SERVER_REGISTERING,
+    SERVER_RUNNING,
+    bus_error,
+    remote_error_name,
+    system_bus,
+)
 from stapsrv.app.interfaces import IServicePublisher, ServiceRecord
+from stapsrv.app.records import SERVICE_TYPE, records_for
 from stapsrv.app.service import CompileServerService
-from stapsrv.core.cmdline import ServerOption
-from stapsrv.identity import mok
-from stapsrv.paths import translator_architecture
 from stapsrv.reactor import IServerReactor
 
-SERVICE_TYPE = "_stap._tcp"
-NAME_PREFIX = "Systemtap Compile Server on "
-#: ``AVAHI_LABEL_MAX - 1``: the longest valid service name, in bytes.
-MAX_NAME_BYTES = 63
 #: 4.8 gives up renaming after this many collisions.
 MAX_COLLISIONS = 65535
 #: Seconds between attempts to reach a system bus that is not there.
 RETRY_INTERVAL = 5.0
 #: Seconds shutdown waits for avahi-daemon to drop our services.
 FREE_TIMEOUT = 5.0
-
-AVAHI = "org.freedesktop.Avahi"
-SERVER_INTERFACE = "org.freedesktop.Avahi.Server"
-GROUP_INTERFACE = "org.freedesktop.Avahi.EntryGroup"
-COLLISION_ERROR = "org.freedesktop.Avahi.CollisionError"
-DBUS = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
-#: libdbus's (and txdbus's) system bus without DBUS_SYSTEM_BUS_ADDRESS.
-DEFAULT_SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"
-
-#: Avahi server and entry group states.
-SERVER_REGISTERING = 1
-SERVER_RUNNING = 2
-SERVER_COLLISION = 3
-GROUP_COLLISION = 3
-GROUP_FAILURE = 4
-
-
-def service_name(hostname: str) -> str:
-    """The base service name, cut to 63 bytes as 4.8 does."""
-    name = (NAME_PREFIX + hostname).encode()[:MAX_NAME_BYTES]
-    return name.decode(errors="ignore")
-
-
-def optinfo(server_options: Iterable[ServerOption]) -> str:
-    """The server's -R, -B, -D and -I options, grouped in that order, glued."""
-    options = list(server_options)
-    words = []
-    for flag in ("-R", "-B", "-D", "-I"):
-        words += [flag + shlex.quote(o.value) for o in options if o.flag == flag]
-    return " ".join(words)
-
-
-def service_records(hostname: str, releases: Sequence[str], arch: str | None,
-                    server_options: Iterable[ServerOption], port: int,
-                    serial: str, moks: Sequence[str] = ()) -> list[ServiceRecord]:
-    """What a server publishes: one record per release, TXT in 4.8's order,
-    ``mok_info`` entries last (the 4.8 client reads everything after the
-    first ``mok_info`` as MOK fingerprints)."""
-    arch = arch or translator_architecture(os.uname().machine)
-    options = optinfo(server_options)
-    name = service_name(hostname)
-    return [ServiceRecord(name, port, (
-        f"sysinfo={release} {arch}".encode(),
-        f"optinfo={options}".encode(),
-        f"version={PROTOCOL_VERSION}".encode(),
-        f"certinfo={serial}".encode(),
-        *(f"mok_info={value}".encode() for value in moks),
-    )) for release in releases]
 
 
 @implementer(IServicePublisher)
@@ -109,25 +61,6 @@ class NullPublisher:
 
     def withdraw(self) -> Deferred[None]:
         return succeed(None)
-
-
-def _system_bus(reactor: IServerReactor) -> Callable[[], Deferred[Any]]:
-    def connect() -> Deferred[Any]:
-        # txdbus is untyped: its connection is Any here.
-        connection: Deferred[Any] = client.connect(reactor, "system")
-        return connection
-    return connect
-
-
-def _remote_error_name(failure: Failure) -> str | None:
-    return getattr(failure.value, "errName", None)
-
-
-def _bus_error(exc: Exception) -> str:
-    if isinstance(exc, ConnectError):
-        address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", DEFAULT_SYSTEM_BUS)
-        return f"cannot connect to the D-Bus system bus at {address}"
-    return str(exc) or type(exc).__name__
 
 
 class _Abandoned(Exception):
@@ -148,7 +81,7 @@ class AvahiPublisher:
                  clock: IReactorTime | None = None, namespace: str = "stapsrv",
                  retry_interval: float = RETRY_INTERVAL) -> None:
         self.log = Logger(namespace=namespace, source=self)
-        self._connect = connect or _system_bus(reactor)
+        self._connect = connect or system_bus(reactor)
         self._clock = clock or reactor
         self._retry_interval = retry_interval
         self._records: tuple[ServiceRecord, ...] = ()
@@ -221,7 +154,7 @@ class AvahiPublisher:
             self._warn_once(
                 "Failed to create Avahi client: {error}; Avahi service '{name}' will be "
                 "established when the bus and the daemon are available",
-                error=_bus_error(exc), name=self._name)
+                error=bus_error(exc), name=self._name)
             if not self._stopped:
                 self._retry = self._clock.callLater(
                     self._retry_interval, lambda: self._run(self._start()))
@@ -404,7 +337,7 @@ class AvahiPublisher:
                     if (failure.check(_Abandoned) or self._stopped
                             or generation != self._generation):
                         failure.raiseException()
-                    if _remote_error_name(failure) != COLLISION_ERROR:
+                    if remote_error_name(failure) != COLLISION_ERROR:
                         self.log.error("Failed to add {type} service: {error}",
                                        type=SERVICE_TYPE, error=failure.getErrorMessage())
                         await self._entry_group(group, "Reset")
@@ -463,18 +396,6 @@ class PublisherService(Service):
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         return self.publisher.withdraw()
-
-
-def records_for(server: CompileServerService) -> Callable[[], list[ServiceRecord]]:
-    """The records of a started ``CompileServerService``."""
-    def records() -> list[ServiceRecord]:
-        config = server.config
-        assert server.identity is not None
-        return service_records(socket.gethostname(), server.served_releases(), config.arch,
-                               config.server_options, server.port_number,
-                               server.identity.serial_text,
-                               mok.advertised_fingerprints(config.moks()))
-    return records
 
 
 def publisher_service(server: CompileServerService, reactor: IServerReactor,

@@ -33,6 +33,7 @@ from stapsrv.compile.archive import refusal_archive
 from stapsrv.compile.context import RequestContext
 from stapsrv.compile.handler import RequestHandler
 from stapsrv.core.admission import default_per_peer
+from stapsrv.core.budget import share_key
 from stapsrv.core.framing import (
     CertificateProbe,
     RequestEvent,
@@ -173,8 +174,8 @@ class CompileServerProtocol(Protocol):
             self.factory.closed_early(PEER, host)
             self.connection.abortConnection()
             return
-        self._counted = host
-        self.factory.peers[host] += 1
+        self._counted = share_key(host)
+        self.factory.peers[self._counted] += 1
         self.log.info("Accepted connection from {peer}", peer=self.peer)
         policy = self.factory.handler.policy
         if not policy.admits(host):
@@ -315,10 +316,11 @@ class CompileServerFactory(Factory[CompileServerProtocol]):
         return default_per_peer(self.admission.descriptors.limit)
 
     def peer_admits(self, host: str) -> bool:
-        """A new connection from ``host`` may stay."""
+        """A new connection from ``host`` may stay (an IPv6 host counts with
+        the rest of its /64)."""
         if self.admission is None:
             return True
-        return self.admission.policy(self.per_peer).peer_admits(self.peers[host])
+        return self.admission.policy(self.per_peer).peer_admits(self.peers[share_key(host)])
 
     def closed_early(self, reason: str, host: str | None) -> None:
         """A connection was closed to keep room for others (``reason``: see

@@ -43,7 +43,6 @@ from stapsrv.identity.certs import ServerIdentity, server_context_factory
 from stapsrv.identity.store import load_or_create_identity
 from stapsrv.identity.trust import trust_certificate
 from stapsrv.kernel.fetch import (
-    DEBUG_DIRECTORY,
     KernelFetcher,
     debian_architecture,
     default_patterns,
@@ -243,6 +242,14 @@ class CompileServerService(Service):
         self._pool.start()
         if self._key_pool is not None:
             self._key_pool.start()
+        self._log_listening(config)
+        Service.startService(self)
+        self._trust_self()
+        handler.warm_up()
+
+    def _log_listening(self, config: ServerConfig) -> None:
+        """Where the server listens, and how it shares its capacity."""
+        assert self.admission is not None and self.factory is not None
         self.log.info("Using network address [{address}]:{port}",
                       address=self.listen_address, port=self.port_number)
         if config.proxied:
@@ -259,9 +266,6 @@ class CompileServerService(Service):
             self.log.info("Using a maximum of {count} threads", count=config.max_threads)
         else:
             self.log.info("Concurrency disabled")
-        Service.startService(self)
-        self._trust_self()
-        handler.warm_up()
 
     def _admission_gate(self, stream: IStreamServerEndpoint) -> IStreamServerEndpoint:
         """``stream``, each accepted socket judged by admission first: the
@@ -289,8 +293,7 @@ class CompileServerService(Service):
             return None
         assert self._pool is not None
         store = KernelStore(store_directory(config), config.kernel_store_size)
-        debug = KernelStore(store.directory / DEBUG_DIRECTORY, config.kernel_store_size)
-        for name in [*store.open(), *debug.open()]:
+        for name in [name for part in store.family() for name in part.open()]:
             self.log.info("Kernel store: removed {name}, left by an interrupted fetch",
                           name=name)
         patterns = config.fetch_patterns or default_patterns(

@@ -23,18 +23,14 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TypeVar
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from stapsrv.blocking import Blocking
 from stapsrv.cache.sealed import RefusedEntry, entry_size, open_entry, seal
 from stapsrv.config.fleeturl import display_url
-
-T = TypeVar("T")
 
 PREFIX = "stapsrv:answer:"
 #: Seconds an answer stays in Redis unless Redis evicts it first.
@@ -69,6 +65,7 @@ class RedisCache:
             health_check_interval=0, **options)
         self.display_url = display_url(url)
         self._reactor = reactor
+        self._in_thread = Blocking(reactor, reactor.getThreadPool())
         self._secret = secret
         self.log = log or Logger()
         self.retry = retry
@@ -78,9 +75,6 @@ class RedisCache:
         self._down_until: float | None = None
         self._warned = False
         self._refused: OrderedDict[str, None] = OrderedDict()
-
-    def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), function, *args)
 
     @property
     def available(self) -> bool:

@@ -16,17 +16,14 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-T = TypeVar("T")
+from stapsrv.blocking import Blocking
 
 MAGIC = b"stapsrv-answer-1\n"
 _KEY_BYTES = 32
@@ -81,9 +78,7 @@ class DiskCache:
         self._reactor = reactor
         self._pool = pool
         self.log = log or Logger()
-
-    def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
-        return deferToThreadPool(self._reactor, self._pool, function, *args)
+        self._in_thread = Blocking(reactor, pool)
 
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / key

@@ -14,22 +14,15 @@ from pathlib import Path
 
 from attrs import define, field
 
+from stapsrv.config.options import MANAGER_OPTIONS
+
 ACTIONS = ("start", "stop", "restart", "condrestart", "try-restart", "force-reload",
            "status", "reload", "usage")
 
 _SHORT_WITH_VALUE = set("aBcDIn pru".replace(" ", "") + "R")
 _SHORT_FLAGS = set("ikP")
-DISTRIBUTED = ("log", "port", "ssl", "max-threads", "max-request-size",
-               "max-compressed-request", "request-timeout", "compile-timeout", "cpu-limit",
-               "memory-limit", "file-size-limit", "process-limit", "max-output",
-               "listen-backlog", "max-peer-connections", "descriptor-reserve",
-               "cache", "cache-dir",
-               "cache-size", "fleet-cache", "fleet-secret", "fleet-password-file",
-               "sandbox", "allow", "refuse-guru", "privileges", "endpoint", "proxy-from",
-               "metrics",
-               "fetch", "fetch-releases", "kernel-store", "kernel-store-size",
-               "max-fetches", "peer-fetches",
-               "fetch-symbols", "fetch-debuginfo")
+#: The options handed to the named servers in order (``stapsrv.config.options``).
+DISTRIBUTED = tuple(option.name for option in MANAGER_OPTIONS)
 
 
 class ArgumentError(Exception):
@@ -66,65 +59,77 @@ def parse(words: list[str]) -> Invocation:
     if not words:
         raise ArgumentError("")
     invocation = Invocation(words[0])
-    current: SpecWords | None = None
-    index = 1
-
-    def spec_option(flag: str, value: str) -> None:
-        nonlocal current
-        if flag in ("-n", "-p"):
-            if current is None or current.nickname is not None or current.pid is not None:
-                current = SpecWords()
-                invocation.specs.append(current)
-            if flag == "-n":
-                current.nickname = value
-            else:
-                current.pid = value
-            return
-        if current is None:
-            current = SpecWords()
-            invocation.specs.append(current)
-        current.changes.append((flag, value))
-
-    while index < len(words):
-        word = words[index]
-        index += 1
+    rest = _Words(words, 1)
+    while rest.index < len(words):
+        word = rest.next()
         if word == "--":
             continue
         if word == "--json":
             invocation.json = True
-            continue
-        if word.startswith("--"):
+        elif word.startswith("--"):
             name, eq, value = word[2:].partition("=")
             if name not in DISTRIBUTED:
                 raise ArgumentError(word)
-            if not eq:
-                if index >= len(words):
-                    raise ArgumentError(word)
-                value = words[index]
-                index += 1
-            invocation.distributed[name].append(value)
-            continue
-        if len(word) < 2 or not word.startswith("-"):
-            raise ArgumentError(word)
-        letter = word[1]
-        if letter in _SHORT_FLAGS and len(word) == 2:
-            if letter == "i":
-                spec_option("-i", "")
-            elif letter == "k":
-                invocation.keep = True
-            else:
-                invocation.password = True
-            continue
-        if letter not in _SHORT_WITH_VALUE:
-            raise ArgumentError(word)
-        value = word[2:]
-        if not value:
-            if index >= len(words):
-                raise ArgumentError(word)
-            value = words[index]
-            index += 1
-        if letter == "c":
-            invocation.config_files = [Path(value).absolute()]
+            invocation.distributed[name].append(value if eq else rest.value(word))
         else:
-            spec_option("-" + letter, value)
+            _short(word, rest, invocation)
     return invocation
+
+
+@define
+class _Words:
+    """The words still to read."""
+
+    words: list[str]
+    index: int
+
+    def next(self) -> str:
+        self.index += 1
+        return self.words[self.index - 1]
+
+    def value(self, option: str) -> str:
+        """The next word, the value of ``option``."""
+        if self.index >= len(self.words):
+            raise ArgumentError(option)
+        return self.next()
+
+
+def _short(word: str, rest: _Words, invocation: Invocation) -> None:
+    """A short option (``-k``, ``-a x86_64``, ``-ax86_64``)."""
+    if len(word) < 2 or not word.startswith("-"):
+        raise ArgumentError(word)
+    letter = word[1]
+    if letter in _SHORT_FLAGS and len(word) == 2:
+        if letter == "i":
+            _spec_option(invocation, "-i", "")
+        elif letter == "k":
+            invocation.keep = True
+        else:
+            invocation.password = True
+        return
+    if letter not in _SHORT_WITH_VALUE:
+        raise ArgumentError(word)
+    value = word[2:] or rest.value(word)
+    if letter == "c":
+        invocation.config_files = [Path(value).absolute()]
+    else:
+        _spec_option(invocation, "-" + letter, value)
+
+
+def _spec_option(invocation: Invocation, flag: str, value: str) -> None:
+    """A spec option: ``-n`` and ``-p`` name a server (each after the first
+    names another); the others change the server named last."""
+    current = invocation.specs[-1] if invocation.specs else None
+    if flag in ("-n", "-p"):
+        if current is None or current.nickname is not None or current.pid is not None:
+            current = SpecWords()
+            invocation.specs.append(current)
+        if flag == "-n":
+            current.nickname = value
+        else:
+            current.pid = value
+        return
+    if current is None:
+        current = SpecWords()
+        invocation.specs.append(current)
+    current.changes.append((flag, value))

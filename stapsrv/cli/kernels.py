@@ -47,15 +47,18 @@ from twisted.python.threadpool import ThreadPool
 
 from stapsrv.config.values import DEFAULT_KERNEL_STORE_SIZE, ServerConfig
 from stapsrv.kernel.fetch import (
-    DEBUG_DIRECTORY,
-    IMAGES_DIRECTORY,
     FetchFailed,
     KernelFetcher,
     debug_files,
     megabytes,
 )
-from stapsrv.kernel.moduledebug import MODULES_DIRECTORY
-from stapsrv.kernel.store import KernelStore, StoredRelease, store_directory
+from stapsrv.kernel.store import (
+    DEBUG_DIRECTORY,
+    InUse,
+    KernelStore,
+    StoredRelease,
+    store_directory,
+)
 from stapsrv.paths import RootRefused, refuse_root
 from stapsrv.reactor import IServerReactor
 from stapsrv.vm import verification
@@ -75,7 +78,7 @@ def _store(arguments: argparse.Namespace) -> KernelStore:
 
 def debug_store(store: KernelStore) -> KernelStore:
     """Where the symbols and debuginfo of the releases are."""
-    return KernelStore(store.directory / DEBUG_DIRECTORY, store.size_cap)
+    return store.part(DEBUG_DIRECTORY)
 
 
 def _symbols(entry: StoredRelease | None) -> str:
@@ -88,7 +91,7 @@ def _symbols(entry: StoredRelease | None) -> str:
 def list_store(store: KernelStore, out: TextIO) -> None:
     releases = store.releases()
     debug = {entry.release: entry for entry in debug_store(store).releases()}
-    total = sum(entry.size for entry in releases) + sum(entry.size for entry in debug.values())
+    total = store.total_size()
     print(f"Kernel store {store.directory}: {len(releases)} releases, {megabytes(total)} "
           f"of {megabytes(store.size_cap)}", file=out)
     for entry in releases:
@@ -117,14 +120,12 @@ def print_verification(found: Verification, out: TextIO) -> None:
 
 
 def remove_release(store: KernelStore, release: str) -> bool:
-    """Remove a release's tree, its symbols and its module debuginfo;
-    whether there was any."""
-    tree = store.remove(release)
-    symbols = debug_store(store).remove(release)
-    modules = KernelStore(store.directory / MODULES_DIRECTORY, store.size_cap).remove(release)
-    image = KernelStore(store.directory / IMAGES_DIRECTORY, store.size_cap).remove(release)
+    """Remove a release's tree, its symbols, its module debuginfo and its
+    image; whether there was any.  Raises :class:`InUse` (nothing removed)
+    while a compile reads it."""
+    removed = store.remove_everywhere(release)
     verified = verification.remove(store.directory, release)
-    return tree or symbols or modules or image or verified
+    return removed or verified
 
 
 class ProgressLine:
@@ -375,7 +376,14 @@ def main(argv: list[str]) -> int:
     if arguments.command == "remove":
         status = 0
         for release in arguments.releases:
-            if not remove_release(store, release):
+            try:
+                removed = remove_release(store, release)
+            except InUse:
+                print(f"Release {release} is in use by a compile; not removed (try again when "
+                      "it is answered)", file=sys.stderr)
+                status = 1
+                continue
+            if not removed:
                 print(f"No release {release} in {store.directory}", file=sys.stderr)
                 status = 1
         return status

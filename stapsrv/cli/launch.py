@@ -8,6 +8,7 @@ first is a failed start, with the reason taken from its log.
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import signal
@@ -18,6 +19,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from stapsrv.config.files import ServerSettings
+from stapsrv.config.options import MANAGER_OPTIONS, SettingsError
 from stapsrv.paths import ROOT_OVERRIDE
 
 #: How long a daemon may take to start listening (a first start makes an
@@ -157,3 +160,52 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def daemon_arguments(settings: ServerSettings, keep: bool) -> list[str]:
+    s = settings
+    args = ["-a", s.arch] if s.arch else []
+    for release in s.releases:
+        args += ["-r", release]
+    for flag, values in (("-I", s.includes), ("-D", s.defines), ("-B", s.builds)):
+        for value in values:
+            args += [flag, value]
+    if s.runtime:
+        args += ["-R", s.runtime]
+    args += ["--log", s.log]
+    for option in MANAGER_OPTIONS:
+        assert option.variable is not None
+        if option.name != "log":
+            try:
+                args += option.daemon_arguments(s.get(option.variable))
+            except SettingsError as exc:
+                raise LaunchFailed(str(exc)) from None
+    if keep:
+        args.append("-k")
+    return args
+
+
+def prepare_log(log: Path, user: pwd.struct_passwd) -> None:
+    """The log's directory must exist and the server user must write the log."""
+    if not log.parent.exists():
+        log.parent.mkdir(parents=True)
+        if os.geteuid() == 0:
+            os.chown(log.parent, user.pw_uid, user.pw_gid)
+    if os.geteuid() == 0 and user.pw_uid != 0:
+        if not log.exists():
+            log.touch(mode=0o644)
+        if log.stat().st_uid == 0:
+            # Made by root (this manager's own log lines): the server writes it.
+            os.chown(log, user.pw_uid, user.pw_gid)
+        if not _writable_by(log, user):
+            raise PermissionError(13, f"not writable by {user.pw_name}")
+
+
+def _writable_by(path: Path, user: pwd.struct_passwd) -> bool:
+    info = path.stat()
+    groups = {user.pw_gid} | {g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem}
+    if info.st_uid == user.pw_uid:
+        return bool(info.st_mode & 0o200)
+    if info.st_gid in groups:
+        return bool(info.st_mode & 0o020)
+    return bool(info.st_mode & 0o002)

@@ -2,19 +2,19 @@
 
 Output lines, exit codes and file formats follow SystemTap 4.8's manager;
 the 4.8 bugs listed in ``doc/differences.md`` are fixed the way its manual
-promises.
+promises.  What a command line names is resolved in ``targets``, shown by
+``show``, kept in the status directory of ``statdir``; daemons are started
+and stopped by ``launch``.
 """
 
 from __future__ import annotations
 
-import fcntl
 import grp
-import ipaddress
 import json
 import os
 import pwd
-import re
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,240 +22,28 @@ from typing import Any, TextIO
 
 from attrs import define, evolve
 
-from stapsrv.cli.arguments import ACTIONS, ArgumentError, Invocation, SpecWords, parse
-from stapsrv.cli.launch import LaunchFailed, is_server, start_daemon, stop_daemon
-from stapsrv.config.endpoints import DEFAULT_PROXY_FROM, proxied
+from stapsrv.cli.arguments import ACTIONS, ArgumentError, Invocation, parse
+from stapsrv.cli.launch import (
+    LaunchFailed,
+    daemon_arguments,
+    is_server,
+    prepare_log,
+    start_daemon,
+    stop_daemon,
+)
+from stapsrv.cli.show import mode_line, render, status_record, trusted_proxies
+from stapsrv.cli.statdir import StatusDirectory, remove
+from stapsrv.cli.targets import Fatal, Servers, Target
+from stapsrv.cli.usage import USAGE
 from stapsrv.config.files import (
     DEBIAN_GLOBAL_FILE,
     DEFAULT_GLOBAL_FILE,
-    EXTENSIONS,
-    FLAGS,
-    SWITCH_NO,
-    SWITCH_YES,
-    SWITCHES,
     ConfigError,
     GlobalConfig,
     ServerSettings,
-    configured_settings,
     read_global,
-    read_server_file,
-    render_status,
 )
-from stapsrv.config.fleeturl import display_url
-from stapsrv.core import counters as request_counters
-from stapsrv.paths import MODULES, manager_architecture, root_refused
-from stapsrv.vm import verification
-
-USAGE = """\
-Usage: stap-server {start|stop|restart|condrestart|try-restart|force-reload|status} [options]
-Options:
-\t-c configfile\t: specify additional global configuration file.
-\t-a arch\t\t: specify the target architecture.
-\t-r release\t: specify the kernel release (or a kernel build tree).
-\t-I path\t\t: specify an additional path to search for tapsets.
-\t-R path\t\t: specify the location of the systemtap runtime.
-\t-B options\t: specify 'make' options for building systemtap modules.
-\t-D name[=value]\t: add a macro definition for building systemtap modules.
-\t-u username\t: specify the user who will run the server(s).
-\t-i\t\t: one server for every kernel release under /lib/modules.
-\t-n nickname\t: a server by nickname; repeat to name several servers.
-\t-p pid\t\t: a running server by process id; repeat to name several.
-\t-k\t\t: keep the temporary files of each request.
-\t--log path\t: log file of a server.
-\t--port number\t: listening port of a server.
-\t--ssl path\t: certificate directory of a server.
-\t--max-threads n\t: requests a server processes at once.
-\t--max-request-size n\t: largest uncompressed request, in bytes.
-\t--max-compressed-request n\t: largest request archive, in bytes.
-\t--sandbox yes|no\t: run translators in the bubblewrap sandbox (default yes).
-\t--allow networks\t: only these addresses or CIDR networks may use a server.
-\t--refuse-guru yes|no\t: refuse guru mode (-g) requests (default no).
-\t--privileges list\t: privilege levels compiled for (default stapusr,stapsys,stapdev).
-\t--max-output MiB\t: translator output sent back, per stream (default 16).
-\t--listen-backlog n\t: connections queued before the server accepts them (default 1024).
-\t--max-peer-connections n\t: connections one client address may hold (default: 1/8 of the open files limit, at most 1024; 0: no cap).
-\t--descriptor-reserve n\t: descriptors kept free for new clients (default 128).
-\t--json\t\t\t: (status) print the status as one JSON document.
-\t--endpoint description\t: Twisted endpoint to listen on (haproxy:tcp:..., systemd:...).
-\t--metrics description\t: endpoint of the Prometheus /metrics and /healthz listener.
-\t--fetch yes|no\t\t: fetch releases that are not installed (default yes).
-\t--fetch-releases patterns: the releases that may be fetched (default: this server's series).
-\t--kernel-store path\t: where fetched releases are kept.
-\t--kernel-store-size MiB: size cap of the kernel store.
-\t--max-fetches n\t: kernel store fetches run at once, all clients together (default 2).
-\t--peer-fetches n\t: kernel releases one client address may have kernel store work under way for (default 1; 0: no cap).
-\t--fetch-symbols yes|no\t: make each served release's System.map from its kernel image (default yes).
-\t--fetch-debuginfo yes|no: also its vmlinux debuginfo (default no).
-
-All options may be repeated.  -a, -r, -I, -R, -B, -D, -u and -i describe the
-server named by the -n or -p before them (or the one server of the command
-line); --log, --port, --ssl, the --max-* options, the policy options
-(--sandbox, --allow, --refuse-guru, --privileges), --endpoint, --proxy-from, --metrics,
-the timeout, limit, cache and kernel store options are handed to the named
-servers in order; servers beyond their count get the default log
-(LOG_FILE), a free port, ~/.systemtap/ssl/server and the built-in limits.
-
-With no server named, 'start' starts every server configured in
-CONFIG_PATH/*.conf, or one server for the running kernel when none is
-configured; 'stop', 'restart' and 'status' act on every running server.
-Servers never run as root: name their user with -u, STAP_USER or USER=.
-"""
-
-
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def render(settings: ServerSettings, nickname: bool = True) -> str:
-    """A server as 4.8 prints it (``-a "x86_64" -u "srv" --log "..."``)."""
-    s = settings
-    words = [f"-a {_quote(s.arch)}"]
-    words += [f"-r {_quote(r)}" for r in s.releases]
-    if s.runtime:
-        words.append(f"-R {_quote(s.runtime)}")
-    words += [f"-D {_quote(d)}" for d in s.defines]
-    words += [f"-I {_quote(i)}" for i in s.includes]
-    words += [f"-B {_quote(b)}" for b in s.builds]
-    words.append(f"-u {_quote(s.user)}")
-    if nickname and s.nickname:
-        words.append(f"-n {_quote(s.nickname)}")
-    words.append(f"--log {_quote(s.log)}")
-    for flag, value in (("--port", s.port), ("--ssl", s.ssl), ("--max-threads", s.max_threads),
-                        ("--max-request-size", s.max_request_size),
-                        ("--max-compressed-request", s.max_compressed_request)):
-        if value:
-            words.append(f"{flag} {_quote(value)}")
-    for _, field, option in EXTENSIONS:
-        value = getattr(s, field)
-        if value:
-            if field == "fleet_cache":
-                value = display_url(value)  # no password on terminals and in logs
-            words.append(f"--{option} {_quote(value)}")
-    return " ".join(words)
-
-
-def status_record(settings: ServerSettings, pid: int | None, state: str,
-                  counters: request_counters.Counters | None) -> dict[str, Any]:
-    """One server in ``status --json``: what the status lines say, as values
-    (``state``: running, stopped, dead; ``counters``: null when the server
-    keeps none)."""
-    s = settings
-    return {
-        "command": f"stap-server {render(s)}",
-        "nickname": s.nickname or None,
-        "pid": pid,
-        "state": state,
-        "user": s.user or None,
-        "releases": list(s.releases),
-        "port": int(s.port) if s.port.isdigit() else None,
-        "endpoint": s.endpoint or None,
-        "proxy_from": trusted_proxies(s),
-        "metrics": s.metrics or None,
-        "log": s.log or None,
-        "sandbox": s.sandbox.lower() not in SWITCH_NO,
-        "counters": None if counters is None else {
-            name: getattr(counters, name) for name in request_counters.FIELDS},
-        "verified": verified_releases(settings),
-    }
-
-
-def server_store(settings: ServerSettings) -> Path | None:
-    """The server's kernel store: KERNEL_STORE, else the default under its
-    user's cache directory (``$XDG_CACHE_HOME`` only when we are that user)."""
-    if settings.kernel_store:
-        return Path(settings.kernel_store)
-    try:
-        user = pwd.getpwnam(settings.user) if settings.user else pwd.getpwuid(os.geteuid())
-    except KeyError:
-        return None
-    cache = os.environ.get("XDG_CACHE_HOME") if os.geteuid() == user.pw_uid else None
-    return Path(cache or Path(user.pw_dir) / ".cache") / "stapsrv" / "kernels"
-
-
-def verified_releases(settings: ServerSettings) -> list[dict[str, Any]]:
-    """What ``kernels verify`` found for the releases of the server's store."""
-    store = server_store(settings)
-    return [] if store is None else [found.as_json() for found in verification.load_all(store)]
-
-
-def trusted_proxies(settings: ServerSettings) -> list[str] | None:
-    """The networks a server believes PROXY headers from (its PROXY_FROM,
-    else the default), or None when its endpoint reads no PROXY header."""
-    if not (settings.endpoint and proxied(settings.endpoint)):
-        return None
-    words = [word for word in re.split(r"[\s,]+", settings.proxy_from) if word]
-    return [_network_text(word) for word in words] or list(DEFAULT_PROXY_FROM)
-
-
-def _network_text(word: str) -> str:
-    """A network as the server logs it (``192.0.2.1/32``); what does not
-    parse (the server refuses to start with it) as written."""
-    try:
-        return str(ipaddress.ip_network(word, strict=False))
-    except ValueError:
-        return word
-
-
-def same_server(a: ServerSettings, b: ServerSettings) -> bool:
-    """4.8's "same configuration": every field but the nickname (whole lists)."""
-    return evolve(a, nickname="") == evolve(b, nickname="")
-
-
-def daemon_arguments(settings: ServerSettings, keep: bool) -> list[str]:
-    s = settings
-    args = ["-a", s.arch] if s.arch else []
-    for release in s.releases:
-        args += ["-r", release]
-    for flag, values in (("-I", s.includes), ("-D", s.defines), ("-B", s.builds)):
-        for value in values:
-            args += [flag, value]
-    if s.runtime:
-        args += ["-R", s.runtime]
-    args += ["--log", s.log]
-    for flag, value in (("--port", s.port), ("--ssl", s.ssl), ("--max-threads", s.max_threads),
-                        ("--max-request-size", s.max_request_size),
-                        ("--max-compressed-request", s.max_compressed_request)):
-        if value:
-            args += [flag, value]
-    for name, field, option in EXTENSIONS:
-        value = getattr(s, field)
-        if option in SWITCHES + FLAGS:
-            if value.lower() not in SWITCH_NO + SWITCH_YES:
-                raise LaunchFailed(f"{name}={value} (--{option}) is not yes or no")
-            if option in SWITCHES and value.lower() in SWITCH_NO:
-                args.append(f"--no-{option}")
-            elif option in FLAGS and value and value.lower() in SWITCH_YES:
-                args.append(f"--{option}")
-        elif value:
-            args += [f"--{option}", value]
-    if keep:
-        args.append("-k")
-    return args
-
-
-#: Distributed options and the server settings they set.
-_DISTRIBUTED_FIELDS = {"log": "log", "port": "port", "ssl": "ssl", "max-threads": "max_threads",
-                       "max-request-size": "max_request_size",
-                       "max-compressed-request": "max_compressed_request",
-                       **{option: field for _, field, option in EXTENSIONS}}
-
-
-class Fatal(Exception):
-    """Ends the whole command: message on stderr, then this exit code."""
-
-    def __init__(self, message: str, code: int = 1, usage: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.usage = usage
-
-
-@define
-class Target:
-    """One server a command acts on: its settings, and its pid when known."""
-
-    settings: ServerSettings
-    pid: int | None = None
-    unknown_nickname: str | None = None
+from stapsrv.paths import MODULES, root_refused
 
 
 @define
@@ -266,129 +54,19 @@ class Manager:
     err: TextIO = sys.stderr
     modules: Path = MODULES
 
-    # ----- what the command line names -----------------------------------
+    @property
+    def stat(self) -> StatusDirectory:
+        return StatusDirectory(self.config.stat_path)
 
-    def default_user(self) -> str:
-        return self.config.stap_user or pwd.getpwuid(os.getuid()).pw_name
-
-    def base(self) -> ServerSettings:
-        return ServerSettings(arch=manager_architecture(), user=self.default_user(),
-                              log=str(self.config.log_file))
-
-    def with_defaults(self, settings: ServerSettings) -> ServerSettings:
-        """The defaults a configured server gets (manager.md 8.3)."""
-        return evolve(settings, arch=settings.arch or manager_architecture(),
-                      releases=settings.releases or (os.uname().release,),
-                      user=settings.user or self.default_user(),
-                      log=settings.log or str(self.config.log_file))
-
-    def managed(self) -> list[tuple[int, ServerSettings]]:
-        """Status files in name order (only ``<pid>.stat``)."""
-        found = []
-        try:
-            entries = sorted(self.config.stat_path.iterdir(), key=lambda p: p.name)
-        except OSError:
-            return []
-        for path in entries:
-            if path.suffix == ".stat" and path.stem.isdigit():
-                found.append((int(path.stem), read_server_file(path)))
-        return found
-
-    def configured(self) -> list[ServerSettings]:
-        return [self.with_defaults(settings) for _, settings in configured_settings(self.config)]
-
-    def targets(self) -> list[Target]:
-        targets = [self._target(words) for words in self.invocation.specs]
-        distributed = self.invocation.distributed
-        for index, target in enumerate(targets):
-            changes: dict[str, Any] = {  # string fields, named at run time
-                _DISTRIBUTED_FIELDS[name]: values[index]
-                for name, values in distributed.items() if index < len(values)}
-            if changes:
-                target.settings = evolve(target.settings, **changes)
-        return targets
-
-    def default_server(self) -> ServerSettings:
-        settings = self.base()
-        distributed = self.invocation.distributed
-        changes: dict[str, Any] = {  # string fields, named at run time
-            _DISTRIBUTED_FIELDS[name]: values[0] for name, values in distributed.items() if values}
-        return evolve(settings, **changes)
-
-    def _target(self, words: SpecWords) -> Target:
-        target = Target(self.base())
-        if words.pid is not None:
-            path = self.config.stat_path / f"{words.pid}.stat"
-            if not words.pid.isdigit() or not path.is_file():
-                raise Fatal(f"No stap-server running as pid {words.pid}", 1, usage=False)
-            target = Target(read_server_file(path), int(words.pid))
-        elif words.nickname is not None:
-            target = self._by_nickname(words.nickname)
-        settings = target.settings
-        for flag, value in words.changes:
-            if flag == "-a":
-                settings = evolve(settings, arch=value)
-            elif flag == "-r":
-                settings = evolve(settings, releases=settings.releases + (self._release(value),))
-            elif flag == "-i":
-                found = sorted(p.name for p in self.modules.iterdir()) if self.modules.is_dir() else []
-                settings = evolve(settings, releases=settings.releases + tuple(found))
-            elif flag == "-I":
-                settings = evolve(settings, includes=settings.includes + (_absolute(value),))
-            elif flag == "-D":
-                settings = evolve(settings, defines=settings.defines + (value,))
-            elif flag == "-B":
-                settings = evolve(settings, builds=settings.builds + (value,))
-            elif flag == "-R":
-                settings = evolve(settings, runtime=_absolute(value))
-            elif flag == "-u":
-                settings = evolve(settings, user=value)
-        if words.changes and target.unknown_nickname is None and words.nickname is not None:
-            # A configured server changed by further options is another server.
-            settings = evolve(settings, nickname="")
-            target.pid = None
-        if words.changes and words.pid is not None:
-            settings = evolve(settings, nickname="")
-            target.pid = None
-        target.settings = settings
-        return target
-
-    def _by_nickname(self, nickname: str) -> Target:
-        for pid, settings in self.managed():
-            if settings.nickname == nickname and is_server(pid):
-                return Target(settings, pid)
-        for settings in self.configured():
-            if settings.nickname == nickname:
-                return Target(settings)
-        return Target(evolve(self.base(), nickname=nickname), unknown_nickname=nickname)
-
-    def _release(self, value: str) -> str:
-        if value.startswith("/"):
-            release_file = Path(value) / "include" / "config" / "kernel.release"
-            try:
-                if release_file.read_text().strip():
-                    return value
-            except OSError:
-                pass
-            raise Fatal(f"Missing {release_file}", 2, usage=True)
-        return value
-
-    def running_match(self, settings: ServerSettings) -> int | None:
-        for pid, recorded in self.managed():
-            if same_server(settings, recorded):
-                if is_server(pid):
-                    return pid
-                self._forget(pid)
-        return None
-
-    # ----- output and files ----------------------------------------------
+    @property
+    def servers(self) -> Servers:
+        return Servers(self.invocation, self.config, self.stat, self.modules)
 
     def say(self, text: str) -> None:
         self.out.write(text)
         self.out.flush()
 
     def log(self, message: str) -> None:
-        import time
         try:
             self.config.log_file.parent.mkdir(parents=True, exist_ok=True)
             with open(self.config.log_file, "a", encoding="utf-8") as stream:
@@ -396,21 +74,11 @@ class Manager:
         except OSError:
             pass
 
-    def _forget(self, pid: int) -> None:
-        for suffix in (".stat", ".counters"):
-            try:
-                (self.config.stat_path / f"{pid}{suffix}").unlink()
-            except FileNotFoundError:
-                pass
-
-    def _counters_line(self, pid: int) -> str:
-        """The running server's request counters, as a status line."""
-        try:
-            text = (self.config.stat_path / f"{pid}.counters").read_text()
-        except OSError:
-            return ""
-        values = request_counters.parse(text)
-        return request_counters.describe(values) if values is not None else ""
+    def _running(self, target: Target) -> int | None:
+        """The target's pid, else that of a running server of its settings."""
+        if target.pid is not None:
+            return target.pid
+        return self.servers.running_match(target.settings)
 
     # ----- actions ----------------------------------------------------------
 
@@ -434,7 +102,7 @@ class Manager:
             line = f"stap-server {render(settings)}"
             self.say(f"Starting {line}\n")
             self.log(f"Starting {line}")
-            if self.running_match(settings) is not None:
+            if self.servers.running_match(settings) is not None:
                 self.say("OK")
                 self.log(f"Pass: stap-server start {render(settings)}")
                 continue
@@ -445,15 +113,14 @@ class Manager:
                 self.err.write(f"stap-server: the server did not start: {exc}\n")
                 self.say("FAILED")
                 self.log(f"Error: stap-server start {render(settings)}")
-                _remove(counters)
+                remove(counters)
                 rc = 1
                 continue
             settings = evolve(settings, nickname=settings.nickname or str(pid))
-            status = self.config.stat_path / f"{pid}.stat"
-            status.write_text(render_status(settings))
+            self.stat.record(pid, settings)
             try:
                 # The server keeps the file open, so the new name is seen.
-                counters.rename(self.config.stat_path / f"{pid}.counters")
+                counters.rename(self.stat.counters_file(pid))
             except OSError:
                 pass
             self.say("OK")
@@ -478,7 +145,7 @@ class Manager:
             raise LaunchFailed(f"user {user.pw_name} is not in group stap-server")
         log = Path(settings.log)
         try:
-            _prepare_log(log, user)
+            prepare_log(log, user)
         except OSError as exc:
             raise LaunchFailed(f"cannot use the log file {log}: {exc.strerror}") from None
         arguments = daemon_arguments(settings, self.invocation.keep)
@@ -487,7 +154,7 @@ class Manager:
             os.chown(counters, user.pw_uid, user.pw_gid)
             arguments += ["--counters-file", str(counters)]
         except OSError:
-            _remove(counters)  # status then shows no counters; nothing else changes
+            remove(counters)  # status then shows no counters; nothing else changes
         return start_daemon(arguments, user, log)
 
     def stop_one(self, pid: int, settings: ServerSettings) -> int:
@@ -498,14 +165,14 @@ class Manager:
             self.say("FAILED")
             self.log(f"Error: stap-server stop {render(settings)}")
             return 1
-        self._forget(pid)
+        self.stat.forget(pid)
         self.say("OK")
         self.log(f"Pass: stap-server stop {render(settings)}")
         return 0
 
     def stop(self, targets: list[Target] | None) -> int:
         if targets is None:
-            managed = self.managed()
+            managed = self.stat.managed()
             if not managed:
                 self.say("Stopping stap-server: OK")
                 self.log("Pass: stap-server: No managed servers to stop")
@@ -525,20 +192,13 @@ class Manager:
                 self.say("FAILED")
                 rc = 1
                 continue
-            running = target.pid if target.pid is not None else self.running_match(target.settings)
+            running = self._running(target)
             if running is None:
                 self.say(f"Stopping stap-server {render(target.settings)}\n")
                 self.say("OK")
                 continue
-            rc |= self.stop_one(running, self._recorded(running, target.settings))
+            rc |= self.stop_one(running, self.stat.recorded(running, target.settings))
         return rc
-
-    def _recorded(self, pid: int, fallback: ServerSettings) -> ServerSettings:
-        path = self.config.stat_path / f"{pid}.stat"
-        try:
-            return read_server_file(path)
-        except (OSError, ConfigError):
-            return fallback
 
     def status(self, targets: list[Target] | None) -> int:
         """4.8's status lines (with the counters under each running server),
@@ -552,7 +212,7 @@ class Manager:
     def _status(self, targets: list[Target] | None, report: list[dict[str, Any]]) -> int:
         lines = not self.invocation.json
         if targets is None:
-            managed = self.managed()
+            managed = self.stat.managed()
             if not managed:
                 if lines:
                     self.say("No managed stap-server is running\n")
@@ -570,23 +230,16 @@ class Manager:
                 report.append({"nickname": target.unknown_nickname, "state": "unknown"})
                 rc = 3
                 continue
-            running = target.pid if target.pid is not None else self.running_match(target.settings)
+            running = self._running(target)
             if running is None:
                 if lines:
                     self.say(f"stap-server {render(target.settings)} is not running\n")
                 report.append(status_record(target.settings, None, "stopped", None))
                 rc = 3
                 continue
-            rc = self._status_line(running, self._recorded(running, target.settings),
+            rc = self._status_line(running, self.stat.recorded(running, target.settings),
                                    report) or rc
         return rc
-
-    def _counters(self, pid: int) -> request_counters.Counters | None:
-        try:
-            text = (self.config.stat_path / f"{pid}.counters").read_text()
-        except OSError:
-            return None
-        return request_counters.parse(text)
 
     def _status_line(self, pid: int, settings: ServerSettings,
                      report: list[dict[str, Any]]) -> int:
@@ -594,29 +247,29 @@ class Manager:
         if is_server(pid):
             if lines:
                 self.say(f"stap-server {render(settings)} running as PID {pid}\n")
-                self.say(self._counters_line(pid))
-                self.say(_mode_line(settings))
+                self.say(self.stat.counters_line(pid))
+                self.say(mode_line(settings))
                 proxies = trusted_proxies(settings)
                 if proxies is not None:
                     self.say(f"  PROXY headers believed from {', '.join(proxies)} "
                              "(--proxy-from)\n")
-            report.append(status_record(settings, pid, "running", self._counters(pid)))
+            report.append(status_record(settings, pid, "running", self.stat.counters(pid)))
             return 0
         if lines:
             self.say(f"stap-server {render(settings)} started as PID {pid} "
                      "is no longer running\n")
         report.append(status_record(settings, pid, "dead", None))
-        self._forget(pid)
+        self.stat.forget(pid)
         return 1
 
     def servers_to_start(self, targets: list[Target] | None) -> list[ServerSettings]:
         if targets is not None:
             return [t.settings for t in targets]
-        return self.configured() or [self.default_server()]
+        return self.servers.configured() or [self.servers.default_server()]
 
     def run(self) -> int:
         action = self.invocation.action
-        targets = self.targets() if self.invocation.explicit else None
+        targets = self.servers.targets() if self.invocation.explicit else None
         if action == "start":
             rc = self.start(self.servers_to_start(targets))
         elif action == "stop":
@@ -638,7 +291,7 @@ class Manager:
 
     def restart(self, targets: list[Target] | None) -> int:
         if targets is None:
-            managed = self.managed()
+            managed = self.stat.managed()
             if not managed:
                 self.stop(None)
                 self.say("\n")
@@ -651,7 +304,7 @@ class Manager:
 
     def condrestart(self, targets: list[Target] | None) -> int:
         if targets is None:
-            managed = self.managed()
+            managed = self.stat.managed()
             if not managed:
                 self.say("No managed stap-server is runningOK")
                 return 0
@@ -661,77 +314,17 @@ class Manager:
         for index, target in enumerate(targets):
             if index:
                 self.say("\n")
-            pid = target.pid if target.pid is not None else self.running_match(target.settings)
+            pid = self._running(target)
             if pid is None or not is_server(pid):
                 self.say(f"stap-server {render(target.settings)} is not running\n")
                 self.say("OK")
                 continue
-            rc = self.stop_one(pid, self._recorded(pid, target.settings)) or rc
-            queued.append(self._recorded(pid, target.settings))
+            rc = self.stop_one(pid, self.stat.recorded(pid, target.settings)) or rc
+            queued.append(self.stat.recorded(pid, target.settings))
         if queued:
             self.say("\n")
             rc = self.start(queued) or rc
         return rc
-
-
-def _absolute(path: str) -> str:
-    return str(Path(path).absolute()) if path else path
-
-
-def _prepare_log(log: Path, user: pwd.struct_passwd) -> None:
-    """The log's directory must exist and the server user must write the log."""
-    if not log.parent.exists():
-        log.parent.mkdir(parents=True)
-        if os.geteuid() == 0:
-            os.chown(log.parent, user.pw_uid, user.pw_gid)
-    if os.geteuid() == 0 and user.pw_uid != 0:
-        if not log.exists():
-            log.touch(mode=0o644)
-        if log.stat().st_uid == 0:
-            # Made by root (this manager's own log lines): the server writes it.
-            os.chown(log, user.pw_uid, user.pw_gid)
-        if not _writable_by(log, user):
-            raise PermissionError(13, f"not writable by {user.pw_name}")
-
-
-def _writable_by(path: Path, user: pwd.struct_passwd) -> bool:
-    info = path.stat()
-    groups = {user.pw_gid} | {g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem}
-    if info.st_uid == user.pw_uid:
-        return bool(info.st_mode & 0o200)
-    if info.st_gid in groups:
-        return bool(info.st_mode & 0o020)
-    return bool(info.st_mode & 0o002)
-
-
-
-def _mode_line(settings: ServerSettings) -> str:
-    """The line ``status`` prints about how the server runs translators (a
-    server whose sandbox cannot run refuses to start, so the setting says
-    what runs)."""
-    if settings.sandbox.lower() in SWITCH_NO:
-        return "  translators run without a sandbox (--sandbox no: 4.8's exposure)\n"
-    return "  translators run in a bubblewrap sandbox\n"
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
-
-
-@contextmanager
-def _locked(stat_path: Path) -> Iterator[None]:
-    """One manager at a time per status directory (4.8 had no lock)."""
-    try:
-        stat_path.mkdir(parents=True, exist_ok=True)
-        handle = open(stat_path / ".lock", "a")
-    except OSError:
-        yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
@@ -757,7 +350,8 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = 
         return 1
     manager = Manager(invocation, config, out, err)
     try:
-        with _locked(config.stat_path) if invocation.action != "status" else _nolock():
+        with StatusDirectory(config.stat_path).locked() if invocation.action != "status" \
+                else _nolock():
             return manager.run()
     except Fatal as exc:
         if exc.code == 1 and "No stap-server running as pid" in str(exc):

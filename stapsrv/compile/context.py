@@ -8,6 +8,7 @@ from attrs import define, field
 
 from stapsrv.compile.translator import TranslatorRun
 from stapsrv.core.budget import Work, peer_address
+from stapsrv.kernel.store import Lease
 from stapsrv.kernel.toolchains import Toolchain
 
 
@@ -30,6 +31,9 @@ class RequestContext:
     answered: bool = False
     #: ``Server:`` lines for the client's stderr (work not done for it).
     notes: list[str] = field(factory=list)
+    #: The kernel store's releases the request reads, held until it is
+    #: answered (the size cap and removal pass them by).
+    lease: Lease | None = None
     #: The toolchain that answers it, once chosen (None: the host's).
     toolchain: Toolchain | None = None
 

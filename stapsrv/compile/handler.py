@@ -23,15 +23,14 @@ import shutil
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
 
-from attrs import define, field, frozen
+from attrs import Factory, define, field, frozen
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from stapsrv import PROTOCOL_VERSION
+from stapsrv.blocking import Blocking
 from stapsrv.cache.key import KeyMaker, Uncacheable
 from stapsrv.cache.store import ResponseCache, find_answer
 from stapsrv.compile.archive import RequestRejected, build_response, refusal_archive
@@ -70,8 +69,6 @@ from stapsrv.kernel.toolchains import (
 )
 from stapsrv.paths import home_directory, systemtap_dir
 from stapsrv.reactor import IHandlerReactor
-
-T = TypeVar("T")
 
 #: Below this many free bytes after a failed compile, the disk is full.
 _DISK_FULL_BYTES = 64 * 1024
@@ -201,6 +198,9 @@ class RequestHandler:
     config: ServerConfig
     reactor: IHandlerReactor
     pool: ThreadPool
+    #: Where its blocking work runs.
+    _in_thread: Blocking = field(init=False, default=Factory(
+        lambda self: Blocking(self.reactor, self.pool), takes_self=True))
     identity: Callable[[], ServerIdentity]
     runtimes: dict[str, str] = field(factory=dict, converter=_copied)
     environ: Mapping[str, str] = field(factory=lambda: dict(os.environ))
@@ -260,9 +260,6 @@ class RequestHandler:
         if self.on_release_added is not None:
             self.on_release_added(release)
 
-    def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
-        return deferToThreadPool(self.reactor, self.pool, function, *args)
-
     async def handle(self, body: bytes, context: RequestContext) -> bytes | None:
         self.counters.requests += 1
         started = self.reactor.seconds()
@@ -297,19 +294,15 @@ class RequestHandler:
             self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
                           reason=escape_controls(refusal))
             return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
-        refused = await self._provide(job, context)
-        if refused is not None:
-            return refused
+        ready = await self._release_ready(job, context)
+        if ready is not None:
+            return ready
         key = await self._cache_key(job, context)
         if key is None or self.cache is None:
             return await self._compile(body, job, context)
-        found = await find_answer(self.cache, key)
-        if found is not None:
-            cached, tier = found
-            self.counters.cache_hits += 1
-            self.log.info("Answering {peer} from the cache ({key})", peer=context.peer,
-                          key=key[:16])
-            return Outcome(cached, True, tier=tier)
+        hit = await self._answer_from_cache(key, context)
+        if hit is not None:
+            return hit
         flight = self._flights.get(key)
         if flight is not None:
             waiter: Deferred[bytes | None] = Deferred()
@@ -336,9 +329,11 @@ class RequestHandler:
             await self.cache.put(key, outcome.to_keep)
         return outcome
 
-    async def _provide(self, job: Job, context: RequestContext) -> Outcome | None:
-        """The release (fetched if need be), its symbols and the toolchain
-        that answers; the refusal when one of them cannot be had."""
+    async def _release_ready(self, job: Job, context: RequestContext) -> Outcome | None:
+        """The request's release provided (fetched if need be), with what
+        the kernel store has for it, and held until the request is
+        answered; or the answer that ends the request now (a refusal, or a
+        cache hit while its symbols are still being made)."""
         # Before fetching: no toolchain may build that kernel for this client.
         refusal = await self._choose_toolchain(job, context, with_tree=False)
         if refusal is not None:
@@ -353,10 +348,35 @@ class RequestHandler:
             refusal = await self._choose_toolchain(job, context, with_tree=True)
             if refusal is not None:
                 return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
+            if self.releases.symbols_pending(job.release):
+                # Symbols still being made never hold a repeated request:
+                # an answer made without them is answered as it is.
+                cached = await self._cached(job, context)
+                if cached is not None:
+                    return cached
             await self.releases.provide_debug_within(job.release, context)
             await self.releases.provide_module_debug(job.release, job.named_modules,
                                                      job.privilege, context)
+            problem = await self.releases.hold(job.release, context)
+            if problem is not None:
+                return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
         return None
+
+    async def _cached(self, job: Job, context: RequestContext) -> Outcome | None:
+        """The cache's answer under the key the request has now, if any."""
+        key = await self._cache_key(job, context)
+        return None if key is None else await self._answer_from_cache(key, context)
+
+    async def _answer_from_cache(self, key: str, context: RequestContext) -> Outcome | None:
+        assert self.cache is not None
+        found = await find_answer(self.cache, key)
+        if found is None:
+            return None
+        cached, tier = found
+        self.counters.cache_hits += 1
+        self.log.info("Answering {peer} from the cache ({key})", peer=context.peer,
+                      key=key[:16])
+        return Outcome(cached, True, tier=tier)
 
     async def _choose_toolchain(self, job: Job, context: RequestContext,
                                 with_tree: bool) -> str | None:
@@ -397,8 +417,8 @@ class RequestHandler:
         if self.cache is None or self.keys is None:
             return None
         try:
-            return await deferToThreadPool(self.reactor, self.key_pool or self.pool,
-                                           self._make_key, job, context.toolchain)
+            return await Blocking(self.reactor, self.key_pool or self.pool)(
+                self._make_key, job, context.toolchain)
         except Uncacheable as exc:
             self.log.info("Not caching the answer to {peer}: {reason} {path}",
                           peer=context.peer, reason=escape_controls(exc.reason),
@@ -633,6 +653,9 @@ class RequestHandler:
                 await self._in_thread(_append, prepared.response_dir / "stderr", [note])
             if context.abandoned:
                 return None
+        # Its compile is no kernel store work: the address's share is free
+        # once what it started (symbols still being made) is over.
+        self.releases.let_go(context)
         response_dir = prepared.response_dir
         try:
             run = start_translator(

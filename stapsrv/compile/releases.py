@@ -18,27 +18,28 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from attrs import define, evolve, field
+from attrs import Factory, define, evolve, field
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from stapsrv.blocking import Blocking
 from stapsrv.compile.context import RequestContext
 from stapsrv.compile.sandbox import Sandbox
 from stapsrv.compile.slots import FairGate
 from stapsrv.config.values import ServerConfig
-from stapsrv.core.budget import SERVER, OverBudget, PeerBudget, over_budget_message
+from stapsrv.core.budget import SERVER, OverBudget, PeerBudget, Work, over_budget_message
 from stapsrv.core.cmdline import Privilege
 from stapsrv.kernel.fetch import DebugFiles, FetchFailed, KernelFetcher
 from stapsrv.kernel.moduledebug import ModuleDebug
 from stapsrv.kernel.runtime import select_runtime
-from stapsrv.kernel.store import StoredRelease
+from stapsrv.kernel.store import Lease, StoredRelease
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
 
@@ -58,6 +59,9 @@ class ServedReleases:
     config: ServerConfig
     reactor: IHandlerReactor
     pool: ThreadPool
+    #: Where its blocking work runs.
+    _in_thread: Blocking = field(init=False, default=Factory(
+        lambda self: Blocking(self.reactor, self.pool), takes_self=True))
     #: Fixed runtimes by release; a stored release adds its own.  The
     #: handler passes its own dict, so both see the same runtimes.
     runtimes: dict[str, str] = field(factory=dict)
@@ -88,6 +92,12 @@ class ServedReleases:
     _debug_work: dict[str, Deferred[None]] = field(init=False, factory=dict)
     #: Kernel store work under way per client address (``--peer-fetches``).
     budget: PeerBudget = field(init=False)
+    #: Steps (fetches, symbol passes, warm-ups) running for each piece of
+    #: counted work: it stays counted until they are over, even once its
+    #: request has gone on without them.
+    _steps: Counter[Work] = field(init=False, factory=Counter)
+    #: Counted work whose request waits on it no more.
+    _let_go: set[Work] = field(init=False, factory=set)
     #: The fetches run at once (``--max-fetches``), client addresses in turn.
     fetches: FairGate = field(init=False)
     #: Releases being fetched for a request: the requests that share it.
@@ -100,9 +110,10 @@ class ServedReleases:
 
     def charge(self, context: RequestContext | None, release: str, what: str) -> None:
         """Before kernel store work for ``release`` for a request (None: the
-        server's own): the request counts against its address's share until
-        it is answered (:meth:`finish_work`), once however many steps it
-        takes.  Raises :class:`OverBudget` past the share."""
+        server's own): the request counts against its address's share, once
+        however many steps it takes, until it waits on them no more
+        (:meth:`let_go`) and the steps it started (:meth:`counted`) are
+        over.  Raises :class:`OverBudget` past the share."""
         if context is None or context.store_work is not None or context.answered:
             return  # the server's own; counted already; or answered (nothing would free it)
         address = context.address
@@ -117,12 +128,44 @@ class ServedReleases:
                                                  under_way))
         context.store_work = work
 
+    async def counted(self, context: RequestContext | None,
+                      step: Callable[[], Awaitable[T]]) -> T:
+        """``step()``, a piece of kernel store work of the request's counted
+        work: that stays counted while the step runs, whatever becomes of
+        the request."""
+        work = None if context is None else context.store_work
+        if work is None:
+            return await step()
+        self._steps[work] += 1
+        try:
+            return await step()
+        finally:
+            self._steps[work] -= 1
+            self._settle(work)
+
+    def let_go(self, context: RequestContext) -> None:
+        """The request waits on its kernel store work no more (its compile
+        starts, or it is answered): its address's share is free once the
+        steps it started are over."""
+        work, context.store_work = context.store_work, None
+        if work is not None:
+            self._let_go.add(work)
+            self._settle(work)
+
+    def _settle(self, work: Work) -> None:
+        if work in self._let_go and self._steps[work] <= 0:
+            self._let_go.discard(work)
+            del self._steps[work]
+            self.budget.finish(work)
+
     def finish_work(self, context: RequestContext) -> None:
-        """The request is answered: its address's share is free again."""
+        """The request is answered: what it held of the kernel store is
+        free, and its address's share once its steps are over."""
         context.answered = True
-        if context.store_work is not None:
-            self.budget.finish(context.store_work)
-            context.store_work = None
+        if context.lease is not None:
+            context.lease.close()
+            context.lease = None
+        self.let_go(context)
 
     async def fetching(self, address: str, fetch: Callable[[], Deferred[T]]) -> T:
         """``fetch()`` once one of the fetch slots is free and it is
@@ -132,9 +175,6 @@ class ServedReleases:
             return await fetch()
         finally:
             self.fetches.release_for(address)
-
-    def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
-        return deferToThreadPool(self.reactor, self.pool, function, *args)
 
     def stored_tree(self, release: str) -> Path | None:
         """The build tree of a release adopted from the kernel store (None:
@@ -169,6 +209,37 @@ class ServedReleases:
             self.on_release_added(stored.release)
         return None
 
+    async def hold(self, release: str, context: RequestContext) -> str | None:
+        """Lease what the kernel store has of ``release`` until the request
+        is answered (:meth:`finish_work`); a stored tree removed since it
+        was provided is had again, once.  The client's one-line reason when
+        it cannot be held."""
+        if self.kernels is None or release.startswith("/"):
+            return None
+        for _ in range(2):
+            lease = await self._in_thread(self._lease, release)
+            if lease is not None:
+                if context.lease is not None:
+                    context.lease.close()
+                context.lease = lease
+                return None
+            problem = await self.provide_release(release, context)
+            if problem is not None:
+                return problem
+        return (f"Server: Kernel release '{release}' was removed from the server's kernel "
+                "store while this request waited for it; try again.")
+
+    def _lease(self, release: str) -> Lease | None:
+        """The store's lease of ``release`` (blocking); None when a tree
+        this server adopted is no longer there."""
+        assert self.kernels is not None
+        store = self.kernels.store
+        lease = store.lease(release)
+        if release in self._stored and not lease.holds(store.directory):
+            lease.close()
+            return None
+        return lease
+
     async def _stored_or_fetched(self, release: str, context: RequestContext
                                  ) -> StoredRelease:
         """The stored release; fetched first (in a fetch slot, counted
@@ -200,7 +271,7 @@ class ServedReleases:
             return Deferred.fromCoroutine(kernels.ensure(release))
 
         try:
-            stored = await self.fetching(context.address, fetch)
+            stored = await self.counted(context, lambda: self.fetching(context.address, fetch))
         except Exception as exc:
             del self._release_flights[release]
             for waiter in waiting:
@@ -257,6 +328,10 @@ class ServedReleases:
                           "without them after waiting {seconds:g} s", release=release,
                           seconds=self.symbol_wait)
         return ready
+
+    def symbols_pending(self, release: str) -> bool:
+        """Whether the symbols of ``release`` are being made right now."""
+        return release in self._debug_work
 
     def debug_work(self, release: str, context: RequestContext | None = None
                    ) -> Deferred[None] | None:
@@ -334,7 +409,8 @@ class ServedReleases:
             return Deferred.fromCoroutine(kernels.ensure_debug(release, vmlinux))
 
         try:
-            files = await self.fetching(address, lambda: ensure(config.fetch_debuginfo))
+            files = await self.counted(
+                context, lambda: self.fetching(address, lambda: ensure(config.fetch_debuginfo)))
         except FetchFailed as exc:
             now, last = self.reactor.seconds(), self._debug_failed.get(release)
             self._debug_failed[release] = now
@@ -346,7 +422,8 @@ class ServedReleases:
             if not config.fetch_debuginfo or known is not None:
                 return
             try:  # without the -dbg package, the map from the kernel image at least
-                files = await self.fetching(address, lambda: ensure(False))
+                files = await self.counted(
+                    context, lambda: self.fetching(address, lambda: ensure(False)))
             except FetchFailed:
                 return
         else:
@@ -405,7 +482,8 @@ class ServedReleases:
             assert context is not None
             context.notes.append(f"{exc} Compiling without it meanwhile.")
             raise
-        return await self.fetching(context.address if context is not None else SERVER, fetch)
+        return await self.counted(context, lambda: self.fetching(
+            context.address if context is not None else SERVER, fetch))
 
     def debug_binds(self, release: str | None) -> list[tuple[Path, str]]:
         files = self._debug.get(release) if release is not None else None

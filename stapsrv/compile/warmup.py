@@ -17,16 +17,15 @@ is nothing to warm up.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
-from attrs import define, field
+from attrs import Factory, define, field
 from twisted.internet.defer import Deferred, DeferredSemaphore
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from stapsrv.blocking import Blocking
 from stapsrv.compile.context import RequestContext
 from stapsrv.compile.releases import ServedReleases
 from stapsrv.compile.sandbox import WARM_UP_SCRIPT, StapconfStore, warm_up_key
@@ -37,8 +36,6 @@ from stapsrv.core.cmdline import ServerOption, translator_argv
 from stapsrv.kernel.toolchains import Toolchain
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
-
-T = TypeVar("T")
 
 
 class TranslatorSetup(Protocol):
@@ -69,6 +66,9 @@ class WarmUp:
     config: ServerConfig
     reactor: IHandlerReactor
     pool: ThreadPool
+    #: Where its blocking work runs.
+    _in_thread: Blocking = field(init=False, default=Factory(
+        lambda self: Blocking(self.reactor, self.pool), takes_self=True))
     releases: ServedReleases
     translators: TranslatorSetup
     #: Where the headers are kept (None without the sandbox).
@@ -82,9 +82,6 @@ class WarmUp:
     #: one, or True once it is done.
     _warmups: dict[tuple[str, str, bool], list[Deferred[None]] | bool] = field(
         init=False, factory=dict)
-
-    def _in_thread(self, function: Callable[..., T], *args: object) -> Deferred[T]:
-        return deferToThreadPool(self.reactor, self.pool, function, *args)
 
     def start(self) -> None:
         """In the background, make the kernel configuration header of every
@@ -142,7 +139,8 @@ class WarmUp:
         waiting: list[Deferred[None]] = []
         self._warmups[key] = waiting
         try:
-            await self._warm_up(release, guru, toolchain)
+            await self.releases.counted(context, lambda: self._warm_up(release, guru,
+                                                                       toolchain))
         finally:
             self._warmups[key] = True
             for waiter in waiting:

@@ -10,58 +10,24 @@ are never run by a shell.  Pure functions; no I/O beyond reading one file.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from attrs import evolve, frozen
+from attrs import evolve, field, frozen
+
+from stapsrv.config.options import BY_VARIABLE, FILE_OPTIONS
 
 GLOBAL_VARIABLES = ("CONFIG_PATH", "STAT_PATH", "LOG_FILE", "STAP_USER")
+#: 4.8's variables for its translator options, the user and the nickname
+#: (``ServerSettings`` fields); the server options' variables are in
+#: ``stapsrv.config.options``.
 LIST_VARIABLES = ("BUILD", "INCLUDE", "DEFINE", "RELEASE")
-#: Variables of ours (not in 4.8): (variable, settings field, daemon option).
-EXTENSIONS = (
-    ("REQUEST_TIMEOUT", "request_timeout", "request-timeout"),
-    ("COMPILE_TIMEOUT", "compile_timeout", "compile-timeout"),
-    ("CPU_LIMIT", "cpu_limit", "cpu-limit"),
-    ("MEMORY_LIMIT", "memory_limit", "memory-limit"),
-    ("FILE_SIZE_LIMIT", "file_size_limit", "file-size-limit"),
-    ("PROCESS_LIMIT", "process_limit", "process-limit"),
-    ("MAX_OUTPUT", "max_output", "max-output"),
-    ("LISTEN_BACKLOG", "listen_backlog", "listen-backlog"),
-    ("MAX_PEER_CONNECTIONS", "max_peer_connections", "max-peer-connections"),
-    ("DESCRIPTOR_RESERVE", "descriptor_reserve", "descriptor-reserve"),
-    ("CACHE", "cache", "cache"),
-    ("CACHE_DIR", "cache_dir", "cache-dir"),
-    ("CACHE_SIZE", "cache_size", "cache-size"),
-    ("FLEET_CACHE", "fleet_cache", "fleet-cache"),
-    ("FLEET_SECRET", "fleet_secret", "fleet-secret"),
-    ("FLEET_PASSWORD_FILE", "fleet_password_file", "fleet-password-file"),
-    ("SANDBOX", "sandbox", "sandbox"),
-    ("ALLOW", "allow", "allow"),
-    ("REFUSE_GURU", "refuse_guru", "refuse-guru"),
-    ("PRIVILEGES", "privileges", "privileges"),
-    ("ENDPOINT", "endpoint", "endpoint"),
-    ("PROXY_FROM", "proxy_from", "proxy-from"),
-    ("METRICS", "metrics", "metrics"),
-    ("FETCH_KERNELS", "fetch_kernels", "fetch"),
-    ("FETCH_RELEASES", "fetch_releases", "fetch-releases"),
-    ("KERNEL_STORE", "kernel_store", "kernel-store"),
-    ("KERNEL_STORE_SIZE", "kernel_store_size", "kernel-store-size"),
-    ("MAX_FETCHES", "max_fetches", "max-fetches"),
-    ("PEER_FETCHES", "peer_fetches", "peer-fetches"),
-    ("FETCH_SYMBOLS", "fetch_symbols", "fetch-symbols"),
-    ("FETCH_DEBUGINFO", "fetch_debuginfo", "fetch-debuginfo"),
-)
-#: Of those, the yes/no switches: ``no`` becomes the daemon's ``--no-...``
-#: for these, ``yes`` its ``--...`` flag for the others.
-SWITCHES = ("cache", "sandbox", "fetch", "fetch-symbols")
-FLAGS = ("refuse-guru", "fetch-debuginfo")
-#: The values that mean "no" and "yes" for a switch.
-SWITCH_NO = ("no", "off", "0", "false")
-SWITCH_YES = ("", "yes", "on", "1", "true")
-SCALAR_VARIABLES = ("ARCH", "USER", "NICKNAME", "RUNTIME", "LOG", "PORT", "SSL",
-                    "MAXTHREADS", "MAXREQSIZE", "MAXCOMPRESSEDREQ",
-                    *(name for name, _, _ in EXTENSIONS))
+SCALAR_VARIABLES = ("ARCH", "USER", "NICKNAME", "RUNTIME",
+                    *(option.variable for option in FILE_OPTIONS if option.variable))
+#: 4.8's server option variables and the ``ServerSettings`` fields that hold them.
+STOCK_FIELDS = {"LOG": "log", "PORT": "port", "SSL": "ssl", "MAXTHREADS": "max_threads",
+                "MAXREQSIZE": "max_request_size", "MAXCOMPRESSEDREQ": "max_compressed_request"}
 
 DEFAULT_GLOBAL_FILE = Path("/etc/sysconfig/stap-server")
 DEBIAN_GLOBAL_FILE = Path("/etc/default/stap-server")
@@ -145,10 +111,24 @@ def read_global(files: Iterable[Path], environ: dict[str, str]) -> GlobalConfig:
     return config
 
 
+def _extensions(values: Mapping[str, str] | Iterable[tuple[str, str]]
+                ) -> tuple[tuple[str, str], ...]:
+    """Our variables with a value, in the table's order (so that equal
+    settings compare equal)."""
+    given = dict(values)
+    unknown = set(given) - set(BY_VARIABLE) | set(given) & set(STOCK_FIELDS)
+    if unknown:
+        raise ValueError(f"not a variable of ours: {sorted(unknown)}")
+    return tuple((option.variable, given[option.variable]) for option in FILE_OPTIONS
+                 if option.variable and given.get(option.variable))
+
+
 @frozen
 class ServerSettings:
     """One server as a ``*.conf`` or status file describes it.  Empty strings
-    mean "the default"; lists keep their order."""
+    mean "the default"; lists keep their order.  4.8's variables are fields;
+    ours (``stapsrv.config.options``) are in ``extensions``: read any
+    variable with ``get``, change one with ``with_value``."""
 
     arch: str = ""
     user: str = ""
@@ -164,45 +144,28 @@ class ServerSettings:
     max_threads: str = ""
     max_request_size: str = ""
     max_compressed_request: str = ""
-    request_timeout: str = ""
-    compile_timeout: str = ""
-    cpu_limit: str = ""
-    memory_limit: str = ""
-    file_size_limit: str = ""
-    process_limit: str = ""
-    max_output: str = ""
-    listen_backlog: str = ""
-    max_peer_connections: str = ""
-    descriptor_reserve: str = ""
-    cache: str = ""
-    cache_dir: str = ""
-    cache_size: str = ""
-    fleet_cache: str = ""
-    fleet_secret: str = ""
-    fleet_password_file: str = ""
-    sandbox: str = ""
-    allow: str = ""
-    refuse_guru: str = ""
-    privileges: str = ""
-    endpoint: str = ""
-    proxy_from: str = ""
-    metrics: str = ""
-    fetch_kernels: str = ""
-    fetch_releases: str = ""
-    kernel_store: str = ""
-    kernel_store_size: str = ""
-    max_fetches: str = ""
-    peer_fetches: str = ""
-    fetch_symbols: str = ""
-    fetch_debuginfo: str = ""
+    extensions: tuple[tuple[str, str], ...] = field(default=(), converter=_extensions)
+
+    def get(self, variable: str) -> str:
+        """The value of one of the server options' variables ("" unset)."""
+        if variable in STOCK_FIELDS:
+            value = getattr(self, STOCK_FIELDS[variable])
+            assert isinstance(value, str)
+            return value
+        if variable not in BY_VARIABLE:
+            raise KeyError(variable)
+        return dict(self.extensions).get(variable, "")
+
+    def with_value(self, variable: str, value: str) -> ServerSettings:
+        if variable in STOCK_FIELDS:
+            changes: dict[str, Any] = {STOCK_FIELDS[variable]: value}  # a field named at run time
+            return evolve(self, **changes)
+        return evolve(self, extensions={**dict(self.extensions), variable: value})
 
 
-_FIELDS = {name: field for name, field, _ in EXTENSIONS}
-_FIELDS |= {"ARCH": "arch", "USER": "user", "BUILD": "builds", "INCLUDE": "includes",
+_FIELDS = {"ARCH": "arch", "USER": "user", "BUILD": "builds", "INCLUDE": "includes",
            "DEFINE": "defines", "NICKNAME": "nickname", "RUNTIME": "runtime",
-           "RELEASE": "releases", "LOG": "log", "PORT": "port", "SSL": "ssl",
-           "MAXTHREADS": "max_threads", "MAXREQSIZE": "max_request_size",
-           "MAXCOMPRESSEDREQ": "max_compressed_request"}
+           "RELEASE": "releases"}
 
 
 def settings_from(assignments: Iterable[Assignment]) -> ServerSettings:
@@ -210,19 +173,25 @@ def settings_from(assignments: Iterable[Assignment]) -> ServerSettings:
     ``[V]``, ``X+=V`` appends (nothing for an empty value or ``()``)."""
     # Field names chosen at run time: the values are str or tuple[str, ...].
     values: dict[str, Any] = {}
+    variables: dict[str, str] = {}
     for assignment in assignments:
-        field = _FIELDS[assignment.name]
         value = assignment.value
         if assignment.name in LIST_VARIABLES:
+            field = _FIELDS[assignment.name]
             current = values.get(field, ())
             assert isinstance(current, tuple)
             if value in ("", "()"):
                 values[field] = current if assignment.append else ()
             else:
                 values[field] = (current + (value,)) if assignment.append else (value,)
+        elif assignment.name in _FIELDS:
+            values[_FIELDS[assignment.name]] = value
         else:
-            values[field] = value
-    return ServerSettings(**values)
+            variables[assignment.name] = value
+    settings = ServerSettings(**values)
+    for variable, value in variables.items():
+        settings = settings.with_value(variable, value)
+    return settings
 
 
 def read_server_file(path: Path) -> ServerSettings:
@@ -246,12 +215,9 @@ def render_status(settings: ServerSettings) -> str:
     lines += [f"DEFINE+={value}" for value in settings.defines]
     lines += [f"NICKNAME={settings.nickname}", f"RUNTIME={settings.runtime}"]
     lines += [f"RELEASE+={value}" for value in settings.releases]
-    lines += [f"LOG={settings.log}", f"PORT={settings.port}", f"SSL={settings.ssl}",
-              f"MAXTHREADS={settings.max_threads}",
-              f"MAXREQSIZE={settings.max_request_size}",
-              f"MAXCOMPRESSEDREQ={settings.max_compressed_request}"]
-    lines += [f"{name}={getattr(settings, field)}" for name, field, _ in EXTENSIONS
-              if getattr(settings, field)]
+    lines += [f"{option.variable}={settings.get(option.variable)}"
+              for option in FILE_OPTIONS
+              if option.variable and (option.stock or settings.get(option.variable))]
     for line in lines:
         if "\n" in line or "\r" in line:
             raise ValueError(f"a status value cannot hold a line break: {line!r}")

@@ -15,11 +15,14 @@ Two pieces, both counts in and decisions out:
 
 :func:`peer_address` is the address part of a peer as the server logs it
 (``10.0.0.1:40000``, ``[2001:db8::1]:40000``): the budget is per address,
-not per connection.
+not per connection.  An IPv6 client counts by its /64 (:func:`share_key`):
+one host has a whole /64 to pick source addresses from, and would otherwise
+have as many shares as it likes.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter, deque
 from collections.abc import Iterator
 from typing import Generic, TypeVar
@@ -32,13 +35,33 @@ T = TypeVar("T")
 SERVER = ""
 
 
+#: The IPv6 prefix one client counts as (a host's own subnet).
+IPV6_SHARE_PREFIX = 64
+
+
 def peer_address(peer: str) -> str:
-    """``host`` of ``host:port`` or ``[host]:port``; anything else as it is."""
+    """The share key (:func:`share_key`) of ``host`` in ``host:port`` or
+    ``[host]:port``; anything else as it is."""
     if peer.startswith("["):
         host, bracket, _ = peer[1:].partition("]")
-        return host if bracket else peer
+        return share_key(host) if bracket else peer
     host, colon, port = peer.rpartition(":")
-    return host if colon and port.isdigit() and ":" not in host else peer
+    return share_key(host) if colon and port.isdigit() and ":" not in host else peer
+
+
+def share_key(host: str) -> str:
+    """What a client address counts as for its shares: an IPv4 address as
+    it is (also one seen through an IPv6 socket), an IPv6 address as its
+    /64 (``2001:db8:1:2::/64``), anything else as it is."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, IPV6_SHARE_PREFIX), strict=False))
 
 
 @define(eq=False)
@@ -172,7 +195,7 @@ def over_budget_message(asked: str, address: str, per_peer: int,
     releases = "one kernel release" if per_peer == 1 else f"{per_peer} kernel releases"
     busy = ", ".join(dict.fromkeys(work.what for work in under_way)) or "other work"
     return (f"Server: Not starting {asked} for {address} now: this server does kernel store "
-            f"work (fetching a release, its symbols or debuginfo, a warm-up compile) for at "
-            f"most {releases} at a time for one client address (--peer-fetches), and "
-            f"{address} has {busy} under way.  Try again once that is done (its request "
-            f"is answered).")
+            f"work (fetching a release, its symbols or debuginfo, its modules' debuginfo, a "
+            f"warm-up compile) for at most {releases} at a time for one client address "
+            f"(--peer-fetches), and {address} has {busy} under way.  Try again once that "
+            f"is done.")

@@ -94,66 +94,67 @@ def scan_options(argv: Sequence[str]) -> list[Option]:
     """
     options: list[Option] = []
     index = 0
-    count = len(argv)
-    while index < count:
+    while index < len(argv):
         word = argv[index]
         if word == "--":
             break
         if word.startswith("--"):
-            body = word[2:]
-            name, eq, inline = body.partition("=")
-            resolved = _resolve_long(name)
-            if resolved is None:
-                options.append(Option(None, None, index, index + 1))
-                index += 1
-                continue
-            kind = LONG_OPTIONS[resolved]
-            if kind is Arg.NONE and eq:
-                # getopt_long refuses a value for an option that takes none.
-                options.append(Option(None, None, index, index + 1))
-                index += 1
-            elif kind is Arg.NONE:
-                options.append(Option(resolved, None, index, index + 1))
-                index += 1
-            elif eq:
-                options.append(Option(resolved, inline, index, index + 1))
-                index += 1
-            elif kind is Arg.REQUIRED and index + 1 < count:
-                options.append(Option(resolved, argv[index + 1], index, index + 2))
-                index += 2
-            elif kind is Arg.REQUIRED:
-                options.append(Option(None, None, index, index + 1))
-                index += 1
-            else:
-                options.append(Option(resolved, None, index, index + 1))
-                index += 1
-            continue
-        if word.startswith("-") and word != "-":
-            position = 1
-            start = index
+            option = _long_option(argv, index)
+            options.append(option)
+            index = option.stop
+        elif word.startswith("-") and word != "-":
+            found = _short_options(argv, index)
+            options += found
+            index = max(index + 1, found[-1].stop)
+        else:
             index += 1
-            while position < len(word):
-                char = word[position]
-                takes_value = _SHORT.get(char)
-                if takes_value is None:
-                    options.append(Option(None, None, start, index))
-                    position += 1
-                    continue
-                if not takes_value:
-                    options.append(Option(char, None, start, index))
-                    position += 1
-                    continue
-                rest = word[position + 1:]
-                if rest:
-                    options.append(Option(char, rest, start, index))
-                elif index < count:
-                    options.append(Option(char, argv[index], start, index + 1))
-                    index += 1
-                else:
-                    options.append(Option(None, None, start, index))
-                break
+    return options
+
+
+def _long_option(argv: Sequence[str], index: int) -> Option:
+    """The ``--name[=value]`` option at ``argv[index]`` (with its value)."""
+    name, eq, inline = argv[index][2:].partition("=")
+    resolved = _resolve_long(name)
+    if resolved is None:
+        return Option(None, None, index, index + 1)
+    kind = LONG_OPTIONS[resolved]
+    if kind is Arg.NONE and eq:
+        # getopt_long refuses a value for an option that takes none.
+        return Option(None, None, index, index + 1)
+    if kind is Arg.NONE:
+        return Option(resolved, None, index, index + 1)
+    if eq:
+        return Option(resolved, inline, index, index + 1)
+    if kind is Arg.REQUIRED and index + 1 < len(argv):
+        return Option(resolved, argv[index + 1], index, index + 2)
+    if kind is Arg.REQUIRED:
+        return Option(None, None, index, index + 1)
+    return Option(resolved, None, index, index + 1)
+
+
+def _short_options(argv: Sequence[str], index: int) -> list[Option]:
+    """The bundled short options of ``argv[index]`` (``-vvp4``), the last
+    perhaps taking the next word as its value."""
+    word = argv[index]
+    options: list[Option] = []
+    start, stop = index, index + 1
+    for position in range(1, len(word)):
+        char = word[position]
+        takes_value = _SHORT.get(char)
+        if takes_value is None:
+            options.append(Option(None, None, start, stop))
             continue
-        index += 1
+        if not takes_value:
+            options.append(Option(char, None, start, stop))
+            continue
+        rest = word[position + 1:]
+        if rest:
+            options.append(Option(char, rest, start, stop))
+        elif stop < len(argv):
+            options.append(Option(char, argv[stop], start, stop + 1))
+        else:
+            options.append(Option(None, None, start, stop))
+        break
     return options
 
 

@@ -14,6 +14,7 @@ client whose clock is slightly behind ours still accepts the certificate.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 
@@ -47,13 +48,14 @@ PUBLIC_EXPONENT = 65537
 VALIDITY = timedelta(days=365)
 BACKDATE = timedelta(hours=1)
 
-#: Serials must have exactly 5 DER content bytes (``00`` + 4 bytes).
+#: Serials must have exactly 5 DER content bytes.
 SERIAL_MIN = 2 ** 31
 SERIAL_LIMIT = 2 ** 39
-#: 4.8 uses ``PR_Now() >> 19``: microseconds since the epoch, ~0.52 s steps.
-SERIAL_SHIFT = 19
+#: Where new serials are drawn: a first content byte of 01 to 7f.  (4.8
+#: uses ``PR_Now() >> 19``, which reads ``00:..``: two servers made in the
+#: same 0.52 s get the same issuer and serial, and no client can trust both.)
+RANDOM_SERIAL_MIN = 2 ** 32
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class NaiveDatetimeError(ValueError):
@@ -66,10 +68,14 @@ def require_aware(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
-def serial_for_time(now: datetime) -> int:
-    """4.8's serial for ``now``: microseconds since the epoch >> 19."""
-    microseconds = (require_aware(now) - _EPOCH) // timedelta(microseconds=1)
-    return microseconds >> SERIAL_SHIFT
+def new_serial(previous: int | None = None) -> int:
+    """A serial no other certificate has, for all a client can tell: drawn
+    at random from 2^39 - 2^32 values (every issuer is the same fixed name,
+    so the serial alone tells certificates apart), never ``previous``."""
+    while True:
+        serial = RANDOM_SERIAL_MIN + secrets.randbelow(SERIAL_LIMIT - RANDOM_SERIAL_MIN)
+        if serial != previous:
+            return serial
 
 
 def _check_serial(serial: int) -> int:
@@ -107,9 +113,9 @@ def make_certificate(key: rsa.RSAPrivateKey, nodename: str, now: datetime,
 
     ``extra_names`` are DNS names (strings) or any ``GeneralName``; they follow
     the node name and ``<short>.local``, so the first entry is always a DNS
-    name.  ``serial`` defaults to 4.8's time-based value for ``now``.
+    name.  ``serial`` defaults to a new one (:func:`new_serial`).
     """
-    serial = _check_serial(serial_for_time(now) if serial is None else serial)
+    serial = _check_serial(new_serial() if serial is None else serial)
     now = require_aware(now).replace(microsecond=0)
     return (
         x509.CertificateBuilder()

@@ -22,14 +22,13 @@ from twisted.logger import Logger
 
 from stapsrv.identity.certs import (
     DEFAULT_KEY_SIZE,
-    SERIAL_LIMIT,
     SUBJECT,
     ServerIdentity,
     generate_key,
     identity_problem,
     make_certificate,
+    new_serial,
     require_aware,
-    serial_for_time,
 )
 from stapsrv.identity.nssimport import export_nss_identity, has_nss_database
 
@@ -81,14 +80,10 @@ def _read_identity(ssl_dir: Path, now: datetime
     return identity, certificate, None
 
 
-def _next_serial(now: datetime, previous: x509.Certificate | None) -> int:
-    """The time-based serial, bumped past the previous one so no serial is reused."""
-    serial = serial_for_time(now)
-    if previous is not None and previous.issuer == SUBJECT:
-        bumped = previous.serial_number + 1
-        if serial < bumped < SERIAL_LIMIT:
-            serial = bumped
-    return serial
+def _next_serial(previous: x509.Certificate | None) -> int:
+    """A new serial, never the previous certificate's."""
+    return new_serial(previous.serial_number if previous is not None
+                      and previous.issuer == SUBJECT else None)
 
 
 def _ensure_directory(ssl_dir: Path) -> None:
@@ -156,7 +151,7 @@ def _log_found(certificate: x509.Certificate, ssl_dir: Path) -> None:
 def _create_identity(ssl_dir: Path, nodename: str, now: datetime, key_size: int,
                      previous: x509.Certificate | None) -> ServerIdentity:
     key = generate_key(key_size)
-    certificate = make_certificate(key, nodename, now, serial=_next_serial(now, previous))
+    certificate = make_certificate(key, nodename, now, serial=_next_serial(previous))
     identity = ServerIdentity(key, certificate)
     store_identity(ssl_dir, identity)
     log.info("Created certificate {serial} for {nodename} in {directory}"

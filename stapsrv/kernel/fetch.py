@@ -32,16 +32,20 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from stapsrv.kernel.children import ChildTimedOut, run_child
-from stapsrv.kernel.store import KernelStore, StoredPackage, StoredRelease, fix_tree, valid_release
+from stapsrv.kernel.store import (
+    DEBUG_DIRECTORY,
+    IMAGES_DIRECTORY,
+    KernelStore,
+    StoredPackage,
+    StoredRelease,
+    fix_tree,
+    valid_release,
+)
 from stapsrv.reactor import IHandlerReactor
 
 APT_CACHE = "/usr/bin/apt-cache"
 APT_GET = "/usr/bin/apt-get"
 DPKG_DEB = "/usr/bin/dpkg-deb"
-#: The store's directory of symbols and debuginfo, apart from the trees.
-DEBUG_DIRECTORY = ".debug"
-#: The store's directory of kernel images (for VMs), apart from the trees.
-IMAGES_DIRECTORY = ".images"
 #: Seconds one external step of a fetch may take (the 860 MB -dbg package
 #: at 1 MB/s takes 15 minutes).
 STEP_TIMEOUT = 1800.0
@@ -193,7 +197,7 @@ class KernelFetcher:
     @property
     def debug_store(self) -> KernelStore:
         """Symbols and debuginfo, apart from the build trees (``.debug``)."""
-        return KernelStore(self.store.directory / DEBUG_DIRECTORY, self.store.size_cap)
+        return self.store.part(DEBUG_DIRECTORY)
 
     async def ensure_debug(self, release: str, vmlinux: bool,
                            progress: Progress | None = None) -> DebugFiles:
@@ -234,7 +238,7 @@ class KernelFetcher:
     @property
     def image_store(self) -> KernelStore:
         """Kernel images, for booting a release in a VM (``.images``)."""
-        return KernelStore(self.store.directory / IMAGES_DIRECTORY, self.store.size_cap)
+        return self.store.part(IMAGES_DIRECTORY)
 
     async def ensure_image(self, release: str, progress: Progress | None = None) -> Path:
         """The release's kernel image (``vmlinuz``): the machine's own in

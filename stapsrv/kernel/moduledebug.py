@@ -48,10 +48,9 @@ from twisted.logger import Logger
 
 from stapsrv.core.budget import OverBudget
 from stapsrv.kernel.fetch import FetchFailed, KernelFetcher, megabytes
-from stapsrv.kernel.store import KernelStore, StoredRelease, valid_release
+from stapsrv.kernel.store import MODULES_DIRECTORY, KernelStore, StoredRelease, valid_release
 
 #: The store's directory of module debuginfo, apart from the trees.
-MODULES_DIRECTORY = ".debug-modules"
 #: The link in a stored build tree to its release's fetched modules.
 TREE_LINK = "debug-modules"
 #: At most this many modules are fetched for one request.
@@ -215,8 +214,7 @@ class ModuleDebug:
 
     @property
     def store(self) -> KernelStore:
-        base = self.fetcher.store
-        return KernelStore(base.directory / MODULES_DIRECTORY, base.size_cap)
+        return self.fetcher.store.part(MODULES_DIRECTORY)
 
     def open(self) -> list[str]:
         """Remove what dead fetches left (blocking; at start-up)."""

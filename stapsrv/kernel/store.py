@@ -14,11 +14,20 @@ The arch package's ``Makefile`` includes the common tree by absolute path
 is stored, that line is pointed at the stored common tree, so the tree
 builds with and without the sandbox, and wherever the store is.
 
+One ceiling covers the whole store: the trees and the parts kept beside
+them (symbols in ``.debug``, module debuginfo in ``.debug-modules``, kernel
+images in ``.images``, each a store of releases of its own), least recently
+used first, whichever part it is in.  A release a compile is reading holds a
+lease (a shared ``flock`` on its ``used`` file, which other processes such
+as ``kernels remove`` see too); the size cap passes it by and removal
+refuses it.
+
 Blocking file work throughout: the server calls it from its thread pool.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -40,6 +49,15 @@ _PARTIAL = ".partial-"
 _REMOVING = ".removing-"
 ENTRY = "entry.json"
 USED = "used"
+#: The store's parts beside the trees, each a directory of releases.
+DEBUG_DIRECTORY = ".debug"
+MODULES_DIRECTORY = ".debug-modules"
+IMAGES_DIRECTORY = ".images"
+PARTS = (DEBUG_DIRECTORY, MODULES_DIRECTORY, IMAGES_DIRECTORY)
+
+
+class InUse(Exception):
+    """A release a compile is reading cannot be removed now."""
 
 
 def store_directory(config: ServerConfig) -> Path:
@@ -114,12 +132,49 @@ def fix_tree(root: Path, release: str, final_root: Path) -> None:
     shutil.rmtree(root / "lib" / "modules", ignore_errors=True)
 
 
-class KernelStore:
-    """The store's directory, and what is in it."""
+class Lease:
+    """A compile's hold on the releases it reads (:meth:`KernelStore.lease`)."""
 
-    def __init__(self, directory: Path, size_cap: int) -> None:
+    def __init__(self, held: Iterable[tuple[Path, int]] = ()) -> None:
+        self._held = list(held)
+
+    def holds(self, directory: Path) -> bool:
+        """Whether the lease holds the release in the store at ``directory``."""
+        return any(store == directory for store, _ in self._held)
+
+    def close(self) -> None:
+        held, self._held = self._held, []
+        for _, descriptor in held:
+            os.close(descriptor)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class KernelStore:
+    """The store's directory, and what is in it.  A part (:meth:`part`)
+    shares its top store's ceiling."""
+
+    def __init__(self, directory: Path, size_cap: int, top: KernelStore | None = None) -> None:
         self.directory = directory.absolute()  # stored Makefiles name it
         self.size_cap = size_cap
+        self._top = top
+
+    @property
+    def top(self) -> KernelStore:
+        """The store whose directory holds the trees and the parts."""
+        return self._top or self
+
+    def part(self, name: str) -> KernelStore:
+        """The part ``name`` (one of :data:`PARTS`) of this store."""
+        return KernelStore(self.top.directory / name, self.top.size_cap, self.top)
+
+    def family(self) -> list[KernelStore]:
+        """The trees' store and every part: what one ceiling covers."""
+        return [self.top, *(self.part(name) for name in PARTS)]
 
     def open(self) -> list[str]:
         """Make the directory; remove what dead fetches left.  Returns the
@@ -199,33 +254,115 @@ class KernelStore:
         shutil.rmtree(work, ignore_errors=True)
 
     def remove(self, release: str) -> bool:
-        """Remove a stored release; whether there was one."""
+        """Remove a stored release; whether there was one.  Raises
+        :class:`InUse` when a compile is reading it."""
         if not valid_release(release) or not (self.directory / release).is_dir():
             return False
-        self._discard(self.directory / release)
+        if not self._discard(self.directory / release, wait=False):
+            raise InUse(release)
         return True
 
+    def remove_everywhere(self, release: str) -> bool:
+        """Remove ``release`` from the trees and every part; whether there
+        was any.  Raises :class:`InUse`, nothing removed, while a compile
+        holds it anywhere."""
+        if not valid_release(release):
+            return False
+        parts = [store for store in self.family() if (store.directory / release).is_dir()]
+        held: list[int] = []
+        try:
+            for store in parts:
+                descriptor = _hold(store.directory / release / USED,
+                                   fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if descriptor is not None:
+                    held.append(descriptor)
+            doomed = [store._rename_away(store.directory / release) for store in parts]
+        except BlockingIOError:
+            raise InUse(release) from None
+        finally:
+            for descriptor in held:
+                os.close(descriptor)
+        for directory in doomed:
+            shutil.rmtree(directory, ignore_errors=True)
+        return bool(parts)
+
     def evict(self, keep: str | None = None) -> list[StoredRelease]:
-        """Remove least recently used releases (never ``keep``) until the
-        store is within its size cap; the releases removed."""
-        stored = self.releases()
+        """Remove least recently used releases, from the trees and every
+        part alike, until the whole store is within its size cap; never
+        ``keep`` (in any part) nor a release a compile holds.  The releases
+        removed."""
+        stored = sorted((entry for store in self.family() for entry in store.releases()),
+                        key=lambda entry: entry.used, reverse=True)
         total = sum(entry.size for entry in stored)
         removed = []
         for entry in reversed(stored):
             if total <= self.size_cap:
                 break
-            if entry.release == keep:
+            if entry.release == keep or not self._discard(entry.directory, wait=False):
                 continue
-            self._discard(entry.directory)
             total -= entry.size
             removed.append(entry)
         return removed
 
-    def _discard(self, directory: Path) -> None:
-        """Rename away first, so the release is gone at once, then delete."""
+    def total_size(self) -> int:
+        """Bytes of everything the ceiling covers."""
+        return sum(entry.size for store in self.family() for entry in store.releases())
+
+    def lease(self, release: str) -> Lease:
+        """Hold ``release`` in the trees and every part that has it, until
+        the lease is closed: the size cap passes it by and removal refuses
+        it.  What is not there is not held (a part made later is fresh)."""
+        held = []
+        if valid_release(release):
+            for store in self.family():
+                descriptor = _hold(store.directory / release / USED, fcntl.LOCK_SH)
+                if descriptor is not None:
+                    held.append((store.directory, descriptor))
+        return Lease(held)
+
+    def _discard(self, directory: Path, wait: bool = True) -> bool:
+        """Rename away first, so the release is gone at once, then delete;
+        False (nothing done) when a compile holds it and not ``wait``."""
+        flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
+        try:
+            held = _hold(directory / USED, flags)
+        except BlockingIOError:
+            return False
+        try:
+            doomed = self._rename_away(directory)
+        finally:
+            if held is not None:
+                os.close(held)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
+
+    def _rename_away(self, directory: Path) -> Path:
+        """Move ``directory`` out of the store's names at once; what to delete."""
         doomed = Path(tempfile.mkdtemp(prefix=_REMOVING, dir=self.directory))
         os.rename(directory, doomed / "old")
-        shutil.rmtree(doomed, ignore_errors=True)
+        return doomed
+
+
+def _hold(path: Path, operation: int) -> int | None:
+    """A descriptor of ``path`` locked with ``operation`` (None: no such
+    file, or it was renamed away while the lock was awaited).  Raises
+    BlockingIOError for a non-blocking lock that is taken."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, operation)
+        same = os.path.samestat(os.fstat(descriptor), os.stat(path, follow_symlinks=False))
+    except FileNotFoundError:
+        same = False
+    except BaseException:
+        os.close(descriptor)
+        raise
+    if not same:
+        os.close(descriptor)
+        return None
+    return descriptor
 
 
 def _owner_alive(name: str) -> bool:

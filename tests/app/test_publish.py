@@ -19,52 +19,14 @@ from txdbus.error import RemoteError
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from stapsrv.app import publish
+from stapsrv.app import publish, records
 from stapsrv.app.accepts import AcceptErrorLog
+from stapsrv.app.avahibus import AVAHI, COLLISION_ERROR
 from stapsrv.app.interfaces import IServicePublisher
-from stapsrv.app.publish import (
-    AVAHI,
-    COLLISION_ERROR,
-    AvahiPublisher,
-    NullPublisher,
-    PublisherService,
-    ServiceRecord,
-    service_records,
-)
-from stapsrv.core.cmdline import ServerOption
-from stapsrv.paths import translator_architecture
+from stapsrv.app.publish import AvahiPublisher, NullPublisher, PublisherService
+from stapsrv.app.records import service_records
 
 BASE = "Systemtap Compile Server on vm"
-
-
-class RecordTests(TestCase):
-    def test_one_record_per_release_txt_in_wire_order(self) -> None:
-        records = service_records("vm", ["6.1.0-56-amd64", "6.18.44"], "x86_64", [
-            ServerOption("-a", "x86_64"), ServerOption("-I", "/x"),
-            ServerOption("-D", "A=1"), ServerOption("-B", "V=1 W=2"),
-            ServerOption("-I", "/y y"), ServerOption("-R", "/rt")], 47001, "00:cc:24:a6:70")
-        self.assertEqual(records, [
-            ServiceRecord(BASE, 47001, (
-                b"sysinfo=6.1.0-56-amd64 x86_64",
-                b"optinfo=-R/rt -B'V=1 W=2' -DA=1 -I/x -I'/y y'",
-                b"version=4.8", b"certinfo=00:cc:24:a6:70")),
-            ServiceRecord(BASE, 47001, (
-                b"sysinfo=6.18.44 x86_64",
-                b"optinfo=-R/rt -B'V=1 W=2' -DA=1 -I/x -I'/y y'",
-                b"version=4.8", b"certinfo=00:cc:24:a6:70")),
-        ])
-
-    def test_empty_optinfo_and_uname_arch(self) -> None:
-        [record] = service_records("vm", ["r"], None, [], 1, "01")
-        arch = translator_architecture(os.uname().machine)
-        self.assertEqual(record.txt[:2], (f"sysinfo=r {arch}".encode(), b"optinfo="))
-
-    def test_long_host_name_is_cut_to_63_bytes(self) -> None:
-        name = publish.service_name("h" * 100)
-        self.assertEqual(len(name.encode()), 63)
-        self.assertTrue(name.startswith("Systemtap Compile Server on hhh"))
-        # Never half a UTF-8 character.
-        self.assertLessEqual(len(publish.service_name("\u00e9" * 40).encode()), 63)
 
 
 class FakeMessage:
@@ -521,7 +483,7 @@ class AvahiIntegrationTests(TestCase):
              [f"certinfo={serial}", "version=4.8", "optinfo=-DX=1",
               f"sysinfo={release} x86_64"]) for release in releases))
         names = sorted(name for name, _, _, _ in services)
-        base = publish.service_name(socket.gethostname())
+        base = records.service_name(socket.gethostname())
         self.assertEqual(names, sorted([base, f"{base} #2"][:len(releases)]))
         self.assertEqual({address for _, address, _, _ in services}, {"127.0.0.1"})
         self.assertIn(f"Adding Avahi service '{base}'", server.log())
@@ -653,12 +615,3 @@ class AvahiIntegrationTests(TestCase):
         log = server.log()
         self.assertEqual(log.count("The Avahi daemon is not running"), 1, log)
         self.assertNotIn("Avahi client failure", log)
-
-
-class MokInfoTests(TestCase):
-    def test_mok_info_entries_come_last(self) -> None:
-        [record] = publish.service_records("vm", ["6.1.0-56-amd64"], "x86_64", [], 4711,
-                                           "00:cc:24:a6:36", ["aa:bb", "cc:dd"])
-        self.assertEqual(record.txt, (
-            b"sysinfo=6.1.0-56-amd64 x86_64", b"optinfo=", b"version=4.8",
-            b"certinfo=00:cc:24:a6:36", b"mok_info=aa:bb", b"mok_info=cc:dd"))

@@ -26,6 +26,7 @@ from stapsrv.cache.store import (
 from stapsrv.compile.context import RequestContext
 from tests.helpers.archives import RELEASE, make_zip, request
 from tests.helpers.handlers import KEY_A, KEY_B, CachedHandlerCase, Events, HandlerCase
+from tests.helpers.waiting import NET, poll
 from tests.helpers.vectors import members
 
 
@@ -312,6 +313,18 @@ class HandlerCacheTests(CachedHandlerCase):
                                           "version"])
         for name in second:
             self.assertEqual(second[name], first[name], name)
+
+    async def test_symbols_still_being_made_never_hold_a_repeated_request(self) -> None:
+        handler = self.cached_handler()
+        first = await self.raw(handler, request("-p4", "-eprobe begin {}"))
+        making: Deferred[None] = Deferred()  # symbols of the release, never done here
+        handler.releases._debug_work[RELEASE] = making
+        handler.releases.symbol_wait = 3600.0
+        answered = Deferred.fromCoroutine(self.raw(handler, request("-p4", "-eprobe begin {}")))
+        self.assertTrue(await poll(lambda: answered.called, NET), "the cache hit waited")
+        self.assertEqual(await answered, first)
+        self.assertEqual((self.runs(), handler.counters.cache_hits), (1, 1))
+        self.assertFalse(making.called)
 
     async def test_cache_survives_a_restart(self) -> None:
         first = await self.raw(self.cached_handler(), request("-p4"))

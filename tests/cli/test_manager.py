@@ -13,11 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from attrs import evolve
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from stapsrv.cli.manager import USAGE, main, render, status_record
+from stapsrv.cli.manager import main
+from stapsrv.cli.show import render, status_record
+from stapsrv.cli.usage import USAGE
 from stapsrv.config.files import ServerSettings
 from stapsrv.core.counters import Counters
 from stapsrv.paths import manager_architecture as host_arch
@@ -50,8 +51,9 @@ class FormatTests(TestCase):
 
     def test_status_record(self) -> None:
         settings = ServerSettings(user="stap-server", nickname="a", releases=("6.1",),
-                                  log="/l", port="5000", endpoint="haproxy:tcp:5000",
-                                  metrics="tcp:9642")
+                                  log="/l", port="5000",
+                                  extensions={"ENDPOINT": "haproxy:tcp:5000",
+                                              "METRICS": "tcp:9642"})
         counters = Counters(requests=4, failures=1, cache_hits=2, compiling=1, waiting=0)
         record = status_record(settings, 42, "running", counters)
         self.assertEqual(record, {
@@ -63,10 +65,10 @@ class FormatTests(TestCase):
                          "waiting": 0}, "verified": []})
         self.assertIsNone(status_record(ServerSettings(), None, "stopped", None)["counters"])
         # The proxies trusted: PROXY_FROM's words; none behind a plain endpoint.
-        proxied = evolve(settings, proxy_from="10.1.0.0/16, 192.0.2.7")
+        proxied = settings.with_value("PROXY_FROM", "10.1.0.0/16, 192.0.2.7")
         self.assertEqual(status_record(proxied, 42, "running", None)["proxy_from"],
                          ["10.1.0.0/16", "192.0.2.7/32"])
-        self.assertIsNone(status_record(ServerSettings(endpoint="tcp:5000"), None, "stopped",
+        self.assertIsNone(status_record(ServerSettings(extensions={"ENDPOINT": "tcp:5000"}), None, "stopped",
                                         None)["proxy_from"])
         self.assertIsNone(status_record(ServerSettings(), None, "stopped", None)["port"])
 
@@ -76,7 +78,7 @@ class FormatTests(TestCase):
                              (ProbeResult("4.8", "begin", True),
                               ProbeResult("5.5", "begin", False, "staprun exit 1: x")))
         verification.save(store, found)
-        record = status_record(ServerSettings(kernel_store=str(store)), None, "stopped", None)
+        record = status_record(ServerSettings(extensions={"KERNEL_STORE": str(store)}), None, "stopped", None)
         self.assertEqual(record["verified"], [found.as_json()])
         self.assertEqual(record["verified"][0]["passed"], False)
         self.assertEqual(record["verified"][0]["results"][1]["failure"], "staprun exit 1: x")

@@ -23,9 +23,11 @@ from stapsrv.compile.observer import NoObserver
 from stapsrv.compile.releases import DEBUG_RETRY, ServedReleases
 from stapsrv.compile.sandbox import Sandbox
 from stapsrv.config.values import ServerConfig
+from stapsrv.core.budget import OverBudget
 from stapsrv.core.cmdline import Privilege
 from stapsrv.kernel.fetch import DebugFiles, FetchFailed, allowed
 from stapsrv.kernel.store import (
+    InUse,
     KernelStore,
     StoredPackage,
     StoredRelease,
@@ -176,6 +178,31 @@ class InstalledTests(ReleasesCase):
 
 
 class StoredTests(ReleasesCase):
+    async def test_a_request_holds_its_stored_release_until_it_is_answered(self) -> None:
+        releases = self.releases()
+        context = RequestContext("peer")
+        self.assertIsNone(await releases.provide_release(STORED, context))
+        self.assertIsNone(await releases.hold(STORED, context))
+        with self.assertRaises(InUse):
+            self.store.remove_everywhere(STORED)
+        self.store.size_cap = 0
+        self.assertEqual(self.store.evict(), [])
+        releases.finish_work(context)
+        self.assertIsNone(context.lease)
+        self.assertTrue(self.store.remove_everywhere(STORED))
+
+    async def test_a_tree_removed_after_it_was_provided_is_had_again(self) -> None:
+        releases = self.releases()
+        context = RequestContext("peer")
+        self.assertIsNone(await releases.provide_release(STORED, context))
+        self.assertTrue(self.store.remove(STORED))  # the size cap, or an admin
+        self.assertIsNone(await releases.hold(STORED, context))
+        self.assertEqual(self.fetcher.fetched, [STORED, STORED])
+        assert context.lease is not None
+        self.assertTrue(context.lease.holds(self.store.directory))
+        self.assertTrue((releases.tree(STORED) / "Makefile").is_file())
+        releases.finish_work(context)
+
     async def test_a_stored_release_is_adopted_once(self) -> None:
         releases = self.releases()
         self.assertFalse(releases.serves(STORED))
@@ -427,6 +454,42 @@ class SymbolBudgetTests(ReleasesCase):
         self.assertEqual(passes, [["ext4"]])
 
 
+class CountedWorkTests(ReleasesCase):
+    """An address's share is held while its kernel store work runs, not
+    while its requests live."""
+
+    async def test_symbols_that_outlive_their_request_still_count(self) -> None:
+        made = self.fetcher.hold_debug()
+        releases = self.releases(fetch_symbols=True, peer_fetches=1)
+        releases.symbol_wait = 0.1
+        first = RequestContext("10.0.0.1:4000")
+        self.assertFalse(await releases.provide_debug_within(RELEASE, first))
+        releases.finish_work(first)  # answered without them; they are still being made
+        self.assertEqual([work.release for work in releases.budget.under_way("10.0.0.1")],
+                         [RELEASE])
+        second = RequestContext("10.0.0.1:4001")
+        with self.assertRaises(OverBudget):
+            await releases.provide_release(STORED, second)
+        self.assertEqual(self.fetcher.fetched, [])
+        made.callback(None)
+        self.assertTrue(await poll(lambda: not releases.budget.under_way("10.0.0.1"), NET))
+        self.assertIsNone(await releases.provide_release(STORED, RequestContext("10.0.0.1:4002")))
+        self.assertEqual(self.fetcher.fetched, [STORED])
+
+    async def test_the_share_is_free_once_the_compile_starts(self) -> None:
+        releases = self.releases(peer_fetches=1)
+        context = RequestContext("10.0.0.1:4000")
+        self.assertIsNone(await releases.provide_release(STORED, context))
+        self.assertEqual(len(releases.budget.under_way("10.0.0.1")), 1)
+        releases.let_go(context)  # what the handler does as its translator starts
+        self.assertEqual(releases.budget.under_way("10.0.0.1"), [])
+        # A second release for the same address while the first compiles.
+        self.assertIsNone(await releases.provide_release("6.1.0-56-amd64",
+                                                         RequestContext("10.0.0.1:4001")))
+        releases.finish_work(context)
+        self.assertEqual(releases.budget.under_way("10.0.0.1"), [])
+
+
 class SymbolWaitTests(ReleasesCase):
     """Symbols still being made hold a request for a bounded time only."""
 
@@ -590,10 +653,10 @@ class BudgetTests(HandlerCase):
                 found["stderr"].decode(),
                 f"Server: Not starting the fetch of kernel release '{release}' for 10.0.0.1 "
                 "now: this server does kernel store work (fetching a release, its symbols or "
-                "debuginfo, a warm-up compile) for at most one kernel release at a time for "
+                "debuginfo, its modules' debuginfo, a warm-up compile) for at most one kernel "
+                "release at a time for "
                 "one client address (--peer-fetches), and 10.0.0.1 has the fetch of kernel "
-                f"release '{fetching}' under way.  Try again once that is done (its request "
-                "is answered).\n")
+                f"release '{fetching}' under way.  Try again once that is done.\n")
         self.assertEqual(outcomes, ["refused"] * 4)
         # Another address's request for an installed release is answered
         # while the fetch is still under way.

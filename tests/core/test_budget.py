@@ -11,15 +11,27 @@ from stapsrv.core.budget import (
     PeerBudget,
     over_budget_message,
     peer_address,
+    share_key,
 )
 
 
 class AddressTests(TestCase):
     def test_the_port_is_left_out(self) -> None:
         self.assertEqual(peer_address("10.0.0.1:40000"), "10.0.0.1")
-        self.assertEqual(peer_address("[2001:db8::1]:40000"), "2001:db8::1")
+        self.assertEqual(peer_address("[2001:db8::1]:40000"), "2001:db8::/64")
         for odd in ("peer", "2001:db8::1", "[unclosed", "host:port"):
             self.assertEqual(peer_address(odd), odd)
+
+    def test_an_ipv6_host_counts_with_its_whole_64(self) -> None:
+        # Any of the 2^64 source addresses of one host is the same client.
+        self.assertEqual(share_key("2001:db8:1:2::1"), "2001:db8:1:2::/64")
+        self.assertEqual(share_key("2001:db8:1:2:ffff:1:2:3"), "2001:db8:1:2::/64")
+        self.assertNotEqual(share_key("2001:db8:1:3::1"), share_key("2001:db8:1:2::1"))
+        self.assertEqual(share_key("fe80::1%eth0"), "fe80::/64")
+        # IPv4, also through an IPv6 socket, is the address itself.
+        self.assertEqual(share_key("192.0.2.7"), "192.0.2.7")
+        self.assertEqual(share_key("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(share_key("not an address"), "not an address")
 
 
 class FairSlotsTests(TestCase):
@@ -115,7 +127,7 @@ class BudgetTests(TestCase):
                                 budget.under_way("10.0.0.1")),
             "Server: Not starting the fetch of kernel release '6.1.0-7-amd64' for 10.0.0.1 "
             "now: this server does kernel store work (fetching a release, its symbols or "
-            "debuginfo, a warm-up compile) for at most one kernel release at a time for one "
+            "debuginfo, its modules' debuginfo, a warm-up compile) for at most one kernel "
+            "release at a time for one "
             "client address (--peer-fetches), and 10.0.0.1 has the fetch of kernel release "
-            "'6.1.0-3-amd64' under way.  Try again once that is done (its request is "
-            "answered).")
+            "'6.1.0-3-amd64' under way.  Try again once that is done.")

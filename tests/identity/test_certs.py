@@ -18,7 +18,8 @@ from stapsrv.identity.certs import (
     cert_serial_text,
     identity_needs_renewal,
     make_certificate,
-    serial_for_time,
+    new_serial,
+    serial_content_bytes,
 )
 from tests.helpers import DATA
 from tests.helpers.der import der_header, public_der
@@ -125,19 +126,19 @@ class MakeCertificateTests(TestCase):
         self.assertEqual(public_der(self.key), public_key.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
 
-    def test_serial_is_time_based_and_five_bytes(self) -> None:
-        microseconds = int(NOW.replace(microsecond=0).timestamp()) * 10 ** 6 + NOW.microsecond
-        self.assertEqual(self.cert.serial_number, microseconds >> 19)
+    def test_serial_is_five_bytes(self) -> None:
         self.assertEqual(len(encoded_serial(self.cert)), 5)
-        self.assertEqual(encoded_serial(self.cert)[0], 0)
+        self.assertNotEqual(encoded_serial(self.cert)[0], 0)
         self.assertEqual(len(cert_serial_text(self.cert).split(":")), 5)
 
-    def test_serial_for_time(self) -> None:
-        microseconds = int(NOW.replace(microsecond=0).timestamp()) * 10 ** 6 + NOW.microsecond
-        self.assertEqual(serial_for_time(NOW), microseconds >> 19)
-        self.assertEqual(serial_for_time(NOW.astimezone(timezone(timedelta(hours=5)))),
-                         serial_for_time(NOW))
-        self.assertGreaterEqual(serial_for_time(NOW), 2 ** 31)
+    def test_new_serials(self) -> None:
+        drawn = [new_serial() for _ in range(1000)]
+        self.assertEqual(len(set(drawn)), 1000)
+        for serial in drawn:
+            self.assertTrue(2 ** 32 <= serial < 2 ** 39, hex(serial))
+            self.assertEqual(len(serial_content_bytes(serial)), 5)
+        # Never the one it replaces.
+        self.assertNotEqual(new_serial(previous=drawn[0]), drawn[0])
 
     def test_serial_out_of_range(self) -> None:
         for serial in (2 ** 31 - 1, 2 ** 39):

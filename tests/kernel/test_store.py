@@ -1,15 +1,27 @@
 """The kernel store on disk: complete releases only, the Makefile fix-up,
-the size cap, removal, and what interrupted fetches leave."""
+the size cap over every part, leases, removal, and what interrupted
+fetches leave."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from stapsrv.kernel.store import KernelStore, StoredPackage, build_tree_in, fix_tree, valid_release
+from stapsrv.kernel.store import (
+    DEBUG_DIRECTORY,
+    IMAGES_DIRECTORY,
+    MODULES_DIRECTORY,
+    InUse,
+    KernelStore,
+    StoredPackage,
+    build_tree_in,
+    fix_tree,
+    valid_release,
+)
 
 RELEASE = "6.1.0-55-amd64"
 
@@ -92,3 +104,86 @@ class KernelStoreTests(TestCase):
         self.assertTrue(valid_release("6.1.0-57-cloud-amd64"))
         for bad in ("", "-r", "../etc", "a/b", "6.1 0", "x" * 200, ".hidden"):
             self.assertFalse(valid_release(bad), bad)
+
+
+def add_to(store: KernelStore, release: str, size: int, used: float) -> None:
+    """A release of ``size`` bytes in ``store`` (a tree or a part), last used at ``used``."""
+    work = store.begin(release)
+    (work / "root" / "payload").write_bytes(b"x" * size)
+    store.commit(work, release, [StoredPackage(f"some-package-{release}", "1", 5)])
+    os.utime(store.directory / release / "used", (used, used))
+
+
+class CeilingTests(TestCase):
+    """One ceiling for the trees and every part, and what compiles hold."""
+
+    def setUp(self) -> None:
+        self.store = KernelStore(Path(self.mktemp()), 7 << 19)  # 3.5 MiB: three of five
+        for part in self.store.family():
+            part.open()
+
+    def fill(self) -> None:
+        """Five releases of 1 MiB, one in each part and two trees, the
+        oldest first: image, tree 1, symbols, module debuginfo, tree 2."""
+        add_to(self.store.part(IMAGES_DIRECTORY), "r-image", 1 << 20, 1000.0)
+        add_to(self.store, "r-tree-1", 1 << 20, 2000.0)
+        add_to(self.store.part(DEBUG_DIRECTORY), "r-symbols", 1 << 20, 3000.0)
+        add_to(self.store.part(MODULES_DIRECTORY), "r-modules", 1 << 20, 4000.0)
+        add_to(self.store, "r-tree-2", 1 << 20, 5000.0)
+
+    def names(self) -> set[str]:
+        return {entry.release for part in self.store.family() for entry in part.releases()}
+
+    def test_the_ceiling_counts_every_part(self) -> None:
+        self.fill()
+        self.assertGreater(self.store.total_size(), self.store.size_cap)
+        # Evicting from a part evicts across the whole store, oldest first.
+        removed = self.store.part(DEBUG_DIRECTORY).evict()
+        self.assertEqual([entry.release for entry in removed], ["r-image", "r-tree-1"])
+        self.assertEqual(self.names(), {"r-symbols", "r-modules", "r-tree-2"})
+        self.assertLessEqual(self.store.total_size(), self.store.size_cap)
+
+    def test_a_leased_release_is_passed_by_and_kept_in_every_part(self) -> None:
+        self.fill()
+        add_to(self.store.part(DEBUG_DIRECTORY), "r-tree-1", 1 << 10, 2500.0)
+        with self.store.lease("r-tree-1") as lease:
+            self.assertTrue(lease.holds(self.store.directory))
+            self.assertTrue(lease.holds(self.store.part(DEBUG_DIRECTORY).directory))
+            removed = self.store.evict()
+            self.assertEqual([entry.release for entry in removed], ["r-image", "r-symbols"])
+            self.assertIn("r-tree-1", self.names())
+            with self.assertRaises(InUse):
+                self.store.remove("r-tree-1")
+            with self.assertRaises(InUse):
+                self.store.remove_everywhere("r-tree-1")
+            # Nothing of it went: neither the tree nor its symbols.
+            self.assertIsNotNone(self.store.get("r-tree-1"))
+            self.assertIsNotNone(self.store.part(DEBUG_DIRECTORY).get("r-tree-1"))
+        self.assertTrue(self.store.remove_everywhere("r-tree-1"))
+        self.assertIsNone(self.store.get("r-tree-1"))
+        self.assertIsNone(self.store.part(DEBUG_DIRECTORY).get("r-tree-1"))
+        self.assertFalse(self.store.remove_everywhere("r-tree-1"))
+
+    def test_a_lease_taken_in_another_process_counts(self) -> None:
+        add_to(self.store, RELEASE, 1 << 10, 1000.0)
+        used = self.store.directory / RELEASE / "used"
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+             "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); sys.stdin.read()",
+             str(used)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(holder.wait)
+        self.addCleanup(holder.stdin.close)  # type: ignore[union-attr]
+        self.assertEqual(holder.stdout.readline(), "held\n")  # type: ignore[union-attr]
+        with self.assertRaises(InUse):
+            self.store.remove_everywhere(RELEASE)
+        self.store.size_cap = 0
+        self.assertEqual(self.store.evict(), [])
+        self.assertIsNotNone(self.store.get(RELEASE))
+
+    def test_a_lease_of_what_is_gone_holds_nothing(self) -> None:
+        add_to(self.store, RELEASE, 1 << 10, 1000.0)
+        self.assertTrue(self.store.remove(RELEASE))
+        with self.store.lease(RELEASE) as lease:
+            self.assertFalse(lease.holds(self.store.directory))
+        with self.store.lease("../escape") as lease:
+            self.assertFalse(lease.holds(self.store.directory))

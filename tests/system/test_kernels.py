@@ -11,7 +11,9 @@ from pathlib import Path
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
+from stapsrv.kernel.store import PARTS
 from tests.helpers.archive_releases import cloud_release, missing_release, older_abi_release
+from tests.helpers.gate import CompileGate
 from tests.helpers.realclient import HELLO, RealClientMixin
 from tests.helpers.realserver import (
     CLIENT_48,
@@ -26,15 +28,14 @@ from tests.helpers.realserver import (
 )
 from tests.helpers.vm import run_in_vm
 
-
 SYMBOLS_WARNING = "Kernel function symbol table missing"
 
 
 def store_contents(store: Path) -> list[str]:
-    """The store's trees (and leftovers), not its symbols (``.debug``)."""
+    """The store's trees (and leftovers), not its parts (``.debug`` and the others)."""
     if not store.is_dir():
         return []
-    return sorted(entry.name for entry in store.iterdir() if entry.name != ".debug")
+    return sorted(entry.name for entry in store.iterdir() if entry.name not in PARTS)
 
 
 def symbols_of(store: Path) -> list[str]:
@@ -107,10 +108,35 @@ class KernelStoreTests(RealClientMixin, TestCase):
         modules, err, code = await self.compile_for(again, release)
         self.assertEqual(code, 0, err)
         self.assertNotIn("Fetching kernel", again.log())
+        await self.removal_waits_for_the_compile_reading_it(store, release)
         removed = kernels_command(store, "remove", release)
         self.assertEqual(removed.returncode, 0, removed.stderr)
         self.assertEqual(store_contents(store), [])
         self.assertNotIn(release, symbols_of(store))
+
+    async def removal_waits_for_the_compile_reading_it(self, store: Path, release: str) -> None:
+        """``kernels remove`` while a compile reads the stored release (its
+        compiler held at a gate): refused, nothing removed, the compile
+        ends well; once it is answered the removal goes through."""
+        base = scratch_directory("gate-")
+        self.addCleanup(remove_tree, base)
+        gate = CompileGate(base)
+        self.addCleanup(gate.close)
+        server = self.store_server(store, *gate.server_arguments())
+        client = await self.trusted_client(server)
+        compiled = client.stap(f"--use-server={server.spec}", "-r", release, "-g", "-p4", "-e",
+                               gate.script("stored"))
+        await gate.reached()
+        refused = kernels_command(store, "remove", release)
+        self.assertEqual(refused.returncode, 1, refused.stdout)
+        self.assertIn(f"Release {release} is in use by a compile; not removed", refused.stderr)
+        self.assertIn(release, store_contents(store))
+        self.assertIn(release, symbols_of(store))
+        gate.release()
+        out, err, code = await compiled
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual(len(client.modules()), 1)
+        server.stop()
 
     async def test_two_clients_share_one_fetch_of_a_flavour(self) -> None:
         release = cloud_release()
