@@ -29,6 +29,7 @@ from stapsrv.app.health import Health, listening_check, space_check, translator_
 from stapsrv.app.listen import NotListening, listen_now
 from stapsrv.app.proxies import trusted_proxy_endpoint
 from stapsrv.app.server import CompileServerFactory, peer_host
+from stapsrv.app.toolchains import server_toolchains
 from stapsrv.cache.fleet import RedisCache
 from stapsrv.cache.key import KeyMaker
 from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
@@ -225,7 +226,8 @@ class CompileServerService(Service):
         handler = RequestHandler(config, self.reactor, self._pool, self._current_identity,
                                  runtimes, cache=cache, keys=keys, counters=self.counters,
                                  sandbox=sandbox, stapconf=stapconf, kernels=kernels,
-                                 key_pool=self._key_pool)
+                                 key_pool=self._key_pool,
+                                 toolchains=server_toolchains(config, sandbox, self.log))
         if kernels is not None and config.fetch_debuginfo:
             handler.releases.module_debug = self._make_module_debug(kernels)
         if self.metrics is not None:

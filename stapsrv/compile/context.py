@@ -9,6 +9,7 @@ from attrs import define, field
 from stapsrv.compile.translator import TranslatorRun
 from stapsrv.core.budget import Work, peer_address
 from stapsrv.kernel.store import Lease
+from stapsrv.kernel.toolchains import Toolchain
 
 
 @define(eq=False)
@@ -33,6 +34,8 @@ class RequestContext:
     #: The kernel store's releases the request reads, held until it is
     #: answered (the size cap and removal pass them by).
     lease: Lease | None = None
+    #: The toolchain that answers it, once chosen (None: the host's).
+    toolchain: Toolchain | None = None
 
     @property
     def address(self) -> str:

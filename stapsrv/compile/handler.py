@@ -60,6 +60,13 @@ from stapsrv.core.rewrite import StreamReplacer
 from stapsrv.identity import mok
 from stapsrv.identity.certs import ServerIdentity
 from stapsrv.kernel.fetch import KernelFetcher
+from stapsrv.kernel.toolchains import (
+    Toolchain,
+    choose,
+    host_paths,
+    kernel_compiler,
+    kernel_version,
+)
 from stapsrv.paths import home_directory, systemtap_dir
 from stapsrv.reactor import IHandlerReactor
 
@@ -205,6 +212,10 @@ class RequestHandler:
     #: the stapconf headers it shares; None with ``--no-sandbox``.
     _initial_sandbox: Sandbox | None = field(default=None, alias="sandbox", repr=False)
     stapconf: StapconfStore | None = None
+    #: The toolchains it answers with, the host's first
+    #: (:mod:`stapsrv.kernel.toolchains`); empty or the host's alone: every
+    #: request goes to the host's translator, as before toolchains.
+    toolchains: list[Toolchain] = field(factory=list)
     #: Fetches releases that are not installed into the kernel store; None
     #: with ``--no-fetch`` (and in tests of the handler alone).
     kernels: KernelFetcher | None = None
@@ -323,6 +334,10 @@ class RequestHandler:
         the kernel store has for it, and held until the request is
         answered; or the answer that ends the request now (a refusal, or a
         cache hit while its symbols are still being made)."""
+        # Before fetching: no toolchain may build that kernel for this client.
+        refusal = await self._choose_toolchain(job, context, with_tree=False)
+        if refusal is not None:
+            return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
         try:
             problem = await self.releases.provide_release(job.release, context)
         except OverBudget as exc:
@@ -330,6 +345,9 @@ class RequestHandler:
         if problem is not None:
             return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
         if job.release is not None and self.releases.serves(job.release):
+            refusal = await self._choose_toolchain(job, context, with_tree=True)
+            if refusal is not None:
+                return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
             if self.releases.symbols_pending(job.release):
                 # Symbols still being made never hold a repeated request:
                 # an answer made without them is answered as it is.
@@ -360,11 +378,47 @@ class RequestHandler:
                       key=key[:16])
         return Outcome(cached, True, tier=tier)
 
+    async def _choose_toolchain(self, job: Job, context: RequestContext,
+                                with_tree: bool) -> str | None:
+        """The toolchain that answers the request (``context.toolchain``),
+        from the client's version and the kernel (``with_tree``: its
+        headers' compiler too); the client's one ``Server:`` line when none
+        fits.  Nothing to choose with the host's toolchain alone."""
+        if len(self.toolchains) < 2 or job.release is None or self.sandbox is None:
+            return None  # other toolchains run in the sandbox only
+        chosen = await self._in_thread(self._toolchain_for, job, with_tree)
+        if isinstance(chosen, str):
+            self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
+                          reason=escape_controls(chosen))
+            return chosen
+        context.toolchain = chosen
+        return None
+
+    def _toolchain_for(self, job: Job, with_tree: bool) -> Toolchain | str:
+        release = job.release
+        assert release is not None
+        tree = self.releases.tree(release) if with_tree else None
+        return choose(self.toolchains, job.client_version, release,
+                      kernel_version(release, tree),
+                      kernel_compiler(tree) if tree is not None else None)
+
+    def translator(self, toolchain: Toolchain | None) -> str:
+        """The translator program a toolchain runs (None: the host's)."""
+        return self.config.stap if toolchain is None or toolchain.is_host else toolchain.stap
+
+    def stapconf_for(self, toolchain: Toolchain | None) -> StapconfStore | None:
+        """The kernel configuration headers of a toolchain's translator."""
+        if self.stapconf is None or toolchain is None or toolchain.is_host:
+            return self.stapconf
+        return StapconfStore(self.stapconf.directory.with_name(
+            f"{self.stapconf.directory.name}-{toolchain.name}"))
+
     async def _cache_key(self, job: Job, context: RequestContext) -> str | None:
         if self.cache is None or self.keys is None:
             return None
         try:
-            return await Blocking(self.reactor, self.key_pool or self.pool)(self._make_key, job)
+            return await Blocking(self.reactor, self.key_pool or self.pool)(
+                self._make_key, job, context.toolchain)
         except Uncacheable as exc:
             self.log.info("Not caching the answer to {peer}: {reason} {path}",
                           peer=context.peer, reason=escape_controls(exc.reason),
@@ -374,14 +428,19 @@ class RequestHandler:
             self.log.failure("Cannot compute a cache key; compiling")
             return None
 
-    def _make_key(self, job: Job) -> str | None:
+    def _make_key(self, job: Job, toolchain: Toolchain | None = None) -> str | None:
         assert self.keys is not None
         release = job.release
         if release is None or not self.releases.serves(release):
             return None
-        runtime = self.config.runtime or self.runtimes.get(release)
-        options = [self.config.stap] + [
-            option.flag + (option.value or "") for option in self.server_options(release)]
+        host = toolchain is None or toolchain.is_host
+        runtime = (self.config.runtime or self.runtimes.get(release)) if host else None
+        options = [self.translator(toolchain)] + [
+            option.flag + (option.value or "")
+            for option in self.server_options(release, toolchain)]
+        if toolchain is not None and not host:
+            # Its name and manifest digest: every package version in its root.
+            options.append("toolchain " + toolchain.label())
         # What a translator can read differs with and without the sandbox.
         options.append("sandbox" if self.sandbox is not None else "no sandbox")
         debug = self.releases.debug_files(release)
@@ -457,10 +516,16 @@ class RequestHandler:
         ``rc``, or None when there is no answer to send."""
         self.log.info("Client version is {version}",
                       version=escape_controls(job.client_version[:64]))
-        prepared = await self._in_thread(self._prepare, scratch, job, tuple(context.notes))
+        prepared = await self._in_thread(self._prepare, scratch, job, tuple(context.notes),
+                                         context.toolchain)
         if isinstance(prepared, Refused):
             self.log.info(prepared.log_format, release=escape_controls(str(prepared.release)))
             return 1
+        if context.toolchain is not None:
+            self.log.info("Toolchain {toolchain} answers {peer} (client {version}, kernel "
+                          "{release})", toolchain=context.toolchain.describe(),
+                          peer=context.peer, version=escape_controls(job.client_version[:64]),
+                          release=prepared.release)
         self.log.info("Options passed from the client: {arguments}",
                       arguments=escape_controls(
                           "".join(argument + " " for argument in job.arguments)))
@@ -485,7 +550,8 @@ class RequestHandler:
 
     # --- prepare (thread pool) ------------------------------------------------
 
-    def _prepare(self, scratch: Path, job: Job, notes: tuple[str, ...] = ()) -> Preparation:
+    def _prepare(self, scratch: Path, job: Job, notes: tuple[str, ...] = (),
+                 toolchain: Toolchain | None = None) -> Preparation:
         """The response directory, the translator's environment and command
         line (``notes``: the server's lines for the client's stderr); or the
         refusal of a release this server does not serve."""
@@ -520,10 +586,11 @@ class RequestHandler:
         arguments: Sequence[str] = job.arguments
         if self.releases.stored_tree(release) is not None:
             arguments = without_release(arguments, release)
-        argv = translator_argv(self.config.stap, self.releases.target(release),
-                               self.server_options(release), str(module_dir), arguments)
+        argv = translator_argv(self.translator(toolchain), self.releases.target(release),
+                               self.server_options(release, toolchain), str(module_dir),
+                               arguments)
         return Prepared(scratch, release, argv, env, client_moks,
-                        self.sandbox_words(scratch, release))
+                        self.sandbox_words(scratch, release, toolchain))
 
     def translator_environment(self, scratch: Path) -> dict[str, str]:
         """The translator's environment: the server's (only what the
@@ -533,19 +600,35 @@ class RequestHandler:
         env["TMPDIR"] = str(scratch)
         return env
 
-    def sandbox_words(self, scratch: Path, release: str | None = None) -> tuple[str, ...]:
+    def sandbox_words(self, scratch: Path, release: str | None = None,
+                      toolchain: Toolchain | None = None) -> tuple[str, ...]:
         """Make the sandbox's private directories in ``scratch`` (blocking)
-        and return bwrap's words; nothing without a sandbox."""
+        and return bwrap's words; nothing without a sandbox.  A toolchain
+        other than the host's is the sandbox's system, with an installed
+        release's host files shown in it."""
         if self.sandbox is None:
             return ()
-        assert self.stapconf is not None
-        self.sandbox.prepare(scratch, systemtap_dir(self.environ) / "rc", self.stapconf)
-        return tuple(self.sandbox.words(scratch, self.releases.debug_binds(release)))
+        stapconf = self.stapconf_for(toolchain)
+        assert stapconf is not None
+        self.sandbox.prepare(scratch, systemtap_dir(self.environ) / "rc", stapconf)
+        binds = self.releases.debug_binds(release)
+        if toolchain is None or toolchain.is_host:
+            return tuple(self.sandbox.words(scratch, binds))
+        shown: list[Path] = []
+        if (release is not None and not release.startswith("/")
+                and self.releases.stored_tree(release) is None):
+            shown = host_paths(self.releases.tree(release).resolve(), release)
+        return tuple(self.sandbox.words(scratch, binds, toolchain.root, shown))
 
-    def server_options(self, release: str) -> list[ServerOption]:
-        """The server's own translator options for ``release``."""
+    def server_options(self, release: str,
+                       toolchain: Toolchain | None = None) -> list[ServerOption]:
+        """The server's own translator options for ``release``: for another
+        toolchain than the host's, without ``-R`` (the server's runtimes
+        are 4.8's; its translator has its own)."""
         options = list(self.config.server_options)
-        if self.config.runtime is None and release in self.runtimes:
+        if toolchain is not None and not toolchain.is_host:
+            options = [option for option in options if option.flag != "-R"]
+        elif self.config.runtime is None and release in self.runtimes:
             options.append(ServerOption("-R", self.runtimes[release]))
         if self.config.keep_temporary:
             # As 4.8: the translator keeps its whole build tree too.
@@ -561,7 +644,8 @@ class RequestHandler:
         if self.sandbox is not None:
             try:
                 await self.warmup.stapconf_ready(prepared.release,
-                                                 guru_mode(prepared.argv[1:]), context)
+                                                 guru_mode(prepared.argv[1:]), context,
+                                                 context.toolchain)
             except OverBudget as exc:
                 # Its translator makes the header for itself, in its own slot.
                 note = f"{exc} Compiling without it meanwhile."

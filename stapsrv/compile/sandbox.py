@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from attrs import frozen
@@ -48,6 +48,8 @@ _USR_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 #: What of /etc the translator, make and gcc read.
 _ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "passwd",
               "group", "nsswitch.conf", "localtime", "os-release")
+#: Of those, the host's even in a toolchain's system: the users and the time.
+_HOST_ETC = ("passwd", "group", "nsswitch.conf", "localtime")
 #: The server's environment the translator keeps (plus the client's locale).
 _KEPT_VARIABLES = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ",
                    "SYSTEMTAP_DIR")
@@ -66,8 +68,16 @@ def translator_environment(environ: Mapping[str, str]) -> dict[str, str]:
             if name in _KEPT_VARIABLES or name.startswith(_KEPT_PREFIXES)}
 
 
-def _system_words(root: Path = Path("/")) -> list[str]:
-    words = ["--ro-bind", str(root / "usr"), "/usr"]
+def _system_words(root: Path = Path("/"), host_paths: Sequence[Path] = ()) -> list[str]:
+    """The system the translator runs on: ``root``'s /usr (the host's, or a
+    toolchain's), its merged-/usr links and the /etc files its programs read
+    (the host's user and time zone files whatever the system); with
+    ``host_paths`` (the host's files of an installed kernel release, under
+    /usr) shown at their own paths in another system's /usr."""
+    if root == Path("/"):
+        words = ["--ro-bind", "/usr", "/usr"]
+    else:
+        words = _layered(root / "usr", Path("/usr"), host_paths)
     for name in _USR_LINKS:
         path = root / name
         if path.is_symlink():
@@ -75,7 +85,37 @@ def _system_words(root: Path = Path("/")) -> list[str]:
         elif path.is_dir():
             words += ["--ro-bind", str(path), f"/{name}"]
     for name in _ETC_FILES:
-        words += ["--ro-bind-try", str(root / "etc" / name), f"/etc/{name}"]
+        etc = Path("/etc") if name in _HOST_ETC else root / "etc"
+        words += ["--ro-bind-try", str(etc / name), f"/etc/{name}"]
+    return words
+
+
+def _layered(source: Path, target: Path, extras: Sequence[Path]) -> list[str]:
+    """``source`` shown read only at ``target``, with each of ``extras``
+    (paths under ``target``) shown in place of what ``source`` has there:
+    the directories that lead to one are rebuilt entry by entry (bwrap
+    cannot make a mount point inside a read-only tree it does not own)."""
+    inside = [path for path in extras if target in path.parents]
+    if not inside:
+        return ["--ro-bind", str(source), str(target)]
+    words = ["--dir", str(target)]
+    try:
+        names = sorted(os.listdir(source))
+    except OSError:
+        names = []
+    for name in names:
+        child, place = source / name, target / name
+        if place in inside:
+            continue
+        if child.is_symlink():
+            words += ["--symlink", os.readlink(child), str(place)]
+        elif child.is_dir():
+            words += _layered(child, place, inside)
+        elif child.exists():
+            words += ["--ro-bind", str(child), str(place)]
+    for path in inside:
+        if path.parent == target or path.relative_to(target).parts[0] not in names:
+            words += ["--ro-bind", str(path), str(path)]
     return words
 
 
@@ -101,13 +141,16 @@ class Sandbox:
         """The request's own home and SYSTEMTAP_DIR, inside ``scratch``."""
         return scratch / "sandbox-home", scratch / "sandbox-systemtap"
 
-    def words(self, scratch: Path, files: Iterable[tuple[Path, str]] = ()) -> list[str]:
+    def words(self, scratch: Path, files: Iterable[tuple[Path, str]] = (),
+              system: Path = Path("/"), host_paths: Sequence[Path] = ()) -> list[str]:
         """bwrap's command line, up to and including ``--``, for a request
         whose scratch directory (made by :meth:`prepare`) is ``scratch``;
         ``files`` are (server file, path inside) shown read only, such as a
-        fetched ``/boot/System.map-<release>``."""
+        fetched ``/boot/System.map-<release>``; ``system`` is the root whose
+        /usr the translator runs on (a toolchain's), with ``host_paths``
+        of the host's /usr shown in it."""
         home, systemtap_dir = self.private_dirs(scratch)
-        words = [self.bwrap, *_ISOLATION, *_system_words(), *_SPECIAL]
+        words = [self.bwrap, *_ISOLATION, *_system_words(system, host_paths), *_SPECIAL]
         if self.home != Path("/"):
             words += ["--bind", str(home), str(self.home)]
         words += ["--bind", str(systemtap_dir), str(self.systemtap_dir)]
@@ -130,11 +173,13 @@ class Sandbox:
             shutil.copyfile(rc_file, systemtap_dir / "rc")
         stapconf.seed(systemtap_dir)
 
-    def check(self, timeout: float = 30.0) -> None:
-        """Run a trivial command in a sandbox like a translator's; raise
-        :class:`SandboxUnavailable` with bwrap's own words when it fails."""
-        command = [self.bwrap, *_ISOLATION, *_system_words(), *_SPECIAL, "--remount-ro", "/",
-                   "--", "/usr/bin/true"]
+    def check(self, timeout: float = 30.0, system: Path = Path("/"),
+              program: Sequence[str] = ("/usr/bin/true",)) -> str:
+        """Run a command (``program``: a trivial one) in a sandbox like a
+        translator's on ``system``; its output, or :class:`SandboxUnavailable`
+        with bwrap's own words when it fails."""
+        command = [self.bwrap, *_ISOLATION, *_system_words(system), *_SPECIAL,
+                   "--remount-ro", "/", "--", *program]
         try:
             result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
                                     timeout=timeout)
@@ -146,6 +191,7 @@ class Sandbox:
         if result.returncode != 0:
             words = result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}"
             raise SandboxUnavailable(words)
+        return result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
 
 
 def server_sandbox(config: ServerConfig, environ: Mapping[str, str],

@@ -33,6 +33,7 @@ from stapsrv.compile.scratch import MODULE_DIR, make_scratch
 from stapsrv.compile.translator import TranslatorRun, start_translator
 from stapsrv.config.values import ServerConfig
 from stapsrv.core.cmdline import ServerOption, translator_argv
+from stapsrv.kernel.toolchains import Toolchain
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
 
@@ -40,14 +41,22 @@ from stapsrv.reactor import IHandlerReactor
 class TranslatorSetup(Protocol):
     """What a warm-up compile asks of the handler: how its translators run."""
 
-    def server_options(self, release: str) -> list[ServerOption]:
+    def server_options(self, release: str,
+                       toolchain: Toolchain | None = None) -> list[ServerOption]:
         """The server's own options for the translator, for ``release``."""
 
     def translator_environment(self, scratch: Path) -> dict[str, str]:
         """The translator's environment for a scratch directory."""
 
-    def sandbox_words(self, scratch: Path, release: str | None = None) -> tuple[str, ...]:
+    def sandbox_words(self, scratch: Path, release: str | None = None,
+                      toolchain: Toolchain | None = None) -> tuple[str, ...]:
         """The sandbox's private directories made in ``scratch``, and bwrap's words."""
+
+    def translator(self, toolchain: Toolchain | None) -> str:
+        """The translator program of a toolchain (None: the host's)."""
+
+    def stapconf_for(self, toolchain: Toolchain | None) -> StapconfStore | None:
+        """Where a toolchain's kernel configuration headers are kept."""
 
 
 @define(eq=False)
@@ -71,7 +80,7 @@ class WarmUp:
     log: Logger = field(factory=Logger)
     #: Warm-up compiles per (release, guru mode): the clients waiting for
     #: one, or True once it is done.
-    _warmups: dict[tuple[str, bool], list[Deferred[None]] | bool] = field(
+    _warmups: dict[tuple[str, str, bool], list[Deferred[None]] | bool] = field(
         init=False, factory=dict)
 
     def start(self) -> None:
@@ -95,7 +104,8 @@ class WarmUp:
             self.gate.release()
 
     async def stapconf_ready(self, release: str, guru: bool,
-                             context: RequestContext | None = None) -> None:
+                             context: RequestContext | None = None,
+                             toolchain: Toolchain | None = None) -> None:
         """Once per release and guru mode, before the first request's
         translator: the server's own compile of a fixed script makes the
         kernel configuration header that every sandbox then starts with.
@@ -103,14 +113,17 @@ class WarmUp:
         that starts it (``context``; None: the server's own): past the
         share, OverBudget is raised and nothing is started (that request's
         translator makes the header for itself)."""
-        key = (release, guru)
+        # The host's chosen for a request is the same warm-up as the server's own.
+        key = ("" if toolchain is None or toolchain.is_host else toolchain.name, release, guru)
+        named = _named(release, guru, toolchain)
         state = self._warmups.get(key)
         if state is True:
             return
-        if state is None and await self._in_thread(self._was_warmed, release, guru):
+        if state is None and await self._in_thread(self._was_warmed, release, guru,
+                                                   toolchain):
             self._warmups[key] = True
-            self.log.info("Kernel configuration header for {release}{guru} ready "
-                          "(made before)", release=release, guru=" (guru mode)" if guru else "")
+            self.log.info("Kernel configuration header for {release} ready (made before)",
+                          release=named)
             return
         state = self._warmups.get(key)
         if state is True:
@@ -126,35 +139,59 @@ class WarmUp:
         waiting: list[Deferred[None]] = []
         self._warmups[key] = waiting
         try:
-            await self.releases.counted(context, lambda: self._warm_up(release, guru))
+            await self.releases.counted(context, lambda: self._warm_up(release, guru,
+                                                                       toolchain))
         finally:
             self._warmups[key] = True
             for waiter in waiting:
                 waiter.callback(None)
 
-    def _warm_up_key(self, release: str, guru: bool) -> str:
+    def _stapconf(self, toolchain: Toolchain | None) -> StapconfStore | None:
+        if toolchain is None or toolchain.is_host:
+            return self.stapconf
+        return self.translators.stapconf_for(toolchain)
+
+    def _options(self, release: str, toolchain: Toolchain | None) -> list[ServerOption]:
+        if toolchain is None or toolchain.is_host:
+            return self.translators.server_options(release)
+        return self.translators.server_options(release, toolchain)
+
+    def _warm_up_key(self, release: str, guru: bool, toolchain: Toolchain | None) -> str:
         tree = self.releases.tree(release)
         options = [option.flag + (option.value or "")
-                   for option in self.translators.server_options(release)]
-        return warm_up_key(self.config.stap, tree,
-                           self.config.runtime or self.releases.runtimes.get(release),
-                           guru, options)
+                   for option in self._options(release, toolchain)]
+        if toolchain is None or toolchain.is_host:
+            return warm_up_key(self.config.stap, tree,
+                               self.config.runtime or self.releases.runtimes.get(release),
+                               guru, options)
+        options.append("toolchain " + toolchain.label())
+        return warm_up_key(str(toolchain.root / "usr" / "bin" / "stap"), tree, None, guru,
+                           options)
 
-    def _was_warmed(self, release: str, guru: bool) -> bool:
-        assert self.stapconf is not None
-        return self.stapconf.warmed(self._warm_up_key(release, guru))
+    def _was_warmed(self, release: str, guru: bool, toolchain: Toolchain | None) -> bool:
+        stapconf = self._stapconf(toolchain)
+        assert stapconf is not None
+        return stapconf.warmed(self._warm_up_key(release, guru, toolchain))
 
-    async def _warm_up(self, release: str, guru: bool) -> None:
-        assert self.releases.sandbox is not None and self.stapconf is not None
+    async def _warm_up(self, release: str, guru: bool, toolchain: Toolchain | None) -> None:
+        stapconf = self._stapconf(toolchain)
+        assert self.releases.sandbox is not None and stapconf is not None
         started = self.reactor.seconds()
+        named = _named(release, guru, toolchain)
         scratch = await self._in_thread(make_scratch, self.config.tmpdir)
         try:
             module_dir = scratch / "response" / MODULE_DIR
             module_dir.mkdir(mode=0o700)
-            words = await self._in_thread(self.translators.sandbox_words, scratch)
+            host = toolchain is None or toolchain.is_host
+            if host:
+                words = await self._in_thread(self.translators.sandbox_words, scratch)
+            else:
+                words = await self._in_thread(self.translators.sandbox_words, scratch,
+                                              release, toolchain)
             argv = translator_argv(
-                self.config.stap, self.releases.target(release),
-                self.translators.server_options(release), str(module_dir),
+                self.config.stap if host else self.translators.translator(toolchain),
+                self.releases.target(release), self._options(release, toolchain),
+                str(module_dir),
                 ["-p4", "-e", WARM_UP_SCRIPT, *(["-g"] if guru else [])])
             run = start_translator(
                 self.reactor, argv, self.translators.translator_environment(scratch),
@@ -169,17 +206,25 @@ class WarmUp:
             if status != 0:
                 self.log.warn("The warm-up compile for kernel {release} failed (rc {rc}); "
                               "each request makes its own kernel configuration header",
-                              release=release, rc=status)
+                              release=named, rc=status)
                 return
             _, private = self.releases.sandbox.private_dirs(scratch)
-            added = await self._in_thread(self.stapconf.collect, private)
-            await self._in_thread(self.stapconf.mark_warmed, self._warm_up_key(release, guru))
-            self.log.info("Kernel configuration header for {release}{guru} ready in "
-                          "{seconds:.1f} s ({added} new)", release=release,
-                          guru=" (guru mode)" if guru else "", added=added,
+            added = await self._in_thread(stapconf.collect, private)
+            await self._in_thread(stapconf.mark_warmed,
+                                  self._warm_up_key(release, guru, toolchain))
+            self.log.info("Kernel configuration header for {release} ready in "
+                          "{seconds:.1f} s ({added} new)", release=named, added=added,
                           seconds=self.reactor.seconds() - started)
         except Exception:
             self.log.failure("The warm-up compile for kernel {release} could not run",
                              release=release)
         finally:
             await self._in_thread(shutil.rmtree, scratch, True)
+
+
+def _named(release: str, guru: bool, toolchain: Toolchain | None) -> str:
+    """A release as the warm-up's log lines name it (with its guru mode and
+    a toolchain other than the host's)."""
+    return (release + (" (guru mode)" if guru else "")
+            + (f" with toolchain {toolchain.name}"
+               if toolchain is not None and not toolchain.is_host else ""))

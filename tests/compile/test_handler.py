@@ -263,11 +263,12 @@ class BudgetNoteTests(HandlerCase):
         from stapsrv.core.budget import OverBudget
 
         async def over(warmup: WarmUp, release: str, guru: bool,
-                       context: RequestContext | None = None) -> None:
+                       context: RequestContext | None = None,
+                       toolchain: object = None) -> None:
             raise OverBudget("Server: Not starting the warm-up (test).")
 
-        def no_bwrap(handler: RequestHandler, scratch: Path,
-                     release: str | None = None) -> tuple[str, ...]:
+        def no_bwrap(handler: RequestHandler, scratch: Path, release: str | None = None,
+                     toolchain: object = None) -> tuple[str, ...]:
             return ()
 
         self.patch(WarmUp, "stapconf_ready", over)

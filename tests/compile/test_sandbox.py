@@ -43,6 +43,44 @@ class EnvironmentTests(TestCase):
 
 
 class WordsTests(TestCase):
+    def test_a_toolchains_usr_with_the_hosts_kernel_files_in_it(self) -> None:
+        """Another system's /usr, rebuilt only along the paths that lead to
+        the host's files of an installed release (bwrap cannot make mount
+        points in a read-only tree it does not own)."""
+        root = Path(self.mktemp()).absolute()
+        for directory in ("usr/bin", "usr/lib/x86_64-linux-gnu", "usr/src", "usr/share",
+                          "etc"):
+            (root / directory).mkdir(parents=True)
+        (root / "usr" / "lib" / "os-release").write_text("forky\n")
+        (root / "usr" / "lib" / "cpp").symlink_to("/etc/alternatives/cpp")
+        (root / "lib").symlink_to("usr/lib")
+        tree = Path("/usr/src/linux-headers-X-amd64")
+        kbuild = Path("/usr/lib/linux-kbuild-6.1")
+        modules = Path("/usr/lib/modules/X-amd64")
+        words = Sandbox(home=root, systemtap_dir=root / ".s").words(
+            root / "scratch", system=root, host_paths=(tree, kbuild, modules))
+        triples = list(zip(words, words[1:], words[2:]))
+        self.assertNotIn(("--ro-bind", str(root / "usr"), "/usr"), triples)
+        self.assertIn(("--ro-bind", str(root / "usr" / "bin"), "/usr/bin"), triples)
+        self.assertIn(("--ro-bind", str(root / "usr" / "share"), "/usr/share"), triples)
+        self.assertIn(("--ro-bind", str(root / "usr" / "lib" / "x86_64-linux-gnu"),
+                       "/usr/lib/x86_64-linux-gnu"), triples)
+        self.assertIn(("--symlink", "/etc/alternatives/cpp", "/usr/lib/cpp"), triples)
+        for path in (tree, kbuild, modules):
+            self.assertIn(("--ro-bind", str(path), str(path)), triples)
+        self.assertIn(("--symlink", "usr/lib", "/lib"), triples)
+        # The system's loader cache, the host's users.
+        self.assertIn(("--ro-bind-try", str(root / "etc" / "ld.so.cache"), "/etc/ld.so.cache"),
+                      triples)
+        self.assertIn(("--ro-bind-try", "/etc/passwd", "/etc/passwd"), triples)
+        # Each directory is made before what is mounted in it.
+        self.assertLess(words.index("/usr/lib"), words.index(str(kbuild)))
+
+    def test_the_hosts_system_is_unchanged(self) -> None:
+        words = Sandbox(home=Path("/h"), systemtap_dir=Path("/h/.s")).words(Path("/t/x"))
+        start = words.index("--ro-bind")
+        self.assertEqual(words[start:start + 3], ["--ro-bind", "/usr", "/usr"])
+
     def test_trees_around_the_home_are_never_shown(self) -> None:
         """A translator installed in the server user's home (its bin/'s
         parent is the home) must not bring the home, and the key in it, back."""

@@ -26,6 +26,7 @@ from stapsrv.compile.warmup import WarmUp
 from stapsrv.config.values import ServerConfig
 from stapsrv.core.cmdline import ServerOption
 from stapsrv.kernel.store import KernelStore
+from stapsrv.kernel.toolchains import Toolchain, host_toolchain
 from tests.compile.test_releases import STORED, FakeFetcher
 from tests.helpers.archives import RELEASE
 from tests.helpers.handlers import Events
@@ -56,15 +57,35 @@ class Translators:
         self.environ = {"PATH": os.environ["PATH"], "WARMUP_RECORD": str(record)}
         self.options = [ServerOption("-D", "A=1")]
 
-    def server_options(self, release: str) -> list[ServerOption]:
+        #: The translator program of toolchains other than the host's.
+        self.program = ""
+        #: The toolchains other than the host's whose sandboxes were made.
+        self.systems: list[str] = []
+
+    def server_options(self, release: str,
+                       toolchain: Toolchain | None = None) -> list[ServerOption]:
         return list(self.options)
+
+    def translator(self, toolchain: Toolchain | None) -> str:
+        return self.program
+
+    def stapconf_for(self, toolchain: Toolchain | None) -> StapconfStore | None:
+        assert toolchain is not None
+        return StapconfStore(self.stapconf.directory.with_name(f"stapconf-{toolchain.name}"))
 
     def translator_environment(self, scratch: Path) -> dict[str, str]:
         _, systemtap_dir = self.sandbox.private_dirs(scratch)
         return {**self.environ, "SYSTEMTAP_DIR": str(systemtap_dir), "TMPDIR": str(scratch)}
 
-    def sandbox_words(self, scratch: Path, release: str | None = None) -> tuple[str, ...]:
-        self.sandbox.prepare(scratch, None, self.stapconf)
+    def sandbox_words(self, scratch: Path, release: str | None = None,
+                      toolchain: Toolchain | None = None) -> tuple[str, ...]:
+        stapconf = self.stapconf
+        if toolchain is not None:
+            self.systems.append(f"{toolchain.name} {release}")
+            found = self.stapconf_for(toolchain)
+            assert found is not None
+            stapconf = found
+        self.sandbox.prepare(scratch, None, stapconf)
         return ()
 
 
@@ -154,6 +175,33 @@ class ReadyTests(WarmUpCase):
         self.translators.options = [ServerOption("-D", "A=2")]
         await self.warmup().stapconf_ready(RELEASE, False)
         self.assertEqual(len(self.runs()), 2)
+
+    async def test_each_toolchain_apart_the_hosts_being_the_servers_own(self) -> None:
+        self.translators.environ["WARMUP_DELAY"] = "1"
+        warmup = self.warmup()
+        first = Deferred.fromCoroutine(warmup.stapconf_ready(RELEASE, False))
+        await self.until(lambda: self.running, "the server's own warm-up runs")
+        await warmup.stapconf_ready(RELEASE, False, None, host_toolchain("4.8"))
+        await first
+        self.assertEqual(len(self.runs()), 1, "the host's chosen for a request: the same")
+        del self.translators.environ["WARMUP_DELAY"]
+        self.translators.program = str(self.stap)
+        forky = Toolchain("forky", self.base / "forky", "5.6", digest="0123")
+        await warmup.stapconf_ready(RELEASE, False, None, forky)
+        await warmup.stapconf_ready(RELEASE, False, None, forky)
+        self.assertEqual(len(self.runs()), 2)
+        self.assertEqual(self.translators.systems, [f"forky {RELEASE}"])
+        header = self.base / "stapconf-forky" / "ab" / "stapconf_abcd.h"
+        self.assertEqual(header.read_text(), "#define STAPCONF_FAKE 1\n")
+        self.assertRegex(self.events.matching("with toolchain forky")[0],
+                         rf"^Kernel configuration header for {RELEASE} with toolchain forky "
+                         r"ready in [0-9.]+ s \(1 new\)$")
+        # Another manifest (an update of the root) is warmed up again.
+        await self.warmup().stapconf_ready(RELEASE, False, None, forky)
+        self.assertEqual(len(self.runs()), 2, "made before")
+        await self.warmup().stapconf_ready(RELEASE, False, None,
+                                           Toolchain("forky", forky.root, "5.6", digest="4567"))
+        self.assertEqual(len(self.runs()), 3)
 
     async def test_requests_that_come_meanwhile_wait_for_the_same_warm_up(self) -> None:
         self.translators.environ["WARMUP_DELAY"] = "1"

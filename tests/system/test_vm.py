@@ -20,6 +20,7 @@ from tests.helpers.realserver import (
     start_stap_serverd,
 )
 from tests.helpers.staprun import MODULE_ALTERED, MODULE_OK
+from tests.helpers.toolchains import toolchain_server
 from tests.helpers.vm import VmRun, require_vm, run_in_vm, trusted_signers
 
 #: Probe kinds, each printing one known line and ending.
@@ -73,41 +74,49 @@ class ModulesRun(RealClientMixin, TestCase):
         await self.runs(PROCESS, "stapsrv-process", command=WORKLOAD, files=("/usr/bin/busybox",))
 
 
-class TransportMismatch(AssertionError):
-    """The module does not run because its staprun speaks another transport
-    than the translator that built it (the known failure of the 5.5 client)."""
-
-
-RELOCATION = "Unable to send relocation"
-
-
 class ModulesRun55(ModulesRun):
-    """The 5.5 client's modules (built by stapsrv's 4.8 translator), loaded
-    with 5.5's own staprun.  They do not run today: 5.5's staprun stops with
-    'Unable to send relocation: Invalid argument'.  Any other failure is a
-    real one; a success is an unexpected one (the toolchain issue that makes
-    them run removes the ``todo``)."""
+    """The 5.5 client's modules, built by the forky toolchain's translator
+    (SystemTap 5.6: a server with that toolchain answers 5.x clients with
+    it), loaded with 5.5's own staprun.  (Built by the host's 4.8
+    translator, 5.5's staprun stopped with 'Unable to send relocation:
+    Invalid argument': the transports differ.)  ``process("/usr/bin/busybox").begin``
+    runs too: the probe names a path, which the translator does not need
+    to find in the toolchain's root."""
 
     kind = CLIENT_55
-    todo = ((TransportMismatch,),
-            "a 4.8-built module under 5.5's staprun: 'Unable to send relocation' "
-            "(the transports differ; the toolchain issue after #25)")
 
-    async def runs(self, script: str, expected: str, **how: object) -> VmRun:
-        _, module = await self.module(script)
-        found = await run_in_vm(module, self.release, self.kind, **how)  # type: ignore[arg-type]
-        if found.status != 0 and RELOCATION in found.errors:
-            raise TransportMismatch(f"{found.summary}")
-        self.assertEqual((found.status, found.output), (0, expected + "\n"),
-                         f"{found.summary}\n{found.console}")
+    async def module(self, script: str, *options: str,
+                     server: ServerProcess | None = None) -> tuple[Client, Path]:
+        server = server or toolchain_server()
+        found = await super().module(script, *options, server=server)
+        self.assertIn("Toolchain forky (SystemTap 5.", answered_by(server))
         return found
+
+
+class Modules48WithToolchains(ModulesRun):
+    """The 4.8 client, unchanged on a server that has the forky toolchain:
+    the host's 4.8 translator still answers it, and its modules run under
+    4.8's staprun."""
+
+    async def module(self, script: str, *options: str,
+                     server: ServerProcess | None = None) -> tuple[Client, Path]:
+        server = server or toolchain_server()
+        found = await super().module(script, *options, server=server)
+        self.assertIn("Toolchain host (SystemTap 4.8) answers", answered_by(server))
+        return found
+
+
+def answered_by(server: ServerProcess) -> str:
+    """The server's last log line naming the toolchain of a request."""
+    lines = [line for line in server.log().splitlines() if ") answers " in line]
+    return lines[-1] if lines else ""
 
 
 class Reference55(RealClientMixin, TestCase):
     """What the 5.5 client's modules need: built by 5.5's own translator
     (the original stap-serverd 5.5), a module runs under 5.5's staprun on
-    the same kernel.  (This is what the toolchain issue after #25 gives
-    stapsrv's answers to 5.5 clients.)"""
+    the same kernel (as stapsrv's answers to 5.5 clients with the forky
+    toolchain do: ModulesRun55)."""
 
     kind = CLIENT_55
 
