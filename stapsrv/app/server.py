@@ -52,6 +52,11 @@ def peer_host(address: IAddress) -> str:
     return host
 
 
+def peer_share(address: IAddress) -> str:
+    """What the client counts as for its shares (an IPv6 host: its /64)."""
+    return share_key(peer_host(address))
+
+
 def describe_peer(address: IAddress) -> str:
     host = peer_host(address)
     port = getattr(address, "port", "?")
@@ -171,7 +176,7 @@ class CompileServerProtocol(Protocol):
             # Behind a proxy (without one, the gate under TLS refused it).
             self._waiting = False
             self._disarm_deadline()
-            self.factory.closed_early(PEER, host)
+            self.factory.closed_early(PEER, share_key(host))
             self.connection.abortConnection()
             return
         self._counted = share_key(host)

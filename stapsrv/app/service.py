@@ -28,7 +28,7 @@ from stapsrv.app.admission import Admission, AdmissionEndpoint, AdmissionFactory
 from stapsrv.app.health import Health, listening_check, space_check, translator_check
 from stapsrv.app.listen import NotListening, listen_now
 from stapsrv.app.proxies import trusted_proxy_endpoint
-from stapsrv.app.server import CompileServerFactory, peer_host
+from stapsrv.app.server import CompileServerFactory, peer_host, peer_share
 from stapsrv.app.toolchains import server_toolchains
 from stapsrv.cache.fleet import RedisCache
 from stapsrv.cache.key import KeyMaker
@@ -280,7 +280,7 @@ class CompileServerService(Service):
         peer_admits = None if self.config.proxied else (
             lambda address: factory.peer_admits(peer_host(address)))
         return AdmissionEndpoint(stream, lambda wrapped: AdmissionFactory(
-            wrapped, admission, factory.closed_early, peer_admits, describe=peer_host))
+            wrapped, admission, factory.closed_early, peer_admits, describe=peer_share))
 
     def _trusted_proxies(self, stream: IStreamServerEndpoint) -> IStreamServerEndpoint:
         """The PROXY protocol reader over ``stream``, for the peers of

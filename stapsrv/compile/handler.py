@@ -331,9 +331,8 @@ class RequestHandler:
 
     async def _release_ready(self, job: Job, context: RequestContext) -> Outcome | None:
         """The request's release provided (fetched if need be), with what
-        the kernel store has for it, and held until the request is
-        answered; or the answer that ends the request now (a refusal, or a
-        cache hit while its symbols are still being made)."""
+        the kernel store has for it; or the answer that ends the request now
+        (a refusal, or a cache hit while its symbols are still being made)."""
         # Before fetching: no toolchain may build that kernel for this client.
         refusal = await self._choose_toolchain(job, context, with_tree=False)
         if refusal is not None:
@@ -357,9 +356,6 @@ class RequestHandler:
             await self.releases.provide_debug_within(job.release, context)
             await self.releases.provide_module_debug(job.release, job.named_modules,
                                                      job.privilege, context)
-            problem = await self.releases.hold(job.release, context)
-            if problem is not None:
-                return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
         return None
 
     async def _cached(self, job: Job, context: RequestContext) -> Outcome | None:
@@ -467,6 +463,12 @@ class RequestHandler:
         try:
             if context.abandoned:
                 return Outcome(None, False)
+            if job.release is not None and self.releases.serves(job.release):
+                # What it reads of the kernel store is held from now until it
+                # is answered (not while it waited: a cache hit holds nothing).
+                problem = await self.releases.hold(job.release, context)
+                if problem is not None:
+                    return Outcome(refusal_archive(problem, PROTOCOL_VERSION), False)
             return await self._compile_in_scratch(body, job, context)
         except DiskFull:
             pass

@@ -217,15 +217,26 @@ class ServedReleases:
         if self.kernels is None or release.startswith("/"):
             return None
         for _ in range(2):
-            lease = await self._in_thread(self._lease, release)
+            try:
+                lease = await self._in_thread(self._lease, release)
+            except OSError as exc:
+                self.log.warn("Cannot hold kernel {release} for {peer}: {error}",
+                              release=release, peer=context.peer, error=str(exc))
+                return (f"Server: Kernel release '{release}' cannot be held for this request "
+                        f"now ({exc.strerror or exc}); try again.")
             if lease is not None:
                 if context.lease is not None:
                     context.lease.close()
                 context.lease = lease
                 return None
-            problem = await self.provide_release(release, context)
+            self._debug.pop(release, None)  # its links went with the old tree
+            try:
+                problem = await self.provide_release(release, context)
+            except OverBudget as exc:
+                return str(exc)
             if problem is not None:
                 return problem
+            await self.provide_debug_within(release, context)  # linked into the new tree
         return (f"Server: Kernel release '{release}' was removed from the server's kernel "
                 "store while this request waited for it; try again.")
 

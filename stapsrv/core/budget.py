@@ -52,7 +52,8 @@ def peer_address(peer: str) -> str:
 def share_key(host: str) -> str:
     """What a client address counts as for its shares: an IPv4 address as
     it is (also one seen through an IPv6 socket), an IPv6 address as its
-    /64 (``2001:db8:1:2::/64``), anything else as it is."""
+    /64 (``2001:db8:1:2::/64``) except a link-local one (as it is, zone
+    included), anything else as it is."""
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -61,6 +62,8 @@ def share_key(host: str) -> str:
         return str(address)
     if address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
+    if address.is_link_local:
+        return host  # every link's fe80::/64: the address (and zone) tells hosts apart
     return str(ipaddress.IPv6Network((address, IPV6_SHARE_PREFIX), strict=False))
 
 

@@ -138,6 +138,9 @@ class Lease:
     def __init__(self, held: Iterable[tuple[Path, int]] = ()) -> None:
         self._held = list(held)
 
+    def add(self, directory: Path, descriptor: int) -> None:
+        self._held.append((directory, descriptor))
+
     def holds(self, directory: Path) -> bool:
         """Whether the lease holds the release in the store at ``directory``."""
         return any(store == directory for store, _ in self._held)
@@ -180,13 +183,33 @@ class KernelStore:
         """Make the directory; remove what dead fetches left.  Returns the
         names removed."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o755)
-        removed = []
+        removed = self.sweep()
         for entry in self.directory.iterdir():
-            if entry.name.startswith(_REMOVING) or (
-                    entry.name.startswith(_PARTIAL) and not _owner_alive(entry.name)):
+            if entry.name.startswith(_PARTIAL) and not _owner_alive(entry.name):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry.name)
         return removed
+
+    def sweep(self) -> list[str]:
+        """Delete the releases set aside when they were replaced or
+        removed while a compile held them, once nothing holds them; the
+        names deleted."""
+        swept = []
+        try:
+            aside = [entry for entry in self.directory.iterdir()
+                     if entry.name.startswith(_REMOVING)]
+        except OSError:
+            return []
+        for entry in aside:
+            try:
+                held = _hold(entry / "old" / USED, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # still held (or unreadable): next time
+            shutil.rmtree(entry, ignore_errors=True)
+            if held is not None:
+                os.close(held)
+            swept.append(entry.name)
+        return swept
 
     def get(self, release: str) -> StoredRelease | None:
         if not valid_release(release):
@@ -244,7 +267,9 @@ class KernelStore:
         (work / USED).touch()
         target = self.directory / release
         if target.exists():
-            self._discard(target)
+            # Never waits: a copy a compile holds is set aside whole (its
+            # readers keep what they opened or mounted) and deleted later.
+            self._discard(target, aside=True)
         os.rename(work, target)
         stored = self.get(release)
         assert stored is not None
@@ -258,7 +283,9 @@ class KernelStore:
         :class:`InUse` when a compile is reading it."""
         if not valid_release(release) or not (self.directory / release).is_dir():
             return False
-        if not self._discard(self.directory / release, wait=False):
+        if not self._discard(self.directory / release):
+            if not (self.directory / release).exists():
+                return False  # removed meanwhile by another
             raise InUse(release)
         return True
 
@@ -277,20 +304,23 @@ class KernelStore:
                 if descriptor is not None:
                     held.append(descriptor)
             doomed = [store._rename_away(store.directory / release) for store in parts]
-        except BlockingIOError:
+        except OSError:  # held, or its lock unreadable
             raise InUse(release) from None
         finally:
             for descriptor in held:
                 os.close(descriptor)
         for directory in doomed:
-            shutil.rmtree(directory, ignore_errors=True)
-        return bool(parts)
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+        return any(directory is not None for directory in doomed)
 
     def evict(self, keep: str | None = None) -> list[StoredRelease]:
         """Remove least recently used releases, from the trees and every
         part alike, until the whole store is within its size cap; never
         ``keep`` (in any part) nor a release a compile holds.  The releases
         removed."""
+        for store in self.family():
+            store.sweep()
         stored = sorted((entry for store in self.family() for entry in store.releases()),
                         key=lambda entry: entry.used, reverse=True)
         total = sum(entry.size for entry in stored)
@@ -298,7 +328,7 @@ class KernelStore:
         for entry in reversed(stored):
             if total <= self.size_cap:
                 break
-            if entry.release == keep or not self._discard(entry.directory, wait=False):
+            if entry.release == keep or not self._discard(entry.directory):
                 continue
             total -= entry.size
             removed.append(entry)
@@ -311,45 +341,62 @@ class KernelStore:
     def lease(self, release: str) -> Lease:
         """Hold ``release`` in the trees and every part that has it, until
         the lease is closed: the size cap passes it by and removal refuses
-        it.  What is not there is not held (a part made later is fresh)."""
-        held = []
+        it.  What is not there is not held (a part made later is fresh).
+        Raises OSError when a lock cannot be had (no descriptor left)."""
+        lease = Lease()
         if valid_release(release):
-            for store in self.family():
-                descriptor = _hold(store.directory / release / USED, fcntl.LOCK_SH)
-                if descriptor is not None:
-                    held.append((store.directory, descriptor))
-        return Lease(held)
+            try:
+                for store in self.family():
+                    descriptor = _hold(store.directory / release / USED, fcntl.LOCK_SH)
+                    if descriptor is not None:
+                        lease.add(store.directory, descriptor)
+            except BaseException:
+                lease.close()
+                raise
+        return lease
 
-    def _discard(self, directory: Path, wait: bool = True) -> bool:
-        """Rename away first, so the release is gone at once, then delete;
-        False (nothing done) when a compile holds it and not ``wait``."""
-        flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
+    def _discard(self, directory: Path, aside: bool = False) -> bool:
+        """Rename ``directory`` away first, so the release is gone at once,
+        then delete it; never waits.  While a compile holds it: nothing is
+        done (False), or with ``aside`` it is renamed away and left for
+        :meth:`sweep`."""
         try:
-            held = _hold(directory / USED, flags)
-        except BlockingIOError:
-            return False
+            held = _hold(directory / USED, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if not aside:
+                return False  # held, or its lock unreadable: counts as held
+            return self._rename_away(directory) is not None
         try:
             doomed = self._rename_away(directory)
         finally:
             if held is not None:
                 os.close(held)
+        if doomed is None:
+            return False  # gone already (another eviction)
         shutil.rmtree(doomed, ignore_errors=True)
         return True
 
-    def _rename_away(self, directory: Path) -> Path:
-        """Move ``directory`` out of the store's names at once; what to delete."""
+    def _rename_away(self, directory: Path) -> Path | None:
+        """Move ``directory`` out of the store's names at once; what to
+        delete (None: it was gone already)."""
         doomed = Path(tempfile.mkdtemp(prefix=_REMOVING, dir=self.directory))
-        os.rename(directory, doomed / "old")
+        try:
+            os.rename(directory, doomed / "old")
+        except FileNotFoundError:
+            doomed.rmdir()
+            return None
         return doomed
 
 
 def _hold(path: Path, operation: int) -> int | None:
     """A descriptor of ``path`` locked with ``operation`` (None: no such
     file, or it was renamed away while the lock was awaited).  Raises
-    BlockingIOError for a non-blocking lock that is taken."""
+    BlockingIOError for a non-blocking lock that is taken, and OSError when
+    the file cannot be opened (no descriptor left, a link): callers count
+    that as held, never as absent."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         fcntl.flock(descriptor, operation)

@@ -203,6 +203,35 @@ class StoredTests(ReleasesCase):
         self.assertTrue((releases.tree(STORED) / "Makefile").is_file())
         releases.finish_work(context)
 
+    async def test_a_tree_had_again_past_the_share_is_a_refusal(self) -> None:
+        releases = self.releases(peer_fetches=1)
+        first = RequestContext("10.0.0.1:1")
+        self.assertIsNone(await releases.provide_release(STORED, first))
+        releases.finish_work(first)
+        releases.charge(RequestContext("10.0.0.1:2"), "6.1.0-56-amd64",
+                        "the fetch of kernel release '6.1.0-56-amd64'")
+        request = RequestContext("10.0.0.1:3")
+        self.assertIsNone(await releases.provide_release(STORED, request))  # stored: free
+        self.assertTrue(self.store.remove(STORED))  # evicted by that other fetch
+        problem = await releases.hold(STORED, request)
+        assert problem is not None
+        self.assertIn("Not starting the fetch of kernel release '6.1.0-55-amd64'", problem)
+
+    async def test_a_tree_had_again_gets_its_symbols_linked_again(self) -> None:
+        releases = self.releases(fetch_symbols=True)
+        first = RequestContext("10.0.0.1:1")
+        self.assertIsNone(await releases.provide_release(STORED, first))
+        await releases.provide_debug(STORED, first)
+        tree = releases.tree(STORED)
+        self.assertTrue((tree / "System.map").is_symlink())
+        releases.finish_work(first)
+        self.assertTrue(self.store.remove(STORED))  # the tree only: the cap took it
+        again = RequestContext("10.0.0.1:2")
+        self.assertIsNone(await releases.hold(STORED, again))
+        releases.finish_work(again)
+        self.assertTrue((tree / "System.map").is_symlink())
+        self.assertIn("_text", (tree / "System.map").read_text())
+
     async def test_a_stored_release_is_adopted_once(self) -> None:
         releases = self.releases()
         self.assertFalse(releases.serves(STORED))

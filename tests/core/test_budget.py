@@ -27,7 +27,9 @@ class AddressTests(TestCase):
         self.assertEqual(share_key("2001:db8:1:2::1"), "2001:db8:1:2::/64")
         self.assertEqual(share_key("2001:db8:1:2:ffff:1:2:3"), "2001:db8:1:2::/64")
         self.assertNotEqual(share_key("2001:db8:1:3::1"), share_key("2001:db8:1:2::1"))
-        self.assertEqual(share_key("fe80::1%eth0"), "fe80::/64")
+        # Link-local: every link is fe80::/64, so the address itself counts.
+        self.assertEqual(share_key("fe80::1%eth0"), "fe80::1%eth0")
+        self.assertNotEqual(share_key("fe80::2%eth0"), share_key("fe80::1%eth0"))
         # IPv4, also through an IPv6 socket, is the address itself.
         self.assertEqual(share_key("192.0.2.7"), "192.0.2.7")
         self.assertEqual(share_key("::ffff:192.0.2.7"), "192.0.2.7")

@@ -4,13 +4,18 @@ fetches leave."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 from twisted.trial.unittest import TestCase
 
+from stapsrv.kernel import store as store_module
 from stapsrv.kernel.store import (
     DEBUG_DIRECTORY,
     IMAGES_DIRECTORY,
@@ -187,3 +192,84 @@ class CeilingTests(TestCase):
             self.assertFalse(lease.holds(self.store.directory))
         with self.store.lease("../escape") as lease:
             self.assertFalse(lease.holds(self.store.directory))
+
+
+class RacesTests(TestCase):
+    """What compiles, evictions and removals do to each other."""
+
+    def setUp(self) -> None:
+        self.store = KernelStore(Path(self.mktemp()), 1 << 30)
+        for part in self.store.family():
+            part.open()
+
+    def test_replacing_a_held_release_never_waits(self) -> None:
+        # A new module set (or -dbg over a map) for a release a compile
+        # reads: put in place at once; the old copy is set aside whole,
+        # for the compile that has it open or mounted, and deleted once free.
+        modules = self.store.part(MODULES_DIRECTORY)
+        add_to(modules, RELEASE, 1 << 10, 1000.0)
+        old_payload = modules.directory / RELEASE / "root" / "payload"
+        with modules.lease(RELEASE):
+            with old_payload.open("rb") as reading:
+                add_to(modules, RELEASE, 1 << 11, 2000.0)  # returns: it did not wait
+                self.assertEqual(len(reading.read()), 1 << 10)
+            aside = [entry for entry in modules.directory.iterdir()
+                     if entry.name.startswith(".removing-")]
+            self.assertEqual(len(aside), 1)
+            self.assertEqual((aside[0] / "old" / "root" / "payload").stat().st_size, 1 << 10)
+            self.assertEqual(modules.sweep(), [])  # still held
+        self.assertEqual((modules.directory / RELEASE / "root" / "payload").stat().st_size,
+                         1 << 11)
+        self.assertEqual(modules.sweep(), [aside[0].name])
+        self.assertFalse(aside[0].exists())
+
+    def test_a_lock_that_cannot_be_opened_counts_as_held(self) -> None:
+        add_to(self.store, RELEASE, 1 << 10, 1000.0)
+        self.store.size_cap = 0
+        real_open = os.open
+
+        def no_descriptors(path: Any, *args: Any, **kwargs: Any) -> int:
+            if str(path).endswith("/used"):
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real_open(path, *args, **kwargs)
+
+        with mock.patch.object(store_module.os, "open", no_descriptors):
+            self.assertEqual(self.store.evict(), [])
+            with self.assertRaises(InUse):
+                self.store.remove(RELEASE)
+            with self.assertRaises(InUse):
+                self.store.remove_everywhere(RELEASE)
+            with self.assertRaises(OSError):
+                self.store.lease(RELEASE)
+        self.assertIsNotNone(self.store.get(RELEASE))
+
+    def test_an_entry_another_evicter_took_meanwhile_is_no_failure(self) -> None:
+        # Two fetches ending at once (or two servers on one store) both
+        # pick the same least recently used release.
+        add_to(self.store, "r-1", 1 << 10, 1000.0)
+        add_to(self.store.part(DEBUG_DIRECTORY), "r-1", 1 << 10, 1000.0)
+        add_to(self.store.part(IMAGES_DIRECTORY), "r-1", 1 << 10, 1000.0)
+        add_to(self.store, "r-2", 1 << 10, 2000.0)
+        real_hold = store_module._hold
+
+        def the_other_was_first(path: Path, operation: int) -> int | None:
+            if ".images" in str(path) and path.parent.exists():
+                shutil.rmtree(path.parent)
+            return real_hold(path, operation)
+
+        with mock.patch.object(store_module, "_hold", the_other_was_first):
+            self.assertTrue(self.store.remove_everywhere("r-1"))
+        self.assertEqual([entry.name for entry in self.store.directory.iterdir()
+                          if entry.name.startswith(".removing-")], [])
+        self.assertIsNone(self.store.part(DEBUG_DIRECTORY).get("r-1"))
+        add_to(self.store, "r-3", 1 << 10, 3000.0)
+        self.store.size_cap = 1 << 10
+
+        def gone_first(path: Path, operation: int) -> int | None:
+            if "r-2" in str(path) and path.parent.exists():
+                shutil.rmtree(path.parent)
+            return real_hold(path, operation)
+
+        with mock.patch.object(store_module, "_hold", gone_first):
+            self.assertEqual(self.store.evict(keep="r-3"), [])
+        self.assertEqual([entry.release for entry in self.store.releases()], ["r-3"])
