@@ -36,6 +36,15 @@ class FakeHandler:
         self.requests: list[tuple[bytes, RequestContext]] = []
         self.answers: list[Deferred[bytes | None]] = []
 
+    def drain(self) -> None:
+        """Answer every request, those still waiting for a slot too, so that
+        no handler coroutine is left suspended when the test ends (garbage
+        collected later, its resumption is an error in another test)."""
+        while any(not answer.called for answer in self.answers):
+            for answer in list(self.answers):
+                if not answer.called:
+                    answer.callback(None)
+
     async def handle(self, body: bytes, context: RequestContext) -> bytes | None:
         """As the real handler: a translator slot first (the fake answers
         stand for compiles)."""
@@ -56,8 +65,16 @@ class ConnectionTestCase(TestCase):
 
     def setUp(self) -> None:
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.drained: list[FakeHandler] = []
+
+    def drain_at_end(self, factory: CompileServerFactory) -> None:
+        handler = factory.handler
+        if isinstance(handler, FakeHandler) and handler not in self.drained:
+            self.drained.append(handler)
+            self.addCleanup(handler.drain)
 
     def connect(self, factory: CompileServerFactory, port: int = 40000) -> tuple[Any, Any]:
+        self.drain_at_end(factory)
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
         transport = StringTransportWithDisconnection(
             peerAddress=IPv6Address("TCP", "::ffff:127.0.0.1", port))
@@ -70,6 +87,7 @@ class ConnectionTestCase(TestCase):
 
     def connect_proxied(self, factory: CompileServerFactory) -> tuple[Any, Any]:
         """A connection from HAProxy (at 127.0.0.1) through the PROXY wrapper."""
+        self.drain_at_end(factory)
         wrapper = HAProxyWrappingFactory(factory)
         protocol = wrapper.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         assert protocol is not None
