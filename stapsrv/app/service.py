@@ -37,6 +37,7 @@ from stapsrv.compile.handler import RequestHandler
 from stapsrv.compile.sandbox import Sandbox, SandboxUnavailable, StapconfStore, server_sandbox
 from stapsrv.config.secret import SecretError, load_password, load_secret
 from stapsrv.config.values import ServerConfig
+from stapsrv.core.aptsources import series_patterns
 from stapsrv.core.counters import Counters
 from stapsrv.core.policyvalues import parse_networks
 from stapsrv.identity.certs import ServerIdentity, server_context_factory
@@ -48,6 +49,7 @@ from stapsrv.kernel.fetch import (
     default_patterns,
 )
 from stapsrv.kernel.moduledebug import ModuleDebug
+from stapsrv.kernel.privateapt import APT_DIRECTORY, AptSetupError, ListsUpdater, PrivateApt
 from stapsrv.kernel.runtime import default_cache_root, select_runtime
 from stapsrv.kernel.store import KernelStore, store_directory
 from stapsrv.paths import (
@@ -132,6 +134,8 @@ class CompileServerService(Service):
         self.counters = Counters()
         self._fleet: RedisCache | None = None
         self.kernels: KernelFetcher | None = None
+        #: Updates the lists of the suites named by --fetch-suites.
+        self._lists: ListsUpdater | None = None
         #: Called (in the reactor thread) when the server starts serving a
         #: release it fetched into its kernel store.
         self.on_releases_changed: list[Callable[[], None]] = []
@@ -193,7 +197,8 @@ class CompileServerService(Service):
     def startService(self) -> None:
         try:
             self._start()
-        except (RootRefused, SandboxUnavailable, SecretError, NotListening) as exc:
+        except (RootRefused, SandboxUnavailable, SecretError, NotListening,
+                AptSetupError) as exc:
             self.log.error("{message}", message=str(exc))
             raise
         except CannotListenError as exc:
@@ -249,6 +254,8 @@ class CompileServerService(Service):
             self._key_pool.start()
         self._log_listening(config)
         Service.startService(self)
+        if self._lists is not None:
+            self._lists.start()
         self._trust_self()
         handler.warm_up()
 
@@ -301,17 +308,52 @@ class CompileServerService(Service):
         for name in [name for part in store.family() for name in part.open()]:
             self.log.info("Kernel store: removed {name}, left by an interrupted fetch",
                           name=name)
+        architecture = debian_architecture()
         patterns = config.fetch_patterns or default_patterns(
-            debian_architecture(), [*installed_releases(), *config.releases])
+            architecture, [*installed_releases(), *config.releases])
+        apt = None
+        if config.fetch_suites:
+            apt = PrivateApt(store.directory / APT_DIRECTORY, config.fetch_suites, architecture)
+            apt.prepare()
         self.log.info("Kernel store {directory} (at most {size} MiB); fetching releases "
-                      "matching {patterns}; at most {fetches} fetches at once, and kernel "
-                      "store work for {share} at once per client address",
+                      "matching {patterns} from {archive}; at most {fetches} fetches at "
+                      "once, and kernel store work for {share} at once per client address",
                       directory=store.directory, size=config.kernel_store_size >> 20,
-                      patterns=" ".join(patterns), fetches=config.max_fetches,
+                      patterns=" ".join(patterns) + (
+                          " and the kernel series of those suites"
+                          if apt is not None and not config.fetch_patterns else ""),
+                      archive=(f"the suites {apt.describe()} (apt configuration "
+                               f"{apt.config_file})" if apt is not None
+                               else "the machine's apt sources"),
+                      fetches=config.max_fetches,
                       share=("any number of releases" if config.peer_fetches == 0 else
                              f"{config.peer_fetches} release"
                              + ("s" if config.peer_fetches > 1 else "")))
-        return KernelFetcher(store, self.reactor, self._pool, patterns, log=self.log)
+        fetcher = KernelFetcher(store, self.reactor, self._pool, patterns, log=self.log,
+                                apt=apt)
+        if apt is not None:
+            lists = self._lists = ListsUpdater(
+                apt, fetcher.run, self.reactor,
+                lambda packages: self._suites_updated(fetcher, patterns, packages),
+                log=self.log)
+            fetcher.ready = lists.first_update
+        return fetcher
+
+    def _suites_updated(self, fetcher: KernelFetcher, base: tuple[str, ...],
+                        packages: list[str]) -> None:
+        """The suites' lists were updated: their kernel series join the
+        fetchable releases (unless --fetch-releases names them)."""
+        if self.config.fetch_patterns or fetcher.apt is None:
+            return
+        series = series_patterns(packages, fetcher.apt.architecture)
+        patterns = tuple(dict.fromkeys((*base, *series)))
+        if patterns == fetcher.patterns:
+            return
+        fetcher.patterns = patterns
+        self.log.info("Kernel store: fetching releases matching {patterns}",
+                      patterns=" ".join(patterns))
+        for listener in self.on_releases_changed:
+            listener()
 
     def _make_module_debug(self, kernels: KernelFetcher) -> ModuleDebug:
         """Module debuginfo on demand (--fetch-debuginfo), beside the kernel store."""
@@ -403,6 +445,8 @@ class CompileServerService(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self._lists is not None:
+            self._lists.stop()
         if self.factory is not None and self.factory.handler.keys is not None:
             # Keys being computed give up now (those answers are not cached).
             self.factory.handler.keys.digests.stop()

@@ -98,7 +98,8 @@ def list_store(store: KernelStore, out: TextIO) -> None:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.used))
         print(f"{entry.release}\t{megabytes(entry.size)}\tused {used}\t"
               f"{_symbols(debug.get(entry.release))}\t"
-              + " ".join(f"{p.name}={p.version}" for p in entry.packages), file=out)
+              + " ".join(f"{p.name}={p.version}" for p in entry.packages)
+              + (f"\tfrom {entry.suite}" if entry.suite else ""), file=out)
     stored = {entry.release for entry in releases}
     for release, entry in sorted(debug.items()):
         if release not in stored:

@@ -45,6 +45,7 @@ from stapsrv.config.values import (
     DEFAULT_PEER_FETCHES,
     DEFAULT_REQUEST_TIMEOUT,
 )
+from stapsrv.core.aptsources import AptSuite, SuiteError, parse_suites
 from stapsrv.core.cmdline import ALL_PRIVILEGES
 from stapsrv.core.policyvalues import PolicyError, parse_networks, parse_privileges
 from stapsrv.paths import default_server_ssl_dir
@@ -265,6 +266,13 @@ def _release_patterns(values: Iterable[str]) -> tuple[str, ...]:
     return patterns
 
 
+def _suites(values: Iterable[str]) -> tuple[AptSuite, ...]:
+    try:
+        return parse_suites(values)
+    except SuiteError as exc:
+        raise SettingsError(f"--fetch-suites: {exc}") from None
+
+
 # --- the table ------------------------------------------------------------------------
 
 #: In the order of status files, status lines and the daemon's arguments.
@@ -396,6 +404,14 @@ OPTIONS: tuple[Option, ...] = (
            variable="FETCH_RELEASES", manager=True, usage="--fetch-releases patterns: the "
            "releases that may be fetched (default: this server's series).",
            field="fetch_patterns", convert=_release_patterns),
+    # --fetch-suites (#27 item 3)
+    Option("fetch-suites", Words(), "Debian suites (separated by commas or blanks; SUITE or "
+           "SUITE=URI) whose kernel releases may be fetched, through a private apt "
+           "configuration in the kernel store; their kernel series join the fetchable "
+           "releases; repeatable (default: the machine's own apt sources and kernel series).",
+           variable="FETCH_SUITES", manager=True, usage="--fetch-suites suites\t: Debian "
+           "suites to fetch releases from, e.g. bookworm,trixie (default: the machine's apt "
+           "sources).", field="fetch_suites", convert=_suites),
     Option("kernel-store", Text(), "Directory of the kernel store, where releases that are not "
            "installed are fetched (default: $XDG_CACHE_HOME/stapsrv/kernels or "
            "~/.cache/stapsrv/kernels).", variable="KERNEL_STORE", manager=True,

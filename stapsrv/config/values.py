@@ -10,6 +10,7 @@ from pathlib import Path
 from attrs import field, frozen
 
 from stapsrv.config.endpoints import DEFAULT_PROXY_FROM, proxied, shorthand
+from stapsrv.core.aptsources import AptSuite  # --fetch-suites (#27)
 from stapsrv.core.cmdline import ALL_PRIVILEGES, ServerOption
 from stapsrv.paths import default_mok_store, systemtap_dir
 
@@ -189,6 +190,10 @@ class ServerConfig:
     #: the flavours of the server's own kernel series and architecture).
     fetch_kernels: bool = True
     fetch_patterns: tuple[str, ...] = ()
+    #: The Debian suites releases are fetched from, through the kernel
+    #: store's private apt configuration (empty: the machine's own apt
+    #: sources and kernel series).  # --fetch-suites (#27)
+    fetch_suites: tuple[AptSuite, ...] = ()
     kernel_store: Path | None = None
     kernel_store_size: int = DEFAULT_KERNEL_STORE_SIZE
     #: Make every served release's System.map from its kernel image (a

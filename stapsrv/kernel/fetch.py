@@ -1,6 +1,8 @@
 """Fetching a kernel release's build tree, its ``System.map`` and (when
-asked) its debuginfo from the Debian archive that the machine's apt is
-configured for.
+asked) its debuginfo from the Debian archive: the one the machine's apt is
+configured for, or, when the admin named suites (``--fetch-suites``), those
+suites through the kernel store's private apt configuration
+(:mod:`stapsrv.kernel.privateapt`).
 
 apt finds the packages (``apt-cache show``: the candidate versions from
 apt's signed indexes) and downloads them (``apt-get download``, which
@@ -11,7 +13,9 @@ requests share one fetch.
 
 Which releases may be fetched is a list of shell patterns
 (:func:`default_patterns`: the flavours of the server's own Debian release
-and architecture).
+and architecture; with suites named, also the kernel series those suites
+hold, :func:`~stapsrv.core.aptsources.series_patterns`).  The suite a
+release came from (``apt-cache policy``) is kept with it in the store.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from stapsrv.core.aptsources import policy_suite
 from stapsrv.kernel.children import ChildTimedOut, run_child
+from stapsrv.kernel.privateapt import PrivateApt
 from stapsrv.kernel.store import (
     DEBUG_DIRECTORY,
     IMAGES_DIRECTORY,
@@ -144,10 +150,25 @@ class KernelFetcher:
     #: Seconds any one step (a download, an unpacking, a System.map pass)
     #: may take before it is stopped and the fetch fails.
     step_timeout: float = STEP_TIMEOUT
+    #: The suites named by the admin (None: the machine's own apt sources).
+    apt: PrivateApt | None = None
+    #: Fires once apt's lists may be read (the suites' first update).
+    ready: Callable[[], Awaitable[None]] | None = None
     _flights: dict[str, list[Deferred[StoredRelease]]] = field(init=False, factory=dict)
 
     def allowed(self, release: str) -> bool:
         return allowed(release, self.patterns)
+
+    def apt_options(self) -> list[str]:
+        """What every apt command of the store takes after its name."""
+        return self.apt.options() if self.apt is not None else []
+
+    @property
+    def archive(self) -> str:
+        """The archive in the clients' words: "the Debian archive this server uses"."""
+        if self.apt is None:
+            return "the Debian archive this server uses"
+        return f"the Debian suites this server uses ({self.apt.describe()})"
 
     def in_thread(self, function: Callable[..., object], *args: object) -> Deferred[object]:
         """``function(*args)`` in the fetcher's pool (store work blocks)."""
@@ -288,11 +309,20 @@ class KernelFetcher:
 
     async def candidate(self, name: str) -> Candidate:
         """apt's candidate of package ``name``; FetchFailed without one."""
-        out, err, code = await self.run([APT_CACHE, "show", "--no-all-versions", name])
+        if self.ready is not None:
+            await self.ready()
+        out, err, code = await self.run([APT_CACHE, *self.apt_options(), "show",
+                                         "--no-all-versions", name])
         found = parse_show(out.decode(errors="replace"))
         if code != 0 or not found:
-            raise FetchFailed(f"the Debian archive this server uses has no {name}")
+            raise FetchFailed(f"{self.archive} has no {name}")
         return found[0]
+
+    async def suite(self, package: Candidate) -> str | None:
+        """The suite apt takes ``package``'s version from (None: not said)."""
+        out, err, code = await self.run([APT_CACHE, *self.apt_options(), "policy",
+                                         package.name])
+        return policy_suite(out.decode(errors="replace"), package.version) if code == 0 else None
 
     async def _fetch_symbols(self, store: KernelStore, release: str,
                              progress: Progress | None) -> StoredRelease:
@@ -404,14 +434,18 @@ class KernelFetcher:
         archive has none."""
         if not valid_release(release):
             raise FetchFailed(f"'{release}' is not a kernel release name")
+        if self.ready is not None:
+            await self.ready()
         headers = f"linux-headers-{release}"
-        out, err, code = await self.run([APT_CACHE, "show", "--no-all-versions", headers])
+        out, err, code = await self.run([APT_CACHE, *self.apt_options(), "show",
+                                         "--no-all-versions", headers])
         found = parse_show(out.decode(errors="replace"))
         if code != 0 or not found:
-            raise FetchFailed(f"the Debian archive this server uses has no kernel headers "
+            raise FetchFailed(f"{self.archive} has no kernel headers "
                               f"for release {release} (no package {headers})")
         names = build_packages(found[0])
-        out, err, code = await self.run([APT_CACHE, "show", "--no-all-versions", *names])
+        out, err, code = await self.run([APT_CACHE, *self.apt_options(), "show",
+                                         "--no-all-versions", *names])
         others = parse_show(out.decode(errors="replace"))
         missing = set(names) - {candidate.name for candidate in others}
         if code != 0 or missing:
@@ -422,15 +456,17 @@ class KernelFetcher:
     async def fetch(self, release: str, progress: Progress | None = None) -> StoredRelease:
         started = self.reactor.seconds()
         packages = await self.resolve(release)
+        suite = await self.suite(packages[0])
         total = sum(package.size for package in packages)
-        self.log.info("Fetching kernel {release}: {packages} ({total})", release=release,
+        self.log.info("Fetching kernel {release}: {packages} ({total}){suite}",
+                      release=release, suite=f" from {suite}" if suite else "",
                       packages=", ".join(f"{p.name} {p.version} ({megabytes(p.size)})"
                                          for p in packages),
                       total=megabytes(total))
         work = await self.in_thread(self.store.begin, release)
         assert isinstance(work, Path)
         try:
-            stored = await self._fetch_into(work, release, packages, total, progress)
+            stored = await self._fetch_into(work, release, packages, total, progress, suite)
         except BaseException:
             await self.in_thread(self.store.abandon, work)
             raise
@@ -459,7 +495,8 @@ class KernelFetcher:
             ticker.start(0.5)
         try:
             out, err, code = await self.run(
-                [APT_GET, "download", "-q", *(f"{p.name}={p.version}" for p in packages)],
+                [APT_GET, *self.apt_options(), "download", "-q",
+                 *(f"{p.name}={p.version}" for p in packages)],
                 cwd=download)
         finally:
             if ticker is not None:
@@ -470,7 +507,8 @@ class KernelFetcher:
                               f"{_last_line(err) or f'apt-get exit {code}'}")
 
     async def _fetch_into(self, work: Path, release: str, packages: list[Candidate],
-                          total: int, progress: Progress | None) -> StoredRelease:
+                          total: int, progress: Progress | None,
+                          suite: str | None = None) -> StoredRelease:
         download = work / "download"
         await self.download(download, release, packages, total, progress)
         root = work / "root"
@@ -484,7 +522,7 @@ class KernelFetcher:
                 raise FetchFailed(f"unpacking {deb.name} failed: {_last_line(err)}")
         await self.in_thread(fix_tree, root, release, self.store.final_root(release))
         stored = await self.in_thread(self.store.commit, work, release,
-                                       [p.stored for p in packages])
+                                       [p.stored for p in packages], suite)
         assert isinstance(stored, StoredRelease)
         return stored
 

@@ -2,7 +2,8 @@
 
 Each stored release is a directory ``STORE/<release>/`` holding ``root/``
 (the Debian packages unpacked there by ``dpkg-deb -x``, without root and
-without maintainer scripts), ``entry.json`` (what was fetched, its size)
+without maintainer scripts), ``entry.json`` (what was fetched, from which
+suite when apt said, its size)
 and ``used`` (its modification time is the last use, for the size cap).
 A release is made in ``STORE/.partial-<pid>-<release>-*/`` and renamed
 into place when complete, so an interrupted fetch never leaves a
@@ -93,6 +94,8 @@ class StoredRelease:
     size: int
     fetched: float
     used: float
+    #: The Debian suite its packages came from (None: not recorded).
+    suite: str | None = None
 
     @property
     def build_tree(self) -> Path:
@@ -222,8 +225,10 @@ class KernelStore:
             return None
         packages = tuple(StoredPackage(p["name"], p["version"], int(p["size"]))
                          for p in entry.get("packages", ()))
+        suite = entry.get("suite")
         return StoredRelease(release, directory, packages, int(entry["size"]),
-                             float(entry["fetched"]), used)
+                             float(entry["fetched"]), used,
+                             suite if isinstance(suite, str) else None)
 
     def releases(self) -> list[StoredRelease]:
         """Every complete release, most recently used first."""
@@ -255,14 +260,17 @@ class KernelStore:
     def final_root(self, release: str) -> Path:
         return self.directory / release / "root"
 
-    def commit(self, work: Path, release: str, packages: Iterable[StoredPackage]) -> StoredRelease:
+    def commit(self, work: Path, release: str, packages: Iterable[StoredPackage],
+               suite: str | None = None) -> StoredRelease:
         """Put the release made in ``work`` in place (replacing any older
-        copy) and return it."""
+        copy) and return it; ``suite``: where its packages came from."""
         shutil.rmtree(work / "download", ignore_errors=True)
         size = tree_size(work)
         entry = {"release": release, "size": size, "fetched": time.time(),
                  "packages": [{"name": p.name, "version": p.version, "size": p.size}
                               for p in packages]}
+        if suite is not None:
+            entry["suite"] = suite
         (work / ENTRY).write_text(json.dumps(entry, indent=1) + "\n")
         (work / USED).touch()
         target = self.directory / release
