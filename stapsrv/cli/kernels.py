@@ -7,7 +7,10 @@ the server's ``--kernel-store`` does).
 packages, verified by apt, unpacked without root), with the System.map
 made from the kernel image (``--no-symbols``: not) and, with
 ``--debuginfo``, the vmlinux of the -dbg package, whatever the server's
-fetch policy, and shows the downloads' progress; the size cap given with
+fetch policy, and shows the downloads' progress; with ``--suites`` (as the
+server's ``--fetch-suites``) through the store's private apt configuration
+for those suites, its lists updated first when older than the server's
+interval; the size cap given with
 ``--size`` (default: the server's default) is applied afterwards.
 ``remove`` removes a release's tree and symbols, or the symbols the
 server made for an installed release.
@@ -46,12 +49,15 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.threadpool import ThreadPool
 
 from stapsrv.config.values import DEFAULT_KERNEL_STORE_SIZE, ServerConfig
+from stapsrv.core.aptsources import SuiteError, parse_suites
 from stapsrv.kernel.fetch import (
     FetchFailed,
     KernelFetcher,
+    debian_architecture,
     debug_files,
     megabytes,
 )
+from stapsrv.kernel.privateapt import APT_DIRECTORY, AptSetupError, ListsUpdater, PrivateApt
 from stapsrv.kernel.store import (
     DEBUG_DIRECTORY,
     InUse,
@@ -158,12 +164,8 @@ class ProgressLine:
 
 async def prefetch(reactor: IServerReactor, store: KernelStore,
                    releases: Sequence[str], out: TextIO, symbols: bool = True,
-                   debuginfo: bool = False) -> int:
-    store.open()
-    pool = ThreadPool(minthreads=0, maxthreads=2, name="stapsrv-kernels")
-    pool.start()
-    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
-    fetcher = KernelFetcher(store, reactor, pool, ("*",), log=Logger(namespace="stapsrv"))
+                   debuginfo: bool = False, apt: PrivateApt | None = None) -> int:
+    fetcher = _fetcher(reactor, store, apt)
     failed = 0
     for release in releases:
         progress = ProgressLine(out)
@@ -184,29 +186,51 @@ async def prefetch(reactor: IServerReactor, store: KernelStore,
     return 1 if failed else 0
 
 
-def _fetcher(reactor: IServerReactor, store: KernelStore) -> KernelFetcher:
+def _fetcher(reactor: IServerReactor, store: KernelStore,
+             apt: PrivateApt | None = None) -> KernelFetcher:
+    """A fetcher of any release (the server's policy is not the admin's),
+    through the suites' private apt configuration when ``apt`` is given
+    (its lists updated first when older than the server's interval)."""
     store.open()
     pool = ThreadPool(minthreads=0, maxthreads=2, name="stapsrv-kernels")
     pool.start()
     reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
-    return KernelFetcher(store, reactor, pool, ("*",), log=Logger(namespace="stapsrv"))
+    log = Logger(namespace="stapsrv")
+    fetcher = KernelFetcher(store, reactor, pool, ("*",), log=log, apt=apt)
+    if apt is not None:
+        lists = ListsUpdater(apt, fetcher.run, reactor, lambda packages: None, log=log)
+        fetcher.ready = lists.first_update
+        lists.start_if_stale(time.time())
+    return fetcher
+
+
+def private_apt(store: KernelStore, suites: Sequence[str]) -> PrivateApt | None:
+    """The store's private apt configuration for ``--suites`` (None: none
+    named), written.  Raises SuiteError, AptSetupError."""
+    named = parse_suites(suites)
+    if not named:
+        return None
+    apt = PrivateApt(store.directory / APT_DIRECTORY, named, debian_architecture())
+    apt.prepare()
+    return apt
 
 
 async def run_module(reactor: IServerReactor, store: KernelStore, release: str,
-                     staprun: Staprun, job: Job, settings: VmSettings) -> Outcome:
+                     staprun: Staprun, job: Job, settings: VmSettings,
+                     apt: PrivateApt | None = None) -> Outcome:
     """``job`` on ``release``'s kernel, booted in a VM.  Raises FetchFailed
     or MissingFile."""
-    fetcher = _fetcher(reactor, store)
+    fetcher = _fetcher(reactor, store, apt)
     kernel = await fetcher.ensure_image(release, ProgressLine(sys.stderr))
     return await VmRunner(reactor, settings).run(kernel, staprun, job, fetcher.in_thread)
 
 
 async def verify_release(reactor: IServerReactor, store: KernelStore, release: str,
                          server: str, clients: Sequence[ClientSpec], settings: VmSettings,
-                         work: Path) -> Verification:
+                         work: Path, apt: PrivateApt | None = None) -> Verification:
     """Verify ``release`` and keep the result in the store.  Raises
     FetchFailed."""
-    fetcher = _fetcher(reactor, store)
+    fetcher = _fetcher(reactor, store, apt)
     verifier = Verifier(reactor, fetcher, VmRunner(reactor, settings), server, work)
     found = await verifier.verify(release, clients)
     await fetcher.in_thread(verification.save, store.directory, found)
@@ -221,7 +245,7 @@ def _verify_command(arguments: argparse.Namespace, store: KernelStore) -> int:
     async def run(reactor: IServerReactor) -> Verification:
         with tempfile.TemporaryDirectory(prefix="stapsrv-verify-") as work:
             return await verify_release(reactor, store, arguments.release, arguments.server,
-                                        clients, settings, Path(work))
+                                        clients, settings, Path(work), arguments.apt)
 
     found = _react_once(run, arguments.release)
     if isinstance(found, int):
@@ -285,7 +309,8 @@ def _run_command(arguments: argparse.Namespace, store: KernelStore) -> int:
     settings = VmSettings(timeout=arguments.timeout, kvm=not arguments.no_kvm)
 
     async def run(reactor: IServerReactor) -> Outcome:
-        return await run_module(reactor, store, arguments.release, staprun, job, settings)
+        return await run_module(reactor, store, arguments.release, staprun, job, settings,
+                                arguments.apt)
 
     outcome = _react_once(run, arguments.release)
     if isinstance(outcome, int):
@@ -308,6 +333,10 @@ def _parser() -> argparse.ArgumentParser:
                         "~/.cache/stapsrv/kernels of this user)")
     parser.add_argument("--size", type=int, default=DEFAULT_KERNEL_STORE_SIZE >> 20,
                         help="size cap in MiB applied after a prefetch")
+    parser.add_argument("--suites", action="append", default=[], metavar="SUITES",
+                        help="fetch from these Debian suites (as the server's --fetch-suites: "
+                        "SUITE or SUITE=URI, separated by commas) through the store's private "
+                        "apt configuration, not the machine's apt sources; repeatable")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="the stored releases, most recently used first")
     fetch = commands.add_parser("prefetch", help="fetch releases now")
@@ -388,6 +417,11 @@ def main(argv: list[str]) -> int:
                 print(f"No release {release} in {store.directory}", file=sys.stderr)
                 status = 1
         return status
+    try:
+        arguments.apt = private_apt(store, arguments.suites)
+    except (SuiteError, AptSetupError) as exc:
+        print(f"--suites: {exc}", file=sys.stderr)
+        return 2
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
                                      redirectStandardIO=False)
     if arguments.command == "run":
@@ -399,7 +433,7 @@ def main(argv: list[str]) -> int:
     async def run(reactor: IServerReactor) -> None:
         codes.append(await prefetch(reactor, store, arguments.releases, sys.stdout,
                                     symbols=not arguments.no_symbols,
-                                    debuginfo=arguments.debuginfo))
+                                    debuginfo=arguments.debuginfo, apt=arguments.apt))
 
     try:
         react(lambda reactor: Deferred.fromCoroutine(run(reactor)))

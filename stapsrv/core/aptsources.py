@@ -34,9 +34,10 @@ EXTRA_FLAVOURS = ("cloud", "rt")
 _SUITE = re.compile(r"[a-z0-9][a-z0-9.+_-]{0,63}")
 _URI = re.compile(r"(https?|file):/{1,3}[A-Za-z0-9._~:/@%+-]+")
 _ARCHITECTURE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
-#: ``6.1.0-41`` (bookworm and before), ``6.12.57+deb13``, ``6.10.11+bpo``.
+#: ``6.1.0-41`` (bookworm and before), ``6.12.57+deb13``, ``6.12.115+deb13.1``,
+#: ``6.10.11+bpo``.
 _OLD_STYLE = re.compile(r"(\d+\.\d+\.\d+)-\d+")
-_NEW_STYLE = re.compile(r"(\d+\.\d+)\.\d+(\+[a-z0-9]+)")
+_NEW_STYLE = re.compile(r"(\d+\.\d+)\.\d+(\+[a-z0-9]+(?:\.[0-9]+)?)")
 
 
 class SuiteError(ValueError):
@@ -180,7 +181,8 @@ def policy_suite(text: str, version: str) -> str | None:
     from (the first source listed under it), or None."""
     lines = text.splitlines()
     for index, line in enumerate(lines):
-        words = line.replace("***", " ").split()
+        line = line.replace("***", "   ")  # the installed version's mark
+        words = line.split()
         if len(words) != 2 or words[0] != version:
             continue
         depth = len(line) - len(line.lstrip())

@@ -201,13 +201,27 @@ class ListsUpdater:
             self._waiters.append(waiter)
         return waiter
 
+    def start_if_stale(self, now: float) -> None:
+        """One update now when the lists are missing or older than
+        :attr:`interval` (``now``: the wall clock), else none (for a
+        command that fetches once, such as ``kernels prefetch``)."""
+        last = self.apt.last_update()
+        if last is not None and 0 <= now - last < self.interval:
+            self._first_ended()
+        else:
+            self._tick()
+
     def _tick(self) -> Deferred[None]:
         async def once() -> None:
             try:
                 await self.update()
-            except Exception:
-                self.log.failure("Kernel store: updating the lists failed")
-            waiters, self._waiters = self._waiters or [], None
-            for waiter in waiters:
-                waiter.callback(None)
+            except Exception as exc:
+                self.log.warn("Kernel store: updating the lists failed: {error}",
+                              error=str(exc) or type(exc).__name__)
+            self._first_ended()
         return Deferred.fromCoroutine(once())
+
+    def _first_ended(self) -> None:
+        waiters, self._waiters = self._waiters or [], None
+        for waiter in waiters:
+            waiter.callback(None)
