@@ -14,6 +14,7 @@ from stapsrv.app import tap
 from stapsrv.config.convert import SettingsError, server_config, settings_config
 from stapsrv.config.files import GlobalConfig, read_server_file
 from stapsrv.config.secret import create_secret
+from stapsrv.core.aptsources import DEBIAN_MIRROR, AptSuite
 
 
 class ConvertCase(TestCase):
@@ -159,6 +160,26 @@ class ConvertTests(ConvertCase):
         self.assertEqual(options.to_config().fetch_symbols, without.fetch_symbols)
         with self.assertRaises(SettingsError):
             server_config(fetch_releases=["6.1.0-*-amd64;rm"])
+
+
+    def test_fetch_suites_options_and_file_agree(self) -> None:  # --fetch-suites (#27)
+        conf = self.base / "a.conf"
+        conf.write_text(f"LOG={self.base / 'log'}\n"
+                        "FETCH_SUITES=bookworm-backports, trixie forky=http://m.example/debian\n")
+        from_file = settings_config(read_server_file(conf), GlobalConfig())
+        options = tap.Options()
+        options.parseOptions(["--log", str(self.base / "log"),
+                              "--fetch-suites", "bookworm-backports,trixie",
+                              "--fetch-suites", "forky=http://m.example/debian"])
+        self.assertEqual(options.to_config(), from_file)
+        self.assertEqual(from_file.fetch_suites, (
+            AptSuite("bookworm-backports", DEBIAN_MIRROR), AptSuite("trixie", DEBIAN_MIRROR),
+            AptSuite("forky", "http://m.example/debian")))
+        self.assertEqual(server_config().fetch_suites, ())
+        for bad in ("Trixie", "trixie=http://x/[trusted=yes]", "trixie=ftp://x"):
+            with self.assertRaises(SettingsError, msg=bad) as raised:
+                server_config(fetch_suites=[bad])
+            self.assertTrue(str(raised.exception).startswith("--fetch-suites: "))
 
 
 class ProxyFromFileTests(ConvertCase):
