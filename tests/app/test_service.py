@@ -331,6 +331,41 @@ class ServedReleasesTests(TestCase):
         server._release_added("6.1.0-55-amd64")
         self.assertEqual(added, ["changed"])
 
+    def test_the_suites_series_join_the_policy(self) -> None:  # --fetch-suites (#27)
+        from twisted.internet import reactor
+        from twisted.python.threadpool import ThreadPool
+
+        from stapsrv.app.service import CompileServerService
+        from stapsrv.config.convert import server_config
+        from stapsrv.kernel.fetch import KernelFetcher
+        from stapsrv.kernel.privateapt import PrivateApt
+        from stapsrv.kernel.store import KernelStore
+
+        store = KernelStore(Path(self.mktemp()), 10 << 20)
+        store.open()
+        for release in ("6.1.0-55-amd64", "6.12.95+deb12-amd64", "6.12.118+deb13-amd64"):
+            store.commit(store.begin(release), release, [])
+        names = ["linux-headers-6.12.95+deb12-amd64", "linux-headers-6.12.95+deb12-common",
+                 "linux-headers-6.12.118+deb13-cloud-amd64", "linux-headers-amd64"]
+        for patterns, expected in (([], ("6.1.0-*-amd64", "6.12.*+deb12-amd64",
+                                         "6.12.*+deb13-cloud-amd64")),
+                                   (["6.1.0-*-amd64"], ("6.1.0-*-amd64",))):
+            config = server_config(releases=["6.1.0-57-amd64"], fetch_suites=["bookworm"],
+                                   fetch_releases=patterns)
+            server = CompileServerService(config, reactor)
+            apt = PrivateApt(store.directory / ".apt", config.fetch_suites, "amd64")
+            fetcher = server.kernels = KernelFetcher(store, reactor, ThreadPool(),
+                                                     ("6.1.0-*-amd64",), apt=apt)
+            changed: list[str] = []
+            server.on_releases_changed.append(lambda: changed.append("changed"))
+            server._suites_updated(fetcher, ("6.1.0-*-amd64",), names)
+            server._suites_updated(fetcher, ("6.1.0-*-amd64",), names)
+            self.assertEqual(fetcher.patterns, expected)
+            self.assertEqual(changed, ["changed"] if not patterns else [])
+            served = server.served_releases()[len(config.releases):]
+            self.assertEqual(sorted(served), ["6.1.0-55-amd64", "6.12.95+deb12-amd64"]
+                             if not patterns else ["6.1.0-55-amd64"])
+
 
 
 class OpenFileLimitTests(TestCase):
