@@ -20,7 +20,7 @@ if [ ! -x "$venv/bin/python" ]; then
     "$venv/bin/pip" install -q --disable-pip-version-check --upgrade pip
 fi
 pip=("$venv/bin/pip" install -q --disable-pip-version-check)
-"$venv/bin/python" -c "import twisted, txdbus, hypothesis, redis, prometheus_client, lz4, mypy, mypy_zope" 2>/dev/null \
+"$venv/bin/python" -c "import twisted, txdbus, hypothesis, redis, prometheus_client, lz4, zstandard, mypy, mypy_zope" 2>/dev/null \
     || "${pip[@]}" . hypothesis mypy mypy-zope
 "${pip[@]}" --force-reinstall --no-deps .
 rm -rf build stapsrv.egg-info

@@ -155,6 +155,12 @@ def lz4_legacy(data: bytes) -> bytes:
     return bytes(out)
 
 
+def zstd_kernel(data: bytes) -> bytes:
+    """A zstd frame with the kernel's u32 size trailer after it (trixie)."""
+    import zstandard
+    return zstandard.ZstdCompressor(level=3).compress(data) + struct.pack("<I", len(data))
+
+
 class ReadTests(TestCase):
     def test_symbols_come_back_in_address_order_with_their_types(self) -> None:
         symbols = sample_symbols()
@@ -176,6 +182,7 @@ class ReadTests(TestCase):
         for image in (bzimage(lzma.compress(tables, format=lzma.FORMAT_XZ)),
                       bzimage(gzip.compress(tables)),
                       bzimage(lz4_legacy(tables)),
+                      bzimage(zstd_kernel(tables)),
                       gzip.compress(tables),
                       tables):
             self.assertEqual(read_kallsyms(kernel_image(image)), symbols)
@@ -200,7 +207,7 @@ class BadImageTests(TestCase):
             read_kallsyms(broken)
 
     def test_compressions_it_cannot_read(self) -> None:
-        with self.assertRaisesRegex(KallsymsError, "zstd"):
+        with self.assertRaisesRegex(KallsymsError, "does not decompress"):
             kernel_image(bzimage(b"\x28\xb5\x2f\xfd" + bytes(64)))
         with self.assertRaisesRegex(KallsymsError, "unknown"):
             kernel_image(bzimage(b"\x01\x02\x03\x04" + bytes(64)))
@@ -210,9 +217,14 @@ class BadImageTests(TestCase):
     def test_a_decompression_bomb_is_cut(self) -> None:
         self.patch(kallsyms, "MAX_IMAGE", 1 << 20)
         for bomb in (bzimage(lzma.compress(bytes(4 << 20), format=lzma.FORMAT_XZ)),
-                     gzip.compress(bytes(4 << 20)), bzimage(lz4_legacy(bytes(9 << 20)))):
+                     gzip.compress(bytes(4 << 20)), bzimage(lz4_legacy(bytes(9 << 20))),
+                     bzimage(zstd_kernel(bytes(4 << 20)))):
             with self.assertRaisesRegex(KallsymsError, "larger than 1 MiB"):
                 kernel_image(bomb)
+        import zstandard
+        unsized = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(4 << 20))
+        with self.assertRaisesRegex(KallsymsError, "does not decompress"):
+            kernel_image(bzimage(unsized))
 
 
 class MainTests(TestCase):

@@ -106,7 +106,7 @@ class SuitesTests(RealClientMixin, TestCase):
         self.assertEqual(listed.returncode, 0, listed.stderr)
         line = next(line for line in listed.stdout.splitlines()
                     if line.startswith(f"{release}\t"))
-        self.assertIn(f"\tlinux-kbuild-{abi}=", line)
+        self.assertIn(f" linux-kbuild-{abi}=", line)
         self.assertTrue(line.endswith(f"\tfrom {suite}"), line)
 
     async def test_newest_backports_and_trixie_releases_through_the_private_apt(self) -> None:
