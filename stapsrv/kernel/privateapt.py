@@ -43,7 +43,8 @@ from stapsrv.core.aptsources import (
 #: The private configuration's directory in the kernel store.
 APT_DIRECTORY = ".apt"
 CONFIG_FILE = "apt.conf"
-#: Written after each update that ended (its time is the last update).
+#: Touched after each update that updated every suite (its time is the
+#: last such update; a command retries sooner after a failed one).
 UPDATED_STAMP = "state/updated"
 #: Seconds between two updates of the lists (Debian's security suites
 #: publish several times a day; the dated InRelease files say a week).
@@ -164,7 +165,7 @@ class ListsUpdater:
                           "from its previous lists, if any: {problems}",
                           suites=self.apt.describe(), code=code, seconds=seconds,
                           problems=" | ".join(problems) or "no message")
-        if code == 0 or (self.apt.directory / "state" / "lists").is_dir():
+        if code == 0:
             (self.apt.directory / UPDATED_STAMP).touch()
         self.on_packages(await self.headers())
         return code == 0 and not problems
