@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -145,6 +145,8 @@ class ListsUpdater:
     log: Logger = field(factory=Logger)
     interval: float = UPDATE_INTERVAL
     _loop: LoopingCall | None = field(init=False, default=None)
+    #: The update under way (stopping cancels it: its apt is ended).
+    _running: Deferred[None] | None = field(init=False, default=None)
     #: Waiting for the first update (None: it ended).
     _waiters: list[Deferred[None]] | None = field(init=False, factory=list)
 
@@ -189,9 +191,12 @@ class ListsUpdater:
                                              failure))
 
     def stop(self) -> None:
+        """No more updates; one under way is stopped (its apt ended)."""
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._running is not None:
+            self._running.cancel()
 
     def first_update(self) -> Deferred[None]:
         """Fires once the first update ended (whatever its outcome)."""
@@ -216,11 +221,18 @@ class ListsUpdater:
         async def once() -> None:
             try:
                 await self.update()
+            except CancelledError:
+                self.log.info("Kernel store: the update of the lists was stopped")
             except Exception as exc:
                 self.log.warn("Kernel store: updating the lists failed: {error}",
                               error=str(exc) or type(exc).__name__)
+            finally:
+                self._running = None
             self._first_ended()
-        return Deferred.fromCoroutine(once())
+        running = self._running = Deferred.fromCoroutine(once())
+        if running.called:  # it ended at once (no apt to wait for)
+            self._running = None
+        return running
 
     def _first_ended(self) -> None:
         waiters, self._waiters = self._waiters or [], None

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import cast
 
 from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -21,6 +22,7 @@ from stapsrv.core.aptsources import parse_suites, series_patterns
 from stapsrv.kernel.fetch import FetchFailed, KernelFetcher
 from stapsrv.kernel.privateapt import (
     APT_DIRECTORY,
+    UPDATE_INTERVAL,
     UPDATED_STAMP,
     AptSetupError,
     ListsUpdater,
@@ -241,3 +243,23 @@ class UpdaterTimingTests(TestCase):
         ListsUpdater(self.apt, self.fake_apt, self.clock, lambda names: None,
                      interval=60.0).start_if_stale(stamp + 61)
         self.assertEqual(len(self.commands), 4)
+
+    def test_stopping_stops_the_update_under_way(self) -> None:
+        started: list[Deferred[tuple[bytes, bytes, int]]] = []
+        cancelled: list[Deferred[tuple[bytes, bytes, int]]] = []
+
+        def hanging(argv: Sequence[str]) -> Deferred[tuple[bytes, bytes, int]]:
+            started.append(Deferred(cancelled.append))
+            return started[-1]
+
+        updater = ListsUpdater(self.apt, hanging, self.clock, lambda names: None)
+        first = updater.first_update()
+        updater.start()
+        self.assertEqual(len(started), 1)
+        self.assertFalse(first.called)
+        updater.stop()
+        self.assertEqual(cancelled, started)
+        self.assertTrue(first.called)
+        self.clock.advance(UPDATE_INTERVAL * 2)
+        self.assertEqual(len(started), 1)
+
