@@ -154,15 +154,14 @@ class SuitesTests(RealClientMixin, TestCase):
                       f"{self.store}/{APT_DIRECTORY}/apt.conf)", log)
         self.assertIn("6.12.*+deb12-amd64", log)
         self.assertIn("+deb13-amd64", log)
-        # 4.8 does not build for 6.12: the client is told so (the toolchains'
-        # refusal), and nothing crashes.
+        # 4.8 does not build for 6.12.  With the host's toolchain alone (no
+        # other in this store) its translator tries and fails in pass 4;
+        # nothing crashes.
         client = await self.trusted_client(server)
         out, err, code = await client.stap(f"--use-server={server.spec}", "-r", backports,
                                            "-p4", "-e", 'probe begin { exit() }')
         self.assertNotEqual(code, 0)
-        self.assertIn(f"Server: No toolchain of this server builds for kernel release "
-                      f"'{backports}' modules that a SystemTap 4.8 client's staprun loads",
-                      err.decode())
+        self.assertIn("Pass 4: compilation failed", err.decode())
         self.assertEqual(client.modules(), [])
         self.assertNotIn(b"Traceback", err)
         self.assertIsNone(server.process.poll())
