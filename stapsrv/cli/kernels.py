@@ -349,6 +349,27 @@ def _parser() -> argparse.ArgumentParser:
     remove = commands.add_parser("remove", help="remove stored releases (and the symbols of "
                                  "installed ones)")
     remove.add_argument("releases", nargs="+", metavar="RELEASE")
+    _run_parser(commands)
+    verify = commands.add_parser("verify", help="build probe kinds for a release through a "
+                                 "server and run them on its kernel in a VM, with each "
+                                 "client's staprun; keep the result")
+    verify.add_argument("release", metavar="RELEASE")
+    verify.add_argument("--server", required=True, metavar="HOST:PORT",
+                        help="the server that builds the modules (its certificate is "
+                        "trusted for the verification only)")
+    verify.add_argument("--client", action="append", default=[], metavar="PREFIX",
+                        help="also a client installed under PREFIX (e.g. /opt/stap55)")
+    verify.add_argument("--no-host-client", action="store_true",
+                        help="not the machine's own client (/usr/bin/stap)")
+    verify.add_argument("--timeout", type=float, default=900.0,
+                        help="the bound on each VM run, in seconds (default 900)")
+    verify.add_argument("--no-kvm", action="store_true", help="TCG even where KVM works")
+    verify.add_argument("--json", action="store_true", help="the result as JSON")
+    return parser
+
+
+def _run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``run``'s words."""
     run = commands.add_parser("run", help="load a module on the release's kernel, booted "
                               "in a VM")
     run.add_argument("release", metavar="RELEASE")
@@ -373,22 +394,6 @@ def _parser() -> argparse.ArgumentParser:
                      help="the bound on the whole VM run, in seconds (default 900)")
     run.add_argument("--no-kvm", action="store_true", help="TCG even where KVM works")
     run.add_argument("--json", action="store_true", help="the outcome as one JSON object")
-    verify = commands.add_parser("verify", help="build probe kinds for a release through a "
-                                 "server and run them on its kernel in a VM, with each "
-                                 "client's staprun; keep the result")
-    verify.add_argument("release", metavar="RELEASE")
-    verify.add_argument("--server", required=True, metavar="HOST:PORT",
-                        help="the server that builds the modules (its certificate is "
-                        "trusted for the verification only)")
-    verify.add_argument("--client", action="append", default=[], metavar="PREFIX",
-                        help="also a client installed under PREFIX (e.g. /opt/stap55)")
-    verify.add_argument("--no-host-client", action="store_true",
-                        help="not the machine's own client (/usr/bin/stap)")
-    verify.add_argument("--timeout", type=float, default=900.0,
-                        help="the bound on each VM run, in seconds (default 900)")
-    verify.add_argument("--no-kvm", action="store_true", help="TCG even where KVM works")
-    verify.add_argument("--json", action="store_true", help="the result as JSON")
-    return parser
 
 
 def main(argv: list[str]) -> int:
