@@ -25,16 +25,17 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from stapsrv.blocking import Blocking
 from stapsrv.core.aptsources import policy_suite
 from stapsrv.kernel.children import ChildTimedOut, run_child
 from stapsrv.kernel.privateapt import PrivateApt
@@ -44,6 +45,7 @@ from stapsrv.kernel.store import (
     KernelStore,
     StoredPackage,
     StoredRelease,
+    describe_entry,
     fix_tree,
     valid_release,
 )
@@ -134,6 +136,25 @@ def megabytes(size: int) -> str:
 Progress = Callable[[str, int, int], None]
 
 
+class Making:
+    """One release being made in a store (:meth:`KernelFetcher.making`)."""
+
+    def __init__(self, work: Path) -> None:
+        #: The private directory to fill: ``root/`` is what is kept.
+        self.work = work
+        #: The packages it is made of, for the store's entry.
+        self.packages: list[StoredPackage] = []
+        #: The suite they came from (None: the machine's apt sources).
+        self.suite: str | None = None
+        self.stored: StoredRelease | None = None
+
+    @property
+    def result(self) -> StoredRelease:
+        """The release as put in place (once the transaction is over)."""
+        assert self.stored is not None, "the transaction is not over"
+        return self.stored
+
+
 @define(eq=False)
 class KernelFetcher:
     """Fetches releases into a :class:`KernelStore`, one fetch per release
@@ -170,14 +191,31 @@ class KernelFetcher:
             return "the Debian archive this server uses"
         return f"the Debian suites this server uses ({self.apt.describe()})"
 
-    def in_thread(self, function: Callable[..., object], *args: object) -> Deferred[object]:
-        """``function(*args)`` in the fetcher's pool (store work blocks)."""
-        return deferToThreadPool(self.reactor, self.pool, function, *args)
+    @property
+    def in_thread(self) -> Blocking:
+        """The fetcher's pool (store work blocks)."""
+        return Blocking(self.reactor, self.pool)
 
     async def stored(self, release: str) -> StoredRelease | None:
-        found = await self.in_thread(self.store.get, release)
-        assert found is None or isinstance(found, StoredRelease)
-        return found
+        return await self.in_thread(self.store.get, release)
+
+    @asynccontextmanager
+    async def making(self, store: KernelStore, release: str) -> AsyncIterator[Making]:
+        """The store's transaction: a private work directory for the body
+        to fill (and say what it holds); left well, the release is put in
+        place and the size cap applied (what it removed is logged); left by
+        an error or a cancellation, nothing of it is kept."""
+        making = Making(await self.in_thread(store.begin, release))
+        try:
+            yield making
+            making.stored = await self.in_thread(store.commit, making.work, release,
+                                                 making.packages, making.suite)
+        except BaseException:
+            await self.in_thread(store.abandon, making.work)
+            raise
+        for old in await self.in_thread(store.evict, release):
+            self.log.info("Kernel store over its size cap: removed {what} ({size})",
+                          what=describe_entry(old), size=megabytes(old.size))
 
     async def ensure(self, release: str, progress: Progress | None = None) -> StoredRelease:
         """The stored release, fetched first if need be (shared with any
@@ -250,7 +288,7 @@ class KernelFetcher:
         """What :meth:`ensure_debug` would give without fetching (None: it
         would fetch)."""
         found = await self.in_thread(self.debug_store.get, release)
-        if isinstance(found, StoredRelease):
+        if found is not None:
             files = debug_files(found)
             if files.vmlinux is not None or not vmlinux:
                 return files
@@ -272,7 +310,7 @@ class KernelFetcher:
             return local
         store = self.image_store
         found = await self.in_thread(store.get, release)
-        if not isinstance(found, StoredRelease):
+        if found is None:
             found = await self._shared(f"{release} image",
                                        lambda: self._fetch_image(store, release, progress),
                                        f"fetching the kernel image of {release}")
@@ -288,24 +326,14 @@ class KernelFetcher:
         self.log.info("Fetching the kernel image of {release}: {name} {version} ({size}); "
                       "only its vmlinuz is kept", release=release, name=package.name,
                       version=package.version, size=megabytes(package.size))
-        work = await self.in_thread(store.begin, release)
-        assert isinstance(work, Path)
-        try:
+        async with self.making(store, release) as making:
+            work = making.work
             await self.download(work / "download", release, [package], package.size,
                                  _labelled(progress, "kernel image"))
             image = await self._unpack_members(work, [f"./boot/vmlinuz-{release}"], strip=2)
             os.rename(image, work / "root" / image.name)
-            stored = await self.in_thread(store.commit, work, release, [package.stored])
-        except BaseException:
-            await self.in_thread(store.abandon, work)
-            raise
-        assert isinstance(stored, StoredRelease)
-        evicted = await self.in_thread(store.evict, release)
-        assert isinstance(evicted, list)
-        for old in evicted:
-            self.log.info("Kernel store over its size cap: removed the kernel image of "
-                          "{release} ({size})", release=old.release, size=megabytes(old.size))
-        return stored
+            making.packages.append(package.stored)
+        return making.result
 
     async def candidate(self, name: str) -> Candidate:
         """apt's candidate of package ``name``; FetchFailed without one."""
@@ -330,10 +358,8 @@ class KernelFetcher:
             raise FetchFailed(f"'{release}' is not a kernel release name")
         started = self.reactor.seconds()
         local = self.boot / f"vmlinuz-{release}"
-        work = await self.in_thread(store.begin, release)
-        assert isinstance(work, Path)
-        try:
-            packages: list[StoredPackage] = []
+        async with self.making(store, release) as making:
+            work, packages = making.work, making.packages
             if await self.in_thread(os.access, local, os.R_OK):
                 image = local
                 self.log.info("Making the System.map of kernel {release} from {image}",
@@ -357,16 +383,10 @@ class KernelFetcher:
             if code != 0:
                 raise FetchFailed(f"reading the symbols of kernel {release} failed: "
                                   f"{_last_line(err) or f'exit {code}'}")
-            stored = await self.in_thread(store.commit, work, release, packages)
-        except BaseException:
-            await self.in_thread(store.abandon, work)
-            raise
-        assert isinstance(stored, StoredRelease)
-        self.log.info("Made the System.map of kernel {release} in {seconds:.1f} s "
-                      "({functions})", release=release, functions=_last_line(out),
-                      seconds=self.reactor.seconds() - started)
-        await self._evict_debug(store, release)
-        return stored
+            self.log.info("Made the System.map of kernel {release} in {seconds:.1f} s "
+                          "({functions})", release=release, functions=_last_line(out),
+                          seconds=self.reactor.seconds() - started)
+        return making.result
 
     async def _unpack_members(self, work: Path, members: Sequence[str], strip: int) -> Path:
         """The first ``members`` of the downloaded package's data archive,
@@ -389,9 +409,8 @@ class KernelFetcher:
         self.log.info("Fetching the debuginfo of kernel {release}: {name} {version} ({size}); "
                       "its System.map and vmlinux are kept", release=release,
                       name=package.name, version=package.version, size=megabytes(package.size))
-        work = await self.in_thread(store.begin, release)
-        assert isinstance(work, Path)
-        try:
+        async with self.making(store, release) as making:
+            work = making.work
             await self.download(work / "download", release, [package], package.size,
                                  _labelled(progress, "debuginfo"))
             # Both are the first members of the archive: tar stops after them,
@@ -400,23 +419,11 @@ class KernelFetcher:
             await self._unpack_members(work, [_DEBUG_BOOT + name for name in names], strip=5)
             for name in names:
                 os.rename(work / "download" / name, work / "root" / name)
-            stored = await self.in_thread(store.commit, work, release, [package.stored])
-        except BaseException:
-            await self.in_thread(store.abandon, work)
-            raise
-        assert isinstance(stored, StoredRelease)
+            making.packages.append(package.stored)
         self.log.info("Fetched the debuginfo of kernel {release} in {seconds:.1f} s "
-                      "({size} kept)", release=release, size=megabytes(stored.size),
+                      "({size} kept)", release=release, size=megabytes(making.result.size),
                       seconds=self.reactor.seconds() - started)
-        await self._evict_debug(store, release)
-        return stored
-
-    async def _evict_debug(self, store: KernelStore, release: str) -> None:
-        evicted = await self.in_thread(store.evict, release)
-        assert isinstance(evicted, list)
-        for old in evicted:
-            self.log.info("Kernel store over its size cap: removed the debug files of "
-                          "{release} ({size})", release=old.release, size=megabytes(old.size))
+        return making.result
 
     async def run(self, argv: Sequence[str], cwd: Path | None = None) -> tuple[bytes, bytes, int]:
         """A child process of the reactor: its output, errors and exit code;
@@ -463,22 +470,14 @@ class KernelFetcher:
                       packages=", ".join(f"{p.name} {p.version} ({megabytes(p.size)})"
                                          for p in packages),
                       total=megabytes(total))
-        work = await self.in_thread(self.store.begin, release)
-        assert isinstance(work, Path)
-        try:
-            stored = await self._fetch_into(work, release, packages, total, progress, suite)
-        except BaseException:
-            await self.in_thread(self.store.abandon, work)
-            raise
+        async with self.making(self.store, release) as making:
+            await self._fetch_into(making.work, release, packages, total, progress)
+            making.packages += [package.stored for package in packages]
+            making.suite = suite
         self.log.info("Fetched kernel {release} in {seconds:.1f} s ({size} unpacked)",
                       release=release, seconds=self.reactor.seconds() - started,
-                      size=megabytes(stored.size))
-        evicted = await self.in_thread(self.store.evict, release)
-        assert isinstance(evicted, list)
-        for old in evicted:
-            self.log.info("Kernel store over its size cap: removed {release} ({size})",
-                          release=old.release, size=megabytes(old.size))
-        return stored
+                      size=megabytes(making.result.size))
+        return making.result
 
     async def download(self, download: Path, release: str, packages: list[Candidate],
                        total: int, progress: Progress | None) -> None:
@@ -507,8 +506,7 @@ class KernelFetcher:
                               f"{_last_line(err) or f'apt-get exit {code}'}")
 
     async def _fetch_into(self, work: Path, release: str, packages: list[Candidate],
-                          total: int, progress: Progress | None,
-                          suite: str | None = None) -> StoredRelease:
+                          total: int, progress: Progress | None) -> None:
         download = work / "download"
         await self.download(download, release, packages, total, progress)
         root = work / "root"
@@ -521,10 +519,6 @@ class KernelFetcher:
             if code != 0:
                 raise FetchFailed(f"unpacking {deb.name} failed: {_last_line(err)}")
         await self.in_thread(fix_tree, root, release, self.store.final_root(release))
-        stored = await self.in_thread(self.store.commit, work, release,
-                                       [p.stored for p in packages], suite)
-        assert isinstance(stored, StoredRelease)
-        return stored
 
 
 @frozen

@@ -241,7 +241,7 @@ class ModuleDebug:
 
     async def _read(self, release: str) -> ModuleSet | None:
         stored = await self.fetcher.in_thread(self.store.get, release)
-        if not isinstance(stored, StoredRelease):
+        if stored is None:
             return None
         await self.fetcher.in_thread(self.store.touch, release)
         return read_set(stored)
@@ -304,9 +304,8 @@ class ModuleDebug:
                       "{name} {version} ({size}); only those modules are kept",
                       modules=" ".join(missing), release=release, name=package.name,
                       version=package.version, size=megabytes(package.size))
-        work = await fetcher.in_thread(store.begin, release)
-        assert isinstance(work, Path)
-        try:
+        async with fetcher.making(store, release) as making:
+            work = making.work
             download = work / "download"
             await fetcher.download(download, release, [package], package.size, None)
             deb = next(download.glob("*.deb"))
@@ -329,11 +328,8 @@ class ModuleDebug:
                                   f"{(problems or [f'exit {code}'])[-1][:300]}")
             await fetcher.in_thread(assemble, work, old, release, missing,
                                      self.modules_root / release, listing)
-            stored = await fetcher.in_thread(store.commit, work, release, [package.stored])
-        except BaseException:
-            await fetcher.in_thread(store.abandon, work)
-            raise
-        assert isinstance(stored, StoredRelease)
+            making.packages.append(package.stored)
+        stored = making.result
         modules = read_set(stored)
         self.log.info("Fetched the debuginfo of kernel {release}'s modules in {seconds:.1f} s: "
                       "{found} kept ({size} in all); not in the package: {absent}",
@@ -342,12 +338,6 @@ class ModuleDebug:
                       or "none", size=megabytes(stored.size),
                       absent=" ".join(name for name in missing if name in modules.absent)
                       or "none")
-        evicted = await fetcher.in_thread(store.evict, release)
-        assert isinstance(evicted, list)
-        for gone in evicted:
-            self.log.info("Kernel store over its size cap: removed the module debuginfo "
-                          "of {release} ({size})", release=gone.release,
-                          size=megabytes(gone.size))
         self._known.pop(release, None)
         return modules
 

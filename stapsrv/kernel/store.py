@@ -57,6 +57,15 @@ IMAGES_DIRECTORY = ".images"
 PARTS = (DEBUG_DIRECTORY, MODULES_DIRECTORY, IMAGES_DIRECTORY)
 
 
+_PART_WORDS = {DEBUG_DIRECTORY: "the symbols of", MODULES_DIRECTORY: "the module debuginfo of",
+               IMAGES_DIRECTORY: "the kernel image of"}
+
+
+def describe_entry(entry: StoredRelease) -> str:
+    """What an entry is, for the log: ``the kernel image of 6.1.0-57-amd64``."""
+    return f"{_PART_WORDS.get(entry.directory.parent.name, 'the build tree of')} {entry.release}"
+
+
 class InUse(Exception):
     """A release a compile is reading cannot be removed now."""
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
 from stapsrv.kernel import moduledebug
-from stapsrv.kernel.fetch import Candidate
+from stapsrv.kernel.fetch import Candidate, KernelFetcher
 from stapsrv.kernel.moduledebug import (
     _EXTRACT_AND_LIST,
     INDEX,
@@ -159,9 +160,13 @@ class ArchiveFetcher:
         #: Per pass: whether it also listed the package.
         self.listed: list[bool] = []
         self.fail_unpack = False
+        self.log = Logger()
 
     def in_thread(self, function: Callable[..., object], *args: object) -> Deferred[object]:
         return maybeDeferred(function, *args)
+
+    #: The real store transaction, over this fake's in_thread.
+    making = KernelFetcher.making
 
     async def candidate(self, name: str) -> Candidate:
         return Candidate(name, "6.1.192-3", 858_000_000, ())
