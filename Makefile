@@ -13,7 +13,8 @@ STAP55_TARBALL ?= $(SHARED)/clients/systemtap-5.5-bookworm-amd64.tar.xz
 APT_PACKAGES := systemtap systemtap-client systemtap-server libnss3-tools \
 	dbus-daemon avahi-daemon avahi-utils redis-server python3-venv zip unzip util-linux passwd groff-base man-db \
 	bubblewrap haproxy prometheus debhelper lintian fakeroot debootstrap systemd-container \
-	qemu-system-x86 busybox-static apt-utils gpg gpg-agent debian-archive-keyring
+	qemu-system-x86 busybox-static apt-utils gpg gpg-agent debian-archive-keyring \
+	gcc-aarch64-linux-gnu qemu-system-arm
 
 .PHONY: setup system-packages stap55 server-user venv serve test clean install-system uninstall-system deb
 

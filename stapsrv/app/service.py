@@ -10,6 +10,7 @@ import os
 import pwd
 import resource
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,7 +50,13 @@ from stapsrv.kernel.fetch import (
     default_patterns,
 )
 from stapsrv.kernel.moduledebug import ModuleDebug
-from stapsrv.kernel.privateapt import APT_DIRECTORY, AptSetupError, ListsUpdater, PrivateApt
+from stapsrv.kernel.privateapt import (
+    APT_DIRECTORY,
+    AptSetupError,
+    ListsUpdater,
+    PrivateApt,
+    foreign_apts,
+)
 from stapsrv.kernel.runtime import default_cache_root, select_runtime
 from stapsrv.kernel.store import KernelStore, store_directory
 from stapsrv.paths import (
@@ -134,8 +141,11 @@ class CompileServerService(Service):
         self.counters = Counters()
         self._fleet: RedisCache | None = None
         self.kernels: KernelFetcher | None = None
-        #: Updates the lists of the suites named by --fetch-suites.
-        self._lists: ListsUpdater | None = None
+        #: Update the lists of the suites named by --fetch-suites, and
+        #: those of each other architecture (--fetch-architectures).
+        self._lists: list[ListsUpdater] = []
+        #: The kernel series each private apt's lists hold (by architecture).
+        self._series: dict[str, tuple[str, ...]] = {}
         #: Called (in the reactor thread) when the server starts serving a
         #: release it fetched into its kernel store.
         self.on_releases_changed: list[Callable[[], None]] = []
@@ -232,7 +242,9 @@ class CompileServerService(Service):
                                  runtimes, cache=cache, keys=keys, counters=self.counters,
                                  sandbox=sandbox, stapconf=stapconf, kernels=kernels,
                                  key_pool=self._key_pool,
-                                 toolchains=server_toolchains(config, sandbox, self.log))
+                                 toolchains=server_toolchains(config, sandbox, self.log),
+                                 architectures=(debian_architecture(),
+                                                *config.fetch_architectures))
         if kernels is not None and config.fetch_debuginfo:
             handler.releases.module_debug = self._make_module_debug(kernels)
         if self.metrics is not None:
@@ -254,8 +266,8 @@ class CompileServerService(Service):
             self._key_pool.start()
         self._log_listening(config)
         Service.startService(self)
-        if self._lists is not None:
-            self._lists.start()
+        for lists in self._lists:
+            lists.start()
         self._trust_self()
         handler.warm_up()
 
@@ -309,8 +321,10 @@ class CompileServerService(Service):
             self.log.info("Kernel store: removed {name}, left by an interrupted fetch",
                           name=name)
         architecture = debian_architecture()
-        patterns = config.fetch_patterns or default_patterns(
-            architecture, [*installed_releases(), *config.releases])
+        releases = [*installed_releases(), *config.releases]
+        patterns = config.fetch_patterns or tuple(
+            pattern for arch in (architecture, *config.fetch_architectures)
+            for pattern in default_patterns(arch, releases))
         apt = None
         if config.fetch_suites:
             apt = PrivateApt(store.directory / APT_DIRECTORY, config.fetch_suites, architecture)
@@ -330,23 +344,43 @@ class CompileServerService(Service):
                              f"{config.peer_fetches} release"
                              + ("s" if config.peer_fetches > 1 else "")))
         fetcher = KernelFetcher(store, self.reactor, self._pool, patterns, log=self.log,
-                                apt=apt)
-        if apt is not None:
-            lists = self._lists = ListsUpdater(
-                apt, fetcher.run, self.reactor,
-                lambda packages: self._suites_updated(fetcher, patterns, packages),
-                log=self.log)
-            fetcher.ready = lists.first_update
+                                apt=apt, foreign=foreign_apts(
+                                    store.directory, config.fetch_suites,
+                                    config.fetch_architectures))
+        self._start_lists(fetcher, patterns)
         return fetcher
 
+    def _start_lists(self, fetcher: KernelFetcher, base: tuple[str, ...]) -> None:
+        """A lists updater for each private apt of the fetcher; its first
+        updates are what fetches wait for."""
+        for apt in [*([fetcher.apt] if fetcher.apt is not None else []),
+                    *fetcher.foreign.values()]:
+            if apt.architecture in fetcher.foreign:
+                self.log.info("Kernel store: fetching {architecture} releases from the "
+                              "suites {suites} (apt configuration {config})",
+                              architecture=apt.architecture, suites=apt.describe(),
+                              config=apt.config_file)
+            self._lists.append(ListsUpdater(
+                apt, fetcher.run, self.reactor,
+                partial(self._suites_updated, fetcher, base, apt.architecture),
+                log=self.log))
+        if self._lists:
+            updaters = list(self._lists)
+
+            async def ready() -> None:
+                for lists in updaters:
+                    await lists.first_update()
+            fetcher.ready = ready
+
     def _suites_updated(self, fetcher: KernelFetcher, base: tuple[str, ...],
-                        packages: list[str]) -> None:
+                        architecture: str, packages: list[str]) -> None:
         """The suites' lists were updated: their kernel series join the
         fetchable releases (unless --fetch-releases names them)."""
-        if self.config.fetch_patterns or fetcher.apt is None:
+        if self.config.fetch_patterns:
             return
-        series = series_patterns(packages, fetcher.apt.architecture)
-        patterns = tuple(dict.fromkeys((*base, *series)))
+        self._series[architecture] = series_patterns(packages, architecture)
+        patterns = tuple(dict.fromkeys((*base, *(pattern for series in self._series.values()
+                                                 for pattern in series))))
         if patterns == fetcher.patterns:
             return
         fetcher.patterns = patterns
@@ -445,8 +479,8 @@ class CompileServerService(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        if self._lists is not None:
-            self._lists.stop()
+        for lists in self._lists:
+            lists.stop()
         if self.factory is not None and self.factory.handler.keys is not None:
             # Keys being computed give up now (those answers are not cached).
             self.factory.handler.keys.digests.stop()

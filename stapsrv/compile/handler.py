@@ -46,6 +46,7 @@ from stapsrv.compile.slots import FairGate
 from stapsrv.compile.translator import TranslatorRun, start_translator
 from stapsrv.compile.warmup import WarmUp
 from stapsrv.config.values import ServerConfig
+from stapsrv.core.architectures import cross_options, release_architecture, request_target
 from stapsrv.core.budget import OverBudget
 from stapsrv.core.cmdline import (
     Privilege,
@@ -222,6 +223,9 @@ class RequestHandler:
     #: Told (in the reactor thread) of each release the handler starts
     #: serving from the kernel store.
     on_release_added: Callable[[str], None] | None = None
+    #: The Debian architectures it builds for, the server's own first
+    #: (empty: its own only, unchecked, as in tests of the handler alone).
+    architectures: tuple[str, ...] = ()
     #: Where cache keys are computed (None: ``pool``): a pool of their own,
     #: so that a slow key never holds a slot requests need.
     key_pool: ThreadPool | None = None
@@ -294,6 +298,11 @@ class RequestHandler:
             self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
                           reason=escape_controls(refusal))
             return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
+        refusal = self._architecture_refusal(job)
+        if refusal is not None:
+            self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
+                          reason=escape_controls(refusal))
+            return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
         ready = await self._release_ready(job, context)
         if ready is not None:
             return ready
@@ -328,6 +337,15 @@ class RequestHandler:
         if outcome.succeeded and outcome.to_keep is not None:
             await self.cache.put(key, outcome.to_keep)
         return outcome
+
+    def _architecture_refusal(self, job: Job) -> str | None:
+        """Why a request's architecture cannot be built here (its sysinfo
+        and ``-a`` disagree, its kernel is another architecture's, or this
+        server does not build for it), or None."""
+        if not self.architectures:
+            return None
+        return request_target(job.architecture, job.dash_a, job.release,
+                              self.architectures[0], self.architectures).refusal
 
     async def _release_ready(self, job: Job, context: RequestContext) -> Outcome | None:
         """The request's release provided (fetched if need be), with what
@@ -628,6 +646,13 @@ class RequestHandler:
         toolchain than the host's, without ``-R`` (the server's runtimes
         are 4.8's; its translator has its own)."""
         options = list(self.config.server_options)
+        target = release_architecture(release)
+        if self.architectures and target is not None and target != self.architectures[0]:
+            # Another architecture's kernel: cross-built, whatever -a the
+            # server was given for its own.
+            options = [option for option in options if option.flag != "-a"]
+            options += [ServerOption(flag, value)
+                        for flag, value in cross_options(target, self.architectures[0])]
         if toolchain is not None and not toolchain.is_host:
             options = [option for option in options if option.flag != "-R"]
         elif self.config.runtime is None and release in self.runtimes:

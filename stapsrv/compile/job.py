@@ -129,6 +129,10 @@ class Job:
     invalid_privilege: str | None = None
     #: Kernel modules the scripts name in ``module("name")`` probe points.
     named_modules: tuple[str, ...] = ()
+    #: The architecture ``sysinfo`` names after the release (``x86_64``,
+    #: ``arm64``), and the values of the arguments' ``-a``.
+    architecture: str | None = None
+    dash_a: tuple[str, ...] = ()
 
     @property
     def speaks_locale(self) -> bool:
@@ -194,6 +198,9 @@ def parse_job(body: bytes, max_size: int) -> Job:
         uncacheable=paths.uncacheable,
         invalid_privilege=privilege.invalid_value,
         named_modules=paths.modules,
+        architecture=members.target_architecture(files.get(("sysinfo",))),
+        dash_a=tuple(option.value or "" for option in scan_options(arguments)
+                     if option.name == "a"),
     )
 
 

@@ -45,6 +45,7 @@ from stapsrv.config.values import (
     DEFAULT_PEER_FETCHES,
     DEFAULT_REQUEST_TIMEOUT,
 )
+from stapsrv.core.architectures import ArchitectureError, parse_architectures
 from stapsrv.core.aptsources import AptSuite, SuiteError, parse_suites
 from stapsrv.core.cmdline import ALL_PRIVILEGES
 from stapsrv.core.policyvalues import PolicyError, parse_networks, parse_privileges
@@ -273,6 +274,13 @@ def _suites(values: Iterable[str]) -> tuple[AptSuite, ...]:
         raise SettingsError(f"--fetch-suites: {exc}") from None
 
 
+def _architectures(values: Iterable[str]) -> tuple[str, ...]:
+    try:
+        return parse_architectures(values)
+    except ArchitectureError as exc:
+        raise SettingsError(f"--fetch-architectures: {exc}") from None
+
+
 # --- the table ------------------------------------------------------------------------
 
 #: In the order of status files, status lines and the daemon's arguments.
@@ -412,6 +420,14 @@ OPTIONS: tuple[Option, ...] = (
            variable="FETCH_SUITES", manager=True, usage="--fetch-suites suites\t: Debian "
            "suites to fetch releases from, e.g. bookworm,trixie (default: the machine's apt "
            "sources).", field="fetch_suites", convert=_suites),
+    # --fetch-architectures (#30)
+    Option("fetch-architectures", Words(), "Debian architectures besides the server's own "
+           "(separated by commas or blanks; arm64 on an amd64 server) whose kernel releases "
+           "may be fetched, from the same suites through a private apt configuration each, "
+           "and whose modules are cross-built (default: the server's own only).",
+           variable="FETCH_ARCHITECTURES", manager=True, usage="--fetch-architectures "
+           "arches: other architectures to build for, e.g. arm64 (default: none).",
+           field="fetch_architectures", convert=_architectures),
     Option("kernel-store", Text(), "Directory of the kernel store, where releases that are not "
            "installed are fetched (default: $XDG_CACHE_HOME/stapsrv/kernels or "
            "~/.cache/stapsrv/kernels).", variable="KERNEL_STORE", manager=True,

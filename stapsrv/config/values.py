@@ -194,6 +194,9 @@ class ServerConfig:
     #: store's private apt configuration (empty: the machine's own apt
     #: sources and kernel series).  # --fetch-suites (#27)
     fetch_suites: tuple[AptSuite, ...] = ()
+    #: Debian architectures besides the server's own whose releases are
+    #: fetched and whose modules are cross-built.  # --fetch-architectures (#30)
+    fetch_architectures: tuple[str, ...] = ()
     kernel_store: Path | None = None
     kernel_store_size: int = DEFAULT_KERNEL_STORE_SIZE
     #: Make every served release's System.map from its kernel image (a

@@ -69,6 +69,15 @@ def target_release(data: bytes | None) -> str | None:
     return tokens[1]
 
 
+def target_architecture(data: bytes | None) -> str | None:
+    """The architecture from ``sysinfo: <release> <arch>`` (the
+    translator's name: ``x86_64``, ``arm64``); None if unreadable."""
+    if data is None:
+        return None
+    tokens = data.decode("utf-8", "replace").split()
+    return tokens[2] if len(tokens) >= 3 else None
+
+
 def arguments(member: Callable[[str], bytes | None]) -> list[bytes]:
     """``argv1``, ``argv2``, ... (``member(name)`` reads one) up to the first
     missing one.

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -37,6 +37,7 @@ from twisted.python.threadpool import ThreadPool
 
 from stapsrv.blocking import Blocking
 from stapsrv.core.aptsources import policy_suite
+from stapsrv.core.architectures import release_architecture
 from stapsrv.kernel.children import ChildTimedOut, run_child
 from stapsrv.kernel.privateapt import PrivateApt
 from stapsrv.kernel.store import (
@@ -99,6 +100,9 @@ class Candidate:
     version: str
     size: int
     depends: tuple[str, ...]
+    #: The foreign architecture whose private apt found it (None: the
+    #: server's own apt).
+    via: str | None = None
 
     @property
     def stored(self) -> StoredPackage:
@@ -175,14 +179,27 @@ class KernelFetcher:
     apt: PrivateApt | None = None
     #: Fires once apt's lists may be read (the suites' first update).
     ready: Callable[[], Awaitable[None]] | None = None
+    #: The private apt of each other architecture whose releases it
+    #: fetches (``--fetch-architectures``): their headers and images come
+    #: through it, their build tools (``linux-kbuild``) from the server's own.
+    foreign: Mapping[str, PrivateApt] = field(factory=dict)
     _flights: dict[str, list[Deferred[StoredRelease]]] = field(init=False, factory=dict)
 
     def allowed(self, release: str) -> bool:
         return allowed(release, self.patterns)
 
-    def apt_options(self) -> list[str]:
-        """What every apt command of the store takes after its name."""
+    def apt_options(self, architecture: str | None = None) -> list[str]:
+        """What every apt command of the store takes after its name (for a
+        package of ``architecture``: its private apt, if foreign)."""
+        if architecture is not None and architecture in self.foreign:
+            return self.foreign[architecture].options()
         return self.apt.options() if self.apt is not None else []
+
+    def via(self, release: str) -> str | None:
+        """The foreign architecture whose apt has ``release``'s packages
+        (None: the server's own)."""
+        architecture = release_architecture(release)
+        return architecture if architecture in self.foreign else None
 
     @property
     def archive(self) -> str:
@@ -322,7 +339,7 @@ class KernelFetcher:
                            progress: Progress | None) -> StoredRelease:
         if not valid_release(release):
             raise FetchFailed(f"'{release}' is not a kernel release name")
-        package = await self.candidate(f"linux-image-{release}")
+        package = await self.candidate(f"linux-image-{release}", self.via(release))
         self.log.info("Fetching the kernel image of {release}: {name} {version} ({size}); "
                       "only its vmlinuz is kept", release=release, name=package.name,
                       version=package.version, size=megabytes(package.size))
@@ -335,20 +352,22 @@ class KernelFetcher:
             making.packages.append(package.stored)
         return making.result
 
-    async def candidate(self, name: str) -> Candidate:
-        """apt's candidate of package ``name``; FetchFailed without one."""
+    async def candidate(self, name: str, via: str | None = None) -> Candidate:
+        """apt's candidate of package ``name`` (``via``: through that
+        foreign architecture's apt); FetchFailed without one."""
         if self.ready is not None:
             await self.ready()
-        out, err, code = await self.run([APT_CACHE, *self.apt_options(), "show",
+        out, err, code = await self.run([APT_CACHE, *self.apt_options(via), "show",
                                          "--no-all-versions", name])
         found = parse_show(out.decode(errors="replace"))
         if code != 0 or not found:
-            raise FetchFailed(f"{self.archive} has no {name}")
-        return found[0]
+            raise FetchFailed(f"{self.archive} has no {name}"
+                              + (f" for {via}" if via is not None else ""))
+        return evolve(found[0], via=via)
 
     async def suite(self, package: Candidate) -> str | None:
         """The suite apt takes ``package``'s version from (None: not said)."""
-        out, err, code = await self.run([APT_CACHE, *self.apt_options(), "policy",
+        out, err, code = await self.run([APT_CACHE, *self.apt_options(package.via), "policy",
                                          package.name])
         return policy_suite(out.decode(errors="replace"), package.version) if code == 0 else None
 
@@ -365,7 +384,7 @@ class KernelFetcher:
                 self.log.info("Making the System.map of kernel {release} from {image}",
                               release=release, image=str(local))
             else:
-                package = await self.candidate(f"linux-image-{release}")
+                package = await self.candidate(f"linux-image-{release}", self.via(release))
                 self.log.info("Fetching the symbols of kernel {release}: {name} {version} "
                               "({size}); only the System.map made from its vmlinuz is kept",
                               release=release, name=package.name, version=package.version,
@@ -444,21 +463,35 @@ class KernelFetcher:
         if self.ready is not None:
             await self.ready()
         headers = f"linux-headers-{release}"
-        out, err, code = await self.run([APT_CACHE, *self.apt_options(), "show",
+        via = self.via(release)
+        out, err, code = await self.run([APT_CACHE, *self.apt_options(via), "show",
                                          "--no-all-versions", headers])
         found = parse_show(out.decode(errors="replace"))
         if code != 0 or not found:
             raise FetchFailed(f"{self.archive} has no kernel headers "
                               f"for release {release} (no package {headers})")
         names = build_packages(found[0])
-        out, err, code = await self.run([APT_CACHE, *self.apt_options(), "show",
-                                         "--no-all-versions", *names])
-        others = parse_show(out.decode(errors="replace"))
+        # Another architecture's tree is built with the server's own
+        # build tools (linux-kbuild) of the same version.
+        groups = {via: [name for name in names
+                        if via is None or not name.startswith("linux-kbuild-")],
+                  None: [name for name in names
+                         if via is not None and name.startswith("linux-kbuild-")]}
+        others: list[Candidate] = []
+        failed = False
+        for group_via, group in groups.items():
+            if not group:
+                continue
+            out, err, code = await self.run([APT_CACHE, *self.apt_options(group_via), "show",
+                                             "--no-all-versions", *group])
+            failed = failed or code != 0
+            others += [evolve(candidate, via=group_via)
+                       for candidate in parse_show(out.decode(errors="replace"))]
         missing = set(names) - {candidate.name for candidate in others}
-        if code != 0 or missing:
+        if failed or missing:
             raise FetchFailed(f"the Debian archive lacks {', '.join(sorted(missing)) or names}"
                               f" needed for kernel {release}")
-        return [found[0], *others]
+        return [evolve(found[0], via=via), *others]
 
     async def fetch(self, release: str, progress: Progress | None = None) -> StoredRelease:
         started = self.reactor.seconds()
@@ -492,11 +525,15 @@ class KernelFetcher:
             ticker = LoopingCall(tick)
             ticker.clock = self.reactor
             ticker.start(0.5)
+        code, err = 0, b""
         try:
-            out, err, code = await self.run(
-                [APT_GET, *self.apt_options(), "download", "-q",
-                 *(f"{p.name}={p.version}" for p in packages)],
-                cwd=download)
+            for via in dict.fromkeys(package.via for package in packages):
+                out, err, code = await self.run(
+                    [APT_GET, *self.apt_options(via), "download", "-q",
+                     *(f"{p.name}={p.version}" for p in packages if p.via == via)],
+                    cwd=download)
+                if code != 0:
+                    break
         finally:
             if ticker is not None:
                 ticker.stop()

@@ -37,6 +37,7 @@ from stapsrv.core.aptsources import (
     AptSuite,
     apt_conf_text,
     check_architecture,
+    parse_suites,
     sources_text,
 )
 
@@ -117,6 +118,38 @@ class PrivateApt:
 
 
 _DEFAULT_URIS = ("http://deb.debian.org/debian", "http://deb.debian.org/debian-security")
+
+
+def host_suites(os_release: Path = Path("/etc/os-release")) -> tuple[AptSuite, ...]:
+    """The machine's own Debian suites (its codename, with -updates and
+    -security), for the other architectures' apt when no suites are named;
+    raises AptSetupError when ``os_release`` names no codename."""
+    try:
+        fields = dict(line.split("=", 1) for line in os_release.read_text().splitlines()
+                      if "=" in line)
+    except OSError as exc:
+        raise AptSetupError(f"cannot read {os_release}: {exc}") from None
+    codename = fields.get("VERSION_CODENAME", "").strip().strip('"')
+    if not codename:
+        raise AptSetupError(f"{os_release} names no VERSION_CODENAME: name the suites "
+                            "(--fetch-suites) for the other architectures")
+    return parse_suites([f"{codename} {codename}-updates {codename}-security"])
+
+
+def foreign_apts(store: Path, suites: tuple[AptSuite, ...],
+                 architectures: Sequence[str]) -> dict[str, PrivateApt]:
+    """A private apt per other architecture (``STORE/.apt-ARCH``), for
+    ``suites`` (none: the machine's own, :func:`host_suites`), prepared
+    (blocking).  Raises AptSetupError."""
+    if not architectures:
+        return {}
+    suites = suites or host_suites()
+    found = {}
+    for architecture in architectures:
+        apt = PrivateApt(store / f"{APT_DIRECTORY}-{architecture}", suites, architecture)
+        apt.prepare()
+        found[architecture] = apt
+    return found
 
 
 def _replace(path: Path, text: str) -> None:

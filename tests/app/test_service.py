@@ -358,10 +358,15 @@ class ServedReleasesTests(TestCase):
                                                      ("6.1.0-*-amd64",), apt=apt)
             changed: list[str] = []
             server.on_releases_changed.append(lambda: changed.append("changed"))
-            server._suites_updated(fetcher, ("6.1.0-*-amd64",), names)
-            server._suites_updated(fetcher, ("6.1.0-*-amd64",), names)
+            server._suites_updated(fetcher, ("6.1.0-*-amd64",), "amd64", names)
+            server._suites_updated(fetcher, ("6.1.0-*-amd64",), "amd64", names)
             self.assertEqual(fetcher.patterns, expected)
             self.assertEqual(changed, ["changed"] if not patterns else [])
+            # Another architecture's lists (--fetch-architectures) add theirs.
+            server._suites_updated(fetcher, ("6.1.0-*-amd64",), "arm64",
+                                   ["linux-headers-6.1.0-41-arm64", names[0]])
+            self.assertEqual(fetcher.patterns,
+                             (*expected, "6.1.0-*-arm64") if not patterns else expected)
             served = server.served_releases()[len(config.releases):]
             self.assertEqual(sorted(served), ["6.1.0-55-amd64", "6.12.95+deb12-amd64"]
                              if not patterns else ["6.1.0-55-amd64"])

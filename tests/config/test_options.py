@@ -77,6 +77,7 @@ def sample(option: Option, base: Path) -> str:
              "metrics": "tcp:9642", "fleet-cache": "redis://127.0.0.1:6379/0",
              "fleet-secret": str(base / "secret"), "allow": "10.0.0.0/8 192.0.2.1",
              "proxy-from": "10.1.0.0/16", "fetch-releases": "6.1.0-*-amd64",
+             "fetch-architectures": "arm64",
              "fleet-password-file": str(base / "password")}
     if option.name in texts:
         return texts[option.name]
