@@ -1,0 +1,113 @@
+"""arm64 kernels served from this amd64 server (issue 30), with the real
+4.8 client and the real archive: the newest bookworm arm64 release, picked
+from the arm64 lists at run time, is fetched through the kernel store's
+arm64 apt (its headers; the machine's amd64 linux-kbuild of the same
+version builds it), and ``stap -a arm64 -r <release>`` gets an AArch64
+module, cross-built with gcc-aarch64-linux-gnu.  A server that does not
+build for arm64 refuses the same request clearly.
+
+The kernel store is kept between runs (``STAPSRV_CI_ARM64_STORE``, default
+``/var/cache/stapsrv-ci/arm64-store`` as root); nothing depends on what it
+already holds."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from stapsrv.kernel.privateapt import APT_DIRECTORY
+from tests.helpers import require_program
+from tests.helpers.realclient import RealClientMixin
+from tests.helpers.realserver import as_server_user, kept_directory
+from tests.helpers.waiting import poll
+
+#: ELF e_machine of AArch64.
+EM_AARCH64 = 183
+_ABI = re.compile(r"6\.1\.0-(\d+)-arm64")
+
+
+def arm64_store() -> Path:
+    return kept_directory("STAPSRV_CI_ARM64_STORE", "arm64-store")
+
+
+def newest_arm64(store: Path) -> str:
+    """The newest plain arm64 6.1 (bookworm) release in the store's arm64 lists."""
+    result = subprocess.run(
+        as_server_user(["apt-cache", "-c", str(store / f"{APT_DIRECTORY}-arm64" / "apt.conf"),
+                        "pkgnames", "linux-headers-6.1.0-"]),
+        capture_output=True, text=True, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"})
+    assert result.returncode == 0, result.stderr
+    found = [int(match.group(1)) for name in result.stdout.split()
+             if (match := _ABI.fullmatch(name[len("linux-headers-"):])) is not None]
+    assert found, result.stdout
+    return f"6.1.0-{max(found)}-arm64"
+
+
+def elf_machine(module: Path) -> int:
+    header = module.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF", header
+    return int.from_bytes(header[18:20], "little")
+
+
+class Arm64Tests(RealClientMixin, TestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        require_program("aarch64-linux-gnu-gcc")
+
+    async def test_an_arm64_module_from_the_newest_bookworm_arm64_release(self) -> None:
+        store = arm64_store()
+        server = self.own_server("--kernel-store", str(store), "--no-avahi",
+                                 "--fetch-architectures", "arm64")
+        # Once the arm64 lists are updated, their series join the policy.
+        self.assertTrue(await poll(
+            lambda: "-arm64" in "".join(line for line in server.log().splitlines()
+                                        if "Kernel store: fetching releases matching" in line),
+            600.0), server.log())
+        release = newest_arm64(store)
+        client = await self.trusted_client(server)
+        started = time.monotonic()
+        out, err, code = await client.stap(
+            f"--use-server={server.spec}", "-a", "arm64", "-r", release, "-p4", "-m",
+            "hello_arm64", "-e", 'probe begin { println("hello from arm64"); exit() }')
+        seconds = time.monotonic() - started
+        self.assertEqual(code, 0, err.decode() + server.log()[-4000:])
+        self.assertEqual(client.modules(), ["hello_arm64.ko"])
+        self.assertEqual(elf_machine(client.cwd / "hello_arm64.ko"), EM_AARCH64)
+        log = server.log()
+        self.assertIn(f"Kernel store: fetching arm64 releases from the suites", log)
+        if f"Fetching kernel {release}" in log:
+            self.assertRegex(log, rf"Fetching kernel {re.escape(release)}: "
+                             rf"linux-headers-{re.escape(release)} .*linux-kbuild-6\.1 ")
+        tree = store / release / "root" / "usr" / "src" / f"linux-headers-{release}"
+        self.assertIn("CONFIG_ARM64=y", (tree / ".config").read_text())
+        fetched = re.search(rf"Fetched kernel {re.escape(release)} in [0-9.]+ s", log)
+        print(f"\n{release}: first arm64 request answered in {seconds:.1f} s"
+              + (f" ({fetched.group(0)})" if fetched else " (stored before)"))
+        # The same script for the same release again: from the cache.
+        again = await client.stap(
+            f"--use-server={server.spec}", "-a", "arm64", "-r", release, "-p4", "-m",
+            "hello_arm64", "-e", 'probe begin { println("hello from arm64"); exit() }')
+        self.assertEqual(again[2], 0, again[1].decode())
+        # -a and sysinfo must agree: an arm64 kernel without -a is refused.
+        out, err, code = await client.stap(f"--use-server={server.spec}", "-r", release,
+                                           "-p4", "-e", "probe begin { exit() }")
+        self.assertNotEqual(code, 0)
+        self.assertIn(f"Server: Kernel release '{release}' is an arm64 kernel but the request "
+                      "is for architecture 'x86_64'; give stap -a arm64 for it.", err.decode())
+        self.assertNotIn("Traceback", server.log())
+
+    async def test_a_server_that_does_not_build_for_arm64_refuses(self) -> None:
+        server = self.own_server("--no-avahi", "--no-fetch")
+        client = await self.trusted_client(server)
+        out, err, code = await client.stap(
+            f"--use-server={server.spec}", "-a", "arm64", "-r", "6.1.0-1-arm64", "-p4",
+            "-e", "probe begin { exit() }")
+        self.assertNotEqual(code, 0)
+        self.assertIn("Server: This server does not build modules for architecture 'arm64'; "
+                      "it builds for: x86_64.", err.decode())
+        self.assertEqual(client.modules(), [])
