@@ -252,6 +252,8 @@ def _addresses(image: bytes, count: int, names_at: int, index: int) -> list[int]
         offsets = struct.unpack_from(f"<{count}i", image, offsets_at)
         base_at = (offsets_at + 4 * count + 7) & ~7
         (base,) = struct.unpack_from("<Q", image, base_at)
+        if base == 0:
+            base = _relocated_base(image, base_at)
         # With absolute per-CPU symbols (x86_64), non-negative offsets are
         # addresses and negative ones count down from the base: then the
         # kernel's own symbols are negative.  Otherwise every offset is
@@ -264,6 +266,30 @@ def _addresses(image: bytes, count: int, names_at: int, index: int) -> list[int]
             if _ascending(addresses) and addresses[-1] > addresses[0]:
                 return addresses
     raise KallsymsError("the image's kallsyms addresses are not where they were expected")
+
+
+#: An ``Elf64_Rela``'s ``r_info`` for R_AARCH64_RELATIVE (1027).
+_AARCH64_RELATIVE = struct.pack("<Q", 1027)
+_TWO_MB = (2 << 20) - 1
+
+
+def _relocated_base(image: bytes, base_at: int) -> int:
+    """The relative base of a relocatable arm64 ``Image``, where the word
+    is 0 and the kernel fills it at boot from its ``.rela.dyn``: the
+    addend of the R_AARCH64_RELATIVE entry whose target is that word
+    (at link address K + ``base_at``, K the kernel's 2 MB aligned start in
+    the top of the address space, the base a little above K).  0 when
+    there is none."""
+    position = image.find(_AARCH64_RELATIVE)
+    while position >= 8:
+        target, = struct.unpack_from("<Q", image, position - 8)
+        start = target - base_at
+        if start >> 48 == 0xFFFF and start & _TWO_MB == 0 and position + 16 <= len(image):
+            addend, = struct.unpack_from("<Q", image, position + 8)
+            if 0 <= addend - start < (64 << 20):
+                return int(addend)
+        position = image.find(_AARCH64_RELATIVE, position + 1)
+    return 0
 
 
 def _ascending(values: Sequence[int]) -> bool:

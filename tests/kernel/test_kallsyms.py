@@ -246,3 +246,19 @@ class MainTests(TestCase):
         (directory / "vmlinuz").write_bytes(bzimage(gzip.compress(bytes(1 << 16))))
         self.assertEqual(main([str(directory / "vmlinuz"), str(directory / "System.map")]), 1)
         self.assertEqual([p.name for p in directory.iterdir()], ["vmlinuz"])
+
+
+class RelocatedBaseTests(TestCase):
+    """arm64's relocatable Image: the relative base is 0 in the file and
+    comes from its R_AARCH64_RELATIVE entry."""
+
+    def test_the_entry_that_targets_the_word(self) -> None:
+        from stapsrv.kernel.kallsyms import _relocated_base
+
+        start, base_at = 0xFFFF800008000000, 0x1000
+        decoy = struct.pack("<QQQ", start + 0x2000, 1027, start + 0x10)
+        entry = struct.pack("<QQQ", start + base_at, 1027, start + 0x10000)
+        image = bytearray(0x3000)
+        image[0x2000:0x2000 + 48] = decoy + entry
+        self.assertEqual(_relocated_base(bytes(image), base_at), start + 0x10000)
+        self.assertEqual(_relocated_base(bytes(image[:0x2000 + 24]), base_at), 0)

@@ -93,6 +93,12 @@ class Arm64Tests(RealClientMixin, TestCase):
             f"--use-server={server.spec}", "-a", "arm64", "-r", release, "-p4", "-m",
             "hello_arm64", "-e", 'probe begin { println("hello from arm64"); exit() }')
         self.assertEqual(again[2], 0, again[1].decode())
+        # Its System.map, read from the gzip'd arm64 Image's kallsyms (the
+        # relative base from the Image's relocations), made in the background.
+        system_map = store / ".debug" / release / "root" / f"System.map-{release}"
+        self.assertTrue(await poll(system_map.exists, 600.0), server.log()[-4000:])
+        self.assertRegex(system_map.read_text(encoding="latin-1"),
+                         r"\nffff8[0-9a-f]{11} T _stext\n")
         # -a and sysinfo must agree: an arm64 kernel without -a is refused.
         out, err, code = await client.stap(f"--use-server={server.spec}", "-r", release,
                                            "-p4", "-e", "probe begin { exit() }")
