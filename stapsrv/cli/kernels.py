@@ -50,6 +50,7 @@ from twisted.python.threadpool import ThreadPool
 
 from stapsrv.config.values import DEFAULT_KERNEL_STORE_SIZE, ServerConfig
 from stapsrv.core.aptsources import SuiteError, parse_suites
+from stapsrv.core.architectures import release_architecture
 from stapsrv.kernel.fetch import (
     FetchFailed,
     KernelFetcher,
@@ -57,7 +58,13 @@ from stapsrv.kernel.fetch import (
     debug_files,
     megabytes,
 )
-from stapsrv.kernel.privateapt import APT_DIRECTORY, AptSetupError, ListsUpdater, PrivateApt
+from stapsrv.kernel.privateapt import (
+    APT_DIRECTORY,
+    AptSetupError,
+    ListsUpdater,
+    PrivateApt,
+    foreign_apts,
+)
 from stapsrv.kernel.store import (
     DEBUG_DIRECTORY,
     InUse,
@@ -69,7 +76,8 @@ from stapsrv.paths import RootRefused, refuse_root
 from stapsrv.reactor import IServerReactor
 from stapsrv.vm import verification
 from stapsrv.vm.console import Outcome
-from stapsrv.vm.initramfs import Job, MissingFile, Staprun
+from stapsrv.vm.initramfs import BUSYBOX, Job, MissingFile, Staprun
+from stapsrv.vm.userland import ensure_userland
 from stapsrv.vm.runner import VmRunner, VmSettings
 from stapsrv.vm.verification import Verification
 from stapsrv.vm.verify import ClientSpec, Verifier
@@ -187,20 +195,31 @@ async def prefetch(reactor: IServerReactor, store: KernelStore,
 
 
 def _fetcher(reactor: IServerReactor, store: KernelStore,
-             apt: PrivateApt | None = None) -> KernelFetcher:
+             apt: PrivateApt | None = None, release: str | None = None) -> KernelFetcher:
     """A fetcher of any release (the server's policy is not the admin's),
     through the suites' private apt configuration when ``apt`` is given
-    (its lists updated first when older than the server's interval)."""
+    (its lists updated first when older than the server's interval); for
+    another architecture's ``release``, through that architecture's own
+    private apt too (the same suites, or the machine's own)."""
     store.open()
     pool = ThreadPool(minthreads=0, maxthreads=2, name="stapsrv-kernels")
     pool.start()
     reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
     log = Logger(namespace="stapsrv")
-    fetcher = KernelFetcher(store, reactor, pool, ("*",), log=log, apt=apt)
-    if apt is not None:
-        lists = ListsUpdater(apt, fetcher.run, reactor, lambda packages: None, log=log)
-        fetcher.ready = lists.first_update
-        lists.start_if_stale(time.time())
+    architecture = release_architecture(release or "")
+    foreign = foreign_apts(store.directory, apt.suites if apt is not None else (),
+                           [architecture] if architecture not in (None, debian_architecture())
+                           else [])
+    fetcher = KernelFetcher(store, reactor, pool, ("*",), log=log, apt=apt, foreign=foreign)
+    updaters = [ListsUpdater(each, fetcher.run, reactor, lambda packages: None, log=log)
+                for each in [*([apt] if apt is not None else []), *foreign.values()]]
+    if updaters:
+        async def ready() -> None:
+            for lists in updaters:
+                await lists.first_update()
+        fetcher.ready = ready
+        for lists in updaters:
+            lists.start_if_stale(time.time())
     return fetcher
 
 
@@ -220,9 +239,18 @@ async def run_module(reactor: IServerReactor, store: KernelStore, release: str,
                      apt: PrivateApt | None = None) -> Outcome:
     """``job`` on ``release``'s kernel, booted in a VM.  Raises FetchFailed
     or MissingFile."""
-    fetcher = _fetcher(reactor, store, apt)
+    fetcher = _fetcher(reactor, store, apt, release)
     kernel = await fetcher.ensure_image(release, ProgressLine(sys.stderr))
-    return await VmRunner(reactor, settings).run(kernel, staprun, job, fetcher.in_thread)
+    busybox = BUSYBOX
+    if fetcher.via(release) == "arm64":
+        # The arm64 staprun of Debian's 4.8 family, unless another is named.
+        root = await ensure_userland(fetcher, "arm64")
+        if staprun == Staprun.host():
+            staprun = Staprun.in_root(root)
+        busybox = str(root / "bin" / "busybox")
+        settings = settings.for_arm64()
+    return await VmRunner(reactor, settings).run(kernel, staprun, job, fetcher.in_thread,
+                                                 busybox=busybox)
 
 
 async def verify_release(reactor: IServerReactor, store: KernelStore, release: str,

@@ -424,7 +424,7 @@ class KernelFetcher:
         if not valid_release(release):
             raise FetchFailed(f"'{release}' is not a kernel release name")
         started = self.reactor.seconds()
-        package = await self.candidate(f"linux-image-{release}-dbg")
+        package = await self.candidate(f"linux-image-{release}-dbg", self.via(release))
         self.log.info("Fetching the debuginfo of kernel {release}: {name} {version} ({size}); "
                       "its System.map and vmlinux are kept", release=release,
                       name=package.name, version=package.version, size=megabytes(package.size))

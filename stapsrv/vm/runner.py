@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall
@@ -34,6 +35,8 @@ from stapsrv.vm.initramfs import MARK, Job, Staprun
 #: :class:`~stapsrv.kernel.fetch.KernelFetcher`'s ``in_thread`` is one).
 InThread = Callable[..., Deferred[object]]
 QEMU = "/usr/bin/qemu-system-x86_64"
+#: arm64 kernels: qemu's generic board and a Cortex-A57, emulated (TCG).
+QEMU_ARM64 = "/usr/bin/qemu-system-aarch64"
 KVM = "/dev/kvm"
 #: Console text kept at most (a module printing without end is cut).
 MAX_CONSOLE = 4 << 20
@@ -52,12 +55,23 @@ class VmSettings:
     kvm_grace: float = 60.0
     kvm_device: str = KVM
     append: str = "console=ttyS0 loglevel=1 panic=-1"
+    #: The kernels' Debian architecture: ``amd64`` (the machine's own) or
+    #: ``arm64`` (:meth:`for_arm64`).
+    architecture: str = "amd64"
+
+    def for_arm64(self) -> VmSettings:
+        """The same limits for an arm64 kernel: qemu-system-aarch64, no
+        KVM (this machine is not arm64), the PL011 console."""
+        return evolve(self, qemu=QEMU_ARM64, kvm=False, architecture="arm64",
+                      append=self.append.replace("console=ttyS0", "console=ttyAMA0"))
 
 
 def qemu_command(settings: VmSettings, kernel: Path, initrd: Path, accelerator: str) -> list[str]:
     """qemu's command line; it gets SIGKILL if the process that ran it dies
     (a command interrupted, a server stopped), so no VM outlives its run."""
     cpu = ["-cpu", "host"] if accelerator == "kvm" else ["-cpu", "max"]
+    if settings.architecture == "arm64":
+        cpu = ["-M", "virt", "-cpu", "cortex-a57"]
     return [SETPRIV, "--pdeathsig", "KILL", "--", settings.qemu, "-accel", accelerator, *cpu, "-m", str(settings.memory_mb),
             "-smp", "1", "-nodefaults", "-display", "none", "-serial", "stdio",
             "-monitor", "none", "-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd),
@@ -144,13 +158,20 @@ class VmRunner:
         return outcome, outcome.booted
 
     async def run(self, kernel: Path, staprun: Staprun, job: Job,
-                  in_thread: InThread, scratch: Path | None = None) -> Outcome:
+                  in_thread: InThread, scratch: Path | None = None,
+                  busybox: str = initramfs.BUSYBOX) -> Outcome:
         """``job`` with ``staprun`` on ``kernel``: the initramfs is made in a
-        private directory (in ``in_thread``: file work blocks)."""
+        private directory (in ``in_thread``: file work blocks); ``busybox``
+        is its shell (the kernel's architecture's)."""
         work = Path(tempfile.mkdtemp(prefix="stapsrv-vm-", dir=scratch))
         try:
             initrd = work / "initrd.gz"
-            await in_thread(initramfs.write, staprun, job, initrd)
+            await in_thread(initramfs.write, staprun, job, initrd, busybox)
+            if self.settings.architecture == "arm64" and await in_thread(gzipped, kernel):
+                # qemu boots an arm64 Image, not a gzip'd one.
+                image = work / "Image"
+                await in_thread(gunzip, kernel, image)
+                kernel = image
             started = self.reactor.seconds()
             outcome = await self.boot(kernel, initrd)
             self.log.info("Ran {module} with {staprun} on {kernel} ({accelerator}, "
@@ -161,3 +182,23 @@ class VmRunner:
             return outcome
         finally:
             await in_thread(shutil.rmtree, work, True)
+
+
+def gzipped(path: Path) -> bool:
+    with path.open("rb") as stream:
+        return stream.read(2) == b"\x1f\x8b"
+
+
+def gunzip(source: Path, target: Path, limit: int = 256 << 20) -> None:
+    """The first gzip member of ``source`` decompressed into ``target``
+    (what follows it, as in Debian's arm64 vmlinuz, is left), at most
+    ``limit`` bytes (blocking)."""
+    inflate = zlib.decompressobj(wbits=31)
+    written = 0
+    with source.open("rb") as stream, target.open("wb") as out:
+        while not inflate.eof and (chunk := stream.read(1 << 20)):
+            data = inflate.decompress(chunk, limit + 1 - written)
+            written += len(data)
+            if written > limit or inflate.unconsumed_tail:
+                raise ValueError(f"{source} decompresses to more than {limit >> 20} MiB")
+            out.write(data)
