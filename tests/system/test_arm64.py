@@ -23,6 +23,7 @@ from stapsrv.kernel.privateapt import APT_DIRECTORY
 from tests.helpers import require_program
 from tests.helpers.realclient import RealClientMixin
 from tests.helpers.realserver import as_server_user, kept_directory
+from tests.helpers.vm import run_in_vm
 from tests.helpers.waiting import poll
 
 #: ELF e_machine of AArch64.
@@ -99,6 +100,23 @@ class Arm64Tests(RealClientMixin, TestCase):
         self.assertTrue(await poll(system_map.exists, 600.0), server.log()[-4000:])
         self.assertRegex(system_map.read_text(encoding="latin-1"),
                          r"\nffff8[0-9a-f]{11} T _stext\n")
+        # The module runs on that kernel, booted in qemu-system-aarch64,
+        # under Debian's arm64 staprun (4.8, the client's family).
+        started = time.monotonic()
+        found = await run_in_vm(client.cwd / "hello_arm64.ko", release, self.kind)
+        self.assertEqual((found.status, found.output), (0, "hello from arm64\n"),
+                         f"{found.summary}\n{found.console}")
+        print(f"{release}: ran in the arm64 VM ({found.accelerator}) in "
+              f"{time.monotonic() - started:.1f} s")
+        # A kprobe on the arm64 kernel's vfs_read.
+        out, err, code = await client.stap(
+            f"--use-server={server.spec}", "-a", "arm64", "-r", release, "-p4", "-m",
+            "kprobe_arm64", "-e", 'global hits probe kprobe.function("vfs_read") '
+            '{ if (!hits++) { println("vfs_read hit"); exit() } }')
+        self.assertEqual(code, 0, err.decode())
+        found = await run_in_vm(client.cwd / "kprobe_arm64.ko", release, self.kind)
+        self.assertEqual((found.status, found.output), (0, "vfs_read hit\n"),
+                         f"{found.summary}\n{found.console}")
         # -a and sysinfo must agree: an arm64 kernel without -a is refused.
         out, err, code = await client.stap(f"--use-server={server.spec}", "-r", release,
                                            "-p4", "-e", "probe begin { exit() }")
