@@ -173,7 +173,7 @@ class ProgressLine:
 async def prefetch(reactor: IServerReactor, store: KernelStore,
                    releases: Sequence[str], out: TextIO, symbols: bool = True,
                    debuginfo: bool = False, apt: PrivateApt | None = None) -> int:
-    fetcher = _fetcher(reactor, store, apt)
+    fetcher = _fetcher(reactor, store, apt, releases)
     failed = 0
     for release in releases:
         progress = ProgressLine(out)
@@ -195,21 +195,22 @@ async def prefetch(reactor: IServerReactor, store: KernelStore,
 
 
 def _fetcher(reactor: IServerReactor, store: KernelStore,
-             apt: PrivateApt | None = None, release: str | None = None) -> KernelFetcher:
+             apt: PrivateApt | None = None, releases: Sequence[str] = ()) -> KernelFetcher:
     """A fetcher of any release (the server's policy is not the admin's),
     through the suites' private apt configuration when ``apt`` is given
     (its lists updated first when older than the server's interval); for
-    another architecture's ``release``, through that architecture's own
+    other architectures' ``releases``, through each one's own
     private apt too (the same suites, or the machine's own)."""
     store.open()
     pool = ThreadPool(minthreads=0, maxthreads=2, name="stapsrv-kernels")
     pool.start()
     reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
     log = Logger(namespace="stapsrv")
-    architecture = release_architecture(release or "")
+    host = debian_architecture()
+    others = {arch for release in releases
+              if (arch := release_architecture(release)) not in (None, host)}
     foreign = foreign_apts(store.directory, apt.suites if apt is not None else (),
-                           [architecture] if architecture not in (None, debian_architecture())
-                           else [])
+                           sorted(str(arch) for arch in others))
     fetcher = KernelFetcher(store, reactor, pool, ("*",), log=log, apt=apt, foreign=foreign)
     updaters = [ListsUpdater(each, fetcher.run, reactor, lambda packages: None, log=log)
                 for each in [*([apt] if apt is not None else []), *foreign.values()]]
@@ -239,7 +240,7 @@ async def run_module(reactor: IServerReactor, store: KernelStore, release: str,
                      apt: PrivateApt | None = None) -> Outcome:
     """``job`` on ``release``'s kernel, booted in a VM.  Raises FetchFailed
     or MissingFile."""
-    fetcher = _fetcher(reactor, store, apt, release)
+    fetcher = _fetcher(reactor, store, apt, [release])
     kernel = await fetcher.ensure_image(release, ProgressLine(sys.stderr))
     busybox = BUSYBOX
     if fetcher.via(release) == "arm64":
