@@ -139,3 +139,51 @@ class ImageTests(TestCase):
         with self.assertRaises(FetchFailed):
             await fetcher.ensure_image("../x-amd64")
         self.assertEqual(fetcher.commands, [])
+
+
+ARM64_SHOW = """Package: linux-headers-6.1.0-57-arm64
+Version: 6.1.192-3
+Depends: linux-headers-6.1.0-57-common (= 6.1.192-3), linux-kbuild-6.1 (>= 6.1.192-3), linux-compiler-gcc-12-arm
+Size: 1000
+"""
+
+
+class ForeignFetcher(KernelFetcher):
+    """apt-cache answers recorded with the configuration they went through."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: list[list[str]] = []
+
+    async def run(self, argv: Sequence[str], cwd: Path | None = None) -> tuple[bytes, bytes, int]:
+        self.commands.append(list(argv))
+        names = [word for word in argv[argv.index("--no-all-versions") + 1:]]
+        if names == ["linux-headers-6.1.0-57-arm64"]:
+            return ARM64_SHOW.encode(), b"", 0
+        return "".join(f"Package: {name}\nVersion: 6.1.192-3\nSize: 5\n\n"
+                       for name in names).encode(), b"", 0
+
+
+class ForeignArchitectureTests(TestCase):
+    async def test_headers_through_their_apt_kbuild_through_the_hosts(self) -> None:
+        from stapsrv.core.aptsources import parse_suites
+        from stapsrv.kernel.privateapt import PrivateApt
+
+        base = Path(self.mktemp()).absolute()
+        arm64 = PrivateApt(base / ".apt-arm64", parse_suites(["bookworm"]), "arm64")
+        fetcher = ForeignFetcher(KernelStore(base, 10 << 20), reactor, ThreadPool(0, 1),
+                                 ("*",), foreign={"arm64": arm64})
+        found = await fetcher.resolve("6.1.0-57-arm64")
+        self.assertEqual([(p.name, p.via) for p in found],
+                         [("linux-headers-6.1.0-57-arm64", "arm64"),
+                          ("linux-headers-6.1.0-57-common", "arm64"),
+                          ("linux-kbuild-6.1", None)])
+        through = {tuple(argv[argv.index("--no-all-versions") + 1:]): argv[1:3]
+                   for argv in fetcher.commands}
+        config = ["-c", str(arm64.config_file)]
+        self.assertEqual(through, {("linux-headers-6.1.0-57-arm64",): config,
+                                   ("linux-headers-6.1.0-57-common",): config,
+                                   ("linux-kbuild-6.1",): ["show", "--no-all-versions"]})
+        # An amd64 release on the same fetcher: the host's apt only.
+        self.assertIsNone(fetcher.via("6.1.0-57-amd64"))
+        self.assertEqual(fetcher.via("6.1.0-57-arm64"), "arm64")

@@ -78,6 +78,31 @@ class RunnerTests(TestCase):
         self.assertEqual(qemu_command(VmSettings(), self.kernel, self.initrd, "kvm")[6:9],
                          ["kvm", "-cpu", "host"])
 
+    def test_arm64_command_line(self) -> None:
+        settings = VmSettings().for_arm64()
+        self.assertFalse(settings.kvm)
+        argv = qemu_command(settings, self.kernel, self.initrd, "tcg")[4:]
+        self.assertEqual(argv[:7], ["/usr/bin/qemu-system-aarch64", "-accel", "tcg", "-M",
+                                    "virt", "-cpu", "cortex-a57"])
+        append = argv[argv.index("-append") + 1]
+        self.assertIn("console=ttyAMA0", append)
+        self.assertNotIn("ttyS0", append)
+
+    def test_gunzip_takes_the_first_member(self) -> None:
+        import gzip
+
+        from stapsrv.vm.runner import gunzip, gzipped
+        base = Path(self.mktemp())
+        base.mkdir()
+        source, target = base / "vmlinuz", base / "Image"
+        source.write_bytes(gzip.compress(b"MZ image" * 1000) + b"trailing")
+        self.assertTrue(gzipped(source))
+        gunzip(source, target)
+        self.assertEqual(target.read_bytes(), b"MZ image" * 1000)
+        self.assertFalse(gzipped(target))
+        with self.assertRaises(ValueError):
+            gunzip(source, target, limit=100)
+
     def test_tcg_run(self) -> None:
         runner, done = self.boot(VmSettings(kvm=False))
         [process] = self.reactor.processes

@@ -1,0 +1,68 @@
+"""A request's architecture in the handler: refused before anything is
+fetched or compiled when it cannot be built here; another architecture's
+release cross-built."""
+
+from __future__ import annotations
+
+from attrs import evolve
+
+from stapsrv.core.cmdline import ServerOption
+from tests.helpers.archives import make_zip
+from tests.helpers.handlers import CachedHandlerCase
+from tests.helpers.vectors import members
+
+ARM64 = "6.1.0-57-arm64"
+
+
+def arm64_request(*arguments: str, arch: str = "arm64", release: str = ARM64) -> bytes:
+    entries = [(f"argv{i}", a.encode(), 0o100644) for i, a in enumerate(arguments, 1)]
+    entries += [("sysinfo", f"sysinfo: {release} {arch}".encode(), 0o100644),
+                ("locale", b"LANG=C.UTF-8\n", 0o100644), ("version", b"4.8", 0o100644)]
+    return make_zip(entries)
+
+
+class ArchitectureTests(CachedHandlerCase):
+    async def refused(self, architectures: tuple[str, ...], body: bytes) -> list[str]:
+        handler = self.cached_handler()
+        handler.architectures = architectures
+        found = members(await self.raw(handler, body))
+        self.assertEqual(found["rc"], b"1")
+        self.assertEqual(self.runs(), 0)
+        return found["stderr"].decode().splitlines()
+
+    async def test_a_server_without_arm64_refuses_it(self) -> None:
+        lines = await self.refused(("amd64",), arm64_request("-aarm64", f"-r{ARM64}", "-p4",
+                                                              "-eok"))
+        self.assertEqual(lines, ["Server: This server does not build modules for architecture "
+                                 "'arm64'; it builds for: x86_64."])
+
+    async def test_sysinfo_and_dash_a_must_agree(self) -> None:
+        lines = await self.refused(("amd64", "arm64"), arm64_request(
+            "-aarm64", f"-r{ARM64}", "-p4", "-eok", arch="x86_64"))
+        self.assertEqual(lines, ["Server: The request is for architecture 'x86_64' (its "
+                                 "sysinfo) but its -a names 'arm64'; they must agree."])
+
+    async def test_an_arm64_kernel_asked_for_x86_64(self) -> None:
+        lines = await self.refused(("amd64", "arm64"), arm64_request(
+            f"-r{ARM64}", "-p4", "-eok", arch="x86_64"))
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("give stap -a arm64", lines[0])
+
+    def test_an_arm64_release_is_cross_built(self) -> None:
+        handler = self.cached_handler()
+        handler.architectures = ("amd64", "arm64")
+        # The server's own -a is for its own architecture's releases.
+        handler.config = evolve(handler.config, server_options=(
+            ServerOption("-a", "x86_64"), ServerOption("-D", "A=1")))
+
+        def words(release: str) -> list[str]:
+            return [word for option in handler.server_options(release)
+                    for word in option.words()]
+        arm64 = words(ARM64)
+        self.assertEqual(arm64.count("-a"), 1, arm64)
+        self.assertEqual(arm64[arm64.index("-a") + 1], "arm64")
+        self.assertIn("-BCROSS_COMPILE=aarch64-linux-gnu-", arm64)
+        self.assertIn("-DA=1", arm64)
+        amd64 = words("6.1.0-57-amd64")
+        self.assertEqual(amd64[amd64.index("-a") + 1], "x86_64")
+        self.assertFalse(any(word.startswith("-BCROSS") for word in amd64))
