@@ -347,12 +347,31 @@ class RequestHandler:
         return request_target(job.architecture, job.dash_a, job.release,
                               self.architectures[0], self.architectures).refusal
 
+    def _cross_refusal(self, job: Job, context: RequestContext) -> str | None:
+        """Another architecture's kernel is cross-built by the host's
+        translator only (the toolchains' roots have no cross compilers)."""
+        toolchain = context.toolchain
+        target = release_architecture(job.release or "")
+        if (toolchain is None or toolchain.is_host or not self.architectures
+                or target is None or target == self.architectures[0]):
+            return None
+        refusal = (f"Server: Kernel release '{job.release}' is an {target} kernel, which only "
+                   f"this server's own translator (SystemTap {self.toolchains[0].translator}) "
+                   f"cross-builds for; toolchain {toolchain.name} (SystemTap "
+                   f"{toolchain.translator}), which serves this client, has no cross "
+                   "compiler.")
+        self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
+                      reason=escape_controls(refusal))
+        return refusal
+
     async def _release_ready(self, job: Job, context: RequestContext) -> Outcome | None:
         """The request's release provided (fetched if need be), with what
         the kernel store has for it; or the answer that ends the request now
         (a refusal, or a cache hit while its symbols are still being made)."""
         # Before fetching: no toolchain may build that kernel for this client.
         refusal = await self._choose_toolchain(job, context, with_tree=False)
+        if refusal is None:
+            refusal = self._cross_refusal(job, context)
         if refusal is not None:
             return Outcome(refusal_archive(refusal, PROTOCOL_VERSION), False, refused=True)
         try:

@@ -7,17 +7,21 @@ from __future__ import annotations
 from attrs import evolve
 
 from stapsrv.core.cmdline import ServerOption
+from stapsrv.compile.sandbox import Sandbox
+from stapsrv.kernel.toolchains import host_toolchain, load
 from tests.helpers.archives import make_zip
 from tests.helpers.handlers import CachedHandlerCase
 from tests.helpers.vectors import members
+from tests.kernel.test_toolchains import make_root
 
 ARM64 = "6.1.0-57-arm64"
 
 
-def arm64_request(*arguments: str, arch: str = "arm64", release: str = ARM64) -> bytes:
+def arm64_request(*arguments: str, arch: str = "arm64", release: str = ARM64,
+                  version: bytes = b"4.8") -> bytes:
     entries = [(f"argv{i}", a.encode(), 0o100644) for i, a in enumerate(arguments, 1)]
     entries += [("sysinfo", f"sysinfo: {release} {arch}".encode(), 0o100644),
-                ("locale", b"LANG=C.UTF-8\n", 0o100644), ("version", b"4.8", 0o100644)]
+                ("locale", b"LANG=C.UTF-8\n", 0o100644), ("version", version, 0o100644)]
     return make_zip(entries)
 
 
@@ -47,6 +51,21 @@ class ArchitectureTests(CachedHandlerCase):
             f"-r{ARM64}", "-p4", "-eok", arch="x86_64"))
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("give stap -a arm64", lines[0])
+
+    async def test_a_client_another_toolchain_serves_is_not_cross_built(self) -> None:
+        handler = self.cached_handler()
+        handler.architectures = ("amd64", "arm64")
+        handler.toolchains = [host_toolchain("4.8"),
+                              load(make_root(self.base / "toolchains" / "forky"))]
+        handler.releases.sandbox = Sandbox(home=self.home, systemtap_dir=self.home / ".s")
+        found = members(await self.raw(handler, arm64_request(
+            "-aarm64", f"-r{ARM64}", "-p4", "-eok", version=b"5.5")))
+        self.assertEqual(found["rc"], b"1")
+        self.assertEqual(found["stderr"].decode().splitlines(), [
+            f"Server: Kernel release '{ARM64}' is an arm64 kernel, which only this server's "
+            "own translator (SystemTap 4.8) cross-builds for; toolchain forky (SystemTap "
+            "5.6), which serves this client, has no cross compiler."])
+        self.assertEqual(self.runs(), 0)
 
     def test_an_arm64_release_is_cross_built(self) -> None:
         handler = self.cached_handler()
