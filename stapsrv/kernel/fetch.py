@@ -473,10 +473,10 @@ class KernelFetcher:
         names = build_packages(found[0])
         # Another architecture's tree is built with the server's own
         # build tools (linux-kbuild) of the same version.
-        groups = {via: [name for name in names
-                        if via is None or not name.startswith("linux-kbuild-")],
-                  None: [name for name in names
-                         if via is not None and name.startswith("linux-kbuild-")]}
+        groups: dict[str | None, list[str]] = {}
+        for name in names:
+            tools = via is not None and name.startswith("linux-kbuild-")
+            groups.setdefault(None if tools else via, []).append(name)
         others: list[Candidate] = []
         failed = False
         for group_via, group in groups.items():

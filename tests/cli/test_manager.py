@@ -311,7 +311,7 @@ class ManagerTests(TestCase):
             "--cpu-limit", "120", "--cache", "no", "--sandbox", "no",
             "--allow", "127.0.0.0/8", "--refuse-guru", "yes", "--privileges", "stapusr,stapdev",
             "--fetch", "no", "--fetch-releases", "6.1.0-*-amd64", "--fetch-suites", "trixie",
-            "--kernel-store",
+            "--fetch-architectures", "arm64", "--kernel-store",
             str(self.sandbox.base / "kernels"), "--kernel-store-size", "300",
             "--max-fetches", "3", "--peer-fetches", "2", "--fetch-symbols", "no")
         self.assertEqual(code, 0, err)
@@ -321,7 +321,8 @@ class ManagerTests(TestCase):
                       '--max-compressed-request "6000" --compile-timeout "600" '
                       '--cpu-limit "120" --cache "no" --sandbox "no" --allow "127.0.0.0/8" '
                       '--refuse-guru "yes" --privileges "stapusr,stapdev" --fetch "no" '
-                      '--fetch-releases "6.1.0-*-amd64" --fetch-suites "trixie" --kernel-store '
+                      '--fetch-releases "6.1.0-*-amd64" --fetch-suites "trixie" '
+                      '--fetch-architectures "arm64" --kernel-store '
                       f'"{self.sandbox.base / "kernels"}" --kernel-store-size "300" '
                       '--max-fetches "3" --peer-fetches "2" --fetch-symbols "no"', out)
         [pid] = self.sandbox.pids()
@@ -332,7 +333,7 @@ class ManagerTests(TestCase):
                      b"--cpu-limit", b"120", b"--no-cache", b"--no-sandbox",
                      b"--allow", b"127.0.0.0/8", b"--refuse-guru", b"--privileges",
                      b"stapusr,stapdev", b"--no-fetch", b"--fetch-releases", b"6.1.0-*-amd64",
-                     b"--fetch-suites", b"trixie",
+                     b"--fetch-suites", b"trixie", b"--fetch-architectures", b"arm64",
                      b"--kernel-store-size", b"300", b"--max-fetches", b"3",
                      b"--peer-fetches", b"2", b"--no-fetch-symbols"):
             self.assertIn(word, argv)
