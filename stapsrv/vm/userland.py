@@ -32,31 +32,41 @@ async def ensure_userland(fetcher: KernelFetcher, architecture: str) -> Path:
     """The root of ``architecture``'s userland, fetched first if need be.
     Raises FetchFailed."""
     directory = userland_directory(fetcher, architecture)
-    if (directory / COMPLETE).is_file():
+    if await fetcher.in_thread((directory / COMPLETE).is_file):
         return directory / "root"
     if architecture not in fetcher.foreign:
         raise FetchFailed(f"no apt configuration for {architecture}")
     if fetcher.ready is not None:
         await fetcher.ready()
     work = directory.with_name(f"{directory.name}.new-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
     download = work / "download"
-    download.mkdir(parents=True)
+    await fetcher.in_thread(_fresh, download)
     out, err, code = await fetcher.run(
         [APT_GET, *fetcher.apt_options(architecture), "download", "-q", *PACKAGES],
         cwd=download)
     if code != 0:
         raise FetchFailed(f"downloading the {architecture} userland failed: "
                           f"{err.decode(errors='replace').strip()[-300:]}")
-    for deb in sorted(download.glob("*.deb")):
+    for deb in await fetcher.in_thread(lambda: sorted(download.glob("*.deb"))):
         out, err, code = await fetcher.run([DPKG_DEB, "-x", str(deb), str(work / "root")])
         if code != 0:
             raise FetchFailed(f"unpacking {deb.name} failed: "
                               f"{err.decode(errors='replace').strip()[-300:]}")
-    shutil.rmtree(download)
-    (work / COMPLETE).write_text(" ".join(PACKAGES) + "\n")
-    shutil.rmtree(directory, ignore_errors=True)
-    os.rename(work, directory)
+    await fetcher.in_thread(_settle, work, directory)
     fetcher.log.info("Fetched the {architecture} userland for the VM into {directory}",
                      architecture=architecture, directory=str(directory))
     return directory / "root"
+
+
+def _fresh(download: Path) -> None:
+    """An empty work directory with ``download`` in it (blocking)."""
+    shutil.rmtree(download.parent, ignore_errors=True)
+    download.mkdir(parents=True)
+
+
+def _settle(work: Path, directory: Path) -> None:
+    """The unpacked root in place, marked whole (blocking)."""
+    shutil.rmtree(work / "download")
+    (work / COMPLETE).write_text(" ".join(PACKAGES) + "\n")
+    shutil.rmtree(directory, ignore_errors=True)
+    os.rename(work, directory)
