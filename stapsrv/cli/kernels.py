@@ -259,7 +259,7 @@ async def verify_release(reactor: IServerReactor, store: KernelStore, release: s
                          work: Path, apt: PrivateApt | None = None) -> Verification:
     """Verify ``release`` and keep the result in the store.  Raises
     FetchFailed."""
-    fetcher = _fetcher(reactor, store, apt)
+    fetcher = _fetcher(reactor, store, apt, [release])
     verifier = Verifier(reactor, fetcher, VmRunner(reactor, settings), server, work)
     found = await verifier.verify(release, clients)
     await fetcher.in_thread(verification.save, store.directory, found)

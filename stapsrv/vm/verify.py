@@ -11,15 +11,16 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 
 from stapsrv.config.values import default_stap
 from stapsrv.kernel.fetch import KernelFetcher
 from stapsrv.reactor import IHandlerReactor
-from stapsrv.vm.initramfs import Job, MissingFile, Staprun
+from stapsrv.vm.initramfs import BUSYBOX, Job, MissingFile, Staprun
 from stapsrv.vm.runner import VmRunner
+from stapsrv.vm.userland import ensure_userland
 from stapsrv.vm.verification import ProbeResult, Verification
 
 #: A program the probes watch: it opens and reads a file, printing nothing.
@@ -44,6 +45,10 @@ def _probe(name: str, point: str, workload: bool = False) -> Probe:
                  WORKLOAD if workload else None, ("/usr/bin/busybox",) if workload else ())
 
 
+#: The workload of an arm64 VM: the busybox of the arm64 userland (the
+#: machine's own programs do not run there).
+ARM64_WORKLOAD = "/stapsrv/busybox grep -q Linux /proc/version"
+
 #: The probe kinds a release is verified with.
 PROBES = (
     _probe("begin", "begin"),
@@ -64,6 +69,10 @@ class ClientSpec:
     @classmethod
     def host(cls) -> ClientSpec:
         return cls("/usr/bin/stap", Staprun.host())
+
+    @property
+    def is_host(self) -> bool:
+        return self.staprun == Staprun.host()
 
     @classmethod
     def prefix(cls, prefix: str) -> ClientSpec:
@@ -93,6 +102,10 @@ class Verifier:
     work: Path
     probes: Sequence[Probe] = PROBES
     log: Logger = field(factory=lambda: Logger(namespace="stapsrv.vm"))
+    #: ``-a arm64`` for another architecture's release.
+    dash_a: tuple[str, ...] = ()
+    #: The VM's busybox (the kernel's architecture's).
+    busybox: str = BUSYBOX
 
     async def run(self, argv: Sequence[str], env: Mapping[str, str] | None = None,
                   cwd: Path | None = None) -> tuple[bytes, bytes, int]:
@@ -110,10 +123,42 @@ class Verifier:
         """Every probe kind with every client: FetchFailed when the
         release's kernel image cannot be had."""
         kernel = await self.fetcher.ensure_image(release)
+        if self.fetcher.via(release) == "arm64":
+            return await self._verify_arm64(release, kernel, clients)
         translator = await self.translator()
         results: list[ProbeResult] = []
         for number, client in enumerate(clients):
             results += await self._client(release, kernel, client, self.work / f"client-{number}")
+        return Verification(release, time.time(), translator, tuple(results))
+
+    async def _verify_arm64(self, release: str, kernel: Path,
+                            clients: Sequence[ClientSpec]) -> Verification:
+        """An arm64 release: its modules cross-built (``-a arm64``), run in
+        qemu-system-aarch64 with Debian's arm64 staprun (4.8: the host
+        client's family; other clients have no arm64 staprun here) and
+        busybox; no ``process`` probe (the server would read its own amd64
+        busybox for it)."""
+        root = await ensure_userland(self.fetcher, "arm64")
+        arm64 = Verifier(self.reactor, self.fetcher,
+                         VmRunner(self.reactor, self.runner.settings.for_arm64(),
+                                  self.runner.log),
+                         self.server, self.work,
+                         tuple(evolve(probe, command=ARM64_WORKLOAD, files=())
+                               if probe.command else probe
+                               for probe in self.probes if probe.name != "process"),
+                         self.log, dash_a=("-a", "arm64"),
+                         busybox=str(root / "bin" / "busybox"))
+        translator = await self.translator()
+        results: list[ProbeResult] = []
+        for number, client in enumerate(clients):
+            if not client.is_host:
+                results += [ProbeResult(client.stap, probe.name, False,
+                                        "no arm64 staprun of this client's family")
+                            for probe in arm64.probes]
+                continue
+            results += await arm64._client(release, kernel,
+                                           ClientSpec(client.stap, Staprun.in_root(root)),
+                                           self.work / f"client-{number}")
         return Verification(release, time.time(), translator, tuple(results))
 
     async def _client(self, release: str, kernel: Path, client: ClientSpec,
@@ -139,7 +184,7 @@ class Verifier:
                      probe: Probe, env: Mapping[str, str], cwd: Path) -> ProbeResult:
         cwd.mkdir(parents=True, exist_ok=True)
         out, err, code = await self.run(
-            [client.stap, f"--use-server={self.server}", "-r", release, "-p4",
+            [client.stap, f"--use-server={self.server}", *self.dash_a, "-r", release, "-p4",
              "-e", probe.script], env, cwd)
         modules = sorted(cwd.glob("*.ko"))
         if code != 0 or not modules:
@@ -148,7 +193,7 @@ class Verifier:
         job = Job(modules[0], command=probe.command, files=probe.files)
         try:
             outcome = await self.runner.run(kernel, client.staprun, job, self.fetcher.in_thread,
-                                            scratch=self.work)
+                                            scratch=self.work, busybox=self.busybox)
         except MissingFile as exc:
             return ProbeResult(name, probe.name, False, str(exc))
         if outcome.status == 0 and probe.expected in outcome.output.splitlines():

@@ -12,18 +12,27 @@ already holds."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
 from pathlib import Path
 
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from stapsrv.kernel.privateapt import APT_DIRECTORY
 from tests.helpers import require_program
 from tests.helpers.realclient import RealClientMixin
-from tests.helpers.realserver import as_server_user, kept_directory
-from tests.helpers.vm import run_in_vm
+from stapsrv.vm import verification
+from stapsrv.vm.verify import PROBES
+from tests.helpers.realserver import (
+    as_server_user,
+    kept_directory,
+    server_environment,
+    venv_bin,
+)
+from tests.helpers.vm import run_in_vm, vm_store
 from tests.helpers.waiting import poll
 
 #: ELF e_machine of AArch64.
@@ -124,6 +133,31 @@ class Arm64Tests(RealClientMixin, TestCase):
         self.assertIn(f"Server: Kernel release '{release}' is an arm64 kernel but the request "
                       "is for architecture 'x86_64'; give stap -a arm64 for it.", err.decode())
         self.assertNotIn("Traceback", server.log())
+
+    async def test_kernels_verify_an_arm64_release(self) -> None:
+        store = arm64_store()
+        server = self.own_server("--kernel-store", str(store), "--no-avahi",
+                                 "--fetch-architectures", "arm64")
+        self.assertTrue(await poll(
+            lambda: "-arm64" in "".join(line for line in server.log().splitlines()
+                                        if "Kernel store: fetching releases matching" in line),
+            600.0), server.log())
+        release = newest_arm64(store)
+        self.addCleanup(verification.remove, vm_store(), release)
+        argv = [venv_bin("python"), "-m", "stapsrv.cli.kernels", "--store", str(vm_store()),
+                "verify", release, "--server", server.spec, "--json"]
+        done = await deferToThread(
+            subprocess.run, as_server_user(argv), capture_output=True, text=True,
+            timeout=3600, cwd="/", env=server_environment(vm_store().parent, "stapsrv"))
+        found = json.loads(done.stdout or "{}")
+        results = {result["probe"]: result for result in found.get("results", [])}
+        self.assertEqual(sorted(results), sorted(probe.name for probe in PROBES
+                                                 if probe.name != "process"),
+                         done.stderr[-3000:])
+        for probe, result in results.items():
+            self.assertTrue(result["runs"], result)
+        self.assertTrue(found["passed"])
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
 
     async def test_a_server_that_does_not_build_for_arm64_refuses(self) -> None:
         server = self.own_server("--no-avahi", "--no-fetch")

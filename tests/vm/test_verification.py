@@ -101,6 +101,9 @@ class FakeFetcher:
     async def ensure_image(self, release: str) -> Path:
         return self.image
 
+    def via(self, release: str) -> str | None:
+        return None  # the machine's own architecture
+
     def in_thread(self, function: Any, *args: Any) -> Deferred[object]:
         return succeed(function(*args))
 
@@ -112,7 +115,7 @@ class FakeRunner:
         self.jobs: list[tuple[str, Job]] = []
 
     async def run(self, kernel: Path, staprun: Staprun, job: Job, in_thread: Any,
-                  scratch: Path | None = None) -> Outcome:
+                  scratch: Path | None = None, busybox: str = "") -> Outcome:
         self.jobs.append((staprun.staprun, job))
         if staprun.staprun.startswith("/opt/stap55"):
             return Outcome(True, "", "Unable to send relocation: Invalid argument\n", 1, "")
