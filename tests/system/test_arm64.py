@@ -32,8 +32,9 @@ from tests.helpers.realserver import (
     server_environment,
     venv_bin,
 )
-from tests.helpers.vm import run_in_vm, vm_store
+from tests.helpers.vm import run_in_vm, trusted_signers, vm_store
 from tests.helpers.waiting import poll
+from tests.system.test_vm import MODULE_OK
 
 #: ELF e_machine of AArch64.
 EM_AARCH64 = 183
@@ -125,6 +126,24 @@ class Arm64Tests(RealClientMixin, TestCase):
         self.assertEqual(code, 0, err.decode())
         found = await run_in_vm(client.cwd / "kprobe_arm64.ko", release, self.kind)
         self.assertEqual((found.status, found.output), (0, "vfs_read hit\n"),
+                         f"{found.summary}\n{found.console}")
+        # A --privilege=stapusr module: signed by the server, and the arm64
+        # staprun in the VM finds the signature good against the server's
+        # certificate as the client machine trusts it.
+        before = set(client.modules())
+        out, err, code = await client.stap(
+            f"--use-server={server.spec}", "-a", "arm64", "-r", release, "-p4",
+            "--privilege=stapusr", "-e",
+            'probe begin { println("unprivileged arm64"); exit() }')
+        self.assertEqual(code, 0, err.decode())
+        [signed] = [name for name in set(client.modules()) - before if name.endswith(".ko")]
+        self.assertTrue((client.cwd / f"{signed}.sgn").exists(), client.modules())
+        self.assertEqual(elf_machine(client.cwd / signed), EM_AARCH64)
+        found = await run_in_vm(client.cwd / signed, release, self.kind,
+                                signers=await trusted_signers(client, server.spec),
+                                options=("-vv",))
+        self.assertIn(f"verify_module returns {MODULE_OK}", found.errors, found.console)
+        self.assertEqual((found.status, found.output), (0, "unprivileged arm64\n"),
                          f"{found.summary}\n{found.console}")
         # -a and sysinfo must agree: an arm64 kernel without -a is refused.
         out, err, code = await client.stap(f"--use-server={server.spec}", "-r", release,
