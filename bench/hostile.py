@@ -38,7 +38,8 @@ Run after ``make setup``, as root (the fetches need deb.debian.org):
 
     .venv/bin/python bench/hostile.py [--rounds N] [--lanes N] [--phases quiet,flood]
 
-Writes bench/results/hostile.md and hostile.json.  Target: in every hostile
+Writes bench/results/hostile.md and hostile.json, and the hostile rows of
+the bench table (bench/results/summary.md).  Target: in every hostile
 phase the honest median latency of each kind within 1.5x of the quiet one.
 """
 
@@ -76,6 +77,7 @@ from bench.compare import (  # noqa: E402
     served_release,
     trust,
 )
+from bench.table import update_summary  # noqa: E402
 from tests.helpers import require_program  # noqa: E402
 from tests.helpers.archive_releases import absent_releases  # noqa: E402
 from tests.helpers.connflood import ConnectionFlood  # noqa: E402
@@ -582,6 +584,7 @@ def main() -> int:
     options.output.mkdir(parents=True, exist_ok=True)
     (options.output / "hostile.json").write_text(json.dumps(data, indent=1) + "\n")
     (options.output / "hostile.md").write_text(report)
+    update_summary(options.output)
     print(report)
     return 0
 
