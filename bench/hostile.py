@@ -12,7 +12,9 @@ address); each lane runs ``--rounds`` rounds of ``--hits`` repeated
 requests (cache hits) and one new script (a compile), one after another,
 all lanes at once, and every request's latency is kept.
 
-Phases, in this order (``--phases``):
+Phases (``--phases``; by default quiet, flood, quiet, storm, quiet, both,
+quiet: the quiet figures are every quiet phase's pooled, so that they
+follow what else the machine runs meanwhile):
 
 - ``quiet``: nobody else; the reference figures;
 - ``flood``: a peer at 127.0.0.2 holds ``--connections`` (3,000) idle TCP
@@ -30,9 +32,10 @@ threads do not share its interpreter), on the same machine: its own CPU
 is reported, and on a small machine it competes with the server for it.
 Each hostile phase begins once the hostile peer is at work (the flood's
 first pass made; the storm's first fetch started, from the server's log),
-and the peer stops when the honest lanes are done.  The server's kernel
-store keeps what the storm fetched, so fetches started in one phase may
-still run in the next.
+and the peer stops when the honest lanes are done; the next phase waits
+until the server has settled (every fetch started has ended and its
+System.map is made, even for a request the peer abandoned, and no
+translator runs).  The server's kernel store keeps what the storm fetched.
 
 Run after ``make setup``, as root (the fetches need deb.debian.org):
 
@@ -286,11 +289,41 @@ def machine_busy() -> tuple[float, float]:
 def log_counts(log: str) -> dict[str, int]:
     return {"fetches_started": len(re.findall(r"Fetching kernel \S+:", log)),
             "fetches_done": len(re.findall(r"Fetched kernel \S+ in", log)),
-            "symbols_made": len(re.findall(r"Made the System\.map of kernel", log)),
+            "fetches_failed": len(re.findall(r"Cannot provide kernel \S+ for", log)),
+            "symbols_made": len(re.findall(r"Made the System\.map of kernel|"
+                                           r"No symbols for kernel", log)),
             "warmups_done": len(re.findall(r"Kernel configuration header for \S+ ready", log)),
             "refused_over_share": log.count("Not starting "),
             "room_lines": log.count("Closed connections to keep room for new clients"),
             "accept_failures": log.count("Cannot accept connections")}
+
+
+#: The server's account of its kernel store work.
+STORE_LINES = re.compile(r"Fetching kernel \S+:|Fetched kernel|Cannot provide kernel|"
+                         r"Made the System\.map|Kernel configuration header for \S+ ready in|"
+                         r"warm-up compile for kernel")
+
+
+def store_lines(log: str) -> list[str]:
+    """The kernel store's lines of the log, long package lists cut."""
+    return [line if len(line) < 200 else line[:200] + " ..."
+            for line in log.splitlines()
+            if STORE_LINES.search(line) and "Not starting" not in line]
+
+
+def most_fetches_at_once(lines: list[str]) -> int:
+    """The most fetches under way at once, from the order of the log's
+    ``Fetching kernel R:`` and ``Fetched kernel R`` / ``Cannot provide
+    kernel R`` lines."""
+    under_way: set[str] = set()
+    most = 0
+    for line in lines:
+        if started := re.search(r"Fetching kernel (\S+):", line):
+            under_way.add(started.group(1))
+        elif ended := re.search(r"(?:Fetched|Cannot provide) kernel (\S+)", line):
+            under_way.discard(ended.group(1))
+        most = max(most, len(under_way))
+    return most
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -352,6 +385,27 @@ def stop_peer(peer: tuple[Any, Any, Any] | None) -> dict[str, Any]:
     return found
 
 
+def settled(server: ServerProcess, metrics: int) -> bool:
+    """Nothing left of a hostile phase: every fetch started has ended and
+    its System.map is made (what an abandoned request started goes on),
+    and no translator runs."""
+    counts = log_counts(server.log())
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=30) as page:
+        running = re.search(r"^stapsrv_compiles_in_flight (\S+)$", page.read().decode(), re.M)
+    ended = counts["fetches_done"] + counts["fetches_failed"]
+    return (ended >= counts["fetches_started"]
+            and counts["symbols_made"] >= counts["fetches_done"]
+            and running is not None and float(running.group(1)) == 0)
+
+
+def settle(server: ServerProcess, metrics: int, bound: float = 600.0) -> float:
+    """Seconds until :func:`settled` (at most ``bound``)."""
+    began = time.monotonic()
+    while time.monotonic() - began < bound and not settled(server, metrics):
+        time.sleep(1.0)
+    return time.monotonic() - began
+
+
 def run_phase(name: str, server: ServerProcess, metrics: int, pid: int,
               lanes: list[tuple[Client, str]], release: str, options: argparse.Namespace,
               releases: list[str]) -> dict[str, Any]:
@@ -370,10 +424,11 @@ def run_phase(name: str, server: ServerProcess, metrics: int, pid: int,
         took = time.perf_counter() - began
     finally:
         hostile = stop_peer(peer)
+    settling = settle(server, metrics) if peer is not None else 0.0
     busy_after = machine_busy()
     after, closed_after = log_counts(server.log()), closed_early(metrics)
     result = {
-        "phase": name, "honest": honest, "duration_s": took,
+        "phase": name, "honest": honest, "duration_s": took, "settle_s": settling,
         "hostile": hostile, "storm_fetch_before_measuring": fetch_seen,
         "server_cpu_s": cpu_seconds(pid) - cpu,
         "machine_busy": (busy_after[0] - busy[0]) / max(1, busy_after[1] - busy[1]),
@@ -414,16 +469,20 @@ def ratio(value: float | None, quiet: float | None) -> float | None:
 
 
 def phase_rows(data: dict[str, Any]) -> list[str]:
-    quiet = data["phases"].get("quiet")
     rows = ["| phase | cache hit: median (s) | p90 (s) | median × quiet | new script: median (s) "
             "| p90 (s) | median × quiet | honest failures | within 1.5× |",
             "|---|---|---|---|---|---|---|---|---|"]
+    reference = data["quiet_reference"]
+    if reference is not None:
+        rows.append("| **quiet, all quiet phases pooled** | " + " | ".join(
+            f"**{fmt(reference[kind]['median'])}** | {fmt(reference[kind]['p90'])} | 1×"
+            for kind in KINDS) + " | — | — |")
     for name, result in data["phases"].items():
         stats, cells = result["stats"], []
         for kind in KINDS:
-            base = quiet["stats"][kind]["median"] if quiet else None
+            share = result.get("ratios", {}).get(kind)
             cells += [fmt(stats[kind]["median"]), fmt(stats[kind]["p90"]),
-                      "—" if name == "quiet" else fmt(ratio(stats[kind]["median"], base), 2) + "×"]
+                      "—" if share is None else f"{share:.2f}×"]
         met = result.get("met")
         rows.append(f"| {name} | {' | '.join(cells)} | {len(result['honest']['failures'])} | "
                     f"{'—' if met is None else ('**met**' if met else '**not met**')} |")
@@ -434,7 +493,8 @@ def hostile_rows(data: dict[str, Any]) -> list[str]:
     rows = ["| phase | flood: connections opened (failed), held at the end | storm: requests "
             "by outcome | fetches started (done) | refused over the share | closed early "
             "(oldest / full / peer) | EMFILE lines | server process CPU (s) | hostile peer CPU (s) | "
-            "machine busy | took (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "machine busy | measured for (s) | settled after (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, result in data["phases"].items():
         hostile, log, closed = result["hostile"], result["log"], result["closed_early"]
         flood = (f"{hostile['flood_opened']} ({hostile['flood_failed']}), "
@@ -447,7 +507,7 @@ def hostile_rows(data: dict[str, Any]) -> list[str]:
             f"{closed.get('full', 0):g} / {closed.get('peer', 0):g} | "
             f"{log['accept_failures']} | {result['server_cpu_s']:.1f} | "
             f"{fmt(hostile.get('cpu_s'), 1)} | {result['machine_busy']:.0%} | "
-            f"{result['duration_s']:.0f} |")
+            f"{result['duration_s']:.0f} | {result.get('settle_s', 0):.0f} |")
     return rows
 
 
@@ -471,31 +531,48 @@ def render(data: dict[str, Any]) -> str:
         *(["**Note:** " + info["note"], ""] if info.get("note") else []),
         f"Target: honest medians within {TARGET}× of the quiet ones in every hostile phase: "
         f"{'; '.join(verdict) or 'no hostile phase ran'}.", "",
-        *phase_rows(data), "", "What the hostile peer did and what it cost the server, "
-        "counted over each phase from the start of its hostile peer (from the server's log "
+        *phase_rows(data), "", "Each phase's ratios are to the pooled quiet figures.", "",
+        "What the hostile peer did and what it cost the server, "
+        "counted over each phase from the start of its hostile peer until the server settled "
+        "after it (from the server's log "
         "and metrics; the server process's CPU is the twistd process alone, its reactor, "
         "TLS and connections, not its translators or fetch steps; the hostile peer's CPU is "
         "its process's, on the same machine; machine busy is all CPUs, every process on the "
         "machine included, other workers' too):", "", *hostile_rows(data), "",
     ]
+    lines += [f"Fetches under way at once, at most (from the log): "
+              f"{data['most_fetches_at_once']}.  The server's account of its kernel store "
+              "work (the log's lines, whole run):", "",
+              *(f"    {line}" for line in data["store_lines"][:30]), ""]
     failures = [f for r in data["phases"].values() for f in r["honest"]["failures"]]
     if failures:
         lines += ["Honest failures (first 5):", "", *(f"    {f}" for f in failures[:5]), ""]
     return "\n".join(lines)
 
 
-def judge(phases: dict[str, dict[str, Any]]) -> None:
-    """Each hostile phase's ``met``: both medians within TARGET of the
-    quiet ones, and no honest request failed."""
-    quiet = phases.get("quiet")
-    for name, result in phases.items():
-        if name == "quiet" or quiet is None:
-            continue
-        ratios = [ratio(result["stats"][kind]["median"], quiet["stats"][kind]["median"])
+def quiet_reference(phases: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The quiet figures: every quiet phase's latencies pooled (quiet
+    phases between the hostile ones follow the machine's other load)."""
+    quiet = [r for r in phases.values() if r["phase"] == "quiet"]
+    if not quiet:
+        return None
+    return {kind: summary([t for r in quiet for t in r["honest"]["times"][kind]])
+            for kind in KINDS}
+
+
+def judge(phases: dict[str, dict[str, Any]], reference: dict[str, Any] | None) -> None:
+    """Each phase's ratios to the quiet reference; a hostile phase's
+    ``met``: both medians within TARGET of it, and no honest request
+    failed."""
+    if reference is None:
+        return
+    for result in phases.values():
+        ratios = [ratio(result["stats"][kind]["median"], reference[kind]["median"])
                   for kind in KINDS]
         result["ratios"] = dict(zip(KINDS, ratios))
-        result["met"] = (all(r is not None and r <= TARGET for r in ratios)
-                         and not result["honest"]["failures"])
+        if result["phase"] != "quiet":
+            result["met"] = (all(r is not None and r <= TARGET for r in ratios)
+                             and not result["honest"]["failures"])
 
 
 # --------------------------------------------------------------------------
@@ -514,8 +591,9 @@ def options_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storm", type=int, default=5, help="storm requests at once (5)")
     parser.add_argument("--storm-pause", type=float, default=0.5,
                         help="seconds a storm thread waits after an answer (0.5)")
-    parser.add_argument("--phases", default=",".join(PHASES),
-                        help=f"comma-separated, from {', '.join(PHASES)}")
+    parser.add_argument("--phases", default="quiet,flood,quiet,storm,quiet,both,quiet",
+                        help=f"comma-separated, from {', '.join(PHASES)}, repeats allowed "
+                        "(the quiet figures are all quiet phases pooled)")
     parser.add_argument("--note", default="", help="a sentence for the results file")
     parser.add_argument("--output", type=Path, default=RESULTS)
     return parser
@@ -549,9 +627,11 @@ def main() -> int:
             prefix="bench-relay-")))
         lanes = [(make_client(homes), spec) for spec in specs]
         warm_up(lanes, release)
-        for name in phases:
-            results[name] = run_phase(name, server, metrics, pid, lanes, release, options,
-                                      releases)
+        for number, name in enumerate(phases):
+            seen = phases[:number + 1].count(name)
+            label = name if seen == 1 else f"{name} {seen}"
+            results[label] = run_phase(name, server, metrics, pid, lanes, release, options,
+                                       releases)
         log = server.log()
     finally:
         if relay is not None:
@@ -562,7 +642,8 @@ def main() -> int:
         shutil.rmtree(base, ignore_errors=True)
         for home in homes:
             shutil.rmtree(home, ignore_errors=True)
-    judge(results)
+    reference = quiet_reference(results)
+    judge(results, reference)
     addresses = [f"127.0.0.{3 + lane}" for lane in range(options.lanes)]
     data = {
         "info": {"date": time.strftime("%Y-%m-%d %H:%M"), "release": release,
@@ -576,9 +657,11 @@ def main() -> int:
                  "descriptor_limit": LIMIT, "target": TARGET, "note": options.note,
                  "load_before": load_before, "load_after": load_average(),
                  "duration_s": time.perf_counter() - began},
-        "phases": results,
+        "phases": results, "quiet_reference": reference,
         "room_lines": [line for line in log.splitlines()
                        if "Closed connections to keep room" in line][:20],
+        "store_lines": store_lines(log),
+        "most_fetches_at_once": most_fetches_at_once(store_lines(log)),
     }
     report = render(data)
     options.output.mkdir(parents=True, exist_ok=True)
