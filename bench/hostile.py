@@ -34,8 +34,9 @@ Each hostile phase begins once the hostile peer is at work (the flood's
 first pass made; the storm's first fetch started, from the server's log),
 and the peer stops when the honest lanes are done; the next phase waits
 until the server has settled (every fetch started has ended and its
-System.map is made, even for a request the peer abandoned, and no
-translator runs).  The server's kernel store keeps what the storm fetched.
+System.map is made, even for a request the peer abandoned, and the
+server has no more child processes than when idle: no translator, no
+warm-up, no fetch step).  The server's kernel store keeps what the storm fetched.
 
 Run after ``make setup``, as root (the fetches need deb.debian.org):
 
@@ -74,6 +75,7 @@ from bench.compare import (  # noqa: E402
     load_average,
     make_client,
     new_script,
+    process_tree,
     real_server_pid,
     run_client,
     say,
@@ -385,23 +387,23 @@ def stop_peer(peer: tuple[Any, Any, Any] | None) -> dict[str, Any]:
     return found
 
 
-def settled(server: ServerProcess, metrics: int) -> bool:
+def settled(server: ServerProcess, pid: int, idle_children: int) -> bool:
     """Nothing left of a hostile phase: every fetch started has ended and
-    its System.map is made (what an abandoned request started goes on),
-    and no translator runs."""
+    its System.map is made, and the server runs no more processes than
+    when idle (no translator, warm-up, apt-get, dpkg-deb or kallsyms
+    child: what an abandoned request started goes on)."""
     counts = log_counts(server.log())
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=30) as page:
-        running = re.search(r"^stapsrv_compiles_in_flight (\S+)$", page.read().decode(), re.M)
     ended = counts["fetches_done"] + counts["fetches_failed"]
     return (ended >= counts["fetches_started"]
             and counts["symbols_made"] >= counts["fetches_done"]
-            and running is not None and float(running.group(1)) == 0)
+            and len(process_tree(pid)) - 1 <= idle_children)
 
 
-def settle(server: ServerProcess, metrics: int, bound: float = 600.0) -> float:
+def settle(server: ServerProcess, pid: int, idle_children: int,
+           bound: float = 600.0) -> float:
     """Seconds until :func:`settled` (at most ``bound``)."""
     began = time.monotonic()
-    while time.monotonic() - began < bound and not settled(server, metrics):
+    while time.monotonic() - began < bound and not settled(server, pid, idle_children):
         time.sleep(1.0)
     return time.monotonic() - began
 
@@ -424,7 +426,7 @@ def run_phase(name: str, server: ServerProcess, metrics: int, pid: int,
         took = time.perf_counter() - began
     finally:
         hostile = stop_peer(peer)
-    settling = settle(server, metrics) if peer is not None else 0.0
+    settling = settle(server, pid, options.idle_children) if peer is not None else 0.0
     busy_after = machine_busy()
     after, closed_after = log_counts(server.log()), closed_early(metrics)
     result = {
@@ -627,6 +629,8 @@ def main() -> int:
             prefix="bench-relay-")))
         lanes = [(make_client(homes), spec) for spec in specs]
         warm_up(lanes, release)
+        time.sleep(2.0)
+        options.idle_children = len(process_tree(pid)) - 1
         for number, name in enumerate(phases):
             seen = phases[:number + 1].count(name)
             label = name if seen == 1 else f"{name} {seen}"
@@ -654,7 +658,7 @@ def main() -> int:
                  "releases": releases, "honest_addresses": addresses,
                  "honest_addresses_seen": [a for a in addresses
                                            if f"Accepted connection from {a}:" in log],
-                 "descriptor_limit": LIMIT, "target": TARGET, "note": options.note,
+                 "descriptor_limit": LIMIT, "server_children_idle": options.idle_children, "target": TARGET, "note": options.note,
                  "load_before": load_before, "load_after": load_average(),
                  "duration_s": time.perf_counter() - began},
         "phases": results, "quiet_reference": reference,
