@@ -357,6 +357,9 @@ def start_peer(name: str, server: ServerProcess, options: argparse.Namespace,
     storm = options.storm if name in ("storm", "both") else 0
     if not flood and not storm:
         return None
+    log = server.log()
+    # Releases an earlier phase's storm had fetched would be compiles, not fetches.
+    releases = [r for r in releases if f"Fetched kernel {r} in" not in log] or releases
     context = multiprocessing.get_context("fork")
     ready, stop = context.Event(), context.Event()
     report, sender = context.Pipe(duplex=False)
@@ -609,6 +612,34 @@ def warm_up(lanes: list[tuple[Client, str]], release: str) -> None:
         raise BenchError(f"warm-up failed: {warm['failures'][0]}")
 
 
+def results_data(options: argparse.Namespace, release: str, releases: list[str],
+                 results: dict[str, dict[str, Any]], log: str, began: float,
+                 load_before: str) -> dict[str, Any]:
+    """What hostile.json holds: the run, every phase judged, the log's lines."""
+    reference = quiet_reference(results)
+    judge(results, reference)
+    addresses = [f"127.0.0.{3 + lane}" for lane in range(options.lanes)]
+    return {
+        "info": {"date": time.strftime("%Y-%m-%d %H:%M"), "release": release,
+                 "cpus": os.cpu_count(), "lanes": options.lanes, "rounds": options.rounds,
+                 "hits": options.hits, "hostile_seconds": options.hostile_seconds,
+                 "connections": options.connections,
+                 "storm": options.storm, "storm_pause": options.storm_pause,
+                 "releases": releases, "honest_addresses": addresses,
+                 "honest_addresses_seen": [a for a in addresses
+                                           if f"Accepted connection from {a}:" in log],
+                 "descriptor_limit": LIMIT, "server_children_idle": options.idle_children,
+                 "target": TARGET, "note": options.note,
+                 "load_before": load_before, "load_after": load_average(),
+                 "duration_s": time.perf_counter() - began},
+        "phases": results, "quiet_reference": reference,
+        "room_lines": [line for line in log.splitlines()
+                       if "Closed connections to keep room" in line][:20],
+        "store_lines": store_lines(log),
+        "most_fetches_at_once": most_fetches_at_once(store_lines(log)),
+    }
+
+
 def main() -> int:
     options = options_parser().parse_args()
     phases = [p for p in options.phases.split(",") if p]
@@ -646,27 +677,7 @@ def main() -> int:
         shutil.rmtree(base, ignore_errors=True)
         for home in homes:
             shutil.rmtree(home, ignore_errors=True)
-    reference = quiet_reference(results)
-    judge(results, reference)
-    addresses = [f"127.0.0.{3 + lane}" for lane in range(options.lanes)]
-    data = {
-        "info": {"date": time.strftime("%Y-%m-%d %H:%M"), "release": release,
-                 "cpus": os.cpu_count(), "lanes": options.lanes, "rounds": options.rounds,
-                 "hits": options.hits, "hostile_seconds": options.hostile_seconds,
-                 "connections": options.connections,
-                 "storm": options.storm, "storm_pause": options.storm_pause,
-                 "releases": releases, "honest_addresses": addresses,
-                 "honest_addresses_seen": [a for a in addresses
-                                           if f"Accepted connection from {a}:" in log],
-                 "descriptor_limit": LIMIT, "server_children_idle": options.idle_children, "target": TARGET, "note": options.note,
-                 "load_before": load_before, "load_after": load_average(),
-                 "duration_s": time.perf_counter() - began},
-        "phases": results, "quiet_reference": reference,
-        "room_lines": [line for line in log.splitlines()
-                       if "Closed connections to keep room" in line][:20],
-        "store_lines": store_lines(log),
-        "most_fetches_at_once": most_fetches_at_once(store_lines(log)),
-    }
+    data = results_data(options, release, releases, results, log, began, load_before)
     report = render(data)
     options.output.mkdir(parents=True, exist_ok=True)
     (options.output / "hostile.json").write_text(json.dumps(data, indent=1) + "\n")
