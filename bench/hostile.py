@@ -674,6 +674,7 @@ def main() -> int:
             shutil.rmtree(relay.directory, ignore_errors=True)
         if server is not None:
             server.stop()
+            shutil.rmtree(server.base, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
         for home in homes:
             shutil.rmtree(home, ignore_errors=True)
