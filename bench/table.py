@@ -1,6 +1,6 @@
 """The rows of the bench table (bench/results/summary.md) that come from the
-benches run on their own: the soak (bench/soak.py) and HAProxy's overhead
-(bench/haproxy.py).  bench/compare.py rewrites summary.md and calls
+benches run on their own: the soak (bench/soak.py), HAProxy's overhead
+(bench/haproxy.py) and a hostile peer (bench/hostile.py).  bench/compare.py rewrites summary.md and calls
 :func:`update_summary` so these rows stay."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 BEGIN = "<!-- fleet rows: bench/soak.py, bench/haproxy.py -->"
+#: (The marker's text stays as it was: summary.md files written before
+#: bench/hostile.py have it.)
 END = "<!-- end of fleet rows -->"
 
 
@@ -52,7 +54,32 @@ def rows(results: Path) -> list[str]:
             f"HAProxy (s) | {proxy['direct']:.3f} → {proxy['proxied']:.3f} "
             f"({added:+.1f} ms) | ≤ +{proxy['target_ms']:.0f} ms | "
             f"{'**met**' if added <= proxy['target_ms'] else 'not met'} | {proxy['date']} |")
+    hostile = _load(results / "hostile.json")
+    if hostile is not None:
+        lines += _hostile_rows(hostile)
     return lines
+
+
+def _hostile_rows(data: dict[str, Any]) -> list[str]:
+    """One row per kind of request: its honest median in each hostile
+    phase against the quiet one (all quiet phases pooled)."""
+    phases, reference = data["phases"], data.get("quiet_reference")
+    hostile = [name for name, phase in phases.items()
+               if phase["phase"] != "quiet" and phase.get("ratios")]
+    if reference is None or not hostile:
+        return []
+    rows = []
+    for kind, label in (("hit", "repeated `-p4` (cache hit)"), ("new", "new script")):
+        ratios = [phases[name]["ratios"][kind] for name in hostile]
+        met = all(r is not None and r <= data["info"]["target"] for r in ratios)
+        rows.append(
+            f"| hostile peer: honest median, {label}, quiet → {' / '.join(hostile)} (s) | "
+            f"{reference[kind]['median']:.3f} → "
+            + " / ".join(f"{phases[name]['stats'][kind]['median']:.3f}" for name in hostile)
+            + f" ({' / '.join('—' if r is None else f'{r:.2f}×' for r in ratios)}) | "
+            f"≤ {data['info']['target']}× quiet | {'**met**' if met else 'not met'} | "
+            f"{data['info']['date']} |")
+    return rows
 
 
 def update_summary(results: Path) -> None:
@@ -67,6 +94,6 @@ def update_summary(results: Path) -> None:
         _, _, tail = rest.partition(END)
         text = head.rstrip("\n") + "\n" + tail.lstrip("\n")
     section = [BEGIN, "", "## Fleet and long-run rows", "",
-               "Measured by bench/soak.py (soak.md) and bench/haproxy.py (haproxy.md), "
-               "which run on their own.", "", *rows(results), "", END, ""]
+               "Measured by bench/soak.py (soak.md), bench/haproxy.py (haproxy.md) and "
+               "bench/hostile.py (hostile.md), which run on their own.", "", *rows(results), "", END, ""]
     path.write_text(text.rstrip("\n") + "\n\n" + "\n".join(section))

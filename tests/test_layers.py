@@ -105,6 +105,15 @@ class LayerTests(SynchronousTestCase):
                    if path.is_dir() and (path / "__init__.py").exists()}
         self.assertEqual(folders, set(LAYERS))
 
+    def test_the_readme_names_every_module_in_its_layout(self) -> None:
+        layout = (PACKAGE.parent / "README.md").read_text().split("## Layout", 1)[1]
+        unnamed = [str(path.relative_to(PACKAGE.parent)) for path in sorted(PACKAGE.rglob("*.py"))
+                   if path.name not in ("__init__.py", "__main__.py")
+                   and f"`{path.stem}`" not in layout and f"`{path.name}`" not in layout
+                   and f"`{module_name(path)}`" not in layout
+                   and f"`{module_name(path).removeprefix('stapsrv.')}`" not in layout]
+        self.assertEqual(unnamed, [], "modules the README's Layout section does not name")
+
     def test_every_layer_is_installed(self) -> None:
         parser = configparser.ConfigParser()
         parser.read(PACKAGE.parent / "setup.cfg")

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from stapsrv.config.values import DEFAULT_MAX_OUTPUT, TranslatorLimits
-from stapsrv.core.programs import KILL_GRACE, PRLIMIT, SETPRIV, SETSID
+from stapsrv.core.programs import KILL_GRACE, NICE, PRLIMIT, SETPRIV, SETSID
 from stapsrv.reactor import IHandlerReactor
 
 #: Seconds the output pipes may stay open once the translator's group is
@@ -228,6 +228,8 @@ def launcher(limits: TranslatorLimits) -> list[str]:
     flags = limits.prlimit_flags()
     if flags:
         words += [PRLIMIT, *flags, "--"]
+    if limits.niceness:
+        words += [NICE, "-n", str(limits.niceness)]
     return words + [SETSID, "--wait", "--"]
 
 

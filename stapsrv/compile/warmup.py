@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Protocol
 
-from attrs import Factory, define, field
+from attrs import Factory, define, evolve, field
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -33,6 +33,7 @@ from stapsrv.compile.scratch import MODULE_DIR, make_scratch
 from stapsrv.compile.translator import TranslatorRun, start_translator
 from stapsrv.config.values import ServerConfig
 from stapsrv.core.cmdline import ServerOption, translator_argv
+from stapsrv.core.programs import STORE_NICENESS
 from stapsrv.kernel.toolchains import Toolchain
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
@@ -196,7 +197,8 @@ class WarmUp:
             run = start_translator(
                 self.reactor, argv, self.translators.translator_environment(scratch),
                 scratch / "request", scratch / "response" / "stdout",
-                scratch / "response" / "stderr", self.config.limits, words,
+                scratch / "response" / "stderr",
+                evolve(self.config.limits, niceness=STORE_NICENESS), words,
                 self.config.max_output)
             self.running.add(run)
             try:

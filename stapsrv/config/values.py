@@ -80,6 +80,8 @@ class TranslatorLimits:
     #: The descriptor limit (soft, hard) the server had before it raised
     #: its own soft one for idle connections: the translator gets it back.
     open_files: tuple[int, int] | None = None
+    #: How much lower its CPU priority is than the server's (``nice -n``).
+    niceness: int = 0
 
     def prlimit_flags(self) -> list[str]:
         """``prlimit(1)`` options setting each limit, soft and hard."""

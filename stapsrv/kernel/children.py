@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from stapsrv.core.programs import KILL_GRACE, SETSID
+from stapsrv.core.programs import KILL_GRACE, NICE, SETSID, STORE_NICENESS
 from stapsrv.reactor import IHandlerReactor
 
 #: Bytes of each output stream kept (helpers say what matters in a line or
@@ -77,7 +77,8 @@ async def run_child(reactor: IHandlerReactor, argv: Sequence[str], env: Mapping[
     its process group had to be ended after ``timeout`` seconds."""
     protocol = _Collected(cap)
     process = reactor.spawnProcess(
-        protocol, SETSID, [SETSID, "--wait", "--", *argv], env=dict(env),
+        protocol, SETSID, [SETSID, "--wait", "--", NICE, "-n", str(STORE_NICENESS), *argv],
+        env=dict(env),
         path=str(cwd) if cwd is not None else None, childFDs={0: "w", 1: "r", 2: "r"})
     pgid = process.pid  # None when it already ended (and was reaped)
     process.closeStdin()

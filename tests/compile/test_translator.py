@@ -74,6 +74,14 @@ class LauncherTests(TestCase):
         self.assertEqual(await run.result, 0)
         self.assertEqual((base / "stdout").read_text(), "256\n")
 
+    async def test_a_niceness_lowers_the_translators_priority(self) -> None:
+        # Warm-ups run so: a client's compile is not slowed by them.
+        self.assertNotIn("/usr/bin/nice", launcher(TranslatorLimits()))
+        run, base = self.run_shell("cut -d' ' -f19 /proc/self/stat",
+                                   TranslatorLimits(niceness=10))
+        self.assertEqual(await run.result, 0)
+        self.assertEqual(int((base / "stdout").read_text()), min(19, os.nice(0) + 10))
+
     async def test_no_limits_means_no_prlimit(self) -> None:
         self.assertNotIn("/usr/bin/prlimit", launcher(TranslatorLimits(address_space=None)))
         run, base = self.run_shell("ulimit -t; ulimit -v")

@@ -49,6 +49,24 @@ def cloud_release() -> str:
     return release
 
 
+def absent_releases() -> list[str]:
+    """Every release of the newest installed series and flavour, in each
+    of its flavours (plain, ``cloud-``, ``rt-``: the fetch policy's
+    default), that the archive has and this machine has not installed,
+    newest ABI first."""
+    series, _, flavour = _newest_installed()
+    listed = subprocess.run(["apt-cache", "pkgnames", f"linux-headers-{series}-"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    wanted = re.compile(rf"linux-headers-({re.escape(series)}-(\d+)-(?:(?:cloud|rt)-)?"
+                        rf"{re.escape(flavour)})")
+    installed = set(installed_releases())
+    found = sorted(((int(match.group(2)), match.group(1)) for name in listed
+                    if (match := wanted.fullmatch(name)) and match.group(1) not in installed),
+                   reverse=True)
+    require(bool(found), f"the archive has no {series} release that is not installed")
+    return [release for _, release in found]
+
+
 def missing_release() -> str:
     """A release of the server's series that the archive cannot have."""
     series, abi, flavour = _newest_installed()

@@ -88,8 +88,10 @@ def client_context(cafile: Union[str, Path, None]) -> ssl.SSLContext:
     return context
 
 
-def _connect(port: int, host: str, timeout: float) -> socket.socket:
-    sock = socket.create_connection((host, port), timeout=timeout)
+def _connect(port: int, host: str, timeout: float,
+             source: Optional[str] = None) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout,
+                                    source_address=None if source is None else (source, 0))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -121,7 +123,8 @@ def _read_until_close(sock: Union[socket.socket, ssl.SSLSocket], deadline: float
 
 
 def exchange(port: int, cafile: Union[str, Path, None], payload: Union[bytes, Iterable[bytes]] = b"",
-             *, host: str = "127.0.0.1", tls: bool = True, close_after_send: bool = False,
+             *, host: str = "127.0.0.1", source: Optional[str] = None, tls: bool = True,
+             close_after_send: bool = False,
              shutdown_write: bool = False, pause: float = 0.0, read: bool = True,
              connect_timeout: float = 10.0, timeout: float = 15.0,
              read_limit: int = 256 * 1024 * 1024) -> RawResult:
@@ -134,11 +137,13 @@ def exchange(port: int, cafile: Union[str, Path, None], payload: Union[bytes, It
     sending (plain TCP only; for TLS it sends close_notify first).
     ``read=False`` returns right after sending, leaving nothing open.
     ``timeout`` bounds the wait for the answer / close, counted from connect.
+    ``source`` is the local address to connect from (another loopback
+    address plays another client).
     """
     start = time.monotonic()
     deadline = start + timeout
     try:
-        raw = _connect(port, host, connect_timeout)
+        raw = _connect(port, host, connect_timeout, source)
     except OSError as exc:
         return RawResult(REFUSED, error=str(exc), elapsed=time.monotonic() - start)
     local_port = raw.getsockname()[1]

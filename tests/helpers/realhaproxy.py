@@ -62,15 +62,36 @@ def haproxy_config(port: int, backends: Sequence[Backend], admin_socket: Path,
     return "\n".join(lines) + "\n"
 
 
+def relay_config(server_port: int, routes: Sequence[tuple[int, str]],
+                 admin_socket: Path) -> str:
+    """A plain TCP relay, no PROXY header: for each ``(port, source)``,
+    connections to ``127.0.0.1:port`` reach the server at
+    ``127.0.0.1:server_port`` from ``source``, so that a real client, which
+    always connects from 127.0.0.1, is another loopback address to the
+    server."""
+    lines = ["global", f"    stats socket {admin_socket} mode 600 level admin",
+             "    maxconn 2000", "defaults", "    mode tcp", "    timeout connect 10s",
+             "    timeout client 20m", "    timeout server 20m"]
+    for port, source in routes:
+        name = source.replace(".", "_")
+        lines += [f"listen from_{name}", f"    bind 127.0.0.1:{port}", f"    source {source}",
+                  f"    server stapsrv 127.0.0.1:{server_port}"]
+    return "\n".join(lines) + "\n"
+
+
 class HAProxy:
-    def __init__(self, directory: Path, backends: Sequence[Backend]) -> None:
+    def __init__(self, directory: Path, backends: Sequence[Backend],
+                 config: str | None = None) -> None:
+        """``config``: this configuration instead of :func:`haproxy_config`'s
+        (it must have the admin socket ``directory/admin.sock``)."""
         self.program = require_program("haproxy")
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.admin_socket = directory / "admin.sock"
         self.config_path = directory / "haproxy.cfg"
-        self.config_path.write_text(haproxy_config(self.port, backends, self.admin_socket))
+        self.config_path.write_text(config if config is not None else
+                                    haproxy_config(self.port, backends, self.admin_socket))
         self.log_path = directory / "haproxy.out"
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -4,6 +4,7 @@ and only a program that cannot end by itself is ever timed out)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import cast
 
@@ -13,6 +14,7 @@ from twisted.internet.process import ProcessReader
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
+from stapsrv.core.programs import STORE_NICENESS
 from stapsrv.kernel.children import ChildTimedOut, run_child
 from stapsrv.kernel.fetch import FetchFailed, KernelFetcher
 from stapsrv.kernel.store import KernelStore
@@ -29,6 +31,13 @@ class RunChildTests(TestCase):
             await run_child(reactor, ["/bin/sh", "-c", "echo out; echo err >&2; exit 3"],
                             ENV, NET),
             (b"out\n", b"err\n", 3))
+
+    async def test_store_work_yields_to_compiles(self) -> None:
+        # Its CPU priority is STORE_NICENESS below the server's own.
+        out, _, code = await run_child(
+            reactor, ["/bin/sh", "-c", "cut -d' ' -f19 /proc/self/stat"], ENV, NET)
+        self.assertEqual(code, 0)
+        self.assertEqual(int(out), min(19, os.nice(0) + STORE_NICENESS))
 
     async def test_a_signal_is_128_plus_its_number(self) -> None:
         self.assertEqual((await run_child(reactor, ["/bin/sh", "-c", "kill -9 $$"], ENV, NET))[2],
