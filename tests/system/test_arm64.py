@@ -90,7 +90,7 @@ class Arm64Tests(RealClientMixin, TestCase):
         self.assertEqual(client.modules(), ["hello_arm64.ko"])
         self.assertEqual(elf_machine(client.cwd / "hello_arm64.ko"), EM_AARCH64)
         log = server.log()
-        self.assertIn(f"Kernel store: fetching arm64 releases from the suites", log)
+        self.assertIn("Kernel store: fetching arm64 releases from the suites", log)
         if f"Fetching kernel {release}" in log:
             self.assertRegex(log, rf"Fetching kernel {re.escape(release)}: "
                              rf"linux-headers-{re.escape(release)} .*linux-kbuild-6\.1 ")
