@@ -27,6 +27,7 @@ from tests.helpers.realclient import RealClientMixin
 from stapsrv.vm import verification
 from stapsrv.vm.verify import PROBES
 from tests.helpers.realserver import (
+    ServerProcess,
     as_server_user,
     kept_directory,
     server_environment,
@@ -70,16 +71,21 @@ class Arm64Tests(RealClientMixin, TestCase):
         super().setUp()
         require_program("aarch64-linux-gnu-gcc")
 
-    async def test_an_arm64_module_from_the_newest_bookworm_arm64_release(self) -> None:
+    async def arm64_server(self) -> tuple[Path, ServerProcess, str]:
+        """A server building for arm64 on the shared arm64 store, once the
+        arm64 lists are updated and their series joined its policy; the
+        newest bookworm arm64 release they name."""
         store = arm64_store()
         server = self.own_server("--kernel-store", str(store), "--no-avahi",
                                  "--fetch-architectures", "arm64")
-        # Once the arm64 lists are updated, their series join the policy.
         self.assertTrue(await poll(
             lambda: "-arm64" in "".join(line for line in server.log().splitlines()
                                         if "Kernel store: fetching releases matching" in line),
             600.0), server.log())
-        release = newest_arm64(store)
+        return store, server, newest_arm64(store)
+
+    async def test_an_arm64_module_from_the_newest_bookworm_arm64_release(self) -> None:
+        store, server, release = await self.arm64_server()
         client = await self.trusted_client(server)
         started = time.monotonic()
         out, err, code = await client.stap(
@@ -154,14 +160,7 @@ class Arm64Tests(RealClientMixin, TestCase):
         self.assertNotIn("Traceback", server.log())
 
     async def test_kernels_verify_an_arm64_release(self) -> None:
-        store = arm64_store()
-        server = self.own_server("--kernel-store", str(store), "--no-avahi",
-                                 "--fetch-architectures", "arm64")
-        self.assertTrue(await poll(
-            lambda: "-arm64" in "".join(line for line in server.log().splitlines()
-                                        if "Kernel store: fetching releases matching" in line),
-            600.0), server.log())
-        release = newest_arm64(store)
+        store, server, release = await self.arm64_server()
         self.addCleanup(verification.remove, vm_store(), release)
         argv = [venv_bin("python"), "-m", "stapsrv.cli.kernels", "--store", str(vm_store()),
                 "verify", release, "--server", server.spec, "--json"]
