@@ -659,6 +659,14 @@ class RequestHandler:
             shown = host_paths(self.releases.tree(release).resolve(), release)
         return tuple(self.sandbox.words(scratch, binds, toolchain.root, shown))
 
+    def _seed_stapconf(self, scratch: Path, toolchain: Toolchain | None) -> None:
+        """The headers made since the request's sandbox was prepared, copied
+        into its private ``SYSTEMTAP_DIR`` (blocking)."""
+        stapconf = self.stapconf_for(toolchain)
+        if self.sandbox is None or stapconf is None:
+            return
+        stapconf.seed(self.sandbox.private_dirs(scratch)[1])
+
     def server_options(self, release: str,
                        toolchain: Toolchain | None = None) -> list[ServerOption]:
         """The server's own translator options for ``release``: for another
@@ -699,6 +707,9 @@ class RequestHandler:
                 await self._in_thread(_append, prepared.response_dir / "stderr", [note])
             if context.abandoned:
                 return None
+            # Prepared before the warm-up it may have waited for: the header
+            # that made is given to it now, or its translator makes it again.
+            await self._in_thread(self._seed_stapconf, prepared.scratch, context.toolchain)
         # Its compile is no kernel store work: the address's share is free
         # once what it started (symbols still being made) is over.
         self.releases.let_go(context)

@@ -274,12 +274,18 @@ class StapconfStore:
         marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         marker.touch()
 
-    def seed(self, systemtap_dir: Path) -> None:
-        """Copy every stored header into a private ``SYSTEMTAP_DIR``'s cache."""
+    def seed(self, systemtap_dir: Path) -> int:
+        """Copy every stored header a private ``SYSTEMTAP_DIR``'s cache does
+        not have yet into it; how many were copied."""
+        copied = 0
         for header in self._headers(self.directory):
             target = systemtap_dir / "cache" / header.parent.name
+            if (target / header.name).exists():
+                continue
             target.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(header, target / header.name)
+            copied += 1
+        return copied
 
     def collect(self, systemtap_dir: Path) -> int:
         """Keep the headers a warm-up compile made; how many were new."""
