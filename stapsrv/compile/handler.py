@@ -390,10 +390,21 @@ class RequestHandler:
                 cached = await self._cached(job, context)
                 if cached is not None:
                     return cached
+            self._warm_up_ahead(job, context)
             await self.releases.provide_debug_within(job.release, context)
             await self.releases.provide_module_debug(job.release, job.named_modules,
                                                      job.privilege, context)
         return None
+
+    def _warm_up_ahead(self, job: Job, context: RequestContext) -> None:
+        """While the symbols of the request's release are made, its warm-up
+        runs beside them (in a slot of its own) rather than after them."""
+        guru = guru_mode(job.arguments)
+        if (self.sandbox is None or job.release is None
+                or self.warmup.known_ready(job.release, guru, context.toolchain)):
+            return
+        Deferred.fromCoroutine(self.warmup.ahead(job.release, guru, context,
+                                                 context.toolchain))
 
     async def _cached(self, job: Job, context: RequestContext) -> Outcome | None:
         """The cache's answer under the key the request has now, if any."""

@@ -298,7 +298,7 @@ class WarmUpHeaderTests(HandlerCase):
         async def warm_up(warmup: WarmUp, release: str, guru: bool,
                           context: RequestContext | None = None,
                           toolchain: object = None) -> None:
-            made.parent.mkdir(parents=True)
+            made.parent.mkdir(parents=True, exist_ok=True)
             made.write_text("#define STAPCONF_FAKE 1\n")
 
         def prepare(handler: RequestHandler, scratch: Path, release: str | None = None,
@@ -327,6 +327,45 @@ class WarmUpHeaderTests(HandlerCase):
         found = await self.answer(request("-p4", "-eok"), handler)
         self.assertEqual(found["rc"], b"0")
         self.assertEqual(seen, [["ab/stapconf_abcd.h"]])
+
+
+class WarmUpAheadTests(HandlerCase):
+    async def test_the_warm_up_starts_while_the_symbols_are_made(self) -> None:
+        from stapsrv.compile.releases import ServedReleases
+        from stapsrv.compile.sandbox import Sandbox
+        from stapsrv.compile.warmup import WarmUp
+
+        symbols: Deferred[None] = Deferred()
+        warmed: list[tuple[str, bool]] = []
+
+        async def slow_symbols(releases: ServedReleases, release: str,
+                               context: RequestContext | None = None) -> bool:
+            await symbols
+            return True
+
+        async def warm_up(warmup: WarmUp, release: str, guru: bool,
+                          context: RequestContext | None = None,
+                          toolchain: object = None) -> None:
+            warmed.append((release, guru))
+
+        def no_bwrap(handler: RequestHandler, scratch: Path, release: str | None = None,
+                     toolchain: object = None) -> tuple[str, ...]:
+            return ()
+
+        self.patch(ServedReleases, "provide_debug_within", slow_symbols)
+        self.patch(WarmUp, "stapconf_ready", warm_up)
+        self.patch(RequestHandler, "sandbox_words", no_bwrap)
+        handler = self.handler()
+        handler.releases.sandbox = Sandbox(home=self.home, systemtap_dir=self.base / "stap")
+        answer = Deferred.fromCoroutine(self.answer(request("-p4", "-g", "-eok"), handler))
+        self.assertTrue(await poll(lambda: bool(warmed), NET), "warm-up started")
+        self.assertEqual(warmed, [(RELEASE, True)])
+        self.assertFalse(answer.called)
+        symbols.callback(None)
+        found = await answer
+        self.assertEqual(found["rc"], b"0")
+        # The request's own call found it (here: the fake records each call).
+        self.assertEqual(warmed, [(RELEASE, True)] * 2)
 
 
 class BudgetCacheTests(CachedHandlerCase):
