@@ -49,8 +49,9 @@ def certificate_refusal(error_text: str) -> Refusal | None:
 def refusal_message(refusal: Refusal) -> str:
     """The log line's text after the peer's name (no placeholders)."""
     if refusal is Refusal.NOT_TRUSTED:
-        return ("does not trust this server's certificate (TLS alert bad_certificate); "
-                "its user can trust it with stap --trust-servers=ssl")
+        return ("refused this server's certificate (TLS alert bad_certificate): it does "
+                "not trust it yet (stap --trust-servers=ssl trusts it), or it trusts another "
+                "certificate with the same serial")
     return ("refused this server's certificate as one from an unknown issuer (TLS alert "
             "unknown_ca): a client on NSS 3.101 or later that does not trust this server "
             "yet.  SystemTap 5.1 and older clients (Debian trixie's) cannot trust any "
