@@ -26,7 +26,7 @@ from tests.helpers import toolchains
 from tests.helpers import trixieclient
 from tests.helpers.realclient import HELLO, RealClientMixin
 from tests.helpers.realserver import CLIENT_48, Client, ServerProcess, run, venv_bin
-from tests.helpers.vm import require_vm, run_in_vm, staprun_name
+from tests.helpers.vm import require_vm, run_in_vm
 from tests.helpers.waiting import poll
 from tests.system.test_suites import newest
 from tests.system.test_vm import PROCESS, WORKLOAD, answered_by
@@ -132,9 +132,9 @@ class TrixieClientTests(RealClientMixin, TestCase):
         self.assertIn("Toolchain forky (SystemTap 5.", answered_by(server))
         modules = list(client.cwd.glob("*.ko"))
         self.assertEqual(len(modules), 1, client.modules())
-        self.assertEqual(staprun_name(self.kind), str(trixieclient.trixie_root()))
         found = await run_in_vm(modules[0], release, self.kind, command=WORKLOAD,
-                                files=("/usr/bin/busybox",), suites=SUITES)
+                                files=("/usr/bin/busybox",), suites=SUITES,
+                                root=trixieclient.trixie_root())
         self.assertEqual((found.status, found.output),
                          (0, "stapsrv-begin\nstapsrv-process\n"),
                          f"{release}: {found.summary}\n{found.console}")
