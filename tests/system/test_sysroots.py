@@ -3,9 +3,10 @@
 and that root answers the 5.5 client's ``process(libc).function("malloc")``
 request for trixie's newest kernel (picked from the archive at run time)
 with a module that carries the build-id of trixie's C library, not the
-host's nor forky's: the translator read the root of the release's
-distribution.  (That module runs on a trixie machine only; the VM tests
-run bookworm's: tests.system.test_vm, ModulesRun55.)"""
+host's nor forky's (the translator read the root of the release's
+distribution), and that fires on trixie's kernel in the VM, where
+trixie's staprun (5.1, from the root) loads it and trixie's ``ls`` calls
+malloc.  (bookworm's case: tests.system.test_vm, ModulesRun55.)"""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from tests.helpers.realserver import (
 )
 from tests.helpers.waiting import poll
 from tests.system.test_suites import newest
-from tests.system.test_vm import LIBC, MALLOC
+from tests.helpers.vm import require_vm, run_in_vm
+from tests.system.test_vm import LIBC, LIBRARY_WORKLOAD, MALLOC
 
 TRIXIE_SUITES = "trixie,trixie-security,trixie-updates"
 
@@ -74,6 +76,10 @@ class TrixieClientTests(RealClientMixin, TestCase):
 
     kind = CLIENT_55
 
+    def setUp(self) -> None:
+        super().setUp()
+        require_vm()
+
     def store(self) -> Path:
         forky, trixie = forky_helper.forky(), sysroots.trixie()
         store = owned_directory(scratch_directory("sysroot-store-") / "kernels")
@@ -107,3 +113,10 @@ class TrixieClientTests(RealClientMixin, TestCase):
         self.assertIn(build_id(trixie.root / LIBC.lstrip("/")), module)
         self.assertNotIn(build_id(Path(LIBC)), module)
         self.assertNotIn(build_id(forky.root / LIBC.lstrip("/")), module)
+        # On trixie's kernel, in a VM with trixie's staprun and ls and their
+        # C library (the root's), the probe fires.
+        found = await run_in_vm(modules[0], release, self.kind, staprun=str(trixie.root),
+                                suites=TRIXIE_SUITES, command=LIBRARY_WORKLOAD,
+                                files=("/usr/bin/ls",))
+        self.assertEqual((found.status, found.output), (0, "stapsrv-malloc\n"),
+                         f"{found.summary}\n{found.console}")
