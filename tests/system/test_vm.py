@@ -98,7 +98,13 @@ class ModulesRun55(ModulesRun):
     ``--sysroot``: ``process(LIBC).function("malloc")`` fires (resolved in
     forky's own libc instead, the module's probe was refused in the VM:
     'Build-id mismatch ... task_finder mmap inode-uprobes callback ...
-    failed'), and ``process("/usr/bin/busybox").begin`` runs."""
+    failed'), and ``process("/usr/bin/busybox").begin`` runs.  (That probe
+    needs nothing of the file from the translator: forky's translator
+    without the sysroot and without the server's System.map made one that
+    fires too.  It fails to register when the VM lacks the file it names,
+    'Couldn't resolve target program file path '/usr/bin/busybox': -2': the
+    VM's own busybox is at /stapsrv/busybox; ``files`` puts the machine's
+    there.)"""
 
     kind = CLIENT_55
 
