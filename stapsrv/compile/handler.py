@@ -482,9 +482,9 @@ class RequestHandler:
             options.append("toolchain " + toolchain.label())
             sysroot = self.user_space(release, toolchain)
             if sysroot.root is not None and self.sandbox is not None:
-                # The files named are fingerprinted as the server sees them:
-                # the host's; another root's are covered by its toolchain's
-                # manifest.
+                # The files named are fingerprinted as the server sees them
+                # (the host's); a made root or a toolchain's by its manifest
+                # digest in the label.
                 options.append("user space " + sysroot.label)
         # What a translator can read differs with and without the sandbox.
         options.append("sandbox" if self.sandbox is not None else "no sandbox")
