@@ -96,7 +96,7 @@ async def run_in_vm(module: Path, release: str, kind: ClientKind, *,
         argv = [venv_bin("python"), "-m", "stapsrv.cli.kernels", "--store", str(vm_store()),
                 *(("--suites", suites) if suites else ()), "run", release, str(copy),
                 "--staprun", str(root) if root else staprun_name(kind), "--json"]
-        if not os.stat(kind.staprun).st_mode & 0o004:
+        if root is None and not os.stat(kind.staprun).st_mode & 0o004:
             # 5.5 installs staprun mode 4110: the server's user cannot read
             # it; hand it a readable copy of the same program.
             program = base / "staprun"
