@@ -105,9 +105,11 @@ def _symbols(entry: StoredRelease | None) -> str:
 def list_store(store: KernelStore, out: TextIO) -> None:
     releases = store.releases()
     debug = {entry.release: entry for entry in debug_store(store).releases()}
-    total = store.total_size()
+    total, roots = store.total_size(), store.admin_bytes()
     print(f"Kernel store {store.directory}: {len(releases)} releases, {megabytes(total)} "
-          f"of {megabytes(store.size_cap)}", file=out)
+          f"of {megabytes(store.size_cap)}"
+          + (f" (toolchains and user-space roots: {megabytes(roots)})" if roots else ""),
+          file=out)
     for entry in releases:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.used))
         print(f"{entry.release}\t{megabytes(entry.size)}\tused {used}\t"

@@ -72,7 +72,8 @@ def make_root(store: Path, suite: str, include: list[str], mirror: str, out: Tex
         for leftover in (work / ROOT / "var" / "cache" / "apt" / "archives").glob("*.deb"):
             leftover.unlink()
         (work / MANIFEST).write_text(manifest_text(name, suite, time.time(),
-                                                   installed(work / ROOT)))
+                                                   installed(work / ROOT),
+                                                   tree_size(work / ROOT)))
         load_root(work)  # refuses a root that would not serve
         target = place / name
         if target.exists():
