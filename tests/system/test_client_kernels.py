@@ -1,8 +1,11 @@
 """Every client family against the newest kernel of every suite the server
 fetches, for real, and the table of the admin guide checked against it.
 
-One server on the VM tests' store (with the forky toolchain) and
-``--fetch-suites`` for bookworm-backports, trixie and forky; the newest
+One server on a kernel store of its own (kept between runs like the VM
+tests' one, ``$STAPSRV_CI_TABLE_STORE``; its apt configuration names
+other suites than theirs), with the forky toolchain, and
+``--fetch-suites`` for bookworm (its own suites too: with suites named
+every fetch goes through them), bookworm-backports, trixie and forky; the newest
 release of each suite is picked from its lists at run time (bookworm's:
 the machine's own).  For each release:
 
@@ -38,11 +41,14 @@ from twisted.trial.unittest import TestCase
 
 from stapsrv.kernel.toolchains import kernel_compiler
 from tests.helpers.realclient import RealClientMixin
+from stapsrv.kernel.toolchains import toolchains_directory
 from tests.helpers.realserver import (
     CLIENT_48,
     CLIENT_55,
     Client,
     ServerProcess,
+    kept_directory,
+    owned_directory,
     remove_tree,
     scratch_directory,
 )
@@ -52,7 +58,8 @@ from tests.helpers.waiting import poll
 from tests.system.test_suites import newest
 
 ROOT = Path(__file__).resolve().parents[2]
-SUITES = "bookworm-backports,trixie,trixie-security,trixie-updates,forky"
+SUITES = ("bookworm,bookworm-security,bookworm-updates,bookworm-backports,trixie,"
+          "trixie-security,trixie-updates,forky")
 #: Each suite's kernels: a pattern of its plain amd64 releases, and the
 #: suites apt may take them from.
 SERIES = (
@@ -65,6 +72,17 @@ SCRIPT = 'probe begin { println("stapsrv-table"); exit() }'
 LINE = "stapsrv-table\n"
 
 
+def table_store() -> Path:
+    """The test's kernel store, with the VM tests' forky toolchain in it."""
+    store = kept_directory("STAPSRV_CI_TABLE_STORE", "table-store")
+    forky_store()
+    place = owned_directory(toolchains_directory(store))
+    if not (place / "forky").exists():
+        (place / "forky").unlink(missing_ok=True)  # a dangling link
+        (place / "forky").symlink_to(forky().root.parent)
+    return store
+
+
 class ClientKernelTable(RealClientMixin, TestCase):
     timeout = 7200
 
@@ -72,7 +90,7 @@ class ClientKernelTable(RealClientMixin, TestCase):
         super().setUp()
         require_vm()
         CLIENT_55.require()
-        self.store = forky_store()
+        self.store = table_store()
 
     async def start(self) -> tuple[ServerProcess, dict[str, str]]:
         server = self.own_server("--kernel-store", str(self.store), "--no-avahi",
@@ -163,7 +181,7 @@ class ClientKernelTable(RealClientMixin, TestCase):
             return cell
         cell["module"] = str(modules[0])
         ran = await run_in_vm(modules[0], release, client.kind, suites=SUITES,
-                              root=forky().root if root == "forky" else None)
+                              root=forky().root if root == "forky" else None, store=self.store)
         return self.loaded(cell, ran)
 
     async def five_five(self, server: ServerProcess, client: Client, suite: str,
@@ -176,7 +194,8 @@ class ClientKernelTable(RealClientMixin, TestCase):
         if cell["toolchain"] != forky_cell["toolchain"] or "module" not in forky_cell:
             cell.update(outcome="not proven", detail="no 5.x module of the same toolchain")
             return cell
-        ran = await run_in_vm(Path(forky_cell["module"]), release, CLIENT_55, suites=SUITES)
+        ran = await run_in_vm(Path(forky_cell["module"]), release, CLIENT_55, suites=SUITES,
+                              store=self.store)
         return self.loaded(cell, ran)
 
     def asked(self, server: ServerProcess, err: str, version: str, suite: str,
