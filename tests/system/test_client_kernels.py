@@ -26,7 +26,7 @@ with the guide's table; ``--write`` regenerates it from such a file.
 What it costs: four releases (about 100 MB of headers and 200 MB of
 images to fetch into an empty store), four 5.x compiles (three with their
 kernel configuration header, about a minute more each) and one 4.8
-compile, eight boots (10-20 s each under TCG): 687 s from an empty store,
+compile, nine boots (10-20 s each under TCG): 687 s from an empty store,
 429 s on a kept one, on 2 cores with a load average of 9 (other workers).
 """
 
