@@ -20,6 +20,9 @@ the machine's own).  For each release:
   request is run with 5.5's own staprun: one compile and two boots per
   release for the 5.x family, not two compiles.
 
+Then forky's client on forky's kernel once more, with a kprobe and a
+``process().begin`` probe.
+
 The results are written to a JSON file (``$STAPSRV_TABLE_RESULTS``, else
 a scratch file) and ``tools/client-kernel-table --check`` compares them
 with the guide's table; ``--write`` regenerates it from such a file.
@@ -27,7 +30,9 @@ What it costs: four releases (about 100 MB of headers and 200 MB of
 images to fetch into an empty store), four 5.x compiles (three with their
 kernel configuration header, about a minute more each) and one 4.8
 compile, nine boots (10-20 s each under TCG): 687 s from an empty store,
-429 s on a kept one, on 2 cores with a load average of 9 (other workers).
+429 s on a kept one, on 2 cores with a load average of 9 (other workers);
+the two more probes on forky's kernel add two compiles and two boots
+(about 50 s: 438 s in all on a kept store).
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ SERIES = (
      ("trixie", "trixie-security", "trixie-updates")),
     ("forky", r"\d+\.\d+\.\d+\+deb14(\.\d+)?-amd64", ("forky",)),
 )
+WORKLOAD = "/usr/bin/busybox grep -q Linux /proc/version"
 SCRIPT = 'probe begin { println("stapsrv-table"); exit() }'
 LINE = "stapsrv-table\n"
 
@@ -145,6 +151,7 @@ class ClientKernelTable(RealClientMixin, TestCase):
         path.write_text(json.dumps(results, indent=1) + "\n")
         print(f"\nclient x kernel results in {path} ({time.monotonic() - started:.0f} s)")
         self.assert_honest(cells)
+        await self.forky_on_forky(server, clients["5.6"], releases["forky"])
         done = subprocess.run([str(ROOT / "tools" / "client-kernel-table"), str(path),
                                "--check", str(ROOT / "doc" / "admin-guide.md")],
                               capture_output=True, text=True)
@@ -169,6 +176,26 @@ class ClientKernelTable(RealClientMixin, TestCase):
         forky_cell = next(cell for cell in cells
                           if (cell["client"], cell["suite"]) == ("5.6", "forky"))
         self.assertEqual(forky_cell["outcome"], "runs", forky_cell)
+
+    async def forky_on_forky(self, server: ServerProcess, client: Client,
+                             release: str) -> None:
+        """forky's own client on forky's kernel, with probes beyond
+        ``begin``: a kprobe and a ``process().begin`` (with the workload
+        program the VM has), under forky's staprun."""
+        for name, point in (("kprobe", 'kprobe.function("vfs_read")'),
+                            ("process", 'process("/usr/bin/busybox").begin')):
+            for old in client.cwd.glob("*.ko"):
+                old.unlink()
+            out, err, code = await client.stap(
+                f"--use-server={server.spec}", "-r", release, "-p4", "-e",
+                f'probe {point} {{ println("stapsrv-{name}"); exit() }}')
+            self.assertEqual(code, 0, err.decode(errors="replace"))
+            module = next(client.cwd.glob("*.ko"))
+            ran = await run_in_vm(module, release, client.kind, suites=SUITES,
+                                  root=forky().root, store=self.store, command=WORKLOAD,
+                                  files=("/usr/bin/busybox",))
+            self.assertEqual((ran.status, ran.output), (0, f"stapsrv-{name}\n"),
+                             f"{ran.summary}\n{ran.console}")
 
     async def built_and_run(self, server: ServerProcess, client: Client, suite: str,
                             release: str, version: str, root: str) -> dict[str, Any]:
