@@ -11,8 +11,9 @@ half-made release where the server looks; leftovers of a dead process are
 removed when the store is opened.
 
 The arch package's ``Makefile`` includes the common tree by absolute path
-(``include /usr/src/linux-headers-<abi>-common/Makefile``); when a release
-is stored, that line is pointed at the stored common tree, so the tree
+(``include /usr/src/linux-headers-<abi>-common/Makefile``), and forky's
+names its own tree as ``KBUILD_OUTPUT``; when a release is stored, those
+lines are pointed at the stored trees, so the tree
 builds with and without the sandbox, and wherever the store is.
 
 One ceiling covers the whole store: the trees and the parts kept beside
@@ -49,6 +50,9 @@ from stapsrv.config.values import ServerConfig
 _RELEASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_~-]{0,127}")
 _INCLUDE = re.compile(rb"^include[ \t]+/usr/src/(linux-headers-[^/\s]+)/Makefile[ \t]*$",
                       re.M)
+#: forky's arch Makefile also names its own tree as the output directory.
+_OUTPUT = re.compile(rb"^KBUILD_OUTPUT[ \t]*:?=[ \t]*/usr/src/(linux-headers-[^/\s]+)[ \t]*$",
+                     re.M)
 _PARTIAL = ".partial-"
 _REMOVING = ".removing-"
 ENTRY = "entry.json"
@@ -143,9 +147,10 @@ def fix_tree(root: Path, release: str, final_root: Path) -> None:
     tree = build_tree_in(root, release)
     makefile = tree / "Makefile"
     text = makefile.read_bytes()
-    fixed = _INCLUDE.sub(
-        lambda m: b"include " + os.fsencode(final_root / "usr" / "src")
-        + b"/" + m.group(1) + b"/Makefile", text)
+    stored = os.fsencode(final_root / "usr" / "src")
+    fixed = _INCLUDE.sub(lambda m: b"include " + stored + b"/" + m.group(1) + b"/Makefile",
+                         text)
+    fixed = _OUTPUT.sub(lambda m: b"KBUILD_OUTPUT=" + stored + b"/" + m.group(1), fixed)
     if fixed != text:
         makefile.write_bytes(fixed)
     shutil.rmtree(root / "lib" / "modules", ignore_errors=True)

@@ -70,6 +70,21 @@ class KernelStoreTests(TestCase):
         self.assertFalse((stored.directory / "root" / "lib" / "modules").exists())
         self.assertEqual([p.name for p in stored.packages], [f"linux-headers-{RELEASE}"])
 
+    def test_forkys_output_directory_is_the_stored_tree(self) -> None:
+        release = "7.2.12+deb14-amd64"
+        work = self.store.begin(release)
+        tree = build_tree_in(work / "root", release)
+        tree.mkdir(parents=True)
+        (tree / "Makefile").write_text(
+            f"KBUILD_OUTPUT=/usr/src/linux-headers-{release}\n"
+            "include /usr/src/linux-headers-7.2.12+deb14-common/Makefile\n")
+        fix_tree(work / "root", release, self.store.final_root(release))
+        stored = f"{self.store.final_root(release)}/usr/src"
+        self.assertEqual((tree / "Makefile").read_text(),
+                         f"KBUILD_OUTPUT={stored}/linux-headers-{release}\n"
+                         f"include {stored}/linux-headers-7.2.12+deb14-common/Makefile\n")
+        self.store.abandon(work)
+
     def test_only_complete_releases_are_seen(self) -> None:
         work = self.store.begin(RELEASE)
         fake_tree(work / "root", RELEASE)
