@@ -293,6 +293,43 @@ class ServedReleases:
             waiter.callback(stored)
         return stored
 
+    async def provide_for_server(self, release: str) -> bool:
+        """The server's own kernel store work (``--prepare-releases``):
+        ``release`` fetched in a fetch slot, as the server's own address,
+        unless it is stored (or being fetched for a request, which it
+        joins), then adopted; whether this server builds for it only now.
+        Its clients are not told here (the caller says when it is ready).
+        Raises FetchFailed."""
+        assert self.kernels is not None
+        kernels = self.kernels
+        flight = self._release_flights.get(release)
+        if flight is not None:
+            waiter: Deferred[StoredRelease] = Deferred()
+            flight.append(waiter)
+            stored = await waiter
+        else:
+            found = await kernels.stored(release)
+            if found is None and release in self._release_flights:
+                return await self.provide_for_server(release)  # one began meanwhile
+            if found is None:
+                waiting: list[Deferred[StoredRelease]] = []
+                self._release_flights[release] = waiting
+                try:
+                    found = await self.fetching(SERVER, lambda: Deferred.fromCoroutine(
+                        kernels.ensure(release)))
+                except Exception as exc:
+                    del self._release_flights[release]
+                    for each in waiting:
+                        each.errback(exc)
+                    raise
+                del self._release_flights[release]
+                for each in waiting:
+                    each.callback(found)
+            stored = found
+        new = stored.release not in self._stored
+        await self._in_thread(self._adopt, stored)
+        return new
+
     def _adopt(self, stored: StoredRelease) -> None:
         """A stored release becomes one this server builds for (blocking:
         its runtime fix is prepared as for an installed tree)."""
