@@ -101,14 +101,24 @@ class ReleaseWatcher:
     preparing: set[str] = field(init=False, factory=set)
     _queue: list[str] = field(init=False, factory=list)
     _busy: bool = field(init=False, default=False)
+    #: Updates of the lists being looked at.
+    _considering: int = field(init=False, default=0)
     _idle: list[Deferred[None]] = field(init=False, factory=list)
 
     def lists_updated(self, packages: list[str]) -> None:
         """The lists were updated: their new releases join the queue."""
+        self._considering += 1
         Deferred.fromCoroutine(self._consider(packages)).addErrback(
             lambda failure: self.log.failure("Preparing new kernel releases failed", failure))
 
     async def _consider(self, packages: list[str]) -> None:
+        try:
+            await self._queue_new(packages)
+        finally:
+            self._considering -= 1
+            self._next()
+
+    async def _queue_new(self, packages: list[str]) -> None:
         now = self.wall()
         for release in listed_releases(packages, self.allowed):
             if release in self.preparing or self.installed(release):
@@ -125,12 +135,11 @@ class ReleaseWatcher:
                           "client asks", release=release)
             self.preparing.add(release)
             self._queue.append(release)
-        self._next()
 
     def when_idle(self) -> Deferred[None]:
         """Fires once nothing is queued or being prepared."""
         waiter: Deferred[None] = Deferred()
-        if not self._busy and not self._queue:
+        if not self._busy and not self._queue and not self._considering:
             waiter.callback(None)
         else:
             self._idle.append(waiter)
@@ -140,6 +149,8 @@ class ReleaseWatcher:
         if self._busy:
             return
         if not self._queue:
+            if self._considering:
+                return
             waiters, self._idle = self._idle, []
             for waiter in waiters:
                 waiter.callback(None)

@@ -167,7 +167,8 @@ def listed_releases(packages: Iterable[str], allowed: Callable[[str], bool]) -> 
     about to boot into."""
     found = sorted({name[len(_HEADERS):] for name in packages if name.startswith(_HEADERS)})
     releases = [release for release in found
-                if valid_release(release) and not _NOT_RELEASES.search(release)
+                if valid_release(release) and release[:1].isdigit()
+                and not _NOT_RELEASES.search(release)
                 and allowed(release)]
     newest: dict[tuple[str, str], str] = {}
     for release in releases:
