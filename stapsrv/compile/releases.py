@@ -39,7 +39,7 @@ from stapsrv.core.cmdline import Privilege
 from stapsrv.kernel.fetch import DebugFiles, FetchFailed, KernelFetcher
 from stapsrv.kernel.moduledebug import ModuleDebug
 from stapsrv.kernel.runtime import select_runtime
-from stapsrv.kernel.store import Lease, StoredRelease
+from stapsrv.kernel.store import Lease, StoredRelease, settle_tree_time
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
 
@@ -503,6 +503,7 @@ class ServedReleases:
                     fresh.unlink()
                 fresh.symlink_to(target)
                 os.replace(fresh, tree / name)
+            settle_tree_time(tree)
         self._debug[release] = files
 
     async def provide_module_debug(self, release: str, names: tuple[str, ...],

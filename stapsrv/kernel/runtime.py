@@ -264,6 +264,11 @@ def _is_complete(runtime_dir: Path) -> bool:
     return (runtime_dir / MARKER_NAME).is_file()
 
 
+#: The time stamp of every fixed runtime's directory (its contents are
+#: named by their digest; 2001-09-09).
+RUNTIME_TIME = 1_000_000_000
+
+
 def prepare_fixed_runtime(
     stock_runtime: str | os.PathLike[str],
     cache_root: str | os.PathLike[str],
@@ -303,6 +308,10 @@ def prepare_fixed_runtime(
             f"stapsrv runtime fix {FIX_VERSION}\nstock: {stock}\n"
         )
         _make_world_readable(work)
+        # The translator names its kernel configuration header after the
+        # runtime's path, size and time too: the same time on every server
+        # lets a fleet share the header (stapsrv.compile.sharedconf).
+        os.utime(work, (RUNTIME_TIME, RUNTIME_TIME))
         _publish(work, target, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
