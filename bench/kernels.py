@@ -172,7 +172,7 @@ def bench_prepare(output: Path) -> int:
     data: dict[str, object] = {"release": release, "installed": installed, "suites": SUITES}
     try:
         say(f"server A prepares {release} (its lists show it at its first update)")
-        a = start_stapsrv([*common, "--prepare-releases", "yes"], installed,
+        a = start_stapsrv([*common, "--prepare-releases"], installed,
                           env={"XDG_CACHE_HOME": str(owned_directory(base / "xdg-a"))})
         servers.append(a)
         ready = wait_for(a, rf"Kernel {re.escape(release)} is ready: ready ([0-9.]+) s after "
