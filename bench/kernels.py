@@ -209,6 +209,8 @@ def bench_prepare(output: Path) -> int:
             f"Kernel configuration header for {release} ready from the fleet cache" in log_b)
         data["B warmed up itself"] = (
             f"Kernel configuration header for {release} ready in" in log_b)
+        data["log B"] = [line for line in log_b.splitlines()
+                         if release in line or "header" in line or "Running" in line][-40:]
         say(f"server C, unprepared: its first request for {release}")
         c_store = owned_directory(base / "store-c")
         c = start_stapsrv(["--kernel-store", str(c_store), "--fetch-suites", SUITES,

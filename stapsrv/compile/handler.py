@@ -699,6 +699,12 @@ class RequestHandler:
                 await self._in_thread(_append, prepared.response_dir / "stderr", [note])
             if context.abandoned:
                 return None
+            # Its private cache was filled before the warm-up it waited for
+            # (or the fleet's header) was there: the new headers too.
+            stapconf = self.stapconf_for(context.toolchain)
+            if stapconf is not None:
+                await self._in_thread(stapconf.seed,
+                                      self.sandbox.private_dirs(prepared.scratch)[1])
         # Its compile is no kernel store work: the address's share is free
         # once what it started (symbols still being made) is over.
         self.releases.let_go(context)
