@@ -4,7 +4,8 @@ warms each release and toolchain once (issue 29).
 
 The translator finds its header by a hash of the kernel tree's path, size
 and time stamp (and those of its ``.config`` and version headers), the
-runtime's, the compiler's and its own (``hash.cxx`` in SystemTap).  The
+runtime's (and, in 4.8, its ``transport``, ``unwind`` and ``linux``
+directories'), the compiler's and its own (``hash.cxx`` in SystemTap).  The
 fleet key here is a digest of those same inputs (with the release, guru
 mode and the server's build options): two members whose key is equal
 have translators that look for the same header names, so a header one
@@ -44,6 +45,8 @@ _NAME = re.compile(r"^[0-9a-f]{2}/stapconf_[0-9a-f]{32}_[0-9]{1,12}\.h$")
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 1 << 20
 #: The tree's files whose path, size and time the translator hashes.
+#: The runtime's directories whose path, size and time SystemTap 4.8 hashes too.
+_RUNTIME_DIRS = ("transport", "unwind", "linux")
 _TREE_FILES = (".config", ".version", "include/linux/compile.h", "include/linux/version.h",
                "include/linux/utsrelease.h")
 
@@ -75,7 +78,10 @@ def fleet_key(release: str, tree: Path, translator: str, compiler: str | None,
     """The fleet's name for one warm-up (blocking: it reads file times)."""
     parts: list[object] = [FORMAT, release, guru, sorted(options), _identity(tree),
                            *(_identity(tree / name) for name in _TREE_FILES),
-                           _identity(runtime), _identity(compiler),
+                           _identity(runtime),
+                           *(_identity(Path(runtime) / name) for name in _RUNTIME_DIRS
+                             if runtime),
+                           _identity(compiler),
                            _identity(os.path.realpath(translator))]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 

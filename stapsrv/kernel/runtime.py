@@ -267,6 +267,8 @@ def _is_complete(runtime_dir: Path) -> bool:
 #: The time stamp of every fixed runtime's directory (its contents are
 #: named by their digest; 2001-09-09).
 RUNTIME_TIME = 1_000_000_000
+#: The runtime's directories whose time SystemTap 4.8 hashes besides its own.
+HASHED_DIRECTORIES = ("transport", "unwind", "linux")
 
 
 def prepare_fixed_runtime(
@@ -311,7 +313,9 @@ def prepare_fixed_runtime(
         # The translator names its kernel configuration header after the
         # runtime's path, size and time too: the same time on every server
         # lets a fleet share the header (stapsrv.compile.sharedconf).
-        os.utime(work, (RUNTIME_TIME, RUNTIME_TIME))
+        for directory in (work, *(work / name for name in HASHED_DIRECTORIES)):
+            if directory.is_dir():
+                os.utime(directory, (RUNTIME_TIME, RUNTIME_TIME))
         _publish(work, target, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -230,6 +230,7 @@ class PrepareFixedRuntimeTests(TestCase):
         # Its time is every server's: a fleet's translators name the kernel
         # configuration header alike.
         self.assertEqual(path.stat().st_mtime, runtime.RUNTIME_TIME)
+        self.assertEqual((path / "linux").stat().st_mtime, runtime.RUNTIME_TIME)
         self.assertIn('"task_work_cancel_func"',
                       (path / "stp_task_work.c").read_text())
         for name in ("runtime.h", "linux/runtime.h",
