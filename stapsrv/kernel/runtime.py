@@ -292,6 +292,7 @@ def prepare_fixed_runtime(
                            f"(no {_TASK_WORK_FILE})")
     target = cache / f"runtime-{runtime_digest(stock)}"
     if _is_complete(target):
+        _settle_times(target)  # one made before the times were fixed
         return target
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -313,13 +314,22 @@ def prepare_fixed_runtime(
         # The translator names its kernel configuration header after the
         # runtime's path, size and time too: the same time on every server
         # lets a fleet share the header (stapsrv.compile.sharedconf).
-        for directory in (work, *(work / name for name in HASHED_DIRECTORIES)):
-            if directory.is_dir():
-                os.utime(directory, (RUNTIME_TIME, RUNTIME_TIME))
+        _settle_times(work)
         _publish(work, target, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def _settle_times(runtime: Path) -> None:
+    """The fixed time on the runtime's hashed directories (best effort: a
+    copy another user made stays as it is)."""
+    for directory in (runtime, *(runtime / name for name in HASHED_DIRECTORIES)):
+        try:
+            if directory.stat().st_mtime != RUNTIME_TIME:
+                os.utime(directory, (RUNTIME_TIME, RUNTIME_TIME))
+        except OSError:
+            pass
 
 
 def _publish(work: Path, target: Path, scratch: Path) -> None:
