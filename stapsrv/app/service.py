@@ -192,7 +192,7 @@ class CompileServerService(Service):
         given = self.config.releases
         if self.kernels is None:
             return given
-        preparing = self.watcher.preparing if self.watcher is not None else set()
+        preparing = self.watcher.unadvertised() if self.watcher is not None else set()
         stored = [entry.release for entry in self.kernels.store.releases()
                   if entry.release not in given and self.kernels.allowed(entry.release)
                   and entry.release not in preparing]

@@ -99,6 +99,9 @@ class ReleaseWatcher:
     host: str = field(factory=socket.gethostname)
     #: Releases waiting or being prepared: not advertised yet.
     preparing: set[str] = field(init=False, factory=set)
+    #: Releases whose VM verification failed: served to a client that
+    #: asks, never advertised (until one passes).
+    withheld: set[str] = field(init=False, factory=set)
     _queue: list[str] = field(init=False, factory=list)
     _busy: bool = field(init=False, default=False)
     #: Updates of the lists being looked at.
@@ -213,7 +216,9 @@ class ReleaseWatcher:
                 problem = await self.verify(release)
                 step("verify", self.clock.seconds() - started)
                 if problem is not None:
+                    self.withheld.add(release)
                     raise RuntimeError(f"the VM verification failed: {problem}")
+                self.withheld.discard(release)
         except Exception as exc:
             if self.election is not None:
                 await self.election.settle(name, token, None, 0)
@@ -229,6 +234,10 @@ class ReleaseWatcher:
                       summary=ready.summary())
         self.preparing.discard(release)
         self.on_ready(release)
+
+    def unadvertised(self) -> set[str]:
+        """The releases the server leaves out of what it advertises."""
+        return self.preparing | self.withheld
 
     async def _failed(self, record: Preparation, why: str) -> None:
         self.log.warn("Kernel {release} not prepared: {reason} (a client's first request "

@@ -128,6 +128,32 @@ class WatcherTests(WatcherCase):
         self.assertIn("not prepared", self.events.text())
 
 
+class VerificationTests(WatcherCase):
+    async def test_a_release_that_fails_its_verification_is_withheld(self) -> None:
+        self.publish(FIRST)
+        fetcher = self.fetcher("kernels")
+        ready: list[str] = []
+        verdicts: list[str | None] = ["staprun exit 1: x"]
+
+        async def verify(release: str) -> str | None:
+            return verdicts.pop(0)
+        watcher = self.watcher(fetcher, ready)
+        watcher.verify = verify
+        updater = self.updater(fetcher, watcher)
+        self.assertTrue(await updater.update(), self.events.text())
+        await watcher.when_idle()
+        self.assertEqual((ready, watcher.unadvertised()), ([], {FIRST}))
+        record = prepared.load(fetcher.store.directory, FIRST)
+        assert record is not None
+        self.assertEqual(record.failure, "the VM verification failed: staprun exit 1: x")
+        self.assertEqual([name for name, _ in record.steps], ["fetch", "verify"])
+        # The next update tries again; this time it passes.
+        verdicts.append(None)
+        self.assertTrue(await updater.update())
+        await watcher.when_idle()
+        self.assertEqual((ready, watcher.unadvertised()), ([FIRST], set()))
+
+
 class ElectionTests(WatcherCase):
     def fleet(self) -> RedisCache:
         cache = RedisCache(self.redis.url, reactor, secret=SECRET,
