@@ -106,9 +106,11 @@ def _symbols(entry: StoredRelease | None) -> str:
 def list_store(store: KernelStore, out: TextIO) -> None:
     releases = store.releases()
     debug = {entry.release: entry for entry in debug_store(store).releases()}
-    total = store.total_size()
+    total, roots = store.total_size(), store.admin_bytes()
     print(f"Kernel store {store.directory}: {len(releases)} releases, {megabytes(total)} "
-          f"of {megabytes(store.size_cap)}", file=out)
+          f"of {megabytes(store.size_cap)}"
+          + (f" (toolchains and user-space roots: {megabytes(roots)})" if roots else ""),
+          file=out)
     for entry in releases:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.used))
         print(f"{entry.release}\t{megabytes(entry.size)}\tused {used}\t"
@@ -413,7 +415,8 @@ def _run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
                      "copy: 5.5 installs staprun mode 4110, which only root can read)")
     run.add_argument("--command", "-c", dest="target", help="staprun's -c: a command to run (absolute path)")
     run.add_argument("--file", action="append", default=[], metavar="PATH",
-                     help="a program of this machine to put at the same path in the VM")
+                     help="a program to put at the same path in the VM: the --staprun "
+                     "root's (with its libraries), else this machine's")
     run.add_argument("--option", action="append", default=[], metavar="OPTION",
                      help="one more word for staprun's command line")
     run.add_argument("--group", choices=("stapusr", "stapsys"),

@@ -127,7 +127,8 @@ def make_toolchain(store: Path, suite: Suite, mirror: str, out: TextIO,
         for leftover in (work / ROOT / "var" / "cache" / "apt" / "archives").glob("*.deb"):
             leftover.unlink()
         (work / MANIFEST).write_text(manifest_text(suite.name, suite.name, time.time(),
-                                                   installed(work / ROOT)))
+                                                   installed(work / ROOT),
+                                                   tree_size(work / ROOT)))
         load(work)  # refuses a root that would not serve
         target = place / suite.name
         if target.exists():

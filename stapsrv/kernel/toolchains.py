@@ -145,8 +145,12 @@ def upstream_version(debian_version: str) -> str:
     return version.rsplit("-", 1)[0] if "-" in version else version
 
 
-def manifest_text(name: str, suite: str, made: float, packages: dict[str, str]) -> str:
+def manifest_text(name: str, suite: str, made: float, packages: dict[str, str],
+                  size: int | None = None) -> str:
+    """A root's manifest (``size``: its files' bytes, which the kernel
+    store's ceiling counts)."""
     return json.dumps({"name": name, "suite": suite, "made": made,
+                       **({"size": size} if size is not None else {}),
                        "packages": dict(sorted(packages.items()))}, indent=1) + "\n"
 
 
