@@ -51,6 +51,7 @@ from twisted.python.threadpool import ThreadPool
 from stapsrv.config.values import DEFAULT_KERNEL_STORE_SIZE, ServerConfig
 from stapsrv.core.aptsources import SuiteError, parse_suites
 from stapsrv.core.architectures import release_architecture
+from stapsrv.kernel import prepared
 from stapsrv.kernel.fetch import (
     FetchFailed,
     KernelFetcher,
@@ -123,6 +124,8 @@ def list_store(store: KernelStore, out: TextIO) -> None:
                   file=out)
     for found in verification.load_all(store.directory):
         print_verification(found, out)
+    for record in prepared.load_all(store.directory):
+        print(f"{record.release}\tprepared: {record.summary()}", file=out)
 
 
 def print_verification(found: Verification, out: TextIO) -> None:

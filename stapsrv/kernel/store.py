@@ -154,6 +154,21 @@ def fix_tree(root: Path, release: str, final_root: Path) -> None:
     if fixed != text:
         makefile.write_bytes(fixed)
     shutil.rmtree(root / "lib" / "modules", ignore_errors=True)
+    settle_tree_time(tree)
+
+
+def settle_tree_time(tree: Path) -> None:
+    """Give the build tree's directory the time of its ``.config`` (the
+    package's): the translator names a kernel configuration header after
+    the tree's path, size and time, so every server that stores the release
+    at the same path names it alike, and a fleet can share it
+    (:mod:`stapsrv.compile.sharedconf`); unpacking, or a link added since,
+    leaves the time it happened."""
+    try:
+        config = (tree / ".config").stat()
+        os.utime(tree, ns=(config.st_mtime_ns, config.st_mtime_ns), follow_symlinks=False)
+    except OSError:
+        pass
 
 
 class Lease:

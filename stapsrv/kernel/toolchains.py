@@ -305,6 +305,13 @@ def choose(toolchains: Sequence[Toolchain], client_version: str, release: str,
             + "; ".join(reasons) + "." + would)
 
 
+def serves(toolchain: Toolchain, version: tuple[int, int] | None,
+           compiler: str | None) -> bool:
+    """Whether ``toolchain`` builds for a kernel (its version, its headers'
+    compiler) for the clients of its own family."""
+    return _unfit(toolchain, toolchain.family, version, compiler) is None
+
+
 def ordered(host: Toolchain, others: Iterable[Toolchain]) -> list[Toolchain]:
     """The host's first (fidelity to 4.8 where it fits), then by name."""
     return [host, *sorted(others, key=lambda toolchain: toolchain.name)]

@@ -85,6 +85,17 @@ class KernelStoreTests(TestCase):
                          f"include {stored}/linux-headers-7.2.12+deb14-common/Makefile\n")
         self.store.abandon(work)
 
+    def test_a_stored_tree_has_the_time_of_its_config(self) -> None:
+        """The translator names the kernel configuration header after the
+        tree's time: every server storing the release gives it the same."""
+        work = self.store.begin(RELEASE)
+        fake_tree(work / "root", RELEASE, 1000)
+        tree = work / "root" / "usr" / "src" / f"linux-headers-{RELEASE}"
+        (tree / ".config").write_text("CONFIG_MODULES=y\n")
+        os.utime(tree / ".config", (1_700_000_000, 1_700_000_000))
+        fix_tree(work / "root", RELEASE, self.store.final_root(RELEASE))
+        self.assertEqual(tree.stat().st_mtime, 1_700_000_000)
+
     def test_only_complete_releases_are_seen(self) -> None:
         work = self.store.begin(RELEASE)
         fake_tree(work / "root", RELEASE)
