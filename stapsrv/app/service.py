@@ -370,7 +370,25 @@ class CompileServerService(Service):
                                     store.directory, config.fetch_suites,
                                     config.fetch_architectures))
         self._start_lists(fetcher, patterns)
+        self._report_roots(store)
         return fetcher
+
+    def _report_roots(self, store: KernelStore) -> None:
+        """Warn when administrators' roots take over half the store's
+        ceiling (measured in the pool: a root whose manifest has no size is
+        measured once): releases would be removed at every fetch."""
+        assert self._pool is not None
+
+        def report(roots: int) -> None:
+            if roots * 2 > store.size_cap:
+                self.log.warn("Toolchains and user-space roots take {roots} MiB of the kernel "
+                              "store's {cap} MiB (--kernel-store-size): little is left for "
+                              "releases, which are removed to make room at every fetch; "
+                              "raise it", roots=roots >> 20, cap=store.size_cap >> 20)
+
+        Blocking(self.reactor, self._pool)(store.admin_bytes).addCallbacks(
+            report, lambda failure: self.log.failure("Cannot measure the store's roots",
+                                                     failure))
 
     def _start_lists(self, fetcher: KernelFetcher, base: tuple[str, ...]) -> None:
         """A lists updater for each private apt of the fetcher; its first

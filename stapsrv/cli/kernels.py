@@ -111,6 +111,9 @@ def list_store(store: KernelStore, out: TextIO) -> None:
           f"of {megabytes(store.size_cap)}"
           + (f" (toolchains and user-space roots: {megabytes(roots)})" if roots else ""),
           file=out)
+    if roots * 2 > store.size_cap:
+        print("Warning: the roots take over half of --kernel-store-size; releases are "
+              "removed to make room at every fetch: raise it", file=out)
     for entry in releases:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.used))
         print(f"{entry.release}\t{megabytes(entry.size)}\tused {used}\t"

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from stapsrv.cli.roots import MIRROR, make_root, remove_root
+from stapsrv.cli.roots import MIRROR, UnsafePlace, make_root, remove_root
 from stapsrv.cli.toolchains import store_of
 from stapsrv.kernel.sysroots import (
     DamagedRoot,
@@ -105,8 +105,12 @@ def main(argv: list[str]) -> int:
               "the root).", file=sys.stderr)
         return 1
     if arguments.command == "remove":
-        if remove_sysroot(store, arguments.name):
-            return 0
+        try:
+            if remove_sysroot(store, arguments.name):
+                return 0
+        except UnsafePlace as exc:
+            print(exc, file=sys.stderr)
+            return 1
         print(f"No root {arguments.name} in {sysroots_directory(store)}", file=sys.stderr)
         return 1
     name = distribution(arguments.suite)
@@ -117,7 +121,8 @@ def main(argv: list[str]) -> int:
     try:
         make_sysroot(store, arguments.suite, include, arguments.mirror, sys.stdout,
                   Path(arguments.cache_dir).absolute() if arguments.cache_dir else None)
-    except (RuntimeError, DamagedRoot, OSError, subprocess.CalledProcessError) as exc:
+    except (RuntimeError, DamagedRoot, OSError, subprocess.CalledProcessError,
+            UnsafePlace) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 1
     return 0

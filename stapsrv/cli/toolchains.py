@@ -30,7 +30,7 @@ from typing import TextIO
 
 from attrs import frozen
 
-from stapsrv.cli.roots import MIRROR, make_root, remove_root
+from stapsrv.cli.roots import MIRROR, UnsafePlace, make_root, remove_root
 from stapsrv.kernel.toolchains import (
     HOST,
     MANIFEST,
@@ -150,8 +150,12 @@ def main(argv: list[str]) -> int:
               "the root).", file=sys.stderr)
         return 1
     if arguments.command == "remove":
-        if remove_toolchain(store, arguments.name):
-            return 0
+        try:
+            if remove_toolchain(store, arguments.name):
+                return 0
+        except UnsafePlace as exc:
+            print(exc, file=sys.stderr)
+            return 1
         print(f"No toolchain {arguments.name} in {toolchains_directory(store)}",
               file=sys.stderr)
         return 1
@@ -164,7 +168,8 @@ def main(argv: list[str]) -> int:
     try:
         make_toolchain(store, suite, arguments.mirror, sys.stdout,
                        Path(arguments.cache_dir).absolute() if arguments.cache_dir else None)
-    except (RuntimeError, DamagedToolchain, OSError, subprocess.CalledProcessError) as exc:
+    except (RuntimeError, DamagedToolchain, OSError, subprocess.CalledProcessError,
+            UnsafePlace) as exc:
         print(f"{suite.name}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -406,9 +406,10 @@ class RequestHandler:
         """While the symbols of the request's release are made, its warm-up
         runs beside them (in a slot of its own) rather than after them."""
         guru = guru_mode(job.arguments)
-        if (self.sandbox is None or job.release is None
+        if (self.sandbox is None or job.release is None or not self.config.fetch_symbols
+                or self.releases.debug_files(job.release) is not None
                 or self.warmup.known_ready(job.release, guru, context.toolchain)):
-            return
+            return  # no symbols to be made, or nothing to warm up
         Deferred.fromCoroutine(self.warmup.ahead(job.release, guru, context,
                                                  context.toolchain))
 

@@ -85,6 +85,8 @@ class WarmUp:
     #: one, or True once it is done.
     _warmups: dict[tuple[str, str, bool], list[Deferred[None]] | bool] = field(
         init=False, factory=dict)
+    #: Warm-ups ahead started and not over (at most one of each waits for a slot).
+    _ahead: set[tuple[str, str, bool]] = field(init=False, factory=set)
     #: Headers shared with the other members of a fleet (None: not shared).
     shared: SharedStapconf | None = None
 
@@ -117,18 +119,29 @@ class WarmUp:
         """A request's warm-up started before its turn to compile (while its
         release's symbols are being made), in a translator slot of the
         server's own; the request's own :meth:`stapconf_ready` then waits
-        for it or finds it done.  What stops it is the request's to meet."""
-        await self.gate.acquire()
+        for it or finds it done.  What stops it is the request's to meet.
+        Nothing when one is ahead already or the warm-up is under way or
+        done: a slot is never held only to wait for another's warm-up."""
+        key = _key(release, guru, toolchain)
+        if key in self._ahead or key in self._warmups:
+            return
+        self._ahead.add(key)
         try:
-            if not context.abandoned:
-                await self.stapconf_ready(release, guru, context, toolchain)
+            await self.gate.acquire()
+            try:
+                # The request may have been answered (or have left) meanwhile;
+                # the warm-up may have been started by a request in its slot.
+                if not (context.abandoned or context.answered or key in self._warmups):
+                    await self.stapconf_ready(release, guru, context, toolchain)
+            finally:
+                self.gate.release()
         except OverBudget:
             pass  # the request is told when it asks itself
         except Exception:
             self.log.failure("The warm-up ahead of the compile for kernel {release} failed",
                              release=release)
         finally:
-            self.gate.release()
+            self._ahead.discard(key)
 
     async def stapconf_ready(self, release: str, guru: bool,
                              context: RequestContext | None = None,

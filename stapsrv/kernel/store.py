@@ -388,7 +388,9 @@ class KernelStore:
         total = 0
         for name in ADMIN_DIRECTORIES:
             try:
-                kept = sorted((self.top.directory / name).iterdir())
+                # Not what an interrupted or removing command left (.partial-*).
+                kept = sorted(entry for entry in (self.top.directory / name).iterdir()
+                              if not entry.name.startswith("."))
             except OSError:
                 continue
             total += sum(root_bytes(directory) for directory in kept)

@@ -48,3 +48,14 @@ class ListTests(TestCase):
         self.assertIn("6.1.0-57-amd64\tprepared: ready 40.0 s after it appeared in the lists "
                       "(fetch 7.0 s, symbols 5.5 s, stapconf 19.7 s) by host-a", lines)
         self.assertIn("6.1.0-58-amd64\tprepared: not ready: no room by host-a", lines)
+
+    def test_roots_over_half_the_ceiling_are_a_warning(self) -> None:
+        store = KernelStore(Path(self.mktemp()), 1024 << 20)
+        store.open()
+        forky = store.directory / ".toolchains" / "forky"
+        (forky / "root").mkdir(parents=True)
+        (forky / "manifest.json").write_text(json.dumps({"size": 805 << 20, "packages": {}}))
+        out = io.StringIO()
+        list_store(store, out)
+        self.assertIn("Warning: the roots take over half of --kernel-store-size",
+                      out.getvalue())

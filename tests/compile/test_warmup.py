@@ -312,6 +312,34 @@ class AheadTests(WarmUpCase):
         self.assertEqual(self.events.matching("failed"), [])
 
 
+class AheadSlotTests(WarmUpCase):
+    """(Found by the attack review.)  Aheads hold no slot idle and run
+    nothing for a request answered meanwhile."""
+
+    async def test_a_second_ahead_for_the_same_release_takes_no_slot(self) -> None:
+        self.translators.environ["WARMUP_DELAY"] = "1"
+        self.gate = DeferredSemaphore(2)
+        warmup = self.warmup()
+        first = Deferred.fromCoroutine(warmup.ahead(
+            RELEASE, False, RequestContext("10.0.0.1:4000"), None))
+        await self.until(lambda: self.running, "the warm-up's translator runs")
+        second = Deferred.fromCoroutine(warmup.ahead(
+            RELEASE, False, RequestContext("10.0.0.1:4001"), None))
+        self.assertTrue(second.called, "nothing to do: one is under way")
+        self.assertEqual((len(self.running), self.gate.tokens), (1, 1))
+        await first
+        self.assertEqual(len(self.runs()), 1)
+
+    async def test_an_answered_request_starts_none(self) -> None:
+        warmup = self.warmup(peer_fetches=1)
+        busy = RequestContext("10.0.0.2:4000")
+        warmup.releases.charge(busy, STORED, f"the fetch of kernel release '{STORED}'")
+        answered = RequestContext("10.0.0.2:4001")
+        answered.answered = True  # charge() passes an answered request by
+        await warmup.ahead(RELEASE, False, answered, None)
+        self.assertEqual(self.runs(), [], "a warm-up past the address's share")
+
+
 class StartTests(WarmUpCase):
     def tree(self, name: str, makefile: bool) -> str:
         tree = self.base / name

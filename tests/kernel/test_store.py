@@ -206,6 +206,8 @@ class CeilingTests(TestCase):
 
     def test_a_damaged_or_foreign_entry_counts_nothing(self) -> None:
         (self.store.directory / ".toolchains" / "empty").mkdir(parents=True)
+        # Left by a make that was killed after writing its manifest.
+        self.admin_root(".toolchains", ".partial-forky-1234abcd", 1 << 20)
         broken = self.admin_root(".sysroots", "broken", None)
         (broken / "manifest.json").write_text("{not json")
         self.assertEqual(self.store.admin_bytes(), 0)
