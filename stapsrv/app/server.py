@@ -295,8 +295,12 @@ class CompileServerProtocol(Protocol):
         if not reason.check(SSL.Error):
             return
         refusal = certificate_refusal(str(reason.value))
-        if refusal is not None:
+        if refusal is not None and self.factory.refusal_news(self.peer, refusal.name):
             self.log.info("Client {peer} " + refusal_message(refusal), peer=self.peer)
+
+
+#: Seconds between two lines for the same client host's refusal of the certificate.
+REFUSAL_LOG_INTERVAL = 60.0
 
 
 class CompileServerFactory(Factory[CompileServerProtocol]):
@@ -313,6 +317,9 @@ class CompileServerFactory(Factory[CompileServerProtocol]):
         self.limit = handler.config.max_threads
         self.gate: DeferredSemaphore = handler.gate
         self.connections: set[CompileServerProtocol] = set()
+        #: When each (client host, refusal) was last logged (a client that
+        #: retries at will must not flood the log).
+        self._refusals_logged: dict[tuple[str, str], float] = {}
         #: Clients' addresses come from a PROXY protocol header.
         self.proxied = handler.config.proxied
         #: The process's admission (None: connections are not limited).
@@ -352,6 +359,18 @@ class CompileServerFactory(Factory[CompileServerProtocol]):
     def waiting(self) -> int:
         """Requests waiting for a translator slot."""
         return len(self.gate.waiting)
+
+    def refusal_news(self, peer: str, refusal: str) -> bool:
+        """Whether a client's refusal of the certificate is to be logged:
+        once a minute per client host and kind at most."""
+        now = self.clock.seconds()
+        key = (peer.rsplit(":", 1)[0], refusal)
+        if now - self._refusals_logged.get(key, -REFUSAL_LOG_INTERVAL) < REFUSAL_LOG_INTERVAL:
+            return False
+        if len(self._refusals_logged) >= 4096:
+            self._refusals_logged.clear()
+        self._refusals_logged[key] = now
+        return True
 
     def log_load(self) -> None:
         """4.8's load line for a new request (none when concurrency is

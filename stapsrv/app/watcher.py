@@ -37,6 +37,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from stapsrv.blocking import Blocking
+from stapsrv.core.logtext import escape_controls
 from stapsrv.kernel import prepared
 from stapsrv.kernel.prepared import Preparation, listed_releases
 from stapsrv.kernel.store import KernelStore
@@ -185,18 +186,34 @@ class ReleaseWatcher:
         token = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex}"
         name = f"prepare:{release}"
         if self.election is not None:
-            won = await self.election.claim(name, token, CLAIM_MS)
+            won = await self._claim(name, token)
             if won is False:
-                holder = await self.election.holder(name) or "another member"
+                holder = escape_controls(await self.election.holder(name) or "another member")
                 self.log.info("Kernel {release}: prepared by another member of the fleet "
                               "({holder}); skipping it", release=release, holder=holder)
                 await self.in_thread(prepared.save, self.store.directory,
-                                     evolve(record, by=_holder_host(holder)))
+                                     evolve(record, by=_holder_host(holder)[:253]))
                 return
             if won is None:
                 self.log.warn("Kernel {release}: the fleet's Redis cannot be asked who "
                               "prepares it; preparing it here", release=release)
         await self._steps(record, name, token)
+
+    async def _claim(self, name: str, token: str) -> bool | None:
+        """The fleet's claim on ``name``; a claim this host's earlier
+        process left (it died or restarted while preparing) is handed back
+        first, rather than waited out for hours."""
+        assert self.election is not None
+        won = await self.election.claim(name, token, CLAIM_MS)
+        if won is not False:
+            return won
+        holder = await self.election.holder(name)
+        if holder is None or not _left_by_a_dead_process(holder, self.host):
+            return False
+        self.log.info("Taking over {name}: its claim was left by this host's process "
+                      "{holder}, which is gone", name=name, holder=escape_controls(holder))
+        await self.election.settle(name, holder, None, 0)
+        return await self.election.claim(name, token, CLAIM_MS)
 
     async def _steps(self, record: Preparation, name: str, token: str) -> None:
         release = record.release
@@ -245,6 +262,24 @@ class ReleaseWatcher:
                       release=record.release, reason=why)
         await self.in_thread(prepared.save, self.store.directory,
                              evolve(record, failure=why[:300], by=self.host))
+
+
+def _left_by_a_dead_process(holder: str, host: str) -> bool:
+    """Whether a claim ("HOST:PID:TOKEN") is this host's, by a process that
+    no longer runs (another live server of this host keeps its own)."""
+    words = holder.split(":")
+    if len(words) != 3 or words[0] != host or not words[1].isdigit():
+        return False
+    pid = int(words[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, another user's
+    return False
 
 
 def _holder_host(holder: str) -> str:

@@ -39,7 +39,7 @@ from stapsrv.compile.sandbox import StapconfStore
 STAPCONF_PREFIX = "stapsrv:stapconf:"
 FORMAT = "stapconf-1"
 #: A header name the translator makes: bucket/stapconf_<md4>_<bytes hashed>.h.
-_NAME = re.compile(r"^[0-9a-f]{2}/stapconf_[0-9a-f]{32}_[0-9]{1,12}\.h$")
+_NAME = re.compile(r"[0-9a-f]{2}/stapconf_[0-9a-f]{32}_[0-9]{1,12}\.h")
 #: Headers per entry, and bytes per header, at most (one or two of ~40 kB
 #: in practice).
 MAX_HEADERS = 64
@@ -95,7 +95,7 @@ def pack(store: StapconfStore, before: set[str]) -> bytes | None:
     """The headers the store gained since ``before`` as one entry (None:
     none)."""
     headers = {f"{path.parent.name}/{path.name}": path for path in _headers(store.directory)}
-    new = sorted(name for name in headers if name not in before and _NAME.match(name))
+    new = sorted(name for name in headers if name not in before and _NAME.fullmatch(name))
     if not new:
         return None
     texts = {name: headers[name].read_text(errors="replace") for name in new[:MAX_HEADERS]}
@@ -112,7 +112,7 @@ def unpack(store: StapconfStore, entry: bytes) -> int:
     if not isinstance(headers, dict) or not 0 < len(headers) <= MAX_HEADERS:
         raise ValueError("no headers, or too many")
     for name, text in headers.items():
-        if not isinstance(name, str) or not _NAME.match(name) or not isinstance(text, str) \
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or not isinstance(text, str) \
                 or len(text) > MAX_HEADER_BYTES:
             raise ValueError(f"not a header: {str(name)[:80]!r}")
     for name, text in headers.items():

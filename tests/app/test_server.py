@@ -440,3 +440,21 @@ class PeerTests(TestCase):
     def test_forms(self) -> None:
         self.assertEqual(describe_peer(IPv6Address("TCP", "::ffff:10.0.0.1", 5)), "10.0.0.1:5")
         self.assertEqual(describe_peer(IPv6Address("TCP", "::1", 5)), "[::1]:5")
+
+
+class RefusalLogTests(TestCase):
+    """(Found by the attack review.)  A client refusing the certificate
+    at will is logged once a minute per host and kind, not every time."""
+
+    def test_once_a_minute_per_host_and_kind(self) -> None:
+        clock = Clock()
+        factory = CompileServerFactory(FakeHandler(), clock=clock)  # type: ignore[arg-type]
+        news = factory.refusal_news
+        self.assertTrue(news("10.0.0.1:4000", "UNKNOWN_ISSUER"))
+        self.assertFalse(news("10.0.0.1:4001", "UNKNOWN_ISSUER"), "same host")
+        self.assertTrue(news("10.0.0.1:4002", "NOT_TRUSTED"), "another kind")
+        self.assertTrue(news("[2001:db8::1]:4000", "UNKNOWN_ISSUER"), "another host")
+        clock.advance(59)
+        self.assertFalse(news("10.0.0.1:4003", "UNKNOWN_ISSUER"))
+        clock.advance(1)
+        self.assertTrue(news("10.0.0.1:4004", "UNKNOWN_ISSUER"))

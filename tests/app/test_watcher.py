@@ -204,4 +204,35 @@ class ElectionTests(WatcherCase):
         self.assertEqual((record.state(), record.by), ("ready", "host-b"))
 
 
+    async def test_a_claim_this_hosts_dead_process_left_is_taken_over(self) -> None:
+        """(Found by the attack review.)  A member restarted while it
+        prepared a release prepares it at once, not hours later; a claim of
+        this host's live process (another server here) is still its own."""
+        import subprocess
+
+        import redis
+
+        from stapsrv.cache.fleet import ELECTION_PREFIX
+        self.redis = start_redis(self, self.base / "redis")
+        client = redis.Redis.from_url(self.redis.url)
+        self.addCleanup(client.close)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        self.publish(FIRST)
+        one = self.fetcher("kernels-a")
+        ready: list[str] = []
+        key = ELECTION_PREFIX + f"prepare:{FIRST}"
+        client.set(key, f"host-a:{os.getppid()}:alive")
+        watcher = self.watcher(one, ready, self.fleet(), "host-a")
+        self.assertTrue(await self.updater(one, watcher).update(), self.events.text())
+        await watcher.when_idle()
+        self.assertEqual(ready, [], "a live process's claim is waited for")
+        client.set(key, f"host-a:{gone.pid}:left")
+        watcher = self.watcher(one, ready, self.fleet(), "host-a")
+        self.assertTrue(await self.updater(one, watcher).update(), self.events.text())
+        await watcher.when_idle()
+        self.assertEqual(ready, [FIRST], self.events.text())
+        self.assertIn(f"its claim was left by this host's process host-a:{gone.pid}:left",
+                      self.events.text())
+
 __all__: Sequence[str] = ()
