@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from stapsrv.core.aptsources import parse_suites
-from stapsrv.kernel.fetch import APT_GET, DPKG_DEB, FetchFailed, KernelFetcher
+from stapsrv.kernel.fetch import APT_CACHE, APT_GET, DPKG_DEB, FetchFailed, KernelFetcher
 from stapsrv.kernel.privateapt import APT_DIRECTORY, AptSetupError, PrivateApt
 
 #: What the initramfs takes from the other architecture: the shell, the
@@ -22,6 +22,8 @@ from stapsrv.kernel.privateapt import APT_DIRECTORY, AptSetupError, PrivateApt
 PACKAGES = ("busybox-static", "systemtap-runtime", "libc6", "libelf1", "zlib1g",
             "libzstd1", "libgcc-s1", "libnspr4", "libnss3", "libsqlite3-0", "libstdc++6",
             "liblzma5", "libbz2-1.0")
+#: The top directories a merged /usr system links into ``usr/``.
+MERGED = ("bin", "lib", "sbin")
 #: Written once the root is whole.
 COMPLETE = "complete"
 #: The Debian suite whose ``systemtap-runtime`` is of a client family
@@ -55,7 +57,8 @@ async def ensure_userland(fetcher: KernelFetcher, architecture: str,
     if family != 4:
         options = await _family_apt(fetcher, architecture, FAMILY_SUITES[family])
         renamed = RENAMED.get(FAMILY_SUITES[family], {})
-        packages = tuple(renamed.get(name, name) for name in PACKAGES)
+        packages = await _with_libraries(fetcher, options, tuple(
+            renamed.get(name, name) for name in PACKAGES))
     work = directory.with_name(f"{directory.name}.new-{os.getpid()}")
     download = work / "download"
     await fetcher.in_thread(_fresh, download)
@@ -91,6 +94,43 @@ async def _family_apt(fetcher: KernelFetcher, architecture: str, suite: str) -> 
     return apt.options()
 
 
+async def _with_libraries(fetcher: KernelFetcher, options: list[str],
+                          packages: tuple[str, ...]) -> tuple[str, ...]:
+    """``packages`` and every library package they depend on, through
+    library packages (``lib*``; the first of alternatives): what staprun
+    and stapio load, whatever the suite calls it (trixie's staprun loads
+    libdebuginfod, which loads libcurl and its own).  Raises FetchFailed."""
+    found, pending = list(packages), list(packages)
+    while pending:
+        out, err, code = await fetcher.run(
+            [APT_CACHE, *options, "depends", "--no-recommends", "--no-suggests",
+             "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", *pending])
+        if code != 0:
+            raise FetchFailed(f"apt-cache depends failed: "
+                              f"{err.decode(errors='replace').strip()[-300:]}")
+        pending = [name for name in depended_libraries(out.decode(errors="replace"))
+                   if name not in found]
+        found += pending
+    return tuple(found)
+
+
+def depended_libraries(text: str) -> list[str]:
+    """The library packages ``apt-cache depends`` says are needed (Depends
+    and PreDepends; of alternatives, the first), each once, in order."""
+    found: list[str] = []
+    alternative = False
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) != 2 or words[0].lstrip("|") not in ("Depends:", "PreDepends:"):
+            continue
+        first = not alternative
+        alternative = line.lstrip().startswith("|")
+        name = words[1].split(":", 1)[0]
+        if first and name.startswith("lib") and name not in found:
+            found.append(name)
+    return found
+
+
 def _fresh(download: Path) -> None:
     """An empty work directory with ``download`` in it (blocking)."""
     shutil.rmtree(download.parent, ignore_errors=True)
@@ -98,8 +138,13 @@ def _fresh(download: Path) -> None:
 
 
 def _settle(work: Path, directory: Path, packages: tuple[str, ...]) -> None:
-    """The unpacked root in place, marked whole (blocking)."""
+    """The unpacked root in place, marked whole (blocking).  A suite with
+    merged /usr (trixie) ships its files under ``usr/`` only: ``lib``,
+    ``bin`` and ``sbin`` are made links into it, as its base-files does."""
     shutil.rmtree(work / "download")
+    for name in MERGED:
+        if not os.path.lexists(work / "root" / name) and (work / "root" / "usr" / name).is_dir():
+            os.symlink(f"usr/{name}", work / "root" / name)
     (work / COMPLETE).write_text(" ".join(packages) + "\n")
     shutil.rmtree(directory, ignore_errors=True)
     os.rename(work, directory)
