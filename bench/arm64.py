@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -146,6 +147,9 @@ def main() -> int:
         "Of the first request (from the server's log): " + ", ".join(
             f"{name} {statistics.median(v):.1f} s" for name, v in parts.items() if v)
         + "; the rest is the cross-compile itself.", "",
+        f"The machine ({os.cpu_count()} cores) was shared with other work while this ran "
+        "(the load averages above): the figures are a loaded machine's, not a quiet one's.",
+        "",
     ]
     options.output.mkdir(parents=True, exist_ok=True)
     (options.output / "arm64.json").write_text(json.dumps(data, indent=1) + "\n")
