@@ -24,6 +24,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from OpenSSL import SSL
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -42,6 +43,7 @@ from stapsrv.core.framing import (
     RequestTooLarge,
     RequestTruncated,
 )
+from stapsrv.core.tlsrefusal import certificate_refusal, refusal_message
 
 
 def peer_host(address: IAddress) -> str:
@@ -266,6 +268,7 @@ class CompileServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
+        self._log_refusal(reason)
         if self._reader is not None:
             event = self._reader.connection_lost()
             if event is not None:
@@ -284,6 +287,16 @@ class CompileServerProtocol(Protocol):
         waiters, self._close_waiters = self._close_waiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+
+    def _log_refusal(self, reason: Failure) -> None:
+        """Say so when the client ended the handshake because it does not
+        trust the certificate (:mod:`stapsrv.core.tlsrefusal`)."""
+        if not reason.check(SSL.Error):
+            return
+        refusal = certificate_refusal(str(reason.value))
+        if refusal is not None:
+            self.log.info("Client {peer} " + refusal_message(refusal), peer=self.peer)
 
 
 class CompileServerFactory(Factory[CompileServerProtocol]):

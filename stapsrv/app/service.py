@@ -30,7 +30,7 @@ from stapsrv.app.health import Health, listening_check, space_check, translator_
 from stapsrv.app.listen import NotListening, listen_now
 from stapsrv.app.proxies import trusted_proxy_endpoint
 from stapsrv.app.server import CompileServerFactory, peer_host, peer_share
-from stapsrv.app.toolchains import server_toolchains
+from stapsrv.app.toolchains import server_toolchains, server_user_roots
 from stapsrv.cache.fleet import RedisCache
 from stapsrv.cache.key import KeyMaker
 from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
@@ -246,6 +246,8 @@ class CompileServerService(Service):
                                  sandbox=sandbox, stapconf=stapconf, kernels=kernels,
                                  key_pool=self._key_pool,
                                  toolchains=server_toolchains(config, sandbox, self.log),
+                                 user_roots=(server_user_roots(config, self.log)
+                                             if sandbox is not None else []),
                                  architectures=self.architectures)
         if kernels is not None and config.fetch_debuginfo:
             handler.releases.module_debug = self._make_module_debug(kernels)

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from stapsrv.compile.sandbox import Sandbox, SandboxUnavailable
 from stapsrv.config.values import ServerConfig
 from stapsrv.kernel.store import store_directory
+from stapsrv.kernel.sysroots import UserRoot, discover_roots
 from stapsrv.kernel.toolchains import (
     Toolchain,
     discover,
@@ -62,3 +63,15 @@ def server_toolchains(config: ServerConfig, sandbox: Sandbox | None,
     if not working:
         return []  # the host's alone: nothing to choose
     return ordered(host_translator(config.stap), working)
+
+
+def server_user_roots(config: ServerConfig, log: Logger) -> list[UserRoot]:
+    """The user-space roots of the kernel store, each named in the log
+    (blocking: at start); a damaged one is named and left out."""
+    found, damaged = discover_roots(store_directory(config))
+    for reason in damaged:
+        log.error("Not using user-space {reason}", reason=reason)
+    for root in found:
+        log.info("User-space root {name} (suite {suite}): {root}, manifest {digest}",
+                 name=root.name, suite=root.suite, root=root.root, digest=root.digest)
+    return found

@@ -421,7 +421,8 @@ def _run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
                      "copy: 5.5 installs staprun mode 4110, which only root can read)")
     run.add_argument("--command", "-c", dest="target", help="staprun's -c: a command to run (absolute path)")
     run.add_argument("--file", action="append", default=[], metavar="PATH",
-                     help="a program of this machine to put at the same path in the VM")
+                     help="a program to put at the same path in the VM: the --staprun "
+                     "root's (with its libraries), else this machine's")
     run.add_argument("--option", action="append", default=[], metavar="OPTION",
                      help="one more word for staprun's command line")
     run.add_argument("--group", choices=("stapusr", "stapsys"),

@@ -39,7 +39,7 @@ from stapsrv.compile.job import Job, needs_signature, parse_job, write_request
 from stapsrv.compile.observer import NoObserver, RequestObserver
 from stapsrv.compile.policy import Policy
 from stapsrv.compile.releases import ServedReleases
-from stapsrv.compile.sandbox import Sandbox, StapconfStore, translator_environment
+from stapsrv.compile.sandbox import SYSROOT, Sandbox, StapconfStore, translator_environment
 from stapsrv.compile.scratch import MODULE_DIR, make_scratch
 from stapsrv.compile.signing import sign_module_file, signature_digest
 from stapsrv.compile.slots import FairGate
@@ -66,6 +66,7 @@ from stapsrv.core.rewrite import StreamReplacer
 from stapsrv.identity import mok
 from stapsrv.identity.certs import ServerIdentity
 from stapsrv.kernel.fetch import KernelFetcher
+from stapsrv.kernel.sysroots import UserRoot, UserSpace, host_distribution, user_space
 from stapsrv.kernel.toolchains import (
     Toolchain,
     choose,
@@ -222,6 +223,11 @@ class RequestHandler:
     #: (:mod:`stapsrv.kernel.toolchains`); empty or the host's alone: every
     #: request goes to the host's translator, as before toolchains.
     toolchains: list[Toolchain] = field(factory=list)
+    #: The server's own distribution (its installed releases' clients run
+    #: it): user-space probes of its releases resolve against its files.
+    distribution: str | None = field(factory=host_distribution)
+    #: Roots of other distributions' user space (:mod:`stapsrv.kernel.sysroots`).
+    user_roots: list[UserRoot] = field(factory=list)
     #: Fetches releases that are not installed into the kernel store; None
     #: with ``--no-fetch`` (and in tests of the handler alone).
     kernels: KernelFetcher | None = None
@@ -397,10 +403,21 @@ class RequestHandler:
                 cached = await self._cached(job, context)
                 if cached is not None:
                     return cached
+            self._warm_up_ahead(job, context)
             await self.releases.provide_debug_within(job.release, context)
             await self.releases.provide_module_debug(job.release, job.named_modules,
                                                      job.privilege, context)
         return None
+
+    def _warm_up_ahead(self, job: Job, context: RequestContext) -> None:
+        """While the symbols of the request's release are made, its warm-up
+        runs beside them (in a slot of its own) rather than after them."""
+        guru = guru_mode(job.arguments)
+        if (self.sandbox is None or job.release is None
+                or self.warmup.known_ready(job.release, guru, context.toolchain)):
+            return
+        Deferred.fromCoroutine(self.warmup.ahead(job.release, guru, context,
+                                                 context.toolchain))
 
     async def _cached(self, job: Job, context: RequestContext) -> Outcome | None:
         """The cache's answer under the key the request has now, if any."""
@@ -486,6 +503,12 @@ class RequestHandler:
         if toolchain is not None and not host:
             # Its name and manifest digest: every package version in its root.
             options.append("toolchain " + toolchain.label())
+            sysroot = self.user_space(release, toolchain)
+            if sysroot.root is not None and self.sandbox is not None:
+                # The files named are fingerprinted as the server sees them
+                # (the host's); a made root or a toolchain's by its manifest
+                # digest in the label.
+                options.append("user space " + sysroot.label)
         # What a translator can read differs with and without the sandbox.
         options.append("sandbox" if self.sandbox is not None else "no sandbox")
         debug = self.releases.debug_files(release)
@@ -577,6 +600,7 @@ class RequestHandler:
                           "{release})", toolchain=context.toolchain.describe(),
                           peer=context.peer, version=escape_controls(job.client_version[:64]),
                           release=prepared.release)
+            self._log_user_space(prepared.release, context.toolchain)
         self.log.info("Options passed from the client: {arguments}",
                       arguments=escape_controls(
                           "".join(argument + " " for argument in job.arguments)))
@@ -669,7 +693,34 @@ class RequestHandler:
         if (release is not None and not release.startswith("/")
                 and self.releases.stored_tree(release) is None):
             shown = host_paths(self.releases.tree(release).resolve(), release)
-        return tuple(self.sandbox.words(scratch, binds, toolchain.root, shown))
+        return tuple(self.sandbox.words(scratch, binds, toolchain.root, shown,
+                                        self.user_space(release, toolchain).root))
+
+    def user_space(self, release: str | None, toolchain: Toolchain | None) -> UserSpace:
+        """Where ``toolchain``'s translator resolves the user-space probes
+        of a request for ``release`` (:mod:`stapsrv.kernel.sysroots`)."""
+        if toolchain is None or release is None or toolchain.is_host:
+            return UserSpace(self.distribution)
+        return user_space(toolchain, self.releases.suite(release), self.distribution,
+                          self.toolchains, self.user_roots)
+
+    def _log_user_space(self, release: str, toolchain: Toolchain) -> None:
+        found = self.user_space(release, toolchain)
+        if found.root is not None:
+            self.log.info("User-space probes resolve against {root} ({distribution})",
+                          root=found.label, distribution=found.distribution)
+        elif found.missing:
+            self.log.warn("No root of {distribution} on this server: user-space probes "
+                          "resolve against toolchain {toolchain}'s own files",
+                          distribution=found.distribution, toolchain=toolchain.name)
+
+    def _seed_stapconf(self, scratch: Path, toolchain: Toolchain | None) -> None:
+        """The headers made since the request's sandbox was prepared, copied
+        into its private ``SYSTEMTAP_DIR`` (blocking)."""
+        stapconf = self.stapconf_for(toolchain)
+        if self.sandbox is None or stapconf is None:
+            return
+        stapconf.seed(self.sandbox.private_dirs(scratch)[1])
 
     def server_options(self, release: str,
                        toolchain: Toolchain | None = None) -> list[ServerOption]:
@@ -686,6 +737,8 @@ class RequestHandler:
                         for flag, value in cross_options(target, self.architectures[0])]
         if toolchain is not None and not toolchain.is_host:
             options = [option for option in options if option.flag != "-R"]
+            if self.sandbox is not None and self.user_space(release, toolchain).root:
+                options.append(ServerOption("--sysroot=", str(SYSROOT)))
         elif self.config.runtime is None and release in self.runtimes:
             options.append(ServerOption("-R", self.runtimes[release]))
         if self.config.keep_temporary:
@@ -711,6 +764,9 @@ class RequestHandler:
                 await self._in_thread(_append, prepared.response_dir / "stderr", [note])
             if context.abandoned:
                 return None
+            # Prepared before the warm-up it may have waited for: the header
+            # that made is given to it now, or its translator makes it again.
+            await self._in_thread(self._seed_stapconf, prepared.scratch, context.toolchain)
         # Its compile is no kernel store work: the address's share is free
         # once what it started (symbols still being made) is over.
         self.releases.let_go(context)

@@ -79,6 +79,8 @@ class ServedReleases:
     module_debug: ModuleDebug | None = None
     #: Releases of the kernel store known to this server: their build trees.
     _stored: dict[str, Path] = field(init=False, factory=dict)
+    #: The suite each stored release came from, where the store recorded it.
+    _suites: dict[str, str] = field(init=False, factory=dict)
     #: Symbols (and debuginfo) fetched for served releases.
     _debug: dict[str, DebugFiles] = field(init=False, factory=dict)
     #: When making a release's symbols last failed (they are not tried
@@ -309,6 +311,8 @@ class ServedReleases:
                     self.sandbox = evolve(self.sandbox,
                                           read_only=(*self.sandbox.read_only, fixed))
         self._stored[stored.release] = tree
+        if stored.suite:
+            self._suites[stored.release] = stored.suite
 
     async def provide_debug_within(self, release: str,
                                    context: RequestContext | None = None) -> bool:
@@ -517,6 +521,11 @@ class ServedReleases:
     def target(self, release: str) -> str:
         """What the translator's ``-r`` names: the release, or a stored tree."""
         return str(self._stored[release]) if release in self._stored else release
+
+    def suite(self, release: str) -> str | None:
+        """The suite a stored release came from (None: installed on the
+        server, or fetched before the store recorded suites)."""
+        return self._suites.get(release) if release in self._stored else None
 
     def serves(self, release: str) -> bool:
         return release in self.config.releases or release in self._stored

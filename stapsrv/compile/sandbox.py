@@ -17,6 +17,14 @@ system is built from nothing:
   server's key, MOKs, caches, configuration and other requests' scratch
   directories do not exist for it.
 
+With a toolchain of another distribution than the client's, a root of the
+client's distribution (:mod:`stapsrv.kernel.sysroots`) is shown read only
+at :data:`SYSROOT` (its ``/usr``, the merged-/usr links, the loader's
+configuration) and the translator is given ``--sysroot`` (pointing there);
+the release's ``/boot`` files and the files shown over that root's own
+are shown there too, since a translator with a sysroot looks for them
+inside it.
+
 The translator's own cache lives in that private ``SYSTEMTAP_DIR``, so
 nothing one request compiles is seen by another.  Only the kernel
 configuration header (``stapconf``, 10 to 20 seconds of kernel autoconf
@@ -50,6 +58,10 @@ _ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "pass
               "group", "nsswitch.conf", "localtime", "os-release")
 #: Of those, the host's even in a toolchain's system: the users and the time.
 _HOST_ETC = ("passwd", "group", "nsswitch.conf", "localtime")
+#: Where a root of the client's distribution is shown (``--sysroot``).
+SYSROOT = Path("/sysroot")
+#: What of that root's /etc the translator reads: the loader's search path.
+_SYSROOT_ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d")
 #: The server's environment the translator keeps (plus the client's locale).
 _KEPT_VARIABLES = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ",
                    "SYSTEMTAP_DIR")
@@ -87,6 +99,26 @@ def _system_words(root: Path = Path("/"), host_paths: Sequence[Path] = ()) -> li
     for name in _ETC_FILES:
         etc = Path("/etc") if name in _HOST_ETC else root / "etc"
         words += ["--ro-bind-try", str(etc / name), f"/etc/{name}"]
+    return words
+
+
+def _sysroot_words(root: Path, files: Iterable[tuple[Path, str]]) -> list[str]:
+    """``root`` shown at :data:`SYSROOT` (its /usr, the merged-/usr links,
+    the loader's files), with the ``files`` the translator looks for in it:
+    those under /boot, and those shown over a file ``root`` has."""
+    words = ["--ro-bind", str(root / "usr"), f"{SYSROOT}/usr"]
+    for name in _USR_LINKS:
+        path = root / name
+        if path.is_symlink():
+            words += ["--symlink", os.readlink(path), f"{SYSROOT}/{name}"]
+        elif path.is_dir():
+            words += ["--ro-bind", str(path), f"{SYSROOT}/{name}"]
+    for name in _SYSROOT_ETC:
+        words += ["--ro-bind-try", str(root / "etc" / name), f"{SYSROOT}/etc/{name}"]
+    for source, inside in files:
+        relative = inside.lstrip("/")
+        if inside.startswith("/boot/") or os.path.lexists(root / relative):
+            words += ["--ro-bind", str(source), f"{SYSROOT}/{relative}"]
     return words
 
 
@@ -142,13 +174,16 @@ class Sandbox:
         return scratch / "sandbox-home", scratch / "sandbox-systemtap"
 
     def words(self, scratch: Path, files: Iterable[tuple[Path, str]] = (),
-              system: Path = Path("/"), host_paths: Sequence[Path] = ()) -> list[str]:
+              system: Path = Path("/"), host_paths: Sequence[Path] = (),
+              sysroot: Path | None = None) -> list[str]:
         """bwrap's command line, up to and including ``--``, for a request
         whose scratch directory (made by :meth:`prepare`) is ``scratch``;
         ``files`` are (server file, path inside) shown read only, such as a
         fetched ``/boot/System.map-<release>``; ``system`` is the root whose
         /usr the translator runs on (a toolchain's), with ``host_paths``
-        of the host's /usr shown in it."""
+        of the host's /usr shown in it; ``sysroot``, a root of the client's
+        distribution shown at :data:`SYSROOT`."""
+        files = list(files)
         home, systemtap_dir = self.private_dirs(scratch)
         words = [self.bwrap, *_ISOLATION, *_system_words(system, host_paths), *_SPECIAL]
         if self.home != Path("/"):
@@ -158,6 +193,8 @@ class Sandbox:
             words += ["--ro-bind", str(path), str(path)]
         for source, inside in files:
             words += ["--ro-bind", str(source), inside]
+        if sysroot is not None:
+            words += _sysroot_words(sysroot, files)
         words += ["--bind", str(scratch), str(scratch), "--remount-ro", "/",
                   "--chdir", str(scratch / "request"), "--"]
         return words
@@ -274,12 +311,18 @@ class StapconfStore:
         marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         marker.touch()
 
-    def seed(self, systemtap_dir: Path) -> None:
-        """Copy every stored header into a private ``SYSTEMTAP_DIR``'s cache."""
+    def seed(self, systemtap_dir: Path) -> int:
+        """Copy every stored header a private ``SYSTEMTAP_DIR``'s cache does
+        not have yet into it; how many were copied."""
+        copied = 0
         for header in self._headers(self.directory):
             target = systemtap_dir / "cache" / header.parent.name
+            if (target / header.name).exists():
+                continue
             target.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(header, target / header.name)
+            copied += 1
+        return copied
 
     def collect(self, systemtap_dir: Path) -> int:
         """Keep the headers a warm-up compile made; how many were new."""

@@ -32,6 +32,7 @@ from stapsrv.compile.sandbox import WARM_UP_SCRIPT, StapconfStore, warm_up_key
 from stapsrv.compile.scratch import MODULE_DIR, make_scratch
 from stapsrv.compile.translator import TranslatorRun, start_translator
 from stapsrv.config.values import ServerConfig
+from stapsrv.core.budget import OverBudget
 from stapsrv.core.cmdline import ServerOption, translator_argv
 from stapsrv.core.programs import STORE_NICENESS
 from stapsrv.kernel.toolchains import Toolchain
@@ -104,6 +105,28 @@ class WarmUp:
         finally:
             self.gate.release()
 
+    def known_ready(self, release: str, guru: bool, toolchain: Toolchain | None) -> bool:
+        """Whether the header is known to be ready (without a look at disk)."""
+        return self._warmups.get(_key(release, guru, toolchain)) is True
+
+    async def ahead(self, release: str, guru: bool, context: RequestContext,
+                    toolchain: Toolchain | None) -> None:
+        """A request's warm-up started before its turn to compile (while its
+        release's symbols are being made), in a translator slot of the
+        server's own; the request's own :meth:`stapconf_ready` then waits
+        for it or finds it done.  What stops it is the request's to meet."""
+        await self.gate.acquire()
+        try:
+            if not context.abandoned:
+                await self.stapconf_ready(release, guru, context, toolchain)
+        except OverBudget:
+            pass  # the request is told when it asks itself
+        except Exception:
+            self.log.failure("The warm-up ahead of the compile for kernel {release} failed",
+                             release=release)
+        finally:
+            self.gate.release()
+
     async def stapconf_ready(self, release: str, guru: bool,
                              context: RequestContext | None = None,
                              toolchain: Toolchain | None = None) -> None:
@@ -114,8 +137,7 @@ class WarmUp:
         that starts it (``context``; None: the server's own): past the
         share, OverBudget is raised and nothing is started (that request's
         translator makes the header for itself)."""
-        # The host's chosen for a request is the same warm-up as the server's own.
-        key = ("" if toolchain is None or toolchain.is_host else toolchain.name, release, guru)
+        key = _key(release, guru, toolchain)
         named = _named(release, guru, toolchain)
         state = self._warmups.get(key)
         if state is True:
@@ -222,6 +244,12 @@ class WarmUp:
                              release=release)
         finally:
             await self._in_thread(shutil.rmtree, scratch, True)
+
+
+def _key(release: str, guru: bool, toolchain: Toolchain | None) -> tuple[str, str, bool]:
+    """Which warm-up serves a request: the host's chosen for a request is the
+    same as the server's own."""
+    return ("" if toolchain is None or toolchain.is_host else toolchain.name, release, guru)
 
 
 def _named(release: str, guru: bool, toolchain: Toolchain | None) -> str:

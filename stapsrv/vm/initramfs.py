@@ -111,8 +111,10 @@ class Job:
     ``group`` (``stapusr`` or ``stapsys``), as the user ``stapuser`` of that
     group (a stapsys user is in stapusr too); bounded by ``seconds``.  ``signers``
     is an NSS database directory put where ``staprun`` looks for trusted
-    signers; ``files`` are more of the machine's files the VM needs at the
-    same path (a program a process probe names)."""
+    signers; ``files`` are more of the client's files the VM needs at the
+    same path (a program a process probe names), from the file system its
+    ``staprun`` is in (the machine's, or another distribution's root),
+    else the machine's."""
 
     module: Path
     options: tuple[str, ...] = ()
@@ -337,7 +339,14 @@ def build(staprun: Staprun, job: Job, busybox: str = BUSYBOX) -> Tree:
     if (root / "etc" / "ld.so.cache").exists():
         tree.copy(root, "/etc/ld.so.cache")
     for path in job.files:
-        copy_program(tree, Path("/"), path, library_directories(Path("/")))
+        # The client's own: from the root its staprun is in (the machine's
+        # for its own clients), with the libraries that root has; the
+        # machine's when that root has no such file (the static busybox
+        # of the process probes).
+        if os.path.lexists(root / path.lstrip("/")):
+            copy_program(tree, root, path, directories)
+        else:
+            copy_program(tree, Path("/"), path, library_directories(Path("/")))
     # staprun as its packages install it: setuid root, run by group stapusr.
     real = staprun.staprun if staprun.program else tree.copy(root, staprun.staprun)
     tree.put(cpio.regular(real, tree.entries[real].data, stat.S_ISUID | 0o754,

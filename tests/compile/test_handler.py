@@ -283,6 +283,91 @@ class BudgetNoteTests(HandlerCase):
             b"Pass 4: "), found["stderr"])
 
 
+class WarmUpHeaderTests(HandlerCase):
+    """A request prepared before the warm-up it waits for is given the
+    header that warm-up made (its translator would make it again)."""
+
+    async def test_the_header_made_while_it_waited_is_in_its_systemtap_dir(self) -> None:
+        from stapsrv.compile import handler as handler_module
+        from stapsrv.compile.sandbox import Sandbox, StapconfStore
+        from stapsrv.compile.warmup import WarmUp
+
+        store = StapconfStore(self.base / "stapconf")
+        made = store.directory / "ab" / "stapconf_abcd.h"
+
+        async def warm_up(warmup: WarmUp, release: str, guru: bool,
+                          context: RequestContext | None = None,
+                          toolchain: object = None) -> None:
+            made.parent.mkdir(parents=True, exist_ok=True)
+            made.write_text("#define STAPCONF_FAKE 1\n")
+
+        def prepare(handler: RequestHandler, scratch: Path, release: str | None = None,
+                    toolchain: object = None) -> tuple[str, ...]:
+            assert handler.sandbox is not None
+            handler.sandbox.prepare(scratch, None, store)
+            return ()
+
+        seen: list[list[str]] = []
+        real_start = handler_module.start_translator
+
+        def start(reactor: object, argv: list[str], env: dict[str, str], request_dir: Path,
+                  *rest: object) -> object:
+            # What the sandbox shows the translator as its SYSTEMTAP_DIR.
+            cache = sandbox.private_dirs(request_dir.parent)[1] / "cache"
+            seen.append(sorted(str(path.relative_to(cache)) for path in cache.rglob("*.h")))
+            return real_start(reactor, argv, env, request_dir, *rest)  # type: ignore[arg-type]
+
+        self.patch(WarmUp, "stapconf_ready", warm_up)
+        self.patch(RequestHandler, "sandbox_words", prepare)
+        self.patch(handler_module, "start_translator", start)
+        handler = self.handler()
+        handler.stapconf = store
+        sandbox = Sandbox(home=self.home, systemtap_dir=self.base / "stap")
+        handler.releases.sandbox = sandbox
+        found = await self.answer(request("-p4", "-eok"), handler)
+        self.assertEqual(found["rc"], b"0")
+        self.assertEqual(seen, [["ab/stapconf_abcd.h"]])
+
+
+class WarmUpAheadTests(HandlerCase):
+    async def test_the_warm_up_starts_while_the_symbols_are_made(self) -> None:
+        from stapsrv.compile.releases import ServedReleases
+        from stapsrv.compile.sandbox import Sandbox
+        from stapsrv.compile.warmup import WarmUp
+
+        symbols: Deferred[None] = Deferred()
+        warmed: list[tuple[str, bool]] = []
+
+        async def slow_symbols(releases: ServedReleases, release: str,
+                               context: RequestContext | None = None) -> bool:
+            await symbols
+            return True
+
+        async def warm_up(warmup: WarmUp, release: str, guru: bool,
+                          context: RequestContext | None = None,
+                          toolchain: object = None) -> None:
+            warmed.append((release, guru))
+
+        def no_bwrap(handler: RequestHandler, scratch: Path, release: str | None = None,
+                     toolchain: object = None) -> tuple[str, ...]:
+            return ()
+
+        self.patch(ServedReleases, "provide_debug_within", slow_symbols)
+        self.patch(WarmUp, "stapconf_ready", warm_up)
+        self.patch(RequestHandler, "sandbox_words", no_bwrap)
+        handler = self.handler()
+        handler.releases.sandbox = Sandbox(home=self.home, systemtap_dir=self.base / "stap")
+        answer = Deferred.fromCoroutine(self.answer(request("-p4", "-g", "-eok"), handler))
+        self.assertTrue(await poll(lambda: bool(warmed), NET), "warm-up started")
+        self.assertEqual(warmed, [(RELEASE, True)])
+        self.assertFalse(answer.called)
+        symbols.callback(None)
+        found = await answer
+        self.assertEqual(found["rc"], b"0")
+        # The request's own call found it (here: the fake records each call).
+        self.assertEqual(warmed, [(RELEASE, True)] * 2)
+
+
 class BudgetCacheTests(CachedHandlerCase):
     async def test_an_answer_carrying_a_note_is_not_kept(self) -> None:
         from stapsrv.compile.releases import ServedReleases

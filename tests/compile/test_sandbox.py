@@ -76,6 +76,37 @@ class WordsTests(TestCase):
         # Each directory is made before what is mounted in it.
         self.assertLess(words.index("/usr/lib"), words.index(str(kbuild)))
 
+    def test_a_root_of_the_clients_distribution_at_the_sysroot(self) -> None:
+        """The root's /usr and loader files at /sysroot, and there too the
+        /boot files (a translator with --sysroot looks for System.map in
+        it) and the files shown over one the root has; not those it has not."""
+        root = Path(self.mktemp()).absolute()
+        (root / "usr" / "lib" / "modules" / "X" / "kernel").mkdir(parents=True)
+        (root / "usr" / "lib" / "modules" / "X" / "kernel" / "a.ko").write_text("")
+        (root / "lib").symlink_to("usr/lib")
+        files = [(Path("/store/System.map-X"), "/boot/System.map-X"),
+                 (Path("/store/a.ko"), "/usr/lib/modules/X/kernel/a.ko"),
+                 (Path("/store/b.ko"), "/usr/lib/modules/X/kernel/b.ko")]
+        words = Sandbox(home=Path("/h"), systemtap_dir=Path("/h/.s")).words(
+            Path("/t/x"), files, sysroot=root)
+        triples = list(zip(words, words[1:], words[2:]))
+        self.assertIn(("--ro-bind", str(root / "usr"), "/sysroot/usr"), triples)
+        self.assertIn(("--symlink", "usr/lib", "/sysroot/lib"), triples)
+        self.assertIn(("--ro-bind-try", str(root / "etc" / "ld.so.cache"),
+                       "/sysroot/etc/ld.so.cache"), triples)
+        self.assertIn(("--ro-bind", "/store/System.map-X", "/sysroot/boot/System.map-X"),
+                      triples)
+        self.assertIn(("--ro-bind", "/store/a.ko", "/sysroot/usr/lib/modules/X/kernel/a.ko"),
+                      triples)
+        self.assertNotIn("/sysroot/usr/lib/modules/X/kernel/b.ko", words)
+        # Its own files keep their places; the sysroot's /usr comes before
+        # what is shown in it.
+        self.assertIn(("--ro-bind", "/store/System.map-X", "/boot/System.map-X"), triples)
+        self.assertLess(words.index("/sysroot/usr"),
+                        words.index("/sysroot/usr/lib/modules/X/kernel/a.ko"))
+        self.assertNotIn("/sysroot/usr", Sandbox(home=Path("/h"), systemtap_dir=Path(
+            "/h/.s")).words(Path("/t/x"), files))
+
     def test_the_hosts_system_is_unchanged(self) -> None:
         words = Sandbox(home=Path("/h"), systemtap_dir=Path("/h/.s")).words(Path("/t/x"))
         start = words.index("--ro-bind")
@@ -159,6 +190,24 @@ class RealSandboxTests(TestCase):
                        "SYSTEMTAP_DIR": str(self.systemtap_dir), **(env or {})}
         return subprocess.run(as_server_user([*self.sandbox.words(self.scratch), *command]),
                               env=environment, capture_output=True, text=True, timeout=300)
+
+    def test_the_sysroot_shows_the_roots_files(self) -> None:
+        """A root (a small one made here) at /sysroot: its programs and the
+        /boot file readable there, nothing writable."""
+        root = owned_directory(self.base / "root")
+        (root / "usr" / "bin").mkdir(parents=True)
+        (root / "usr" / "bin" / "marker").write_text("from the root\n")
+        (root / "bin").symlink_to("usr/bin")
+        symbols = self.base / "System.map-X"
+        symbols.write_text("ffffffff81000000 T _text\n")
+        words = self.sandbox.words(self.scratch, [(symbols, "/boot/System.map-X")],
+                                   sysroot=root)
+        done = subprocess.run(as_server_user([
+            *words, "/bin/sh", "-c", "cat /sysroot/bin/marker /sysroot/boot/System.map-X; "
+            "touch /sysroot/usr/bin/x 2>/dev/null && echo writable; true"]),
+            env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300)
+        self.assertEqual((done.returncode, done.stdout),
+                         (0, "from the root\nffffffff81000000 T _text\n"), done.stderr)
 
     def test_check_passes_here(self) -> None:
         self.sandbox.check()

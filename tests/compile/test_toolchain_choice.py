@@ -5,11 +5,14 @@ is fetched or compiled, and a 5.x client is given the 5.x translator."""
 from __future__ import annotations
 
 
+from pathlib import Path
+
 from attrs import evolve
 
 from stapsrv.compile.context import RequestContext
 from stapsrv.compile.job import parse_job
 from stapsrv.compile.sandbox import Sandbox
+from stapsrv.core.cmdline import translator_argv
 from stapsrv.kernel.toolchains import host_toolchain, load
 from tests.helpers.archives import RELEASE, request
 from tests.helpers.handlers import CachedHandlerCase
@@ -68,6 +71,32 @@ class ToolchainChoiceTests(CachedHandlerCase):
         job = parse_job(request("-p4", "-eok", version=b"5.5"), BIG)
         self.assertIsNone(await handler._choose_toolchain(job, context, with_tree=True))
         self.assertIsNone(context.toolchain)
+
+    def test_another_toolchains_translator_sees_the_clients_files(self) -> None:
+        """A release of the host's distribution (installed here) through
+        forky's translator: --sysroot at the host's files, before the
+        client's options; the host's translator gets none; the cache key
+        names the root."""
+        handler = self.cached_handler()
+        handler.toolchains = [self.host, self.forky]
+        handler.distribution = "bookworm"
+        handler.releases.sandbox = Sandbox(home=self.home, systemtap_dir=self.home / ".s")
+        argv = translator_argv("/usr/bin/stap", RELEASE,
+                               handler.server_options(RELEASE, self.forky), "/t",
+                               ["-p4", "-e", "probe begin {}"])
+        self.assertIn("--sysroot=/sysroot", argv)
+        self.assertLess(argv.index("--sysroot=/sysroot"), argv.index("--client-options"))
+        self.assertEqual(handler.user_space(RELEASE, self.forky).root, Path("/"))
+        for toolchain in (None, self.host):
+            self.assertNotIn("--sysroot=", [option.flag for option in
+                                             handler.server_options(RELEASE, toolchain)])
+        job = parse_job(request("-p4", "-eok", version=b"5.5"), BIG)
+        with_root = handler._make_key(job, self.forky)
+        handler.distribution = "forky"
+        self.assertIsNone(handler.user_space(RELEASE, self.forky).root)
+        self.assertNotIn("--sysroot=", [option.flag for option in
+                                         handler.server_options(RELEASE, self.forky)])
+        self.assertNotEqual(handler._make_key(job, self.forky), with_root)
 
     def test_another_toolchain_gets_no_fixed_runtime(self) -> None:
         handler = self.cached_handler()

@@ -238,6 +238,39 @@ class ReadyTests(WarmUpCase):
         self.assertEqual(self.runs()[0][0], f"-r{stored.build_tree}")
 
 
+class AheadTests(WarmUpCase):
+    """A request's warm-up started while its release's symbols are made."""
+
+    async def test_it_runs_in_a_slot_and_the_request_then_joins_it(self) -> None:
+        self.translators.environ["WARMUP_DELAY"] = "1"
+        self.gate = DeferredSemaphore(1)
+        warmup = self.warmup()
+        context = RequestContext("10.0.0.1:4000")
+        self.assertFalse(warmup.known_ready(RELEASE, False, None))
+        ahead = Deferred.fromCoroutine(warmup.ahead(RELEASE, False, context, None))
+        await self.until(lambda: self.running, "the warm-up's translator runs")
+        self.assertEqual(self.gate.tokens, 0, "in a translator slot")
+        # The request, in its own turn, waits for that one.
+        own = Deferred.fromCoroutine(warmup.stapconf_ready(RELEASE, False, context))
+        await gatherResults([ahead, own])
+        self.assertEqual(len(self.runs()), 1)
+        self.assertTrue(self.header().exists())
+        self.assertEqual(self.gate.tokens, 1)
+        self.assertTrue(warmup.known_ready(RELEASE, False, None))
+
+    async def test_a_request_gone_or_past_its_share_starts_none(self) -> None:
+        gone = RequestContext("10.0.0.1:4000")
+        gone.abandoned = True
+        warmup = self.warmup(peer_fetches=1)
+        await warmup.ahead(RELEASE, False, gone, None)
+        busy = RequestContext("10.0.0.2:4000")
+        warmup.releases.charge(busy, STORED, f"the fetch of kernel release '{STORED}'")
+        await warmup.ahead(RELEASE, False, RequestContext("10.0.0.2:4001"), None)
+        self.assertEqual(self.runs(), [])
+        self.assertEqual(self.gate.tokens, 2, "slots given back")
+        self.assertEqual(self.events.matching("failed"), [])
+
+
 class StartTests(WarmUpCase):
     def tree(self, name: str, makefile: bool) -> str:
         tree = self.base / name

@@ -84,15 +84,19 @@ def _handed_over(module: Path, directory: Path) -> Path:
 async def run_in_vm(module: Path, release: str, kind: ClientKind, *,
                     command: str | None = None, files: tuple[str, ...] = (),
                     group: str | None = None, signers: Path | None = None,
-                    options: tuple[str, ...] = ()) -> VmRun:
-    """``module`` loaded with ``kind``'s own staprun on ``release``."""
+                    options: tuple[str, ...] = (), root: Path | None = None,
+                    suites: str | None = None) -> VmRun:
+    """``module`` loaded with ``kind``'s own staprun on ``release`` (from
+    the distribution ``root`` when given); ``suites``: the kernel image
+    fetched through the store's private apt for those suites."""
     require_vm()
     base = scratch_directory("vm-")
     try:
         copy = _handed_over(module, base)
         argv = [venv_bin("python"), "-m", "stapsrv.cli.kernels", "--store", str(vm_store()),
-                "run", release, str(copy), "--staprun", staprun_name(kind), "--json"]
-        if not os.stat(kind.staprun).st_mode & 0o004:
+                *(("--suites", suites) if suites else ()), "run", release, str(copy),
+                "--staprun", str(root) if root else staprun_name(kind), "--json"]
+        if root is None and not os.stat(kind.staprun).st_mode & 0o004:
             # 5.5 installs staprun mode 4110: the server's user cannot read
             # it; hand it a readable copy of the same program.
             program = base / "staprun"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
+from stapsrv.kernel.sysroots import host_distribution
 from stapsrv.vm.initramfs import MARK, USER
 from tests.helpers.realclient import RealClientMixin
 from tests.helpers.realserver import (
@@ -31,6 +32,15 @@ TIMER = 'probe timer.ms(100) { println("stapsrv-timer"); exit() }'
 PROCESS = 'probe process("/usr/bin/busybox").begin { println("stapsrv-process"); exit() }'
 #: A program the probes can watch: it opens and reads a file, printing nothing.
 WORKLOAD = "/usr/bin/busybox grep -q Linux /proc/version"
+#: A function of a library the client machine has: the translator finds it
+#: in the library's symbols, and the module probes it at that offset in the
+#: file with that build-id.  It prints once, whoever calls malloc first.
+LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
+MALLOC = (f'global seen; probe process("{LIBC}").function("malloc") '
+          '{ if (seen++ == 0) println("stapsrv-malloc"); exit() }')
+#: A dynamically linked program of the client machine: it calls malloc
+#: (opendir) and prints nothing (/root is empty in the VM).
+LIBRARY_WORKLOAD = "/usr/bin/ls /root"
 
 
 class ModulesRun(RealClientMixin, TestCase):
@@ -73,15 +83,28 @@ class ModulesRun(RealClientMixin, TestCase):
     async def test_process_begin(self) -> None:
         await self.runs(PROCESS, "stapsrv-process", command=WORKLOAD, files=("/usr/bin/busybox",))
 
+    async def test_process_function_of_a_library(self) -> None:
+        await self.runs(MALLOC, "stapsrv-malloc", command=LIBRARY_WORKLOAD,
+                        files=("/usr/bin/ls",))
+
 
 class ModulesRun55(ModulesRun):
     """The 5.5 client's modules, built by the forky toolchain's translator
     (SystemTap 5.6: a server with that toolchain answers 5.x clients with
     it), loaded with 5.5's own staprun.  (Built by the host's 4.8
     translator, 5.5's staprun stopped with 'Unable to send relocation:
-    Invalid argument': the transports differ.)  ``process("/usr/bin/busybox").begin``
-    runs too: the probe names a path, which the translator does not need
-    to find in the toolchain's root."""
+    Invalid argument': the transports differ.)  Its user-space probes are
+    resolved against the host's files, given to forky's translator as its
+    ``--sysroot``: ``process(LIBC).function("malloc")`` fires (resolved in
+    forky's own libc instead, the module's probe was refused in the VM:
+    'Build-id mismatch ... task_finder mmap inode-uprobes callback ...
+    failed'), and ``process("/usr/bin/busybox").begin`` runs.  (That probe
+    needs nothing of the file from the translator: forky's translator
+    without the sysroot and without the server's System.map made one that
+    fires too.  It fails to register when the VM lacks the file it names,
+    'Couldn't resolve target program file path '/usr/bin/busybox': -2': the
+    VM's own busybox is at /stapsrv/busybox; ``files`` puts the machine's
+    there.)"""
 
     kind = CLIENT_55
 
@@ -90,6 +113,10 @@ class ModulesRun55(ModulesRun):
         server = server or toolchain_server()
         found = await super().module(script, *options, server=server)
         self.assertIn("Toolchain forky (SystemTap 5.", answered_by(server))
+        # Its user-space probes were resolved against the host's files
+        # (the client's distribution's), not forky's.
+        self.assertIn(f"User-space probes resolve against host ({host_distribution()})",
+                      server.log().rsplit(") answers ", 1)[-1])
         return found
 
 

@@ -78,6 +78,22 @@ class FakeRootTests(TestCase):
         self.assertRaises(MissingFile, build, staprun, Job(self.module, group="root"),
                           str(self.busybox))
 
+    def test_files_come_from_the_staprun_root(self) -> None:
+        """A program a probe watches is the client's: taken from the root
+        its staprun is in, with that root's libraries (not the machine's)."""
+        put(self.root, "/usr/bin/ls", make_elf("/lib64/ld-linux-x86-64.so.2", ["libfoo.so.1"]))
+        entries = build(Staprun.in_root(self.root), Job(self.module, files=("/usr/bin/ls",)),
+                        str(self.busybox)).entries
+        self.assertEqual(entries["/usr/bin/ls"].data, (self.root / "usr/bin/ls").read_bytes())
+        self.assertIn("/usr/lib/x86_64-linux-gnu/libfoo.so.1.2", entries)
+        # One the root has not is the machine's.
+        require(Path("/bin/busybox").is_file(), "busybox-static is not installed")
+        entries = build(Staprun.in_root(self.root), Job(self.module, files=("/bin/busybox",)),
+                        str(self.busybox)).entries
+        real = entries["/bin/busybox"] if "/bin/busybox" in entries else entries[
+            "/usr/bin/busybox"]
+        self.assertEqual(real.data, Path("/bin/busybox").read_bytes())
+
     def test_init_runs_staprun_with_the_job(self) -> None:
         job = Job(self.module, ("-vv",), "/usr/bin/busybox true", seconds=30)
         script = initramfs.init_script(Staprun.in_root(self.root), job)
@@ -119,6 +135,13 @@ class FakeRootTests(TestCase):
         self.assertTrue(program.data.endswith(b"copy"))
         self.assertEqual((stat.S_IMODE(program.mode), program.gid), (0o4754, GROUPS["stapusr"]))
         self.assertIn("/usr/lib/x86_64-linux-gnu/libfoo.so.1.2", entries)
+        # One the root has not is the machine's.
+        require(Path("/bin/busybox").is_file(), "busybox-static is not installed")
+        entries = build(Staprun.in_root(self.root), Job(self.module, files=("/bin/busybox",)),
+                        str(self.busybox)).entries
+        real = entries["/bin/busybox"] if "/bin/busybox" in entries else entries[
+            "/usr/bin/busybox"]
+        self.assertEqual(real.data, Path("/bin/busybox").read_bytes())
 
     def test_a_missing_library_is_named(self) -> None:
         os.unlink(self.root / "usr/lib/x86_64-linux-gnu/libfoo.so.1")
