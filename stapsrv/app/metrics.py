@@ -32,6 +32,7 @@ from stapsrv.app.health import Health
 from stapsrv.app.listen import listen_now
 from stapsrv.compile.observer import OUTCOMES
 from stapsrv.reactor import IServerReactor
+from stapsrv.kernel.prepared import Preparation
 from stapsrv.vm.verification import Verification
 
 #: Latency buckets, in seconds: cached answers take milliseconds, compiles
@@ -39,6 +40,8 @@ from stapsrv.vm.verification import Verification
 CACHED_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 COMPILE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 TIERS = ("disk", "fleet", "inflight")
+#: Buckets of a release's preparation steps, in seconds.
+PREPARE_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
 #: Why admission closed a connection (:mod:`stapsrv.app.admission`).
 CLOSED_EARLY = ("oldest", "full", "peer")
 
@@ -48,10 +51,17 @@ class ServerMetrics:
 
     def __init__(self, connections: Callable[[], int], compiling: Callable[[], int],
                  waiting: Callable[[], int], process: bool = True,
-                 verifications: Callable[[], Sequence[Verification]] = list) -> None:
+                 verifications: Callable[[], Sequence[Verification]] = list,
+                 preparations: Callable[[], Sequence[Preparation]] = list) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         r.register(VerificationCollector(verifications))
+        r.register(PreparationCollector(preparations))
+        self.preparation_steps = Histogram(
+            "stapsrv_release_preparation_step_seconds", "Seconds each step of preparing a "
+            "new release took (fetch, symbols, stapconf, verify), and appearance_to_ready: "
+            "from its appearance in the suites' lists to ready (--prepare-releases).",
+            ["step"], buckets=PREPARE_BUCKETS, registry=r)
         self.requests = Counter("stapsrv_requests", "Requests read, by outcome "
                                 "(cached, compiled, refused, failed).", ["outcome"], registry=r)
         self.duration = Histogram("stapsrv_request_duration_seconds", "Seconds from a "
@@ -111,6 +121,9 @@ class ServerMetrics:
         self.translator_runs.labels(result).inc()
         self.translator_seconds.observe(seconds)
 
+    def preparation_step(self, step: str, seconds: float) -> None:
+        self.preparation_steps.labels(step.split(" ")[0]).observe(seconds)
+
     def closed_early(self, reason: str) -> None:
         self.closed_early_total.labels(reason).inc()
 
@@ -119,6 +132,35 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class PreparationCollector(Collector):
+    """The releases prepared before clients asked (``--prepare-releases``),
+    read from the store's records when scraped."""
+
+    def __init__(self, preparations: Callable[[], Sequence[Preparation]]) -> None:
+        self.preparations = preparations
+
+    def collect(self) -> Iterator[Metric]:
+        ready = GaugeMetricFamily(
+            "stapsrv_release_prepared_ready", "1 when a release that appeared in the suites' "
+            "lists was made ready before any client asked; 0 while it is prepared, or when "
+            "that failed.", labels=["release", "by"])
+        to_ready = GaugeMetricFamily(
+            "stapsrv_release_appearance_to_ready_seconds", "Seconds from a release's "
+            "appearance in the suites' lists to ready.", labels=["release"])
+        steps = GaugeMetricFamily(
+            "stapsrv_release_preparation_seconds", "Seconds each step of a release's "
+            "preparation took.", labels=["release", "step"])
+        for found in self.preparations():
+            ready.add_metric([found.release, found.by], 1.0 if found.ready is not None else 0.0)
+            if found.to_ready is not None:
+                to_ready.add_metric([found.release], found.to_ready)
+            for name, seconds in found.steps:
+                steps.add_metric([found.release, name], seconds)
+        yield ready
+        yield to_ready
+        yield steps
 
 
 class VerificationCollector(Collector):

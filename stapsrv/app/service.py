@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pwd
 import resource
+import sys
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
@@ -31,10 +32,14 @@ from stapsrv.app.listen import NotListening, listen_now
 from stapsrv.app.proxies import trusted_proxy_endpoint
 from stapsrv.app.server import CompileServerFactory, peer_host, peer_share
 from stapsrv.app.toolchains import server_toolchains, server_user_roots
+from stapsrv.app.watcher import ReleaseWatcher
+from stapsrv.blocking import Blocking
 from stapsrv.cache.fleet import RedisCache
 from stapsrv.cache.key import KeyMaker
 from stapsrv.cache.store import DiskCache, ResponseCache, TieredCache
 from stapsrv.compile.handler import RequestHandler
+from stapsrv.compile.prepare import ReleasePreparer
+from stapsrv.compile.sharedconf import SharedStapconf
 from stapsrv.compile.sandbox import Sandbox, SandboxUnavailable, StapconfStore, server_sandbox
 from stapsrv.config.secret import SecretError, load_password, load_secret
 from stapsrv.config.values import ServerConfig
@@ -49,6 +54,8 @@ from stapsrv.kernel.fetch import (
     debian_architecture,
     default_patterns,
 )
+from stapsrv.kernel import prepared
+from stapsrv.kernel.children import run_child
 from stapsrv.kernel.moduledebug import ModuleDebug
 from stapsrv.kernel.privateapt import (
     APT_DIRECTORY,
@@ -76,6 +83,10 @@ if TYPE_CHECKING:
 
 #: Threads that compute cache keys (apart from the requests' pool).
 KEY_THREADS = 2
+
+#: Seconds a prepared release's VM verification may take (every probe
+#: kind through every client, each VM boot bounded on its own).
+VERIFY_TIMEOUT = 3 * 3600.0
 
 #: How long ``stop`` lets requests being compiled finish before ending them.
 SHUTDOWN_GRACE = 30.0
@@ -151,6 +162,8 @@ class CompileServerService(Service):
         #: Called (in the reactor thread) when the server starts serving a
         #: release it fetched into its kernel store.
         self.on_releases_changed: list[Callable[[], None]] = []
+        #: Prepares new releases of the lists (``--prepare-releases``).
+        self.watcher: ReleaseWatcher | None = None
         #: The Prometheus metrics (with ``--metrics``).
         self.metrics: ServerMetrics | None = None
         if config.metrics:
@@ -160,7 +173,8 @@ class CompileServerService(Service):
                 connections=lambda: len(self.factory.connections) if self.factory else 0,
                 compiling=lambda: self.counters.compiling,
                 waiting=lambda: self.factory.waiting if self.factory else 0,
-                verifications=lambda: verification.load_all(store_directory(config)))
+                verifications=lambda: verification.load_all(store_directory(config)),
+                preparations=lambda: prepared.load_all(store_directory(config)))
 
     def health(self) -> Health:
         """Whether this server can serve now (``/healthz``)."""
@@ -180,8 +194,10 @@ class CompileServerService(Service):
         given = self.config.releases
         if self.kernels is None:
             return given
+        preparing = self.watcher.unadvertised() if self.watcher is not None else set()
         stored = [entry.release for entry in self.kernels.store.releases()
-                  if entry.release not in given and self.kernels.allowed(entry.release)]
+                  if entry.release not in given and self.kernels.allowed(entry.release)
+                  and entry.release not in preparing]
         return (*given, *stored)
 
     def _release_added(self, release: str) -> None:
@@ -254,6 +270,10 @@ class CompileServerService(Service):
         if self.metrics is not None:
             handler.observer = self.metrics
         handler.on_release_added = self._release_added
+        if self._fleet is not None and stapconf is not None:
+            handler.warmup.shared = SharedStapconf(self._fleet, log=self.log)
+        if kernels is not None and config.prepare_releases:
+            self.watcher = self._make_watcher(kernels, handler)
         if self.admission is None:
             self.admission = Admission(self.reactor, config.descriptor_reserve)
         self.factory = CompileServerFactory(handler, self.reactor, self.admission)
@@ -379,7 +399,14 @@ class CompileServerService(Service):
     def _suites_updated(self, fetcher: KernelFetcher, base: tuple[str, ...],
                         architecture: str, packages: list[str]) -> None:
         """The suites' lists were updated: their kernel series join the
-        fetchable releases (unless --fetch-releases names them)."""
+        fetchable releases (unless --fetch-releases names them); the new
+        releases are prepared (--prepare-releases)."""
+        self._fetchable(fetcher, base, architecture, packages)
+        if self.watcher is not None:
+            self.watcher.lists_updated(packages)
+
+    def _fetchable(self, fetcher: KernelFetcher, base: tuple[str, ...],
+                   architecture: str, packages: list[str]) -> None:
         if self.config.fetch_patterns:
             return
         self._series[architecture] = series_patterns(packages, architecture)
@@ -392,6 +419,55 @@ class CompileServerService(Service):
                       patterns=" ".join(patterns))
         for listener in self.on_releases_changed:
             listener()
+
+    def _make_watcher(self, kernels: KernelFetcher, handler: RequestHandler
+                      ) -> ReleaseWatcher | None:
+        """The watcher of the suites' lists (--prepare-releases); None when
+        no private apt is updated (the machine's own lists are the admin's)."""
+        assert self._pool is not None
+        if not self._lists:
+            self.log.warn("--prepare-releases needs --fetch-suites (the kernel store's own "
+                          "lists, updated by the server); no releases are prepared")
+            return None
+        preparer = ReleasePreparer(handler.releases, handler.warmup, handler.toolchains,
+                                   handler.gate, self.reactor, Blocking(self.reactor, self._pool))
+        metrics = self.metrics
+        watcher = ReleaseWatcher(
+            kernels.store, kernels.allowed, self._has_without_store, preparer.prepare,
+            self.reactor, Blocking(self.reactor, self._pool), self._release_added,
+            verify=self._verify_prepared if self.config.verify_prepared else None,
+            election=self._fleet,
+            on_step=metrics.preparation_step if metrics is not None else None, log=self.log)
+        self.log.info("Preparing the new releases of the suites' lists before clients ask "
+                      "(--prepare-releases){verify}{fleet}",
+                      verify=", verified in a VM" if self.config.verify_prepared else "",
+                      fleet="; one member of the fleet prepares each"
+                      if self._fleet is not None else "")
+        return watcher
+
+    def _has_without_store(self, release: str) -> bool:
+        return release in self.config.releases or (build_tree(release) / "Makefile").exists()
+
+    async def _verify_prepared(self, release: str) -> str | None:
+        """``kernels verify`` of a prepared release against this server, as
+        a child process (its VM, its clients); why it failed, or None."""
+        assert self.kernels is not None
+        host = self.listen_address
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        argv = [sys.executable, "-m", "stapsrv.cli.kernels", "--store",
+                str(self.kernels.store.directory),
+                *(["--suites", ",".join(f"{suite.name}={suite.uri}"
+                                        for suite in self.config.fetch_suites)]
+                  if self.config.fetch_suites else []),
+                "verify", release, "--server",
+                f"[{host}]:{self.port_number}" if ":" in host else f"{host}:{self.port_number}"]
+        out, err, code = await run_child(self.reactor, argv, dict(os.environ),
+                                         VERIFY_TIMEOUT, None)
+        if code == 0:
+            return None
+        lines = [line for line in (out + err).decode(errors="replace").splitlines()
+                 if line.strip()]
+        return (lines[-1] if lines else f"exit {code}")[:300]
 
     def _make_module_debug(self, kernels: KernelFetcher) -> ModuleDebug:
         """Module debuginfo on demand (--fetch-debuginfo), beside the kernel store."""

@@ -33,6 +33,16 @@ from stapsrv.cache.sealed import RefusedEntry, entry_size, open_entry, seal
 from stapsrv.config.fleeturl import display_url
 
 PREFIX = "stapsrv:answer:"
+#: Where the members of a fleet elect the one that does a piece of work.
+ELECTION_PREFIX = "stapsrv:claim:"
+#: The holder's last word, at once: a new value kept for a while, or the
+#: name handed back ("" as the value), only while the token still holds it.
+_SETTLE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1])
+else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return 1
+"""
 #: Seconds an answer stays in Redis unless Redis evicts it first.
 DEFAULT_TTL = 30 * 24 * 3600
 #: Largest entry fetched or stored, in bytes (a compiled answer is a zip of
@@ -80,18 +90,18 @@ class RedisCache:
     def available(self) -> bool:
         return self._down_until is None or self._clock() >= self._down_until
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str, prefix: str = PREFIX) -> bytes | None:
         if not self.available:
             return None
-        return await self._in_thread(self.lookup, key)
+        return await self._in_thread(self.lookup, key, prefix)
 
-    async def put(self, key: str, response: bytes) -> None:
+    async def put(self, key: str, response: bytes, prefix: str = PREFIX) -> None:
         if not self.available:
             return
-        await self._in_thread(self.store, key, response)
+        await self._in_thread(self.store, key, response, prefix)
 
-    def lookup(self, key: str) -> bytes | None:
-        name = PREFIX + key
+    def lookup(self, key: str, prefix: str = PREFIX) -> bytes | None:
+        name = prefix + key
         try:
             size = self._client.strlen(name)
             if not isinstance(size, int) or size == 0:  # 0: no such entry
@@ -99,7 +109,7 @@ class RedisCache:
                 return None
             if size > self.max_entry:
                 self._worked()
-                self._refuse(key, f"{size} bytes, over the limit of {self.max_entry}")
+                self._refuse(key, f"{size} bytes, over the limit of {self.max_entry}", prefix)
                 return None
             # Bounded even if the entry grew since STRLEN: what is cut
             # short does not open.
@@ -114,10 +124,10 @@ class RedisCache:
         try:
             return open_entry(self._secret, key, entry)
         except RefusedEntry as exc:
-            self._refuse(key, str(exc))
+            self._refuse(key, str(exc), prefix)
             return None
 
-    def _refuse(self, key: str, problem: str) -> None:
+    def _refuse(self, key: str, problem: str, prefix: str = PREFIX) -> None:
         """Remove an entry that is not served; log it, once per key."""
         if key in self._refused:
             self._refused.move_to_end(key)
@@ -128,15 +138,69 @@ class RedisCache:
             self.log.warn("Refused fleet cache entry {key} ({problem}); compiling again",
                           key=key[:16], problem=problem)
         try:
-            self._client.delete(PREFIX + key)
+            self._client.delete(prefix + key)
         except self._redis_errors:
             pass
 
-    def store(self, key: str, response: bytes) -> None:
+    def store(self, key: str, response: bytes, prefix: str = PREFIX) -> None:
         if entry_size(response) > self.max_entry:
             return  # kept locally only
         try:
-            self._client.set(PREFIX + key, seal(self._secret, key, response), ex=self.ttl)
+            self._client.set(prefix + key, seal(self._secret, key, response), ex=self.ttl)
+        except self._redis_errors as exc:
+            self._failed(exc)
+            return
+        self._worked()
+
+    # --- the election of the member that does a piece of work (#29) ---------
+
+    async def claim(self, name: str, token: str, milliseconds: int) -> bool | None:
+        """Whether this server won ``name`` (``SET NX PX``: the first to ask
+        holds it for ``milliseconds``, unless it hands it back); None when
+        Redis cannot be asked (each server then decides alone)."""
+        if not self.available:
+            return None
+        return await self._in_thread(self._claim, name, token, milliseconds)
+
+    def _claim(self, name: str, token: str, milliseconds: int) -> bool | None:
+        try:
+            won = self._client.set(ELECTION_PREFIX + name, token.encode(), nx=True,
+                                   px=milliseconds)
+        except self._redis_errors as exc:
+            self._failed(exc)
+            return None
+        self._worked()
+        return bool(won)
+
+    async def holder(self, name: str) -> str | None:
+        """Who holds ``name`` now (None: nobody, or Redis cannot be asked)."""
+        if not self.available:
+            return None
+        return await self._in_thread(self._holder, name)
+
+    def _holder(self, name: str) -> str | None:
+        try:
+            value = self._client.get(ELECTION_PREFIX + name)
+        except self._redis_errors as exc:
+            self._failed(exc)
+            return None
+        self._worked()
+        return value.decode(errors="replace") if isinstance(value, bytes) else None
+
+    async def settle(self, name: str, token: str, value: str | None,
+                     milliseconds: int) -> None:
+        """The holder's last word on ``name``: ``value`` kept for
+        ``milliseconds`` (the others go on skipping the work), or with
+        ``value`` None, ``name`` handed back (another may take it).  Only
+        while ``token`` still holds it (a claim that expired meanwhile is
+        someone else's)."""
+        if self.available:
+            await self._in_thread(self._settle, name, token, value, milliseconds)
+
+    def _settle(self, name: str, token: str, value: str | None, milliseconds: int) -> None:
+        try:
+            self._client.eval(_SETTLE, 1, ELECTION_PREFIX + name, token, value or "",
+                              milliseconds)
         except self._redis_errors as exc:
             self._failed(exc)
             return

@@ -51,6 +51,7 @@ from twisted.python.threadpool import ThreadPool
 from stapsrv.config.values import DEFAULT_KERNEL_STORE_SIZE, ServerConfig
 from stapsrv.core.aptsources import SuiteError, parse_suites
 from stapsrv.core.architectures import release_architecture
+from stapsrv.kernel import prepared
 from stapsrv.kernel.fetch import (
     FetchFailed,
     KernelFetcher,
@@ -106,9 +107,11 @@ def _symbols(entry: StoredRelease | None) -> str:
 def list_store(store: KernelStore, out: TextIO) -> None:
     releases = store.releases()
     debug = {entry.release: entry for entry in debug_store(store).releases()}
-    total = store.total_size()
+    total, roots = store.total_size(), store.admin_bytes()
     print(f"Kernel store {store.directory}: {len(releases)} releases, {megabytes(total)} "
-          f"of {megabytes(store.size_cap)}", file=out)
+          f"of {megabytes(store.size_cap)}"
+          + (f" (toolchains and user-space roots: {megabytes(roots)})" if roots else ""),
+          file=out)
     for entry in releases:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.used))
         print(f"{entry.release}\t{megabytes(entry.size)}\tused {used}\t"
@@ -122,6 +125,8 @@ def list_store(store: KernelStore, out: TextIO) -> None:
                   file=out)
     for found in verification.load_all(store.directory):
         print_verification(found, out)
+    for record in prepared.load_all(store.directory):
+        print(f"{record.release}\tprepared: {record.summary()}", file=out)
 
 
 def print_verification(found: Verification, out: TextIO) -> None:

@@ -14,6 +14,7 @@ from stapsrv.config.endpoints import DEFAULT_PROXY_FROM, proxied
 from stapsrv.config.files import ServerSettings
 from stapsrv.config.options import MANAGER_OPTIONS, SWITCH_NO
 from stapsrv.core import counters as request_counters
+from stapsrv.kernel import prepared
 from stapsrv.vm import verification
 
 
@@ -66,6 +67,7 @@ def status_record(settings: ServerSettings, pid: int | None, state: str,
         "counters": None if counters is None else {
             name: getattr(counters, name) for name in request_counters.FIELDS},
         "verified": verified_releases(settings),
+        "prepared": prepared_releases(settings),
     }
 
 
@@ -86,6 +88,12 @@ def verified_releases(settings: ServerSettings) -> list[dict[str, Any]]:
     """What ``kernels verify`` found for the releases of the server's store."""
     store = server_store(settings)
     return [] if store is None else [found.as_json() for found in verification.load_all(store)]
+
+
+def prepared_releases(settings: ServerSettings) -> list[dict[str, Any]]:
+    """The releases the server prepared before clients asked (--prepare-releases)."""
+    store = server_store(settings)
+    return [] if store is None else [found.as_json() for found in prepared.load_all(store)]
 
 
 def trusted_proxies(settings: ServerSettings) -> list[str] | None:

@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TextIO
 
-from stapsrv.cli.toolchains import MIRROR, SCRIPTS, installed, store_of
-from stapsrv.kernel.fetch import megabytes
-from stapsrv.kernel.store import tree_size
+from stapsrv.cli.roots import MIRROR, make_root, remove_root
+from stapsrv.cli.toolchains import store_of
 from stapsrv.kernel.sysroots import (
     DamagedRoot,
     discover_roots,
@@ -36,56 +33,19 @@ from stapsrv.kernel.sysroots import (
     load_root,
     sysroots_directory,
 )
-from stapsrv.kernel.toolchains import MANIFEST, ROOT, manifest_text
+from stapsrv.kernel.toolchains import MANIFEST
 
 #: Suites ``create`` knows, with debootstrap's script for each (bookworm's
 #: debootstrap knows forky only as sid).
 SUITES = {"trixie": "trixie", "forky": "sid"}
 
 
-def make_root(store: Path, suite: str, include: list[str], mirror: str, out: TextIO,
-              cache: Path | None = None) -> Path:
+def make_sysroot(store: Path, suite: str, include: list[str], mirror: str, out: TextIO,
+                 cache: Path | None = None) -> Path:
     """debootstrap ``suite`` into a new directory of ``store``'s user-space
     roots and put it in place of an older one; its directory."""
-    name = distribution(suite)
-    place = sysroots_directory(store)
-    place.mkdir(parents=True, exist_ok=True, mode=0o755)
-    place.chmod(0o755)
-    for leftover in [*place.glob(f".partial-{name}-*"), *place.glob(".removing-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)  # of an interrupted run
-    work = Path(tempfile.mkdtemp(prefix=f".partial-{name}-", dir=place))
-    try:
-        work.chmod(0o755)
-        started = time.monotonic()
-        argv = ["debootstrap", "--variant=minbase"]
-        if include:
-            argv.append(f"--include={','.join(include)}")
-        if cache is not None:
-            cache.mkdir(parents=True, exist_ok=True)
-            argv.append(f"--cache-dir={cache}")
-        argv += [suite, str(work / ROOT), mirror, str(SCRIPTS / SUITES[suite])]
-        print(f"{name}: {' '.join(argv)}", file=out, flush=True)
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"debootstrap failed ({done.returncode}): "
-                               f"{(done.stdout + done.stderr)[-3000:]}")
-        for leftover in (work / ROOT / "var" / "cache" / "apt" / "archives").glob("*.deb"):
-            leftover.unlink()
-        (work / MANIFEST).write_text(manifest_text(name, suite, time.time(),
-                                                   installed(work / ROOT)))
-        load_root(work)  # refuses a root that would not serve
-        target = place / name
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=".removing-", dir=place))
-            os.rename(target, old / "old")
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(work, target)
-        print(f"{name}: made in {time.monotonic() - started:.0f} s, "
-              f"{megabytes(tree_size(target))} in {target}", file=out)
-        return target
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    return make_root(sysroots_directory(store), distribution(suite), suite, SUITES[suite],
+                     include, mirror, out, cache, load_root)
 
 
 def list_roots(store: Path, out: TextIO, packages: bool = False) -> int:
@@ -106,14 +66,8 @@ def list_roots(store: Path, out: TextIO, packages: bool = False) -> int:
     return 1 if damaged else 0
 
 
-def remove_root(store: Path, name: str) -> bool:
-    target = sysroots_directory(store) / name
-    if name not in SUITES or not target.is_dir() or target.is_symlink():
-        return False
-    old = Path(tempfile.mkdtemp(prefix=".removing-", dir=target.parent))
-    os.rename(target, old / "old")
-    shutil.rmtree(old, ignore_errors=True)
-    return True
+def remove_sysroot(store: Path, name: str) -> bool:
+    return name in SUITES and remove_root(sysroots_directory(store), name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -151,7 +105,7 @@ def main(argv: list[str]) -> int:
               "the root).", file=sys.stderr)
         return 1
     if arguments.command == "remove":
-        if remove_root(store, arguments.name):
+        if remove_sysroot(store, arguments.name):
             return 0
         print(f"No root {arguments.name} in {sysroots_directory(store)}", file=sys.stderr)
         return 1
@@ -161,7 +115,7 @@ def main(argv: list[str]) -> int:
         return 1
     include = [word for word in arguments.include.split(",") if word]
     try:
-        make_root(store, arguments.suite, include, arguments.mirror, sys.stdout,
+        make_sysroot(store, arguments.suite, include, arguments.mirror, sys.stdout,
                   Path(arguments.cache_dir).absolute() if arguments.cache_dir else None)
     except (RuntimeError, DamagedRoot, OSError, subprocess.CalledProcessError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)

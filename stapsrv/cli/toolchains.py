@@ -22,33 +22,26 @@ from __future__ import annotations
 import argparse
 import os
 import pwd
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TextIO
 
 from attrs import frozen
 
-from stapsrv.kernel.fetch import megabytes
-from stapsrv.kernel.store import tree_size
+from stapsrv.cli.roots import MIRROR, make_root, remove_root
 from stapsrv.kernel.toolchains import (
     HOST,
     MANIFEST,
-    ROOT,
     DamagedToolchain,
     discover,
     installed_packages,
     load,
-    manifest_text,
     toolchains_directory,
     valid_name,
 )
 
-MIRROR = "http://deb.debian.org/debian"
-SCRIPTS = Path("/usr/share/debootstrap/scripts")
 #: What every toolchain root has besides the suite's translator: make and
 #: the C library's headers for pass 4.
 _COMMON = ("systemtap", "make", "libc6-dev", "gcc")
@@ -92,60 +85,12 @@ def store_of(arguments: argparse.Namespace) -> Path:
     return Path(home) / ".cache" / "stapsrv" / "kernels"
 
 
-def installed(root: Path) -> dict[str, str]:
-    """Every package installed in ``root``, with its version (dpkg-query)."""
-    result = subprocess.run(
-        ["dpkg-query", f"--admindir={root / 'var' / 'lib' / 'dpkg'}", "-W",
-         "-f", "${Package}\t${Version}\t${db:Status-Status}\n"],
-        capture_output=True, text=True, check=True)
-    found = {}
-    for line in result.stdout.splitlines():
-        name, version, status = (line.split("\t") + ["", ""])[:3]
-        if status == "installed":
-            found[name] = version
-    return found
-
-
 def make_toolchain(store: Path, suite: Suite, mirror: str, out: TextIO,
                    cache: Path | None = None) -> Path:
     """debootstrap ``suite`` into a new directory of ``store``'s toolchains
     and put it in place (replacing an older one); its directory."""
-    place = toolchains_directory(store)
-    place.mkdir(parents=True, exist_ok=True, mode=0o755)
-    place.chmod(0o755)
-    for leftover in [*place.glob(f".partial-{suite.name}-*"), *place.glob(".removing-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)  # of an interrupted run
-    work = Path(tempfile.mkdtemp(prefix=f".partial-{suite.name}-", dir=place))
-    try:
-        work.chmod(0o755)
-        started = time.monotonic()
-        argv = ["debootstrap", "--variant=minbase", f"--include={','.join(suite.packages)}"]
-        if cache is not None:
-            cache.mkdir(parents=True, exist_ok=True)
-            argv.append(f"--cache-dir={cache}")
-        argv += [suite.name, str(work / ROOT), mirror, str(SCRIPTS / suite.script)]
-        print(f"{suite.name}: {' '.join(argv)}", file=out, flush=True)
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"debootstrap failed ({done.returncode}): "
-                               f"{(done.stdout + done.stderr)[-3000:]}")
-        for leftover in (work / ROOT / "var" / "cache" / "apt" / "archives").glob("*.deb"):
-            leftover.unlink()
-        (work / MANIFEST).write_text(manifest_text(suite.name, suite.name, time.time(),
-                                                   installed(work / ROOT)))
-        load(work)  # refuses a root that would not serve
-        target = place / suite.name
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=".removing-", dir=place))
-            os.rename(target, old / "old")
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(work, target)
-        print(f"{suite.name}: made in {time.monotonic() - started:.0f} s, "
-              f"{megabytes(tree_size(target))} in {target}", file=out)
-        return target
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    return make_root(toolchains_directory(store), suite.name, suite.name, suite.script,
+                     suite.packages, mirror, out, cache, load)
 
 
 def list_toolchains(store: Path, out: TextIO, packages: bool = False) -> int:
@@ -175,13 +120,7 @@ def _host_version() -> str:
 
 
 def remove_toolchain(store: Path, name: str) -> bool:
-    target = toolchains_directory(store) / name
-    if not valid_name(name) or not target.is_dir() or target.is_symlink():
-        return False
-    old = Path(tempfile.mkdtemp(prefix=".removing-", dir=target.parent))
-    os.rename(target, old / "old")
-    shutil.rmtree(old, ignore_errors=True)
-    return True
+    return valid_name(name) and remove_root(toolchains_directory(store), name)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -39,7 +39,7 @@ from stapsrv.core.cmdline import Privilege
 from stapsrv.kernel.fetch import DebugFiles, FetchFailed, KernelFetcher
 from stapsrv.kernel.moduledebug import ModuleDebug
 from stapsrv.kernel.runtime import select_runtime
-from stapsrv.kernel.store import Lease, StoredRelease
+from stapsrv.kernel.store import Lease, StoredRelease, settle_tree_time
 from stapsrv.paths import build_tree
 from stapsrv.reactor import IHandlerReactor
 
@@ -295,6 +295,43 @@ class ServedReleases:
             waiter.callback(stored)
         return stored
 
+    async def provide_for_server(self, release: str) -> bool:
+        """The server's own kernel store work (``--prepare-releases``):
+        ``release`` fetched in a fetch slot, as the server's own address,
+        unless it is stored (or being fetched for a request, which it
+        joins), then adopted; whether this server builds for it only now.
+        Its clients are not told here (the caller says when it is ready).
+        Raises FetchFailed."""
+        assert self.kernels is not None
+        kernels = self.kernels
+        flight = self._release_flights.get(release)
+        if flight is not None:
+            waiter: Deferred[StoredRelease] = Deferred()
+            flight.append(waiter)
+            stored = await waiter
+        else:
+            found = await kernels.stored(release)
+            if found is None and release in self._release_flights:
+                return await self.provide_for_server(release)  # one began meanwhile
+            if found is None:
+                waiting: list[Deferred[StoredRelease]] = []
+                self._release_flights[release] = waiting
+                try:
+                    found = await self.fetching(SERVER, lambda: Deferred.fromCoroutine(
+                        kernels.ensure(release)))
+                except Exception as exc:
+                    del self._release_flights[release]
+                    for each in waiting:
+                        each.errback(exc)
+                    raise
+                del self._release_flights[release]
+                for each in waiting:
+                    each.callback(found)
+            stored = found
+        new = stored.release not in self._stored
+        await self._in_thread(self._adopt, stored)
+        return new
+
     def _adopt(self, stored: StoredRelease) -> None:
         """A stored release becomes one this server builds for (blocking:
         its runtime fix is prepared as for an installed tree)."""
@@ -470,6 +507,7 @@ class ServedReleases:
                     fresh.unlink()
                 fresh.symlink_to(target)
                 os.replace(fresh, tree / name)
+            settle_tree_time(tree)
         self._debug[release] = files
 
     async def provide_module_debug(self, release: str, names: tuple[str, ...],

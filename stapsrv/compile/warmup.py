@@ -30,6 +30,7 @@ from stapsrv.compile.context import RequestContext
 from stapsrv.compile.releases import ServedReleases
 from stapsrv.compile.sandbox import WARM_UP_SCRIPT, StapconfStore, warm_up_key
 from stapsrv.compile.scratch import MODULE_DIR, make_scratch
+from stapsrv.compile.sharedconf import SharedStapconf, fleet_key, header_names
 from stapsrv.compile.translator import TranslatorRun, start_translator
 from stapsrv.config.values import ServerConfig
 from stapsrv.core.budget import OverBudget
@@ -84,6 +85,8 @@ class WarmUp:
     #: one, or True once it is done.
     _warmups: dict[tuple[str, str, bool], list[Deferred[None]] | bool] = field(
         init=False, factory=dict)
+    #: Headers shared with the other members of a fleet (None: not shared).
+    shared: SharedStapconf | None = None
 
     def start(self) -> None:
         """In the background, make the kernel configuration header of every
@@ -162,12 +165,37 @@ class WarmUp:
         waiting: list[Deferred[None]] = []
         self._warmups[key] = waiting
         try:
-            await self.releases.counted(context, lambda: self._warm_up(release, guru,
-                                                                       toolchain))
+            await self.releases.counted(context, lambda: self._shared_or_warm_up(
+                release, guru, toolchain))
         finally:
             self._warmups[key] = True
             for waiter in waiting:
                 waiter.callback(None)
+
+    async def _shared_or_warm_up(self, release: str, guru: bool,
+                                 toolchain: Toolchain | None) -> None:
+        """The fleet's headers for this warm-up when another member made
+        them, else the warm-up here, its headers then given to the fleet."""
+        shared, stapconf = self.shared, self._stapconf(toolchain)
+        if shared is None or stapconf is None:
+            return await self._warm_up(release, guru, toolchain)
+        other = None if toolchain is None or toolchain.is_host else toolchain
+        key = await self._in_thread(
+            fleet_key, release, self.releases.tree(release),
+            self.translators.translator(other),
+            shutil.which("gcc") if other is None else str(other.root / "usr" / "bin" / "gcc"),
+            (self.config.runtime or self.releases.runtimes.get(release)) if other is None
+            else None,
+            guru, [option.flag + (option.value or "")
+                   for option in self._options(release, toolchain)])
+        named = _named(release, guru, toolchain)
+        if await shared.take(key, stapconf, named, self._in_thread):
+            await self._in_thread(stapconf.mark_warmed,
+                                  self._warm_up_key(release, guru, toolchain))
+            return
+        before = await self._in_thread(header_names, stapconf)
+        await self._warm_up(release, guru, toolchain)
+        await shared.give(key, stapconf, before, named, self._in_thread)
 
     def _stapconf(self, toolchain: Toolchain | None) -> StapconfStore | None:
         if toolchain is None or toolchain.is_host:

@@ -456,6 +456,18 @@ OPTIONS: tuple[Option, ...] = (
            "(about 630 MB each), so kernel.function probes and $variables compile.",
            variable="FETCH_DEBUGINFO", manager=True, usage="--fetch-debuginfo yes|no: also its "
            "vmlinux debuginfo (default no).", field="fetch_debuginfo"),
+    # --prepare-releases (#29)
+    Option("prepare-releases", Flag(), "After each update of the suites' lists "
+           "(--fetch-suites), fetch each new release the fetch policy allows, make its symbols "
+           "and kernel configuration headers, and advertise it once ready, before any client "
+           "asks; in a fleet one member does it (default: off).",
+           variable="PREPARE_RELEASES", manager=True, usage="--prepare-releases yes|no: "
+           "prepare new releases of the suites before clients ask (default no).",
+           field="prepare_releases"),
+    Option("verify-prepared", Flag(), "Also run the VM verification (kernels verify) of each "
+           "release it prepares, before it is ready.", variable="VERIFY_PREPARED",
+           manager=True, usage="--verify-prepared yes|no: verify prepared releases in a VM "
+           "(default no).", field="verify_prepared"),
     Option("keep", Flag(), "Keep each request's temporary directory.", short="k",
            scope="global", field="keep_temporary"),
     Option("no-avahi", Flag(), "Do not advertise the server over Avahi (mDNS).", scope="global"),

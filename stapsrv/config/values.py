@@ -213,6 +213,10 @@ class ServerConfig:
     #: 0: no cap), past which its client is told so on a ``Server:`` line.
     max_fetches: int = DEFAULT_MAX_FETCHES
     peer_fetches: int = DEFAULT_PEER_FETCHES
+    #: Prepare the releases that appear in the suites' lists before any
+    #: client asks for them, and verify them in a VM first.  # (#29)
+    prepare_releases: bool = False
+    verify_prepared: bool = False
 
     @property
     def response_cache_dir(self) -> Path:

@@ -339,7 +339,7 @@ class KernelFetcher:
                            progress: Progress | None) -> StoredRelease:
         if not valid_release(release):
             raise FetchFailed(f"'{release}' is not a kernel release name")
-        package = await self.candidate(f"linux-image-{release}", self.via(release))
+        package = await self.image_package(release)
         self.log.info("Fetching the kernel image of {release}: {name} {version} ({size}); "
                       "only its vmlinuz is kept", release=release, name=package.name,
                       version=package.version, size=megabytes(package.size))
@@ -347,8 +347,8 @@ class KernelFetcher:
             work = making.work
             await self.download(work / "download", release, [package], package.size,
                                  _labelled(progress, "kernel image"))
-            image = await self._unpack_members(work, [f"./boot/vmlinuz-{release}"], strip=2)
-            os.rename(image, work / "root" / image.name)
+            image = await self._unpack_image(work, release, package)
+            os.rename(image, work / "root" / f"vmlinuz-{release}")
             making.packages.append(package.stored)
         return making.result
 
@@ -364,6 +364,16 @@ class KernelFetcher:
             raise FetchFailed(f"{self.archive} has no {name}"
                               + (f" for {via}" if via is not None else ""))
         return evolve(found[0], via=via)
+
+    async def image_package(self, release: str) -> Candidate:
+        """The package holding the release's ``vmlinuz``: forky splits
+        ``linux-image-<release>`` (then an empty package depending on the
+        others) and puts the image in ``linux-binary-<release>``; older
+        suites keep it in ``linux-image-<release>``."""
+        try:
+            return await self.candidate(f"linux-binary-{release}", self.via(release))
+        except FetchFailed:
+            return await self.candidate(f"linux-image-{release}", self.via(release))
 
     async def suite(self, package: Candidate) -> str | None:
         """The suite apt takes ``package``'s version from (None: not said)."""
@@ -384,15 +394,14 @@ class KernelFetcher:
                 self.log.info("Making the System.map of kernel {release} from {image}",
                               release=release, image=str(local))
             else:
-                package = await self.candidate(f"linux-image-{release}", self.via(release))
+                package = await self.image_package(release)
                 self.log.info("Fetching the symbols of kernel {release}: {name} {version} "
                               "({size}); only the System.map made from its vmlinuz is kept",
                               release=release, name=package.name, version=package.version,
                               size=megabytes(package.size))
                 await self.download(work / "download", release, [package], package.size,
                                      _labelled(progress, "kernel image"))
-                image = await self._unpack_members(
-                    work, [f"./boot/vmlinuz-{release}"], strip=2)
+                image = await self._unpack_image(work, release, package)
                 packages.append(package.stored)
             map_path = work / "root" / f"System.map-{release}"
             # Run in the work directory: "-m" puts the current one on sys.path.
@@ -406,6 +415,14 @@ class KernelFetcher:
                           "({functions})", release=release, functions=_last_line(out),
                           seconds=self.reactor.seconds() - started)
         return making.result
+
+    async def _unpack_image(self, work: Path, release: str, package: Candidate) -> Path:
+        """The ``vmlinuz`` of the downloaded image package: in ``/boot``,
+        or in ``/usr/lib/modules/<release>/`` (forky's ``linux-binary``)."""
+        if package.name.startswith("linux-binary-"):
+            return await self._unpack_members(
+                work, [f"./usr/lib/modules/{release}/vmlinuz"], strip=5)
+        return await self._unpack_members(work, [f"./boot/vmlinuz-{release}"], strip=2)
 
     async def _unpack_members(self, work: Path, members: Sequence[str], strip: int) -> Path:
         """The first ``members`` of the downloaded package's data archive,

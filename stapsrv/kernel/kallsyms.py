@@ -13,13 +13,15 @@ their own structure, not by symbol, since the image has no symbol table:
 - ``kallsyms_token_table``: 256 NUL-terminated strings, among them the
   digits ``0`` to ``9`` at indexes 0x30 to 0x39, followed by
   ``kallsyms_token_index``: 256 little-endian u16 offsets of those strings;
-- ``kallsyms_num_syms`` (u32, 8-aligned) and ``kallsyms_names`` (a length,
+- ``kallsyms_num_syms`` (u32, 8-aligned; 4-aligned with the names in the
+  next word in 7.x kernels) and ``kallsyms_names`` (a length,
   one byte or two with the top bit set, then that many token indexes per
   symbol; the first character is the symbol's type), and right after them
   ``kallsyms_markers`` (u32 or u64: the offset of every 256th name);
 - ``kallsyms_offsets`` (s32 per symbol) and ``kallsyms_relative_base``
   (u64), before ``kallsyms_num_syms`` or after the token index depending
-  on the kernel version.
+  on the kernel version; in 7.x kernels the offsets (after the token
+  index) count from their own place, with no base.
 
 Sans-IO apart from :func:`main`, which the server runs as a child process
 (``python3 -m stapsrv.kernel.kallsyms VMLINUZ SYSTEM.MAP``) so that the
@@ -200,16 +202,19 @@ def _index_after(image: bytes, digit_zero: int) -> tuple[list[str], int, int] | 
 def _names(image: bytes, tokens: list[str], table: int) -> tuple[int, int, list[str]]:
     """The symbol count, where the names start, and the names (type first)."""
     types = {index for index, token in enumerate(tokens) if token and ord(token[0]) in _TYPES}
-    for at in range(table & ~7, max(0, table - _NAMES_REACH), -8):
-        count, padding = struct.unpack_from("<II", image, at)
-        if padding or not _MIN_SYMBOLS < count < _MAX_SYMBOLS:
+    for at in range(table & ~3, max(0, table - _NAMES_REACH), -4):
+        count, after = struct.unpack_from("<II", image, at)
+        if not _MIN_SYMBOLS < count < _MAX_SYMBOLS:
             continue
-        first = image[at + 8]
-        if first == 0 or first & 0x80 or image[at + 9] not in types:
-            continue
-        decoded = _decode_names(image, tokens, at + 8, count, table)
-        if decoded is not None:
-            return count, at, decoded
+        # The names follow the count at the next 8-byte boundary, or (7.x)
+        # in the next word.
+        for start in ((at + 8,) if at % 8 == 0 and after == 0 else ()) + (at + 4,):
+            first = image[start]
+            if first == 0 or first & 0x80 or image[start + 1] not in types:
+                continue
+            decoded = _decode_names(image, tokens, start, count, table)
+            if decoded is not None:
+                return count, at, decoded
     raise KallsymsError("the image has no kallsyms name table")
 
 
@@ -236,10 +241,10 @@ def _decode_names(image: bytes, tokens: list[str], start: int, count: int,
             return None
         names.append(name)
         position += length
-    after = (position + 7) & ~7
-    for width in ("I", "Q"):
-        if list(struct.unpack_from(f"<{len(markers)}{width}", image, after)) == markers:
-            return names
+    for after in sorted({(position + 7) & ~7, (position + 3) & ~3}):  # 7.x: 4-aligned
+        for width in ("I", "Q"):
+            if list(struct.unpack_from(f"<{len(markers)}{width}", image, after)) == markers:
+                return names
     return None
 
 
@@ -265,7 +270,38 @@ def _addresses(image: bytes, count: int, names_at: int, index: int) -> list[int]
         for addresses in readings:
             if _ascending(addresses) and addresses[-1] > addresses[0]:
                 return addresses
+    relative = _place_relative(image, count, index)
+    if relative is not None:
+        return relative
     raise KallsymsError("the image's kallsyms addresses are not where they were expected")
+
+
+def _place_relative(image: bytes, count: int, index: int) -> list[int] | None:
+    """7.x kernels: each offset, right after the token index, counts from
+    its own place (no relative base); the place's address comes from the
+    ELF image's program headers."""
+    offsets_at = (index + 512 + 3) & ~3
+    place = _elf_address(image, offsets_at)
+    if place is None or offsets_at + 4 * count > len(image):
+        return None
+    offsets = struct.unpack_from(f"<{count}i", image, offsets_at)
+    addresses = [(place + 4 * number + offset) & 0xFFFFFFFFFFFFFFFF
+                 for number, offset in enumerate(offsets)]
+    return addresses if _ascending(addresses) and addresses[-1] > addresses[0] else None
+
+
+def _elf_address(image: bytes, offset: int) -> int | None:
+    """The address a 64-bit little-endian ELF image loads its byte at
+    ``offset`` to (None: not ELF, or no loaded segment holds it)."""
+    if image[:6] != b"\x7fELF\x02\x01":
+        return None
+    phoff, = struct.unpack_from("<Q", image, 0x20)
+    size, number = struct.unpack_from("<HH", image, 0x36)
+    for at in range(phoff, phoff + size * number, size):
+        kind, _, start, address, _, length = struct.unpack_from("<IIQQQQ", image, at)
+        if kind == 1 and start <= offset < start + length:
+            return int(address + offset - start)
+    return None
 
 
 #: An ``Elf64_Rela``'s ``r_info`` for R_AARCH64_RELATIVE (1027).

@@ -264,6 +264,13 @@ def _is_complete(runtime_dir: Path) -> bool:
     return (runtime_dir / MARKER_NAME).is_file()
 
 
+#: The time stamp of every fixed runtime's directory (its contents are
+#: named by their digest; 2001-09-09).
+RUNTIME_TIME = 1_000_000_000
+#: The runtime's directories whose time SystemTap 4.8 hashes besides its own.
+HASHED_DIRECTORIES = ("transport", "unwind", "linux")
+
+
 def prepare_fixed_runtime(
     stock_runtime: str | os.PathLike[str],
     cache_root: str | os.PathLike[str],
@@ -285,6 +292,7 @@ def prepare_fixed_runtime(
                            f"(no {_TASK_WORK_FILE})")
     target = cache / f"runtime-{runtime_digest(stock)}"
     if _is_complete(target):
+        _settle_times(target)  # one made before the times were fixed
         return target
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -303,10 +311,25 @@ def prepare_fixed_runtime(
             f"stapsrv runtime fix {FIX_VERSION}\nstock: {stock}\n"
         )
         _make_world_readable(work)
+        # The translator names its kernel configuration header after the
+        # runtime's path, size and time too: the same time on every server
+        # lets a fleet share the header (stapsrv.compile.sharedconf).
+        _settle_times(work)
         _publish(work, target, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def _settle_times(runtime: Path) -> None:
+    """The fixed time on the runtime's hashed directories (best effort: a
+    copy another user made stays as it is)."""
+    for directory in (runtime, *(runtime / name for name in HASHED_DIRECTORIES)):
+        try:
+            if directory.stat().st_mtime != RUNTIME_TIME:
+                os.utime(directory, (RUNTIME_TIME, RUNTIME_TIME))
+        except OSError:
+            pass
 
 
 def _publish(work: Path, target: Path, scratch: Path) -> None:

@@ -11,14 +11,18 @@ half-made release where the server looks; leftovers of a dead process are
 removed when the store is opened.
 
 The arch package's ``Makefile`` includes the common tree by absolute path
-(``include /usr/src/linux-headers-<abi>-common/Makefile``); when a release
-is stored, that line is pointed at the stored common tree, so the tree
+(``include /usr/src/linux-headers-<abi>-common/Makefile``), and forky's
+names its own tree as ``KBUILD_OUTPUT``; when a release is stored, those
+lines are pointed at the stored trees, so the tree
 builds with and without the sandbox, and wherever the store is.
 
 One ceiling covers the whole store: the trees and the parts kept beside
 them (symbols in ``.debug``, module debuginfo in ``.debug-modules``, kernel
 images in ``.images``, each a store of releases of its own), least recently
-used first, whichever part it is in.  A release a compile is reading holds a
+used first, whichever part it is in.  The roots an administrator made in
+the store (toolchains in ``.toolchains``, user-space roots in
+``.sysroots``) are never removed by it, but take their room under it: the
+size their manifest records, or measured once when it records none.  A release a compile is reading holds a
 lease (a shared ``flock`` on its ``used`` file, which other processes such
 as ``kernels remove`` see too); the size cap passes it by and removal
 refuses it.
@@ -46,6 +50,9 @@ from stapsrv.config.values import ServerConfig
 _RELEASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_~-]{0,127}")
 _INCLUDE = re.compile(rb"^include[ \t]+/usr/src/(linux-headers-[^/\s]+)/Makefile[ \t]*$",
                       re.M)
+#: forky's arch Makefile also names its own tree as the output directory.
+_OUTPUT = re.compile(rb"^KBUILD_OUTPUT[ \t]*:?=[ \t]*/usr/src/(linux-headers-[^/\s]+)[ \t]*$",
+                     re.M)
 _PARTIAL = ".partial-"
 _REMOVING = ".removing-"
 ENTRY = "entry.json"
@@ -55,6 +62,10 @@ DEBUG_DIRECTORY = ".debug"
 MODULES_DIRECTORY = ".debug-modules"
 IMAGES_DIRECTORY = ".images"
 PARTS = (DEBUG_DIRECTORY, MODULES_DIRECTORY, IMAGES_DIRECTORY)
+#: Where administrators' roots are kept (each ``NAME/root`` with ``manifest.json``).
+ADMIN_DIRECTORIES = (".toolchains", ".sysroots")
+#: Sizes measured of roots whose manifest records none, by (manifest, its mtime).
+_measured: dict[tuple[str, int], int] = {}
 
 
 _PART_WORDS = {DEBUG_DIRECTORY: "the symbols of", MODULES_DIRECTORY: "the module debuginfo of",
@@ -136,12 +147,28 @@ def fix_tree(root: Path, release: str, final_root: Path) -> None:
     tree = build_tree_in(root, release)
     makefile = tree / "Makefile"
     text = makefile.read_bytes()
-    fixed = _INCLUDE.sub(
-        lambda m: b"include " + os.fsencode(final_root / "usr" / "src")
-        + b"/" + m.group(1) + b"/Makefile", text)
+    stored = os.fsencode(final_root / "usr" / "src")
+    fixed = _INCLUDE.sub(lambda m: b"include " + stored + b"/" + m.group(1) + b"/Makefile",
+                         text)
+    fixed = _OUTPUT.sub(lambda m: b"KBUILD_OUTPUT=" + stored + b"/" + m.group(1), fixed)
     if fixed != text:
         makefile.write_bytes(fixed)
     shutil.rmtree(root / "lib" / "modules", ignore_errors=True)
+    settle_tree_time(tree)
+
+
+def settle_tree_time(tree: Path) -> None:
+    """Give the build tree's directory the time of its ``.config`` (the
+    package's): the translator names a kernel configuration header after
+    the tree's path, size and time, so every server that stores the release
+    at the same path names it alike, and a fleet can share it
+    (:mod:`stapsrv.compile.sharedconf`); unpacking, or a link added since,
+    leaves the time it happened."""
+    try:
+        config = (tree / ".config").stat()
+        os.utime(tree, ns=(config.st_mtime_ns, config.st_mtime_ns), follow_symlinks=False)
+    except OSError:
+        pass
 
 
 class Lease:
@@ -340,7 +367,7 @@ class KernelStore:
             store.sweep()
         stored = sorted((entry for store in self.family() for entry in store.releases()),
                         key=lambda entry: entry.used, reverse=True)
-        total = sum(entry.size for entry in stored)
+        total = sum(entry.size for entry in stored) + self.admin_bytes()
         removed = []
         for entry in reversed(stored):
             if total <= self.size_cap:
@@ -353,7 +380,19 @@ class KernelStore:
 
     def total_size(self) -> int:
         """Bytes of everything the ceiling covers."""
-        return sum(entry.size for store in self.family() for entry in store.releases())
+        return (sum(entry.size for store in self.family() for entry in store.releases())
+                + self.admin_bytes())
+
+    def admin_bytes(self) -> int:
+        """Bytes of the roots administrators made in the store."""
+        total = 0
+        for name in ADMIN_DIRECTORIES:
+            try:
+                kept = sorted((self.top.directory / name).iterdir())
+            except OSError:
+                continue
+            total += sum(root_bytes(directory) for directory in kept)
+        return total
 
     def lease(self, release: str) -> Lease:
         """Hold ``release`` in the trees and every part that has it, until
@@ -403,6 +442,25 @@ class KernelStore:
             doomed.rmdir()
             return None
         return doomed
+
+
+def root_bytes(directory: Path) -> int:
+    """The size of an administrator's root kept in ``directory`` (a link to
+    one counts what it names): its manifest's ``size``, or
+    :func:`tree_size` of it, once per manifest version.  Nothing for what is not a
+    root with a manifest."""
+    manifest = directory / "manifest.json"
+    try:
+        stat = manifest.stat()
+        recorded = json.loads(manifest.read_bytes()).get("size")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    if isinstance(recorded, int) and recorded >= 0:
+        return recorded
+    known = (str(manifest.resolve()), stat.st_mtime_ns)
+    if known not in _measured:
+        _measured[known] = tree_size(directory / "root")
+    return _measured[known]
 
 
 def _hold(path: Path, operation: int) -> int | None:

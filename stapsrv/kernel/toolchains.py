@@ -154,8 +154,12 @@ def upstream_version(debian_version: str) -> str:
     return version.rsplit("-", 1)[0] if "-" in version else version
 
 
-def manifest_text(name: str, suite: str, made: float, packages: dict[str, str]) -> str:
+def manifest_text(name: str, suite: str, made: float, packages: dict[str, str],
+                  size: int | None = None) -> str:
+    """A root's manifest (``size``: its files' bytes, which the kernel
+    store's ceiling counts)."""
     return json.dumps({"name": name, "suite": suite, "made": made,
+                       **({"size": size} if size is not None else {}),
                        "packages": dict(sorted(packages.items()))}, indent=1) + "\n"
 
 
@@ -308,6 +312,13 @@ def choose(toolchains: Sequence[Toolchain], client_version: str, release: str,
     return (f"Server: No toolchain of this server builds for kernel release '{release}' "
             f"modules that a SystemTap {client_version} client's staprun loads: "
             + "; ".join(reasons) + "." + would)
+
+
+def serves(toolchain: Toolchain, version: tuple[int, int] | None,
+           compiler: str | None) -> bool:
+    """Whether ``toolchain`` builds for a kernel (its version, its headers'
+    compiler) for the clients of its own family."""
+    return _unfit(toolchain, toolchain.family, version, compiler) is None
 
 
 def ordered(host: Toolchain, others: Iterable[Toolchain]) -> list[Toolchain]:

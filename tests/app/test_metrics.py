@@ -5,6 +5,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from stapsrv.app.health import Health, listening_check
 from stapsrv.app.metrics import HealthPage, MetricsPage, ServerMetrics
+from stapsrv.kernel.prepared import Preparation
 from stapsrv.vm.verification import ProbeResult, Verification
 
 
@@ -81,6 +82,25 @@ class MetricsTests(TestCase):
                                 release="6.1.0-57-amd64"), 0)
         self.assertEqual(sample(metrics, "stapsrv_kernel_verification_timestamp_seconds",
                                 release="6.1.0-57-amd64"), 1700000000.0)
+
+    def test_preparations_are_read_when_scraped(self) -> None:
+        found: list[Preparation] = []
+        metrics = ServerMetrics(connections=lambda: 0, compiling=lambda: 0, waiting=lambda: 0,
+                                process=False, preparations=lambda: found)
+        found += [Preparation("6.1.0-58-amd64", 1000.0, (("fetch", 7.0), ("stapconf", 20.0)),
+                              1040.0, by="host-a"),
+                  Preparation("6.1.0-59-amd64", 1000.0, failure="no room", by="host-a")]
+        self.assertEqual(sample(metrics, "stapsrv_release_prepared_ready",
+                                release="6.1.0-58-amd64", by="host-a"), 1)
+        self.assertEqual(sample(metrics, "stapsrv_release_prepared_ready",
+                                release="6.1.0-59-amd64", by="host-a"), 0)
+        self.assertEqual(sample(metrics, "stapsrv_release_appearance_to_ready_seconds",
+                                release="6.1.0-58-amd64"), 40.0)
+        self.assertEqual(sample(metrics, "stapsrv_release_preparation_seconds",
+                                release="6.1.0-58-amd64", step="stapconf"), 20.0)
+        metrics.preparation_step("stapconf tc48", 19.0)
+        self.assertEqual(sample(metrics, "stapsrv_release_preparation_step_seconds_count",
+                                step="stapconf"), 1)
 
     def test_registries_are_per_server(self) -> None:
         other = ServerMetrics(connections=lambda: 0, compiling=lambda: 0, waiting=lambda: 0,

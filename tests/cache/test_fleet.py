@@ -24,9 +24,12 @@ from stapsrv.cache.store import DiskCache, TieredCache, decode_entry
 from stapsrv.compile.handler import RequestHandler
 from stapsrv.config.fleeturl import display_url
 from stapsrv.config.secret import create_secret, load_secret
+from stapsrv.kernel.runtime import select_runtime
+from stapsrv.paths import build_tree
 from tests.helpers.archives import request
 from tests.helpers.handlers import KEY_A, KEY_B, CachedHandlerCase, Events
 from tests.helpers.realclient import RealClientMixin
+from tests.helpers.waiting import poll
 from tests.helpers.realredis import RedisServer, free_port, make_tls_files, start_redis
 from tests.helpers.realserver import (
     Client,
@@ -365,11 +368,12 @@ class FleetServersTests(RealClientMixin, TestCase):
         os.chown(path, user.pw_uid, user.pw_gid)
         return path
 
-    def fleet_server(self, redis_url: str, name: str, *extra: str) -> ServerProcess:
+    def fleet_server(self, redis_url: str, name: str, *extra: str,
+                     env: dict[str, str] | None = None) -> ServerProcess:
         cache_dir = scratch_directory(f"fleet-{name}-")
         self.addCleanup(remove_tree, cache_dir)
         return self.own_server("--fleet-cache", redis_url, "--fleet-secret", str(self.secret),
-                               "--cache-dir", str(cache_dir), *extra)
+                               "--cache-dir", str(cache_dir), *extra, env=env)
 
     @staticmethod
     def running_lines(log: str, marker: str) -> list[str]:
@@ -419,6 +423,39 @@ class FleetServersTests(RealClientMixin, TestCase):
             rf"Fleet cache {re.escape(store.url)} unavailable .*; compiling locally", log_b)),
             1, log_b)
         self.assertEqual(len(self.running_lines(a.log(), marker)), 1)
+
+    async def test_a_second_member_takes_the_first_ones_configuration_header(self) -> None:
+        """Each member has a kernel configuration header store of its own
+        (as on another host); the first warms the release up at start and
+        shares the header; the second takes it from the fleet cache instead
+        of a warm-up of its own, and compiles with it.  Both run the same
+        fixed runtime (-R): the translator names the header after the
+        runtime's path and time, as the same package gives every host."""
+        store = start_redis(self, Path(self.mktemp()).absolute())
+        runtimes = scratch_directory("fleet-runtime-")
+        self.addCleanup(remove_tree, runtimes)
+        fixed = select_runtime(build_tree(self.release), cache_root=runtimes)
+        extra = ("-R", str(fixed)) if fixed is not None else ()
+        caches = [scratch_directory(f"fleet-xdg-{name}-") for name in "ab"]
+        for cache in caches:
+            self.addCleanup(remove_tree, cache)
+        header = f"Kernel configuration header for {self.release}"
+        a = self.fleet_server(store.url, "a", *extra, env={"XDG_CACHE_HOME": str(caches[0])})
+        # A net for a test gone wrong, never a measure of the warm-up's speed.
+        shared = await poll(lambda: "shared through the fleet cache" in a.log()
+                            or "warm-up compile for kernel" in a.log(), 850)
+        self.assertTrue(shared, a.log()[-3000:])
+        self.assertIn(f"{header} shared through the fleet cache", a.log())
+        b = self.fleet_server(store.url, "b", *extra, env={"XDG_CACHE_HOME": str(caches[1])})
+        took = await poll(lambda: header in b.log(), 850)
+        self.assertTrue(took, b.log()[-3000:])
+        log_b = b.log()
+        self.assertIn(f"{header} ready from the fleet cache", log_b)
+        self.assertNotIn(f"{header} ready in", log_b)
+        self.assertTrue(list((caches[1] / "stapsrv" / "stapconf").glob("*/stapconf_*.h")))
+        client = self.new_client()
+        await client.trust(b.spec)
+        await self.compile(client, b, uuid.uuid4().hex)
 
     async def test_forged_and_moved_entries_are_never_served(self) -> None:
         """Whoever can write to Redis plants, under the key of script X, the

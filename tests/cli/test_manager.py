@@ -16,6 +16,8 @@ from pathlib import Path
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from stapsrv.kernel import prepared
+from stapsrv.kernel.prepared import Preparation
 from stapsrv.cli.manager import main
 from stapsrv.cli.show import render, status_record
 from stapsrv.cli.usage import USAGE
@@ -62,7 +64,7 @@ class FormatTests(TestCase):
             "endpoint": "haproxy:tcp:5000", "proxy_from": ["127.0.0.0/8", "::1/128"],
             "metrics": "tcp:9642", "log": "/l", "sandbox": True,
             "counters": {"requests": 4, "failures": 1, "cache_hits": 2, "compiling": 1,
-                         "waiting": 0}, "verified": []})
+                         "waiting": 0}, "verified": [], "prepared": []})
         self.assertIsNone(status_record(ServerSettings(), None, "stopped", None)["counters"])
         # The proxies trusted: PROXY_FROM's words; none behind a plain endpoint.
         proxied = settings.with_value("PROXY_FROM", "10.1.0.0/16, 192.0.2.7")
@@ -82,6 +84,17 @@ class FormatTests(TestCase):
         self.assertEqual(record["verified"], [found.as_json()])
         self.assertEqual(record["verified"][0]["passed"], False)
         self.assertEqual(record["verified"][0]["results"][1]["failure"], "staprun exit 1: x")
+
+    def test_status_record_shows_prepared_releases(self) -> None:
+        store = Path(self.mktemp())
+        found = Preparation("6.1.0-57-amd64", 1700000000.0, (("fetch", 7.0),), 1700000030.0,
+                            by="host-a")
+        prepared.save(store, found)
+        record = status_record(ServerSettings(extensions={"KERNEL_STORE": str(store)}), None,
+                               "stopped", None)
+        self.assertEqual(record["prepared"], [found.as_json()])
+        self.assertEqual((record["prepared"][0]["state"], record["prepared"][0]["to_ready"]),
+                         ("ready", 30.0))
 
     def run_main(self, *words: str) -> tuple[str, str, int]:
         out, err = io.StringIO(), io.StringIO()

@@ -41,9 +41,9 @@ class ListTests(SynchronousTestCase):
         self.assertIn("DAMAGED root forky: its manifest ", text)
 
     def test_remove(self) -> None:
-        self.assertTrue(command.remove_root(self.store, "trixie"))
-        self.assertFalse(command.remove_root(self.store, "trixie"))
-        self.assertFalse(command.remove_root(self.store, "../x"))
+        self.assertTrue(command.remove_sysroot(self.store, "trixie"))
+        self.assertFalse(command.remove_sysroot(self.store, "trixie"))
+        self.assertFalse(command.remove_sysroot(self.store, "../x"))
         self.assertEqual(os.listdir(sysroots_directory(self.store)), [])
 
     def test_create_needs_root(self) -> None:

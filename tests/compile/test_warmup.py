@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 from stapsrv.compile.context import RequestContext
 from stapsrv.compile.releases import ServedReleases
 from stapsrv.compile.sandbox import WARM_UP_SCRIPT, Sandbox, StapconfStore
+from stapsrv.compile.sharedconf import SharedStapconf
 from stapsrv.compile.translator import TranslatorRun
 from stapsrv.compile.warmup import WarmUp
 from stapsrv.config.values import ServerConfig
@@ -42,7 +43,7 @@ if os.environ.get("WARMUP_FAIL"):
     sys.exit(1)
 cache = os.path.join(os.environ["SYSTEMTAP_DIR"], "cache", "ab")
 os.makedirs(cache, exist_ok=True)
-with open(os.path.join(cache, "stapconf_abcd.h"), "w") as out:
+with open(os.path.join(cache, os.environ.get("WARMUP_HEADER", "stapconf_abcd.h")), "w") as out:
     out.write("#define STAPCONF_FAKE 1\\n")
 """
 
@@ -136,6 +137,46 @@ class WarmUpCase(TestCase):
                 return
             await deferLater(reactor, 0.05, lambda: None)
         self.fail(f"not within 20 s: {what}")
+
+
+class DictFleet:
+    """The fleet cache's named entries, in a dict (sealing is the real
+    cache's; tests.cache.test_fleet runs it against Redis)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, bytes] = {}
+
+    async def get(self, key: str, prefix: str = "") -> bytes | None:
+        return self.entries.get(prefix + key)
+
+    async def put(self, key: str, response: bytes, prefix: str = "") -> None:
+        self.entries[prefix + key] = response
+
+
+class SharedTests(WarmUpCase):
+    async def test_a_second_member_takes_the_header_from_the_fleet(self) -> None:
+        fleet = DictFleet()
+        self.translators.environ["WARMUP_HEADER"] = f"stapconf_{'ab' * 16}_12.h"
+        first = self.warmup()
+        first.shared = SharedStapconf(fleet, log=Logger(observer=self.events))
+        await first.stapconf_ready(RELEASE, False)
+        self.assertEqual((len(self.runs()), len(fleet.entries)), (1, 1))
+        self.assertEqual(len(self.events.matching("shared through the fleet cache")), 1)
+        # Another member: a header store of its own, the same fleet.
+        self.stapconf = self.translators.stapconf = StapconfStore(self.base / "stapconf-b")
+        second = self.warmup()
+        second.shared = SharedStapconf(fleet, log=Logger(observer=self.events))
+        await second.stapconf_ready(RELEASE, False)
+        self.assertEqual(len(self.runs()), 1, "no warm-up of its own")
+        self.assertEqual((self.stapconf.directory / "ab" / f"stapconf_{'ab' * 16}_12.h")
+                         .read_text(), "#define STAPCONF_FAKE 1\n")
+        self.assertEqual(self.events.matching("from the fleet cache"), [
+            f"Kernel configuration header for {RELEASE} ready from the fleet cache (1 "
+            "header(s) made by another member; no warm-up here)"])
+        # And it stays warmed: a later request asks the fleet no more.
+        fleet.entries.clear()
+        await second.stapconf_ready(RELEASE, False)
+        self.assertEqual(len(self.runs()), 1)
 
 
 class ReadyTests(WarmUpCase):

@@ -87,16 +87,20 @@ class FakeArchive:
 
     def add_suite(self, suite: str, debs: Sequence[Path], signed: bool = True) -> None:
         """Publish ``debs`` as ``suite`` (signed by :attr:`keyring`'s key, or not
-        at all)."""
+        at all); publishing a suite again adds ``debs`` to what it held (a
+        new release appearing in it)."""
         pool = self.root / "pool" / suite
-        pool.mkdir(parents=True)
+        pool.mkdir(parents=True, exist_ok=True)
         for deb in debs:
-            os.link(deb, pool / deb.name)
+            if not (pool / deb.name).exists():
+                os.link(deb, pool / deb.name)
         binary = self.root / "dists" / suite / "main" / "binary-amd64"
-        binary.mkdir(parents=True)
+        binary.mkdir(parents=True, exist_ok=True)
         packages = subprocess.run(["apt-ftparchive", "packages", f"pool/{suite}"],
                                   cwd=self.root, check=True, capture_output=True).stdout
         (binary / "Packages").write_bytes(packages)
+        for old in ("InRelease", "Release"):  # not indexed by the new Release
+            (self.root / "dists" / suite / old).unlink(missing_ok=True)
         release = subprocess.run(
             ["apt-ftparchive", "-o", f"APT::FTPArchive::Release::Suite={suite}",
              "-o", f"APT::FTPArchive::Release::Codename={suite}",

@@ -15,12 +15,26 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+from twisted.internet.defer import Deferred
+
 from stapsrv.cli.toolchains import SUITES
+from stapsrv.kernel.privateapt import APT_DIRECTORY
 from stapsrv.kernel.toolchains import DamagedToolchain, Toolchain, load, toolchains_directory
 from tests.helpers import require, require_program
-from tests.helpers.realserver import ServerProcess, kept_directory, shared_server, venv_bin
+from tests.helpers.realserver import (
+    Client,
+    ClientKind,
+    ServerProcess,
+    as_server_user,
+    kept_directory,
+    owned_directory,
+    run,
+    shared_server,
+    venv_bin,
+)
 from tests.helpers.vm import vm_store
 
 #: Seconds the last making of the toolchain took in this process (None: it
@@ -60,3 +74,55 @@ def forky() -> Toolchain:
 def toolchain_server() -> ServerProcess:
     """One server for the run on the store with the forky toolchain."""
     return shared_server("stapsrv", ("--kernel-store", str(forky_store())))
+
+
+# --- forky's own client ----------------------------------------------------------
+
+
+def forky_client_kind() -> ClientKind:
+    """forky's SystemTap 5.6 client, as installed in the forky root."""
+    root = forky().root
+    return ClientKind("5.6", str(root / "usr" / "bin" / "stap"),
+                      str(root / "usr" / "bin" / "staprun"), str(root / "etc"))
+
+
+def forky_zip(store: Path, directory: Path) -> Path:
+    """forky's ``zip`` and ``unzip`` (the client packs its request with
+    them; the toolchain root has neither), fetched through ``store``'s
+    private apt configuration (one that has forky) and unpacked into
+    ``directory``: the directory holding the programs."""
+    download = owned_directory(directory / "download")
+    done = subprocess.run(
+        as_server_user(["apt-get", "-c", str(store / APT_DIRECTORY / "apt.conf"), "download",
+                        "-q", "zip", "unzip"]),
+        cwd=download, capture_output=True, text=True, timeout=600,
+        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"})
+    if done.returncode != 0:
+        raise AssertionError(f"fetching forky's zip and unzip failed: {done.stderr[-2000:]}")
+    for deb in sorted(download.glob("*.deb")):
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(directory / "root")], check=True)
+    return directory / "root" / "usr" / "bin"
+
+
+class ForkyClient(Client):
+    """forky's own ``stap``, run in the forky root (bubblewrap: the root as
+    its system, the host's network, its own SYSTEMTAP_DIR and working
+    directory bound in), as a forky machine runs it."""
+
+    def __init__(self, base: Path, zip_programs: Path) -> None:
+        super().__init__(base, forky_client_kind())
+        self.zip_programs = zip_programs
+
+    def stap(self, *args: str, stdin: bytes | None = None,
+             env: Mapping[str, str] | None = None) -> Deferred[tuple[bytes, bytes, int]]:
+        inside = Path("/tmp/client")
+        settings = {"PATH": "/usr/bin:/bin:/tmp/zip", "HOME": str(inside),
+                    "SYSTEMTAP_DIR": str(inside / "systemtap"), "LANG": "C.UTF-8",
+                    **(env or {})}
+        argv = ["bwrap", "--ro-bind", str(forky().root), "/", "--proc", "/proc",
+                "--dev", "/dev", "--tmpfs", "/tmp", "--ro-bind", str(self.zip_programs),
+                "/tmp/zip", "--bind", str(self.dir), str(inside), "--chdir",
+                str(inside / "cwd"), "--clearenv"]
+        for name, value in settings.items():
+            argv += ["--setenv", name, value]
+        return run(["/usr/bin/bwrap", *argv[1:], "/usr/bin/stap", *args], {}, self.cwd, stdin)

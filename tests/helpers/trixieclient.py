@@ -15,7 +15,7 @@ nothing depends on the cache.  Making it needs root: 114 s here from an
 empty package cache (54 MB fetched; 2 min 50 s with the packages cached
 but the machine under a load of 16), 331 MB.  The same finished-or-absent
 rule as the package tests' roots (:func:`tests.helpers.nspawn._build`).
-(The forky toolchain's maker, :func:`stapsrv.cli.toolchains.make_toolchain`,
+(The forky toolchain's maker, :func:`stapsrv.cli.roots.make_root`,
 is not reused whole: it keeps a root that serves as a toolchain in a
 kernel store; its mirror, debootstrap scripts and package cache are.)
 """
@@ -27,7 +27,7 @@ import shlex
 import time
 from pathlib import Path
 
-from stapsrv.cli.toolchains import MIRROR, SCRIPTS
+from stapsrv.cli.roots import MIRROR, SCRIPTS
 from tests.helpers import require, require_program
 from tests.helpers.nspawn import CACHE, _build
 from tests.helpers.realserver import STATE, ClientKind, kept_directory

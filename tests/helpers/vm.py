@@ -85,15 +85,17 @@ async def run_in_vm(module: Path, release: str, kind: ClientKind, *,
                     command: str | None = None, files: tuple[str, ...] = (),
                     group: str | None = None, signers: Path | None = None,
                     options: tuple[str, ...] = (), root: Path | None = None,
-                    suites: str | None = None) -> VmRun:
+                    suites: str | None = None, store: Path | None = None) -> VmRun:
     """``module`` loaded with ``kind``'s own staprun on ``release`` (from
     the distribution ``root`` when given); ``suites``: the kernel image
-    fetched through the store's private apt for those suites."""
+    fetched through the store's private apt for those suites; ``store``:
+    another kernel store than the VM tests' (its images)."""
     require_vm()
     base = scratch_directory("vm-")
     try:
         copy = _handed_over(module, base)
-        argv = [venv_bin("python"), "-m", "stapsrv.cli.kernels", "--store", str(vm_store()),
+        argv = [venv_bin("python"), "-m", "stapsrv.cli.kernels", "--store",
+                str(store or vm_store()),
                 *(("--suites", suites) if suites else ()), "run", release, str(copy),
                 "--staprun", str(root) if root else staprun_name(kind), "--json"]
         if root is None and not os.stat(kind.staprun).st_mode & 0o004:

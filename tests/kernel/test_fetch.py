@@ -73,12 +73,17 @@ class ImageFetcher(KernelFetcher):
     """A fetcher whose child processes are recorded and faked: the
     "download" writes a .deb, the "unpack" writes the vmlinuz."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, split: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.commands: list[list[str]] = []
+        #: Forky's packaging: the image in linux-binary-<release>.
+        self.split = split
 
     async def run(self, argv: Sequence[str], cwd: Path | None = None) -> tuple[bytes, bytes, int]:
         self.commands.append(list(argv))
+        if argv[0].endswith("apt-cache") and argv[-1].startswith("linux-binary-") \
+                and not self.split:
+            return b"", b"E: No packages found\n", 100
         if argv[0].endswith("apt-cache"):
             return (f"Package: {argv[-1]}\nVersion: 6.1.192-3\nSize: 70000000\n".encode(),
                     b"", 0)
@@ -124,8 +129,9 @@ class ImageTests(TestCase):
                          "root" / "vmlinuz-6.1.0-55-amd64")
         self.assertEqual(first.read_bytes(), b"MZ kernel")
         self.assertEqual([argv[0] for argv in fetcher.commands],
-                         [APT_CACHE, APT_GET, "/bin/sh"])
-        self.assertIn("linux-image-6.1.0-55-amd64=6.1.192-3", fetcher.commands[1])
+                         [APT_CACHE, APT_CACHE, APT_GET, "/bin/sh"])
+        self.assertIn("linux-binary-6.1.0-55-amd64", fetcher.commands[0])
+        self.assertIn("linux-image-6.1.0-55-amd64=6.1.192-3", fetcher.commands[2])
         # Kept: a new fetcher (a new server) finds it without fetching.
         again = self.fetcher()
         self.assertEqual(await again.ensure_image("6.1.0-55-amd64"), first)
@@ -133,6 +139,18 @@ class ImageTests(TestCase):
         # Nothing of the download is left; the trees are not touched.
         self.assertEqual(sorted(p.name for p in first.parent.iterdir()), [first.name])
         self.assertEqual(self.store.releases(), [])
+
+    async def test_the_image_of_a_split_package(self) -> None:
+        """Forky's linux-image-<release> holds no image: it is taken from
+        linux-binary-<release>."""
+        fetcher = ImageFetcher(self.store, reactor, self.pool, ("*",), boot=self.boot,
+                               split=True)
+        image = await fetcher.ensure_image("7.2.12+deb14-amd64")
+        self.assertEqual(image.read_bytes(), b"MZ kernel")
+        self.assertEqual([argv[0] for argv in fetcher.commands], [APT_CACHE, APT_GET, "/bin/sh"])
+        self.assertIn("linux-binary-7.2.12+deb14-amd64=6.1.192-3", fetcher.commands[1])
+        self.assertEqual(fetcher.commands[2][-1], "./usr/lib/modules/7.2.12+deb14-amd64/vmlinuz")
+        self.assertEqual(image.name, "vmlinuz-7.2.12+deb14-amd64")
 
     async def test_bad_names_are_never_fetched(self) -> None:
         fetcher = self.fetcher()

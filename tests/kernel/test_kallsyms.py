@@ -138,6 +138,45 @@ def build_tables(symbols: Sequence[Symbol], offsets_after: bool = False,
     return bytes(image)
 
 
+def build_place_relative(symbols: Sequence[Symbol]) -> bytes:
+    """A 7.x kernel's ELF image: the count 4-aligned with the names in the
+    next word, markers 4-aligned, and after the token index each offset
+    counting from its own place (no base); one loaded segment maps the
+    file from offset 0 to BASE."""
+    names = [symbol.kind + symbol.name for symbol in symbols]
+    tokens = _tokens(names)
+    encoded, markers = bytearray(), []
+    for number, name in enumerate(names):
+        if number % 256 == 0:
+            markers.append(len(encoded))
+        code = _encode(name, tokens)
+        encoded += (bytes([0x80 | (len(code) & 0x7F), len(code) >> 7]) if len(code) > 127
+                    else bytes([len(code)])) + code
+    header = bytearray(b"\x7fELF\x02\x01\x01" + bytes(0x40 - 7))
+    struct.pack_into("<Q", header, 0x20, 0x40)  # e_phoff
+    struct.pack_into("<HH", header, 0x36, 56, 1)  # e_phentsize, e_phnum
+    image = header + bytearray(56) + bytearray(random.Random(5).randbytes(1004))
+    image.extend(struct.pack("<I", len(symbols)))  # 4-aligned, names next
+    image.extend(encoded)
+    while len(image) % 4:
+        image.append(0)
+    image.extend(struct.pack(f"<{len(markers)}I", *markers))
+    index, table = [], bytearray()
+    for token in tokens:
+        index.append(len(table))
+        table += token.encode("latin-1") + b"\0"
+    image.extend(table)
+    while len(image) % 4:
+        image.append(0)
+    image.extend(struct.pack("<256H", *index))
+    start = len(image)
+    image.extend(struct.pack(f"<{len(symbols)}i", *(
+        symbol.address - (BASE + start + 4 * number) for number, symbol in enumerate(symbols))))
+    image.extend(bytes(4096))
+    struct.pack_into("<IIQQQQ", image, 0x40, 1, 5, 0, BASE, 0, len(image))
+    return bytes(image)
+
+
 def bzimage(payload: bytes) -> bytes:
     """An x86 boot image: setup sectors with the header, then the payload."""
     setup = bytearray(5 * 512)
@@ -175,6 +214,11 @@ class ReadTests(TestCase):
                     listed = symbols if absolute_percpu else symbols[20:]
                     image = build_tables(listed, offsets_after, absolute_percpu, wide)
                     self.assertEqual(read_kallsyms(image), listed, shown)
+
+    def test_place_relative_offsets_of_7x_kernels(self) -> None:
+        symbols = [symbol for symbol in sample_symbols(2000, seed=4) if symbol.address >= BASE]
+        self.assertGreater(len(symbols), 1500)
+        self.assertEqual(read_kallsyms(build_place_relative(symbols)), symbols)
 
     def test_every_container(self) -> None:
         symbols = sample_symbols(1500)

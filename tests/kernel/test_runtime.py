@@ -227,6 +227,10 @@ class PrepareFixedRuntimeTests(TestCase):
         self.assertEqual(path, self.cache / f"runtime-{digest}")
         self.assertTrue(re.fullmatch(r"runtime-[0-9a-f]{16}", path.name))
         self.assertTrue((path / runtime.MARKER_NAME).is_file())
+        # Its time is every server's: a fleet's translators name the kernel
+        # configuration header alike.
+        self.assertEqual(path.stat().st_mtime, runtime.RUNTIME_TIME)
+        self.assertEqual((path / "linux").stat().st_mtime, runtime.RUNTIME_TIME)
         self.assertIn('"task_work_cancel_func"',
                       (path / "stp_task_work.c").read_text())
         for name in ("runtime.h", "linux/runtime.h",

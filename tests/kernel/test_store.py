@@ -70,6 +70,32 @@ class KernelStoreTests(TestCase):
         self.assertFalse((stored.directory / "root" / "lib" / "modules").exists())
         self.assertEqual([p.name for p in stored.packages], [f"linux-headers-{RELEASE}"])
 
+    def test_forkys_output_directory_is_the_stored_tree(self) -> None:
+        release = "7.2.12+deb14-amd64"
+        work = self.store.begin(release)
+        tree = build_tree_in(work / "root", release)
+        tree.mkdir(parents=True)
+        (tree / "Makefile").write_text(
+            f"KBUILD_OUTPUT=/usr/src/linux-headers-{release}\n"
+            "include /usr/src/linux-headers-7.2.12+deb14-common/Makefile\n")
+        fix_tree(work / "root", release, self.store.final_root(release))
+        stored = f"{self.store.final_root(release)}/usr/src"
+        self.assertEqual((tree / "Makefile").read_text(),
+                         f"KBUILD_OUTPUT={stored}/linux-headers-{release}\n"
+                         f"include {stored}/linux-headers-7.2.12+deb14-common/Makefile\n")
+        self.store.abandon(work)
+
+    def test_a_stored_tree_has_the_time_of_its_config(self) -> None:
+        """The translator names the kernel configuration header after the
+        tree's time: every server storing the release gives it the same."""
+        work = self.store.begin(RELEASE)
+        fake_tree(work / "root", RELEASE, 1000)
+        tree = work / "root" / "usr" / "src" / f"linux-headers-{RELEASE}"
+        (tree / ".config").write_text("CONFIG_MODULES=y\n")
+        os.utime(tree / ".config", (1_700_000_000, 1_700_000_000))
+        fix_tree(work / "root", RELEASE, self.store.final_root(RELEASE))
+        self.assertEqual(tree.stat().st_mtime, 1_700_000_000)
+
     def test_only_complete_releases_are_seen(self) -> None:
         work = self.store.begin(RELEASE)
         fake_tree(work / "root", RELEASE)
@@ -147,6 +173,42 @@ class CeilingTests(TestCase):
         self.assertEqual([entry.release for entry in removed], ["r-image", "r-tree-1"])
         self.assertEqual(self.names(), {"r-symbols", "r-modules", "r-tree-2"})
         self.assertLessEqual(self.store.total_size(), self.store.size_cap)
+
+    def admin_root(self, kind: str, name: str, size: int | None, files: int = 0) -> Path:
+        """A root as the admin commands make it (``size``: what its
+        manifest records; ``files`` bytes of files in it)."""
+        import json
+        directory = self.store.directory / kind / name
+        (directory / "root").mkdir(parents=True)
+        if files:
+            (directory / "root" / "data").write_bytes(b"x" * files)
+        manifest = {"name": name, "suite": name, "made": 0.0, "packages": {}}
+        if size is not None:
+            manifest["size"] = size
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+        return directory
+
+    def test_administrators_roots_take_room_and_are_never_removed(self) -> None:
+        self.fill()
+        self.admin_root(".toolchains", "forky", 1 << 20)
+        # Made before sizes were recorded: measured (in blocks) instead.
+        self.admin_root(".sysroots", "trixie", None, files=1 << 20)
+        roots = self.store.admin_bytes()
+        self.assertGreaterEqual(roots, 2 << 20)
+        self.assertLess(roots, (2 << 20) + (64 << 10))
+        removed = self.store.evict()
+        # 3.5 MiB less the roots' 2: one release of 1 MiB is left, the newest.
+        self.assertEqual(self.names(), {"r-tree-2"})
+        self.assertEqual(len(removed), 4)
+        self.assertLessEqual(self.store.total_size(), self.store.size_cap)
+        self.assertTrue((self.store.directory / ".toolchains" / "forky" / "root").is_dir())
+        self.assertTrue((self.store.directory / ".sysroots" / "trixie" / "root").is_dir())
+
+    def test_a_damaged_or_foreign_entry_counts_nothing(self) -> None:
+        (self.store.directory / ".toolchains" / "empty").mkdir(parents=True)
+        broken = self.admin_root(".sysroots", "broken", None)
+        (broken / "manifest.json").write_text("{not json")
+        self.assertEqual(self.store.admin_bytes(), 0)
 
     def test_a_leased_release_is_passed_by_and_kept_in_every_part(self) -> None:
         self.fill()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from stapsrv.cli.toolchains import installed
+from stapsrv.cli.roots import installed
 from stapsrv.kernel.sysroots import sysroots_directory
 from stapsrv.kernel.toolchains import toolchains_directory
 from tests.helpers import require_program, sysroots

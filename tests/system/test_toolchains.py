@@ -14,7 +14,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from stapsrv.cli.toolchains import installed
+from stapsrv.cli.roots import installed
 from stapsrv.kernel.toolchains import toolchains_directory
 from tests.helpers import toolchains as helper
 from tests.helpers.realclient import HELLO, RealClientMixin
