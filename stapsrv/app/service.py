@@ -152,6 +152,8 @@ class CompileServerService(Service):
         self.counters = Counters()
         self._fleet: RedisCache | None = None
         self.kernels: KernelFetcher | None = None
+        #: The Debian architectures it builds for, its own first (set at start).
+        self.architectures: tuple[str, ...] = ()
         #: Update the lists of the suites named by --fetch-suites, and
         #: those of each other architecture (--fetch-architectures).
         self._lists: list[ListsUpdater] = []
@@ -252,6 +254,7 @@ class CompileServerService(Service):
         if keys is not None:
             self._key_pool = ThreadPool(minthreads=0, maxthreads=KEY_THREADS,
                                         name="stapsrv-keys")
+        self.architectures = (debian_architecture(), *config.fetch_architectures)
         kernels = self.kernels = self._make_kernel_fetcher()
         sandbox, stapconf = self._make_sandbox(runtimes)
         handler = RequestHandler(config, self.reactor, self._pool, self._current_identity,
@@ -261,8 +264,7 @@ class CompileServerService(Service):
                                  toolchains=server_toolchains(config, sandbox, self.log),
                                  user_roots=(server_user_roots(config, self.log)
                                              if sandbox is not None else []),
-                                 architectures=(debian_architecture(),
-                                                *config.fetch_architectures))
+                                 architectures=self.architectures)
         if kernels is not None and config.fetch_debuginfo:
             handler.releases.module_debug = self._make_module_debug(kernels)
         if self.metrics is not None:
@@ -342,7 +344,7 @@ class CompileServerService(Service):
         for name in [name for part in store.family() for name in part.open()]:
             self.log.info("Kernel store: removed {name}, left by an interrupted fetch",
                           name=name)
-        architecture = debian_architecture()
+        architecture = self.architectures[0]
         releases = [*installed_releases(), *config.releases]
         patterns = config.fetch_patterns or tuple(
             pattern for arch in (architecture, *config.fetch_architectures)

@@ -73,6 +73,7 @@ from stapsrv.kernel.store import (
     StoredRelease,
     store_directory,
 )
+from stapsrv.kernel.toolchains import family
 from stapsrv.paths import RootRefused, refuse_root
 from stapsrv.reactor import IServerReactor
 from stapsrv.vm import verification
@@ -81,7 +82,7 @@ from stapsrv.vm.initramfs import BUSYBOX, Job, MissingFile, Staprun
 from stapsrv.vm.userland import ensure_userland
 from stapsrv.vm.runner import VmRunner, VmSettings
 from stapsrv.vm.verification import Verification
-from stapsrv.vm.verify import ClientSpec, Verifier
+from stapsrv.vm.verify import ClientSpec, Verifier, version_of
 
 
 def _store(arguments: argparse.Namespace) -> KernelStore:
@@ -252,14 +253,24 @@ async def run_module(reactor: IServerReactor, store: KernelStore, release: str,
     kernel = await fetcher.ensure_image(release, ProgressLine(sys.stderr))
     busybox = BUSYBOX
     if fetcher.via(release) == "arm64":
-        # The arm64 staprun of Debian's 4.8 family, unless another is named.
+        # Debian's arm64 staprun of the named client's family (the machine's
+        # own 4.8, or a client under a prefix), unless a root is named.
         root = await ensure_userland(fetcher, "arm64")
-        if staprun == Staprun.host():
-            staprun = Staprun.in_root(root)
+        if staprun.root == Path("/"):
+            wanted = await client_family(fetcher, staprun)
+            staprun = Staprun.in_root(await ensure_userland(fetcher, "arm64", wanted))
         busybox = str(root / "bin" / "busybox")
         settings = settings.for_arm64()
     return await VmRunner(reactor, settings).run(kernel, staprun, job, fetcher.in_thread,
                                                  busybox=busybox)
+
+
+async def client_family(fetcher: KernelFetcher, staprun: Staprun) -> int:
+    """The transport family of the client whose ``stap`` is beside
+    ``staprun`` (``stap -V``; 4 when it cannot be read)."""
+    stap = str(Path(staprun.staprun).parent / "stap")
+    out, err, code = await fetcher.run([stap, "-V"])
+    return family(version_of((out + err).decode(errors="replace")) if code == 0 else "")
 
 
 async def verify_release(reactor: IServerReactor, store: KernelStore, release: str,

@@ -57,16 +57,21 @@ class Suite:
     #: The compilers beside the suite's default gcc: those its kernels' and
     #: older Debian kernels' headers call.
     compilers: tuple[str, ...]
+    #: Cross compilers (with their binutils) for the other architectures a
+    #: server may build for (``--fetch-architectures``): the version the
+    #: kernels' headers call, with ``CROSS_COMPILE``'s prefix.
+    cross: tuple[str, ...] = ()
 
     @property
     def packages(self) -> tuple[str, ...]:
-        return (*_COMMON, *self.compilers)
+        return (*_COMMON, *self.compilers, *self.cross)
 
 
 #: Suites known to ``create``: forky (testing) has SystemTap 5.6 and gcc-12
-#: (bookworm's kernels) to gcc-16 (its default).
+#: (bookworm's kernels) to gcc-16 (its default), and gcc-12 for arm64
+#: (``aarch64-linux-gnu-gcc-12``, which bookworm's arm64 headers call).
 SUITES = {
-    "forky": Suite("forky", "sid", ("gcc-12", "gcc-14")),
+    "forky": Suite("forky", "sid", ("gcc-12", "gcc-14"), ("gcc-12-aarch64-linux-gnu",)),
 }
 
 

@@ -46,7 +46,12 @@ from stapsrv.compile.slots import FairGate
 from stapsrv.compile.translator import TranslatorRun, start_translator
 from stapsrv.compile.warmup import WarmUp
 from stapsrv.config.values import ServerConfig
-from stapsrv.core.architectures import cross_options, release_architecture, request_target
+from stapsrv.core.architectures import (
+    CROSS_PREFIXES,
+    cross_options,
+    release_architecture,
+    request_target,
+)
 from stapsrv.core.budget import OverBudget
 from stapsrv.core.cmdline import (
     Privilege,
@@ -354,18 +359,20 @@ class RequestHandler:
                               self.architectures[0], self.architectures).refusal
 
     def _cross_refusal(self, job: Job, context: RequestContext) -> str | None:
-        """Another architecture's kernel is cross-built by the host's
-        translator only (the toolchains' roots have no cross compilers)."""
+        """Another architecture's kernel needs a toolchain with that
+        architecture's cross compiler (the host's has it from ``make
+        setup``; a toolchain root has it when it was made with it)."""
         toolchain = context.toolchain
         target = release_architecture(job.release or "")
         if (toolchain is None or toolchain.is_host or not self.architectures
-                or target is None or target == self.architectures[0]):
+                or target not in CROSS_PREFIXES or target == self.architectures[0]
+                or toolchain.has_cross_compiler(CROSS_PREFIXES[target])):
             return None
-        refusal = (f"Server: Kernel release '{job.release}' is an {target} kernel, which only "
-                   f"this server's own translator (SystemTap {self.toolchains[0].translator}) "
-                   f"cross-builds for; toolchain {toolchain.name} (SystemTap "
-                   f"{toolchain.translator}), which serves this client, has no cross "
-                   "compiler.")
+        refusal = (f"Server: Kernel release '{job.release}' is an {target} kernel; toolchain "
+                   f"{toolchain.name} (SystemTap {toolchain.translator}), which serves this "
+                   f"client, has no {CROSS_PREFIXES[target]}gcc cross compiler (the server's "
+                   f"administrator can add it: python -m stapsrv.cli.toolchains update "
+                   f"{toolchain.name}).")
         self.log.info("Refusing the request from {peer}: {reason}", peer=context.peer,
                       reason=escape_controls(refusal))
         return refusal
@@ -449,9 +456,14 @@ class RequestHandler:
         release = job.release
         assert release is not None
         tree = self.releases.tree(release) if with_tree else None
+        compiler = kernel_compiler(tree) if tree is not None else None
+        target = release_architecture(release)
+        if (compiler is not None and self.architectures and target in CROSS_PREFIXES
+                and target != self.architectures[0]):
+            # Cross-built: CROSS_COMPILE's prefix before the headers' CC.
+            compiler = CROSS_PREFIXES[target] + compiler
         return choose(self.toolchains, job.client_version, release,
-                      kernel_version(release, tree),
-                      kernel_compiler(tree) if tree is not None else None)
+                      kernel_version(release, tree), compiler)
 
     def translator(self, toolchain: Toolchain | None) -> str:
         """The translator program a toolchain runs (None: the host's)."""

@@ -102,6 +102,22 @@ def request_target(sysinfo_arch: str | None, dash_a: Sequence[str], release: str
     return Target(wanted)
 
 
+def advertised_architecture(release: str, default: str, host: str,
+                            cross: Sequence[str]) -> str | None:
+    """What a server advertises after a stored ``release`` in its Avahi
+    ``sysinfo`` (the translator's name, as a client of that architecture
+    writes it): ``default`` (the server's ``-a`` or its own) unless the
+    release is a kernel of another architecture; that one's name when the
+    server builds for it (``cross``, Debian names, its ``host`` excluded);
+    None for a release no client could be served for here."""
+    kernel = release_architecture(release)
+    if kernel is None or kernel == host or TRANSLATOR_NAMES[kernel] == default:
+        return default
+    if kernel in cross:
+        return TRANSLATOR_NAMES[kernel]
+    return None
+
+
 def cross_options(architecture: str, host: str) -> list[tuple[str, str]]:
     """The translator's ``-a`` and ``-B CROSS_COMPILE=`` for
     ``architecture`` on a ``host`` server (none for its own)."""

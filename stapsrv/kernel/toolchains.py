@@ -109,6 +109,15 @@ class Toolchain:
         """Whether its system has ``compiler`` (a program name) in /usr/bin."""
         return "/" not in compiler and (self.root / "usr" / "bin" / compiler).exists()
 
+    def has_cross_compiler(self, prefix: str) -> bool:
+        """Whether its system has a C compiler with ``prefix``
+        (``aarch64-linux-gnu-``) of any version, in /usr/bin."""
+        try:
+            return any(entry.name.startswith(f"{prefix}gcc")
+                       for entry in (self.root / "usr" / "bin").iterdir())
+        except OSError:
+            return False
+
     def describe(self) -> str:
         return f"{self.name} (SystemTap {self.translator})"
 

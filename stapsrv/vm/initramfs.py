@@ -280,7 +280,10 @@ def _nss_modules(root: Path, directories: Sequence[str]) -> Iterator[str]:
 
 
 def init_script(staprun: Staprun, job: Job) -> str:
-    """``/init``: markers on the console around ``staprun``'s output."""
+    """``/init``: markers on the console around ``staprun``'s output.
+    Before powering off it waits for the console to have sent everything
+    (``stty`` sets its mode with TCSADRAIN): an emulated serial port under
+    load may still hold the exit marker, which ``poweroff -f`` would lose."""
     module = f"{WORK}/{job.module.name}"
     command = ["timeout", str(job.seconds), staprun.staprun, *job.options]
     if job.command is not None:
@@ -311,6 +314,7 @@ cat /tmp/stapsrv.out
 printf '\\n{MARK} errors@@\\n'
 cat /tmp/stapsrv.err
 printf '\\n{MARK} exit %d@@\\n' "$code"
+stty -F /dev/console onlcr 2>/dev/null
 sync
 poweroff -f
 """

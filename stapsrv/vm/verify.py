@@ -16,7 +16,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 
 from stapsrv.config.values import default_stap
-from stapsrv.kernel.fetch import KernelFetcher
+from stapsrv.kernel.fetch import FetchFailed, KernelFetcher
+from stapsrv.kernel.toolchains import family
 from stapsrv.reactor import IHandlerReactor
 from stapsrv.vm.initramfs import BUSYBOX, Job, MissingFile, Staprun
 from stapsrv.vm.runner import VmRunner
@@ -134,10 +135,10 @@ class Verifier:
     async def _verify_arm64(self, release: str, kernel: Path,
                             clients: Sequence[ClientSpec]) -> Verification:
         """An arm64 release: its modules cross-built (``-a arm64``), run in
-        qemu-system-aarch64 with Debian's arm64 staprun (4.8: the host
-        client's family; other clients have no arm64 staprun here) and
-        busybox; no ``process`` probe (the server would read its own amd64
-        busybox for it)."""
+        qemu-system-aarch64 with Debian's arm64 staprun of each client's
+        family (4.x: bookworm's 4.8; 5.x: trixie's) and busybox; no
+        ``process`` probe (the server would read its own amd64 busybox for
+        it)."""
         root = await ensure_userland(self.fetcher, "arm64")
         arm64 = Verifier(self.reactor, self.fetcher,
                          VmRunner(self.reactor, self.runner.settings.for_arm64(),
@@ -151,13 +152,17 @@ class Verifier:
         translator = await self.translator()
         results: list[ProbeResult] = []
         for number, client in enumerate(clients):
-            if not client.is_host:
+            out, err, code = await self.run([client.stap, "-V"])
+            wanted = family(version_of((out + err).decode(errors="replace")))
+            try:
+                own = await ensure_userland(self.fetcher, "arm64", wanted)
+            except FetchFailed as exc:
                 results += [ProbeResult(client.stap, probe.name, False,
-                                        "no arm64 staprun of this client's family")
+                                        f"no arm64 staprun of this client's family: {exc}")
                             for probe in arm64.probes]
                 continue
             results += await arm64._client(release, kernel,
-                                           ClientSpec(client.stap, Staprun.in_root(root)),
+                                           ClientSpec(client.stap, Staprun.in_root(own)),
                                            self.work / f"client-{number}")
         return Verification(release, time.time(), translator, tuple(results))
 

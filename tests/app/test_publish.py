@@ -473,6 +473,59 @@ class AvahiIntegrationTests(TestCase):
         self.assertEqual(sorted(txt[3] for _, _, _, txt in services),
                          sorted(f"sysinfo={release} x86_64" for release in releases))
 
+    async def test_an_arm64_client_finds_the_stored_arm64_release(self) -> None:
+        """Issue 30: a server that builds for arm64 advertises a stored arm64
+        release as ``REL arm64``, so a 4.8 or 5.5 client picking a server
+        for ``-a arm64 -r REL`` finds it, and one for x86_64 does not."""
+        from stapsrv.kernel.store import KernelStore
+        from tests.helpers.realserver import (
+            CLIENT_48,
+            CLIENT_55,
+            owned_directory,
+            remove_tree,
+            scratch_directory,
+            test_user,
+        )
+        base = scratch_directory("store-")
+        self.addCleanup(remove_tree, base)
+        directory = owned_directory(base / "store")
+        store = KernelStore(directory, 1 << 30)
+        store.open()
+        # An arm64 release of the served series, as a fetch leaves it.
+        stored = re.sub(r"-\d+-[a-z0-9-]+$", "-9999-arm64", self.release)
+        store.commit(store.begin(stored), stored, [])
+        user = test_user()
+        for path in [directory, *directory.rglob("*")]:
+            os.chown(path, user.pw_uid, user.pw_gid)
+        server = self.server("--kernel-store", str(directory), "--fetch-architectures", "arm64")
+        releases = self.releases()
+        services = await self.wait_for(server.port, len(releases) + 1)
+        self.assertEqual(sorted(txt[3] for _, _, _, txt in services), sorted(
+            [*(f"sysinfo={release} x86_64" for release in releases),
+             f"sysinfo={stored} arm64"]))
+        env = self.bus.environment
+        clients = {}
+        for kind in (CLIENT_48, CLIENT_55):
+            client = clients[kind.version] = self.client(kind)
+            await client.trust(server.spec)
+            out, err, code = await client.stap("--list-servers=online,trusted,compatible",
+                                               "-a", "arm64", "-r", stored, env=env)
+            ours = [line for line in err.decode().splitlines()
+                    if line.startswith(" host=") and f"port={server.port} " in line]
+            self.assertEqual(len(ours), 1, f"{kind.version}: {err.decode()}")
+            self.assertIn(f'sysinfo="{stored} arm64" version=4.8', ours[0])
+            out, err, code = await client.stap("--list-servers=online,trusted,compatible",
+                                               "-r", stored, env=env)
+            self.assertNotIn(f"port={server.port} ", err.decode(), kind.version)
+        # The 4.8 client sends its arm64 request to the server it found
+        # (the stored release is an empty stand-in: the answer is a refusal).
+        client = clients[CLIENT_48.version]
+        out, err, code = await client.stap("--use-server", "-a", "arm64", "-r", stored,
+                                           "-p4", "-e", HELLO, env=env)
+        self.assertNotIn("Unable to find a suitable compile server", err.decode())
+        self.assertIn("Accepted connection", server.log())
+        self.assertIn(stored, server.log())
+
     async def test_browse_shows_the_records_until_the_server_stops(self) -> None:
         server = self.server("-D", "X=1")
         releases = self.releases()

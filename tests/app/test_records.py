@@ -45,6 +45,36 @@ class RecordTests(TestCase):
         self.assertLessEqual(len(records.service_name("\u00e9" * 40).encode()), 63)
 
 
+class ArchitectureTests(TestCase):
+    """A server that builds for arm64 too (issue 30) says so after each
+    stored arm64 release: an arm64 client's ``-a arm64 -r REL`` (or an
+    arm64 host's own release) compares ``REL arm64`` with ``sysinfo``."""
+
+    def test_each_release_names_its_own_architecture(self) -> None:
+        releases = ["6.1.0-56-amd64", "6.1.0-57-arm64", "6.1.0-57-amd64"]
+        named = records.served_architectures(releases, ["6.1.0-56-amd64"], "x86_64",
+                                             "amd64", ("arm64",))
+        self.assertEqual(named, {"6.1.0-56-amd64": "x86_64", "6.1.0-57-arm64": "arm64",
+                                 "6.1.0-57-amd64": "x86_64"})
+        found = service_records("vm", list(named), "x86_64", [], 47001, "0a:0b",
+                                architectures=named)
+        self.assertEqual([record.txt[0] for record in found], [
+            b"sysinfo=6.1.0-56-amd64 x86_64", b"sysinfo=6.1.0-57-arm64 arm64",
+            b"sysinfo=6.1.0-57-amd64 x86_64"])
+        self.assertEqual({record.txt[1:] for record in found},
+                         {(b"optinfo=", b"version=4.8", b"certinfo=0a:0b")})
+
+    def test_a_stored_release_it_does_not_build_for_is_left_out(self) -> None:
+        named = records.served_architectures(["6.1.0-56-amd64", "6.1.0-57-arm64"], [],
+                                             "x86_64", "amd64", ())
+        self.assertEqual(named, {"6.1.0-56-amd64": "x86_64"})
+
+    def test_a_given_release_keeps_the_servers_architecture_as_in_4_8(self) -> None:
+        named = records.served_architectures(["6.1.0-57-arm64"], ["6.1.0-57-arm64"],
+                                             "x86_64", "amd64", ())
+        self.assertEqual(named, {"6.1.0-57-arm64": "x86_64"})
+
+
 class MokInfoTests(TestCase):
     def test_mok_info_entries_come_last(self) -> None:
         [record] = records.service_records("vm", ["6.1.0-56-amd64"], "x86_64", [], 4711,

@@ -4,9 +4,13 @@ release cross-built."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from attrs import evolve
 
 from stapsrv.core.cmdline import ServerOption
+from stapsrv.compile.context import RequestContext
+from stapsrv.compile.job import parse_job
 from stapsrv.compile.sandbox import Sandbox
 from stapsrv.kernel.toolchains import host_toolchain, load
 from tests.helpers.archives import make_zip
@@ -52,7 +56,8 @@ class ArchitectureTests(CachedHandlerCase):
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("give stap -a arm64", lines[0])
 
-    async def test_a_client_another_toolchain_serves_is_not_cross_built(self) -> None:
+    async def test_a_toolchain_without_the_cross_compiler_refuses(self) -> None:
+        # A forky root made before its package list had the cross compiler.
         handler = self.cached_handler()
         handler.architectures = ("amd64", "arm64")
         handler.toolchains = [host_toolchain("4.8"),
@@ -62,10 +67,50 @@ class ArchitectureTests(CachedHandlerCase):
             "-aarm64", f"-r{ARM64}", "-p4", "-eok", version=b"5.5")))
         self.assertEqual(found["rc"], b"1")
         self.assertEqual(found["stderr"].decode().splitlines(), [
-            f"Server: Kernel release '{ARM64}' is an arm64 kernel, which only this server's "
-            "own translator (SystemTap 4.8) cross-builds for; toolchain forky (SystemTap "
-            "5.6), which serves this client, has no cross compiler."])
+            f"Server: Kernel release '{ARM64}' is an arm64 kernel; toolchain forky (SystemTap "
+            "5.6), which serves this client, has no aarch64-linux-gnu-gcc cross compiler "
+            "(the server's administrator can add it: python -m stapsrv.cli.toolchains "
+            "update forky)."])
         self.assertEqual(self.runs(), 0)
+
+    def cross_handler(self, compilers: tuple[str, ...]) -> Any:
+        handler = self.cached_handler()
+        handler.architectures = ("amd64", "arm64")
+        handler.toolchains = [host_toolchain("4.8"), load(make_root(
+            self.base / "toolchains" / "forky", ("gcc-12", *compilers)))]
+        tree = self.base / "tree"
+        tree.mkdir()
+        (tree / ".kernelvariables").write_text(
+            "CC = $(if $(DEBIAN_KERNEL_USE_CCACHE),$(CCACHE)) $(CROSS_COMPILE)gcc-12\n")
+        self.patch(type(handler.releases), "tree", lambda releases, release: tree)
+        return handler
+
+    def test_a_toolchain_with_the_kernels_cross_compiler_builds_arm64(self) -> None:
+        handler = self.cross_handler(("aarch64-linux-gnu-gcc-12",))
+        job = parse_job(arm64_request("-aarm64", f"-r{ARM64}", "-p4", "-eok",
+                                      version=b"5.5"), 1 << 20)
+        context = RequestContext("peer")
+        chosen = handler._toolchain_for(job, with_tree=True)
+        self.assertEqual(chosen.name, "forky")
+        context.toolchain = chosen
+        self.assertIsNone(handler._cross_refusal(job, context))
+        # The 4.8 client: the host's, whose cross gcc-12 make setup installs.
+        job48 = parse_job(arm64_request("-aarm64", f"-r{ARM64}", "-p4", "-eok"), 1 << 20)
+        self.assertEqual(handler._toolchain_for(job48, with_tree=True).name, "host")
+
+    def test_another_cross_gcc_than_the_kernels_does_not_serve(self) -> None:
+        handler = self.cross_handler(("aarch64-linux-gnu-gcc-14",))
+        job = parse_job(arm64_request("-aarm64", f"-r{ARM64}", "-p4", "-eok",
+                                      version=b"5.5"), 1 << 20)
+        # Before the tree is there, any cross gcc lets the fetch go on ...
+        context = RequestContext("peer")
+        context.toolchain = handler._toolchain_for(job, with_tree=False)
+        self.assertIsNone(handler._cross_refusal(job, context))
+        # ... the headers' own (aarch64-linux-gnu-gcc-12) decides.
+        refusal = handler._toolchain_for(job, with_tree=True)
+        self.assertIsInstance(refusal, str)
+        self.assertIn("has no aarch64-linux-gnu-gcc-12, which the kernel's headers call",
+                      refusal)
 
     def test_an_arm64_release_is_cross_built(self) -> None:
         handler = self.cached_handler()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import unittest
 
 from stapsrv.core.architectures import (
+    advertised_architecture,
     ArchitectureError,
     cross_options,
     debian_name,
@@ -75,3 +76,33 @@ class CrossOptionsTests(unittest.TestCase):
         self.assertEqual(cross_options("arm64", "amd64"),
                          [("-a", "arm64"), ("-B", "CROSS_COMPILE=aarch64-linux-gnu-")])
         self.assertEqual(cross_options("amd64", "amd64"), [])
+
+
+class AdvertisedArchitectureTests(unittest.TestCase):
+    """What a stored release's Avahi sysinfo names after it: what a
+    client of that kernel's architecture compares it with (its release,
+    a blank, ``uname -m`` normalised by the translator or its ``-a``)."""
+
+    def test_the_servers_own_kernels_name_its_default(self) -> None:
+        for release in ("6.1.0-57-amd64", "6.1.0-57-cloud-amd64", "6.18.44"):
+            self.assertEqual(advertised_architecture(release, "x86_64", "amd64", ("arm64",)),
+                             "x86_64")
+
+    def test_a_kernel_of_an_architecture_it_builds_for_names_that_one(self) -> None:
+        self.assertEqual(advertised_architecture("6.1.0-57-arm64", "x86_64", "amd64",
+                                                 ("arm64",)), "arm64")
+        self.assertEqual(advertised_architecture("6.12.48+deb13-arm64", "x86_64", "amd64",
+                                                 ("arm64",)), "arm64")
+
+    def test_one_it_does_not_build_for_is_not_advertised(self) -> None:
+        self.assertIsNone(advertised_architecture("6.1.0-57-arm64", "x86_64", "amd64", ()))
+        self.assertIsNone(advertised_architecture("6.1.0-57-s390x", "x86_64", "amd64",
+                                                  ("arm64",)))
+
+    def test_the_servers_own_a_option_covers_its_architecture(self) -> None:
+        # A server started with -a arm64 (a hand-made cross setup, as with
+        # stap-serverd) says arm64 for arm64 kernels and for its own.
+        self.assertEqual(advertised_architecture("6.1.0-57-arm64", "arm64", "amd64", ()),
+                         "arm64")
+        self.assertEqual(advertised_architecture("6.1.0-57-amd64", "arm64", "amd64", ()),
+                         "arm64")

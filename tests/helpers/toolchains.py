@@ -4,7 +4,9 @@ in the VM tests' kernel store, where kernel images and symbols are kept
 too, and used from there by a server on that store.
 
 It is kept between runs (``/var/cache/stapsrv-ci/vm-store/.toolchains``
-when the tests run as root) and made again when absent or damaged; the
+when the tests run as root) and made again when absent, damaged or
+lacking a package of the suite's list (a root kept from before a package
+joined it, e.g. the arm64 cross compiler of issue 30); the
 packages debootstrap fetched are kept in ``/var/cache/stapsrv-ci/debootstrap``
 (or ``$STAPSRV_CI_DEBOOTSTRAP``).  Making it needs root."""
 
@@ -13,12 +15,12 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from pathlib import Path
-
 from collections.abc import Mapping
+from pathlib import Path
 
 from twisted.internet.defer import Deferred
 
+from stapsrv.cli.toolchains import SUITES
 from stapsrv.kernel.privateapt import APT_DIRECTORY
 from stapsrv.kernel.toolchains import DamagedToolchain, Toolchain, load, toolchains_directory
 from tests.helpers import require, require_program
@@ -45,8 +47,9 @@ def forky_store() -> Path:
     global made_in
     store = vm_store()
     try:
-        load(toolchains_directory(store) / "forky")
-        return store
+        kept = load(toolchains_directory(store) / "forky")
+        if not set(SUITES["forky"].packages) - {name for name, _ in kept.packages}:
+            return store
     except DamagedToolchain:
         pass
     require(os.geteuid() == 0, "making the forky toolchain needs root (debootstrap)")

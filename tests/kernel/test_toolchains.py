@@ -73,6 +73,15 @@ class ManifestTests(SynchronousTestCase):
         (admin / "status").write_text(STATUS)
         self.assertEqual(installed_packages(admin), {"systemtap": "5.6-1", "gcc-14": "14.3.0-9"})
 
+    def test_cross_compilers_are_found_by_prefix(self) -> None:
+        without = load(make_root(Path(self.mktemp()) / "forky"))
+        self.assertFalse(without.has_cross_compiler("aarch64-linux-gnu-"))
+        with_cross = load(make_root(Path(self.mktemp()) / "forky",
+                                    ("gcc-12", "aarch64-linux-gnu-gcc-12")))
+        self.assertTrue(with_cross.has_cross_compiler("aarch64-linux-gnu-"))
+        self.assertTrue(with_cross.has_compiler("aarch64-linux-gnu-gcc-12"))
+        self.assertFalse(with_cross.has_cross_compiler("x86_64-linux-gnu-"))
+
     def test_a_root_with_its_manifest_serves(self) -> None:
         found = load(make_root(Path(self.mktemp()) / "forky"))
         self.assertEqual((found.name, found.translator, found.family, found.suite),

@@ -71,11 +71,12 @@ class Arm64Tests(RealClientMixin, TestCase):
         super().setUp()
         require_program("aarch64-linux-gnu-gcc")
 
-    async def arm64_server(self) -> tuple[Path, ServerProcess, str]:
-        """A server building for arm64 on the shared arm64 store, once the
-        arm64 lists are updated and their series joined its policy; the
-        newest bookworm arm64 release they name."""
-        store = arm64_store()
+    async def arm64_server(self, store: Path | None = None
+                           ) -> tuple[Path, ServerProcess, str]:
+        """A server building for arm64 on ``store`` (the shared arm64 store),
+        once the arm64 lists are updated and their series joined its
+        policy; the newest bookworm arm64 release they name."""
+        store = store or arm64_store()
         server = self.own_server("--kernel-store", str(store), "--no-avahi",
                                  "--fetch-architectures", "arm64")
         self.assertTrue(await poll(
@@ -176,6 +177,36 @@ class Arm64Tests(RealClientMixin, TestCase):
             self.assertTrue(result["runs"], result)
         self.assertTrue(found["passed"])
         self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+
+    async def test_a_5x_client_module_for_arm64_runs_under_a_5x_staprun(self) -> None:
+        """The 5.5 client's arm64 module, built by the forky toolchain's
+        5.6 translator with its aarch64-linux-gnu-gcc-12, runs in the arm64
+        VM under Debian's arm64 staprun of the 5.x family (trixie's)."""
+        from tests.helpers.realserver import CLIENT_55
+        from tests.helpers.toolchains import forky_store
+        CLIENT_55.require()
+        self.kind = CLIENT_55
+        store, server, release = await self.arm64_server(
+            await deferToThread(forky_store))
+        client = await self.trusted_client(server)
+        started = time.monotonic()
+        out, err, code = await client.stap(
+            f"--use-server={server.spec}", "-a", "arm64", "-r", release, "-p4", "-m",
+            "hello_arm64_5x", "-e", 'probe begin { println("5.x on arm64"); exit() }')
+        seconds = time.monotonic() - started
+        self.assertEqual(code, 0, err.decode() + server.log()[-4000:])
+        self.assertEqual(elf_machine(client.cwd / "hello_arm64_5x.ko"), EM_AARCH64)
+        self.assertRegex(server.log(), r"Toolchain forky \(SystemTap 5\.")
+        print(f"\n{release}: 5.5 client's arm64 module in {seconds:.1f} s")
+        started = time.monotonic()
+        found = await run_in_vm(client.cwd / "hello_arm64_5x.ko", release, CLIENT_55)
+        self.assertEqual((found.status, found.output), (0, "5.x on arm64\n"),
+                         f"{found.summary}\n{found.console}")
+        staprun = store / ".userland-arm64-5" / "root" / "usr" / "bin" / "staprun"
+        self.assertTrue(staprun.exists())
+        print(f"{release}: ran under trixie's arm64 staprun in "
+              f"{time.monotonic() - started:.1f} s")
+        self.assertNotIn("Traceback", server.log())
 
     async def test_a_server_that_does_not_build_for_arm64_refuses(self) -> None:
         server = self.own_server("--no-avahi", "--no-fetch")

@@ -101,6 +101,11 @@ class FakeRootTests(TestCase):
                       "/stapsrv/work/stap_abc_1.ko >/tmp/stapsrv.out", script)
         self.assertIn(f'echo "{MARK} init@@"', script)
         self.assertIn("poweroff -f", script)
+        # The console has sent the exit marker before the power goes off.
+        exit_marker = script.index(f"{MARK} exit %d@@")
+        drained = script.index("stty -F /dev/console")
+        self.assertLess(exit_marker, drained)
+        self.assertLess(drained, script.index("poweroff -f"))
         unprivileged = initramfs.init_script(Staprun.in_root(self.root),
                                              Job(self.module, group="stapusr"))
         self.assertIn(f"su -s /stapsrv/bin/sh {USER} -c", unprivileged)
