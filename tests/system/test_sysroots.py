@@ -19,11 +19,13 @@ from twisted.trial.unittest import TestCase
 from stapsrv.cli.roots import installed
 from stapsrv.kernel.sysroots import sysroots_directory
 from stapsrv.kernel.toolchains import toolchains_directory
-from tests.helpers import require_program, sysroots
+from tests.helpers import require_program, sysroots, trixieclient
 from tests.helpers import toolchains as forky_helper
 from tests.helpers.realclient import RealClientMixin
 from tests.helpers.realserver import (
     CLIENT_55,
+    Client,
+    ServerProcess,
     as_server_user,
     owned_directory,
     remove_tree,
@@ -120,3 +122,22 @@ class TrixieClientTests(RealClientMixin, TestCase):
                                 files=("/usr/bin/ls",))
         self.assertEqual((found.status, found.output), (0, "stapsrv-malloc\n"),
                          f"{found.summary}\n{found.console}")
+
+
+class TrixieOwnClientTests(TrixieClientTests):
+    """The same, asked by trixie's own client (stap 5.1 from a trixie root,
+    trusting the server through ``python -m stapsrv.cli.clienttrust``):
+    its ``process(libc).function("malloc")`` fires on trixie's kernel."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.kind = trixieclient.trixie_client()
+
+    async def trusted_client(self, server: ServerProcess) -> Client:
+        client = self.new_client()
+        into = subprocess.run(
+            [venv_bin("python"), "-m", "stapsrv.cli.clienttrust", "--ssl",
+             str(server.base / "ssl"), "--into", str(client.systemtap_dir / "ssl" / "client")],
+            capture_output=True, text=True, timeout=120)
+        self.assertEqual(into.returncode, 0, into.stderr)
+        return client
