@@ -68,10 +68,12 @@ class Suite:
 
 
 #: Suites known to ``create``: forky (testing) has SystemTap 5.6 and gcc-12
-#: (bookworm's kernels) to gcc-16 (its default), and gcc-12 for arm64
-#: (``aarch64-linux-gnu-gcc-12``, which bookworm's arm64 headers call).
+#: (bookworm's kernels) to gcc-16 (its default), and gcc-12 and gcc-14 for
+#: arm64 (``aarch64-linux-gnu-gcc-12`` and ``-14``, which bookworm's and
+#: trixie's arm64 headers call).
 SUITES = {
-    "forky": Suite("forky", "sid", ("gcc-12", "gcc-14"), ("gcc-12-aarch64-linux-gnu",)),
+    "forky": Suite("forky", "sid", ("gcc-12", "gcc-14"),
+                   ("gcc-12-aarch64-linux-gnu", "gcc-14-aarch64-linux-gnu")),
 }
 
 
