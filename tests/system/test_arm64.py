@@ -39,6 +39,7 @@ from tests.system.test_vm import MODULE_OK
 
 #: ELF e_machine of AArch64.
 EM_AARCH64 = 183
+TRIXIE_SUITES = "trixie,trixie-security,trixie-updates"
 _ABI = re.compile(r"6\.1\.0-(\d+)-arm64")
 
 
@@ -71,19 +72,20 @@ class Arm64Tests(RealClientMixin, TestCase):
         super().setUp()
         require_program("aarch64-linux-gnu-gcc")
 
-    async def arm64_server(self, store: Path | None = None
+    async def arm64_server(self, store: Path | None = None, *options: str
                            ) -> tuple[Path, ServerProcess, str]:
-        """A server building for arm64 on ``store`` (the shared arm64 store),
-        once the arm64 lists are updated and their series joined its
-        policy; the newest bookworm arm64 release they name."""
+        """A server building for arm64 on ``store`` (the shared arm64 store;
+        ``options``: more of its options), once the arm64 lists are
+        updated and their series joined its policy; the newest bookworm
+        arm64 release they name (when they name one)."""
         store = store or arm64_store()
         server = self.own_server("--kernel-store", str(store), "--no-avahi",
-                                 "--fetch-architectures", "arm64")
+                                 "--fetch-architectures", "arm64", *options)
         self.assertTrue(await poll(
             lambda: "-arm64" in "".join(line for line in server.log().splitlines()
                                         if "Kernel store: fetching releases matching" in line),
             600.0), server.log())
-        return store, server, newest_arm64(store)
+        return store, server, "" if options else newest_arm64(store)
 
     async def test_an_arm64_module_from_the_newest_bookworm_arm64_release(self) -> None:
         store, server, release = await self.arm64_server()
@@ -206,6 +208,54 @@ class Arm64Tests(RealClientMixin, TestCase):
         self.assertTrue(staprun.exists())
         print(f"{release}: ran under trixie's arm64 staprun in "
               f"{time.monotonic() - started:.1f} s")
+        self.assertNotIn("Traceback", server.log())
+
+    async def test_a_5x_client_module_for_the_newest_trixie_arm64_release(self) -> None:
+        """The 5.5 client asks for the newest trixie arm64 release (from the
+        arm64 lists of trixie's suites, at run time): the forky toolchain
+        builds it with the cross compiler of the version the release's
+        headers call (``aarch64-linux-gnu-gcc-14`` for trixie's), and the
+        module runs on that kernel in the arm64 VM under trixie's arm64
+        staprun (5.x)."""
+        from tests.helpers.realserver import CLIENT_55
+        from tests.helpers.toolchains import forky_store
+        from tests.system.test_suites import newest
+        CLIENT_55.require()
+        self.kind = CLIENT_55
+        store, server, _ = await self.arm64_server(
+            await deferToThread(forky_store), "--fetch-suites", TRIXIE_SUITES)
+        release = await deferToThread(
+            newest, store, r"\d+\.\d+\.\d+\+deb13(\.\d+)?-arm64",
+            tuple(TRIXIE_SUITES.split(",")), f"{APT_DIRECTORY}-arm64")
+        client = await self.trusted_client(server)
+        started = time.monotonic()
+        out, err, code = await client.stap(
+            f"--use-server={server.spec}", "-a", "arm64", "-r", release, "-p4", "-m",
+            "hello_trixie_arm64", "-e", 'probe begin { println("5.x on trixie arm64"); exit() }')
+        seconds = time.monotonic() - started
+        self.assertEqual(code, 0, err.decode() + server.log()[-4000:])
+        module = client.cwd / "hello_trixie_arm64.ko"
+        self.assertEqual(elf_machine(module), EM_AARCH64)
+        log = server.log()
+        self.assertRegex(log, r"Toolchain forky \(SystemTap 5\.")
+        if f"Fetching kernel {release}" in log:
+            self.assertRegex(log, rf"Fetching kernel {re.escape(release)}: .* from "
+                             rf"trixie(-security|-updates)?\b")
+        # Built by the cross compiler the headers name, of their gcc version.
+        tree = store / release / "root" / "usr" / "src" / f"linux-headers-{release}"
+        named = re.search(r'^CONFIG_CC_VERSION_TEXT="aarch64-linux-gnu-gcc-(\d+) ',
+                          (tree / ".config").read_text(), re.M)
+        assert named is not None, "the headers name no aarch64-linux-gnu-gcc-N"
+        self.assertRegex(module.read_bytes(), rb"GCC: \(Debian " + named.group(1).encode()
+                         + rb"\.")
+        print(f"\n{release}: 5.5 client's arm64 module (aarch64-linux-gnu-gcc-"
+              f"{named.group(1)}) in {seconds:.1f} s")
+        started = time.monotonic()
+        found = await run_in_vm(module, release, CLIENT_55, suites=TRIXIE_SUITES)
+        self.assertEqual((found.status, found.output), (0, "5.x on trixie arm64\n"),
+                         f"{found.summary}\n{found.console}")
+        print(f"{release}: ran under trixie's arm64 staprun in the arm64 VM "
+              f"({found.accelerator}) in {time.monotonic() - started:.1f} s")
         self.assertNotIn("Traceback", server.log())
 
     async def test_a_server_that_does_not_build_for_arm64_refuses(self) -> None:

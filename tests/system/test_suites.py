@@ -51,21 +51,23 @@ def host_apt_state() -> dict[str, str]:
     return state
 
 
-def private_apt(store: Path, *words: str) -> str:
-    """``apt-cache`` through the store's private configuration, as the
-    server's user."""
+def private_apt(store: Path, *words: str, directory: str = APT_DIRECTORY) -> str:
+    """``apt-cache`` through the store's private configuration (``directory``:
+    another architecture's, ``.apt-arm64``), as the server's user."""
     result = subprocess.run(
-        as_server_user(["apt-cache", "-c", str(store / APT_DIRECTORY / "apt.conf"), *words]),
+        as_server_user(["apt-cache", "-c", str(store / directory / "apt.conf"), *words]),
         capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin",
                                                           "LC_ALL": "C.UTF-8"})
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
-def newest(store: Path, pattern: str, suites: tuple[str, ...]) -> str:
+def newest(store: Path, pattern: str, suites: tuple[str, ...],
+           directory: str = APT_DIRECTORY) -> str:
     """The newest plain-flavour release matching ``pattern`` whose headers
-    apt takes from one of ``suites``, in the store's lists."""
-    names = private_apt(store, "pkgnames", "linux-headers-").split()
+    apt takes from one of ``suites``, in the store's lists (``directory``:
+    its private apt configuration, another architecture's)."""
+    names = private_apt(store, "pkgnames", "linux-headers-", directory=directory).split()
     releases = [name[len("linux-headers-"):] for name in names
                 if re.fullmatch(pattern, name[len("linux-headers-"):])]
     def version(release: str) -> tuple[int, ...]:
@@ -74,7 +76,8 @@ def newest(store: Path, pattern: str, suites: tuple[str, ...]) -> str:
         return tuple(map(int, found.groups()))
 
     for release in sorted(releases, key=version, reverse=True):
-        policy = private_apt(store, "policy", f"linux-headers-{release}")
+        policy = private_apt(store, "policy", f"linux-headers-{release}",
+                             directory=directory)
         candidate = re.search(r"Candidate: (\S+)", policy)
         if candidate and policy_suite(policy, candidate.group(1)) in suites:
             return release
