@@ -4,7 +4,11 @@ from the arm64 lists at run time, is fetched through the kernel store's
 arm64 apt (its headers; the machine's amd64 linux-kbuild of the same
 version builds it), and ``stap -a arm64 -r <release>`` gets an AArch64
 module, cross-built with gcc-aarch64-linux-gnu.  A server that does not
-build for arm64 refuses the same request clearly.
+build for arm64 refuses the same request clearly.  The 5.5 client's arm64
+modules come from the forky toolchain, for the newest bookworm and the
+newest trixie arm64 releases (``--fetch-suites`` trixie's, the cross
+compiler of the headers' own gcc version), and run under trixie's arm64
+staprun.
 
 The kernel store is kept between runs (``STAPSRV_CI_ARM64_STORE``, default
 ``/var/cache/stapsrv-ci/arm64-store`` as root); nothing depends on what it
