@@ -45,7 +45,9 @@ DEFAULT_DESCRIPTOR_RESERVE = 128
 #: Bytes of compiled answers kept on disk for repeated requests.
 DEFAULT_CACHE_SIZE = 512 * 1024 * 1024
 #: Bytes of kernel build trees kept in the kernel store (about 90 MB each).
-DEFAULT_KERNEL_STORE_SIZE = 2048 * 1024 * 1024
+#: Room for about 24 releases beside a toolchain and a user-space root
+#: (about 1.3 GB together), which count under the same ceiling.
+DEFAULT_KERNEL_STORE_SIZE = 4096 * 1024 * 1024
 #: Kernel store fetches (a release, its symbols, debuginfo, module
 #: debuginfo passes) run at once, for all clients together.
 DEFAULT_MAX_FETCHES = 2
