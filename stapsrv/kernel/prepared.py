@@ -12,18 +12,15 @@ did the work.  Blocking file work (small files); the selection is pure.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import stat
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from attrs import asdict, frozen
 
+from stapsrv.kernel import records
 from stapsrv.kernel.store import valid_release
 
 PREPARED_DIRECTORY = ".prepared"
@@ -100,61 +97,21 @@ def directory_of(store: Path) -> Path:
     return store / PREPARED_DIRECTORY
 
 
-def save(store: Path, record: Preparation) -> None:
-    if not valid_release(record.release):
-        raise ValueError(f"not a kernel release: {record.release!r}")
-    directory = directory_of(store)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o755)
-    handle, temporary = tempfile.mkstemp(prefix=".new-", dir=directory)
-    with os.fdopen(handle, "w") as out:
-        json.dump(record.as_json(), out, indent=1)
-        out.write("\n")
-    os.chmod(temporary, 0o644)
-    os.replace(temporary, directory / f"{record.release}.json")
-
-
-def _read_record(path: Path) -> bytes:
-    """A regular file's bytes (never a link, FIFO or device), bounded."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{path} is not a regular file")
-        data = os.read(fd, MAX_RECORD + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_RECORD:
-        raise ValueError(f"{path} is larger than {MAX_RECORD} bytes")
-    return data
+def save(store: Path, record: Preparation) -> Path:
+    return records.save(directory_of(store), record)
 
 
 def load(store: Path, release: str) -> Preparation | None:
     """The record of ``release``; None when there is none or it is damaged."""
-    if not valid_release(release):
-        return None
-    try:
-        found = from_json(json.loads(_read_record(directory_of(store) / f"{release}.json")))
-    except Exception:  # a damaged or hostile file is no record, never a crash
-        return None
-    return found if found.release == release else None
+    return records.load(directory_of(store), release, from_json, MAX_RECORD)
 
 
 def load_all(store: Path) -> list[Preparation]:
-    try:
-        names = sorted(path.name for path in directory_of(store).glob("*.json"))
-    except OSError:
-        return []
-    found = [load(store, name[:-len(".json")]) for name in names]
-    return [record for record in found if record is not None]
+    return records.load_all(directory_of(store), from_json, MAX_RECORD)
 
 
 def remove(store: Path, release: str) -> bool:
-    if not valid_release(release):
-        return False
-    try:
-        (directory_of(store) / f"{release}.json").unlink()
-    except OSError:
-        return False
-    return True
+    return records.remove(directory_of(store), release)
 
 
 # --- which releases to prepare (pure) ------------------------------------------------
