@@ -22,6 +22,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -228,9 +230,23 @@ class Arm64Tests(RealClientMixin, TestCase):
         self.kind = CLIENT_55
         store, server, _ = await self.arm64_server(
             await deferToThread(forky_store), "--fetch-suites", TRIXIE_SUITES)
-        release = await deferToThread(
-            newest, store, r"\d+\.\d+\.\d+\+deb13(\.\d+)?-arm64",
-            tuple(TRIXIE_SUITES.split(",")), f"{APT_DIRECTORY}-arm64")
+        def listed() -> str | None:
+            try:
+                return newest(store, r"\d+\.\d+\.\d+\+deb13(\.\d+)?-arm64",
+                              tuple(TRIXIE_SUITES.split(",")), f"{APT_DIRECTORY}-arm64")
+            except AssertionError:
+                return None
+
+        # The server's policy line names arm64 before trixie's arm64 lists
+        # are in (the installed series' own patterns): wait for the lists.
+        release = None
+        deadline = time.monotonic() + 600
+        while release is None and time.monotonic() < deadline:
+            release = await deferToThread(listed)
+            if release is None:
+                await deferLater(reactor, 2.0, lambda: None)
+        self.assertIsNotNone(release, server.log()[-3000:])
+        assert release is not None
         client = await self.trusted_client(server)
         started = time.monotonic()
         out, err, code = await client.stap(
