@@ -39,7 +39,7 @@ from pathlib import Path
 
 from attrs import frozen
 
-from stapsrv.kernel.toolchains import MANIFEST, ROOT, Toolchain, valid_name
+from stapsrv.kernel.toolchains import MANIFEST, ROOT, Toolchain, discover_in
 
 #: Where user-space roots are, inside the kernel store's directory.
 SYSROOTS_DIRECTORY = ".sysroots"
@@ -117,19 +117,7 @@ def load_root(directory: Path) -> UserRoot:
 def discover_roots(store: Path) -> tuple[list[UserRoot], list[str]]:
     """The user-space roots kept in ``store`` (by name), and one line per
     damaged one."""
-    directory = sysroots_directory(store)
-    try:
-        names = sorted(entry.name for entry in directory.iterdir()
-                       if entry.is_dir() and valid_name(entry.name))
-    except OSError:
-        return [], []
-    found, damaged = [], []
-    for name in names:
-        try:
-            found.append(load_root(directory / name))
-        except DamagedRoot as exc:
-            damaged.append(str(exc))
-    return found, damaged
+    return discover_in(sysroots_directory(store), load_root, DamagedRoot)
 
 
 @frozen

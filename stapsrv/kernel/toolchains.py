@@ -25,12 +25,15 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from attrs import frozen
 
 from stapsrv.core.members import version_key
+
+T = TypeVar("T")
 
 #: Where toolchains are, inside the kernel store's directory.
 TOOLCHAINS_DIRECTORY = ".toolchains"
@@ -194,7 +197,13 @@ def load(directory: Path) -> Toolchain:
 def discover(store: Path) -> tuple[list[Toolchain], list[str]]:
     """The toolchains kept in the kernel store ``store`` (by name), and one
     line per damaged one."""
-    directory = toolchains_directory(store)
+    return discover_in(toolchains_directory(store), load, DamagedToolchain)
+
+
+def discover_in(directory: Path, loader: Callable[[Path], T],
+                damage: type[Exception]) -> tuple[list[T], list[str]]:
+    """The roots kept in ``directory`` (by name), each read by ``loader``,
+    and one line per root that raised ``damage``."""
     try:
         names = sorted(entry.name for entry in directory.iterdir()
                        if entry.is_dir() and valid_name(entry.name))
@@ -203,8 +212,8 @@ def discover(store: Path) -> tuple[list[Toolchain], list[str]]:
     found, damaged = [], []
     for name in names:
         try:
-            found.append(load(directory / name))
-        except DamagedToolchain as exc:
+            found.append(loader(directory / name))
+        except damage as exc:
             damaged.append(str(exc))
     return found, damaged
 
